@@ -1,0 +1,217 @@
+//! The ACPI tables a stock kernel reads at boot: which CPUs and interrupt controllers exist,
+//! and how to power the machine off.
+//!
+//! We describe a *hardware-reduced* ACPI machine (no PM timer, no legacy PIC, no SMI): the
+//! kernel then skips probing a pile of legacy hardware that we would only have to emulate. Its
+//! `poweroff` and `reboot` go through one byte-wide register, served by
+//! [`crate::devices::power::PowerButton`]. The tables are built with `acpi_tables` and copied
+//! into the reserved area Linux scans for the RSDP.
+
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::devices::power::{POWER_PORT, RESET_VALUE, SLEEP_TYPE_S5};
+use crate::devices::serial::{COM1_IRQ, COM1_LEN, COM1_PORT};
+use crate::error::{Error, Result};
+use crate::memory::layout;
+
+const OEM_ID: [u8; 6] = *b"LGUEST";
+const OEM_TABLE_ID: [u8; 8] = *b"LGUESTVM";
+const OEM_REVISION: u32 = 1;
+const IAPC_NO_VGA: u16 = 1 << 2;
+const IAPC_NO_CMOS_RTC: u16 = 1 << 5;
+
+/// Each table, with the guest address it goes to. The RSDP comes first, at the area's start.
+pub struct AcpiTables {
+    pub tables: Vec<(u64, Vec<u8>)>,
+    pub rsdp: u64,
+}
+
+/// Builds every table for a guest with `cpus` vCPUs, laid out from `base` up.
+pub fn build(cpus: u8, base: u64) -> AcpiTables {
+    let mut next = base + 64; // room for the 36-byte RSDP
+    let mut place = |bytes: Vec<u8>, tables: &mut Vec<(u64, Vec<u8>)>| {
+        let addr = next;
+        next = (next + bytes.len() as u64 + 15) & !15;
+        tables.push((addr, bytes));
+        addr
+    };
+    let mut tables = Vec::new();
+    let dsdt = place(dsdt(), &mut tables);
+    let fadt = place(fadt(dsdt), &mut tables);
+    let madt = place(madt(cpus), &mut tables);
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt);
+    xsdt.add_entry(madt);
+    let xsdt_addr = place(to_bytes(&xsdt), &mut tables);
+    tables.insert(0, (base, to_bytes(&Rsdp::new(OEM_ID, xsdt_addr))));
+    AcpiTables { tables, rsdp: base }
+}
+
+/// Writes the tables into the reserved ACPI area and returns the RSDP's address.
+pub fn write(mem: &GuestMemoryMmap, cpus: u8) -> Result<u64> {
+    let acpi = build(cpus, layout::ACPI);
+    for (addr, bytes) in &acpi.tables {
+        if addr + bytes.len() as u64 > layout::ACPI_END {
+            return Err(Error::Boot { what: "ACPI tables", why: "they outgrew their area".into() });
+        }
+        mem.write_slice(bytes, GuestAddress(*addr))
+            .map_err(|e| Error::Boot { what: "ACPI tables", why: e.to_string() })?;
+    }
+    Ok(acpi.rsdp)
+}
+
+fn to_bytes(table: &dyn Aml) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    table.to_aml_bytes(&mut bytes);
+    bytes
+}
+
+/// The DSDT: `\_S5_`, the sleep type the kernel writes to power off, and COM1. A
+/// hardware-reduced guest has no legacy PIC and so no ISA IRQs of its own: a device's
+/// interrupt exists for it only if ACPI names it, as here in COM1's `_CRS`.
+fn dsdt() -> Vec<u8> {
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&SLEEP_TYPE_S5]));
+    dsdt.append_slice(&to_bytes(&s5));
+    dsdt.append_slice(&com1());
+    dsdt.as_slice().to_vec()
+}
+
+/// COM1 as the PNP0501 device the kernel's 8250 PNP driver binds to, with its I/O range
+/// and its edge-triggered IRQ.
+fn com1() -> Vec<u8> {
+    let port = COM1_PORT as u16;
+    let hid_value = aml::EISAName::new("PNP0501");
+    let hid = aml::Name::new("_HID".into(), &hid_value);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let io = aml::IO::new(port, port, 1, COM1_LEN as u8);
+    let irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    let resources = aml::ResourceTemplate::new(vec![&io, &irq]);
+    let crs = aml::Name::new("_CRS".into(), &resources);
+    to_bytes(&aml::Device::new("\\_SB_.COM1".into(), vec![&hid, &uid, &crs]))
+}
+
+fn fadt(dsdt: u64) -> Vec<u8> {
+    let power = GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(POWER_PORT));
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .dsdt_64(dsdt);
+    fadt.sleep_control_reg = power;
+    fadt.sleep_status_reg = power;
+    fadt.reset_reg = power;
+    fadt.reset_value = RESET_VALUE;
+    // No VGA, and no CMOS clock to probe for seconds: kvm-clock tells the time.
+    fadt.iapc_boot_arch = (IAPC_NO_VGA | IAPC_NO_CMOS_RTC).into();
+    to_bytes(&fadt.finalize())
+}
+
+/// One local APIC per vCPU (APIC ID = vCPU index) and the IOAPIC, whose ID follows theirs.
+fn madt(cpus: u8) -> Vec<u8> {
+    let mut madt = MADT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION, LocalInterruptController::Address(layout::LAPIC as u32));
+    for id in 0..cpus {
+        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+    }
+    madt.add_structure(IoApic::new(cpus, layout::IOAPIC as u32, 0));
+    to_bytes(&madt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table<'a>(acpi: &'a AcpiTables, signature: &[u8]) -> &'a [u8] {
+        acpi.tables.iter().map(|(_, b)| b.as_slice()).find(|b| b.starts_with(signature)).expect("table present")
+    }
+
+    fn checksum_ok(bytes: &[u8]) -> bool {
+        bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b)) == 0
+    }
+
+    #[test]
+    fn every_table_checksums_and_states_its_length() {
+        let acpi = build(2, layout::ACPI);
+        for (_, bytes) in &acpi.tables {
+            assert!(checksum_ok(bytes), "{:?} checksum", &bytes[..4]);
+            if !bytes.starts_with(b"RSD PTR ") {
+                let len = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
+                assert_eq!(len, bytes.len(), "{:?} length", &bytes[..4]);
+            }
+        }
+        assert!(checksum_ok(&table(&acpi, b"RSD PTR ")[..20]), "RSDP's first checksum");
+    }
+
+    #[test]
+    fn tables_do_not_overlap_and_fit_the_area() {
+        let acpi = build(254, layout::ACPI);
+        let mut spans: Vec<(u64, u64)> = acpi.tables.iter().map(|(a, b)| (*a, a + b.len() as u64)).collect();
+        spans.sort();
+        for pair in spans.windows(2) {
+            assert!(pair[0].1 <= pair[1].0);
+        }
+        assert!(spans.last().map(|s| s.1).unwrap_or(0) <= layout::ACPI_END);
+    }
+
+    #[test]
+    fn madt_lists_each_cpu_and_the_ioapic() {
+        for cpus in [1u8, 2, 4] {
+            let acpi = build(cpus, layout::ACPI);
+            let madt = table(&acpi, b"APIC");
+            let mut entries = Vec::new();
+            let mut at = 44;
+            while at < madt.len() {
+                entries.push((madt[at], madt[at + 2], madt[at + 3]));
+                at += usize::from(madt[at + 1]);
+            }
+            let lapics: Vec<_> = entries.iter().filter(|e| e.0 == 0).collect();
+            assert_eq!(lapics.len(), usize::from(cpus));
+            for (index, lapic) in lapics.iter().enumerate() {
+                assert_eq!((lapic.1, lapic.2), (index as u8, index as u8), "uid and APIC ID");
+            }
+            assert_eq!(entries.iter().filter(|e| e.0 == 1).count(), 1, "one IOAPIC");
+        }
+    }
+
+    #[test]
+    fn rsdp_points_at_an_xsdt_listing_fadt_and_madt() {
+        let acpi = build(1, layout::ACPI);
+        let rsdp = table(&acpi, b"RSD PTR ");
+        let xsdt_addr = u64::from_le_bytes(rsdp[24..32].try_into().expect("8 bytes"));
+        let (_, xsdt) = acpi.tables.iter().find(|(a, _)| *a == xsdt_addr).expect("xsdt at its address");
+        assert!(xsdt.starts_with(b"XSDT"));
+        let listed: Vec<&[u8]> = xsdt[36..]
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .map(|addr| &acpi.tables.iter().find(|(a, _)| *a == addr).expect("listed table").1[..4])
+            .collect();
+        assert_eq!(listed, vec![b"FACP".as_slice(), b"APIC".as_slice()]);
+    }
+
+    #[test]
+    fn dsdt_describes_com1_and_s5() {
+        let acpi = build(1, layout::ACPI);
+        let dsdt = table(&acpi, b"DSDT");
+        let contains = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(contains(b"_S5_") && contains(b"COM1") && contains(b"_CRS"));
+        // PNP0501 in its compressed EISA form.
+        assert!(contains(&[0x41, 0xd0, 0x05, 0x01]));
+    }
+
+    #[test]
+    fn fadt_is_hardware_reduced_with_our_power_register() {
+        let acpi = build(1, layout::ACPI);
+        let fadt = table(&acpi, b"FACP");
+        let flags = u32::from_le_bytes(fadt[112..116].try_into().expect("4 bytes"));
+        assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+        // SLEEP_CONTROL_REG is a GAS at offset 244: space, width, offset, access, address.
+        assert_eq!(fadt[244], 1, "system I/O");
+        assert_eq!(u64::from_le_bytes(fadt[248..256].try_into().expect("8 bytes")), u64::from(POWER_PORT));
+    }
+}

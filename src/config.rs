@@ -1,0 +1,214 @@
+//! What a VM is made of, and the command line that describes it.
+//!
+//! Everything the user typed is checked here, once, so that the rest of lguest can trust its
+//! configuration. What can only be checked against the kernel image (the command line's limit,
+//! whether the kernel fits) is checked when the image is loaded, in `arch::x86_64::boot`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::{Error, Result};
+
+/// The smallest guest we agree to build: a stock kernel with an initramfs needs more than this
+/// anyway, and below it the fixed boot structures would crowd out the kernel.
+pub const MIN_MEMORY_MIB: u64 = 32;
+/// One TiB: far beyond any guest of this launcher, low enough to catch a typo such as `512G`.
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// The guest's 8250 console on the first serial port; `reboot=k` makes `reboot -f` use the
+/// keyboard controller's reset line, which we turn into a clean exit.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+const ESCAPE_HELP: &str = "Console: the guest's serial port is this terminal, in raw mode. \
+Press Ctrl-A then x to quit; Ctrl-A Ctrl-A sends a Ctrl-A to the guest.";
+
+#[derive(Debug, Parser)]
+#[command(name = "lguest", version, about = "Boot an unmodified Linux kernel on KVM", after_help = ESCAPE_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a kernel and connect its serial console to this terminal.
+    #[command(after_help = ESCAPE_HELP)]
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The kernel: a bzImage, or an ELF vmlinux (booted through its PVH entry when it has one).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// An initramfs (or initrd) for the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Guest memory: `512M`, `2G`, or a plain number of MiB.
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    pub memory: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u32,
+}
+
+/// A validated description of one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub memory_mib: u64,
+    pub cpus: u8,
+}
+
+impl VmConfig {
+    /// Checks what can be checked without touching KVM or the files.
+    pub fn from_args(args: RunArgs) -> Result<VmConfig> {
+        let memory_mib = parse_memory(&args.memory)?;
+        let cpus = validate_cpus(args.cpus)?;
+        check_readable(&args.kernel, "kernel")?;
+        if let Some(initrd) = &args.initrd {
+            check_readable(initrd, "initrd")?;
+        }
+        Ok(VmConfig { kernel: args.kernel, initrd: args.initrd, cmdline: args.cmdline, memory_mib, cpus })
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+/// `512M`, `512MiB`, `2G`, `2GiB` or `512` (MiB).
+pub fn parse_memory(value: &str) -> Result<u64> {
+    let bad = |why: &str| Error::BadMemory { value: value.to_string(), why: why.to_string() };
+    let trimmed = value.trim();
+    let split = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(split);
+    if digits.is_empty() {
+        return Err(bad("expected a size such as 512M, 2G or 1024"));
+    }
+    let number: u64 = digits.parse().map_err(|_| bad("the number is too large"))?;
+    let scale = match unit.to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 1,
+        "g" | "gb" | "gib" => 1024,
+        _ => return Err(bad("the unit must be M or G")),
+    };
+    let mib = number.checked_mul(scale).ok_or_else(|| bad("the number is too large"))?;
+    if mib < MIN_MEMORY_MIB {
+        return Err(bad(&format!("a guest needs at least {MIN_MEMORY_MIB} MiB")));
+    }
+    if mib > MAX_MEMORY_MIB {
+        return Err(bad(&format!("more than {} GiB is surely a typo", MAX_MEMORY_MIB >> 10)));
+    }
+    Ok(mib)
+}
+
+/// Opens the file once, so a typo in a path is reported before anything else happens.
+fn check_readable(path: &std::path::Path, what: &'static str) -> Result<()> {
+    let error = |source| Error::ReadFile { what, path: path.to_path_buf(), source };
+    let meta = std::fs::File::open(path).and_then(|f| f.metadata()).map_err(error)?;
+    if meta.is_dir() {
+        return Err(error(std::io::Error::other("it is a directory")));
+    }
+    Ok(())
+}
+
+/// One vCPU at least; at most 255, the most xAPIC IDs can name. KVM's own limit is checked
+/// when the VM is built.
+fn validate_cpus(cpus: u32) -> Result<u8> {
+    match u8::try_from(cpus) {
+        Ok(0) => Err(Error::BadCpus { value: cpus, why: "a guest needs at least one vCPU".into() }),
+        Ok(n) if n < u8::MAX => Ok(n),
+        _ => Err(Error::BadCpus { value: cpus, why: "at most 254 vCPUs are supported".into() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> std::result::Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("lguest").chain(args.iter().copied()))
+    }
+
+    /// A path that exists, for flags that must name a readable file.
+    const FILE: &str = "Cargo.toml";
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        match parse(args).expect("valid command line").command {
+            Command::Run(run) => run,
+        }
+    }
+
+    #[test]
+    fn memory_sizes_in_every_spelling() {
+        assert_eq!(parse_memory("512M").ok(), Some(512));
+        assert_eq!(parse_memory("512MiB").ok(), Some(512));
+        assert_eq!(parse_memory("2G").ok(), Some(2048));
+        assert_eq!(parse_memory("2gib").ok(), Some(2048));
+        assert_eq!(parse_memory("1024").ok(), Some(1024));
+    }
+
+    #[test]
+    fn memory_sizes_that_make_no_sense_are_refused() {
+        for bad in ["", "M", "12", "0", "512K", "2T", "99999999999999999999", "4096G", "-1"] {
+            assert!(parse_memory(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn run_defaults() {
+        let config = VmConfig::from_args(run_args(&["run", "--kernel", FILE])).expect("valid");
+        assert_eq!(config.memory_mib, 512);
+        assert_eq!(config.cpus, 1);
+        assert_eq!(config.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(config.initrd, None);
+    }
+
+    #[test]
+    fn run_with_every_flag() {
+        let args = run_args(&[
+            "run", "--kernel", FILE, "--initrd", "src/main.rs", "--cmdline", "console=ttyS0 quiet",
+            "--memory", "1G", "--cpus", "2",
+        ]);
+        let config = VmConfig::from_args(args).expect("valid");
+        assert_eq!(config.kernel, PathBuf::from(FILE));
+        assert_eq!(config.initrd, Some(PathBuf::from("src/main.rs")));
+        assert_eq!(config.cmdline, "console=ttyS0 quiet");
+        assert_eq!(config.memory_bytes(), 1 << 30);
+        assert_eq!(config.cpus, 2);
+    }
+
+    #[test]
+    fn kernel_is_required_and_unknown_flags_refused() {
+        assert!(parse(&["run"]).is_err());
+        assert!(parse(&["run", "--kernel", "k", "--bogus"]).is_err());
+        assert!(parse(&["run", "--kernel", "k", "--cpus", "many"]).is_err());
+    }
+
+    #[test]
+    fn cpu_counts_out_of_range_are_refused() {
+        for cpus in ["0", "255", "1000"] {
+            let args = run_args(&["run", "--kernel", FILE, "--cpus", cpus]);
+            assert!(matches!(VmConfig::from_args(args), Err(Error::BadCpus { .. })), "{cpus}");
+        }
+    }
+
+    #[test]
+    fn missing_or_unreadable_files_are_named() {
+        let missing = VmConfig::from_args(run_args(&["run", "--kernel", "no/such/kernel"]));
+        assert!(matches!(&missing, Err(Error::ReadFile { what: "kernel", .. })), "{missing:?}");
+        let initrd_dir = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--initrd", "src"]));
+        assert!(matches!(&initrd_dir, Err(Error::ReadFile { what: "initrd", .. })), "{initrd_dir:?}");
+    }
+
+    #[test]
+    fn help_names_the_escape_key() {
+        let help = parse(&["run", "--help"]).expect_err("help exits").to_string();
+        assert!(help.contains("Ctrl-A then x"), "{help}");
+    }
+}

@@ -1,0 +1,154 @@
+//! The guest's console: a 16550A UART at COM1 (ports 0x3f8..0x400, IRQ 4), from `vm-superio`.
+//!
+//! What the guest transmits goes straight to our stdout, unbuffered, so a shell prompt with no
+//! newline still shows. What the user types is queued into the receive FIFO by the console
+//! thread ([`crate::console`]); the UART raises IRQ 4 through an irqfd, so an interrupt never
+//! needs the vCPU thread's help.
+
+use std::io::{self, Write};
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+
+pub const COM1_PORT: u64 = 0x3f8;
+pub const COM1_LEN: u64 = 8;
+pub const COM1_IRQ: u32 = 4;
+
+/// Raises the UART's interrupt line by signalling an eventfd that KVM has bound to the GSI.
+pub struct IrqLine(pub EventFd);
+
+impl Trigger for IrqLine {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Guest output, written through to our stdout as it comes.
+pub struct Stdout;
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut out = io::stdout().lock();
+        out.write_all(buf)?;
+        out.flush()?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        io::stdout().flush()
+    }
+}
+
+pub struct SerialPort {
+    uart: Serial<IrqLine, NoEvents, Box<dyn Write + Send>>,
+}
+
+impl SerialPort {
+    pub fn new(irq: IrqLine, output: Box<dyn Write + Send>) -> SerialPort {
+        SerialPort { uart: Serial::new(irq, output) }
+    }
+
+    /// Queues as much of `input` as the receive FIFO has room for; returns how much that was.
+    pub fn receive(&mut self, input: &[u8]) -> usize {
+        let room = self.uart.fifo_capacity().min(input.len());
+        if room == 0 {
+            return 0;
+        }
+        match self.uart.enqueue_raw_bytes(&input[..room]) {
+            Ok(queued) => queued,
+            Err(e) => {
+                tracing::debug!("serial input dropped: {e:?}");
+                0
+            }
+        }
+    }
+}
+
+impl BusDevice for SerialPort {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        if let (Ok(offset), Some(first)) = (u8::try_from(offset), data.first_mut()) {
+            *first = self.uart.read(offset);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Ok(offset), Some(value)) = (u8::try_from(offset), data.first()) {
+            if let Err(e) = self.uart.write(offset, *value) {
+                tracing::debug!("serial write failed: {e:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Collects what the guest transmits.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().expect("capture").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn port() -> (SerialPort, Capture, EventFd) {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let capture = Capture::default();
+        let port = SerialPort::new(IrqLine(irq.try_clone().expect("clone")), Box::new(capture.clone()));
+        (port, capture, irq)
+    }
+
+    #[test]
+    fn transmitted_bytes_reach_the_output() {
+        let (mut port, capture, _) = port();
+        for byte in b"hi\n" {
+            port.write(0, &[*byte]);
+        }
+        assert_eq!(capture.0.lock().expect("capture").as_slice(), b"hi\n");
+    }
+
+    #[test]
+    fn received_bytes_are_read_back_and_raise_the_irq() {
+        let (mut port, _, irq) = port();
+        port.write(1, &[0x01]); // IER: interrupt on received data
+        assert_eq!(port.receive(b"ls"), 2);
+        assert_eq!(irq.read().expect("irq raised"), 1);
+        let mut data = [0u8; 1];
+        port.read(5, &mut data); // LSR: data ready
+        assert_eq!(data[0] & 1, 1);
+        port.read(0, &mut data);
+        assert_eq!(data[0], b'l');
+    }
+
+    #[test]
+    fn the_fifo_takes_only_what_fits() {
+        let (mut port, _, _) = port();
+        let flood = vec![b'x'; 1000];
+        let taken = port.receive(&flood);
+        assert!(taken > 0 && taken < flood.len());
+        assert_eq!(port.receive(&flood), 0);
+    }
+
+    #[test]
+    fn odd_offsets_and_sizes_are_harmless() {
+        let (mut port, _, _) = port();
+        let mut wide = [0u8; 4];
+        port.read(u64::MAX, &mut wide);
+        port.write(1 << 40, &[1, 2, 3]);
+        port.read(3, &mut []);
+        port.write(3, &[]);
+        assert_eq!(&wide[1..], &[0xff; 3]);
+    }
+}

@@ -1,0 +1,27 @@
+//! lguest: a small, fast, readable hypervisor launcher for KVM.
+//!
+//! The modules below are laid out in the order a guest lives through them; `docs/journey.md`
+//! walks the same path function by function:
+//!
+//! 1. [`config`]: what the user asked for, validated once, with errors a user can act on.
+//! 2. [`memory`]: the guest-physical map (RAM, the hole below 4 GiB, the e820 table).
+//! 3. [`arch::x86_64`]: putting a kernel into that memory (bzImage or PVH vmlinux), the tables it
+//!    reads (boot_params, start_info, ACPI) and the register state it wakes up in.
+//! 4. [`vm`]: the KVM VM itself: memory slots, the in-kernel irqchip and PIT, the devices, the
+//!    vCPU threads, and the wait for the guest to stop.
+//! 5. [`vcpu`]: the world switch (`KVM_RUN`) and one handler per exit reason.
+//! 6. [`bus`] and [`devices`]: where port I/O and MMIO exits land; absent devices read as ones.
+//! 7. [`console`]: the user's terminal, wired to the guest's serial port.
+//! 8. [`fault`]: what we say when a guest dies, so that only the guest dies.
+
+pub mod arch;
+pub mod bus;
+pub mod config;
+pub mod console;
+pub mod devices;
+pub mod error;
+pub mod fault;
+pub mod memory;
+pub mod stop;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,45 @@
+//! `lguest`: the command line, a VM built from it, and the guest's fate as our exit status.
+//!
+//! 0: the guest powered off or reset itself (or the user quit); 1: the guest died (a report
+//! says how); 2: the request was wrong (a line says what to change); 128+N: signal N.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use lguest::config::{Cli, Command, VmConfig};
+use lguest::console;
+use lguest::stop::StopReason;
+use lguest::vm::Vm;
+
+fn main() -> ExitCode {
+    init_logging();
+    let Cli { command: Command::Run(args) } = Cli::parse();
+    let result = VmConfig::from_args(args).and_then(|config| Vm::build(&config)?.run());
+    console::restore_terminal();
+    match result {
+        Ok(reason) => {
+            report(&reason);
+            ExitCode::from(reason.exit_code())
+        }
+        Err(error) => {
+            eprintln!("lguest: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn report(reason: &StopReason) {
+    match reason {
+        StopReason::GuestFault(fault) => eprintln!("\nlguest: {fault}"),
+        StopReason::HostError(what) => eprintln!("\nlguest: {what}"),
+        StopReason::Signal(n) => eprintln!("\nlguest: stopped by signal {n}"),
+        StopReason::PowerOff | StopReason::Reset | StopReason::UserQuit => {}
+    }
+}
+
+/// Logs go to stderr, filtered by `LGUEST_LOG` (e.g. `LGUEST_LOG=debug`), warnings by default.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LGUEST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}

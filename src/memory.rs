@@ -1,0 +1,164 @@
+//! The guest-physical address map.
+//!
+//! A guest sees RAM from address zero, a hole from 3 GiB to 4 GiB where the interrupt
+//! controllers (and later PCI) live, and the rest of its RAM above 4 GiB. The low megabyte keeps
+//! the PC's traditional shape because Linux still looks there: it scans 0xE0000..0x100000 for
+//! the ACPI RSDP, and expects the EBDA below 640 KiB to be off-limits.
+//!
+//! Every guest address that comes from outside (the kernel image, and later the guest's own
+//! descriptors) is checked by `vm-memory`'s bounds-checked accessors; nothing here hands out
+//! raw pointers.
+
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::error::{Error, Result};
+
+/// Where the fixed boot structures go, all in the first 640 KiB of RAM.
+pub mod layout {
+    /// The boot GDT: null, null, code at selector 0x10, data at 0x18, TSS at 0x20.
+    pub const GDT: u64 = 0x500;
+    /// An empty IDT: nothing should fault before the kernel loads its own.
+    pub const IDT: u64 = 0x520;
+    /// PVH's `hvm_start_info`, followed by its module list and memory map.
+    pub const PVH_START_INFO: u64 = 0x6000;
+    pub const PVH_MODLIST: u64 = 0x6040;
+    pub const PVH_MEMMAP: u64 = 0x6080;
+    /// The Linux boot protocol's "zero page" (`boot_params`).
+    pub const ZERO_PAGE: u64 = 0x7000;
+    /// A little stack for the first instructions; the kernel switches to its own at once.
+    pub const BOOT_STACK: u64 = 0x8ff0;
+    /// Identity page tables for the 64-bit entry: one PML4, one PDPT, four PDs (4 GiB).
+    pub const PML4: u64 = 0x9000;
+    pub const PDPT: u64 = 0xa000;
+    pub const PD: u64 = 0xb000;
+    /// The kernel command line.
+    pub const CMDLINE: u64 = 0x2_0000;
+    pub const CMDLINE_MAX: u64 = 0x1_0000;
+    /// The extended BIOS data area and the legacy hole: not RAM to the guest.
+    pub const EBDA: u64 = 0x9_fc00;
+    /// ACPI tables, where Linux's RSDP scan finds them.
+    pub const ACPI: u64 = 0xe_0000;
+    pub const ACPI_END: u64 = 0x10_0000;
+    /// Kernels are loaded from 1 MiB up.
+    pub const HIGH_RAM: u64 = 0x10_0000;
+    /// The hole below 4 GiB for the IOAPIC, the local APICs and device MMIO.
+    pub const MMIO_HOLE: u64 = 0xc000_0000;
+    pub const FOUR_GIB: u64 = 0x1_0000_0000;
+    pub const IOAPIC: u64 = 0xfec0_0000;
+    pub const LAPIC: u64 = 0xfee0_0000;
+    /// Scratch pages KVM needs for the TSS of real-mode emulation on Intel hosts.
+    pub const KVM_TSS: u64 = 0xfffb_d000;
+}
+
+/// The e820 memory types we use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum E820Type {
+    Ram = 1,
+    Reserved = 2,
+}
+
+/// One entry of the memory map given to the guest (through boot_params or PVH's memmap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct E820Entry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: E820Type,
+}
+
+/// The guest's RAM as (start, length) ranges: below the MMIO hole, and the rest above 4 GiB.
+pub fn ram_ranges(memory_bytes: u64) -> Vec<(GuestAddress, u64)> {
+    let low = memory_bytes.min(layout::MMIO_HOLE);
+    let mut ranges = vec![(GuestAddress(0), low)];
+    if memory_bytes > low {
+        ranges.push((GuestAddress(layout::FOUR_GIB), memory_bytes - low));
+    }
+    ranges
+}
+
+/// The end of RAM below the hole: boot structures and the initrd must sit below it.
+pub fn low_ram_end(memory_bytes: u64) -> u64 {
+    memory_bytes.min(layout::MMIO_HOLE)
+}
+
+/// The memory map the guest is told about: RAM, minus the EBDA and the legacy hole, with the
+/// ACPI area reserved so the kernel keeps its hands off our tables.
+pub fn e820_map(memory_bytes: u64) -> Vec<E820Entry> {
+    let ram = |addr, end: u64| E820Entry { addr, size: end - addr, kind: E820Type::Ram };
+    let mut map = vec![
+        ram(0, layout::EBDA),
+        E820Entry { addr: layout::ACPI, size: layout::ACPI_END - layout::ACPI, kind: E820Type::Reserved },
+        ram(layout::HIGH_RAM, low_ram_end(memory_bytes)),
+    ];
+    if memory_bytes > layout::MMIO_HOLE {
+        map.push(ram(layout::FOUR_GIB, layout::FOUR_GIB + memory_bytes - layout::MMIO_HOLE));
+    }
+    map
+}
+
+/// Maps the guest's RAM into our address space. Pages are not touched here: the kernel only
+/// hands us memory as the guest first writes it, which keeps an idle VM's footprint small.
+pub fn create_guest_memory(memory_bytes: u64) -> Result<GuestMemoryMmap> {
+    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(memory_bytes)
+        .into_iter()
+        .map(|(start, len)| usize::try_from(len).map(|len| (start, len)))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| Error::Memory("guest memory size does not fit this host's address space".into()))?;
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(format!("{e}; try a smaller --memory")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_is_one_range() {
+        assert_eq!(ram_ranges(512 << 20), vec![(GuestAddress(0), 512 << 20)]);
+    }
+
+    #[test]
+    fn large_guest_skips_the_mmio_hole() {
+        let ranges = ram_ranges(5 << 30);
+        assert_eq!(ranges, vec![(GuestAddress(0), 3 << 30), (GuestAddress(4 << 30), 2 << 30)]);
+    }
+
+    #[test]
+    fn e820_of_a_small_guest() {
+        let map = e820_map(256 << 20);
+        assert_eq!(
+            map,
+            vec![
+                E820Entry { addr: 0, size: 0x9fc00, kind: E820Type::Ram },
+                E820Entry { addr: 0xe0000, size: 0x20000, kind: E820Type::Reserved },
+                E820Entry { addr: 0x100000, size: (256 << 20) - 0x100000, kind: E820Type::Ram },
+            ]
+        );
+    }
+
+    #[test]
+    fn e820_of_a_large_guest_covers_all_ram_and_never_the_hole() {
+        let memory = 6u64 << 30;
+        let map = e820_map(memory);
+        let ram: u64 = map.iter().filter(|e| e.kind == E820Type::Ram).map(|e| e.size).sum();
+        // All RAM but the EBDA-to-1MiB gap is offered to the guest.
+        assert_eq!(ram, memory - (layout::HIGH_RAM - layout::EBDA));
+        for entry in &map {
+            let end = entry.addr + entry.size;
+            assert!(end <= layout::MMIO_HOLE || entry.addr >= layout::FOUR_GIB, "{entry:?} overlaps the hole");
+        }
+    }
+
+    #[test]
+    fn boot_structures_do_not_overlap() {
+        use layout::*;
+        let mut areas = [
+            (GDT, 0x20), (IDT, 0x10), (PVH_START_INFO, 0x40), (PVH_MODLIST, 0x40), (PVH_MEMMAP, 0x100),
+            (ZERO_PAGE, 0x1000), (PML4, 0x1000), (PDPT, 0x1000), (PD, 0x4000), (CMDLINE, CMDLINE_MAX),
+        ];
+        areas.sort();
+        for pair in areas.windows(2) {
+            assert!(pair[0].0 + pair[0].1 <= pair[1].0, "{:x?} overlaps {:x?}", pair[0], pair[1]);
+        }
+        assert!(CMDLINE + CMDLINE_MAX <= EBDA);
+    }
+}

@@ -1,0 +1,136 @@
+//! Building a VM from its configuration, running it, and waiting for it to stop.
+//!
+//! The order matters and follows a guest's life: open KVM, make the VM and its in-kernel
+//! interrupt controllers and PIT, map guest memory, write the ACPI tables and load the kernel,
+//! plug in the devices, set up each vCPU's registers; then start one thread per vCPU, hand the
+//! terminal to the guest, and wait for the first [`StopReason`].
+
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::{acpi, boot, cpu};
+use crate::bus::{Bus, SharedDevice};
+use crate::config::VmConfig;
+use crate::console;
+use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
+use crate::devices::power::{PowerButton, POWER_LEN, POWER_PORT};
+use crate::devices::serial::{IrqLine, SerialPort, Stdout, COM1_IRQ, COM1_LEN, COM1_PORT};
+use crate::error::{kvm, Error, Result};
+use crate::memory::{self, layout};
+use crate::stop::{StopReason, Stopper};
+use crate::vcpu::Vcpu;
+
+/// A VM ready to run: everything built, no guest instruction executed yet.
+pub struct Vm {
+    // Kept open for the VM's lifetime: the vCPUs and memory slots belong to it.
+    _kvm: Kvm,
+    _vm: VmFd,
+    vcpus: Vec<Vcpu>,
+    serial: Arc<Mutex<SerialPort>>,
+    stopper: Arc<Stopper>,
+}
+
+impl Vm {
+    pub fn build(config: &VmConfig) -> Result<Vm> {
+        let kvm_handle = open_kvm()?;
+        let max_cpus = kvm_handle.get_max_vcpus();
+        if usize::from(config.cpus) > max_cpus {
+            return Err(Error::BadCpus { value: config.cpus.into(), why: format!("this host's KVM allows at most {max_cpus}") });
+        }
+        let vm = kvm_handle.create_vm().map_err(kvm("creating a VM"))?;
+        vm.set_tss_address(layout::KVM_TSS as usize).map_err(kvm("placing the TSS"))?;
+        vm.create_irq_chip().map_err(kvm("creating the in-kernel irqchip"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.create_pit2(pit).map_err(kvm("creating the in-kernel PIT"))?;
+
+        let mem = memory::create_guest_memory(config.memory_bytes())?;
+        register_memory(&vm, &mem)?;
+        let rsdp = acpi::write(&mem, config.cpus)?;
+        let entry = boot::load_guest(&mem, config, rsdp)?;
+
+        let stopper = Arc::new(Stopper::default());
+        let (pio, serial) = legacy_devices(&vm, &stopper)?;
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(Bus::new("mmio"));
+
+        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+        for id in 0..config.cpus {
+            let fd = vm.create_vcpu(u64::from(id)).map_err(kvm("creating a vCPU"))?;
+            cpu::setup_common(&kvm_handle, &fd, id, config.cpus)?;
+            if id == 0 {
+                cpu::setup_boot_vcpu(&fd, &mem, entry)?;
+            }
+            let (pio, mmio, mem, stopper) = (pio.clone(), mmio.clone(), mem.clone(), stopper.clone());
+            vcpus.push(Vcpu { id, fd, pio, mmio, mem, stopper });
+        }
+        Ok(Vm { _kvm: kvm_handle, _vm: vm, vcpus, serial, stopper })
+    }
+
+    /// Starts the guest and returns when it has stopped, for whatever reason.
+    pub fn run(self) -> Result<StopReason> {
+        let host = |what| move |source| Error::Host { what, source };
+        console::watch_signals(self.stopper.clone()).map_err(host("cannot watch signals"))?;
+        let interactive = console::stdin_is_terminal();
+        if interactive {
+            console::enter_raw_mode();
+        }
+        console::pump_stdin(self.serial.clone(), self.stopper.clone(), interactive)
+            .map_err(host("cannot start the console thread"))?;
+        for vcpu in self.vcpus {
+            let name = format!("vcpu{}", vcpu.id);
+            thread::Builder::new().name(name).spawn(move || vcpu.run()).map_err(host("cannot start a vCPU thread"))?;
+        }
+        Ok(self.stopper.wait())
+    }
+}
+
+/// Opens /dev/kvm, turning the two usual failures into advice.
+fn open_kvm() -> Result<Kvm> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENXIO | libc::ENODEV => Error::NoKvm,
+        libc::EACCES | libc::EPERM => Error::KvmPermission,
+        _ => Error::KvmOpen(std::io::Error::from_raw_os_error(e.errno())),
+    })
+}
+
+/// Tells KVM where each RAM range of the guest lives in our address space.
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| Error::Memory(e.to_string()))?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the range is a live mapping owned by `mem`, which the VM's vCPUs keep alive
+        // (each holds a clone) for as long as the guest can run; slots don't overlap.
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm("mapping guest memory"))?;
+    }
+    Ok(())
+}
+
+/// The PC devices on the port I/O bus: COM1, the keyboard controller, the ACPI power register.
+fn legacy_devices(vm: &VmFd, stopper: &Arc<Stopper>) -> Result<(Bus, Arc<Mutex<SerialPort>>)> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Host { what: "cannot create an eventfd", source })?;
+    vm.register_irqfd(&irq, COM1_IRQ).map_err(kvm("wiring the serial port's interrupt"))?;
+    let serial = Arc::new(Mutex::new(SerialPort::new(IrqLine(irq), Box::new(Stdout))));
+    let mut pio = Bus::new("pio");
+    let devices: [(u64, u64, SharedDevice); 3] = [
+        (COM1_PORT, COM1_LEN, serial.clone()),
+        (I8042_PORT, I8042_LEN, Arc::new(Mutex::new(I8042::new(stopper.clone())))),
+        (u64::from(POWER_PORT), POWER_LEN, Arc::new(Mutex::new(PowerButton::new(stopper.clone())))),
+    ];
+    for (base, len, device) in devices {
+        pio.insert(base, len, device).map_err(|e| Error::Boot { what: "the device map", why: e.to_string() })?;
+    }
+    Ok((pio, serial))
+}

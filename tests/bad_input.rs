@@ -1,0 +1,132 @@
+//! Every mistake a user can make gets one line that says what is wrong and what to do, and a
+//! non-zero exit status: before any guest runs, and without a hang.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// Runs `lguest` with `args`, expects status 2 and a single stderr line containing `needle`.
+fn refused(command: Command, needle: &str) {
+    let out = run_with_deadline(command, Duration::from_secs(30));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line, not: {stderr}");
+    assert!(stderr.starts_with("lguest: ") && stderr.contains(needle), "{needle:?} not in: {stderr}");
+}
+
+fn run_args(args: &[&str]) -> Command {
+    let mut command = lguest();
+    command.arg("run").args(args);
+    command
+}
+
+fn hello(dir: &Path) -> String {
+    let kernel = tiny_guest(dir, "hello", |a| {
+        print(a, "hi\n");
+        reset(a);
+    });
+    kernel.to_string_lossy().into_owned()
+}
+
+#[test]
+fn missing_kernel() {
+    refused(run_args(&["--kernel", "/no/such/vmlinux"]), "cannot read kernel '/no/such/vmlinux': No such file");
+}
+
+#[test]
+fn missing_initrd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = hello(dir.path());
+    refused(run_args(&["--kernel", &kernel, "--initrd", "/no/such/initrd"]), "cannot read initrd");
+}
+
+#[test]
+fn a_file_that_is_not_a_kernel() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, "just some text, not a kernel\n".repeat(100)).expect("write");
+    refused(run_args(&["--kernel", &path.to_string_lossy()]), "is not a kernel lguest can boot");
+}
+
+#[test]
+fn a_truncated_bzimage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bzImage");
+    let mut image = vec![0u8; 0x300];
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    std::fs::write(&path, image).expect("write");
+    refused(run_args(&["--kernel", &path.to_string_lossy()]), "is not a kernel lguest can boot");
+}
+
+#[test]
+fn kernel_larger_than_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("huge");
+    std::fs::File::create(&path).and_then(|f| f.set_len(40 << 20)).expect("sparse file");
+    refused(run_args(&["--kernel", &path.to_string_lossy(), "--memory", "32M"]), "does not fit in guest memory (32 MiB); raise --memory");
+}
+
+#[test]
+fn initrd_larger_than_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = hello(dir.path());
+    let initrd = dir.path().join("initrd");
+    std::fs::File::create(&initrd).and_then(|f| f.set_len(40 << 20)).expect("sparse file");
+    refused(run_args(&["--kernel", &kernel, "--initrd", &initrd.to_string_lossy(), "--memory", "32M"]), "initrd (40 MiB) does not fit");
+}
+
+#[test]
+fn memory_too_small_or_absurd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = hello(dir.path());
+    refused(run_args(&["--kernel", &kernel, "--memory", "8M"]), "at least 32 MiB");
+    refused(run_args(&["--kernel", &kernel, "--memory", "4096G"]), "surely a typo");
+    refused(run_args(&["--kernel", &kernel, "--memory", "lots"]), "invalid --memory 'lots'");
+}
+
+#[test]
+fn command_line_longer_than_the_kernel_accepts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = hello(dir.path());
+    let long = "a".repeat(3000);
+    refused(run_args(&["--kernel", &kernel, "--cmdline", &long]), "accepts at most 2047; shorten --cmdline");
+}
+
+#[test]
+fn bad_flags_are_refused_by_the_parser() {
+    let out = run_with_deadline(run_args(&["--kernel", "x", "--no-such-flag"]), Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--no-such-flag"));
+}
+
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn no_permission_on_dev_kvm() {
+    assert!(running_as_root(), "this test drops privileges, so it must start as root (as CI does)");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = hello(dir.path());
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let mut command = Command::new("setpriv");
+    command.args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_lguest"), "run", "--kernel", &kernel]);
+    refused(command, "no permission to open /dev/kvm: add your user to the 'kvm' group");
+}
+
+#[test]
+fn no_dev_kvm_at_all() {
+    assert!(running_as_root(), "this test hides /dev/kvm in a mount namespace, so it must run as root");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = hello(dir.path());
+    let script = format!("mount -t tmpfs none /dev && exec {} run --kernel {kernel}", env!("CARGO_BIN_EXE_lguest"));
+    let mut command = Command::new("unshare");
+    command.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    refused(command, "/dev/kvm does not exist");
+}

@@ -1,0 +1,155 @@
+//! Tiny guest programs, a few dozen instructions each, run by the real `lguest` binary directly
+//! on this host's /dev/kvm. They check the vCPU set-up and the exit handlers end to end, in
+//! seconds, on any KVM host (PVM included, which interprets them quickly).
+
+mod common;
+
+use common::*;
+use iced_x86::code_asm::*;
+
+#[test]
+fn serial_output_reaches_stdout_and_reset_exits_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = tiny_guest(dir.path(), "hello", |a| {
+        print(a, "hello from a tiny guest\n");
+        reset(a);
+    });
+    let out = boot(&kernel);
+    assert_eq!(text(&out.stdout), "hello from a tiny guest\n");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+}
+
+#[test]
+fn absent_ports_read_all_ones_at_every_width() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = tiny_guest(dir.path(), "ones", |a| {
+        let mut bad = a.create_label();
+        a.mov(dx, 0x1234u32).expect("mov");
+        a.mov(eax, 0u32).expect("mov");
+        a.in_(al, dx).expect("in");
+        a.cmp(al, 0xffu32 as i32).expect("cmp");
+        a.jne(bad).expect("jne");
+        a.in_(ax, dx).expect("in");
+        a.cmp(ax, 0xffffu32 as i32).expect("cmp");
+        a.jne(bad).expect("jne");
+        a.in_(eax, dx).expect("in");
+        a.cmp(eax, -1).expect("cmp");
+        a.jne(bad).expect("jne");
+        a.out(dx, al).expect("out"); // and a write to the same absent port is dropped
+        print(a, "ones\n");
+        reset(a);
+        a.set_label(&mut bad).expect("label");
+        print(a, "not ones\n");
+        reset(a);
+    });
+    let out = boot(&kernel);
+    assert_eq!(text(&out.stdout), "ones\n");
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn absent_mmio_reads_all_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = tiny_guest(dir.path(), "mmio", |a| {
+        let mut bad = a.create_label();
+        // 0xd000_0000 is in the hole below 4 GiB, identity-mapped, with no device there.
+        a.mov(rbx, 0xd000_0000u64).expect("mov");
+        a.mov(dword_ptr(rbx), 0x1234_5678u32).expect("store");
+        a.mov(eax, dword_ptr(rbx)).expect("load");
+        a.cmp(eax, -1).expect("cmp");
+        a.jne(bad).expect("jne");
+        print(a, "mmio ones\n");
+        reset(a);
+        a.set_label(&mut bad).expect("label");
+        print(a, "mmio not ones\n");
+        reset(a);
+    });
+    let out = boot(&kernel);
+    assert_eq!(text(&out.stdout), "mmio ones\n", "stderr: {}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn acpi_power_off_exits_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = tiny_guest(dir.path(), "poweroff", |a| {
+        print(a, "bye\n");
+        a.mov(dx, 0x600u32).expect("mov");
+        a.mov(al, (5u32 << 2) | (1 << 5)).expect("mov"); // SLP_TYP=S5 | SLP_EN
+        a.out(dx, al).expect("out");
+        a.hlt().expect("hlt");
+    });
+    let out = boot(&kernel);
+    assert_eq!(text(&out.stdout), "bye\n");
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn boot_registers_follow_the_64bit_protocol() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = tiny_guest(dir.path(), "regs", |a| {
+        let mut bad = a.create_label();
+        // %rsi points at the zero page, whose e820 table names our RAM...
+        a.cmp(rsi, 0x7000).expect("cmp");
+        a.jne(bad).expect("jne");
+        a.cmp(byte_ptr(rsi + 0x1e8), 3).expect("cmp e820_entries");
+        a.jne(bad).expect("jne");
+        // ...and CS is __BOOT_CS, DS is __BOOT_DS.
+        a.mov(ax, cs).expect("mov");
+        a.cmp(ax, 0x10).expect("cmp");
+        a.jne(bad).expect("jne");
+        a.mov(ax, ds).expect("mov");
+        a.cmp(ax, 0x18).expect("cmp");
+        a.jne(bad).expect("jne");
+        print(a, "regs ok\n");
+        reset(a);
+        a.set_label(&mut bad).expect("label");
+        print(a, "regs wrong\n");
+        reset(a);
+    });
+    let out = boot(&kernel);
+    assert_eq!(text(&out.stdout), "regs ok\n", "stderr: {}", text(&out.stderr));
+}
+
+#[test]
+fn triple_fault_is_reported_and_exits_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = tiny_guest(dir.path(), "triple", |a| {
+        print(a, "about to fault\n");
+        // With an IDT of limit zero, any exception escalates to a triple fault.
+        a.push(0).expect("push");
+        a.push(0).expect("push");
+        a.lidt(ptr(rsp)).expect("lidt");
+        a.ud2().expect("ud2");
+    });
+    let out = boot(&kernel);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("triple fault on vCPU 0 at RIP 0x"), "{stderr}");
+    assert!(stderr.contains("CR0=") && stderr.contains("EFER="), "{stderr}");
+    assert!(stderr.contains("code at RIP: 0f 0b"), "the ud2 instruction: {stderr}");
+    assert_eq!(text(&out.stdout), "about to fault\n");
+}
+
+/// On a PVM host, instructions its emulator lacks end the guest with a report that says why
+/// stock kernels can't run here; on hardware KVM the same program simply runs.
+#[test]
+fn emulation_failure_names_the_pvm_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = tiny_guest(dir.path(), "cmpxchg16b", |a| {
+        a.sub(rsp, 64).expect("sub");
+        a.and(rsp, -16).expect("align");
+        a.cmpxchg16b(xmmword_ptr(rsp)).expect("cmpxchg16b");
+        print(a, "ran\n");
+        reset(a);
+    });
+    let out = boot(&kernel);
+    let stderr = text(&out.stderr);
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("KVM internal error") && stderr.contains("at RIP 0x"), "{stderr}");
+        assert!(stderr.contains("this host's KVM is PVM") && stderr.contains("nested lab"), "{stderr}");
+    } else {
+        assert_eq!((out.status.code(), text(&out.stdout).as_str()), (Some(0), "ran\n"), "{stderr}");
+    }
+}
