@@ -48,7 +48,7 @@ impl Bus {
     /// Claims `base..base+len` for `device`.
     pub fn insert(&mut self, base: u64, len: u64, device: SharedDevice) -> Result<(), Overlap> {
         let overlap = Overlap { bus: self.name, base, len };
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or_else(|| Overlap { ..overlap })?;
+        let Some(end) = base.checked_add(len).filter(|_| len > 0) else { return Err(overlap) };
         if self.ranges.iter().any(|r| base < r.base + r.len && r.base < end) {
             return Err(overlap);
         }
@@ -124,7 +124,7 @@ mod tests {
         let mut data = [0u8; 1];
         bus.read(0x3fd, &mut data);
         assert_eq!(data, [5]);
-        bus.write(0x3f8, &[b'A']);
+        bus.write(0x3f8, b"A");
         assert_eq!(lock(&device).last_write, Some((0, vec![b'A'])));
         assert_eq!(bus.absent_accesses(), (0, 0));
     }

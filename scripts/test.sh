@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests, tiny guests run directly on this host's /dev/kvm, and Debian's
+# stock kernel booted by lguest inside the nested lab (lab/README.md). Installs what it needs
+# from Debian's packages; downloads are cached in ${LGUEST_CACHE:-~/.cache/lguest}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source lab/lib.sh
+
+command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) first"
+[[ -e /dev/kvm ]] || die "/dev/kvm not found: the tiny-guest tests need KVM on this host"
+# setpriv and unshare (util-linux) drop privileges and hide /dev/kvm for the error tests;
+# strip (binutils) slims the binary copied into the lab.
+ensure_cmds setpriv:util-linux unshare:util-linux strip:binutils
+lab/fetch.sh >/dev/null
+guest/build.sh >/dev/null
+cargo test --workspace --locked "$@"
