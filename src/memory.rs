@@ -39,6 +39,8 @@ pub mod layout {
     /// ACPI tables, where Linux's RSDP scan finds them.
     pub const ACPI: u64 = 0xe_0000;
     pub const ACPI_END: u64 = 0x10_0000;
+    /// Where an x86 CPU starts after a reset (F000:FFF0), inside the reserved area above.
+    pub const RESET_VECTOR: u64 = 0xf_fff0;
     /// Kernels are loaded from 1 MiB up.
     pub const HIGH_RAM: u64 = 0x10_0000;
     /// The hole below 4 GiB for the IOAPIC, the local APICs and device MMIO.

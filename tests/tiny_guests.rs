@@ -70,6 +70,19 @@ fn absent_mmio_reads_all_ones() {
 }
 
 #[test]
+fn a_jump_to_the_reset_vector_resets_the_vm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = tiny_guest(dir.path(), "bios-reboot", |a| {
+        print(a, "rebooting through the BIOS\n");
+        a.mov(rax, 0xf_fff0u64).expect("mov");
+        a.jmp(rax).expect("jmp");
+    });
+    let out = boot(&kernel);
+    assert_eq!(text(&out.stdout), "rebooting through the BIOS\n");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+}
+
+#[test]
 fn acpi_power_off_exits_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kernel = tiny_guest(dir.path(), "poweroff", |a| {

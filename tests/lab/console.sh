@@ -1,7 +1,7 @@
 # Inside the lab: a command typed on lguest's stdin (a pipe, as a script would) runs in the
 # guest's shell and its output comes back. We wait for the shell before typing, as a person would.
 mkfifo /tmp/console-in
-lguest run --kernel /guest/bzImage --initrd /guest/initramfs.cpio.gz --memory 256M \
+timeout 300 lguest run --kernel /guest/bzImage --initrd /guest/initramfs.cpio.gz --memory 256M \
     --cmdline "console=ttyS0 reboot=k panic=-1 quiet" </tmp/console-in >/tmp/console-out 2>&1 &
 pid=$!
 exec 3>/tmp/console-in
