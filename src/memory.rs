@@ -9,7 +9,8 @@
 //! descriptors) is checked by `vm-memory`'s bounds-checked accessors; nothing here hands out
 //! raw pointers.
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::error::{Error, Result};
 
@@ -101,12 +102,57 @@ pub fn e820_map(memory_bytes: u64) -> Vec<E820Entry> {
 /// Maps the guest's RAM into our address space. Pages are not touched here: the kernel only
 /// hands us memory as the guest first writes it, which keeps an idle VM's footprint small.
 pub fn create_guest_memory(memory_bytes: u64) -> Result<GuestMemoryMmap> {
-    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(memory_bytes)
+    let regions = ram_ranges(memory_bytes)
         .into_iter()
-        .map(|(start, len)| usize::try_from(len).map(|len| (start, len)))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|_| Error::Memory("guest memory size does not fit this host's address space".into()))?;
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(format!("{e}; try a smaller --memory")))
+        .map(|(start, len)| {
+            let len = usize::try_from(len).map_err(|_| too_large())?;
+            let mapping = map_aligned(len)?;
+            GuestRegionMmap::new(mapping, start).ok_or_else(too_large)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Memory(e.to_string()))
+}
+
+fn too_large() -> Error {
+    Error::Memory("guest memory does not fit this host's address space; try a smaller --memory".into())
+}
+
+/// 2 MiB: the size of a huge page, and of a large page in the guest's nested page tables.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// An anonymous mapping of `len` bytes that starts on a 2 MiB boundary. KVM can back guest
+/// memory with 2 MiB pages in its nested page tables only where guest-physical and host
+/// addresses agree modulo 2 MiB; our RAM ranges start 2 MiB-aligned, so aligning the host
+/// side lets every guest access after the first go through large pages, and lets the host
+/// kernel use transparent huge pages behind them. The mapping lives as long as the process.
+fn map_aligned(len: usize) -> Result<MmapRegion> {
+    let host_error = |what: &str| Error::Memory(format!("{what}: {}; try a smaller --memory", std::io::Error::last_os_error()));
+    let padded = len.checked_add(HUGE_PAGE).ok_or_else(too_large)?;
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing; nothing else
+    // refers to it yet.
+    let base = unsafe { libc::mmap(std::ptr::null_mut(), padded, prot, flags, -1, 0) };
+    if base == libc::MAP_FAILED {
+        return Err(host_error("cannot map guest memory"));
+    }
+    let base = base as usize;
+    let start = base.next_multiple_of(HUGE_PAGE);
+    let (head, tail) = (start - base, base + padded - (start + len));
+    // SAFETY: both trimmed ranges lie inside the mapping made above and outside [start, start+len).
+    unsafe {
+        if head > 0 {
+            libc::munmap(base as *mut libc::c_void, head);
+        }
+        if tail > 0 {
+            libc::munmap((start + len) as *mut libc::c_void, tail);
+        }
+        libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+    }
+    // SAFETY: [start, start+len) is a live read-write mapping that we never unmap, so it stays
+    // valid for every user of the region.
+    let builder = unsafe { MmapRegionBuilder::new(len).with_raw_mmap_pointer(start as *mut u8) };
+    builder.with_mmap_prot(prot).with_mmap_flags(flags).build().map_err(|e| Error::Memory(e.to_string()))
 }
 
 #[cfg(test)]
@@ -147,6 +193,17 @@ mod tests {
         for entry in &map {
             let end = entry.addr + entry.size;
             assert!(end <= layout::MMIO_HOLE || entry.addr >= layout::FOUR_GIB, "{entry:?} overlaps the hole");
+        }
+    }
+
+    #[test]
+    fn guest_ram_is_mapped_on_huge_page_boundaries() {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let mem = create_guest_memory(64 << 20).expect("memory");
+        for region in mem.iter() {
+            let host = mem.get_host_address(region.start_addr()).expect("host address") as usize;
+            assert_eq!(host % HUGE_PAGE, 0);
+            assert_eq!(region.len(), 64 << 20);
         }
     }
 

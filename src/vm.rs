@@ -31,6 +31,7 @@ pub struct Vm {
     _kvm: Kvm,
     _vm: VmFd,
     vcpus: Vec<Vcpu>,
+    pio: Arc<Bus>,
     serial: Arc<Mutex<SerialPort>>,
     stopper: Arc<Stopper>,
 }
@@ -68,7 +69,7 @@ impl Vm {
             let (pio, mmio, mem, stopper) = (pio.clone(), mmio.clone(), mem.clone(), stopper.clone());
             vcpus.push(Vcpu { id, fd, pio, mmio, mem, stopper });
         }
-        Ok(Vm { _kvm: kvm_handle, _vm: vm, vcpus, serial, stopper })
+        Ok(Vm { _kvm: kvm_handle, _vm: vm, vcpus, pio, serial, stopper })
     }
 
     /// Starts the guest and returns when it has stopped, for whatever reason.
@@ -85,7 +86,10 @@ impl Vm {
             let name = format!("vcpu{}", vcpu.id);
             thread::Builder::new().name(name).spawn(move || vcpu.run()).map_err(host("cannot start a vCPU thread"))?;
         }
-        Ok(self.stopper.wait())
+        let reason = self.stopper.wait();
+        let (reads, writes) = self.pio.absent_accesses();
+        tracing::debug!(reads, writes, "port I/O to absent devices during the run");
+        Ok(reason)
     }
 }
 
