@@ -71,20 +71,6 @@ fn wait_for_output(master: &mut File, needle: &str) {
     }
 }
 
-fn wait_with_deadline(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("lguest did not stop");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn ctrl_a_x_quits_and_restores_the_terminal() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -95,7 +81,7 @@ fn ctrl_a_x_quits_and_restores_the_terminal() {
     wait_for_output(&mut pty.master, "sleeping");
     assert_eq!(local_flags(&pty.slave) & (libc::ICANON | libc::ECHO | libc::ISIG), 0, "raw while the guest runs");
     pty.master.write_all(b"\x01x").expect("type the escape");
-    assert_eq!(wait_with_deadline(&mut child).code(), Some(0));
+    assert_eq!(wait_with_deadline(&mut child, Duration::from_secs(30)).code(), Some(0));
     assert_eq!(local_flags(&pty.slave), cooked, "terminal restored");
 }
 
@@ -108,6 +94,6 @@ fn sigterm_stops_the_vm_and_restores_the_terminal() {
     wait_for_output(&mut pty.master, "sleeping");
     // SAFETY: kill with a valid pid of our own child and a valid signal number.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(wait_with_deadline(&mut child).code(), Some(128 + libc::SIGTERM));
+    assert_eq!(wait_with_deadline(&mut child, Duration::from_secs(30)).code(), Some(128 + libc::SIGTERM));
     assert_eq!(local_flags(&pty.slave), cooked, "terminal restored");
 }

@@ -1,8 +1,9 @@
-# Lab side of bench/boot.sh: boots the reference guest (PVH vmlinux + busybox initramfs,
-# 1 vCPU, 256 MiB) RUNS times with lguest and with QEMU microvm, alternating, each timed by
-# stopwatch from process start to the guest's /init marker and to the process's exit after
-# the guest's `reboot -f`. bench/boot.sh prepends RUNS=N and CPUS=N.
-kernel=/guest/vmlinux
+# Lab side of bench/boot.sh: boots the reference guest (KERNEL, vmlinux through PVH or the
+# bzImage, + busybox initramfs, CPUS vCPUs, 256 MiB) RUNS times with lguest and with QEMU
+# microvm, alternating, each timed by stopwatch from process start to the guest's /init
+# marker and to the process's exit after the guest's `reboot -f`. bench/boot.sh prepends
+# RUNS=N CPUS=N KERNEL=NAME.
+kernel=/guest/$KERNEL
 initrd=/guest/initramfs.cpio.gz
 cmdline="console=ttyS0 panic=-1 quiet lguest.scenario=reboot"
 for run in $(seq 1 "$RUNS"); do

@@ -5,7 +5,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::CodeAssembler;
@@ -74,6 +74,7 @@ pub fn lguest() -> Command {
 }
 
 /// Runs `command` with no stdin, fails the test if it has not finished within `limit`.
+/// Its output is drained as it comes, so a chatty guest can't block on a full pipe.
 pub fn run_with_deadline(mut command: Command, limit: Duration) -> Output {
     let mut child = command
         .stdin(Stdio::null())
@@ -81,14 +82,26 @@ pub fn run_with_deadline(mut command: Command, limit: Duration) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn lguest");
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            pipe.read_to_end(&mut bytes).expect("read output");
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
+    let status = wait_with_deadline(&mut child, limit);
+    let (stdout, stderr) = (stdout.join().expect("stdout reader"), stderr.join().expect("stderr reader"));
+    Output { status, stdout, stderr }
+}
+
+/// Waits for `child`; kills it and fails the test if it runs past `limit` (a hang).
+pub fn wait_with_deadline(child: &mut Child, limit: Duration) -> ExitStatus {
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().expect("wait") {
-            let mut stdout = Vec::new();
-            let mut stderr = Vec::new();
-            child.stdout.take().expect("stdout").read_to_end(&mut stdout).expect("read stdout");
-            child.stderr.take().expect("stderr").read_to_end(&mut stderr).expect("read stderr");
-            return Output { status, stdout, stderr };
+            return status;
         }
         if start.elapsed() > limit {
             let _ = child.kill();
