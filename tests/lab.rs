@@ -104,3 +104,15 @@ fn a_command_typed_on_stdin_runs_in_the_guest() {
         expect_case(output, "console", 0)
     });
 }
+
+#[test]
+fn the_guest_sees_every_vcpu() {
+    run_scenario("cpus", |output| {
+        for cpus in [2, 4] {
+            let line = format!("LGUEST-CPUS {cpus}");
+            expect(output.lines().any(|l| l.trim_end() == line), &format!("no '{line}'"))?;
+            expect_case(output, &format!("cpus-{cpus}"), 0)?;
+        }
+        Ok(())
+    });
+}
