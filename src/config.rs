@@ -53,6 +53,10 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub cpus: u32,
+    /// After the run, print when the VM was built, first ran, was signalled by the guest's
+    /// boot timer, and stopped, with the count of exits of each kind.
+    #[arg(long)]
+    pub boot_timeline: bool,
 }
 
 /// A validated description of one VM.
@@ -63,6 +67,7 @@ pub struct VmConfig {
     pub cmdline: String,
     pub memory_mib: u64,
     pub cpus: u8,
+    pub boot_timeline: bool,
 }
 
 impl VmConfig {
@@ -74,7 +79,8 @@ impl VmConfig {
         if let Some(initrd) = &args.initrd {
             check_readable(initrd, "initrd")?;
         }
-        Ok(VmConfig { kernel: args.kernel, initrd: args.initrd, cmdline: args.cmdline, memory_mib, cpus })
+        let RunArgs { kernel, initrd, cmdline, boot_timeline, .. } = args;
+        Ok(VmConfig { kernel, initrd, cmdline, memory_mib, cpus, boot_timeline })
     }
 
     pub fn memory_bytes(&self) -> u64 {
@@ -167,13 +173,14 @@ mod tests {
         assert_eq!(config.cpus, 1);
         assert_eq!(config.cmdline, DEFAULT_CMDLINE);
         assert_eq!(config.initrd, None);
+        assert!(!config.boot_timeline);
     }
 
     #[test]
     fn run_with_every_flag() {
         let args = run_args(&[
             "run", "--kernel", FILE, "--initrd", "src/main.rs", "--cmdline", "console=ttyS0 quiet",
-            "--memory", "1G", "--cpus", "2",
+            "--memory", "1G", "--cpus", "2", "--boot-timeline",
         ]);
         let config = VmConfig::from_args(args).expect("valid");
         assert_eq!(config.kernel, PathBuf::from(FILE));
@@ -181,6 +188,7 @@ mod tests {
         assert_eq!(config.cmdline, "console=ttyS0 quiet");
         assert_eq!(config.memory_bytes(), 1 << 30);
         assert_eq!(config.cpus, 2);
+        assert!(config.boot_timeline);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! 6. [`bus`] and [`devices`]: where port I/O and MMIO exits land; absent devices read as ones.
 //! 7. [`console`]: the user's terminal, wired to the guest's serial port.
 //! 8. [`fault`]: what we say when a guest dies, so that only the guest dies.
+//! 9. [`timeline`]: when each of the above happened, for `--boot-timeline`.
 
 pub mod arch;
 pub mod bus;
@@ -23,5 +24,6 @@ pub mod error;
 pub mod fault;
 pub mod memory;
 pub mod stop;
+pub mod timeline;
 pub mod vcpu;
 pub mod vm;

@@ -4,21 +4,30 @@
 //! says how); 2: the request was wrong (a line says what to change); 128+N: signal N.
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
 
 use clap::Parser;
 use lguest::config::{Cli, Command, VmConfig};
 use lguest::console;
 use lguest::stop::StopReason;
+use lguest::timeline::{Milestone, Timeline};
 use lguest::vm::Vm;
 
 fn main() -> ExitCode {
+    let timeline = Arc::new(Timeline::new(Instant::now()));
     init_logging();
     let Cli { command: Command::Run(args) } = Cli::parse();
-    let result = VmConfig::from_args(args).and_then(|config| Vm::build(&config)?.run());
+    let result = VmConfig::from_args(args)
+        .and_then(|config| Ok((Vm::build(&config, timeline.clone())?.run()?, config.boot_timeline)));
+    timeline.mark(Milestone::Stopped);
     console::restore_terminal();
     match result {
-        Ok(reason) => {
+        Ok((reason, show_timeline)) => {
             report(&reason);
+            if show_timeline {
+                eprintln!("lguest: {timeline}");
+            }
             ExitCode::from(reason.exit_code())
         }
         Err(error) => {

@@ -15,6 +15,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::bus::Bus;
 use crate::fault::{FaultKind, GuestFault};
 use crate::stop::{StopReason, Stopper};
+use crate::timeline::{ExitKind, Milestone, Timeline};
 
 pub struct Vcpu {
     pub id: u8,
@@ -23,6 +24,7 @@ pub struct Vcpu {
     pub mmio: Arc<Bus>,
     pub mem: GuestMemoryMmap,
     pub stopper: Arc<Stopper>,
+    pub timeline: Arc<Timeline>,
 }
 
 /// What an exit asks of us once KVM's borrow of the run area is over.
@@ -35,6 +37,9 @@ enum Next {
 impl Vcpu {
     /// Runs the guest until this vCPU, or anyone else, stops the VM.
     pub fn run(mut self) {
+        if self.id == 0 {
+            self.timeline.mark(Milestone::FirstKvmRun);
+        }
         loop {
             let next = self.run_once();
             let reason = match next {
@@ -53,22 +58,29 @@ impl Vcpu {
     fn run_once(&mut self) -> Next {
         let next = match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
+                self.timeline.count_exit(ExitKind::PortIn);
                 self.pio.read(u64::from(port), data);
                 Next::Continue
             }
             Ok(VcpuExit::IoOut(port, data)) => {
+                self.timeline.count_exit(ExitKind::PortOut);
                 self.pio.write(u64::from(port), data);
                 Next::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.timeline.count_exit(ExitKind::MmioRead);
                 self.mmio.read(addr, data);
                 Next::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.timeline.count_exit(ExitKind::MmioWrite);
                 self.mmio.write(addr, data);
                 Next::Continue
             }
-            Ok(VcpuExit::Intr) => Next::Continue,
+            Ok(VcpuExit::Intr) => {
+                self.timeline.count_exit(ExitKind::Other);
+                Next::Continue
+            }
             Ok(VcpuExit::Shutdown) => Next::Fault(FaultKind::TripleFault),
             Ok(VcpuExit::FailEntry(reason, _cpu)) => Next::Fault(FaultKind::FailedEntry { reason }),
             Ok(VcpuExit::InternalError) => Next::Fault(FaultKind::InternalError { suberror: 0 }),

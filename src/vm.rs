@@ -17,12 +17,14 @@ use crate::arch::x86_64::{acpi, boot, cpu};
 use crate::bus::{Bus, SharedDevice};
 use crate::config::VmConfig;
 use crate::console;
+use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_ADDR, BOOT_TIMER_LEN};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::power::{PowerButton, POWER_LEN, POWER_PORT};
 use crate::devices::serial::{IrqLine, SerialPort, Stdout, COM1_IRQ, COM1_LEN, COM1_PORT};
 use crate::error::{kvm, Error, Result};
 use crate::memory::{self, layout};
 use crate::stop::{StopReason, Stopper};
+use crate::timeline::{Milestone, Timeline};
 use crate::vcpu::Vcpu;
 
 /// A VM ready to run: everything built, no guest instruction executed yet.
@@ -37,7 +39,7 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn build(config: &VmConfig) -> Result<Vm> {
+    pub fn build(config: &VmConfig, timeline: Arc<Timeline>) -> Result<Vm> {
         let kvm_handle = open_kvm()?;
         let max_cpus = kvm_handle.get_max_vcpus();
         if usize::from(config.cpus) > max_cpus {
@@ -57,7 +59,11 @@ impl Vm {
         let stopper = Arc::new(Stopper::default());
         let (pio, serial) = legacy_devices(&vm, &stopper)?;
         let pio = Arc::new(pio);
-        let mmio = Arc::new(Bus::new("mmio"));
+        let mut mmio = Bus::new("mmio");
+        let boot_timer = Arc::new(Mutex::new(BootTimer::new(timeline.clone())));
+        mmio.insert(BOOT_TIMER_ADDR, BOOT_TIMER_LEN, boot_timer)
+            .map_err(|e| Error::Boot { what: "the device map", why: e.to_string() })?;
+        let mmio = Arc::new(mmio);
 
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for id in 0..config.cpus {
@@ -66,9 +72,11 @@ impl Vm {
             if id == 0 {
                 cpu::setup_boot_vcpu(&fd, &mem, entry)?;
             }
-            let (pio, mmio, mem, stopper) = (pio.clone(), mmio.clone(), mem.clone(), stopper.clone());
-            vcpus.push(Vcpu { id, fd, pio, mmio, mem, stopper });
+            let (pio, mmio, mem, stopper, timeline) =
+                (pio.clone(), mmio.clone(), mem.clone(), stopper.clone(), timeline.clone());
+            vcpus.push(Vcpu { id, fd, pio, mmio, mem, stopper, timeline });
         }
+        timeline.mark(Milestone::VmBuilt);
         Ok(Vm { _kvm: kvm_handle, _vm: vm, vcpus, pio, serial, stopper })
     }
 

@@ -89,9 +89,10 @@ fn stock_bzimage_boots_to_init_and_powers_off_or_reboots_with_status_zero() {
 }
 
 #[test]
-fn stock_vmlinux_boots_through_pvh_and_powers_off() {
+fn stock_vmlinux_boots_through_pvh_signals_the_boot_timer_and_powers_off() {
     run_scenario("boot-pvh", |output| {
         expect_reached_init(output)?;
+        expect(output.contains("guest signalled the boot timer"), "no boot-timer signal in the timeline")?;
         expect_case(output, "pvh", 0)
     });
 }

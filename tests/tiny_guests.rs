@@ -166,3 +166,24 @@ fn emulation_failure_names_the_pvm_host() {
         assert_eq!((out.status.code(), text(&out.stdout).as_str()), (Some(0), "ran\n"), "{stderr}");
     }
 }
+
+#[test]
+fn boot_timeline_shows_milestones_the_guest_signal_and_exit_counts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = tiny_guest(dir.path(), "timer", |a| {
+        print(a, "hi\n");
+        a.mov(rbx, 0xfe00_0000u64).expect("mov");
+        a.mov(byte_ptr(rbx), 123u32).expect("boot timer");
+        reset(a);
+    });
+    let mut command = lguest();
+    command.args(["run", "--memory", "64M", "--boot-timeline", "--kernel"]).arg(&kernel);
+    let out = run_with_deadline(command, std::time::Duration::from_secs(60));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let order = ["VM built", "first KVM_RUN", "guest signalled the boot timer", "VM stopped"];
+    let positions: Vec<usize> = order.iter().map(|m| stderr.find(m).unwrap_or_else(|| panic!("no {m}: {stderr}"))).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "milestones out of order: {stderr}");
+    // "hi\n" and the reset: four port writes; the boot timer: one MMIO write.
+    assert!(stderr.contains("port in 0, port out 4, mmio read 0, mmio write 1"), "{stderr}");
+}
