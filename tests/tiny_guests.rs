@@ -23,7 +23,7 @@ fn serial_output_reaches_stdout_and_reset_exits_zero() {
 fn absent_ports_read_all_ones_at_every_width() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kernel = tiny_guest(dir.path(), "ones", |a| {
-        let mut bad = a.create_label();
+        let bad = a.create_label();
         a.mov(dx, 0x1234u32).expect("mov");
         a.mov(eax, 0u32).expect("mov");
         a.in_(al, dx).expect("in");
@@ -36,11 +36,7 @@ fn absent_ports_read_all_ones_at_every_width() {
         a.cmp(eax, -1).expect("cmp");
         a.jne(bad).expect("jne");
         a.out(dx, al).expect("out"); // and a write to the same absent port is dropped
-        print(a, "ones\n");
-        reset(a);
-        a.set_label(&mut bad).expect("label");
-        print(a, "not ones\n");
-        reset(a);
+        report_and_reset(a, bad, "ones\n", "not ones\n");
     });
     let out = boot(&kernel);
     assert_eq!(text(&out.stdout), "ones\n");
@@ -51,18 +47,14 @@ fn absent_ports_read_all_ones_at_every_width() {
 fn absent_mmio_reads_all_ones() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kernel = tiny_guest(dir.path(), "mmio", |a| {
-        let mut bad = a.create_label();
+        let bad = a.create_label();
         // 0xd000_0000 is in the hole below 4 GiB, identity-mapped, with no device there.
         a.mov(rbx, 0xd000_0000u64).expect("mov");
         a.mov(dword_ptr(rbx), 0x1234_5678u32).expect("store");
         a.mov(eax, dword_ptr(rbx)).expect("load");
         a.cmp(eax, -1).expect("cmp");
         a.jne(bad).expect("jne");
-        print(a, "mmio ones\n");
-        reset(a);
-        a.set_label(&mut bad).expect("label");
-        print(a, "mmio not ones\n");
-        reset(a);
+        report_and_reset(a, bad, "mmio ones\n", "mmio not ones\n");
     });
     let out = boot(&kernel);
     assert_eq!(text(&out.stdout), "mmio ones\n", "stderr: {}", text(&out.stderr));
@@ -101,7 +93,7 @@ fn acpi_power_off_exits_zero() {
 fn boot_registers_follow_the_64bit_protocol() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kernel = tiny_guest(dir.path(), "regs", |a| {
-        let mut bad = a.create_label();
+        let bad = a.create_label();
         // %rsi points at the zero page, whose e820 table names our RAM...
         a.cmp(rsi, 0x7000).expect("cmp");
         a.jne(bad).expect("jne");
@@ -114,11 +106,7 @@ fn boot_registers_follow_the_64bit_protocol() {
         a.mov(ax, ds).expect("mov");
         a.cmp(ax, 0x18).expect("cmp");
         a.jne(bad).expect("jne");
-        print(a, "regs ok\n");
-        reset(a);
-        a.set_label(&mut bad).expect("label");
-        print(a, "regs wrong\n");
-        reset(a);
+        report_and_reset(a, bad, "regs ok\n", "regs wrong\n");
     });
     let out = boot(&kernel);
     assert_eq!(text(&out.stdout), "regs ok\n", "stderr: {}", text(&out.stderr));

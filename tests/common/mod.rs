@@ -69,6 +69,16 @@ pub fn reset(asm: &mut CodeAssembler) {
     asm.hlt().expect("hlt");
 }
 
+/// Ends a self-checking program: prints `pass` and resets; at the `failed` label (where its
+/// checks jump), prints `fail` and resets. The test then compares the output with `pass`.
+pub fn report_and_reset(asm: &mut CodeAssembler, mut failed: iced_x86::code_asm::CodeLabel, pass: &str, fail: &str) {
+    print(asm, pass);
+    reset(asm);
+    asm.set_label(&mut failed).expect("label");
+    print(asm, fail);
+    reset(asm);
+}
+
 pub fn lguest() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lguest"))
 }
