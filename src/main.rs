@@ -17,7 +17,10 @@ use lguest::vm::Vm;
 fn main() -> ExitCode {
     let timeline = Arc::new(Timeline::new(Instant::now()));
     init_logging();
-    let Cli { command: Command::Run(args) } = Cli::parse();
+    let Cli { command: Command::Run(args) } = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return command_line_error(error),
+    };
     let result = VmConfig::from_args(args)
         .and_then(|config| Ok((Vm::build(&config, timeline.clone())?.run()?, config.boot_timeline)));
     timeline.mark(Milestone::Stopped);
@@ -35,6 +38,32 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Help and version go to stdout as clap writes them; a mistake becomes one line on stderr
+/// (clap's message without its usage block and tips).
+fn command_line_error(error: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match error.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = error.print();
+            return ExitCode::SUCCESS;
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = error.print();
+            return ExitCode::from(2);
+        }
+        _ => {}
+    }
+    let text = error.to_string();
+    let message: Vec<&str> = text
+        .lines()
+        .take_while(|line| !line.starts_with("Usage:"))
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with("tip:"))
+        .collect();
+    eprintln!("lguest: {}; see 'lguest run --help'", message.join(" ").trim_start_matches("error: "));
+    ExitCode::from(2)
 }
 
 fn report(reason: &StopReason) {

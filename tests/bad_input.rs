@@ -98,10 +98,17 @@ fn command_line_longer_than_the_kernel_accepts() {
 }
 
 #[test]
-fn bad_flags_are_refused_by_the_parser() {
-    let out = run_with_deadline(run_args(&["--kernel", "x", "--no-such-flag"]), Duration::from_secs(30));
-    assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("--no-such-flag"));
+fn bad_flags_are_refused_in_one_line() {
+    refused(run_args(&["--kernel", "x", "--no-such-flag"]), "unexpected argument '--no-such-flag' found; see 'lguest run --help'");
+    refused(run_args(&["--cpus", "2"]), "--kernel <PATH>");
+    refused(run_args(&["--kernel", "x", "--cpus", "many"]), "invalid value 'many' for '--cpus <N>'");
+}
+
+#[test]
+fn help_is_not_an_error() {
+    let out = run_with_deadline(run_args(&["--help"]), Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).contains("Ctrl-A then x"));
 }
 
 fn running_as_root() -> bool {
