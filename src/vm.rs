@@ -59,11 +59,7 @@ impl Vm {
         let stopper = Arc::new(Stopper::default());
         let (pio, serial) = legacy_devices(&vm, &stopper)?;
         let pio = Arc::new(pio);
-        let mut mmio = Bus::new("mmio");
-        let boot_timer = Arc::new(Mutex::new(BootTimer::new(timeline.clone())));
-        mmio.insert(BOOT_TIMER_ADDR, BOOT_TIMER_LEN, boot_timer)
-            .map_err(|e| Error::Boot { what: "the device map", why: e.to_string() })?;
-        let mmio = Arc::new(mmio);
+        let mmio = Arc::new(mmio_devices(&timeline)?);
 
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for id in 0..config.cpus {
@@ -142,7 +138,20 @@ fn legacy_devices(vm: &VmFd, stopper: &Arc<Stopper>) -> Result<(Bus, Arc<Mutex<S
         (u64::from(POWER_PORT), POWER_LEN, Arc::new(Mutex::new(PowerButton::new(stopper.clone())))),
     ];
     for (base, len, device) in devices {
-        pio.insert(base, len, device).map_err(|e| Error::Boot { what: "the device map", why: e.to_string() })?;
+        claim(&mut pio, base, len, device)?;
     }
     Ok((pio, serial))
+}
+
+/// The devices on the MMIO bus: so far only the boot timer.
+fn mmio_devices(timeline: &Arc<Timeline>) -> Result<Bus> {
+    let mut mmio = Bus::new("mmio");
+    let boot_timer = Arc::new(Mutex::new(BootTimer::new(timeline.clone())));
+    claim(&mut mmio, BOOT_TIMER_ADDR, BOOT_TIMER_LEN, boot_timer)?;
+    Ok(mmio)
+}
+
+/// Places a device on a bus; an overlap is our own bug in the device map, reported as such.
+fn claim(bus: &mut Bus, base: u64, len: u64, device: SharedDevice) -> Result<()> {
+    bus.insert(base, len, device).map_err(|e| Error::Boot { what: "the device map", why: e.to_string() })
 }
