@@ -2,6 +2,7 @@
 //! console, a signal) records why here; the main thread waits for that and turns it into the
 //! process's exit status. The first reason wins: a reset that follows a fault doesn't hide it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 
 use crate::fault::GuestFault;
@@ -40,6 +41,8 @@ impl StopReason {
 pub struct Stopper {
     reason: Mutex<Option<StopReason>>,
     stopped: Condvar,
+    /// The same fact as `reason.is_some()`, readable without a lock: every vCPU exit asks.
+    is_stopped: AtomicBool,
 }
 
 impl Stopper {
@@ -49,12 +52,13 @@ impl Stopper {
         if slot.is_none() {
             tracing::debug!(?reason, "VM stopping");
             *slot = Some(reason);
+            self.is_stopped.store(true, Ordering::Release);
             self.stopped.notify_all();
         }
     }
 
     pub fn is_stopped(&self) -> bool {
-        self.reason.lock().map(|slot| slot.is_some()).unwrap_or(true)
+        self.is_stopped.load(Ordering::Acquire)
     }
 
     /// Blocks until some thread has stopped the VM, and takes the reason.
