@@ -49,7 +49,7 @@ impl Stopper {
     /// Records `reason` unless another stop came first.
     pub fn stop(&self, reason: StopReason) {
         let mut slot = self.reason.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if slot.is_none() {
+        if !self.is_stopped.load(Ordering::Acquire) {
             tracing::debug!(?reason, "VM stopping");
             *slot = Some(reason);
             self.is_stopped.store(true, Ordering::Release);
@@ -65,9 +65,8 @@ impl Stopper {
     pub fn wait(&self) -> StopReason {
         let mut slot = self.reason.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         loop {
+            // Later `stop` calls see the flag and leave the emptied slot alone.
             if let Some(reason) = slot.take() {
-                // Leave a marker so later `stop` calls stay ignored.
-                *slot = Some(StopReason::HostError("already stopped".into()));
                 return reason;
             }
             slot = self.stopped.wait(slot).unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -87,6 +86,8 @@ mod tests {
         stopper.stop(StopReason::UserQuit);
         assert!(matches!(stopper.wait(), StopReason::Reset));
         assert!(stopper.is_stopped());
+        stopper.stop(StopReason::PowerOff);
+        assert!(stopper.reason.lock().expect("lock").is_none(), "a stop after the wait is ignored");
     }
 
     #[test]
