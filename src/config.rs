@@ -57,6 +57,45 @@ pub struct RunArgs {
     /// boot timer, and stopped, with the count of exits of each kind.
     #[arg(long)]
     pub boot_timeline: bool,
+    /// A raw disk image for the guest, as /dev/vda, /dev/vdb, ... in the order given.
+    /// `readonly` refuses the guest's writes; `id=NAME` is the serial the guest sees
+    /// (/dev/disk/by-id/virtio-NAME). Repeat for more disks.
+    #[arg(long = "disk", value_name = "PATH[,readonly][,id=NAME]")]
+    pub disks: Vec<String>,
+    /// A virtio network card on the host tap device NAME (opened if it exists, created if we
+    /// may). Repeat for more cards.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    pub nets: Vec<String>,
+    /// Where the guest's console goes: `serial` (ttyS0, the default) or `virtio` (hvc0; use
+    /// console=hvc0 on the kernel command line).
+    #[arg(long, value_name = "KIND", default_value = "serial")]
+    pub console: String,
+    /// Give the guest a virtio entropy source (/dev/hwrng), fed from the host's getrandom.
+    #[arg(long)]
+    pub rng: bool,
+}
+
+/// One `--disk`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+    /// The serial reported to the guest: at most 20 bytes (the virtio-blk ID's size).
+    pub id: Option<String>,
+}
+
+/// One `--net`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Which device carries the guest's console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleKind {
+    Serial,
+    Virtio,
 }
 
 /// A validated description of one VM.
@@ -68,6 +107,10 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub cpus: u8,
     pub boot_timeline: bool,
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    pub console: ConsoleKind,
+    pub rng: bool,
 }
 
 impl VmConfig {
@@ -79,8 +122,11 @@ impl VmConfig {
         if let Some(initrd) = &args.initrd {
             check_readable(initrd, "initrd")?;
         }
-        let RunArgs { kernel, initrd, cmdline, boot_timeline, .. } = args;
-        Ok(VmConfig { kernel, initrd, cmdline, memory_mib, cpus, boot_timeline })
+        let disks = args.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
+        let nets = args.nets.iter().map(|n| parse_net(n)).collect::<Result<Vec<_>>>()?;
+        let console = parse_console(&args.console)?;
+        let RunArgs { kernel, initrd, cmdline, boot_timeline, rng, .. } = args;
+        Ok(VmConfig { kernel, initrd, cmdline, memory_mib, cpus, boot_timeline, disks, nets, console, rng })
     }
 
     pub fn memory_bytes(&self) -> u64 {
@@ -111,6 +157,61 @@ pub fn parse_memory(value: &str) -> Result<u64> {
         return Err(bad(&format!("more than {} GiB is surely a typo", MAX_MEMORY_MIB >> 10)));
     }
     Ok(mib)
+}
+
+/// The longest disk serial: virtio-blk's ID field is 20 bytes.
+pub const MAX_DISK_ID: usize = 20;
+
+/// `PATH[,readonly][,id=NAME]`. The file itself is opened (and checked) when the disk is built.
+pub fn parse_disk(value: &str) -> Result<DiskConfig> {
+    let bad = |why: String| Error::BadFlag { flag: "--disk", value: value.to_string(), why };
+    let mut parts = value.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| bad("expected PATH[,readonly][,id=NAME]".into()))?;
+    let mut disk = DiskConfig { path: PathBuf::from(path), readonly: false, id: None };
+    for option in parts {
+        match option.split_once('=') {
+            None if option == "readonly" => disk.readonly = true,
+            Some(("id", id)) if !id.is_empty() && id.len() <= MAX_DISK_ID && id.is_ascii() => disk.id = Some(id.to_string()),
+            Some(("id", _)) => return Err(bad(format!("id must be 1 to {MAX_DISK_ID} ASCII characters"))),
+            _ => return Err(bad(format!("unknown option '{option}' (expected readonly or id=NAME)"))),
+        }
+    }
+    Ok(disk)
+}
+
+/// `tap=NAME[,mac=MAC]`.
+pub fn parse_net(value: &str) -> Result<NetConfig> {
+    let bad = |why: String| Error::BadFlag { flag: "--net", value: value.to_string(), why };
+    let (mut tap, mut mac) = (None, None);
+    for option in value.split(',') {
+        match option.split_once('=') {
+            Some(("tap", name)) if !name.is_empty() && name.len() < libc::IFNAMSIZ => tap = Some(name.to_string()),
+            Some(("tap", _)) => return Err(bad(format!("a tap name has 1 to {} characters", libc::IFNAMSIZ - 1))),
+            Some(("mac", text)) => mac = Some(parse_mac(text).ok_or_else(|| bad(format!("'{text}' is not a MAC such as 52:54:00:12:34:56")))?),
+            _ => return Err(bad(format!("unknown option '{option}' (expected tap=NAME or mac=MAC)"))),
+        }
+    }
+    let tap = tap.ok_or_else(|| bad("expected tap=NAME".into()))?;
+    Ok(NetConfig { tap, mac })
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().filter(|p| p.len() == 2)?;
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    // A multicast address can't name one card.
+    (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
+}
+
+fn parse_console(value: &str) -> Result<ConsoleKind> {
+    match value {
+        "serial" => Ok(ConsoleKind::Serial),
+        "virtio" => Ok(ConsoleKind::Virtio),
+        _ => Err(Error::BadFlag { flag: "--console", value: value.into(), why: "expected serial or virtio".into() }),
+    }
 }
 
 /// Opens the file once, so a typo in a path is reported before anything else happens.
@@ -212,6 +313,40 @@ mod tests {
         assert!(matches!(&missing, Err(Error::ReadFile { what: "kernel", .. })), "{missing:?}");
         let initrd_dir = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--initrd", "src"]));
         assert!(matches!(&initrd_dir, Err(Error::ReadFile { what: "initrd", .. })), "{initrd_dir:?}");
+    }
+
+    #[test]
+    fn disks_with_options() {
+        assert_eq!(
+            parse_disk("a.img,readonly,id=data").ok(),
+            Some(DiskConfig { path: "a.img".into(), readonly: true, id: Some("data".into()) })
+        );
+        assert_eq!(parse_disk("b.img").ok(), Some(DiskConfig { path: "b.img".into(), readonly: false, id: None }));
+        for bad in ["", ",readonly", "a.img,ro", "a.img,id=", "a.img,id=123456789012345678901"] {
+            assert!(matches!(parse_disk(bad), Err(Error::BadFlag { flag: "--disk", .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn nets_with_options() {
+        let net = parse_net("tap=tap0,mac=52:54:00:12:34:56").expect("valid");
+        assert_eq!(net, NetConfig { tap: "tap0".into(), mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]) });
+        for bad in ["", "tap0", "tap=", "tap=x,mac=52:54:00:12:34", "tap=x,mac=01:00:00:00:00:00", "tap=averyveryverylongname"] {
+            assert!(matches!(parse_net(bad), Err(Error::BadFlag { flag: "--net", .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn devices_from_the_command_line() {
+        let args = run_args(&["run", "--kernel", FILE, "--disk", "a.img", "--disk", "b.img,readonly", "--net", "tap=t0", "--console", "virtio", "--rng"]);
+        let config = VmConfig::from_args(args).expect("valid");
+        assert_eq!(config.disks.len(), 2);
+        assert!(config.disks[1].readonly);
+        assert_eq!(config.nets[0].tap, "t0");
+        assert_eq!(config.console, ConsoleKind::Virtio);
+        assert!(config.rng);
+        let bad = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--console", "vga"]));
+        assert!(matches!(bad, Err(Error::BadFlag { flag: "--console", .. })));
     }
 
     #[test]

@@ -28,6 +28,15 @@ pub enum Error {
     #[error("invalid --cpus {value}: {why}")]
     BadCpus { value: u32, why: String },
 
+    #[error("invalid {flag} '{value}': {why}")]
+    BadFlag { flag: &'static str, value: String, why: String },
+
+    #[error("cannot use disk image '{}': {why}", path.display())]
+    Disk { path: PathBuf, why: String },
+
+    #[error("cannot use tap device '{name}': {why}")]
+    Tap { name: String, why: String },
+
     #[error("/dev/kvm does not exist: this host has no KVM (load the kvm module, or run the demo, which uses the nested lab)")]
     NoKvm,
 

@@ -1,0 +1,2 @@
+//! The PCI bus (placeholder while the root lands).
+pub mod msix;

@@ -1,0 +1,1 @@
+//! The virtio 1.x PCI transport (being written).

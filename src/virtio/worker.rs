@@ -1,0 +1,167 @@
+//! The thread a device serves its queues on, once the guest's driver has activated it.
+//!
+//! Each active device gets one thread and one epoll set: the queues' kick eventfds (which KVM
+//! signals when the guest notifies, through ioeventfd, without waking a vCPU thread), whatever
+//! the device's backend needs (a tap's fd, a pipe), and a stop eventfd of ours. A device that
+//! blocks on its backend only delays its own queues.
+//!
+//! The device's handler returns an error when the guest has broken the device beyond one
+//! failed request; the worker then marks the device NEEDS_RESET and stops serving it until the
+//! driver resets it. Stopping returns the handler, so a device gets its backend back.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::thread::JoinHandle;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::Signals;
+
+/// The token of our own stop eventfd; handlers use any other.
+const STOP_TOKEN: u64 = u64::MAX;
+
+/// What a device runs on its worker thread.
+pub trait DeviceWorker: Send + 'static {
+    /// Adds the handler's fds to `epoll` (see [`watch`]), each with a token of its choosing.
+    fn register(&mut self, epoll: &Epoll) -> io::Result<()>;
+
+    /// Handles readiness of the fd registered as `token`. It may change registrations (to stop
+    /// polling a tap while the guest has posted no buffers, say). An `Err` means the device is
+    /// broken until the guest resets it.
+    fn handle(&mut self, epoll: &Epoll, token: u64, events: EventSet) -> Result<(), String>;
+}
+
+/// Registers `fd` for readability under `token`.
+pub fn watch(epoll: &Epoll, fd: &impl AsRawFd, token: u64) -> io::Result<()> {
+    epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, token))
+}
+
+/// A running worker thread; dropping it without [`Worker::stop`] leaves the thread running.
+pub struct Worker<W> {
+    stop: EventFd,
+    thread: JoinHandle<W>,
+}
+
+impl<W: DeviceWorker> Worker<W> {
+    /// Starts `handler` on a thread called `name`; its errors are reported through `signals`.
+    pub fn spawn(name: &str, mut handler: W, signals: Signals) -> io::Result<Worker<W>> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        watch(&epoll, &stop, STOP_TOKEN)?;
+        handler.register(&epoll)?;
+        let stop_seen = stop.try_clone()?;
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || serve(epoll, handler, &signals, stop_seen))?;
+        Ok(Worker { stop, thread })
+    }
+
+    /// Stops the thread and gives back its handler. `None` only if the thread panicked, which
+    /// with `panic = "abort"` can't happen in a release build.
+    pub fn stop(self) -> Option<W> {
+        // Writing to our own fresh eventfd can't fail short of a 2^64 counter.
+        let _ = self.stop.write(1);
+        self.thread.join().ok()
+    }
+}
+
+fn serve<W: DeviceWorker>(epoll: Epoll, mut handler: W, signals: &Signals, stop: EventFd) -> W {
+    let mut events = vec![EpollEvent::default(); 16];
+    loop {
+        let ready = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                signals.device_broken(&format_args!("the worker's epoll failed: {e}"));
+                return handler;
+            }
+        };
+        for event in &events[..ready] {
+            if event.data() == STOP_TOKEN {
+                return handler;
+            }
+            if let Err(why) = handler.handle(&epoll, event.data(), event.event_set()) {
+                signals.device_broken(&why);
+                wait_for_stop(&stop);
+                return handler;
+            }
+        }
+    }
+}
+
+/// A broken device serves nothing until the driver resets it, which stops this thread. Only
+/// the stop eventfd is watched now: the guest's kicks must not keep the thread spinning.
+fn wait_for_stop(stop: &EventFd) {
+    let Ok(epoll) = Epoll::new() else { return };
+    if watch(&epoll, stop, STOP_TOKEN).is_err() {
+        return;
+    }
+    let mut events = [EpollEvent::default()];
+    while let Err(e) = epoll.wait(-1, &mut events) {
+        if e.kind() != io::ErrorKind::Interrupted {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts kicks on one eventfd; fails on the third.
+    struct Counter {
+        kick: EventFd,
+        seen: u64,
+        shared: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl DeviceWorker for Counter {
+        fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
+            watch(epoll, &self.kick, 0)
+        }
+        fn handle(&mut self, _: &Epoll, _: u64, _: EventSet) -> Result<(), String> {
+            self.seen += self.kick.read().unwrap_or(0);
+            self.shared.store(self.seen, std::sync::atomic::Ordering::SeqCst);
+            if self.seen >= 3 {
+                return Err("third kick".into());
+            }
+            Ok(())
+        }
+    }
+
+    fn wait_until(what: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if what() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        panic!("condition never became true");
+    }
+
+    #[test]
+    fn kicks_reach_the_handler_and_stop_returns_it() {
+        let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let trigger = kick.try_clone().expect("clone");
+        let shared = std::sync::Arc::default();
+        let counter = Counter { kick, seen: 0, shared: std::sync::Arc::clone(&shared) };
+        let worker = Worker::spawn("test", counter, Signals::standalone(1)).expect("spawn");
+        trigger.write(2).expect("kick");
+        wait_until(|| shared.load(std::sync::atomic::Ordering::SeqCst) == 2);
+        let handler = worker.stop().expect("joined");
+        assert_eq!(handler.seen, 2, "the kick was handled before the stop");
+    }
+
+    #[test]
+    fn a_handler_error_marks_the_device_broken_and_the_worker_still_stops() {
+        let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let trigger = kick.try_clone().expect("clone");
+        let signals = Signals::standalone(1);
+        let counter = Counter { kick, seen: 0, shared: std::sync::Arc::default() };
+        let worker = Worker::spawn("test", counter, signals.clone()).expect("spawn");
+        trigger.write(3).expect("kick");
+        wait_until(|| signals.is_broken());
+        assert_eq!(worker.stop().map(|h| h.seen), Some(3));
+    }
+}
