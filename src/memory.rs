@@ -46,6 +46,10 @@ pub mod layout {
     pub const HIGH_RAM: u64 = 0x10_0000;
     /// The hole below 4 GiB for the IOAPIC, the local APICs and device MMIO.
     pub const MMIO_HOLE: u64 = 0xc000_0000;
+    /// Where PCI BARs go: the first 512 MiB of the hole, described to the guest as the PCI
+    /// root's memory window in the DSDT.
+    pub const PCI_WINDOW: u64 = MMIO_HOLE;
+    pub const PCI_WINDOW_SIZE: u64 = 0x2000_0000;
     pub const FOUR_GIB: u64 = 0x1_0000_0000;
     pub const IOAPIC: u64 = 0xfec0_0000;
     pub const LAPIC: u64 = 0xfee0_0000;

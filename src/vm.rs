@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -23,6 +23,11 @@ use crate::devices::power::{PowerButton, POWER_LEN, POWER_PORT};
 use crate::devices::serial::{IrqLine, SerialPort, Stdout, COM1_IRQ, COM1_LEN, COM1_PORT};
 use crate::error::{kvm, Error, Result};
 use crate::memory::{self, layout};
+use crate::pci::msix::MsiRoutes;
+use crate::pci::{PciRoot, CONFIG_PORT, CONFIG_PORT_LEN};
+use crate::virtio::rng::Rng;
+use crate::virtio::transport::{VirtioPci, BAR_SIZE};
+use crate::virtio::VirtioDevice;
 use crate::stop::{StopReason, Stopper};
 use crate::timeline::{Milestone, Timeline};
 use crate::vcpu::Vcpu;
@@ -31,7 +36,7 @@ use crate::vcpu::Vcpu;
 pub struct Vm {
     // Kept open for the VM's lifetime: the vCPUs and memory slots belong to it.
     _kvm: Kvm,
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
     vcpus: Vec<Vcpu>,
     pio: Arc<Bus>,
     serial: Arc<Mutex<SerialPort>>,
@@ -45,7 +50,7 @@ impl Vm {
         if usize::from(config.cpus) > max_cpus {
             return Err(Error::BadCpus { value: config.cpus.into(), why: format!("this host's KVM allows at most {max_cpus}") });
         }
-        let vm = kvm_handle.create_vm().map_err(kvm("creating a VM"))?;
+        let vm = Arc::new(kvm_handle.create_vm().map_err(kvm("creating a VM"))?);
         vm.set_tss_address(layout::KVM_TSS as usize).map_err(kvm("placing the TSS"))?;
         vm.create_irq_chip().map_err(kvm("creating the in-kernel irqchip"))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
@@ -57,9 +62,10 @@ impl Vm {
         let entry = boot::load_guest(&mem, config, rsdp)?;
 
         let stopper = Arc::new(Stopper::default());
-        let (pio, serial) = legacy_devices(&vm, &stopper)?;
-        let pio = Arc::new(pio);
-        let mmio = Arc::new(mmio_devices(&timeline)?);
+        let (mut pio, serial) = legacy_devices(&vm, &stopper)?;
+        let mut mmio = mmio_devices(&timeline)?;
+        plug_pci_devices(&vm, &mem, virtio_devices(config), &mut pio, &mut mmio)?;
+        let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for id in 0..config.cpus {
@@ -149,6 +155,43 @@ fn mmio_devices(timeline: &Arc<Timeline>) -> Result<Bus> {
     let boot_timer = Arc::new(Mutex::new(BootTimer::new(timeline.clone())));
     claim(&mut mmio, BOOT_TIMER_ADDR, BOOT_TIMER_LEN, boot_timer)?;
     Ok(mmio)
+}
+
+/// The virtio devices the configuration asks for, each with the name it is reported by.
+fn virtio_devices(config: &VmConfig) -> Vec<(&'static str, Box<dyn VirtioDevice>)> {
+    let mut devices: Vec<(&'static str, Box<dyn VirtioDevice>)> = Vec::new();
+    if config.rng {
+        devices.push(("virtio-rng", Box::new(Rng::new())));
+    }
+    devices
+}
+
+/// The PCI root on the configuration ports, and each virtio device in a slot of its own: its
+/// BAR on the MMIO bus, its queues' notify addresses given to KVM as ioeventfds.
+fn plug_pci_devices(
+    vm: &Arc<VmFd>,
+    mem: &GuestMemoryMmap,
+    devices: Vec<(&'static str, Box<dyn VirtioDevice>)>,
+    pio: &mut Bus,
+    mmio: &mut Bus,
+) -> Result<()> {
+    let routes = Arc::new(MsiRoutes::new(vm.clone()));
+    let mut root = PciRoot::new();
+    for (kind, device) in devices {
+        let slot = root.next_slot().ok_or(Error::Boot { what: "the PCI bus", why: "more devices than PCI slots (31)".into() })?;
+        let bar = layout::PCI_WINDOW + slot as u64 * BAR_SIZE;
+        let name = format!("{kind} at 00:{slot:02x}.0");
+        let pci = VirtioPci::new(name, device, mem.clone(), bar as u32, routes.clone())
+            .map_err(|source| Error::Host { what: "cannot set up a virtio device's interrupts", source })?;
+        for (addr, eventfd) in pci.notify_eventfds() {
+            vm.register_ioevent(eventfd, &IoEventAddress::Mmio(addr), NoDatamatch)
+                .map_err(kvm("registering a queue's notify address"))?;
+        }
+        let pci = Arc::new(Mutex::new(pci));
+        claim(mmio, bar, BAR_SIZE, pci.clone())?;
+        root.plug(pci);
+    }
+    claim(pio, CONFIG_PORT, CONFIG_PORT_LEN, Arc::new(Mutex::new(root)))
 }
 
 /// Places a device on a bus; an overlap is our own bug in the device map, reported as such.

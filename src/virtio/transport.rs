@@ -1,1 +1,650 @@
-//! The virtio 1.x PCI transport (being written).
+//! The virtio 1.x PCI transport: what a guest's `virtio_pci` driver talks to.
+//!
+//! Each device is one PCI function with a single 32 KiB memory BAR, laid out as the vendor
+//! capabilities in its configuration space announce:
+//!
+//! | BAR offset | what                                                                  |
+//! |------------|-----------------------------------------------------------------------|
+//! | `0x0000`   | common config: features, status, queue selection and addresses        |
+//! | `0x1000`   | ISR status (read to clear), for drivers without MSI-X                 |
+//! | `0x2000`   | the device's own config space ([`VirtioDevice::read_config`])          |
+//! | `0x3000`   | notify: queue *n* at `0x3000 + 4n`, caught by KVM as an ioeventfd      |
+//! | `0x4000`   | the MSI-X table; its pending bits at `0x6000`                          |
+//!
+//! The driver's path through it is the spec's (4.1.5.1): reset, ACKNOWLEDGE, DRIVER, read and
+//! write features, FEATURES_OK (refused unless the features are ones we offered and include
+//! VERSION_1), queue set-up, DRIVER_OK. At DRIVER_OK the queues are checked against guest
+//! memory and handed to the device in an [`Activation`]. Every register write comes from the
+//! guest and is checked: a queue that doesn't fit in memory, a size that is not a power of two
+//! or an MSI-X vector that doesn't exist leaves the device NEEDS_RESET or the register at its
+//! "no" value, never the VMM in trouble.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{device_type, feature, ActiveQueue, Activation, Signals, VirtioDevice};
+use crate::bus::BusDevice;
+use crate::pci::config::{Identity, PciConfig};
+use crate::pci::msix::{MsiRoutes, MsixTable, MsixVectors, NO_VECTOR};
+use crate::pci::PciDevice;
+
+/// The BAR's regions (see the table above).
+pub const BAR_SIZE: u64 = 0x8000;
+const COMMON: u64 = 0x0000;
+const COMMON_LEN: u64 = 0x38;
+const ISR: u64 = 0x1000;
+const DEVICE: u64 = 0x2000;
+const DEVICE_LEN: u64 = 0x1000;
+const NOTIFY: u64 = 0x3000;
+const NOTIFY_LEN: u64 = 0x1000;
+const NOTIFY_MULTIPLIER: u64 = 4;
+const MSIX_TABLE: u64 = 0x4000;
+const MSIX_PBA: u64 = 0x6000;
+
+const VIRTIO_VENDOR: u16 = 0x1af4;
+const VIRTIO_MODERN_DEVICE_BASE: u16 = 0x1040;
+
+/// Device status bits (virtio spec 2.1).
+mod status {
+    pub const FEATURES_OK: u8 = 8;
+    pub const DRIVER_OK: u8 = 4;
+    pub const NEEDS_RESET: u8 = 64;
+}
+
+/// The `cfg_type` of each virtio vendor capability (virtio spec 4.1.4).
+mod cap {
+    pub const VENDOR: u8 = 0x09;
+    pub const MSIX: u8 = 0x11;
+    pub const COMMON: u8 = 1;
+    pub const NOTIFY: u8 = 2;
+    pub const ISR: u8 = 3;
+    pub const DEVICE: u8 = 4;
+}
+
+/// The driver's settings for one queue, kept as registers until DRIVER_OK turns them into a
+/// [`Queue`]. Nothing here is validated until then.
+struct QueueRegs {
+    max_size: u16,
+    size: u16,
+    vector: u16,
+    enabled: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+    kick: EventFd,
+}
+
+impl QueueRegs {
+    fn new(max_size: u16) -> std::io::Result<QueueRegs> {
+        let kick = EventFd::new(libc::EFD_NONBLOCK)?;
+        Ok(QueueRegs { max_size, size: max_size, vector: NO_VECTOR, enabled: false, desc: 0, driver: 0, device: 0, kick })
+    }
+
+    fn reset(&mut self) {
+        // Notifications left over from before the reset mean nothing to the next driver.
+        let _ = self.kick.read();
+        (self.size, self.vector, self.enabled) = (self.max_size, NO_VECTOR, false);
+        (self.desc, self.driver, self.device) = (0, 0, 0);
+    }
+}
+
+/// One virtio device on PCI: its configuration space, its BAR, and the driver's state.
+pub struct VirtioPci {
+    name: Arc<str>,
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    config: PciConfig,
+    msix_cap: usize,
+    msix: MsixTable,
+    bar: u64,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    config_vector: u16,
+    queue_select: u16,
+    queues: Vec<QueueRegs>,
+    isr: Arc<AtomicU8>,
+    broken: Arc<AtomicBool>,
+}
+
+impl VirtioPci {
+    /// Wraps `device` as a PCI function whose BAR sits at `bar` (aligned to [`BAR_SIZE`], below
+    /// 4 GiB). Fails only when the host runs out of eventfds or KVM refuses an irqfd.
+    pub fn new(
+        name: String,
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        bar: u32,
+        routes: Arc<MsiRoutes>,
+    ) -> std::io::Result<VirtioPci> {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max_size| QueueRegs::new(max_size))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let vectors = Arc::new(MsixVectors::new(queues.len() + 1)?);
+        let msix = MsixTable::new(vectors, routes).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        let mut config = PciConfig::new(&identity(device.device_type()));
+        config.add_bar(0, bar, BAR_SIZE as u32);
+        let msix_cap = add_capabilities(&mut config, &msix, queues.len());
+        Ok(VirtioPci {
+            name: name.into(),
+            device,
+            mem,
+            config,
+            msix_cap,
+            msix,
+            bar: u64::from(bar),
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            status: 0,
+            config_vector: NO_VECTOR,
+            queue_select: 0,
+            queues,
+            isr: Arc::default(),
+            broken: Arc::default(),
+        })
+    }
+
+    /// The guest address of the BAR.
+    pub fn bar(&self) -> u64 {
+        self.bar
+    }
+
+    /// Each queue's notify address in guest memory and the eventfd KVM should signal when the
+    /// guest writes there (register them with `KVM_IOEVENTFD`).
+    pub fn notify_eventfds(&self) -> impl Iterator<Item = (u64, &EventFd)> {
+        self.queues.iter().enumerate().map(|(i, q)| (self.bar + NOTIFY + i as u64 * NOTIFY_MULTIPLIER, &q.kick))
+    }
+
+    fn offered_features(&self) -> u64 {
+        self.device.features() | feature::VERSION_1 | feature::RING_INDIRECT_DESC | feature::RING_EVENT_IDX
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut QueueRegs> {
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+
+    fn read_common(&self, offset: u64, data: &mut [u8]) {
+        let queue = self.queues.get(usize::from(self.queue_select));
+        let feature_word = match self.device_feature_select {
+            0 => self.offered_features() as u32,
+            1 => (self.offered_features() >> 32) as u32,
+            _ => 0,
+        };
+        let driver_word = match self.driver_feature_select {
+            0 => self.driver_features as u32,
+            1 => (self.driver_features >> 32) as u32,
+            _ => 0,
+        };
+        let status = self.status | if self.broken.load(Ordering::SeqCst) { status::NEEDS_RESET } else { 0 };
+        let mut regs = [0u8; COMMON_LEN as usize];
+        let mut put = |at: usize, bytes: &[u8]| regs[at..at + bytes.len()].copy_from_slice(bytes);
+        put(0x00, &self.device_feature_select.to_le_bytes());
+        put(0x04, &feature_word.to_le_bytes());
+        put(0x08, &self.driver_feature_select.to_le_bytes());
+        put(0x0c, &driver_word.to_le_bytes());
+        put(0x10, &self.config_vector.to_le_bytes());
+        put(0x12, &(self.queues.len() as u16).to_le_bytes());
+        put(0x14, &[status]);
+        put(0x15, &[0]); // config generation: our config spaces change atomically
+        put(0x16, &self.queue_select.to_le_bytes());
+        if let Some(q) = queue {
+            put(0x18, &q.size.to_le_bytes());
+            put(0x1a, &q.vector.to_le_bytes());
+            put(0x1c, &u16::from(q.enabled).to_le_bytes());
+            put(0x1e, &self.queue_select.to_le_bytes()); // notify offset: queue n at n × multiplier
+            put(0x20, &q.desc.to_le_bytes());
+            put(0x28, &q.driver.to_le_bytes());
+            put(0x30, &q.device.to_le_bytes());
+        }
+        copy_window(&regs, offset, data);
+    }
+
+    fn write_common(&mut self, offset: u64, data: &[u8]) {
+        let value = le_value(data);
+        let vectors = self.msix.vectors().len();
+        let valid_vector = |v: u64| if (v as usize) < vectors { v as u16 } else { NO_VECTOR };
+        let live = self.status & status::DRIVER_OK != 0;
+        match (offset, data.len()) {
+            (0x00, 4) => self.device_feature_select = value as u32,
+            (0x08, 4) => self.driver_feature_select = value as u32,
+            (0x0c, 4) if self.status & status::FEATURES_OK == 0 => self.write_driver_features(value as u32),
+            (0x10, 2) => self.config_vector = valid_vector(value),
+            (0x14, 1) => self.write_status(value as u8),
+            (0x16, 2) => self.queue_select = value as u16,
+            (_, _) if live => tracing::debug!(device = %self.name, offset, "queue register written after DRIVER_OK; ignored"),
+            (0x18, 2) => self.with_idle_queue(|q| q.size = value as u16),
+            (0x1a, 2) => self.with_idle_queue(|q| q.vector = valid_vector(value)),
+            (0x1c, 2) if value == 1 => self.with_idle_queue(|q| q.enabled = true),
+            (0x20..=0x37, 4 | 8) if offset % data.len() as u64 == 0 => {
+                self.with_idle_queue(|q| {
+                    let field = match offset {
+                        0x20..=0x27 => &mut q.desc,
+                        0x28..=0x2f => &mut q.driver,
+                        _ => &mut q.device,
+                    };
+                    *field = merge_u64(*field, offset % 8, data);
+                })
+            }
+            _ => tracing::debug!(device = %self.name, offset, len = data.len(), "ignored write to common config"),
+        }
+    }
+
+    /// Queue registers can't change once the driver enabled the queue.
+    fn with_idle_queue(&mut self, change: impl FnOnce(&mut QueueRegs)) {
+        if let Some(q) = self.selected_queue().filter(|q| !q.enabled) {
+            change(q);
+        }
+    }
+
+    fn write_driver_features(&mut self, word: u32) {
+        let word = u64::from(word);
+        match self.driver_feature_select {
+            0 => self.driver_features = (self.driver_features & !0xffff_ffff) | word,
+            1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (word << 32),
+            _ => {}
+        }
+    }
+
+    fn write_status(&mut self, new: u8) {
+        if new == 0 {
+            return self.reset();
+        }
+        let mut new = new & !status::NEEDS_RESET;
+        let rising = new & !self.status;
+        if rising & status::FEATURES_OK != 0 && !self.features_acceptable() {
+            new &= !status::FEATURES_OK;
+        }
+        if rising & status::DRIVER_OK != 0 && new & status::FEATURES_OK == 0 {
+            new &= !status::DRIVER_OK;
+        }
+        self.status = new;
+        if rising & new & status::DRIVER_OK != 0 {
+            self.activate();
+        }
+    }
+
+    /// The driver may only accept what we offered, and must speak virtio 1.
+    fn features_acceptable(&self) -> bool {
+        self.driver_features & !self.offered_features() == 0 && self.driver_features & feature::VERSION_1 != 0
+    }
+
+    fn activate(&mut self) {
+        let event_idx = self.driver_features & feature::RING_EVENT_IDX != 0;
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (index, regs) in self.queues.iter().enumerate() {
+            match active_queue(regs, &self.mem, event_idx) {
+                Ok(queue) => queues.push(queue),
+                Err(why) => return self.signals().device_broken(&format_args!("queue {index}: {why}")),
+            }
+        }
+        let activation =
+            Activation { mem: self.mem.clone(), queues, features: self.driver_features, signals: self.signals() };
+        if let Err(e) = self.device.activate(activation) {
+            self.signals().device_broken(&format_args!("cannot start: {e}"));
+        }
+    }
+
+    fn signals(&self) -> Signals {
+        let queue_vectors: Arc<[u16]> = self.queues.iter().map(|q| q.vector).collect();
+        Signals::new(
+            self.name.clone(),
+            self.msix.vectors().clone(),
+            queue_vectors,
+            self.config_vector,
+            self.isr.clone(),
+            self.broken.clone(),
+        )
+    }
+
+    /// Back to the state at power-on, as a status write of 0 asks (virtio spec 2.1.2).
+    fn reset(&mut self) {
+        self.device.reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.driver_features = 0;
+        self.status = 0;
+        self.config_vector = NO_VECTOR;
+        self.queue_select = 0;
+        self.isr.store(0, Ordering::SeqCst);
+        self.broken.store(false, Ordering::SeqCst);
+    }
+
+    /// A write to a notify address that KVM didn't catch (no ioeventfd on this host, or a
+    /// write of a width KVM doesn't match) is passed on to the queue's eventfd by hand.
+    fn notify(&self, offset: u64) {
+        if offset % NOTIFY_MULTIPLIER == 0 {
+            if let Some(q) = self.queues.get((offset / NOTIFY_MULTIPLIER) as usize) {
+                let _ = q.kick.write(1);
+            }
+        }
+    }
+
+    fn update_msix_control(&mut self) {
+        let control = self.config.read_u16(self.msix_cap + 2);
+        let enabled = control & (1 << 15) != 0;
+        let masked = control & (1 << 14) != 0;
+        // Without MSI-X enabled we have no other way to interrupt: hold interrupts as pending.
+        self.msix.set_function_masked(masked || !enabled);
+    }
+}
+
+/// Turns a queue's registers into a [`Queue`], checked against guest memory, or says why not.
+fn active_queue(regs: &QueueRegs, mem: &GuestMemoryMmap, event_idx: bool) -> Result<Option<ActiveQueue>, String> {
+    if !regs.enabled {
+        return Ok(None);
+    }
+    let mut queue = Queue::new(regs.max_size).map_err(|e| e.to_string())?;
+    queue.try_set_size(regs.size).map_err(|e| format!("size {}: {e}", regs.size))?;
+    queue.try_set_desc_table_address(GuestAddress(regs.desc)).map_err(|e| e.to_string())?;
+    queue.try_set_avail_ring_address(GuestAddress(regs.driver)).map_err(|e| e.to_string())?;
+    queue.try_set_used_ring_address(GuestAddress(regs.device)).map_err(|e| e.to_string())?;
+    queue.set_event_idx(event_idx);
+    queue.set_ready(true);
+    if !queue.is_valid(mem) {
+        return Err("its rings are not in guest memory".into());
+    }
+    let kick = regs.kick.try_clone().map_err(|e| format!("cannot share its eventfd: {e}"))?;
+    Ok(Some(ActiveQueue { queue, kick }))
+}
+
+impl BusDevice for VirtioPci {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        match offset {
+            COMMON..=0x0fff => self.read_common(offset, data),
+            ISR => data[0] = self.isr.swap(0, Ordering::SeqCst),
+            DEVICE..=0x2fff => self.device.read_config(offset - DEVICE, data),
+            MSIX_TABLE..=0x5fff => self.msix.read_table(offset - MSIX_TABLE, data),
+            MSIX_PBA..=0x7fff => self.msix.read_pba(offset - MSIX_PBA, data),
+            _ => {}
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match offset {
+            COMMON..=0x0fff => self.write_common(offset, data),
+            DEVICE..=0x2fff => self.device.write_config(offset - DEVICE, data),
+            NOTIFY..=0x3fff => self.notify(offset - NOTIFY),
+            MSIX_TABLE..=0x5fff => self.msix.write_table(offset - MSIX_TABLE, data),
+            _ => {}
+        }
+    }
+}
+
+impl PciDevice for VirtioPci {
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        self.config.read(offset, data);
+    }
+
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        self.config.write(offset, data);
+        let control = self.msix_cap + 2..self.msix_cap + 4;
+        if offset < control.end && offset + data.len() > control.start {
+            self.update_msix_control();
+        }
+    }
+}
+
+/// PCI IDs for a modern (virtio 1.x only) device of `device_type`, with the class code that
+/// type has on real hardware.
+fn identity(device_type: u32) -> Identity {
+    let class = match device_type {
+        device_type::NET => 0x02_00_00,
+        device_type::BLOCK => 0x01_00_00,
+        device_type::CONSOLE => 0x07_80_00,
+        _ => 0xff_00_00,
+    };
+    Identity {
+        vendor: VIRTIO_VENDOR,
+        device: VIRTIO_MODERN_DEVICE_BASE + device_type as u16,
+        revision: 1,
+        class,
+        subsystem_vendor: VIRTIO_VENDOR,
+        subsystem: 0x40,
+    }
+}
+
+/// The MSI-X capability and the four virtio capabilities; returns the MSI-X one's offset.
+fn add_capabilities(config: &mut PciConfig, msix: &MsixTable, queues: usize) -> usize {
+    let vectors = msix.vectors().len() as u16;
+    let mut msix_cap = vec![cap::MSIX, 0];
+    msix_cap.extend_from_slice(&(vectors - 1).to_le_bytes());
+    msix_cap.extend_from_slice(&(MSIX_TABLE as u32).to_le_bytes()); // BIR 0
+    msix_cap.extend_from_slice(&(MSIX_PBA as u32).to_le_bytes());
+    // Only the enable and function-mask bits of the control word are the guest's.
+    let msix_at = config.add_capability(&msix_cap, &[0, 0, 0, 0xc0]);
+    config.add_capability(&virtio_cap(cap::COMMON, COMMON, COMMON_LEN, None), &[]);
+    config.add_capability(&virtio_cap(cap::ISR, ISR, 1, None), &[]);
+    config.add_capability(&virtio_cap(cap::DEVICE, DEVICE, DEVICE_LEN, None), &[]);
+    let notify_len = (queues as u64 * NOTIFY_MULTIPLIER).clamp(NOTIFY_MULTIPLIER, NOTIFY_LEN);
+    config.add_capability(&virtio_cap(cap::NOTIFY, NOTIFY, notify_len, Some(NOTIFY_MULTIPLIER as u32)), &[]);
+    msix_at
+}
+
+/// `struct virtio_pci_cap` (and `virtio_pci_notify_cap` when a multiplier is given), BAR 0.
+fn virtio_cap(cfg_type: u8, offset: u64, length: u64, notify_multiplier: Option<u32>) -> Vec<u8> {
+    let cap_len = if notify_multiplier.is_some() { 20 } else { 16 };
+    let mut bytes = vec![cap::VENDOR, 0, cap_len, cfg_type, 0, 0, 0, 0];
+    bytes.extend_from_slice(&(offset as u32).to_le_bytes());
+    bytes.extend_from_slice(&(length as u32).to_le_bytes());
+    if let Some(multiplier) = notify_multiplier {
+        bytes.extend_from_slice(&multiplier.to_le_bytes());
+    }
+    bytes
+}
+
+/// Copies the bytes of `regs` at `offset` into `data`; bytes past the end read as zero.
+fn copy_window(regs: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset).ok().and_then(|o| regs.get(o + i)).copied().unwrap_or(0);
+    }
+}
+
+fn le_value(data: &[u8]) -> u64 {
+    let mut bytes = [0u8; 8];
+    let n = data.len().min(8);
+    bytes[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(bytes)
+}
+
+/// Writes `data` (4 or 8 bytes) into `field` at byte `at` (0 or 4).
+fn merge_u64(field: u64, at: u64, data: &[u8]) -> u64 {
+    let mut bytes = field.to_le_bytes();
+    let at = at as usize;
+    let n = data.len().min(8 - at);
+    bytes[at..at + n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::rng::Rng;
+    use virtio_queue::mock::MockSplitQueue;
+
+    const ACKNOWLEDGE_DRIVER: u8 = 1 | 2;
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).expect("memory")
+    }
+
+    fn rng_device(mem: &GuestMemoryMmap) -> VirtioPci {
+        VirtioPci::new("rng".into(), Box::new(Rng::new()), mem.clone(), 0xc000_0000, Arc::new(MsiRoutes::detached()))
+            .expect("device")
+    }
+
+    fn write(dev: &mut VirtioPci, offset: u64, value: u64, len: usize) {
+        dev.write(offset, &value.to_le_bytes()[..len]);
+    }
+
+    fn read(dev: &mut VirtioPci, offset: u64, len: usize) -> u64 {
+        let mut bytes = [0u8; 8];
+        dev.read(offset, &mut bytes[..len]);
+        u64::from_le_bytes(bytes)
+    }
+
+    fn status(dev: &mut VirtioPci) -> u8 {
+        read(dev, 0x14, 1) as u8
+    }
+
+    fn negotiate(dev: &mut VirtioPci, features: u64) {
+        write(dev, 0x14, u64::from(ACKNOWLEDGE_DRIVER), 1);
+        for select in 0..2 {
+            write(dev, 0x08, select, 4);
+            write(dev, 0x0c, features >> (32 * select), 4);
+        }
+        write(dev, 0x14, u64::from(ACKNOWLEDGE_DRIVER | status::FEATURES_OK), 1);
+    }
+
+    /// Points queue 0 at the mock queue's rings, enables it, and says DRIVER_OK.
+    fn start(dev: &mut VirtioPci, vq: &MockSplitQueue<GuestMemoryMmap>) {
+        negotiate(dev, feature::VERSION_1);
+        write(dev, 0x16, 0, 2);
+        write(dev, 0x18, 16, 2);
+        write(dev, 0x1a, 0, 2);
+        write(dev, 0x20, vq.desc_table_addr().0, 8);
+        write(dev, 0x28, vq.avail_addr().0, 4);
+        write(dev, 0x30, vq.used_addr().0, 4);
+        write(dev, 0x1c, 1, 2);
+        write(dev, 0x14, u64::from(ACKNOWLEDGE_DRIVER | status::FEATURES_OK | status::DRIVER_OK), 1);
+    }
+
+    fn config_read(dev: &mut VirtioPci, offset: usize, len: usize) -> u64 {
+        let mut bytes = [0u8; 8];
+        dev.config_read(offset, &mut bytes[..len]);
+        u64::from_le_bytes(bytes)
+    }
+
+    #[test]
+    fn pci_identity_and_capabilities() {
+        let mut dev = rng_device(&memory());
+        assert_eq!(config_read(&mut dev, 0, 4), 0x1044_1af4);
+        assert_eq!(config_read(&mut dev, 0x10, 4), 0xc000_0000);
+        // Walk the capability list: MSI-X, then common, ISR, device and notify.
+        let mut at = config_read(&mut dev, 0x34, 1) as usize;
+        let mut found = Vec::new();
+        while at != 0 {
+            let id = config_read(&mut dev, at, 1) as u8;
+            let kind = if id == cap::VENDOR { config_read(&mut dev, at + 3, 1) as u8 } else { id };
+            found.push((kind, config_read(&mut dev, at + 8, 4)));
+            at = config_read(&mut dev, at + 1, 1) as usize;
+        }
+        assert_eq!(found[1..], [(cap::COMMON, COMMON), (cap::ISR, ISR), (cap::DEVICE, DEVICE), (cap::NOTIFY, NOTIFY)]);
+        assert_eq!(found[0].0, cap::MSIX);
+    }
+
+    #[test]
+    fn features_are_offered_in_two_words_and_checked_at_features_ok() {
+        let mut dev = rng_device(&memory());
+        write(&mut dev, 0x00, 1, 4);
+        assert_eq!(read(&mut dev, 0x04, 4), 1, "VERSION_1 is bit 32");
+        negotiate(&mut dev, 1 << 40); // a feature we never offered
+        assert_eq!(status(&mut dev) & status::FEATURES_OK, 0);
+        write(&mut dev, 0x14, 0, 1);
+        negotiate(&mut dev, feature::RING_EVENT_IDX); // legacy-only driver: no VERSION_1
+        assert_eq!(status(&mut dev) & status::FEATURES_OK, 0);
+        write(&mut dev, 0x14, 0, 1);
+        negotiate(&mut dev, feature::VERSION_1 | feature::RING_EVENT_IDX);
+        assert_eq!(status(&mut dev) & status::FEATURES_OK, status::FEATURES_OK);
+    }
+
+    #[test]
+    fn a_started_device_serves_its_queue_and_interrupts() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut dev = rng_device(&mem);
+        write(&mut dev, MSIX_TABLE + 12, 0, 4); // unmask vector 0
+        dev.config_write(dev.msix_cap + 3, &[0x80]); // MSI-X enable
+        start(&mut dev, &vq);
+        assert_eq!(status(&mut dev) & status::NEEDS_RESET, 0);
+        let desc = virtio_queue::desc::split::Descriptor::new(0x10_0000, 32, virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16, 0);
+        vq.add_desc_chains(&[desc.into()], 0).expect("chain");
+        write(&mut dev, NOTIFY, 0, 2); // no ioeventfd here: the BAR write kicks by hand
+        for _ in 0..1000 {
+            if vq.used().idx().load() == 1 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert_eq!(vq.used().ring().ref_at(0).expect("used").load().len(), 32);
+        write(&mut dev, 0x14, 0, 1); // reset stops the worker
+        assert_eq!(status(&mut dev), 0);
+    }
+
+    #[test]
+    fn a_queue_outside_memory_sets_needs_reset_and_reset_clears_it() {
+        let mem = memory();
+        let mut dev = rng_device(&mem);
+        negotiate(&mut dev, feature::VERSION_1);
+        write(&mut dev, 0x20, 0x1_0000_0000, 8);
+        write(&mut dev, 0x1c, 1, 2);
+        write(&mut dev, 0x14, u64::from(ACKNOWLEDGE_DRIVER | status::FEATURES_OK | status::DRIVER_OK), 1);
+        assert_eq!(status(&mut dev) & status::NEEDS_RESET, status::NEEDS_RESET);
+        write(&mut dev, 0x14, 0, 1);
+        assert_eq!(status(&mut dev), 0);
+    }
+
+    #[test]
+    fn bad_queue_sizes_and_late_writes_are_refused() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut dev = rng_device(&mem);
+        negotiate(&mut dev, feature::VERSION_1);
+        write(&mut dev, 0x18, 17, 2); // not a power of two
+        write(&mut dev, 0x20, vq.desc_table_addr().0, 8);
+        write(&mut dev, 0x28, vq.avail_addr().0, 8);
+        write(&mut dev, 0x30, vq.used_addr().0, 8);
+        write(&mut dev, 0x1c, 1, 2);
+        write(&mut dev, 0x18, 16, 2); // too late: the queue is enabled
+        assert_eq!(read(&mut dev, 0x18, 2), 17);
+        write(&mut dev, 0x14, u64::from(ACKNOWLEDGE_DRIVER | status::FEATURES_OK | status::DRIVER_OK), 1);
+        assert_eq!(status(&mut dev) & status::NEEDS_RESET, status::NEEDS_RESET);
+    }
+
+    #[test]
+    fn driver_ok_without_features_ok_is_refused() {
+        let mut dev = rng_device(&memory());
+        write(&mut dev, 0x14, u64::from(ACKNOWLEDGE_DRIVER | status::DRIVER_OK), 1);
+        assert_eq!(status(&mut dev), ACKNOWLEDGE_DRIVER);
+    }
+
+    #[test]
+    fn vectors_that_do_not_exist_read_back_as_no_vector() {
+        let mut dev = rng_device(&memory());
+        write(&mut dev, 0x10, 7, 2);
+        assert_eq!(read(&mut dev, 0x10, 2), u64::from(NO_VECTOR));
+        write(&mut dev, 0x1a, 1, 2);
+        assert_eq!(read(&mut dev, 0x1a, 2), 1);
+        write(&mut dev, 0x16, 9, 2); // a queue that doesn't exist
+        write(&mut dev, 0x18, 4, 2);
+        assert_eq!(read(&mut dev, 0x18, 2), 0);
+    }
+
+    #[test]
+    fn every_offset_and_width_is_survivable() {
+        let mut dev = rng_device(&memory());
+        for offset in (0..BAR_SIZE + 16).step_by(3) {
+            for len in [1, 2, 4, 8] {
+                let mut data = [0xa5u8; 8];
+                dev.read(offset, &mut data[..len]);
+                dev.write(offset, &data[..len]);
+            }
+        }
+        for offset in 0..260 {
+            let mut data = [0x5au8; 4];
+            dev.config_read(offset, &mut data);
+            dev.config_write(offset, &data);
+        }
+    }
+}

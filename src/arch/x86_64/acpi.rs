@@ -20,6 +20,7 @@ use crate::devices::power::{POWER_PORT, RESET_VALUE, SLEEP_TYPE_S5};
 use crate::devices::serial::{COM1_IRQ, COM1_LEN, COM1_PORT};
 use crate::error::{Error, Result};
 use crate::memory::layout;
+use crate::pci;
 
 const OEM_ID: [u8; 6] = *b"LGUEST";
 const OEM_TABLE_ID: [u8; 8] = *b"LGUESTVM";
@@ -81,7 +82,34 @@ fn dsdt() -> Vec<u8> {
     let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&SLEEP_TYPE_S5]));
     dsdt.append_slice(&to_bytes(&s5));
     dsdt.append_slice(&com1());
+    dsdt.append_slice(&pci_root());
     dsdt.as_slice().to_vec()
+}
+
+/// The PCI host bridge (PNP0A03) and what it decodes: bus 0, the configuration ports, the
+/// rest of port space, and the memory window our BARs sit in. The kernel keeps BARs that lie
+/// inside a window its firmware described, so it never tries to move ours.
+fn pci_root() -> Vec<u8> {
+    let hid_value = aml::EISAName::new("PNP0A03");
+    let hid = aml::Name::new("_HID".into(), &hid_value);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let buses = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let config_ports = aml::IO::new(pci::CONFIG_PORT as u16, pci::CONFIG_PORT as u16, 1, pci::CONFIG_PORT_LEN as u8);
+    let ports_below = aml::AddressSpace::new_io(0u16, pci::CONFIG_PORT as u16 - 1, None);
+    let ports_above = aml::AddressSpace::new_io((pci::CONFIG_PORT + pci::CONFIG_PORT_LEN) as u16, 0xffffu16, None);
+    let window = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        layout::PCI_WINDOW as u32,
+        (layout::PCI_WINDOW + layout::PCI_WINDOW_SIZE - 1) as u32,
+        None,
+    );
+    let resources = aml::ResourceTemplate::new(vec![&buses, &config_ports, &ports_below, &ports_above, &window]);
+    let crs = aml::Name::new("_CRS".into(), &resources);
+    to_bytes(&aml::Device::new("\\_SB_.PCI0".into(), vec![&hid, &uid, &adr, &seg, &bbn, &crs]))
 }
 
 /// COM1 as the PNP0501 device the kernel's 8250 PNP driver binds to, with its I/O range
@@ -195,13 +223,16 @@ mod tests {
     }
 
     #[test]
-    fn dsdt_describes_com1_and_s5() {
+    fn dsdt_describes_com1_s5_and_the_pci_root() {
         let acpi = build(1, layout::ACPI);
         let dsdt = table(&acpi, b"DSDT");
         let contains = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
         assert!(contains(b"_S5_") && contains(b"COM1") && contains(b"_CRS"));
         // PNP0501 in its compressed EISA form.
         assert!(contains(&[0x41, 0xd0, 0x05, 0x01]));
+        // PCI0 as PNP0A03, with a DWordMemory window starting at the PCI window.
+        assert!(contains(b"PCI0") && contains(&[0x41, 0xd0, 0x0a, 0x03]));
+        assert!(contains(&(layout::PCI_WINDOW as u32).to_le_bytes()));
     }
 
     #[test]

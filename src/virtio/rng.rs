@@ -1,0 +1,209 @@
+//! virtio-rng: an entropy source for the guest (`/dev/hwrng`), fed from the host's getrandom.
+//!
+//! The simplest virtio device, and a good first one to read: one queue, no config space, no
+//! features. The guest posts write-only buffers; we fill them with random bytes and give them
+//! back. A guest could post huge buffers to keep us busy, so one request gets at most
+//! [`MAX_BYTES_PER_REQUEST`]; the driver just asks again.
+
+use std::io::{self, Write};
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{Epoll, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::worker::{watch, DeviceWorker, Worker};
+use super::{device_type, ActivateError, Activation, Signals, VirtioDevice};
+
+const QUEUE_SIZE: u16 = 256;
+pub const MAX_BYTES_PER_REQUEST: usize = 64 << 10;
+
+#[derive(Default)]
+pub struct Rng {
+    worker: Option<Worker<RngWorker>>,
+}
+
+impl Rng {
+    pub fn new() -> Rng {
+        Rng::default()
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        device_type::RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.reset();
+        let Activation { mem, queues, signals, .. } = activation;
+        let Some(Some(active)) = queues.into_iter().next() else {
+            return Err(ActivateError("the driver enabled no request queue".into()));
+        };
+        let handler = RngWorker { mem, queue: active.queue, kick: active.kick, signals: signals.clone() };
+        let worker = Worker::spawn("virtio-rng", handler, signals).map_err(|e| ActivateError(e.to_string()))?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+}
+
+struct RngWorker {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    kick: EventFd,
+    signals: Signals,
+}
+
+impl DeviceWorker for RngWorker {
+    fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
+        watch(epoll, &self.kick, 0)
+    }
+
+    fn handle(&mut self, _: &Epoll, _: u64, _: EventSet) -> Result<(), String> {
+        let _ = self.kick.read();
+        self.serve_queue()
+    }
+}
+
+impl RngWorker {
+    /// Fills every posted buffer, then interrupts the guest once if it wants to hear.
+    fn serve_queue(&mut self) -> Result<(), String> {
+        loop {
+            self.queue.disable_notification(&self.mem).map_err(|e| e.to_string())?;
+            while let Some(chain) = self.queue.iter(&self.mem).map_err(|e| e.to_string())?.next() {
+                let head = chain.head_index();
+                let written = fill_with_random(&self.mem, chain);
+                self.queue.add_used(&self.mem, head, written).map_err(|e| e.to_string())?;
+            }
+            // Buffers posted while we worked would otherwise wait for a kick that never comes.
+            if !self.queue.enable_notification(&self.mem).map_err(|e| e.to_string())? {
+                break;
+            }
+        }
+        if self.queue.needs_notification(&self.mem).map_err(|e| e.to_string())? {
+            self.signals.used_queue(0);
+        }
+        Ok(())
+    }
+}
+
+/// Writes random bytes into a chain's writable buffers; returns how many. A chain with bad
+/// addresses or read-only buffers gets nothing, which the driver sees as an empty read.
+fn fill_with_random(mem: &GuestMemoryMmap, chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32 {
+    let Ok(mut writer) = chain.writer(mem) else { return 0 };
+    let mut left = writer.available_bytes().min(MAX_BYTES_PER_REQUEST);
+    let mut buf = [0u8; 4096];
+    while left > 0 {
+        let n = left.min(buf.len());
+        if getrandom(&mut buf[..n]).is_err() || writer.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        left -= n;
+    }
+    writer.bytes_written() as u32
+}
+
+fn getrandom(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the kernel writes at most `rest.len()` bytes into the buffer we own.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+            continue;
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).expect("memory")
+    }
+
+    fn worker_for(mem: &GuestMemoryMmap, queue: Queue) -> RngWorker {
+        let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        RngWorker { mem: mem.clone(), queue, kick, signals: Signals::standalone(1) }
+    }
+
+    fn descriptor(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next))
+    }
+
+    #[test]
+    fn buffers_come_back_full_of_random_bytes() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(&[descriptor(0x10_0000, 64, VRING_DESC_F_WRITE, 0)], 0).expect("chain");
+        let mut worker = worker_for(&mem, vq.create_queue().expect("queue"));
+        worker.serve_queue().expect("served");
+        let used = vq.used().ring().ref_at(0).expect("used").load();
+        assert_eq!(used.len(), 64);
+        let mut bytes = [0u8; 64];
+        mem.read_slice(&mut bytes, GuestAddress(0x10_0000)).expect("read");
+        assert_ne!(bytes, [0u8; 64]);
+        assert_eq!(worker.signals.take_queue_interrupts(0), 1);
+    }
+
+    #[test]
+    fn hostile_chains_get_nothing_and_the_device_carries_on() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(
+            &[
+                descriptor(0x10_0000, 64, 0, 0),                        // read-only buffer
+                descriptor(0xfff_0000, 64, VRING_DESC_F_WRITE, 0),      // outside guest memory
+                descriptor(0x10_1000, u32::MAX, VRING_DESC_F_WRITE, 0), // runs off the end of memory
+                descriptor(0x10_2000, 8, VRING_DESC_F_WRITE, 0),
+                descriptor(0x10_3000, 16, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 4), // loops to itself
+            ],
+            0,
+        )
+        .expect("chains");
+        let mut worker = worker_for(&mem, vq.create_queue().expect("queue"));
+        worker.serve_queue().expect("the device survives");
+        let lens: Vec<u32> = (0..5).filter_map(|i| vq.used().ring().ref_at(i).ok()).map(|r| r.load().len()).collect();
+        assert_eq!(lens[..4], [0, 0, 0, 8], "bad buffers get nothing, the good one is filled");
+        assert!(lens[4] <= 16 * 16, "virtio-queue cuts a looping chain at the queue size: {}", lens[4]);
+    }
+
+    #[test]
+    fn huge_buffers_are_capped() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).expect("memory");
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(&[descriptor(0x10_0000, 0x20_0000, VRING_DESC_F_WRITE, 0)], 0).expect("chain");
+        let mut worker = worker_for(&mem, vq.create_queue().expect("queue"));
+        worker.serve_queue().expect("served");
+        assert_eq!(vq.used().ring().ref_at(0).expect("used").load().len() as usize, MAX_BYTES_PER_REQUEST);
+    }
+}
