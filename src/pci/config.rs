@@ -81,7 +81,7 @@ impl PciConfig {
     /// Gives the function a memory BAR of `size` bytes (a power of two, at least 16) at `addr`,
     /// which must be aligned to `size`.
     pub fn add_bar(&mut self, index: usize, addr: u32, size: u32) {
-        debug_assert!(size.is_power_of_two() && size >= 16 && addr % size == 0 && index < BAR_COUNT);
+        debug_assert!(size.is_power_of_two() && size >= 16 && addr.is_multiple_of(size) && index < BAR_COUNT);
         self.bars[index] = Some(Bar { addr, size, sizing: false });
     }
 

@@ -193,7 +193,7 @@ impl MsixTable {
 
     /// Which entry and 32-bit word an access falls in; accesses must be 4 or 8 bytes, aligned.
     fn locate(&self, offset: u64, len: usize) -> Option<(usize, usize)> {
-        let aligned = matches!(len, 4 | 8) && offset % len as u64 == 0;
+        let aligned = matches!(len, 4 | 8) && offset.is_multiple_of(len as u64);
         let entry = usize::try_from(offset / ENTRY_SIZE).ok()?;
         (aligned && entry < self.entries.len()).then_some((entry, (offset % ENTRY_SIZE / 4) as usize))
     }

@@ -223,7 +223,7 @@ impl VirtioPci {
             (0x18, 2) => self.with_idle_queue(|q| q.size = value as u16),
             (0x1a, 2) => self.with_idle_queue(|q| q.vector = valid_vector(value)),
             (0x1c, 2) if value == 1 => self.with_idle_queue(|q| q.enabled = true),
-            (0x20..=0x37, 4 | 8) if offset % data.len() as u64 == 0 => {
+            (0x20..=0x37, 4 | 8) if offset.is_multiple_of(data.len() as u64) => {
                 self.with_idle_queue(|q| {
                     let field = match offset {
                         0x20..=0x27 => &mut q.desc,
@@ -323,7 +323,7 @@ impl VirtioPci {
     /// A write to a notify address that KVM didn't catch (no ioeventfd on this host, or a
     /// write of a width KVM doesn't match) is passed on to the queue's eventfd by hand.
     fn notify(&self, offset: u64) {
-        if offset % NOTIFY_MULTIPLIER == 0 {
+        if offset.is_multiple_of(NOTIFY_MULTIPLIER) {
             if let Some(q) = self.queues.get((offset / NOTIFY_MULTIPLIER) as usize) {
                 let _ = q.kick.write(1);
             }
