@@ -1,5 +1,9 @@
 //! The user's side of the guest's console: our terminal, stdin and signals.
 //!
+//! What the user types goes to whichever console the guest was given (a [`ConsoleSink`]): the
+//! 16550A UART, which takes it as fast as the guest drains its FIFO, or the virtio console,
+//! which holds it until the guest posts buffers for it.
+//!
 //! When stdin is a terminal we put it in raw mode, so every key (Ctrl-C included) goes to the
 //! guest, and we put it back on every way out: a normal exit, an error, a signal, a panic. The
 //! escape sequence Ctrl-A x quits; Ctrl-A Ctrl-A sends a literal Ctrl-A. When stdin is a pipe
@@ -16,6 +20,7 @@ use std::time::Duration;
 use crate::bus::lock;
 use crate::devices::serial::SerialPort;
 use crate::stop::{StopReason, Stopper};
+use crate::virtio::console::ConsoleInput;
 
 const CTRL_A: u8 = 0x01;
 const QUIT_KEY: u8 = b'x';
@@ -119,50 +124,72 @@ impl EscapeFilter {
     }
 }
 
-/// Starts the thread that copies stdin into the guest's UART. `escape` enables Ctrl-A x.
-pub fn pump_stdin(serial: Arc<Mutex<SerialPort>>, stopper: Arc<Stopper>, escape: bool) -> std::io::Result<()> {
-    thread::Builder::new().name("stdin".into()).spawn(move || {
-        let mut stdin = std::io::stdin().lock();
-        let mut buffer = [0u8; 256];
-        let mut filter = EscapeFilter::default();
-        let mut input = Vec::with_capacity(buffer.len() * 2);
-        loop {
-            let count = match stdin.read(&mut buffer) {
-                Ok(0) => return, // end of input: the guest runs on without us
-                Ok(count) => count,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return tracing::debug!("stdin closed: {e}"),
-            };
-            input.clear();
-            if escape {
-                if filter.feed(&buffer[..count], &mut input) {
-                    return stopper.stop(StopReason::UserQuit);
+/// Where the stdin pump delivers what the user typed: the UART or the virtio console.
+pub trait ConsoleSink: Send + 'static {
+    /// Hands `input` to the guest's console. Returns false once the pump should end (the VM
+    /// stopped while the input waited for room).
+    fn deliver(&mut self, input: &[u8], stopper: &Stopper) -> bool;
+}
+
+/// The UART's FIFO holds 64 bytes: the input drains into it at the guest's pace.
+impl ConsoleSink for Arc<Mutex<SerialPort>> {
+    fn deliver(&mut self, mut input: &[u8], stopper: &Stopper) -> bool {
+        while !input.is_empty() {
+            let taken = lock(self).receive(input);
+            input = &input[taken..];
+            if taken == 0 {
+                if stopper.is_stopped() {
+                    return false;
                 }
-            } else {
-                input.extend_from_slice(&buffer[..count]);
-            }
-            if !deliver(&serial, &stopper, &input) {
-                return;
+                // The guest has not read its FIFO yet; it drains at the guest's pace.
+                thread::sleep(Duration::from_millis(1));
             }
         }
-    })?;
+        true
+    }
+}
+
+/// The virtio console buffers input itself (boundedly) until the guest posts receive buffers,
+/// so the pump never waits on it and Ctrl-A x works even when the guest reads nothing.
+impl ConsoleSink for ConsoleInput {
+    fn deliver(&mut self, input: &[u8], _: &Stopper) -> bool {
+        self.send(input);
+        true
+    }
+}
+
+/// Starts the thread that copies stdin into the guest's console. `escape` enables Ctrl-A x.
+pub fn pump_stdin(sink: impl ConsoleSink, stopper: Arc<Stopper>, escape: bool) -> std::io::Result<()> {
+    thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || pump(std::io::stdin().lock(), sink, &stopper, escape))?;
     Ok(())
 }
 
-/// Feeds `input` into the UART as its FIFO drains. Returns false once the VM has stopped.
-fn deliver(serial: &Mutex<SerialPort>, stopper: &Stopper, mut input: &[u8]) -> bool {
-    while !input.is_empty() {
-        let taken = lock(serial).receive(input);
-        input = &input[taken..];
-        if taken == 0 {
-            if stopper.is_stopped() {
-                return false;
+/// Copies `source` into `sink` until the input ends, the user quits or the VM stops.
+fn pump(mut source: impl Read, mut sink: impl ConsoleSink, stopper: &Stopper, escape: bool) {
+    let mut buffer = [0u8; 256];
+    let mut filter = EscapeFilter::default();
+    let mut input = Vec::with_capacity(buffer.len() * 2);
+    loop {
+        let count = match source.read(&mut buffer) {
+            Ok(0) => return, // end of input: the guest runs on without us
+            Ok(count) => count,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return tracing::debug!("stdin closed: {e}"),
+        };
+        input.clear();
+        if escape {
+            if filter.feed(&buffer[..count], &mut input) {
+                return stopper.stop(StopReason::UserQuit);
             }
-            // The guest has not read its FIFO yet; it drains at the guest's pace.
-            thread::sleep(Duration::from_millis(1));
+        } else {
+            input.extend_from_slice(&buffer[..count]);
+        }
+        if !sink.deliver(&input, stopper) {
+            return;
         }
     }
-    true
 }
 
 #[cfg(test)]
@@ -189,6 +216,74 @@ mod tests {
     fn ctrl_a_twice_sends_one_and_other_keys_keep_theirs() {
         assert_eq!(filter(b"\x01\x01"), (vec![CTRL_A], false));
         assert_eq!(filter(b"\x01c"), (vec![CTRL_A, b'c'], false));
+    }
+
+    fn uart() -> Arc<Mutex<SerialPort>> {
+        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        Arc::new(Mutex::new(SerialPort::new(crate::devices::serial::IrqLine(irq), Box::new(std::io::sink()))))
+    }
+
+    /// What the guest would read from the UART's receive FIFO.
+    fn uart_fifo(serial: &Mutex<SerialPort>) -> Vec<u8> {
+        use crate::bus::BusDevice;
+        let mut received = Vec::new();
+        let mut byte = [0u8];
+        loop {
+            lock(serial).read(5, &mut byte); // LSR: bit 0 is "data ready"
+            if byte[0] & 1 == 0 {
+                return received;
+            }
+            lock(serial).read(0, &mut byte);
+            received.push(byte[0]);
+        }
+    }
+
+    fn virtio_input() -> ConsoleInput {
+        crate::virtio::console::Console::new(Box::new(std::io::sink())).expect("console").input()
+    }
+
+    #[test]
+    fn the_pump_feeds_the_uart_through_the_escape_filter() {
+        let (serial, stopper) = (uart(), Stopper::default());
+        pump(&b"ls\r\x01\x01"[..], serial.clone(), &stopper, true);
+        assert_eq!(uart_fifo(&serial), b"ls\r\x01");
+        assert!(!stopper.is_stopped(), "the end of input leaves the guest running");
+    }
+
+    #[test]
+    fn the_pump_stops_waiting_on_a_full_uart_once_the_vm_stopped() {
+        let (serial, stopper) = (uart(), Stopper::default());
+        stopper.stop(StopReason::PowerOff);
+        pump(&[b'y'; 1000][..], serial.clone(), &stopper, false);
+        assert!(!uart_fifo(&serial).is_empty());
+    }
+
+    #[test]
+    fn the_pump_feeds_the_virtio_console_through_the_escape_filter() {
+        let (input, stopper) = (virtio_input(), Stopper::default());
+        // Two reads, as two keystroke bursts from a terminal would be.
+        let typed = (&b"echo \x01chi\r"[..]).chain(&b"\x01xnever"[..]);
+        pump(typed, input.clone(), &stopper, true);
+        assert_eq!(input.pending(), b"echo \x01chi\r");
+        assert!(matches!(stopper.wait(), StopReason::UserQuit));
+    }
+
+    #[test]
+    fn a_piped_stdin_reaches_the_virtio_console_unchanged() {
+        let (input, stopper) = (virtio_input(), Stopper::default());
+        pump(&b"a\x01xb"[..], input.clone(), &stopper, false);
+        assert_eq!(input.pending(), b"a\x01xb");
+        assert!(!stopper.is_stopped());
+    }
+
+    #[test]
+    fn the_pump_never_blocks_on_a_virtio_console_the_guest_does_not_read() {
+        let (input, stopper) = (virtio_input(), Stopper::default());
+        let mut flood = vec![b'z'; 200 * 1024];
+        flood.extend_from_slice(b"\x01x");
+        pump(&flood[..], input.clone(), &stopper, true);
+        assert_eq!(input.pending().len(), crate::virtio::console::INPUT_LIMIT);
+        assert!(matches!(stopper.wait(), StopReason::UserQuit), "Ctrl-A x still quits");
     }
 
     #[test]

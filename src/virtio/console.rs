@@ -1,0 +1,765 @@
+//! The virtio console (virtio spec 1.2, 5.3): the guest's `hvc0`, a console without a UART.
+//!
+//! With `--console virtio` and `console=hvc0` the guest's shell talks to us through two queues
+//! instead of one byte per port-I/O exit. The guest fills the *transmit* queue (1) with what it
+//! prints; we copy those bytes to our output, in order, and hand the buffers back. It posts
+//! empty buffers on the *receive* queue (0); we fill them with what the user typed. One port,
+//! no MULTIPORT control queues, no F_SIZE: Linux only reads the window size on a config
+//! interrupt, so a size fixed at boot would never reach the shell.
+//!
+//! Keystrokes come from the stdin pump ([`crate::console`]) through a [`ConsoleInput`], which
+//! keeps them in a bounded buffer until the guest has posted somewhere to put them: a guest
+//! that never reads its console costs us at most [`INPUT_LIMIT`] bytes, and the rest is
+//! dropped. Everything in the queues is the guest's to forge: a descriptor outside memory, a
+//! read-only receive buffer or a write-only transmit buffer fails that buffer alone (it is
+//! returned empty); only rings we can no longer read or write stop the device.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{Epoll, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::worker::{watch, DeviceWorker, Worker};
+use super::{device_type, ActivateError, Activation, ActiveQueue, Signals, VirtioDevice};
+use crate::bus::lock;
+
+/// Queue indices (virtio spec 5.3.2: receiveq, transmitq for port 0).
+const RECEIVE: usize = 0;
+const TRANSMIT: usize = 1;
+const QUEUE_SIZES: [u16; 2] = [256, 256];
+
+/// How much typed input we hold while the guest posts no receive buffers.
+pub const INPUT_LIMIT: usize = 64 * 1024;
+
+/// Worker epoll tokens.
+const RECEIVE_KICK: u64 = 0;
+const TRANSMIT_KICK: u64 = 1;
+const INPUT_ARRIVED: u64 = 2;
+
+/// What the user typed and the guest has not taken yet, shared by the pump and the worker.
+struct PendingInput {
+    bytes: Mutex<VecDeque<u8>>,
+    /// Written by the pump when input arrives, so the worker looks for receive buffers.
+    arrived: EventFd,
+}
+
+/// Where the stdin pump delivers typed bytes. Cheap to clone; safe to use from any thread,
+/// before, during and between activations.
+#[derive(Clone)]
+pub struct ConsoleInput(Arc<PendingInput>);
+
+impl ConsoleInput {
+    /// Queues `bytes` for the guest and wakes the worker. Returns how many were kept: the rest
+    /// is dropped when [`INPUT_LIMIT`] bytes are already waiting for a guest that isn't reading.
+    pub fn send(&self, bytes: &[u8]) -> usize {
+        let kept = {
+            let mut pending = lock(&self.0.bytes);
+            let kept = bytes.len().min(INPUT_LIMIT.saturating_sub(pending.len()));
+            pending.extend(&bytes[..kept]);
+            kept
+        };
+        if kept < bytes.len() {
+            tracing::debug!(dropped = bytes.len() - kept, "the guest is not reading hvc0: console input dropped");
+        }
+        if kept > 0 {
+            self.wake_worker();
+        }
+        kept
+    }
+
+    /// What is waiting for the guest (tests only).
+    #[cfg(test)]
+    pub(crate) fn pending(&self) -> Vec<u8> {
+        lock(&self.0.bytes).iter().copied().collect()
+    }
+
+    fn wake_worker(&self) {
+        // Only fails if the counter would overflow 2^64, and then the worker is awake anyway.
+        let _ = self.0.arrived.write(1);
+    }
+}
+
+/// The virtio console device, as the transport sees it.
+pub struct Console {
+    input: ConsoleInput,
+    output: Arc<Mutex<Box<dyn Write + Send>>>,
+    worker: Option<Worker<ConsoleWorker>>,
+}
+
+impl Console {
+    /// A console whose guest output goes to `output` (our stdout, in practice). Fails only if
+    /// the host can't give us an eventfd.
+    pub fn new(output: Box<dyn Write + Send>) -> io::Result<Console> {
+        let pending = PendingInput { bytes: Mutex::default(), arrived: EventFd::new(libc::EFD_NONBLOCK)? };
+        Ok(Console { input: ConsoleInput(Arc::new(pending)), output: Arc::new(Mutex::new(output)), worker: None })
+    }
+
+    /// The handle the stdin pump delivers typed bytes to.
+    pub fn input(&self) -> ConsoleInput {
+        self.input.clone()
+    }
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        device_type::CONSOLE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        // The config space (5.3.4: cols, rows, max_nr_ports, emerg_wr) means nothing to a
+        // driver without F_SIZE, MULTIPORT or EMERG_WRITE: all of it reads as zero.
+        data.fill(0);
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.reset();
+        let Activation { mem, mut queues, signals, .. } = activation;
+        let mut take = |index: usize| queues.get_mut(index).and_then(Option::take);
+        let worker = ConsoleWorker {
+            receive: take(RECEIVE),
+            transmit: take(TRANSMIT),
+            mem,
+            input: self.input.clone(),
+            output: Arc::clone(&self.output),
+            signals: signals.clone(),
+        };
+        let worker = Worker::spawn("virtio-console", worker, signals)
+            .map_err(|e| ActivateError(format!("cannot start the console's worker thread: {e}")))?;
+        self.worker = Some(worker);
+        // Input typed before the driver was ready may be waiting with no wake-up left to see.
+        self.input.wake_worker();
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            // The output lives on in `self.output`; the handler itself has nothing to give back.
+            let _ = worker.stop();
+        }
+    }
+}
+
+/// A console dropped while active stops its thread rather than leave it serving a dead VM.
+impl Drop for Console {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
+
+/// The console's side of its worker thread.
+struct ConsoleWorker {
+    receive: Option<ActiveQueue>,
+    transmit: Option<ActiveQueue>,
+    mem: GuestMemoryMmap,
+    input: ConsoleInput,
+    output: Arc<Mutex<Box<dyn Write + Send>>>,
+    signals: Signals,
+}
+
+impl DeviceWorker for ConsoleWorker {
+    fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
+        if let Some(receive) = &self.receive {
+            watch(epoll, &receive.kick, RECEIVE_KICK)?;
+        }
+        if let Some(transmit) = &self.transmit {
+            watch(epoll, &transmit.kick, TRANSMIT_KICK)?;
+        }
+        watch(epoll, &self.input.0.arrived, INPUT_ARRIVED)
+    }
+
+    fn handle(&mut self, _: &Epoll, token: u64, _: EventSet) -> Result<(), String> {
+        match token {
+            TRANSMIT_KICK => {
+                consume(self.transmit.as_ref().map(|q| &q.kick));
+                self.transmit()
+            }
+            RECEIVE_KICK => {
+                consume(self.receive.as_ref().map(|q| &q.kick));
+                self.receive()
+            }
+            INPUT_ARRIVED => {
+                consume(Some(&self.input.0.arrived));
+                self.receive()
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Clears an eventfd's count, so that level-triggered epoll doesn't report it again.
+fn consume(eventfd: Option<&EventFd>) {
+    // WouldBlock only means someone else read it first: nothing is lost, we look at the queue.
+    if let Some(eventfd) = eventfd {
+        let _ = eventfd.read();
+    }
+}
+
+impl ConsoleWorker {
+    /// Copies every buffer the guest queued for transmission to our output, in order.
+    fn transmit(&mut self) -> Result<(), String> {
+        let Some(transmit) = self.transmit.as_mut() else { return Ok(()) };
+        let queue = &mut transmit.queue;
+        let mut output = lock(&self.output);
+        let mut returned = false;
+        while let Some(chain) = next_chain(queue, &self.mem)? {
+            let head = chain.head_index();
+            print_buffer(chain, &self.mem, &mut **output);
+            returned |= give_back(queue, &self.mem, head, 0)?;
+        }
+        if let Err(e) = output.flush() {
+            tracing::debug!("console output lost: {e}");
+        }
+        drop(output);
+        notify_if_needed(queue, &self.mem, &self.signals, TRANSMIT, returned)
+    }
+
+    /// Moves pending input into the guest's receive buffers, for as long as there are both.
+    fn receive(&mut self) -> Result<(), String> {
+        let Some(receive) = self.receive.as_mut() else { return Ok(()) };
+        let queue = &mut receive.queue;
+        let mut pending = lock(&self.input.0.bytes);
+        let mut returned = false;
+        while !pending.is_empty() {
+            let Some(chain) = next_chain(queue, &self.mem)? else { break };
+            let head = chain.head_index();
+            let written = fill_buffer(chain, &self.mem, &mut pending);
+            returned |= give_back(queue, &self.mem, head, written)?;
+        }
+        drop(pending);
+        notify_if_needed(queue, &self.mem, &self.signals, RECEIVE, returned)
+    }
+}
+
+type Chain<'m> = DescriptorChain<&'m GuestMemoryMmap>;
+
+/// The next buffer the guest made available, if any. When the ring looks empty, notifications
+/// are re-armed and the ring read once more, so that a buffer added in between isn't missed
+/// until the next kick. An `Err` means the rings can't be read any more.
+fn next_chain<'m>(queue: &mut Queue, mem: &'m GuestMemoryMmap) -> Result<Option<Chain<'m>>, String> {
+    let pop = |queue: &mut Queue| -> Result<Option<Chain<'m>>, String> {
+        let mut available = queue.iter(mem).map_err(|e| format!("cannot read the available ring: {e}"))?;
+        Ok(available.next())
+    };
+    if let Some(chain) = pop(queue)? {
+        return Ok(Some(chain));
+    }
+    let more = queue.enable_notification(mem).map_err(|e| format!("cannot re-enable notifications: {e}"))?;
+    if more {
+        pop(queue)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Writes a transmit buffer's readable bytes to `output`. A buffer that isn't all in guest
+/// memory is dropped whole; write-only descriptors in it are ignored.
+fn print_buffer(chain: Chain<'_>, mem: &GuestMemoryMmap, output: &mut dyn Write) {
+    let mut reader = match chain.reader(mem) {
+        Ok(reader) => reader,
+        Err(e) => return tracing::debug!("hvc0: transmit buffer dropped: {e}"),
+    };
+    let mut bytes = [0u8; 4096];
+    loop {
+        match reader.read(&mut bytes) {
+            Ok(0) => return,
+            Ok(count) => {
+                if let Err(e) = output.write_all(&bytes[..count]) {
+                    // Our stdout is gone (a closed pipe): the guest keeps running, unheard.
+                    return tracing::debug!("console output lost: {e}");
+                }
+            }
+            Err(e) => return tracing::debug!("hvc0: transmit buffer unreadable: {e}"),
+        }
+    }
+}
+
+/// Moves as much of `pending` as fits into a receive buffer's writable descriptors, in order.
+/// Returns how many bytes it wrote; a buffer that isn't all in guest memory gets none.
+fn fill_buffer(chain: Chain<'_>, mem: &GuestMemoryMmap, pending: &mut VecDeque<u8>) -> u32 {
+    let mut writer = match chain.writer(mem) {
+        Ok(writer) => writer,
+        Err(e) => {
+            tracing::debug!("hvc0: receive buffer returned empty: {e}");
+            return 0;
+        }
+    };
+    let (front, back) = pending.as_slices();
+    let mut written = 0;
+    for part in [front, back] {
+        let count = writer.write(part).unwrap_or(0);
+        written += count;
+        if count < part.len() {
+            break;
+        }
+    }
+    pending.drain(..written);
+    // At most INPUT_LIMIT bytes were pending.
+    u32::try_from(written).unwrap_or(u32::MAX)
+}
+
+/// Returns a buffer to the guest with `len` bytes written into it. A head index past the
+/// queue's end names no buffer the guest could get back, so there is nothing to return. True
+/// if a used entry was added.
+fn give_back(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> Result<bool, String> {
+    if head >= queue.size() {
+        tracing::debug!(head, "hvc0: the guest made a descriptor past the queue's end available");
+        return Ok(false);
+    }
+    queue.add_used(mem, head, len).map_err(|e| format!("cannot write the used ring: {e}"))?;
+    Ok(true)
+}
+
+/// Interrupts the guest for queue `index` if it returned buffers and the driver wants to know.
+fn notify_if_needed(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    signals: &Signals,
+    index: usize,
+    returned: bool,
+) -> Result<(), String> {
+    if returned && queue.needs_notification(mem).map_err(|e| format!("cannot read the used event: {e}"))? {
+        signals.used_queue(index);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const MEM_SIZE: usize = 0x10_0000;
+    const RX_RING: u64 = 0;
+    const TX_RING: u64 = 0x4000;
+    const BUFFERS: u64 = 0x8000;
+    const OUTSIDE: u64 = 0x4000_0000;
+
+    /// Captures what the device writes to its output.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Capture {
+        fn bytes(&self) -> Vec<u8> {
+            lock(&self.0).clone()
+        }
+    }
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory")
+    }
+
+    fn descriptor(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next))
+    }
+
+    /// The guest's side: two mock queues, and where its next descriptor goes in each table.
+    struct Guest<'m> {
+        mem: &'m GuestMemoryMmap,
+        rx: MockSplitQueue<'m, GuestMemoryMmap>,
+        tx: MockSplitQueue<'m, GuestMemoryMmap>,
+        rx_next: u16,
+        tx_next: u16,
+    }
+
+    impl<'m> Guest<'m> {
+        fn new(mem: &'m GuestMemoryMmap) -> Guest<'m> {
+            let rx = MockSplitQueue::create(mem, GuestAddress(RX_RING), 16);
+            let tx = MockSplitQueue::create(mem, GuestAddress(TX_RING), 16);
+            Guest { mem, rx, tx, rx_next: 0, tx_next: 0 }
+        }
+
+        fn queues(&self) -> Vec<Option<ActiveQueue>> {
+            let active = |mock: &MockSplitQueue<'m, GuestMemoryMmap>| ActiveQueue {
+                queue: mock.create_queue().expect("queue"),
+                kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            };
+            vec![Some(active(&self.rx)), Some(active(&self.tx))]
+        }
+
+        /// Posts `descs` as one transmit chain (the NEXT links are the caller's).
+        fn transmit_chain(&mut self, descs: &[RawDescriptor]) {
+            self.tx.add_desc_chains(descs, self.tx_next).expect("tx chain");
+            self.tx_next += descs.len() as u16;
+        }
+
+        /// Prints `text` from a fresh buffer at `addr`.
+        fn print(&mut self, addr: u64, text: &[u8]) {
+            self.mem.write_slice(text, GuestAddress(addr)).expect("write text");
+            self.transmit_chain(&[descriptor(addr, text.len() as u32, 0, 0)]);
+        }
+
+        fn post_receive_chain(&mut self, descs: &[RawDescriptor]) {
+            self.rx.add_desc_chains(descs, self.rx_next).expect("rx chain");
+            self.rx_next += descs.len() as u16;
+        }
+
+        /// Posts one writable receive buffer of `len` bytes at `addr`.
+        fn post_receive(&mut self, addr: u64, len: u32) {
+            self.post_receive_chain(&[descriptor(addr, len, VRING_DESC_F_WRITE, 0)]);
+        }
+
+        fn rx_used(&self) -> Vec<(u32, u32)> {
+            used(&self.rx)
+        }
+
+        fn tx_used(&self) -> Vec<(u32, u32)> {
+            used(&self.tx)
+        }
+
+        fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut bytes = vec![0u8; len];
+            self.mem.read_slice(&mut bytes, GuestAddress(addr)).expect("read back");
+            bytes
+        }
+    }
+
+    /// The (head, len) pairs in a used ring.
+    fn used(mock: &MockSplitQueue<'_, GuestMemoryMmap>) -> Vec<(u32, u32)> {
+        let count = mock.used().idx().load();
+        (0..count)
+            .map(|i| {
+                let elem = mock.used().ring().ref_at(usize::from(i)).expect("used entry").load();
+                (elem.id(), elem.len())
+            })
+            .collect()
+    }
+
+    /// A device's worker, driven by hand instead of by its thread.
+    struct Harness {
+        worker: ConsoleWorker,
+        epoll: Epoll,
+        output: Capture,
+        signals: Signals,
+    }
+
+    impl Harness {
+        fn new(guest: &Guest<'_>) -> Harness {
+            let output = Capture::default();
+            let console = Console::new(Box::new(output.clone())).expect("console");
+            Harness::with_console(&console, guest, output)
+        }
+
+        fn with_console(console: &Console, guest: &Guest<'_>, output: Capture) -> Harness {
+            let mut queues = guest.queues().into_iter();
+            let signals = Signals::standalone(2);
+            let worker = ConsoleWorker {
+                receive: queues.next().flatten(),
+                transmit: queues.next().flatten(),
+                mem: guest.mem.clone(),
+                input: console.input(),
+                output: Arc::clone(&console.output),
+                signals: signals.clone(),
+            };
+            Harness { worker, epoll: Epoll::new().expect("epoll"), output, signals }
+        }
+
+        fn event(&mut self, token: u64) -> Result<(), String> {
+            self.worker.handle(&self.epoll, token, EventSet::IN)
+        }
+
+        fn kick_tx(&mut self) {
+            self.event(TRANSMIT_KICK).expect("tx served");
+        }
+
+        fn kick_rx(&mut self) {
+            self.event(RECEIVE_KICK).expect("rx served");
+        }
+
+        fn type_in(&mut self, bytes: &[u8]) {
+            self.worker.input.send(bytes);
+            self.event(INPUT_ARRIVED).expect("input served");
+        }
+
+        fn pending(&self) -> usize {
+            lock(&self.worker.input.0.bytes).len()
+        }
+    }
+
+    #[test]
+    fn it_is_a_two_queue_console_with_no_features_and_a_zero_config() {
+        let console = Console::new(Box::new(io::sink())).expect("console");
+        assert_eq!(console.device_type(), device_type::CONSOLE);
+        assert_eq!(console.queue_max_sizes().len(), 2);
+        assert_eq!(console.features(), 0);
+        let mut config = [0xaau8; 16];
+        console.read_config(0, &mut config);
+        assert_eq!(config, [0; 16]);
+        console.read_config(u64::MAX, &mut config[..3]);
+        assert_eq!(config[..3], [0; 3]);
+    }
+
+    #[test]
+    fn output_arrives_in_order_and_buffers_come_back_empty() {
+        let mem = memory();
+        let mut guest = Guest::new(&mem);
+        let mut harness = Harness::new(&guest);
+        guest.print(BUFFERS, b"hello ");
+        guest.print(BUFFERS + 0x100, b"world");
+        harness.kick_tx();
+        guest.print(BUFFERS + 0x200, b"\r\n$ ");
+        harness.kick_tx();
+        assert_eq!(harness.output.bytes(), b"hello world\r\n$ ");
+        assert_eq!(guest.tx_used(), [(0, 0), (1, 0), (2, 0)]);
+        assert!(harness.signals.take_queue_interrupts(TRANSMIT) > 0);
+    }
+
+    #[test]
+    fn a_chain_of_several_descriptors_prints_them_in_order() {
+        let mem = memory();
+        let mut guest = Guest::new(&mem);
+        let mut harness = Harness::new(&guest);
+        mem.write_slice(b"abc", GuestAddress(BUFFERS)).expect("write");
+        mem.write_slice(b"def", GuestAddress(BUFFERS + 0x100)).expect("write");
+        guest.transmit_chain(&[descriptor(BUFFERS, 3, VRING_DESC_F_NEXT, 1), descriptor(BUFFERS + 0x100, 3, 0, 0)]);
+        harness.kick_tx();
+        assert_eq!(harness.output.bytes(), b"abcdef");
+        assert_eq!(guest.tx_used(), [(0, 0)]);
+    }
+
+    #[test]
+    fn input_lands_in_the_guests_receive_buffers() {
+        let mem = memory();
+        let mut guest = Guest::new(&mem);
+        let mut harness = Harness::new(&guest);
+        guest.post_receive(BUFFERS, 64);
+        harness.kick_rx();
+        assert!(guest.rx_used().is_empty(), "no input yet: the buffer stays with us");
+        harness.type_in(b"ls -l\r");
+        assert_eq!(guest.rx_used(), [(0, 6)]);
+        assert_eq!(guest.read(BUFFERS, 6), b"ls -l\r");
+        assert_eq!(harness.pending(), 0);
+        assert!(harness.signals.take_queue_interrupts(RECEIVE) > 0);
+    }
+
+    #[test]
+    fn input_larger_than_a_buffer_spreads_over_several() {
+        let mem = memory();
+        let mut guest = Guest::new(&mem);
+        let mut harness = Harness::new(&guest);
+        guest.post_receive(BUFFERS, 4);
+        guest.post_receive(BUFFERS + 0x100, 4);
+        harness.type_in(b"abcdefghij");
+        assert_eq!(guest.rx_used(), [(0, 4), (1, 4)]);
+        assert_eq!(guest.read(BUFFERS, 4), b"abcd");
+        assert_eq!(guest.read(BUFFERS + 0x100, 4), b"efgh");
+        assert_eq!(harness.pending(), 2, "the rest waits for the next buffer");
+        guest.post_receive(BUFFERS + 0x200, 64);
+        harness.kick_rx();
+        assert_eq!(guest.read(BUFFERS + 0x200, 2), b"ij");
+        assert_eq!(guest.rx_used()[2], (2, 2));
+    }
+
+    #[test]
+    fn input_with_no_buffers_is_held_until_buffers_arrive() {
+        let mem = memory();
+        let mut guest = Guest::new(&mem);
+        let mut harness = Harness::new(&guest);
+        harness.type_in(b"echo ");
+        harness.type_in(b"hi\r");
+        assert_eq!(harness.pending(), 8);
+        guest.post_receive(BUFFERS, 64);
+        harness.kick_rx();
+        assert_eq!(guest.rx_used(), [(0, 8)]);
+        assert_eq!(guest.read(BUFFERS, 8), b"echo hi\r");
+    }
+
+    #[test]
+    fn input_is_bounded_while_the_guest_reads_nothing() {
+        let mem = memory();
+        let mut guest = Guest::new(&mem);
+        let mut harness = Harness::new(&guest);
+        let input = harness.worker.input.clone();
+        assert_eq!(input.send(&vec![b'a'; INPUT_LIMIT - 10]), INPUT_LIMIT - 10);
+        assert_eq!(input.send(&[b'b'; 100]), 10, "only what fits under the limit is kept");
+        assert_eq!(input.send(b"c"), 0);
+        assert_eq!(harness.pending(), INPUT_LIMIT);
+        guest.post_receive(BUFFERS, INPUT_LIMIT as u32);
+        harness.kick_rx();
+        assert_eq!(guest.rx_used(), [(0, INPUT_LIMIT as u32)]);
+        assert_eq!(guest.read(BUFFERS + INPUT_LIMIT as u64 - 11, 11), b"abbbbbbbbbb");
+        assert_eq!(input.send(b"d"), 1, "room again once the guest has read");
+    }
+
+    #[test]
+    fn a_write_only_transmit_descriptor_is_not_printed() {
+        let mem = memory();
+        let mut guest = Guest::new(&mem);
+        let mut harness = Harness::new(&guest);
+        mem.write_slice(b"secret", GuestAddress(BUFFERS)).expect("write");
+        guest.transmit_chain(&[descriptor(BUFFERS, 6, VRING_DESC_F_WRITE, 0)]);
+        guest.print(BUFFERS + 0x100, b"ok");
+        harness.kick_tx();
+        assert_eq!(harness.output.bytes(), b"ok");
+        assert_eq!(guest.tx_used(), [(0, 0), (1, 0)]);
+    }
+
+    #[test]
+    fn a_transmit_buffer_outside_memory_fails_alone() {
+        let mem = memory();
+        let mut guest = Guest::new(&mem);
+        let mut harness = Harness::new(&guest);
+        guest.transmit_chain(&[descriptor(OUTSIDE, 16, 0, 0)]);
+        guest.transmit_chain(&[descriptor(MEM_SIZE as u64 - 4, 16, 0, 0)]);
+        guest.transmit_chain(&[descriptor(u64::MAX - 2, u32::MAX, 0, 0)]);
+        guest.print(BUFFERS, b"still here");
+        harness.kick_tx();
+        assert_eq!(harness.output.bytes(), b"still here");
+        assert_eq!(guest.tx_used(), [(0, 0), (1, 0), (2, 0), (3, 0)]);
+        assert!(!harness.signals.is_broken());
+    }
+
+    #[test]
+    fn a_read_only_or_outside_receive_buffer_comes_back_empty_and_input_waits() {
+        let mem = memory();
+        let mut guest = Guest::new(&mem);
+        let mut harness = Harness::new(&guest);
+        guest.post_receive_chain(&[descriptor(BUFFERS, 64, 0, 0)]);
+        guest.post_receive(OUTSIDE, 64);
+        guest.post_receive(BUFFERS + 0x100, 64);
+        harness.type_in(b"x");
+        assert_eq!(guest.rx_used(), [(0, 0), (1, 0), (2, 1)]);
+        assert_eq!(guest.read(BUFFERS, 1), [0], "the read-only buffer was not written");
+        assert_eq!(guest.read(BUFFERS + 0x100, 1), b"x");
+    }
+
+    #[test]
+    fn a_looping_chain_ends_and_the_device_keeps_serving() {
+        let mem = memory();
+        let mut guest = Guest::new(&mem);
+        let mut harness = Harness::new(&guest);
+        mem.write_slice(b"ab", GuestAddress(BUFFERS)).expect("write");
+        // Two descriptors pointing at each other: the walk stops at the queue size.
+        guest.tx.desc_table().store(0, descriptor(BUFFERS, 1, VRING_DESC_F_NEXT, 1)).expect("desc");
+        guest.tx.desc_table().store(1, descriptor(BUFFERS + 1, 1, VRING_DESC_F_NEXT, 0)).expect("desc");
+        guest.tx.avail().ring().ref_at(0).expect("avail").store(0);
+        guest.tx.avail().idx().store(1);
+        guest.tx_next = 2;
+        harness.kick_tx();
+        assert!(harness.output.bytes().len() <= 16, "bounded by the queue size");
+        assert_eq!(guest.tx_used(), [(0, 0)]);
+        harness.output.0.lock().expect("capture").clear();
+        guest.print(BUFFERS + 0x100, b"next");
+        harness.kick_tx();
+        assert_eq!(harness.output.bytes(), b"next");
+    }
+
+    #[test]
+    fn a_head_index_past_the_queue_is_dropped_not_returned() {
+        let mem = memory();
+        let mut guest = Guest::new(&mem);
+        let mut harness = Harness::new(&guest);
+        guest.tx.avail().ring().ref_at(0).expect("avail").store(999);
+        guest.tx.avail().idx().store(1);
+        harness.kick_tx();
+        assert!(guest.tx_used().is_empty());
+        guest.print(BUFFERS, b"fine");
+        harness.kick_tx();
+        assert_eq!(harness.output.bytes(), b"fine");
+        assert!(!harness.signals.is_broken());
+    }
+
+    #[test]
+    fn an_available_index_running_ahead_of_the_ring_breaks_the_queue() {
+        let mem = memory();
+        let guest = Guest::new(&mem);
+        let mut harness = Harness::new(&guest);
+        guest.tx.avail().idx().store(1000);
+        assert!(harness.event(TRANSMIT_KICK).is_err());
+    }
+
+    #[test]
+    fn a_disabled_queue_is_harmless() {
+        let mem = memory();
+        let guest = Guest::new(&mem);
+        let mut harness = Harness::new(&guest);
+        harness.worker.receive = None;
+        harness.worker.transmit = None;
+        harness.type_in(b"nobody listens");
+        harness.event(TRANSMIT_KICK).expect("nothing to do");
+        harness.event(RECEIVE_KICK).expect("nothing to do");
+        assert_eq!(harness.pending(), 14);
+    }
+
+    fn wait_until(what: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if what() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        panic!("condition never became true");
+    }
+
+    fn activation(guest: &Guest<'_>, signals: &Signals) -> (Activation, EventFd, EventFd) {
+        let queues = guest.queues();
+        let rx_kick = queues[RECEIVE].as_ref().expect("rx").kick.try_clone().expect("clone");
+        let tx_kick = queues[TRANSMIT].as_ref().expect("tx").kick.try_clone().expect("clone");
+        let activation = Activation { mem: guest.mem.clone(), queues, features: 0, signals: signals.clone() };
+        (activation, rx_kick, tx_kick)
+    }
+
+    #[test]
+    fn the_worker_thread_serves_both_queues_and_survives_reset_and_reactivation() {
+        let mem = memory();
+        let mut guest = Guest::new(&mem);
+        let output = Capture::default();
+        let mut console = Console::new(Box::new(output.clone())).expect("console");
+        let input = console.input();
+        input.send(b"early");
+        let signals = Signals::standalone(2);
+        let (first, rx_kick, tx_kick) = activation(&guest, &signals);
+        console.activate(first).expect("activate");
+
+        guest.post_receive(BUFFERS, 64);
+        rx_kick.write(1).expect("kick");
+        wait_until(|| guest.rx_used().len() == 1);
+        assert_eq!(guest.read(BUFFERS, 5), b"early", "input typed before activation arrives");
+        guest.print(BUFFERS + 0x100, b"one");
+        tx_kick.write(1).expect("kick");
+        wait_until(|| output.bytes() == b"one");
+
+        console.reset();
+        console.reset();
+        input.send(b"between");
+
+        // The driver starts again on fresh rings.
+        let mem = memory();
+        let mut guest = Guest::new(&mem);
+        let (second, rx_kick, tx_kick) = activation(&guest, &signals);
+        console.activate(second).expect("reactivate");
+        guest.print(BUFFERS, b" two");
+        tx_kick.write(1).expect("kick");
+        wait_until(|| output.bytes() == b"one two");
+        guest.post_receive(BUFFERS + 0x100, 64);
+        rx_kick.write(1).expect("kick");
+        wait_until(|| guest.rx_used().len() == 1);
+        assert_eq!(guest.read(BUFFERS + 0x100, 7), b"between");
+        console.reset();
+        assert!(!signals.is_broken());
+    }
+}
