@@ -66,8 +66,8 @@ pub struct RunArgs {
     /// may). Repeat for more cards.
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
     pub nets: Vec<String>,
-    /// Where the guest's console goes: `serial` (ttyS0, the default) or `virtio` (hvc0; use
-    /// console=hvc0 on the kernel command line).
+    /// Where the guest's console goes: `serial` (ttyS0, the default) or `virtio` (hvc0; the
+    /// default command line then says console=hvc0, a --cmdline of yours must say it too).
     #[arg(long, value_name = "KIND", default_value = "serial")]
     pub console: String,
     /// Give the guest a virtio entropy source (/dev/hwrng), fed from the host's getrandom.
@@ -125,7 +125,10 @@ impl VmConfig {
         let disks = args.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
         let nets = args.nets.iter().map(|n| parse_net(n)).collect::<Result<Vec<_>>>()?;
         let console = parse_console(&args.console)?;
-        let RunArgs { kernel, initrd, cmdline, boot_timeline, rng, .. } = args;
+        let RunArgs { kernel, initrd, mut cmdline, boot_timeline, rng, .. } = args;
+        if console == ConsoleKind::Virtio && cmdline == DEFAULT_CMDLINE {
+            cmdline = DEFAULT_CMDLINE.replace("console=ttyS0", "console=hvc0");
+        }
         Ok(VmConfig { kernel, initrd, cmdline, memory_mib, cpus, boot_timeline, disks, nets, console, rng })
     }
 
@@ -344,6 +347,7 @@ mod tests {
         assert!(config.disks[1].readonly);
         assert_eq!(config.nets[0].tap, "t0");
         assert_eq!(config.console, ConsoleKind::Virtio);
+        assert!(config.cmdline.contains("console=hvc0"));
         assert!(config.rng);
         let bad = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--console", "vga"]));
         assert!(matches!(bad, Err(Error::BadFlag { flag: "--console", .. })));

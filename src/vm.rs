@@ -25,6 +25,8 @@ use crate::error::{kvm, Error, Result};
 use crate::memory::{self, layout};
 use crate::pci::msix::MsiRoutes;
 use crate::pci::{PciRoot, CONFIG_PORT, CONFIG_PORT_LEN};
+use crate::config::ConsoleKind;
+use crate::virtio::console::{Console, ConsoleInput};
 use crate::virtio::rng::Rng;
 use crate::virtio::transport::{VirtioPci, BAR_SIZE};
 use crate::virtio::VirtioDevice;
@@ -40,6 +42,8 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     pio: Arc<Bus>,
     serial: Arc<Mutex<SerialPort>>,
+    /// Where typed keys go with `--console virtio`; the UART gets them otherwise.
+    virtio_console: Option<ConsoleInput>,
     stopper: Arc<Stopper>,
 }
 
@@ -64,7 +68,8 @@ impl Vm {
         let stopper = Arc::new(Stopper::default());
         let (mut pio, serial) = legacy_devices(&vm, &stopper)?;
         let mut mmio = mmio_devices(&timeline)?;
-        plug_pci_devices(&vm, &mem, virtio_devices(config), &mut pio, &mut mmio)?;
+        let (devices, virtio_console) = virtio_devices(config)?;
+        plug_pci_devices(&vm, &mem, devices, &mut pio, &mut mmio)?;
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
@@ -79,7 +84,7 @@ impl Vm {
             vcpus.push(Vcpu { id, fd, pio, mmio, mem, stopper, timeline });
         }
         timeline.mark(Milestone::VmBuilt);
-        Ok(Vm { _kvm: kvm_handle, _vm: vm, vcpus, pio, serial, stopper })
+        Ok(Vm { _kvm: kvm_handle, _vm: vm, vcpus, pio, serial, virtio_console, stopper })
     }
 
     /// Starts the guest and returns when it has stopped, for whatever reason.
@@ -90,8 +95,11 @@ impl Vm {
         if interactive {
             console::enter_raw_mode();
         }
-        console::pump_stdin(self.serial.clone(), self.stopper.clone(), interactive)
-            .map_err(host("cannot start the console thread"))?;
+        let pumped = match &self.virtio_console {
+            Some(input) => console::pump_stdin(input.clone(), self.stopper.clone(), interactive),
+            None => console::pump_stdin(self.serial.clone(), self.stopper.clone(), interactive),
+        };
+        pumped.map_err(host("cannot start the console thread"))?;
         for vcpu in self.vcpus {
             let name = format!("vcpu{}", vcpu.id);
             thread::Builder::new().name(name).spawn(move || vcpu.run()).map_err(host("cannot start a vCPU thread"))?;
@@ -157,13 +165,24 @@ fn mmio_devices(timeline: &Arc<Timeline>) -> Result<Bus> {
     Ok(mmio)
 }
 
-/// The virtio devices the configuration asks for, each with the name it is reported by.
-fn virtio_devices(config: &VmConfig) -> Vec<(&'static str, Box<dyn VirtioDevice>)> {
-    let mut devices: Vec<(&'static str, Box<dyn VirtioDevice>)> = Vec::new();
+type NamedDevice = (&'static str, Box<dyn VirtioDevice>);
+
+/// The virtio devices the configuration asks for, each with the name it is reported by, and
+/// the virtio console's input if there is one. The UART stays either way: early boot messages
+/// go there.
+fn virtio_devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Option<ConsoleInput>)> {
+    let mut devices: Vec<NamedDevice> = Vec::new();
+    let mut console_input = None;
+    if config.console == ConsoleKind::Virtio {
+        let console = Console::new(Box::new(Stdout))
+            .map_err(|source| Error::Host { what: "cannot create the virtio console", source })?;
+        console_input = Some(console.input());
+        devices.push(("virtio-console", Box::new(console)));
+    }
     if config.rng {
         devices.push(("virtio-rng", Box::new(Rng::new())));
     }
-    devices
+    Ok((devices, console_input))
 }
 
 /// The PCI root on the configuration ports, and each virtio device in a slot of its own: its
@@ -171,7 +190,7 @@ fn virtio_devices(config: &VmConfig) -> Vec<(&'static str, Box<dyn VirtioDevice>
 fn plug_pci_devices(
     vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
-    devices: Vec<(&'static str, Box<dyn VirtioDevice>)>,
+    devices: Vec<NamedDevice>,
     pio: &mut Bus,
     mmio: &mut Bus,
 ) -> Result<()> {
