@@ -15,6 +15,7 @@
 //! status); a queue that can't be used any more marks the device NEEDS_RESET
 //! ([`Signals::device_broken`]); the VMM and the other devices carry on.
 
+pub mod block;
 pub mod console;
 pub mod rng;
 pub mod transport;
