@@ -432,7 +432,7 @@ impl NetWorker {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             // The kernel refused to cut the frame short, and dropped it.
             Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {
-                self.drop_received(room, None);
+                self.drop_received(room);
                 return Ok(true);
             }
             Err(e) => return Err(format!("cannot read from tap {}: {e}", self.tap.name())),
@@ -440,16 +440,15 @@ impl NetWorker {
         drop(iovecs);
         if len > room || len < VNET_HDR_LEN {
             // Cut short: what was written is garbage, and the buffers wait for the next frame.
-            self.drop_received(room, Some(len));
+            self.drop_received(room);
             return Ok(true);
         }
         self.deliver(len)?;
         Ok(true)
     }
 
-    fn drop_received(&self, room: usize, len: Option<usize>) {
-        let len = len.map_or_else(|| "more than that".to_string(), |len| len.to_string());
-        tracing::debug!(tap = self.tap.name(), "dropped a received frame of {len} bytes: the guest's buffers held {room}");
+    fn drop_received(&self, room: usize) {
+        tracing::debug!(tap = self.tap.name(), "dropped a received frame larger than the {room} bytes of buffers the guest posted");
         count(&self.counters.rx_dropped);
     }
 
@@ -646,9 +645,9 @@ impl HeldBuffers {
                 self.segments.truncate(first);
                 return match why {
                     // Too many for what's held already, but it might do alone.
-                    TooMany if first > 0 => Ok(Hold::NoRoom),
-                    TooMany => Err("a receive chain in more pieces than one readv takes"),
-                    Unfit(why) => Err(why),
+                    Unfitness::TooMany if first > 0 => Ok(Hold::NoRoom),
+                    Unfitness::TooMany => Err("a receive chain in more pieces than one readv takes"),
+                    Unfitness::Unfit(why) => Err(why),
                 };
             }
         };
@@ -663,26 +662,26 @@ impl HeldBuffers {
         for descriptor in chain {
             cut_short = descriptor.has_next();
             if !descriptor.is_write_only() {
-                return Err(Unfit("a receive chain has a read-only descriptor"));
+                return Err(Unfitness::Unfit("a receive chain has a read-only descriptor"));
             }
             let len = descriptor.len() as usize;
             if len == 0 {
                 continue;
             }
             if !mem.check_range(descriptor.addr(), len) {
-                return Err(Unfit("a receive buffer lies outside guest memory"));
+                return Err(Unfitness::Unfit("a receive buffer lies outside guest memory"));
             }
             if self.segments.len() == MAX_RX_SEGMENTS {
-                return Err(TooMany);
+                return Err(Unfitness::TooMany);
             }
             self.segments.push_back((descriptor.addr(), len));
             room += len;
         }
         if cut_short {
-            return Err(Unfit("a receive chain loops or names a descriptor outside its table"));
+            return Err(Unfitness::Unfit("a receive chain loops or names a descriptor outside its table"));
         }
         if room < VNET_HDR_LEN {
-            return Err(Unfit("a receive chain too small for the virtio-net header"));
+            return Err(Unfitness::Unfit("a receive chain too small for the virtio-net header"));
         }
         Ok(room)
     }
@@ -758,10 +757,11 @@ impl HeldBuffers {
 
 /// Why a chain can't be held.
 enum Unfitness {
+    /// More buffers than fit beside those held already.
     TooMany,
+    /// Not for any frame, ever.
     Unfit(&'static str),
 }
-use Unfitness::{TooMany, Unfit};
 
 /// Receive-queue used entries written but not yet published. The driver must see a frame's
 /// chains all at once (it reads `num_buffers` from the first and expects the rest already
@@ -1464,6 +1464,95 @@ mod tests {
             Ok(())
         }
 
+        /// An Ethernet frame with one TCP segment of `payload` bytes between link-local
+        /// addresses, and the virtio-net header that offloads its checksum and segmentation.
+        fn tcp_segment(dst: [u8; 6], src: [u8; 6], payload: usize) -> ([u8; VNET_HDR_LEN], Vec<u8>) {
+            let ip_len = u16::try_from(40 + payload).expect("fits an IP packet");
+            let mut ip = [0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 6, 0, 0, 169, 254, 1, 1, 169, 254, 1, 2];
+            ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+            let sum = ip.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum::<u32>();
+            let sum = !((sum & 0xffff) + (sum >> 16)) as u16;
+            ip[10..12].copy_from_slice(&sum.to_be_bytes());
+            // Ports, sequence, acknowledgement, data offset 5, ACK|PSH, window; the checksum
+            // is left to the offload.
+            let tcp = [0x9c, 0x40, 0x13, 0x89, 0, 0, 0, 1, 0, 0, 0, 1, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0];
+            let body: Vec<u8> = (0..payload).map(|i| (i % 251) as u8).collect();
+            let frame = [&dst[..], &src, &[0x08, 0x00], &ip, &tcp, &body].concat();
+            let mut header = [0u8; VNET_HDR_LEN];
+            header[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+            header[1] = VIRTIO_NET_HDR_GSO_TCPV4 as u8;
+            header[2..4].copy_from_slice(&54u16.to_le_bytes()); // hdr_len
+            header[4..6].copy_from_slice(&1448u16.to_le_bytes()); // gso_size
+            header[6..8].copy_from_slice(&34u16.to_le_bytes()); // csum_start
+            header[8..10].copy_from_slice(&16u16.to_le_bytes()); // csum_offset
+            (header, frame)
+        }
+
+        fn carry_64k_segments_unsplit() -> std::result::Result<(), String> {
+            private_network()?;
+            let tap = Tap::open("lgtest2").map_err(|e| format!("cannot open a tap: {e}"))?;
+            let wire = packet_socket("lgtest2");
+            let mut net = Net::with_tap(tap, Some(GUEST_MAC));
+            let mem = memory();
+            let (activation, mut rx, mut tx, tx_kick) = activation(&mem, LINUX);
+            let buffers = post_linux_rx_buffers(&mut rx, 100);
+            net.activate(activation).map_err(|e| format!("activation: {e}"))?;
+
+            // Guest to host: the host's stack takes the 60 KB segment whole.
+            let (header, out) = tcp_segment([0xff; 6], GUEST_MAC, 60000);
+            tx.post_frame(&[&header, &out[..100], &out[100..]]);
+            tx_kick.write(1).expect("kick");
+            let socket = File::from(wire.try_clone().expect("dup"));
+            let mut got = vec![0u8; 70000];
+            let len = loop {
+                assert!(wait_readable(&socket), "the segment never reached the host");
+                let Ok(len) = io::Read::read(&mut &socket, &mut got) else { continue };
+                if len > 14 && got[12..14] == [0x08, 0x00] {
+                    break len;
+                }
+            };
+            assert_eq!(got[..len].len(), out.len(), "one frame, not segmented on the way");
+            assert_eq!(got[54..len], out[54..]);
+
+            // Host to guest: a packet socket with a virtio-net header of its own sends a 60 KB
+            // segment out of the tap, which hands it to us unsplit as the guest accepted TSO4.
+            const PACKET_VNET_HDR: libc::c_int = 15;
+            let on: libc::c_int = 1;
+            // SAFETY: setsockopt reads one int, which `on` is.
+            let ret = unsafe {
+                libc::setsockopt(wire.as_raw_fd(), libc::SOL_PACKET, PACKET_VNET_HDR, (&on as *const libc::c_int).cast(), 4)
+            };
+            assert_eq!(ret, 0, "PACKET_VNET_HDR: {}", io::Error::last_os_error());
+            let (header, back) = tcp_segment(GUEST_MAC, HOST_MAC, 60000);
+            let packet = [&header[..10], &back].concat();
+            // SAFETY: send reads `packet.len()` bytes of the buffer we own.
+            let sent = unsafe { libc::send(wire.as_raw_fd(), packet.as_ptr().cast(), packet.len(), 0) };
+            assert_eq!(usize::try_from(sent).ok(), Some(packet.len()), "send: {}", io::Error::last_os_error());
+            let first_used = |rx: &Driver| {
+                rx.used().into_iter().position(|(head, _)| {
+                    let at = buffers.iter().find(|&&(h, _)| u32::from(h) == head).map_or(0, |b| b.1);
+                    rx.read(at + VNET_HDR_LEN as u64 + 12, 2) == [0x08, 0x00]
+                })
+            };
+            assert!(wait_until(|| first_used(&rx).is_some()), "the segment reached the guest");
+            let used = rx.used();
+            let start = first_used(&rx).expect("found");
+            let header_at = buffers.iter().find(|&&(h, _)| u32::from(h) == used[start].0).map_or(0, |b| b.1);
+            let header = rx.read(header_at, VNET_HDR_LEN);
+            let num_buffers = usize::from(u16::from_le_bytes([header[10], header[11]]));
+            assert_eq!(num_buffers, (VNET_HDR_LEN + back.len()).div_ceil(2048), "spread over mergeable buffers");
+            assert_eq!(header[1], VIRTIO_NET_HDR_GSO_TCPV4 as u8, "still one TCP segment");
+            assert_eq!(u16::from_le_bytes([header[4], header[5]]), 1448, "gso_size");
+            let mut landed = Vec::new();
+            for &(head, len) in &used[start..start + num_buffers] {
+                let at = buffers.iter().find(|&&(h, _)| u32::from(h) == head).map_or(0, |b| b.1);
+                landed.extend(rx.read(at, len as usize));
+            }
+            assert_eq!(landed[VNET_HDR_LEN..], back[..]);
+            net.reset();
+            Ok(())
+        }
+
         /// Runs `test` on a thread of its own (the namespace is per thread), skipping it with a
         /// printed reason when this host gives us no namespace or no tap.
         fn in_private_network(name: &str, test: fn() -> std::result::Result<(), String>) {
@@ -1477,6 +1566,11 @@ mod tests {
         #[test]
         fn a_real_tap_carries_frames_both_ways() {
             in_private_network("a_real_tap_carries_frames_both_ways", carry_frames_both_ways);
+        }
+
+        #[test]
+        fn a_real_tap_carries_64k_tcp_segments_unsplit_both_ways() {
+            in_private_network("a_real_tap_carries_64k_tcp_segments_unsplit_both_ways", carry_64k_segments_unsplit);
         }
 
         #[test]

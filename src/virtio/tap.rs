@@ -8,10 +8,12 @@
 //! the guest and the host's stack without being touched, which is what makes bulk TCP fast.
 //!
 //! [`Tap::open`] attaches to an existing tap (the usual case: `ip tuntap add NAME mode tap user
-//! $USER` once, then lguest runs unprivileged) or creates one when we have CAP_NET_ADMIN; a tap
-//! we create lives as long as our fd and is brought up for the user. Addresses, bridges and
-//! routes are the user's business. What arrives on the fd is trusted as far as the host's
-//! kernel is; the guest's side never reaches this module except as bytes in [`IoVecs`].
+//! $USER` and `ip link set NAME up` once, then lguest runs unprivileged) or creates one when we
+//! have CAP_NET_ADMIN; a tap we create lives as long as our fd and we bring it up. Bringing an
+//! existing tap up, and its addresses, bridges and routes, are the user's business: frames
+//! sent into a tap that is down are dropped (and counted by the device). What arrives on the fd
+//! is trusted as far as the host's kernel is; the guest's side never reaches this module
+//! except as bytes in [`IoVecs`].
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
