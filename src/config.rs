@@ -73,6 +73,10 @@ pub struct RunArgs {
     /// Give the guest a virtio entropy source (/dev/hwrng), fed from the host's getrandom.
     #[arg(long)]
     pub rng: bool,
+    /// System-call filters on the threads that handle guest data: `enforce` (kill lguest on a
+    /// forbidden call), `log` (allow it, the kernel logs it) or `off`.
+    #[arg(long, value_name = "MODE", default_value = "enforce")]
+    pub seccomp: String,
 }
 
 /// One `--disk`.
@@ -111,6 +115,7 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     pub console: ConsoleKind,
     pub rng: bool,
+    pub seccomp: crate::seccomp::Mode,
 }
 
 impl VmConfig {
@@ -125,11 +130,12 @@ impl VmConfig {
         let disks = args.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
         let nets = args.nets.iter().map(|n| parse_net(n)).collect::<Result<Vec<_>>>()?;
         let console = parse_console(&args.console)?;
+        let seccomp = parse_seccomp(&args.seccomp)?;
         let RunArgs { kernel, initrd, mut cmdline, boot_timeline, rng, .. } = args;
         if console == ConsoleKind::Virtio && cmdline == DEFAULT_CMDLINE {
             cmdline = DEFAULT_CMDLINE.replace("console=ttyS0", "console=hvc0");
         }
-        Ok(VmConfig { kernel, initrd, cmdline, memory_mib, cpus, boot_timeline, disks, nets, console, rng })
+        Ok(VmConfig { kernel, initrd, cmdline, memory_mib, cpus, boot_timeline, disks, nets, console, rng, seccomp })
     }
 
     pub fn memory_bytes(&self) -> u64 {
@@ -214,6 +220,16 @@ fn parse_console(value: &str) -> Result<ConsoleKind> {
         "serial" => Ok(ConsoleKind::Serial),
         "virtio" => Ok(ConsoleKind::Virtio),
         _ => Err(Error::BadFlag { flag: "--console", value: value.into(), why: "expected serial or virtio".into() }),
+    }
+}
+
+fn parse_seccomp(value: &str) -> Result<crate::seccomp::Mode> {
+    use crate::seccomp::Mode;
+    match value {
+        "enforce" => Ok(Mode::Enforce),
+        "log" => Ok(Mode::Log),
+        "off" => Ok(Mode::Off),
+        _ => Err(Error::BadFlag { flag: "--seccomp", value: value.into(), why: "expected enforce, log or off".into() }),
     }
 }
 
@@ -351,6 +367,11 @@ mod tests {
         assert!(config.rng);
         let bad = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--console", "vga"]));
         assert!(matches!(bad, Err(Error::BadFlag { flag: "--console", .. })));
+        assert_eq!(config.seccomp, crate::seccomp::Mode::Enforce);
+        let log = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--seccomp", "log"])).expect("valid");
+        assert_eq!(log.seccomp, crate::seccomp::Mode::Log);
+        let bad = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--seccomp", "strict"]));
+        assert!(matches!(bad, Err(Error::BadFlag { flag: "--seccomp", .. })));
     }
 
     #[test]

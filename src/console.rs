@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use crate::bus::lock;
 use crate::devices::serial::SerialPort;
+use crate::seccomp::{self, Role};
 use crate::stop::{StopReason, Stopper};
 use crate::virtio::console::ConsoleInput;
 
@@ -87,11 +88,16 @@ pub fn watch_signals(stopper: Arc<Stopper>) -> std::io::Result<()> {
     if rc != 0 {
         return Err(std::io::Error::from_raw_os_error(rc));
     }
-    thread::Builder::new().name("signals".into()).spawn(move || loop {
-        let mut signal: libc::c_int = 0;
-        // SAFETY: `set` and `signal` outlive the call; sigwait writes only `signal`.
-        if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-            stopper.stop(StopReason::Signal(signal));
+    thread::Builder::new().name("signals".into()).spawn(move || {
+        if let Err(e) = seccomp::confine(Role::SignalWatcher) {
+            return stopper.stop(StopReason::HostError(e.to_string()));
+        }
+        loop {
+            let mut signal: libc::c_int = 0;
+            // SAFETY: `set` and `signal` outlive the call; sigwait writes only `signal`.
+            if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+                stopper.stop(StopReason::Signal(signal));
+            }
         }
     })?;
     Ok(())
@@ -162,7 +168,10 @@ impl ConsoleSink for ConsoleInput {
 pub fn pump_stdin(sink: impl ConsoleSink, stopper: Arc<Stopper>, escape: bool) -> std::io::Result<()> {
     thread::Builder::new()
         .name("stdin".into())
-        .spawn(move || pump(std::io::stdin().lock(), sink, &stopper, escape))?;
+        .spawn(move || match seccomp::confine(Role::StdinPump) {
+            Ok(()) => pump(std::io::stdin().lock(), sink, &stopper, escape),
+            Err(e) => stopper.stop(StopReason::HostError(e.to_string())),
+        })?;
     Ok(())
 }
 

@@ -17,6 +17,7 @@
 //! 8. [`console`]: the user's terminal, wired to the guest's serial port or virtio console.
 //! 9. [`fault`]: what we say when a guest dies, so that only the guest dies.
 //! 10. [`timeline`]: when each of the above happened, for `--boot-timeline`.
+//! 11. [`seccomp`]: the system calls each of the threads above may make.
 
 pub mod arch;
 pub mod bus;
@@ -27,6 +28,7 @@ pub mod error;
 pub mod fault;
 pub mod memory;
 pub mod pci;
+pub mod seccomp;
 pub mod stop;
 pub mod timeline;
 pub mod vcpu;

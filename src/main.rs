@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use lguest::config::{Cli, Command, VmConfig};
-use lguest::console;
+use lguest::{console, seccomp};
 use lguest::stop::StopReason;
 use lguest::timeline::{Milestone, Timeline};
 use lguest::vm::Vm;
@@ -21,8 +21,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => return command_line_error(error),
     };
-    let result = VmConfig::from_args(args)
-        .and_then(|config| Ok((Vm::build(&config, timeline.clone())?.run()?, config.boot_timeline)));
+    let result = VmConfig::from_args(args).and_then(|config| {
+        seccomp::set_mode(config.seccomp);
+        Ok((Vm::build(&config, timeline.clone())?.run()?, config.boot_timeline))
+    });
     timeline.mark(Milestone::Stopped);
     console::restore_terminal();
     match result {

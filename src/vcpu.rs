@@ -13,6 +13,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 
 use crate::bus::Bus;
+use crate::seccomp::{self, Role};
 use crate::fault::{FaultKind, GuestFault};
 use crate::stop::{StopReason, Stopper};
 use crate::timeline::{ExitKind, Milestone, Timeline};
@@ -37,6 +38,9 @@ enum Next {
 impl Vcpu {
     /// Runs the guest until this vCPU, or anyone else, stops the VM.
     pub fn run(mut self) {
+        if let Err(e) = seccomp::confine(Role::Vcpu) {
+            return self.stopper.stop(StopReason::HostError(e.to_string()));
+        }
         if self.id == 0 {
             self.timeline.mark(Milestone::FirstKvmRun);
         }

@@ -85,6 +85,7 @@ impl Vm {
                 (pio.clone(), mmio.clone(), mem.clone(), stopper.clone(), timeline.clone());
             vcpus.push(Vcpu { id, fd, pio, mmio, mem, stopper, timeline });
         }
+        crate::fault::host_kvm_is_pvm(); // asked now: a vCPU thread may not read files
         timeline.mark(Milestone::VmBuilt);
         Ok(Vm { _kvm: kvm_handle, _vm: vm, vcpus, pio, serial, virtio_console, stopper })
     }

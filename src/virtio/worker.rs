@@ -17,6 +17,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Signals;
+use crate::seccomp::{self, Role};
 
 /// The token of our own stop eventfd; handlers use any other.
 const STOP_TOKEN: u64 = u64::MAX;
@@ -67,6 +68,11 @@ impl<W: DeviceWorker> Worker<W> {
 }
 
 fn serve<W: DeviceWorker>(epoll: Epoll, mut handler: W, signals: &Signals, stop: EventFd) -> W {
+    if let Err(e) = seccomp::confine(Role::DeviceWorker) {
+        signals.device_broken(&e);
+        wait_for_stop(&stop);
+        return handler;
+    }
     let mut events = vec![EpollEvent::default(); 16];
     loop {
         let ready = match epoll.wait(-1, &mut events) {
