@@ -341,3 +341,43 @@ impl VirtioDevice for ResetOnDrop {
 fn claim(bus: &mut Bus, base: u64, len: u64, device: SharedDevice) -> Result<()> {
     bus.insert(base, len, device).map_err(|e| Error::Boot { what: "the device map", why: e.to_string() })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A device that only counts its resets.
+    struct Counted(Arc<AtomicUsize>);
+
+    impl VirtioDevice for Counted {
+        fn device_type(&self) -> u32 {
+            crate::virtio::device_type::RNG
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[8]
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn read_config(&self, _: u64, _: &mut [u8]) {}
+        fn activate(&mut self, _: Activation) -> std::result::Result<(), ActivateError> {
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn devices_are_reset_when_the_vm_drops_them() {
+        let resets = Arc::new(AtomicUsize::new(0));
+        let devices: Vec<NamedDevice> = vec![("counted", Box::new(Counted(resets.clone())))];
+        let mut wrapped = reset_on_drop(devices);
+        let (_, device) = wrapped.pop().expect("one device");
+        assert_eq!((device.device_type(), device.queue_max_sizes()), (crate::virtio::device_type::RNG, &[8u16][..]));
+        assert_eq!(resets.load(Ordering::SeqCst), 0);
+        drop(device);
+        assert_eq!(resets.load(Ordering::SeqCst), 1);
+    }
+}
