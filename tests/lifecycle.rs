@@ -191,8 +191,9 @@ fn restarts_leak_no_threads_fds_or_memory() {
 }
 
 /// Polls the keyboard controller for the Delete key's make code (set 1, as translation gives
-/// it), says so and powers off: a guest that honours Ctrl-Alt-Del.
-fn ctrl_alt_del_guest(dir: &Path) -> std::path::PathBuf {
+/// it), says so and runs `answer` (power off, or reset as systemd does): a guest that honours
+/// Ctrl-Alt-Del.
+fn ctrl_alt_del_guest(dir: &Path, answer: fn(&mut CodeAssembler)) -> std::path::PathBuf {
     tiny_guest(dir, "ctrl-alt-del", |a| {
         let mut poll = a.create_label();
         print(a, "ready\n");
@@ -204,14 +205,14 @@ fn ctrl_alt_del_guest(dir: &Path) -> std::path::PathBuf {
         a.cmp(al, 0x53).expect("cmp Delete");
         a.jne(poll).expect("jne");
         print(a, "ctrl-alt-del\n");
-        power_off(a);
+        answer(a);
     })
 }
 
 #[test]
 fn sigterm_and_a_piped_sigint_press_ctrl_alt_del_and_the_guest_powers_off() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let kernel = ctrl_alt_del_guest(dir.path());
+    let kernel = ctrl_alt_del_guest(dir.path(), power_off);
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let mut running = start(&kernel, &[]);
         running.expect_line("ready");
@@ -220,6 +221,19 @@ fn sigterm_and_a_piped_sigint_press_ctrl_alt_del_and_the_guest_powers_off() {
         let (status, stderr) = running.finish();
         assert_eq!(status.code(), Some(0), "signal {signal}: {stderr}");
     }
+}
+
+/// A guest that answers Ctrl-Alt-Del with a reboot has shut down: no restart, status 0.
+#[test]
+fn a_reboot_in_answer_to_sigterm_is_not_restarted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = ctrl_alt_del_guest(dir.path(), reset);
+    let mut running = start(&kernel, &["--reboot", "restart"]);
+    running.expect_line("ready");
+    running.signal(libc::SIGTERM);
+    running.expect_line("ctrl-alt-del");
+    let (status, stderr) = running.finish();
+    assert_eq!(status.code(), Some(0), "{stderr}");
 }
 
 /// A guest in HLT with interrupts off never exits by itself: only the kick gets its vCPU out.
