@@ -187,3 +187,18 @@ fn virtio_console_carries_a_shell_on_hvc0_and_virtio_rng_feeds_hwrng() {
         expect_cases(output, &["hvc-shell", "hvc-command", "hvc-exit", "rng", "rng-exit"])
     });
 }
+
+#[test]
+fn the_guest_restarts_after_a_reboot_powers_off_on_sigterm_and_its_panic_is_reported() {
+    run_scenario("lifecycle", |output| {
+        expect(output.lines().any(|l| l.trim_end() == "LGUEST-BOOTS 2"), "the restarted guest did not boot twice")?;
+        expect(output.contains("did not shut down within 3 s of signal 15"), "no shutdown timeout")?;
+        expect_case(output, "restart", 143)?;
+        expect(output.contains("LGUEST-CTRL-ALT-DEL"), "the guest's init never saw Ctrl-Alt-Del")?;
+        expect(output.contains("reboot: Power down"), "the guest did not power off")?;
+        expect_case(output, "sigterm", 0)?;
+        expect(output.contains("Kernel panic - not syncing: sysrq triggered crash"), "the guest did not panic")?;
+        expect(output.contains("the guest kernel panicked"), "no panic report")?;
+        expect_case(output, "panic", 3)
+    });
+}
