@@ -40,6 +40,24 @@ pub enum Role {
 
 static MODE: OnceLock<Mode> = OnceLock::new();
 
+thread_local! {
+    /// This thread's role, for the SIGSYS report (a const-initialised Cell: safe to read from
+    /// a signal handler).
+    static ROLE_NAME: std::cell::Cell<&'static [u8; 7]> = const { std::cell::Cell::new(b"main   ") };
+}
+
+impl Role {
+    /// Seven bytes, padded, for the async-signal-safe report.
+    fn label(self) -> &'static [u8; 7] {
+        match self {
+            Role::Vcpu => b"vcpu   ",
+            Role::DeviceWorker => b"device ",
+            Role::StdinPump => b"stdin  ",
+            Role::SignalWatcher => b"signals",
+        }
+    }
+}
+
 /// Sets the mode for the whole process; called once by `main` before any thread starts.
 pub fn set_mode(mode: Mode) {
     let _ = MODE.set(mode);
@@ -62,6 +80,7 @@ pub fn confine(role: Role) -> std::io::Result<()> {
 /// Builds `role`'s filter with `mismatch` as the action for any other call, and installs it.
 fn apply(role: Role, mismatch: SeccompAction) -> std::io::Result<()> {
     let program = filter(role, mismatch)?;
+    ROLE_NAME.with(|name| name.set(role.label()));
     seccompiler::apply_filter(&program).map_err(|e| std::io::Error::other(format!("cannot install the seccomp filter: {e}")))
 }
 
@@ -83,6 +102,8 @@ const COMMON: &[i64] = &[
     libc::SYS_futex,
     libc::SYS_write,
     libc::SYS_close,
+    // Checked on every fd a thread drops, in debug builds (std's I/O-safety assertion).
+    libc::SYS_fcntl,
     libc::SYS_clock_gettime,
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
@@ -130,7 +151,6 @@ const VCPU: &[i64] = &[
     libc::SYS_sched_getaffinity,
     libc::SYS_epoll_create1,
     libc::SYS_eventfd2,
-    libc::SYS_fcntl,
     libc::SYS_tgkill,
     // The worker installs its own, narrower filter on top of the one it inherited.
     libc::SYS_seccomp,
@@ -176,8 +196,10 @@ extern "C" fn report_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _c
     // SAFETY: the kernel passes a valid siginfo for SIGSYS; si_syscall is an int at a fixed
     // offset in it on x86_64.
     let number = unsafe { info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>().read_unaligned() };
-    let mut message = *b"lguest: seccomp refused system call      ; this is a bug in lguest (--seccomp log lets it run)\n";
+    let mut message =
+        *b"lguest: seccomp refused system call       on a ....... thread; this is a bug in lguest (--seccomp log lets it run)\n";
     write_decimal(&mut message[36..41], number);
+    message[47..54].copy_from_slice(ROLE_NAME.with(|name| name.get()));
     // SAFETY: write and _exit are async-signal-safe; the buffer is ours.
     unsafe {
         libc::write(libc::STDERR_FILENO, message.as_ptr().cast(), message.len());
