@@ -34,7 +34,7 @@ use crate::virtio::console::{Console, ConsoleInput};
 use crate::virtio::net::Net;
 use crate::virtio::rng::Rng;
 use crate::virtio::transport::{VirtioPci, BAR_SIZE};
-use crate::virtio::{ActivateError, Activation, VirtioDevice};
+use crate::virtio::VirtioDevice;
 use crate::stop::{Event, StopReason, Stopper};
 use crate::timeline::{Milestone, Timeline};
 use crate::vcpu::{self, Vcpu};
@@ -79,7 +79,7 @@ impl Vm {
         let (mut pio, serial, keyboard) = legacy_devices(&vm, &stopper)?;
         let mut mmio = mmio_devices(&timeline)?;
         let (devices, virtio_console) = virtio_devices(config)?;
-        plug_pci_devices(&vm, &mem, reset_on_drop(devices), &mut pio, &mut mmio)?;
+        plug_pci_devices(&vm, &mem, devices, &mut pio, &mut mmio)?;
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
@@ -307,86 +307,7 @@ fn plug_pci_devices(
     claim(pio, CONFIG_PORT, CONFIG_PORT_LEN, Arc::new(Mutex::new(root)))
 }
 
-/// Wraps each device so that it is reset when the VM drops it: a reset stops the device's
-/// worker thread, which holds the guest's memory. Not every device resets itself on drop.
-fn reset_on_drop(devices: Vec<NamedDevice>) -> Vec<NamedDevice> {
-    devices.into_iter().map(|(kind, device)| (kind, Box::new(ResetOnDrop(device)) as Box<dyn VirtioDevice>)).collect()
-}
-
-struct ResetOnDrop(Box<dyn VirtioDevice>);
-
-impl Drop for ResetOnDrop {
-    fn drop(&mut self) {
-        self.0.reset();
-    }
-}
-
-/// Every method passes straight through, defaults included, so the device behaves as its own.
-impl VirtioDevice for ResetOnDrop {
-    fn device_type(&self) -> u32 {
-        self.0.device_type()
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        self.0.queue_max_sizes()
-    }
-    fn features(&self) -> u64 {
-        self.0.features()
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        self.0.read_config(offset, data)
-    }
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        self.0.write_config(offset, data)
-    }
-    fn activate(&mut self, activation: Activation) -> std::result::Result<(), ActivateError> {
-        self.0.activate(activation)
-    }
-    fn reset(&mut self) {
-        self.0.reset()
-    }
-}
-
 /// Places a device on a bus; an overlap is our own bug in the device map, reported as such.
 fn claim(bus: &mut Bus, base: u64, len: u64, device: SharedDevice) -> Result<()> {
     bus.insert(base, len, device).map_err(|e| Error::Boot { what: "the device map", why: e.to_string() })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// A device that only counts its resets.
-    struct Counted(Arc<AtomicUsize>);
-
-    impl VirtioDevice for Counted {
-        fn device_type(&self) -> u32 {
-            crate::virtio::device_type::RNG
-        }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[8]
-        }
-        fn features(&self) -> u64 {
-            0
-        }
-        fn read_config(&self, _: u64, _: &mut [u8]) {}
-        fn activate(&mut self, _: Activation) -> std::result::Result<(), ActivateError> {
-            Ok(())
-        }
-        fn reset(&mut self) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    #[test]
-    fn devices_are_reset_when_the_vm_drops_them() {
-        let resets = Arc::new(AtomicUsize::new(0));
-        let devices: Vec<NamedDevice> = vec![("counted", Box::new(Counted(resets.clone())))];
-        let mut wrapped = reset_on_drop(devices);
-        let (_, device) = wrapped.pop().expect("one device");
-        assert_eq!((device.device_type(), device.queue_max_sizes()), (crate::virtio::device_type::RNG, &[8u16][..]));
-        assert_eq!(resets.load(Ordering::SeqCst), 0);
-        drop(device);
-        assert_eq!(resets.load(Ordering::SeqCst), 1);
-    }
 }

@@ -152,12 +152,6 @@ impl VirtioDevice for Console {
 }
 
 /// A console dropped while active stops its thread rather than leave it serving a dead VM.
-impl Drop for Console {
-    fn drop(&mut self) {
-        self.reset();
-    }
-}
-
 /// The console's side of its worker thread.
 struct ConsoleWorker {
     receive: Option<ActiveQueue>,
@@ -338,6 +332,7 @@ fn notify_if_needed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::wait_until;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -705,15 +700,6 @@ mod tests {
         assert_eq!(harness.pending(), 14);
     }
 
-    fn wait_until(what: impl Fn() -> bool) {
-        for _ in 0..1000 {
-            if what() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        panic!("condition never became true");
-    }
 
     fn activation(guest: &Guest<'_>, signals: &Signals) -> (Activation, EventFd, EventFd) {
         let queues = guest.queues();

@@ -253,12 +253,6 @@ impl VirtioDevice for Net {
     }
 }
 
-impl Drop for Net {
-    fn drop(&mut self) {
-        self.reset();
-    }
-}
-
 /// The card at work: both queues, the tap, and the receive buffers taken from the ring but
 /// not yet filled.
 struct NetWorker {

@@ -114,6 +114,7 @@ fn wait_for_stop(stop: &EventFd) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::wait_until;
 
     /// Counts kicks on one eventfd; fails on the third.
     struct Counter {
@@ -136,15 +137,6 @@ mod tests {
         }
     }
 
-    fn wait_until(what: impl Fn() -> bool) {
-        for _ in 0..1000 {
-            if what() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        panic!("condition never became true");
-    }
 
     #[test]
     fn kicks_reach_the_handler_and_stop_returns_it() {

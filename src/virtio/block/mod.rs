@@ -105,12 +105,6 @@ impl VirtioDevice for Block {
     }
 }
 
-impl Drop for Block {
-    fn drop(&mut self) {
-        self.reset();
-    }
-}
-
 fn bit(feature: u32) -> u64 {
     1 << feature
 }
