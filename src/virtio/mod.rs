@@ -17,7 +17,9 @@
 
 pub mod block;
 pub mod console;
+pub mod net;
 pub mod rng;
+pub mod tap;
 pub mod transport;
 pub mod worker;
 
