@@ -1,5 +1,5 @@
 //! Property tests of the virtio devices' request handling, the ordinary suite's half of
-//! `fuzz/fuzz_targets/virtio_{rng,console,block}.rs`: a malicious guest lays out descriptor
+//! `fuzz/fuzz_targets/virtio_{rng,console,block,net}.rs`: a malicious guest lays out descriptor
 //! chains however it likes (loops, next indices past the table, indirect tables, buffers
 //! outside memory or of absurd length, head indices past the ring) and the device serves the
 //! queue once, synchronously, through the same handler its worker thread runs.
@@ -17,6 +17,9 @@ use std::time::Duration;
 use lguest::config::DiskConfig;
 use lguest::virtio::block::{Block, QUEUE_SIZE};
 use lguest::virtio::console::Console;
+use lguest::virtio::net::{Net, RX_KICK, TAP, TX_KICK};
+use lguest::virtio::tap::Tap;
+use lguest::virtio::worker::DeviceWorker;
 use lguest::virtio::rng::{Rng, MAX_BYTES_PER_REQUEST};
 use lguest::virtio::{feature, ActiveQueue, Activation, Signals};
 use proptest::prelude::*;
@@ -26,6 +29,7 @@ use virtio_bindings::bindings::virtio_blk::{
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::{Epoll, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM_END: u64 = 0x10_0000;
@@ -256,6 +260,58 @@ proptest! {
     }
 }
 
+/// A network card on a socket pair standing in for its tap, driven by hand; the host's end is
+/// returned to play the network.
+fn net_worker(mem: &GuestMemoryMmap, rx: ActiveQueue, tx: ActiveQueue, features: u64) -> (impl DeviceWorker, Epoll, std::fs::File) {
+    let (tap, host) = Tap::socket_pair().expect("socket pair");
+    let net = Net::with_tap(tap, Some([0x52, 0x54, 0, 0, 0, 1]));
+    let mut activation = activation(mem, vec![Some(rx), Some(tx)], false);
+    activation.features |= features;
+    let mut worker = net.handler(activation).expect("handler");
+    let epoll = Epoll::new().expect("epoll");
+    worker.register(&epoll).expect("register");
+    (worker, epoll, std::fs::File::from(host))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn net_any_transmit_chain_yields_a_used_entry_or_needs_reset(tx in guest_queue(256), features in any::<u32>()) {
+        let mem = memory();
+        let rx = GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] };
+        let (mut worker, epoll, _host) = net_worker(&mem, rx.install(&mem, 0, 256), tx.install(&mem, 0x8000, 256), u64::from(features));
+        let served = worker.handle(&epoll, TX_KICK, EventSet::IN);
+        check_served(served, &tx, &used(&mem, 0x8000))?;
+    }
+
+    #[test]
+    fn net_receive_fills_only_posted_buffers(
+        rx in guest_queue(256),
+        features in any::<u32>(),
+        frames in prop::collection::vec(prop_oneof![0..200usize, 0..70_000usize], 0..4),
+    ) {
+        let mem = memory();
+        let tx = GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] };
+        let (mut worker, epoll, mut host) = net_worker(&mem, rx.install(&mem, 0, 256), tx.install(&mem, 0x8000, 256), u64::from(features));
+        let mut served = worker.handle(&epoll, RX_KICK, EventSet::IN);
+        for len in frames {
+            let _ = host.write(&vec![0x5a; len]);
+            served = served.and_then(|()| worker.handle(&epoll, TAP, EventSet::IN));
+        }
+        let used = used(&mem, 0);
+        let mut posted = rx.heads.clone();
+        for &(id, _) in &used {
+            let at = posted.iter().position(|&h| u32::from(h) == id);
+            prop_assert!(at.is_some(), "used entry {} was never posted (or used twice)", id);
+            posted.remove(at.unwrap_or_default());
+        }
+        if served.is_err() {
+            prop_assert!(rx.has_bad_head(), "broken without cause: {:?}", served);
+        }
+    }
+}
+
 /// Runs `serve` on a thread and fails the test if it has not returned within 20 s: the bugs
 /// kept here were endless loops.
 fn within_seconds(serve: impl FnOnce() -> Result<(), String> + Send + 'static) -> Result<(), String> {
@@ -300,4 +356,27 @@ fn block_rings_laid_over_each_other_break_the_device_instead_of_spinning() {
     let block = Block::new(&DiskConfig { path: image.path().to_path_buf(), readonly: true, id: None }).expect("disk");
     let mut requests = block.handler(activation(&mem, vec![Some(active)], false)).expect("handler");
     assert!(within_seconds(move || requests.serve()).is_err(), "the device says it is broken");
+}
+
+/// The same overlap on virtio-net's transmit queue, which had the same loop.
+#[test]
+fn net_rings_laid_over_each_other_break_the_device_instead_of_spinning() {
+    let mem = memory();
+    let overlapping = {
+        let mut queue = Queue::new(256).expect("queue");
+        queue.try_set_size(2).expect("size");
+        queue.try_set_desc_table_address(GuestAddress(0xffe0)).expect("desc");
+        queue.try_set_avail_ring_address(GuestAddress(0xfe)).expect("avail");
+        queue.try_set_used_ring_address(GuestAddress(0x100)).expect("used");
+        queue.set_ready(true);
+        assert!(queue.is_valid(&mem), "the transport accepts these rings");
+        ActiveQueue { queue, kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd") }
+    };
+    let rx = GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] };
+    let (mut worker, epoll, host) = net_worker(&mem, rx.install(&mem, 0x8000, 256), overlapping, 0);
+    let served = within_seconds(move || {
+        let _host = host;
+        worker.handle(&epoll, TX_KICK, EventSet::IN)
+    });
+    assert!(served.is_err(), "the device says it is broken");
 }
