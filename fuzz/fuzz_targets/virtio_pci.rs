@@ -17,6 +17,8 @@ use lguest::bus::BusDevice;
 use lguest::pci::msix::{MsiRoutes, NO_VECTOR};
 use lguest::pci::PciDevice;
 use lguest::virtio::console::Console;
+use lguest::virtio::net::Net;
+use lguest::virtio::tap::Tap;
 use lguest::virtio::rng::Rng;
 use lguest::virtio::transport::{VirtioPci, BAR_SIZE};
 use lguest::virtio::VirtioDevice;
@@ -31,6 +33,7 @@ enum Device {
     Probe { sizes: Vec<u8>, features: u64, config: Vec<u8>, refuse: bool },
     Rng,
     Console,
+    Net,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -88,6 +91,7 @@ fuzz_target!(|input: Input| {
         }
         Device::Rng => Box::new(Rng::new()),
         Device::Console => Box::new(Console::new(Box::new(std::io::sink())).expect("console")),
+        Device::Net => Box::new(Net::with_tap(Tap::socket_pair().expect("socket pair").0, None)),
     };
     let queues = device.queue_max_sizes().len();
     let vectors = queues as u64 + 1;
