@@ -177,6 +177,26 @@ impl VmConfig {
         })
     }
 
+    /// The defaults `lguest run --kernel KERNEL` would get, for code that builds a
+    /// configuration without a command line (tests, fuzz targets).
+    pub fn for_kernel(kernel: PathBuf) -> VmConfig {
+        VmConfig {
+            kernel,
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            memory_mib: 512,
+            cpus: 1,
+            boot_timeline: false,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            console: ConsoleKind::Serial,
+            rng: false,
+            on_reboot: OnReboot::Exit,
+            shutdown_timeout: Duration::from_secs(10),
+            seccomp: crate::seccomp::Mode::Enforce,
+        }
+    }
+
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
     }

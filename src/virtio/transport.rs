@@ -371,7 +371,12 @@ impl BusDevice for VirtioPci {
         data.fill(0);
         match offset {
             COMMON..=0x0fff => self.read_common(offset, data),
-            ISR => data[0] = self.isr.swap(0, Ordering::SeqCst),
+            // A read of no bytes (BusDevice promises to cope with any width) clears nothing.
+            ISR => {
+                if let Some(first) = data.first_mut() {
+                    *first = self.isr.swap(0, Ordering::SeqCst);
+                }
+            }
             DEVICE..=0x2fff => self.device.read_config(offset - DEVICE, data),
             MSIX_TABLE..=0x5fff => self.msix.read_table(offset - MSIX_TABLE, data),
             MSIX_PBA..=0x7fff => self.msix.read_pba(offset - MSIX_PBA, data),
