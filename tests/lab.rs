@@ -137,7 +137,7 @@ fn expect_cases(output: &str, cases: &[&str]) -> Result<(), String> {
 }
 
 #[test]
-fn virtio_disks_read_write_refuse_writes_when_readonly_and_mount_ext4() {
+fn virtio_disks_read_write_refuse_writes_when_readonly_mount_ext4_and_survive_kill_9() {
     run_scenario("virtio-disk", |output| {
         expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
         expect_cases(
@@ -156,6 +156,9 @@ fn virtio_disks_read_write_refuse_writes_when_readonly_and_mount_ext4() {
                 "disk-two-readonly",
                 "disk-two-readonly-host-file",
                 "disk-two-ext4",
+                "disk-kill9-held",
+                "disk-kill9-killed",
+                "disk-kill9-host-file",
             ],
         )
     });

@@ -4,6 +4,8 @@
 #     image must then hold exactly our first MiB and the guest's second MiB.
 #  2. two disks: vda readonly (the guest's write must fail, the image stay unchanged) and
 #     vdb an ext4 image made here with mkfs.ext4 -d, which the guest mounts to read a file.
+#  3. kill -9: the guest writes and fsyncs its pattern, then holds; we kill lguest with
+#     SIGKILL at once, and the image must hold what the guest was told is on disk.
 # Each check prints "CASE NAME status=0" (or status=1 and "FAIL NAME: why"); the guest's
 # console is always printed. Every lguest run is bounded by `timeout`.
 set -o pipefail
@@ -82,3 +84,23 @@ check disk-two-readonly-host-file "the readonly image changed: md5 $(md5 <ro.img
     [ "$(md5 <ro.img)" = "$ro_md5" ]
 check disk-two-ext4 "the guest did not say LGUEST-DISK-EXT4-OK vdb dir/hello.txt md5=$file_md5" \
     [ "$(said disk-two.out LGUEST-DISK-EXT4-OK | cut -d' ' -f1-3)" = "vdb dir/hello.txt md5=$file_md5" ]
+
+# 3. A write the guest has flushed survives kill -9 of the VMM at that moment: the flush is
+#    acknowledged only after fdatasync, so nothing the guest counts on is left in lguest.
+pattern host $((2 * MiB)) >k9.img
+lguest run $guest --disk /tmp/k9.img --cmdline "$cmdline lguest.disk.write=vda lguest.hold=1" </dev/null >k9.out 2>&1 &
+pid=$!
+n=0
+until grep -q '^LGUEST-HOLDING' k9.out || ! kill -0 $pid 2>/dev/null || [ $n -ge 1800 ]; do
+    sleep 0.1
+    n=$((n + 1))
+done
+kill -9 $pid 2>/dev/null
+wait $pid
+status=$?
+echo "== disk-kill9: lguest ended with status $status"
+tr -d '\r' <k9.out | grep '^LGUEST-'
+check disk-kill9-held "the guest never wrote, flushed and held (no LGUEST-HOLDING)" grep -q '^LGUEST-HOLDING' k9.out
+check disk-kill9-killed "lguest was not killed by SIGKILL while the guest held (status $status, want 137)" [ "$status" = 137 ]
+check disk-kill9-host-file "after kill -9 the image lacks the guest's flushed MiB: $(cmp k9.img rw.expected 2>&1)" \
+    cmp -s k9.img rw.expected
