@@ -1,0 +1,64 @@
+# Lab side of bench/run.sh's row 7 (density); bench/run.sh prepends RUNS=N K=N.
+# Starts K VMs of 64 MiB at once (the reference guest, lguest.scenario=shell: it prints
+# LGUEST-GUEST-INIT, then LGUEST-SHELL-READY and waits at its prompt), each under stopwatch,
+# VM i pinned to lab CPU i%2 (taskset: one VMM's threads never move between the lab's CPUs,
+# which is what loses nested boots). Measures the time from the first start until the last
+# VM reached /init, and once all are at their prompt the sum of the K VMMs' RSS. Then stops
+# them all. lguest and QEMU microvm alternate, RUNS runs each. A run where not every VM got
+# to its prompt within 600 s is noted, not measured.
+. /bench/lib.sh
+
+# density_once VMM
+density_once() {
+    rm -f /tmp/d.*
+    read -r t0 _ </proc/uptime
+    pids=""
+    i=0
+    while [ $i -lt "$K" ]; do
+        vmm_cmd "$1" 64 1 /guest/initramfs.cpio.gz "$CMDLINE lguest.scenario=shell"
+        read -r up _ </proc/uptime
+        echo "$up" >/tmp/d.start.$i
+        (eval "exec taskset -c $((i % 2)) stopwatch --label $1 --marker LGUEST-GUEST-INIT -- $CMD") \
+            </dev/null >/tmp/d.out.$i 2>/tmp/d.err.$i &
+        pids="$pids $!"
+        i=$((i + 1))
+    done
+    ready=0 waited=0
+    while [ $waited -lt 600 ]; do
+        ready=$(grep -l "^LGUEST-SHELL-READY" /tmp/d.out.* 2>/dev/null | wc -l)
+        [ "$ready" -ge "$K" ] && break
+        alive=0
+        for p in $pids; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done
+        [ $alive -lt "$K" ] && break   # one died: it won't get there
+        sleep 1
+        waited=$((waited + 1))
+    done
+    rss=0
+    for p in $pids; do
+        child=$(cat "/proc/$p/task/$p/children" 2>/dev/null)
+        kib=$(awk '/^VmRSS:/ { print $2 }' "/proc/${child% }/status" 2>/dev/null)
+        rss=$((rss + ${kib:-0}))
+    done
+    for p in $pids; do stop_pid "$p"; done
+    if [ "$ready" -lt "$K" ]; then
+        note density "$1: only $ready of $K VMs reached their prompt: not measured"
+        return 1
+    fi
+    # The last VM at /init, measured from the first start: start offset + its own marker time.
+    i=0 last=0
+    while [ $i -lt "$K" ]; do
+        ms=$(sed -n 's/^STOPWATCH .* marker=LGUEST-GUEST-INIT ms=\([0-9]*\)$/\1/p' /tmp/d.err.$i)
+        [ -n "$ms" ] || { note density "$1: VM $i has no /init time"; return 1; }
+        last=$(awk -v s="$(cat /tmp/d.start.$i)" -v t0="$t0" -v ms="$ms" -v l="$last" \
+            'BEGIN { v = (s - t0) * 1000 + ms; printf "%.0f", v > l ? v : l }')
+        i=$((i + 1))
+    done
+    emit density "$1" all-init "$last" ms
+    emit density "$1" total-rss "$(kib_to_mib $rss)" MiB
+}
+
+for run in $(seq 1 "$RUNS"); do
+    for vmm in lguest qemu; do
+        density_once $vmm || true
+    done
+done
