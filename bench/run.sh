@@ -90,7 +90,7 @@ mkdir -p "$out/logs"
 raw=$out/latest.raw
 cat >"$raw" <<EOF
 BENCH-PARAM date=$(date -u +%Y-%m-%dT%H:%MZ) commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo none) host_cpus=$(nproc)
-BENCH-PARAM runs=$runs density_runs=$density_runs secs_per_io_test=$secs density_vms=$density_vms host_exits=$host_exits lab_exits=$lab_exits
+BENCH-PARAM rows=$rows runs=$runs density_runs=$density_runs secs_per_io_test=$secs density_vms=$density_vms host_exits=$host_exits lab_exits=$lab_exits
 EOF
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -5,6 +5,8 @@ and the same numbers as JSON (JSON). Raw lines (everything else is ignored):
     BENCH-NOTE row=ROW text...                                     listed under the table
     BENCH-PARAM key=value                                          how the run was made
 
+BENCH-PARAM rows=LIST (bench/run.sh's --rows) limits the table to those rows' lines.
+
 Each table line is one measurement: lguest's median (min–max) over its samples, a peer's
 (QEMU, QEMU with vhost, or the bare KVM_RUN loop), and the ratio of the medians,
 lguest/peer. Whether a lower or a higher number is better is said per line. Lines with no
@@ -14,32 +16,32 @@ import re
 import statistics
 import sys
 
-# (row number, row id, metric, title, better, peers). Titles may use the BENCH-PARAMs.
+# (row number, row id, metric, title, unit, better, peers). Titles may use the BENCH-PARAMs.
 CATALOG = [
-    (1, "boot-1cpu", "init", "Boot, 1 vCPU, 256 MiB: start → guest /init", "lower", ["qemu"]),
-    (1, "boot-1cpu", "exit", "Boot, 1 vCPU, 256 MiB: start → exit after poweroff", "lower", ["qemu"]),
-    (1, "boot-2cpu", "init", "Boot, 2 vCPUs, 256 MiB: start → guest /init", "lower", ["qemu"]),
-    (1, "boot-2cpu", "exit", "Boot, 2 vCPUs, 256 MiB: start → exit after poweroff", "lower", ["qemu"]),
-    (2, "startup", "first-kvm-run", "VMM start-up: start → first KVM_RUN", "lower", []),
-    (3, "memory-256m", "rss", "Memory, idle guest, 256 MiB: VMM RSS", "lower", ["qemu"]),
-    (3, "memory-256m", "overhead", "Memory, idle guest, 256 MiB: RSS − guest RAM touched", "lower", ["qemu"]),
-    (3, "memory-2g", "rss", "Memory, idle guest, 2 GiB: VMM RSS", "lower", ["qemu"]),
-    (3, "memory-2g", "overhead", "Memory, idle guest, 2 GiB: RSS − guest RAM touched", "lower", ["qemu"]),
-    (3, "memory-256m-4dev", "rss", "Memory, 256 MiB + 4 virtio devices: VMM RSS", "lower", ["qemu"]),
-    (3, "memory-256m-4dev", "overhead", "Memory, 256 MiB + 4 virtio devices: RSS − guest RAM", "lower", ["qemu"]),
-    (4, "disk", "seq-read", "Disk: sequential read, 1 MiB × 4", "higher", ["qemu"]),
-    (4, "disk", "seq-write", "Disk: sequential write, 1 MiB × 4", "higher", ["qemu"]),
-    (4, "disk", "rand-read", "Disk: random read, 4 KiB × 16", "higher", ["qemu"]),
-    (4, "disk", "rand-write", "Disk: random write, 4 KiB × 16", "higher", ["qemu"]),
-    (5, "net", "tcp-tx", "Network: TCP guest → host (iperf3)", "higher", ["qemu", "qemu-vhost"]),
-    (5, "net", "tcp-rx", "Network: TCP host → guest (iperf3 -R)", "higher", ["qemu", "qemu-vhost"]),
-    (5, "net", "tcp-rr", "Network: 1-byte TCP request/response", "higher", ["qemu", "qemu-vhost"]),
-    (6, "exits-host", "unhandled-port", "Exit cost, this host's KVM: write to an unhandled port", "lower", ["bare"]),
-    (6, "exits-host", "device-port", "Exit cost, this host's KVM: write to a device port (UART)", "lower", ["bare"]),
-    (6, "exits-lab", "unhandled-port", "Exit cost, lab KVM: write to an unhandled port", "lower", ["bare"]),
-    (6, "exits-lab", "device-port", "Exit cost, lab KVM: write to a device port (UART)", "lower", ["bare"]),
-    (7, "density", "all-init", "Density, {density_vms} × 64 MiB at once: all at /init", "lower", ["qemu"]),
-    (7, "density", "total-rss", "Density, {density_vms} × 64 MiB at once: total RSS at idle", "lower", ["qemu"]),
+    (1, "boot-1cpu", "init", "Boot, 1 vCPU, 256 MiB: start → guest /init", "ms", "lower", ["qemu"]),
+    (1, "boot-1cpu", "exit", "Boot, 1 vCPU, 256 MiB: start → exit after poweroff", "ms", "lower", ["qemu"]),
+    (1, "boot-2cpu", "init", "Boot, 2 vCPUs, 256 MiB: start → guest /init", "ms", "lower", ["qemu"]),
+    (1, "boot-2cpu", "exit", "Boot, 2 vCPUs, 256 MiB: start → exit after poweroff", "ms", "lower", ["qemu"]),
+    (2, "startup", "first-kvm-run", "VMM start-up: start → first KVM_RUN", "ms", "lower", []),
+    (3, "memory-256m", "rss", "Memory, idle guest, 256 MiB: VMM RSS", "MiB", "lower", ["qemu"]),
+    (3, "memory-256m", "overhead", "Memory, idle guest, 256 MiB: RSS − guest RAM touched", "MiB", "lower", ["qemu"]),
+    (3, "memory-2g", "rss", "Memory, idle guest, 2 GiB: VMM RSS", "MiB", "lower", ["qemu"]),
+    (3, "memory-2g", "overhead", "Memory, idle guest, 2 GiB: RSS − guest RAM touched", "MiB", "lower", ["qemu"]),
+    (3, "memory-256m-4dev", "rss", "Memory, 256 MiB + 4 virtio devices: VMM RSS", "MiB", "lower", ["qemu"]),
+    (3, "memory-256m-4dev", "overhead", "Memory, 256 MiB + 4 virtio devices: RSS − guest RAM", "MiB", "lower", ["qemu"]),
+    (4, "disk", "seq-read", "Disk: sequential read, 1 MiB × 4", "MiB/s", "higher", ["qemu"]),
+    (4, "disk", "seq-write", "Disk: sequential write, 1 MiB × 4", "MiB/s", "higher", ["qemu"]),
+    (4, "disk", "rand-read", "Disk: random read, 4 KiB × 16", "IOPS", "higher", ["qemu"]),
+    (4, "disk", "rand-write", "Disk: random write, 4 KiB × 16", "IOPS", "higher", ["qemu"]),
+    (5, "net", "tcp-tx", "Network: TCP guest → host (iperf3)", "Mbit/s", "higher", ["qemu", "qemu-vhost"]),
+    (5, "net", "tcp-rx", "Network: TCP host → guest (iperf3 -R)", "Mbit/s", "higher", ["qemu", "qemu-vhost"]),
+    (5, "net", "tcp-rr", "Network: 1-byte TCP request/response", "trans/s", "higher", ["qemu", "qemu-vhost"]),
+    (6, "exits-host", "unhandled-port", "Exit cost, this host's KVM: write to an unhandled port", "ns", "lower", ["bare"]),
+    (6, "exits-host", "device-port", "Exit cost, this host's KVM: write to a device port (UART)", "ns", "lower", ["bare"]),
+    (6, "exits-lab", "unhandled-port", "Exit cost, lab KVM: write to an unhandled port", "ns", "lower", ["bare"]),
+    (6, "exits-lab", "device-port", "Exit cost, lab KVM: write to a device port (UART)", "ns", "lower", ["bare"]),
+    (7, "density", "all-init", "Density, {density_vms} × 64 MiB at once: all at /init", "ms", "lower", ["qemu"]),
+    (7, "density", "total-rss", "Density, {density_vms} × 64 MiB at once: total RSS at idle", "MiB", "lower", ["qemu"]),
 ]
 PEER_NAMES = {"qemu": "QEMU", "qemu-vhost": "QEMU vhost=on", "bare": "bare KVM_RUN loop"}
 
@@ -86,23 +88,33 @@ def cell(s):
     return "n/a" if s is None else f"{num(s['median'])} ({num(s['min'])}–{num(s['max'])})"
 
 
+# bench/run.sh's row names → the row ids of the catalog they fill.
+GROUPS = {"boot": ["boot-1cpu", "boot-2cpu", "startup"], "memory": ["memory-256m", "memory-2g", "memory-256m-4dev"],
+          "disk": ["disk"], "net": ["net"], "exits": ["exits-host", "exits-lab"], "exits-host": ["exits-host"],
+          "density": ["density"]}
+
+
 def build(samples, units, params):
     lines = []
+    wanted = params.get("rows")
     catalog = list(CATALOG)
+    if wanted:
+        ids = {i for group in wanted.split(",") for i in GROUPS.get(group, [group])}
+        catalog = [entry for entry in catalog if entry[1] in ids]
     known = {(r, m) for _, r, m, *_ in CATALOG}
     for row, metric, _vmm in samples:  # anything the catalog does not know yet, at the end
         if (row, metric) not in known:
             known.add((row, metric))
-            catalog.append((0, row, metric, f"{row}: {metric}", "lower", ["qemu"]))
+            catalog.append((0, row, metric, f"{row}: {metric}", "", "lower", ["qemu"]))
     fmt = dict({"density_vms": "K"}, **params)
-    for number, row, metric, title, better, peers in catalog:
+    for number, row, metric, title, unit, better, peers in catalog:
         ours = stats(samples.get((row, metric, "lguest"), []))
         for peer in peers or [None]:
             theirs = stats(samples.get((row, metric, peer), [])) if peer else None
             ratio = ours["median"] / theirs["median"] if ours and theirs and theirs["median"] else None
             lines.append({
                 "row": number, "id": f"{row}/{metric}", "title": title.format(**fmt),
-                "unit": units.get((row, metric), ""), "better": better,
+                "unit": units.get((row, metric), unit), "better": better,
                 "lguest": ours, "peer": peer, "peer_result": theirs,
                 "ratio": round(ratio, 3) if ratio is not None else None,
             })

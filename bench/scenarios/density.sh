@@ -41,7 +41,9 @@ density_once() {
     done
     for p in $pids; do stop_pid "$p"; done
     if [ "$ready" -lt "$K" ]; then
-        note density "$1: only $ready of $K VMs reached their prompt: not measured"
+        for f in /tmp/d.out.*; do guest_said "$f" LGUEST-SHELL-READY || break; done
+        note density "$1: only $ready of $K VMs reached their prompt after ${waited} s: not measured." \
+            "One that did not: $(tail -c 300 "$f" "${f%.out.*}.err.${f##*.}" | tr '\r\n' '  ')"
         return 1
     fi
     # The last VM at /init, measured from the first start: start offset + its own marker time.

@@ -50,7 +50,7 @@ vmm_cmd() {
                 _n=$((_n + 1))
                 case $_dev in
                     disk=*) CMD="$CMD -drive file=${_dev#disk=},if=none,id=d$_n,format=raw,cache=writeback,aio=threads -device virtio-blk-pci,drive=d$_n" ;;
-                    net=*) CMD="$CMD -netdev tap,id=n$_n,ifname=${_dev#net=},script=no,downscript=no,vhost=$_vhost -device virtio-net-pci,netdev=n$_n,mac=$MAC" ;;
+                    net=*) CMD="$CMD -netdev tap,id=n$_n,ifname=${_dev#net=},script=no,downscript=no,vhost=$_vhost -device virtio-net-pci,netdev=n$_n,mac=$MAC,romfile=" ;;
                     rng) CMD="$CMD -object rng-random,id=r$_n,filename=/dev/urandom -device virtio-rng-pci,rng=r$_n" ;;
                 esac
             done
