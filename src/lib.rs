@@ -11,9 +11,12 @@
 //!    vCPU threads, and the wait for the guest to stop.
 //! 5. [`vcpu`]: the world switch (`KVM_RUN`) and one handler per exit reason.
 //! 6. [`bus`] and [`devices`]: where port I/O and MMIO exits land; absent devices read as ones.
-//! 7. [`console`]: the user's terminal, wired to the guest's serial port.
-//! 8. [`fault`]: what we say when a guest dies, so that only the guest dies.
-//! 9. [`timeline`]: when each of the above happened, for `--boot-timeline`.
+//! 7. [`pci`] and [`virtio`]: the PCI bus a stock kernel finds its devices on, the virtio
+//!    transport, and the devices (console, disk, network, entropy) serving their queues on
+//!    threads of their own.
+//! 8. [`console`]: the user's terminal, wired to the guest's serial port or virtio console.
+//! 9. [`fault`]: what we say when a guest dies, so that only the guest dies.
+//! 10. [`timeline`]: when each of the above happened, for `--boot-timeline`.
 
 pub mod arch;
 pub mod bus;

@@ -26,7 +26,9 @@ use crate::memory::{self, layout};
 use crate::pci::msix::MsiRoutes;
 use crate::pci::{PciRoot, CONFIG_PORT, CONFIG_PORT_LEN};
 use crate::config::ConsoleKind;
+use crate::virtio::block::Block;
 use crate::virtio::console::{Console, ConsoleInput};
+use crate::virtio::net::Net;
 use crate::virtio::rng::Rng;
 use crate::virtio::transport::{VirtioPci, BAR_SIZE};
 use crate::virtio::VirtioDevice;
@@ -178,6 +180,12 @@ fn virtio_devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Option<Console
             .map_err(|source| Error::Host { what: "cannot create the virtio console", source })?;
         console_input = Some(console.input());
         devices.push(("virtio-console", Box::new(console)));
+    }
+    for disk in &config.disks {
+        devices.push(("virtio-blk", Box::new(Block::new(disk)?)));
+    }
+    for net in &config.nets {
+        devices.push(("virtio-net", Box::new(Net::new(net)?)));
     }
     if config.rng {
         devices.push(("virtio-rng", Box::new(Rng::new())));

@@ -15,8 +15,11 @@
 //! status); a queue that can't be used any more marks the device NEEDS_RESET
 //! ([`Signals::device_broken`]); the VMM and the other devices carry on.
 
+pub mod block;
 pub mod console;
+pub mod net;
 pub mod rng;
+pub mod tap;
 pub mod transport;
 pub mod worker;
 

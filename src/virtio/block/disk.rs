@@ -1,0 +1,324 @@
+//! The host side of a virtio disk: one raw image, opened, checked and locked once when the VM is
+//! built, then read and written in place by the disk's worker thread.
+//!
+//! Data moves with one `preadv`/`pwritev` per request, straight between the page cache and the
+//! guest's own buffers ([`GuestBuffers`]): no bounce buffer, no copy of ours. What reaches this
+//! module has been bounds-checked by the request code; the file itself is trusted only to be the
+//! size it was at open (another process truncating it under us turns into I/O errors).
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{self, ErrorKind, Seek, SeekFrom};
+use std::marker::PhantomData;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap};
+
+use crate::config::DiskConfig;
+use crate::error::Error;
+
+/// Virtio-blk counts in 512-byte sectors, whatever the host's block size.
+pub const SECTOR_SIZE: u64 = 512;
+pub const SECTOR_SHIFT: u32 = 9;
+/// The serial a guest reads with GET_ID.
+pub const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
+
+/// Linux refuses a `preadv`/`pwritev` with more iovecs than this (UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
+/// Where the discard probe punches, past the end of the file and aligned so that the block
+/// holding the file's last bytes is never touched, whatever the file system's block size.
+const PROBE_ALIGN: u64 = 1 << 16;
+
+/// An open, locked disk image.
+pub struct Disk {
+    file: File,
+    /// For log messages.
+    pub name: String,
+    pub sectors: u64,
+    pub readonly: bool,
+    /// Whether the file can punch holes, which DISCARD and WRITE_ZEROES are built on.
+    pub can_punch_holes: bool,
+    /// The host file system's block size in sectors: discards finer than that free nothing.
+    pub discard_alignment: u32,
+    pub id: [u8; ID_BYTES],
+    /// Cleared the first time the file system says it can't zero a range in place, after which
+    /// WRITE_ZEROES punches holes instead (tmpfs, for one, only does the latter).
+    zero_range_works: AtomicBool,
+}
+
+impl Disk {
+    /// Opens `config.path` for reading (and writing unless read-only), locks it against other
+    /// VMMs, and measures it.
+    pub fn open(config: &DiskConfig) -> crate::error::Result<Disk> {
+        let path = &config.path;
+        let fail = |why: String| Error::Disk { path: path.clone(), why };
+        check_kind(path).map_err(fail)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!config.readonly)
+            .open(path)
+            .map_err(|e| fail(explain_open_error(&e, config.readonly)))?;
+        lock(&file, config.readonly).map_err(fail)?;
+        let bytes = file.seek(SeekFrom::End(0)).map_err(|e| fail(format!("cannot find its size: {e}")))?;
+        let sectors = bytes >> SECTOR_SHIFT;
+        if sectors == 0 {
+            return Err(fail(format!("it is {bytes} bytes long; a disk needs at least one {SECTOR_SIZE}-byte sector")));
+        }
+        if !bytes.is_multiple_of(SECTOR_SIZE) {
+            tracing::warn!(
+                "disk image '{}' is {bytes} bytes, not a multiple of {SECTOR_SIZE}: the guest sees only the first {} bytes",
+                path.display(),
+                sectors << SECTOR_SHIFT
+            );
+        }
+        let can_punch_holes = !config.readonly && punch_hole_works(&file, bytes);
+        let block_size = file.metadata().map(|m| m.blksize()).unwrap_or(SECTOR_SIZE);
+        Ok(Disk {
+            name: path.display().to_string(),
+            sectors,
+            readonly: config.readonly,
+            can_punch_holes,
+            discard_alignment: u32::try_from(block_size >> SECTOR_SHIFT).unwrap_or(1).max(1),
+            id: disk_id(config),
+            zero_range_works: AtomicBool::new(true),
+            file,
+        })
+    }
+
+    /// Reads from `offset` into the guest's buffers, all of them or fails.
+    pub fn read_into(&self, buffers: &mut GuestBuffers<'_>, offset: u64) -> io::Result<()> {
+        let fd = self.file.as_raw_fd();
+        transfer_all(&mut buffers.iovecs, offset, |iovecs, offset| {
+            // SAFETY: every iovec points into a mapping of guest memory that `GuestBuffers`
+            // checked and keeps borrowed, so the kernel writes only there. No Rust reference
+            // into guest memory exists; the guest racing its own buffer is its own business,
+            // as with any DMA.
+            unsafe { libc::preadv(fd, iovecs.as_ptr(), iovec_count(iovecs), offset) }
+        })
+    }
+
+    /// Writes the guest's buffers at `offset`, all of them or fails.
+    pub fn write_from(&self, buffers: &mut GuestBuffers<'_>, offset: u64) -> io::Result<()> {
+        let fd = self.file.as_raw_fd();
+        transfer_all(&mut buffers.iovecs, offset, |iovecs, offset| {
+            // SAFETY: as in `read_into`; here the kernel only reads the guest's buffers.
+            unsafe { libc::pwritev(fd, iovecs.as_ptr(), iovec_count(iovecs), offset) }
+        })
+    }
+
+    /// Makes every completed write durable: the guest's FLUSH.
+    pub fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Gives `len` bytes at `offset` back to the host file system (they then read as zeros).
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        fallocate(&self.file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros, keeping them allocated unless `may_unmap`.
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        if !may_unmap && self.zero_range_works.load(Ordering::Relaxed) {
+            let zeroed = fallocate(&self.file, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len);
+            match zeroed {
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.zero_range_works.store(false, Ordering::Relaxed),
+                done => return done,
+            }
+        }
+        self.discard(offset, len)
+    }
+}
+
+/// Guest buffers as an iovec array for one `preadv`/`pwritev`. Built only from ranges vm-memory
+/// has found inside guest memory, and borrowing that memory, so that every iovec stays valid for
+/// as long as this lives.
+pub struct GuestBuffers<'m> {
+    iovecs: Vec<libc::iovec>,
+    memory: PhantomData<&'m GuestMemoryMmap>,
+}
+
+impl<'m> GuestBuffers<'m> {
+    pub fn with_capacity(capacity: usize) -> GuestBuffers<'m> {
+        GuestBuffers { iovecs: Vec::with_capacity(capacity), memory: PhantomData }
+    }
+
+    /// Adds the `len` bytes of guest memory at `addr`, which may span memory regions.
+    pub fn add(&mut self, mem: &'m GuestMemoryMmap, addr: GuestAddress, len: usize) -> Result<(), GuestMemoryError> {
+        for slice in mem.get_slices(addr, len) {
+            let slice = slice?;
+            // No dirty-page bitmap is kept on our guest memory, so writing through the pointer
+            // needs no bookkeeping.
+            self.iovecs.push(libc::iovec { iov_base: slice.ptr_guard_mut().as_ptr().cast(), iov_len: slice.len() });
+        }
+        Ok(())
+    }
+}
+
+fn iovec_count(iovecs: &[libc::iovec]) -> libc::c_int {
+    // `transfer_all` never passes more than IOV_MAX.
+    libc::c_int::try_from(iovecs.len()).unwrap_or(libc::c_int::MAX)
+}
+
+/// Runs `op` (a `preadv` or `pwritev`) until every byte of `iovecs` has moved, at most IOV_MAX
+/// iovecs a call, resuming after short transfers.
+fn transfer_all(
+    iovecs: &mut [libc::iovec],
+    offset: u64,
+    mut op: impl FnMut(&[libc::iovec], libc::off_t) -> isize,
+) -> io::Result<()> {
+    let mut offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
+    let mut first = 0;
+    while first < iovecs.len() {
+        let end = iovecs.len().min(first + IOV_MAX);
+        let moved = op(&iovecs[first..end], offset);
+        let moved = match usize::try_from(moved) {
+            Ok(0) => return Err(io::Error::new(ErrorKind::UnexpectedEof, "the image ended early (was it truncated?)")),
+            Ok(moved) => moved,
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+        };
+        offset = offset.saturating_add(libc::off_t::try_from(moved).unwrap_or(libc::off_t::MAX));
+        first = skip_transferred(iovecs, first, moved);
+    }
+    Ok(())
+}
+
+/// Consumes `moved` bytes from `iovecs[first..]`; returns the index of the first iovec with
+/// bytes left, having trimmed its front.
+fn skip_transferred(iovecs: &mut [libc::iovec], mut first: usize, mut moved: usize) -> usize {
+    while let Some(iovec) = iovecs.get_mut(first) {
+        if moved < iovec.iov_len {
+            iovec.iov_base = iovec.iov_base.cast::<u8>().wrapping_add(moved).cast();
+            iovec.iov_len -= moved;
+            break;
+        }
+        moved -= iovec.iov_len;
+        first += 1;
+    }
+    first
+}
+
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let invalid = |_| io::Error::from(ErrorKind::InvalidInput);
+    let (offset, len) = (libc::off_t::try_from(offset).map_err(invalid)?, libc::off_t::try_from(len).map_err(invalid)?);
+    loop {
+        // SAFETY: fallocate reads only its integer arguments, and `file` is open.
+        if unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Punches a hole past the end of the file, where there is nothing to lose, to learn whether
+/// the file system can. A zero-length probe would tell nothing: fallocate refuses it outright.
+fn punch_hole_works(file: &File, size: u64) -> bool {
+    let Some(offset) = size.checked_next_multiple_of(PROBE_ALIGN) else { return false };
+    fallocate(file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, PROBE_ALIGN).is_ok()
+}
+
+/// Refuses what can't be a disk before opening it: opening a FIFO for reading would block.
+fn check_kind(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| explain_open_error(&e, true))?;
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        return Err("it is a directory; give the path of an image file".into());
+    }
+    if !kind.is_file() && !kind.is_block_device() {
+        return Err("it is neither a regular file nor a block device".into());
+    }
+    Ok(())
+}
+
+fn explain_open_error(e: &io::Error, readonly: bool) -> String {
+    match e.kind() {
+        ErrorKind::NotFound => "no such file (create one with: truncate -s 1G FILE)".into(),
+        ErrorKind::PermissionDenied if !readonly => {
+            "permission denied; make it writable, or add ,readonly to give it to the guest read-only".into()
+        }
+        ErrorKind::PermissionDenied => "permission denied; make it readable by this user".into(),
+        ErrorKind::ReadOnlyFilesystem => "it is on a read-only file system; add ,readonly".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// Takes an exclusive lock on an image we write and a shared one on an image we only read, so
+/// that a second VMM can neither write an image in use nor read one that may change under it.
+/// (`flock` locks belong to the open file, so they also hold between two disks in one VMM.)
+fn lock(file: &File, readonly: bool) -> Result<(), String> {
+    let locked = if readonly { file.try_lock_shared() } else { file.try_lock() };
+    match locked {
+        Ok(()) => Ok(()),
+        Err(TryLockError::WouldBlock) if readonly => Err("it is in use by another VMM that may write to it".into()),
+        Err(TryLockError::WouldBlock) => Err("it is in use by another VMM (it is locked); stop that VMM first".into()),
+        Err(TryLockError::Error(e)) => Err(format!("cannot lock it: {e}")),
+    }
+}
+
+/// The configured serial, or else the file's name (printable ASCII only), zero padded.
+fn disk_id(config: &DiskConfig) -> [u8; ID_BYTES] {
+    let printable = |b: &u8| if b.is_ascii_graphic() { *b } else { b'_' };
+    let name: Vec<u8> = match (&config.id, config.path.file_name()) {
+        (Some(id), _) => id.bytes().collect(),
+        (None, Some(name)) => name.as_encoded_bytes().iter().map(printable).collect(),
+        (None, None) => Vec::new(),
+    };
+    let mut id = [0; ID_BYTES];
+    for (slot, byte) in id.iter_mut().zip(name) {
+        *slot = byte;
+    }
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_transfers_resume_where_they_stopped() {
+        let mut target = [[0u8; 5]; 3];
+        let mut iovecs: Vec<libc::iovec> =
+            target.iter_mut().map(|buf| libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }).collect();
+        let source: Vec<u8> = (0..15).collect();
+        let mut calls = 0;
+        transfer_all(&mut iovecs, 0, |iovecs, offset| {
+            calls += 1;
+            // Moves at most 4 bytes a call, like a pipe that is slow to fill.
+            let mut moved = 0;
+            for iovec in iovecs {
+                let n = iovec.iov_len.min(4 - moved);
+                let from = usize::try_from(offset).expect("offset") + moved;
+                // SAFETY: the iovecs point into `target`, alive for the whole call.
+                let dest = unsafe { std::slice::from_raw_parts_mut(iovec.iov_base.cast::<u8>(), n) };
+                dest.copy_from_slice(&source[from..from + n]);
+                moved += n;
+                if moved == 4 {
+                    break;
+                }
+            }
+            moved as isize
+        })
+        .expect("transfer");
+        assert_eq!(target.concat(), source);
+        assert_eq!(calls, 4);
+    }
+
+    #[test]
+    fn a_transfer_that_hits_the_end_of_the_file_fails() {
+        let mut buf = [0u8; 8];
+        let mut iovecs = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+        let result = transfer_all(&mut iovecs, 0, |_, _| 0);
+        assert_eq!(result.map_err(|e| e.kind()), Err(ErrorKind::UnexpectedEof));
+    }
+}

@@ -1,0 +1,444 @@
+//! The disk's request queue, served on its worker thread: each chain the guest makes available
+//! is one request (virtio spec 1.2, 5.2.6), a 16-byte header, the data, and a status byte.
+//!
+//! The chain is read as the spec's VERSION_1 layout allows: the device-readable bytes come first
+//! (header, then a write's data or the discard ranges), the device-writable bytes last (a read's
+//! data, then the status byte, which is the very last byte), however the driver cut them into
+//! descriptors. Everything in it is the guest's to forge. A request we can't make sense of gets
+//! IOERR (or UNSUPP for what we don't do) in its status byte; one without a status byte we could
+//! write is handed back with nothing written. Only a queue that can't be walked any more (rings
+//! outside memory, an available index running ahead of the ring) stops the device.
+
+use std::io;
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::{Epoll, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::disk::{Disk, GuestBuffers, SECTOR_SHIFT, SECTOR_SIZE};
+use super::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
+use crate::virtio::worker::{watch, DeviceWorker};
+use crate::virtio::Signals;
+
+/// `struct virtio_blk_outhdr`: type, reserved (ioprio), sector.
+const HEADER_LEN: u64 = 16;
+/// `struct virtio_blk_discard_write_zeroes`: sector, num_sectors, flags.
+const RANGE_LEN: u64 = 16;
+/// The most descriptors we follow in one chain (indirect tables can hold 65535). Linux never
+/// sends more than seg_max + 2; a guest that does is refused rather than walked for long.
+pub const MAX_DESCRIPTORS: usize = 1024;
+/// The largest read or write we serve. Linux's requests are a few MiB at most; beyond this a
+/// length is a forgery, and failing it keeps one request from holding the disk for long.
+pub const MAX_REQUEST_BYTES: u64 = 1 << 30;
+
+const KICK: u64 = 0;
+
+/// The one request queue and everything needed to serve it.
+pub struct RequestQueue {
+    queue: Queue,
+    kick: EventFd,
+    mem: GuestMemoryMmap,
+    signals: Signals,
+    requests: Requests,
+    /// (head, bytes written) of the chains served in this pass, returned to the guest together.
+    completed: Vec<(u16, u32)>,
+}
+
+impl RequestQueue {
+    /// A driver that did not accept FLUSH expects every write to be durable when it completes
+    /// (virtio spec 1.2, 5.2.5: no FLUSH means a write-through cache).
+    pub fn new(
+        disk: Arc<Disk>,
+        mem: GuestMemoryMmap,
+        queue: Queue,
+        kick: EventFd,
+        signals: Signals,
+        flush_negotiated: bool,
+    ) -> RequestQueue {
+        let completed = Vec::with_capacity(usize::from(queue.size()));
+        let requests = Requests {
+            disk,
+            write_through: !flush_negotiated,
+            readable: Vec::new(),
+            writable: Vec::new(),
+            host_error_reported: false,
+        };
+        RequestQueue { queue, kick, mem, signals, requests, completed }
+    }
+
+    /// Serves every available request, notifying the guest once per pass, until the driver has
+    /// added nothing more since we re-enabled its notifications.
+    pub fn serve(&mut self) -> Result<(), String> {
+        loop {
+            self.queue.disable_notification(&self.mem).map_err(broken)?;
+            self.complete_available()?;
+            if self.queue.needs_notification(&self.mem).map_err(broken)? {
+                self.signals.used_queue(0);
+            }
+            if !self.queue.enable_notification(&self.mem).map_err(broken)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Pops every available chain, serves it, then puts them all in the used ring.
+    fn complete_available(&mut self) -> Result<(), String> {
+        let Self { queue, mem, requests, completed, .. } = self;
+        let posted = queue.avail_idx(mem, Ordering::Acquire).map_err(broken)? - Wrapping(queue.next_avail());
+        if posted.0 > queue.size() {
+            return Err(format!("the available index is {} entries ahead of a {}-entry ring", posted.0, queue.size()));
+        }
+        let mut popped = 0u16;
+        for chain in queue.iter(&*mem).map_err(broken)? {
+            popped += 1;
+            let head = chain.head_index();
+            completed.push((head, requests.serve(mem, chain)));
+        }
+        if popped < posted.0 {
+            return Err("the available ring lies outside guest memory".into());
+        }
+        for (head, written) in completed.drain(..) {
+            queue.add_used(&*mem, head, written).map_err(broken)?;
+        }
+        Ok(())
+    }
+}
+
+impl DeviceWorker for RequestQueue {
+    fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
+        watch(epoll, &self.kick, KICK)
+    }
+
+    fn handle(&mut self, _: &Epoll, _: u64, _: EventSet) -> Result<(), String> {
+        // Only the count is consumed; what was kicked is whatever the ring says.
+        let _ = self.kick.read();
+        self.serve()
+    }
+}
+
+fn broken(e: virtio_queue::Error) -> String {
+    format!("the request queue can't be used: {e}")
+}
+
+/// A guest buffer: one descriptor's worth of guest memory.
+#[derive(Clone, Copy)]
+struct Segment {
+    addr: GuestAddress,
+    len: u32,
+}
+
+/// Where a request's bytes are, once its chain has been walked.
+struct Layout {
+    /// Device-readable bytes: the header, then a write's data or the discard ranges.
+    readable: u64,
+    /// Device-writable bytes before the status byte: a read's data, or room for the ID.
+    writable: u64,
+    status: GuestAddress,
+}
+
+/// The status a failed request reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failed {
+    IoErr,
+    Unsupported,
+}
+
+/// What the guest can make a request fail with; logged at debug level only, since a guest can
+/// make as many as it likes.
+fn refuse(disk: &Disk, why: &str) -> Failed {
+    tracing::debug!(disk = %disk.name, "virtio-blk request refused: {why}");
+    Failed::IoErr
+}
+
+/// Serves one request at a time; the segment lists are kept between requests so that a steady
+/// stream of requests allocates nothing.
+struct Requests {
+    disk: Arc<Disk>,
+    write_through: bool,
+    readable: Vec<Segment>,
+    writable: Vec<Segment>,
+    host_error_reported: bool,
+}
+
+impl Requests {
+    /// Serves the request in `chain`; returns how many bytes went into its writable buffers.
+    fn serve(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+        let layout = match self.walk(chain) {
+            Ok(layout) => layout,
+            Err(why) => {
+                tracing::debug!(disk = %self.disk.name, "virtio-blk chain dropped: {why}");
+                return 0;
+            }
+        };
+        let (status, written) = match self.execute(mem, &layout) {
+            Ok(written) => (VIRTIO_BLK_S_OK, written),
+            Err(Failed::IoErr) => (VIRTIO_BLK_S_IOERR, 0),
+            Err(Failed::Unsupported) => (VIRTIO_BLK_S_UNSUPP, 0),
+        };
+        // The status is u8 in the spec; the bindings spell it u32.
+        if mem.write_obj(status as u8, layout.status).is_err() {
+            tracing::debug!(disk = %self.disk.name, "virtio-blk chain dropped: its status byte is outside memory");
+            return 0;
+        }
+        written + 1
+    }
+
+    /// Sorts the chain's descriptors into readable and writable segments, and finds the status
+    /// byte. The chain must end where the driver ended it: a walk cut short (a loop, a next
+    /// index past the table, a descriptor outside memory, 4 GiB of buffers) fails the request.
+    fn walk(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> Result<Layout, &'static str> {
+        self.readable.clear();
+        self.writable.clear();
+        let (mut count, mut cut_short) = (0, false);
+        for desc in chain {
+            count += 1;
+            if count > MAX_DESCRIPTORS {
+                return Err("the chain has too many descriptors");
+            }
+            cut_short = desc.has_next();
+            if desc.len() == 0 {
+                continue;
+            }
+            let segment = Segment { addr: desc.addr(), len: desc.len() };
+            if desc.is_write_only() {
+                self.writable.push(segment);
+            } else if self.writable.is_empty() {
+                self.readable.push(segment);
+            } else {
+                return Err("a device-readable descriptor follows a device-writable one");
+            }
+        }
+        if count == 0 {
+            return Err("the chain's first descriptor can't be read");
+        }
+        if cut_short {
+            return Err("the chain loops, is too long, or leads outside the descriptor table");
+        }
+        let last = self.writable.last().ok_or("no device-writable status byte")?;
+        let status = last.addr.checked_add(u64::from(last.len) - 1).ok_or("the status byte's address overflows")?;
+        Ok(Layout { readable: total(&self.readable), writable: total(&self.writable) - 1, status })
+    }
+
+    /// Carries out a walked request; returns the bytes written into its data buffers.
+    fn execute(&mut self, mem: &GuestMemoryMmap, layout: &Layout) -> Result<u32, Failed> {
+        let mut header = [0u8; HEADER_LEN as usize];
+        if layout.readable < HEADER_LEN || !read_stream(mem, &self.readable, 0, &mut header) {
+            return Err(refuse(&self.disk, "the header is short or outside guest memory"));
+        }
+        let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
+        let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+        match u32::from_le_bytes([t0, t1, t2, t3]) {
+            VIRTIO_BLK_T_IN => self.read(mem, sector, layout.writable),
+            VIRTIO_BLK_T_OUT => self.write(mem, sector, layout.readable - HEADER_LEN),
+            VIRTIO_BLK_T_FLUSH => self.flush().map(|()| 0),
+            VIRTIO_BLK_T_GET_ID => self.get_id(mem, layout.writable),
+            VIRTIO_BLK_T_DISCARD => self.discard_or_zero(mem, false, layout.readable - HEADER_LEN).map(|()| 0),
+            VIRTIO_BLK_T_WRITE_ZEROES => self.discard_or_zero(mem, true, layout.readable - HEADER_LEN).map(|()| 0),
+            other => {
+                tracing::debug!(disk = %self.disk.name, "virtio-blk request type {other} is not supported");
+                Err(Failed::Unsupported)
+            }
+        }
+    }
+
+    fn read(&mut self, mem: &GuestMemoryMmap, sector: u64, len: u64) -> Result<u32, Failed> {
+        let offset = self.data_offset(sector, len)?;
+        let mut buffers = self.map(mem, Direction::IntoGuest, len)?;
+        self.disk.read_into(&mut buffers, offset).map_err(|e| self.host_failed("read", &e))?;
+        // `data_offset` bounded `len` by MAX_REQUEST_BYTES.
+        Ok(u32::try_from(len).unwrap_or(u32::MAX))
+    }
+
+    fn write(&mut self, mem: &GuestMemoryMmap, sector: u64, len: u64) -> Result<u32, Failed> {
+        if self.disk.readonly {
+            return Err(refuse(&self.disk, "a write to a read-only disk"));
+        }
+        let offset = self.data_offset(sector, len)?;
+        let mut buffers = self.map(mem, Direction::FromGuest, len)?;
+        self.disk.write_from(&mut buffers, offset).map_err(|e| self.host_failed("write", &e))?;
+        if self.write_through {
+            self.flush()?;
+        }
+        Ok(0)
+    }
+
+    fn flush(&mut self) -> Result<(), Failed> {
+        self.disk.flush().map_err(|e| self.host_failed("flush", &e))
+    }
+
+    /// The serial, cut to the room the driver gave (Linux gives exactly 20 bytes).
+    fn get_id(&mut self, mem: &GuestMemoryMmap, room: u64) -> Result<u32, Failed> {
+        let id = &self.disk.id[..self.disk.id.len().min(usize::try_from(room).unwrap_or(usize::MAX))];
+        if !write_stream(mem, &self.writable, 0, id) {
+            return Err(refuse(&self.disk, "the ID buffer is outside guest memory"));
+        }
+        Ok(id.len() as u32)
+    }
+
+    /// DISCARD or WRITE_ZEROES: every range is checked before any is carried out, so that a
+    /// request the guest got wrong changes nothing.
+    fn discard_or_zero(&mut self, mem: &GuestMemoryMmap, zero: bool, payload: u64) -> Result<(), Failed> {
+        if self.disk.readonly {
+            return Err(refuse(&self.disk, "a discard or write-zeroes on a read-only disk"));
+        }
+        if !self.disk.can_punch_holes {
+            return Err(Failed::Unsupported);
+        }
+        let count = payload / RANGE_LEN;
+        if !payload.is_multiple_of(RANGE_LEN) || count == 0 || count > u64::from(MAX_DISCARD_SEGMENTS) {
+            return Err(refuse(&self.disk, "the discard ranges are malformed or too many"));
+        }
+        let mut ranges = [(0u64, 0u64, false); MAX_DISCARD_SEGMENTS as usize];
+        for (index, range) in ranges.iter_mut().enumerate().take(count as usize) {
+            *range = self.discard_range(mem, zero, HEADER_LEN + index as u64 * RANGE_LEN)?;
+        }
+        for &(offset, len, may_unmap) in &ranges[..count as usize] {
+            let done = match (len, zero) {
+                (0, _) => Ok(()),
+                (_, true) => self.disk.write_zeroes(offset, len, may_unmap),
+                (_, false) => self.disk.discard(offset, len),
+            };
+            done.map_err(|e| self.host_failed(if zero { "write-zeroes" } else { "discard" }, &e))?;
+        }
+        Ok(())
+    }
+
+    /// Reads and checks the range at `at` in the readable bytes: (byte offset, byte length,
+    /// may unmap).
+    fn discard_range(&self, mem: &GuestMemoryMmap, zero: bool, at: u64) -> Result<(u64, u64, bool), Failed> {
+        let mut raw = [0u8; RANGE_LEN as usize];
+        if !read_stream(mem, &self.readable, at, &mut raw) {
+            return Err(refuse(&self.disk, "a discard range is outside guest memory"));
+        }
+        let [s0, s1, s2, s3, s4, s5, s6, s7, n0, n1, n2, n3, f0, f1, f2, f3] = raw;
+        let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+        let sectors = u32::from_le_bytes([n0, n1, n2, n3]);
+        let flags = u32::from_le_bytes([f0, f1, f2, f3]);
+        // The spec: UNSUPP for unknown flags, and for "unmap" on a discard, which always unmaps.
+        let known = if zero { VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP } else { 0 };
+        if flags & !known != 0 {
+            return Err(Failed::Unsupported);
+        }
+        if sectors > MAX_DISCARD_SECTORS {
+            return Err(refuse(&self.disk, "a discard range is longer than max_discard_sectors"));
+        }
+        let offset = self.sector_offset(sector, u64::from(sectors))?;
+        Ok((offset, u64::from(sectors) << SECTOR_SHIFT, flags != 0))
+    }
+
+    /// The byte offset of a read or write of `len` bytes at `sector`, if the request is whole
+    /// sectors, not absurdly long, and lies inside the disk.
+    fn data_offset(&self, sector: u64, len: u64) -> Result<u64, Failed> {
+        if !len.is_multiple_of(SECTOR_SIZE) {
+            return Err(refuse(&self.disk, "the data is not a whole number of sectors"));
+        }
+        if len > MAX_REQUEST_BYTES {
+            return Err(refuse(&self.disk, "the request is absurdly long"));
+        }
+        self.sector_offset(sector, len >> SECTOR_SHIFT)
+    }
+
+    fn sector_offset(&self, sector: u64, sectors: u64) -> Result<u64, Failed> {
+        match sector.checked_add(sectors) {
+            // The disk's size in bytes fits in u64, so any sector up to its end does too.
+            Some(end) if end <= self.disk.sectors => Ok(sector << SECTOR_SHIFT),
+            _ => Err(refuse(&self.disk, "the sectors lie past the end of the disk")),
+        }
+    }
+
+    /// The request's data buffers as iovecs: the writable bytes before the status for a read,
+    /// the readable bytes after the header for a write.
+    fn map<'m>(&self, mem: &'m GuestMemoryMmap, direction: Direction, len: u64) -> Result<GuestBuffers<'m>, Failed> {
+        let (segments, skip) = match direction {
+            Direction::IntoGuest => (&self.writable, 0),
+            Direction::FromGuest => (&self.readable, HEADER_LEN),
+        };
+        let mut buffers = GuestBuffers::with_capacity(segments.len());
+        let mapped = for_each_piece(segments, skip, len, |addr, piece| buffers.add(mem, addr, piece).is_ok());
+        if !mapped {
+            return Err(refuse(&self.disk, "a data buffer is outside guest memory"));
+        }
+        Ok(buffers)
+    }
+
+    /// A failure of the host's file: worth telling the user about once (a full disk, a dying
+    /// drive), then only at debug level, since the guest will likely retry.
+    fn host_failed(&mut self, what: &str, e: &io::Error) -> Failed {
+        if !self.host_error_reported {
+            self.host_error_reported = true;
+            tracing::warn!("disk image '{}': {what} failed: {e} (the guest sees an I/O error)", self.disk.name);
+        } else {
+            tracing::debug!(disk = %self.disk.name, "{what} failed: {e}");
+        }
+        Failed::IoErr
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Direction {
+    IntoGuest,
+    FromGuest,
+}
+
+fn total(segments: &[Segment]) -> u64 {
+    // At most MAX_DESCRIPTORS lengths of u32 each: no overflow in u64.
+    segments.iter().map(|s| u64::from(s.len)).sum()
+}
+
+/// Calls `each` on the pieces of guest memory holding bytes `skip..skip + len` of the stream
+/// the segments form. False if `each` refuses a piece or the stream is shorter than that.
+fn for_each_piece(
+    segments: &[Segment],
+    mut skip: u64,
+    mut len: u64,
+    mut each: impl FnMut(GuestAddress, usize) -> bool,
+) -> bool {
+    for segment in segments {
+        if len == 0 {
+            break;
+        }
+        let seg_len = u64::from(segment.len);
+        if skip >= seg_len {
+            skip -= seg_len;
+            continue;
+        }
+        let piece = (seg_len - skip).min(len);
+        let Some(addr) = segment.addr.checked_add(skip) else { return false };
+        // A piece is at most a u32 long.
+        if !each(addr, piece as usize) {
+            return false;
+        }
+        len -= piece;
+        skip = 0;
+    }
+    len == 0
+}
+
+/// Copies bytes `at..at + buf.len()` of the stream into `buf`.
+fn read_stream(mem: &GuestMemoryMmap, segments: &[Segment], at: u64, buf: &mut [u8]) -> bool {
+    let mut done = 0;
+    for_each_piece(segments, at, buf.len() as u64, |addr, piece| {
+        let ok = buf.get_mut(done..done + piece).is_some_and(|part| mem.read_slice(part, addr).is_ok());
+        done += piece;
+        ok
+    })
+}
+
+/// Copies `data` into bytes `at..at + data.len()` of the stream.
+fn write_stream(mem: &GuestMemoryMmap, segments: &[Segment], at: u64, data: &[u8]) -> bool {
+    let mut done = 0;
+    for_each_piece(segments, at, data.len() as u64, |addr, piece| {
+        let ok = data.get(done..done + piece).is_some_and(|part| mem.write_slice(part, addr).is_ok());
+        done += piece;
+        ok
+    })
+}

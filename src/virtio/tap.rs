@@ -1,0 +1,353 @@
+//! The host end of a guest's network card: a Linux tap device, opened through /dev/net/tun.
+//!
+//! A tap is an Ethernet interface whose "wire" is a file descriptor: every frame the host
+//! sends out of the interface can be read from the fd, and every frame written to the fd
+//! arrives on the interface as if received. We ask for `IFF_VNET_HDR`, so each frame carries
+//! the same 12-byte `virtio_net_hdr_v1` in front that the guest's driver reads and writes:
+//! checksum and segmentation offloads (a 64 KiB TCP segment travels as one frame) pass between
+//! the guest and the host's stack without being touched, which is what makes bulk TCP fast.
+//!
+//! [`Tap::open`] attaches to an existing tap (the usual case: `ip tuntap add NAME mode tap user
+//! $USER` and `ip link set NAME up` once, then lguest runs unprivileged) or creates one when we
+//! have CAP_NET_ADMIN; a tap we create lives as long as our fd and we bring it up. Bringing an
+//! existing tap up, and its addresses, bridges and routes, are the user's business: frames
+//! sent into a tap that is down are dropped (and counted by the device). What arrives on the fd
+//! is trusted as far as the host's kernel is; the guest's side never reaches this module
+//! except as bytes in [`IoVecs`].
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use vm_memory::VolatileSlice;
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
+
+use crate::error::{Error, Result};
+
+/// The virtio-net header the tap puts in front of each frame, as a virtio 1 driver knows it
+/// (`virtio_net_hdr_v1`, the same size as `virtio_net_hdr_mrg_rxbuf`). On a little-endian
+/// host the tap's native header byte order is virtio 1's, so nothing needs swapping.
+pub const VNET_HDR_LEN: usize = 12;
+
+/// The most iovecs one readv or writev takes (`UIO_MAXIOV`).
+pub const MAX_IOVECS: usize = 1024;
+
+/// A tap device, attached and ready for frames. Reads and writes never block.
+#[derive(Debug)]
+pub struct Tap {
+    file: File,
+    name: String,
+    /// False only for the socket stand-in used by tests, which has no tap ioctls.
+    is_tap: bool,
+}
+
+impl Tap {
+    /// Attaches to the tap `name`, creating it (and bringing it up) if it doesn't exist and we
+    /// may. Errors say what the user can do about them.
+    pub fn open(name: &str) -> Result<Tap> {
+        let fail = |why: String| Error::Tap { name: name.to_string(), why };
+        let ifname = interface_name(name).ok_or_else(|| fail(format!("a tap name has 1 to {} characters, none of them NUL", libc::IFNAMSIZ - 1)))?;
+        let existed = interface_exists(name);
+        let file = open_tun().map_err(fail)?;
+        attach(&file, ifname).map_err(|e| fail(explain_attach_error(e, name, existed)))?;
+        set_vnet_header_len(&file).map_err(|e| fail(format!("the tap refused a {VNET_HDR_LEN}-byte virtio-net header (TUNSETVNETHDRSZ): {e}")))?;
+        if !existed {
+            // A tap we created vanishes with our fd; nobody else has had a chance to bring it up.
+            if let Err(e) = bring_up(ifname) {
+                tracing::warn!("created tap {name} but could not bring it up ({e}); run: ip link set {name} up");
+            }
+        }
+        Ok(Tap { file, name: name.to_string(), is_tap: true })
+    }
+
+    /// The interface name, for messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Tells the tap which offloads (`TUN_F_*`) we can take in frames read from it, which are
+    /// the ones the guest's driver accepted. Without them the host's kernel checksums and
+    /// segments each frame before handing it over.
+    pub fn set_offloads(&self, offloads: u32) -> io::Result<()> {
+        if !self.is_tap {
+            return Ok(());
+        }
+        // SAFETY: TUNSETOFFLOAD takes its argument by value and touches no memory of ours.
+        let ret = unsafe { ioctl_with_val(&self.file, libc::TUNSETOFFLOAD as _, libc::c_ulong::from(offloads)) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Reads one frame (virtio-net header first) into `iovecs`. A frame that doesn't fit is
+    /// cut short or refused by the kernel, and lost either way: callers supply room for the
+    /// largest frame. Returns the frame's length; `WouldBlock` when there is none.
+    pub fn read_frame(&self, iovecs: &IoVecs<'_>) -> io::Result<usize> {
+        loop {
+            // SAFETY: every iovec points into a mapping that `IoVecs` keeps borrowed for its
+            // whole life (see `IoVecs::push`), and readv writes only within the iovecs' lengths.
+            let ret = unsafe { libc::readv(self.file.as_raw_fd(), iovecs.iov.as_ptr(), iovecs.count()) };
+            match usize::try_from(ret) {
+                Ok(len) => return Ok(len),
+                Err(_) => match io::Error::last_os_error() {
+                    e if e.kind() == io::ErrorKind::Interrupted => continue,
+                    e => return Err(e),
+                },
+            }
+        }
+    }
+
+    /// Writes one frame (virtio-net header first) gathered from `iovecs`.
+    pub fn write_frame(&self, iovecs: &IoVecs<'_>) -> io::Result<usize> {
+        loop {
+            // SAFETY: as in `read_frame`; writev only reads within the iovecs' lengths.
+            let ret = unsafe { libc::writev(self.file.as_raw_fd(), iovecs.iov.as_ptr(), iovecs.count()) };
+            match usize::try_from(ret) {
+                Ok(len) => return Ok(len),
+                Err(_) => match io::Error::last_os_error() {
+                    e if e.kind() == io::ErrorKind::Interrupted => continue,
+                    e => return Err(e),
+                },
+            }
+        }
+    }
+
+    /// A stand-in for a tap, for tests on hosts where a real one can't be had: one end of a
+    /// non-blocking `SOCK_SEQPACKET` socket pair, which keeps frame boundaries as a tap does.
+    /// The other end plays the host's network.
+    #[cfg(test)]
+    pub(crate) fn socket_pair() -> io::Result<(Tap, OwnedFd)> {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two fds into the array we pass, which has room for them.
+        let ret = unsafe {
+            libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())
+        };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds were just created by socketpair and are owned by nothing else.
+        let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        Ok((Tap { file: File::from(ours), name: "fake-tap".into(), is_tap: false }, theirs))
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+/// Host addresses of guest buffers, ready for one readv or writev. They can only be built from
+/// `VolatileSlice`s of a live mapping, and borrow it (`'m`), so the memory they name stays
+/// mapped for as long as they exist.
+pub struct IoVecs<'m> {
+    iov: Vec<libc::iovec>,
+    bytes: usize,
+    _mapping: PhantomData<VolatileSlice<'m>>,
+}
+
+impl<'m> IoVecs<'m> {
+    pub fn new() -> IoVecs<'m> {
+        IoVecs { iov: Vec::new(), bytes: 0, _mapping: PhantomData }
+    }
+
+    /// Adds a slice of guest memory. Dirty-page tracking is not done (our guest memory has no
+    /// bitmap), which is why only bitmap-less slices are taken.
+    pub fn push(&mut self, slice: VolatileSlice<'m>) {
+        // The pointer stays valid for 'm: the slice borrows the mapping for that long, and
+        // without vm-memory's xen feature its guard maps nothing of its own.
+        let base = slice.ptr_guard_mut().as_ptr();
+        self.iov.push(libc::iovec { iov_base: base.cast(), iov_len: slice.len() });
+        self.bytes += slice.len();
+    }
+
+    /// How many bytes the iovecs cover.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// How many iovecs there are.
+    pub fn len(&self) -> usize {
+        self.iov.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.iov.is_empty()
+    }
+
+    /// The iovec count as readv wants it; callers keep it under [`MAX_IOVECS`].
+    fn count(&self) -> libc::c_int {
+        libc::c_int::try_from(self.iov.len()).unwrap_or(libc::c_int::MAX)
+    }
+}
+
+impl Default for IoVecs<'_> {
+    fn default() -> Self {
+        IoVecs::new()
+    }
+}
+
+/// The name as the kernel's `ifr_name` wants it, or `None` if it can't be one.
+fn interface_name(name: &str) -> Option<[libc::c_char; libc::IFNAMSIZ]> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return None;
+    }
+    let mut ifname = [0 as libc::c_char; libc::IFNAMSIZ];
+    for (to, &from) in ifname.iter_mut().zip(bytes) {
+        *to = from as libc::c_char;
+    }
+    Some(ifname)
+}
+
+/// Whether an interface of that name exists in our network namespace: it decides whether a
+/// TUNSETIFF creates the tap (and whether EPERM means "can't create" or "not yours").
+fn interface_exists(name: &str) -> bool {
+    let Ok(cname) = CString::new(name) else { return false };
+    // SAFETY: if_nametoindex reads the NUL-terminated string we own and nothing else.
+    unsafe { libc::if_nametoindex(cname.as_ptr()) != 0 }
+}
+
+fn open_tun() -> std::result::Result<File, String> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => {
+                "/dev/net/tun does not exist: load the tun module (modprobe tun)".to_string()
+            }
+            Some(libc::EACCES) | Some(libc::EPERM) => "no permission to open /dev/net/tun: run as root, or make it readable and writable for your user".to_string(),
+            _ => format!("cannot open /dev/net/tun: {e}"),
+        })
+}
+
+/// TUNSETIFF: a single-queue tap, no packet-info prefix, a virtio-net header on every frame.
+fn attach(file: &File, ifname: [libc::c_char; libc::IFNAMSIZ]) -> io::Result<()> {
+    let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+    let mut request = ifreq(ifname);
+    request.ifr_ifru.ifru_flags = flags as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `request` is.
+    let ret = unsafe { ioctl_with_mut_ref(file, libc::TUNSETIFF as _, &mut request) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn explain_attach_error(e: io::Error, name: &str, existed: bool) -> String {
+    match e.raw_os_error() {
+        Some(libc::EPERM) if existed => format!(
+            "no permission to attach to it (it belongs to another user): recreate it with 'ip tuntap add {name} mode tap user $USER', or run as root"
+        ),
+        Some(libc::EPERM) => format!(
+            "it does not exist and creating it needs CAP_NET_ADMIN: create it first with 'ip tuntap add {name} mode tap user $USER' and 'ip link set {name} up', or run as root"
+        ),
+        Some(libc::EBUSY) => "it is already in use by another program (a tap serves one VM at a time)".to_string(),
+        Some(libc::EINVAL) => format!(
+            "an interface of that name exists but is not a single-queue tap (a tun, a multi-queue tap, or another kind of interface): pick another name, or recreate it with 'ip tuntap add {name} mode tap'"
+        ),
+        _ => format!("TUNSETIFF failed: {e}"),
+    }
+}
+
+fn set_vnet_header_len(file: &File) -> io::Result<()> {
+    let len = VNET_HDR_LEN as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads one int, which `len` is.
+    let ret = unsafe { ioctl_with_ref(file, libc::TUNSETVNETHDRSZ as _, &len) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets IFF_UP on the interface, through an ordinary socket as `ip link set up` does.
+fn bring_up(ifname: [libc::c_char; libc::IFNAMSIZ]) -> io::Result<()> {
+    // SAFETY: socket takes no pointers; the fd it returns is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the fd was just created by socket and is owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut request = ifreq(ifname);
+    // SAFETY: SIOCGIFFLAGS fills in one `struct ifreq`, which `request` is.
+    if unsafe { ioctl_with_mut_ref(&socket, libc::SIOCGIFFLAGS as _, &mut request) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: reading the flags member SIOCGIFFLAGS just wrote; every bit pattern is a c_short.
+    let flags = unsafe { request.ifr_ifru.ifru_flags };
+    request.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    // SAFETY: SIOCSIFFLAGS reads one `struct ifreq`, which `request` is.
+    if unsafe { ioctl_with_ref(&socket, libc::SIOCSIFFLAGS as _, &request) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn ifreq(ifname: [libc::c_char; libc::IFNAMSIZ]) -> libc::ifreq {
+    // SAFETY: `ifreq` is plain data (a name and a union of integers, addresses and a pointer
+    // that stays unused); all zeroes is a valid value of it.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    request.ifr_name = ifname;
+    request
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_the_kernel_cannot_take_are_refused_before_any_syscall() {
+        for bad in ["", "a-name-far-too-long", "nul\0inside"] {
+            let err = Tap::open(bad).expect_err("a bad name");
+            assert!(err.to_string().contains("a tap name has 1 to 15 characters"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_name_is_copied_with_its_terminating_nul() {
+        let name = interface_name("tap0").expect("a good name");
+        assert_eq!(&name[..5], &[b't' as libc::c_char, b'a' as _, b'p' as _, b'0' as _, 0]);
+    }
+
+    #[test]
+    fn attach_errors_tell_the_user_what_to_do() {
+        let eperm = || io::Error::from_raw_os_error(libc::EPERM);
+        assert!(explain_attach_error(eperm(), "t0", false).contains("ip tuntap add t0 mode tap user $USER"));
+        assert!(explain_attach_error(eperm(), "t0", true).contains("belongs to another user"));
+        assert!(explain_attach_error(io::Error::from_raw_os_error(libc::EBUSY), "t0", true).contains("already in use"));
+        assert!(explain_attach_error(io::Error::from_raw_os_error(libc::EINVAL), "t0", true).contains("not a single-queue tap"));
+    }
+
+    #[test]
+    fn iovecs_cover_the_slices_pushed() {
+        let mut a = [0u8; 3];
+        let mut b = [0u8; 5];
+        let mut iovecs = IoVecs::new();
+        iovecs.push(VolatileSlice::from(&mut a[..]));
+        iovecs.push(VolatileSlice::from(&mut b[..]));
+        assert_eq!((iovecs.len(), iovecs.bytes()), (2, 8));
+    }
+
+    #[test]
+    fn the_socket_stand_in_keeps_frame_boundaries() {
+        let (tap, host) = Tap::socket_pair().expect("socketpair");
+        let host = File::from(host);
+        let mut frame = [7u8; 20];
+        let mut out = [0u8; 64];
+        let mut iovecs = IoVecs::new();
+        iovecs.push(VolatileSlice::from(&mut frame[..]));
+        assert_eq!(tap.write_frame(&iovecs).expect("write"), 20);
+        assert_eq!(io::Read::read(&mut &host, &mut out).expect("read"), 20);
+        let mut into = IoVecs::new();
+        into.push(VolatileSlice::from(&mut out[..]));
+        assert_eq!(tap.read_frame(&into).map_err(|e| e.kind()), Err(io::ErrorKind::WouldBlock));
+        assert!(tap.set_offloads(libc::TUN_F_CSUM).is_ok(), "the stand-in has no offloads to set");
+    }
+}
