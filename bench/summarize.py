@@ -40,8 +40,8 @@ CATALOG = [
     (6, "exits-host", "device-port", "Exit cost, this host's KVM: write to a device port (UART)", "ns", "lower", ["bare"]),
     (6, "exits-lab", "unhandled-port", "Exit cost, lab KVM: write to an unhandled port", "ns", "lower", ["bare"]),
     (6, "exits-lab", "device-port", "Exit cost, lab KVM: write to a device port (UART)", "ns", "lower", ["bare"]),
-    (7, "density", "all-init", "Density, {density_vms} × 64 MiB at once: all at /init", "ms", "lower", ["qemu"]),
-    (7, "density", "total-rss", "Density, {density_vms} × 64 MiB at once: total RSS at idle", "MiB", "lower", ["qemu"]),
+    (7, "density", "all-init", "Density, {density_vms} × {density_mib} MiB at once: all at /init", "ms", "lower", ["qemu"]),
+    (7, "density", "total-rss", "Density, {density_vms} × {density_mib} MiB at once: total RSS at idle", "MiB", "lower", ["qemu"]),
 ]
 PEER_NAMES = {"qemu": "QEMU", "qemu-vhost": "QEMU vhost=on", "bare": "bare KVM_RUN loop"}
 
@@ -106,7 +106,7 @@ def build(samples, units, params):
         if (row, metric) not in known:
             known.add((row, metric))
             catalog.append((0, row, metric, f"{row}: {metric}", "", "lower", ["qemu"]))
-    fmt = dict({"density_vms": "K"}, **params)
+    fmt = dict({"density_vms": "K", "density_mib": "M"}, **params)
     for number, row, metric, title, unit, better, peers in catalog:
         ours = stats(samples.get((row, metric, "lguest"), []))
         for peer in peers or [None]:

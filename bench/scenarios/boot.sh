@@ -12,14 +12,14 @@
 boot_once() {
     vmm_cmd "$1" 256 "$2" /guest/initramfs.cpio.gz "$CMDLINE lguest.scenario=poweroff"
     [ "$1" = lguest ] && CMD="$CMD --boot-timeline"
-    eval "timeout 300 stopwatch --label $1 --marker LGUEST-GUEST-INIT -- $CMD" \
+    eval "timeout 120 stopwatch --label $1 --marker LGUEST-GUEST-INIT -- $CMD" \
         </dev/null >/tmp/boot.out 2>/tmp/boot.err
     status=$?
     init=$(sed -n 's/^STOPWATCH .* marker=LGUEST-GUEST-INIT ms=\([0-9]*\)$/\1/p' /tmp/boot.err)
     done_ms=$(sed -n 's/^STOPWATCH .* exit ms=\([0-9]*\) status=0 .*/\1/p' /tmp/boot.err)
     if [ "$status" != 0 ] || [ -z "$init" ] || [ -z "$done_ms" ]; then
         note "boot-${2}cpu" "$1 run failed (status $status, /init ${init:-never}):" \
-            "$(tail -c 300 /tmp/boot.out /tmp/boot.err | tr '\r\n' '  ')"
+            "$(tail -c 300 /tmp/boot.out /tmp/boot.err | printable)"
         return 1
     fi
     emit "boot-${2}cpu" "$1" init "$init" ms
@@ -38,3 +38,4 @@ for cpus in 1 2; do
         done
     done
 done
+drain

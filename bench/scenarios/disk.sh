@@ -21,7 +21,7 @@ disk_once() {
         grep -q "BENCH-ERROR no /dev/vda" /tmp/disk.out && skip="$skip $1"
         return 0
     fi
-    note disk "$1 run failed (status $status): $(tail -c 300 /tmp/disk.out | tr '\r\n' '  ')"
+    note disk "$1 run failed (status $status): $(tail -c 300 /tmp/disk.out | printable)"
     return 1
 }
 
@@ -31,3 +31,4 @@ for run in $(seq 1 "$RUNS"); do
         disk_once $vmm || disk_once $vmm || true
     done
 done
+drain

@@ -122,5 +122,12 @@ results() {
     return $_found
 }
 
+# printable: stdin on one line, without control characters (a guest console's tail, for a note).
+printable() { tr '\r\n\t' '   ' | tr -cd ' -~'; }
+
+# drain: the last thing a scenario does. Gives the lab's serial console time to send what is
+# still buffered: the end of the scenario hangs the console up, and output not sent yet is lost.
+drain() { sleep 2; }
+
 # kib_to_mib KIB: MiB with one decimal.
 kib_to_mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }

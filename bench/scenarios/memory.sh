@@ -21,7 +21,7 @@ measure_once() {
     (eval "exec $CMD") </dev/null >/tmp/mem.out 2>&1 &
     pid=$!
     if ! wait_said /tmp/mem.out BENCH-IDLE 240 $pid; then
-        note "$row" "$_vmm: the guest never went idle: $(tail -c 300 /tmp/mem.out | tr '\r\n' '  ')"
+        note "$row" "$_vmm: the guest never went idle: $(tail -c 300 /tmp/mem.out | printable)"
         stop_pid $pid
         return 1
     fi
@@ -46,3 +46,4 @@ for run in $(seq 1 "$RUNS"); do
             measure_once $vmm memory-256m-4dev 256 4 rng disk=/tmp/disk-a.img disk=/tmp/disk-b.img net=$TAP || true
     done
 done
+drain

@@ -35,7 +35,7 @@ net_once() {
         grep -q "BENCH-ERROR no eth0" /tmp/net.out && skip="$skip $1"
         return 0
     fi
-    note net "$1 run failed (status $status): $(tail -c 300 /tmp/net.out | tr '\r\n' '  ')"
+    note net "$1 run failed (status $status): $(tail -c 300 /tmp/net.out | printable)"
     return 1
 }
 
@@ -47,3 +47,4 @@ for run in $(seq 1 "$RUNS"); do
 done
 stop_pid $iperf_pid
 stop_pid $rr_pid
+drain
