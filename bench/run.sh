@@ -13,6 +13,9 @@
 #   density  row 7     8 VMs of 96 MiB at once: time to all at /init, total RSS      (lab)
 # Lab rows run one lab session each (lab/run.sh), one after the other. Installs what it
 # needs with apt (python3, fio, iperf3, QEMU, ...). On 2 cores the whole run takes ~15 min.
+# The whole script is one { ... } block: bash reads it all before running any of it, so
+# editing this file during a (long) run can't change what that run does.
+{
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
@@ -97,24 +100,32 @@ EOF
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# lab_session NAME SCENARIO VARS [lab/run.sh args...]: runs bench/scenarios/SCENARIO in
-# the lab with VARS set; appends its BENCH lines to the raw file. A lab machine that died
-# (lab/run.sh's 125) gets one more try; any other failure is a note.
+# bench_lines LOG: the BENCH lines of a lab session's output, up to the copy of the whole
+# console that lab/run.sh adds when the lab machine did not finish (it has them again).
+bench_lines() {
+    awk '/^---- the lab machine.s whole console/ { exit } /^BENCH/' "$1"
+}
+
+# lab_session NAME SCENARIO VARS LIMIT [lab/run.sh args...]: runs bench/scenarios/SCENARIO
+# in the lab with VARS set, for at most LIMIT seconds (a lab machine wedged by its nested
+# virtualization must not eat the whole run: the limits are ~2-3 times a normal session);
+# appends its BENCH lines to the raw file. A lab machine that died or hung (lab/run.sh's
+# 125) gets one more try; any other failure is a note.
 lab_session() {
-    local name=$1 scenario=$2 vars=$3 log=$out/logs/$1.log t=$SECONDS status=0 try
-    shift 3
+    local name=$1 scenario=$2 vars=$3 limit=$4 log=$out/logs/$1.log t=$SECONDS status=0 try
+    shift 4
     { echo "$vars"; cat "$here/scenarios/$scenario"; } >"$work/$name.sh"
     for try in 1 2; do
         note "$name: lab session (console: $log)"
         status=0
-        timeout -k 10 1800 "$repo/lab/run.sh" --with-qemu --timeout 1700 \
+        timeout -k 10 $((limit + 60)) "$repo/lab/run.sh" --with-qemu --timeout "$limit" \
             --bin "$lguest" --bin "$stopwatch" --file "$here/scenarios/lib.sh:/bench/lib.sh" \
             "$@" "$work/$name.sh" >"$log" 2>&1 || status=$?
         ((status == 125 && try == 1)) || break
         note "$name: the lab machine died; once more"
-        grep -a '^BENCH' "$log" | grep -v '^BENCH ' >>"$raw" || true
+        bench_lines "$log" | grep -v '^BENCH ' >>"$raw" || true   # its notes, not its numbers
     done
-    grep -a '^BENCH' "$log" >>"$raw" || true
+    bench_lines "$log" >>"$raw" || true
     if ((status != 0)); then
         echo "BENCH-NOTE row=$name the lab session failed with status $status (console: $log)" >>"$raw"
     fi
@@ -131,26 +142,28 @@ if want exits || want exits-host; then
         echo "BENCH-NOTE row=exits-host exit-cost failed: $(tr '\n' ' ' <"$work/exit-cost.err")" >>"$raw"
 fi
 if want boot; then
-    lab_session boot boot.sh "RUNS=$runs"
+    lab_session boot boot.sh "RUNS=$runs" $((runs * 150))
 fi
 if want memory; then
-    lab_session memory memory.sh "RUNS=$runs" --file "$here/out/initrd-idle.img:/bench/initrd-idle.img"
+    lab_session memory memory.sh "RUNS=$runs" $((runs * 150)) --file "$here/out/initrd-idle.img:/bench/initrd-idle.img"
 fi
 if want disk; then
-    lab_session disk disk.sh "RUNS=$runs SECS=$secs" --file "$here/out/initrd-disk.img:/bench/initrd-disk.img"
+    lab_session disk disk.sh "RUNS=$runs SECS=$secs" $((runs * 120)) --file "$here/out/initrd-disk.img:/bench/initrd-disk.img"
 fi
 if want net; then
-    lab_session net net.sh "RUNS=$runs SECS=$secs" --file "$here/out/initrd-net.img:/bench/initrd-net.img" \
+    lab_session net net.sh "RUNS=$runs SECS=$secs" $((runs * 150)) --file "$here/out/initrd-net.img:/bench/initrd-net.img" \
         --file "$here/out/lab-mods:/bench/lab-mods" --bin "$tcp_rr" --bin "$(command -v iperf3)"
 fi
 if want exits; then
-    lab_session exits-lab exits.sh "RUNS=$runs EXITS=$lab_exits" --bin "$exit_cost"
+    lab_session exits-lab exits.sh "RUNS=$runs EXITS=$lab_exits" $((runs * 40 + 60)) --bin "$exit_cost"
 fi
 if want density; then
-    lab_session density density.sh "RUNS=$density_runs K=$density_vms MEM=$density_mib"
+    lab_session density density.sh "RUNS=$density_runs K=$density_vms MEM=$density_mib" $((density_runs * 400))
 fi
 
 echo "BENCH-PARAM total_s=$((SECONDS - start))" >>"$raw"
 python3 "$here/summarize.py" "$raw" "$out/latest.md" "$out/latest.json"
 cat "$out/latest.md"
 note "results: $out/latest.md, $out/latest.json (raw lines: $raw); $((SECONDS - start)) s"
+exit
+}

@@ -30,7 +30,8 @@ measure_once() {
     stop_pid $pid
     seen=$(sed -n 's/^BENCH-IDLE devices=\([0-9]*\).*/\1/p' /tmp/mem.out)
     if [ "${seen:-0}" -lt "$want" ]; then
-        note "$row" "$_vmm gave the guest ${seen:-0} of the $want virtio devices asked for: not measured"
+        note "$row" "$_vmm gave the guest ${seen:-0} of the $want virtio devices asked for: not measured." \
+            "The guest said: $(grep -a -i 'virtio\|pci\|BENCH\|insmod' /tmp/mem.out | tail -n 8 | printable)"
         return 0
     fi
     [ "$1" -gt 0 ] && [ "$2" -gt 0 ] || { note "$row" "$_vmm: no guest RAM mapping found in smaps"; return 1; }

@@ -4,17 +4,19 @@
 //! through lguest's whole path, against the floor no VMM can beat on the same KVM? The
 //! pieces live here, so the `exit-cost` program stays a story of what it measures:
 //!
-//! - [`exit_loop_code`]: the tiny guest, 64-bit code that signals lguest's boot timer (the
-//!   clock starts), writes N times to one I/O port and pulls the keyboard controller's reset
-//!   line (the clock stops);
+//! - [`exit_loop_code`]: the tiny guest, 64-bit code that reads its time-stamp counter,
+//!   writes N times to one I/O port, reads the counter again and prints the difference on
+//!   COM1 (`TSC <hex>`), then pulls the keyboard controller's reset line. The guest times
+//!   itself, so the number is the same kind under any VMM and leaves out everything around
+//!   the loop (process start, VM set-up, first entry, tear-down);
 //! - [`elf64`]: that code as the one-segment ELF file `lguest run --kernel` boots at its entry;
 //! - [`bare`]: a VMM cut to the bone (one vCPU in long mode, no irqchip, no devices, a
 //!   `KVM_RUN` loop that matches the exit and goes straight back in), which runs the same code;
-//! - [`Timeline`]: the numbers `lguest run --boot-timeline` prints, read back.
+//! - [`tsc_report`]: the guest's `TSC <hex>` line, read back from its console output.
 
 pub mod bare;
 
-use iced_x86::code_asm::{al, byte_ptr, dx, eax, ecx, rax, CodeAssembler, IcedError};
+use iced_x86::code_asm::{al, bl, cl, dx, ecx, rax, rbx, rdx, rsi, CodeAssembler, IcedError};
 
 /// Where the tiny guest is loaded and starts: 1 MiB, where lguest loads kernels.
 pub const LOAD_ADDR: u64 = 0x10_0000;
@@ -24,11 +26,8 @@ pub const LOAD_ADDR: u64 = 0x10_0000;
 pub const RESET_PORT: u16 = 0x64;
 pub const RESET_COMMAND: u8 = 0xfe;
 
-/// lguest's boot timer: the byte 123 written here is the "guest signalled the boot timer"
-/// milestone of `--boot-timeline`. The tiny guest writes it just before its loop, so the
-/// time measured leaves out everything before (process start, VM set-up, first entry).
-pub const BOOT_TIMER_ADDR: u32 = 0xfe00_0000;
-pub const BOOT_TIMER_MAGIC: u8 = 123;
+/// COM1's data register, where the guest prints its report.
+pub const COM1_DATA: u16 = 0x3f8;
 
 /// A port no device of lguest claims: the write goes to the bus, finds nothing, is counted
 /// and dropped.
@@ -37,20 +36,40 @@ pub const UNHANDLED_PORT: u16 = 0x300;
 /// decode) and is stored there, with no output and no interrupt.
 pub const DEVICE_PORT: u16 = 0x3ff;
 
-/// The tiny guest: the boot-timer signal, then `out` to `port` `exits` times (each one exit
-/// to the VMM), then the reset.
+/// The tiny guest: time `exits` writes to `port` with the TSC, print it, reset.
 ///
 /// ```text
-///         mov eax, 0xfe000000
-///         mov byte [rax], 123 ; the clock starts (an MMIO exit)
+///         rdtsc                   ; edx:eax = start
+///         shl rdx, 32
+///         or rax, rdx
+///         mov rsi, rax
 ///         mov ecx, EXITS
 ///         mov dx, PORT
-///         xor eax, eax
-/// again:  out dx, al
+/// again:  out dx, al              ; one exit each
 ///         dec ecx
 ///         jnz again
+///         rdtsc                   ; rax = end - start
+///         shl rdx, 32
+///         or rax, rdx
+///         sub rax, rsi
+///         mov rbx, rax
+///         mov dx, 0x3f8           ; "TSC " and 16 hex digits, "\n", on COM1
+///         (print "TSC ")
+///         mov cl, 16
+/// digit:  rol rbx, 4
+///         mov al, bl
+///         and al, 0xf
+///         add al, '0'
+///         cmp al, '9'
+///         jbe put
+///         add al, 'a' - '0' - 10
+/// put:    out dx, al
+///         dec cl
+///         jnz digit
+///         mov al, '\n'
+///         out dx, al
 ///         mov al, 0xfe
-///         out 0x64, al        ; reset: the run ends here
+///         out 0x64, al            ; reset: the run ends here
 /// halt:   hlt
 ///         jmp halt
 /// ```
@@ -60,17 +79,43 @@ pub fn exit_loop_code(port: u16, exits: u32) -> Result<Vec<u8>, String> {
     }
     let assemble = || -> Result<Vec<u8>, IcedError> {
         let mut asm = CodeAssembler::new(64)?;
-        let mut again = asm.create_label();
-        let mut halt = asm.create_label();
-        asm.mov(eax, BOOT_TIMER_ADDR)?;
-        asm.mov(byte_ptr(rax), u32::from(BOOT_TIMER_MAGIC))?;
+        let (mut again, mut digit, mut put, mut halt) =
+            (asm.create_label(), asm.create_label(), asm.create_label(), asm.create_label());
+        asm.rdtsc()?;
+        asm.shl(rdx, 32u32)?;
+        asm.or(rax, rdx)?;
+        asm.mov(rsi, rax)?;
         asm.mov(ecx, exits)?;
         asm.mov(dx, u32::from(port))?;
-        asm.xor(eax, eax)?;
         asm.set_label(&mut again)?;
         asm.out(dx, al)?;
         asm.dec(ecx)?;
         asm.jnz(again)?;
+        asm.rdtsc()?;
+        asm.shl(rdx, 32u32)?;
+        asm.or(rax, rdx)?;
+        asm.sub(rax, rsi)?;
+        asm.mov(rbx, rax)?;
+        asm.mov(dx, u32::from(COM1_DATA))?;
+        for byte in *b"TSC " {
+            asm.mov(al, u32::from(byte))?;
+            asm.out(dx, al)?;
+        }
+        asm.mov(cl, 16u32)?;
+        asm.set_label(&mut digit)?;
+        asm.rol(rbx, 4u32)?;
+        asm.mov(al, bl)?;
+        asm.and(al, 0xfu32)?;
+        asm.add(al, u32::from(b'0'))?;
+        asm.cmp(al, u32::from(b'9'))?;
+        asm.jbe(put)?;
+        asm.add(al, u32::from(b'a' - b'0' - 10))?;
+        asm.set_label(&mut put)?;
+        asm.out(dx, al)?;
+        asm.dec(cl)?;
+        asm.jnz(digit)?;
+        asm.mov(al, u32::from(b'\n'))?;
+        asm.out(dx, al)?;
         asm.mov(al, u32::from(RESET_COMMAND))?;
         asm.out(u32::from(RESET_PORT), al)?;
         asm.set_label(&mut halt)?;
@@ -79,6 +124,14 @@ pub fn exit_loop_code(port: u16, exits: u32) -> Result<Vec<u8>, String> {
         asm.assemble(LOAD_ADDR)
     };
     assemble().map_err(|e| format!("assembling the tiny guest: {e}"))
+}
+
+/// The TSC ticks the guest reported (`TSC <16 hex digits>` on a line of its console output).
+pub fn tsc_report(console: &[u8]) -> Option<u64> {
+    let text = String::from_utf8_lossy(console);
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("TSC "))
+        .find_map(|hex| u64::from_str_radix(hex.trim(), 16).ok())
 }
 
 /// A minimal ELF64 executable: header, one PT_LOAD program header, then `code` at file
@@ -111,56 +164,17 @@ pub fn elf64(code: &[u8], addr: u64) -> Vec<u8> {
     elf
 }
 
-/// What `lguest run --boot-timeline` reported on stderr: milliseconds since process start.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Timeline {
-    pub first_kvm_run_ms: f64,
-    pub guest_signal_ms: f64,
-    pub stopped_ms: f64,
-    pub port_out_exits: u64,
-}
-
-impl Timeline {
-    /// Reads the report's lines: `   12.345  first KVM_RUN`, `   12.400  guest signalled the
-    /// boot timer`, `   99.000  VM stopped` and
-    /// `  exits to lguest: port in 0, port out 20001, ...`.
-    pub fn parse(stderr: &str) -> Result<Timeline, String> {
-        let milestone = |name: &str| {
-            stderr
-                .lines()
-                .find_map(|line| line.trim().strip_suffix(name)?.trim().parse::<f64>().ok())
-                .ok_or_else(|| format!("no '{name}' line in lguest's --boot-timeline report"))
-        };
-        let port_out_exits = stderr
-            .lines()
-            .find_map(|line| line.trim().strip_prefix("exits to lguest:"))
-            .and_then(|counts| {
-                counts
-                    .split(',')
-                    .find_map(|c| c.trim().strip_prefix("port out ")?.trim().parse().ok())
-            })
-            .ok_or("no 'port out' count in lguest's --boot-timeline report")?;
-        Ok(Timeline {
-            first_kvm_run_ms: milestone("first KVM_RUN")?,
-            guest_signal_ms: milestone("guest signalled the boot timer")?,
-            stopped_ms: milestone("VM stopped")?,
-            port_out_exits,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn the_tiny_guest_ends_with_the_reset() {
+    fn the_tiny_guest_times_its_loop_prints_and_resets() {
         let code = exit_loop_code(DEVICE_PORT, 5).expect("assembles");
-        // mov eax, 0xfe000000; mov byte [rax], 123; mov ecx, 5 ... out dx, al ...
-        // mov al, 0xfe; out 0x64, al; hlt; jmp halt
-        assert_eq!(&code[..5], &[0xb8, 0, 0, 0, 0xfe]);
-        assert_eq!(&code[5..8], &[0xc6, 0x00, 123]);
-        assert_eq!(&code[8..13], &[0xb9, 5, 0, 0, 0]);
+        // rdtsc first; mov ecx, 5 and mov dx, 0x3ff before the loop; the reset at the end.
+        assert_eq!(&code[..2], &[0x0f, 0x31]);
+        assert!(code.windows(5).any(|w| w == [0xb9, 5, 0, 0, 0]), "{code:02x?}");
+        assert!(code.windows(4).any(|w| w == [0x66, 0xba, 0xff, 0x03]), "{code:02x?}");
         assert!(code.windows(5).any(|w| w == [0xb0, 0xfe, 0xe6, 0x64, 0xf4]), "{code:02x?}");
         assert!(exit_loop_code(DEVICE_PORT, 0).is_err());
     }
@@ -174,18 +188,10 @@ mod tests {
     }
 
     #[test]
-    fn reads_lguests_timeline_report() {
-        let report = "lguest: boot timeline (ms since process start):\n     \
-             3.250  VM built (KVM ready, kernel loaded)\n     \
-             3.400  first KVM_RUN\n     \
-             3.500  guest signalled the boot timer\n   \
-             210.500  VM stopped\n  \
-             exits to lguest: port in 0, port out 20001, mmio read 0, mmio write 0, other 3\n";
-        let t = Timeline::parse(report).expect("parses");
-        assert_eq!(
-            t,
-            Timeline { first_kvm_run_ms: 3.4, guest_signal_ms: 3.5, stopped_ms: 210.5, port_out_exits: 20001 }
-        );
-        assert!(Timeline::parse("lguest: oops").is_err());
+    fn reads_the_guests_report() {
+        assert_eq!(tsc_report(b"noise\nTSC 00000000000fa0c8\n"), Some(0xfa0c8));
+        assert_eq!(tsc_report(b"TSC 0000000000000010\r\n"), Some(16));
+        assert_eq!(tsc_report(b"TSC zz\n"), None);
+        assert_eq!(tsc_report(b""), None);
     }
 }
