@@ -3,24 +3,34 @@
 #   OUTDIR/bzImage            Debian's cloud kernel
 #   OUTDIR/vmlinux            the same kernel as an ELF (boots through its PVH entry)
 #   OUTDIR/initramfs.cpio.gz  busybox + guest/init (+ the modules in guest/modules.list)
-# OUTDIR defaults to ${LGUEST_CACHE:-$HOME/.cache/lguest}/guest. Does nothing when
-# OUTDIR is newer than all its inputs. Boot with e.g.
+# OUTDIR defaults to ${LGUEST_CACHE:-$HOME/.cache/lguest}/guest/KEY, KEY naming the
+# inputs' contents: checkouts share the cache, each with its own guest/init, and must never
+# boot one another's guest. Does nothing when OUTDIR is newer than all its inputs. Prints
+# the three paths. Boot with e.g.
 #   console=ttyS0 reboot=k panic=-1 lguest.scenario=poweroff
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../lab/lib.sh"
 
-out=${1:-$LGUEST_CACHE/guest}
 "$here/../lab/fetch.sh" >/dev/null
 kdir=$LGUEST_CACHE/kernel
+inputs=("$here/init" "$here/modules.list" "$here/build.sh" "$here/../lab/lib.sh"
+    "$LGUEST_CACHE/busybox" "$kdir/.from")
+out=${1:-}
+if [[ -z $out ]]; then
+    out=$LGUEST_CACHE/guest/$(cat "${inputs[@]}" | sha256sum | cut -c1-12)
+    # Keep the 8 guests used last (a use touches its directory).
+    mkdir -p "$out" && touch "$out"
+    find "$LGUEST_CACHE/guest" -mindepth 1 -maxdepth 1 -type d -regex '.*/[0-9a-f]\{12\}' \
+        -printf "%T@ %p\n" | sort -rn | tail -n +9 | cut -d" " -f2- | xargs -r rm -rf
+fi
 mkdir -p "$out"
 
 exec 9>"$out/.lock"   # parallel lab runs may build the same OUTDIR
 flock 9
 
 initrd=$out/initramfs.cpio.gz
-if stale "$initrd" "$here/init" "$here/modules.list" "$here/build.sh" "$here/../lab/lib.sh" \
-    "$LGUEST_CACHE/busybox" "$kdir/.from"; then
+if stale "$initrd" "${inputs[@]}"; then
     stage=$(mktemp -d)
     trap 'rm -rf "$stage"' EXIT
     mkdir -p "$stage"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,root,etc}
@@ -52,9 +62,11 @@ if stale "$initrd" "$here/init" "$here/modules.list" "$here/build.sh" "$here/../
     mv "$initrd.tmp" "$initrd"
 fi
 
-# The kernels, copied only when they changed.
+# The kernels: hard links to the cache's (fetch.sh never changes them in place, it
+# replaces the directory), or copies where links can't be made; redone when they changed.
 for f in bzImage vmlinux; do
-    cmp -s "$kdir/$f" "$out/$f" || cp "$kdir/$f" "$out/$f"
+    [[ $kdir/$f -ef $out/$f ]] || cmp -s "$kdir/$f" "$out/$f" ||
+        { rm -f "$out/$f" && ln "$kdir/$f" "$out/$f" 2>/dev/null; } || cp "$kdir/$f" "$out/$f"
 done
 echo "$out/bzImage"
 echo "$out/vmlinux"

@@ -55,11 +55,11 @@ done
 if [[ -z $timeout_s ]] && ((!interactive)); then timeout_s=600; fi
 
 ensure_cmds qemu-system-x86_64:qemu-system-x86 cpio:cpio timeout:coreutils ldd:libc-bin \
-    flock:util-linux
+    flock:util-linux mkfs.ext4:e2fsprogs
 "$here/fetch.sh" >/dev/null
-"$repo/guest/build.sh" >/dev/null
+guest_paths=$("$repo/guest/build.sh")   # bzImage, vmlinux, initramfs, one per line
+guest=$(dirname "${guest_paths%%$'\n'*}")
 kdir=$LGUEST_CACHE/kernel
-guest=$LGUEST_CACHE/guest
 
 out=${LAB_OUT:-$here/out}
 pieces=$out/pieces
@@ -74,9 +74,11 @@ trap 'rm -rf "$run"' EXIT
 exec 9>"$out/.lock"   # parallel runs: one builds a stale piece, the others wait
 flock 9
 
-# base: busybox, /init and the modules, in load order, for KVM (AMD) and test networks.
+# base: busybox, /init and the modules, in load order, for KVM (AMD) and test networks;
+# mkfs.ext4 (e2fsprogs, this host's, with its libraries) for disk images made in the lab.
+mkfs_ext4=$(command -v mkfs.ext4)
 if stale "$pieces/base.cpio" "$here/init" "$here/run.sh" "$here/lib.sh" \
-    "$LGUEST_CACHE/busybox" "$kdir/.from"; then
+    "$LGUEST_CACHE/busybox" "$kdir/.from" "$mkfs_ext4"; then
     s=$run/base
     mkdir -p "$s"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,root,etc,guest}
     install -m 755 "$LGUEST_CACHE/busybox" "$s/bin/busybox"
@@ -85,6 +87,8 @@ if stale "$pieces/base.cpio" "$here/init" "$here/run.sh" "$here/lib.sh" \
     done
     install -m 755 "$here/init" "$s/init"
     mknod -m 600 "$s/dev/console" c 5 1
+    copy_with_libs "$mkfs_ext4" "$s" usr/sbin/mkfs.ext4
+    [[ ! -f /etc/mke2fs.conf ]] || install -m 644 /etc/mke2fs.conf "$s/etc/mke2fs.conf"
     ver=$(cat "$kdir/version")
     mod_deps "$kdir/modules" kvm-amd tun bridge >"$s/etc/lab-modules"
     while read -r m; do
@@ -95,12 +99,15 @@ if stale "$pieces/base.cpio" "$here/init" "$here/run.sh" "$here/lib.sh" \
     rm -rf "$s"
 fi
 
-# guest: the reference guest of guest/build.sh, at /guest.
-if stale "$pieces/guest.cpio" "$guest/bzImage" "$guest/vmlinux" "$guest/initramfs.cpio.gz"; then
+# guest: the reference guest of guest/build.sh, at /guest. (Its directory is named after its
+# inputs, so a piece made from another directory is stale whatever the times say.)
+if stale "$pieces/guest.cpio" "$guest/bzImage" "$guest/vmlinux" "$guest/initramfs.cpio.gz" ||
+    [[ $(cat "$pieces/guest.from" 2>/dev/null) != "$guest" ]]; then
     s=$run/guest
     mkdir -p "$s/guest"
     cp "$guest/bzImage" "$guest/vmlinux" "$guest/initramfs.cpio.gz" "$s/guest/"
     mkcpio "$s" "$pieces/guest.cpio.tmp" && mv "$pieces/guest.cpio.tmp" "$pieces/guest.cpio"
+    echo "$guest" >"$pieces/guest.from"
     rm -rf "$s"
 fi
 

@@ -14,3 +14,5 @@ ensure_cmds setpriv:util-linux unshare:util-linux strip:binutils
 lab/fetch.sh >/dev/null
 guest/build.sh >/dev/null
 cargo test --workspace --locked "$@"
+# Every fuzz target for a bounded time (about 4 minutes in all); skipped when a filter is given.
+if (($# == 0)); then scripts/fuzz.sh --ci; fi

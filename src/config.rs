@@ -5,6 +5,7 @@
 //! whether the kernel fits) is checked when the image is loaded, in `arch::x86_64::boot`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -73,6 +74,18 @@ pub struct RunArgs {
     /// Give the guest a virtio entropy source (/dev/hwrng), fed from the host's getrandom.
     #[arg(long)]
     pub rng: bool,
+    /// System-call filters on the threads that handle guest data: `enforce` (kill lguest on a
+    /// forbidden call), `log` (allow it, the kernel logs it) or `off`.
+    #[arg(long, value_name = "MODE", default_value = "enforce")]
+    pub seccomp: String,
+    /// What a guest reboot does: `exit` (status 0) or `restart` (boot the same configuration
+    /// again, in this process). A guest that crashes (triple fault, panic) is never restarted.
+    #[arg(long, value_name = "exit|restart", default_value = "exit")]
+    pub reboot: String,
+    /// On SIGTERM (or SIGINT when stdin is not a terminal) we press Ctrl-Alt-Del on the guest's
+    /// keyboard and give it this long to power off before stopping it (0: stop at once).
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub shutdown_timeout: u64,
 }
 
 /// One `--disk`.
@@ -98,6 +111,18 @@ pub enum ConsoleKind {
     Virtio,
 }
 
+/// What a guest's reboot does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnReboot {
+    /// lguest exits with status 0.
+    Exit,
+    /// The same configuration boots again in the same process.
+    Restart,
+}
+
+/// The longest `--shutdown-timeout`: a day is already more than any guest needs.
+pub const MAX_SHUTDOWN_TIMEOUT_SECS: u64 = 24 * 60 * 60;
+
 /// A validated description of one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -111,6 +136,9 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     pub console: ConsoleKind,
     pub rng: bool,
+    pub seccomp: crate::seccomp::Mode,
+    pub on_reboot: OnReboot,
+    pub shutdown_timeout: Duration,
 }
 
 impl VmConfig {
@@ -125,11 +153,48 @@ impl VmConfig {
         let disks = args.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
         let nets = args.nets.iter().map(|n| parse_net(n)).collect::<Result<Vec<_>>>()?;
         let console = parse_console(&args.console)?;
+        let seccomp = parse_seccomp(&args.seccomp)?;
+        let on_reboot = parse_reboot(&args.reboot)?;
+        let shutdown_timeout = validate_shutdown_timeout(args.shutdown_timeout)?;
         let RunArgs { kernel, initrd, mut cmdline, boot_timeline, rng, .. } = args;
         if console == ConsoleKind::Virtio && cmdline == DEFAULT_CMDLINE {
             cmdline = DEFAULT_CMDLINE.replace("console=ttyS0", "console=hvc0");
         }
-        Ok(VmConfig { kernel, initrd, cmdline, memory_mib, cpus, boot_timeline, disks, nets, console, rng })
+        Ok(VmConfig {
+            kernel,
+            initrd,
+            cmdline,
+            memory_mib,
+            cpus,
+            boot_timeline,
+            disks,
+            nets,
+            console,
+            rng,
+            on_reboot,
+            shutdown_timeout,
+            seccomp,
+        })
+    }
+
+    /// The defaults `lguest run --kernel KERNEL` would get, for code that builds a
+    /// configuration without a command line (tests, fuzz targets).
+    pub fn for_kernel(kernel: PathBuf) -> VmConfig {
+        VmConfig {
+            kernel,
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            memory_mib: 512,
+            cpus: 1,
+            boot_timeline: false,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            console: ConsoleKind::Serial,
+            rng: false,
+            on_reboot: OnReboot::Exit,
+            shutdown_timeout: Duration::from_secs(10),
+            seccomp: crate::seccomp::Mode::Enforce,
+        }
     }
 
     pub fn memory_bytes(&self) -> u64 {
@@ -217,6 +282,32 @@ fn parse_console(value: &str) -> Result<ConsoleKind> {
     }
 }
 
+fn parse_seccomp(value: &str) -> Result<crate::seccomp::Mode> {
+    use crate::seccomp::Mode;
+    match value {
+        "enforce" => Ok(Mode::Enforce),
+        "log" => Ok(Mode::Log),
+        "off" => Ok(Mode::Off),
+        _ => Err(Error::BadFlag { flag: "--seccomp", value: value.into(), why: "expected enforce, log or off".into() }),
+    }
+}
+
+fn parse_reboot(value: &str) -> Result<OnReboot> {
+    match value {
+        "exit" => Ok(OnReboot::Exit),
+        "restart" => Ok(OnReboot::Restart),
+        _ => Err(Error::BadFlag { flag: "--reboot", value: value.into(), why: "expected exit or restart".into() }),
+    }
+}
+
+fn validate_shutdown_timeout(secs: u64) -> Result<Duration> {
+    if secs > MAX_SHUTDOWN_TIMEOUT_SECS {
+        let why = format!("at most {MAX_SHUTDOWN_TIMEOUT_SECS} seconds (a day)");
+        return Err(Error::BadFlag { flag: "--shutdown-timeout", value: secs.to_string(), why });
+    }
+    Ok(Duration::from_secs(secs))
+}
+
 /// Opens the file once, so a typo in a path is reported before anything else happens.
 fn check_readable(path: &std::path::Path, what: &'static str) -> Result<()> {
     let error = |source| Error::ReadFile { what, path: path.to_path_buf(), source };
@@ -278,6 +369,20 @@ mod tests {
         assert_eq!(config.cmdline, DEFAULT_CMDLINE);
         assert_eq!(config.initrd, None);
         assert!(!config.boot_timeline);
+        assert_eq!(config.on_reboot, OnReboot::Exit);
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn reboot_and_shutdown_timeout() {
+        let args = run_args(&["run", "--kernel", FILE, "--reboot", "restart", "--shutdown-timeout", "0"]);
+        let config = VmConfig::from_args(args).expect("valid");
+        assert_eq!((config.on_reboot, config.shutdown_timeout), (OnReboot::Restart, Duration::ZERO));
+        let bad = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--reboot", "halt"]));
+        assert!(matches!(bad, Err(Error::BadFlag { flag: "--reboot", .. })), "{bad:?}");
+        let long = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--shutdown-timeout", "99999999"]));
+        assert!(matches!(long, Err(Error::BadFlag { flag: "--shutdown-timeout", .. })), "{long:?}");
+        assert!(parse(&["run", "--kernel", FILE, "--shutdown-timeout", "-1"]).is_err());
     }
 
     #[test]
@@ -351,6 +456,11 @@ mod tests {
         assert!(config.rng);
         let bad = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--console", "vga"]));
         assert!(matches!(bad, Err(Error::BadFlag { flag: "--console", .. })));
+        assert_eq!(config.seccomp, crate::seccomp::Mode::Enforce);
+        let log = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--seccomp", "log"])).expect("valid");
+        assert_eq!(log.seccomp, crate::seccomp::Mode::Log);
+        let bad = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--seccomp", "strict"]));
+        assert!(matches!(bad, Err(Error::BadFlag { flag: "--seccomp", .. })));
     }
 
     #[test]

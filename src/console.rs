@@ -10,15 +10,23 @@
 //! or a file its bytes go to the guest unchanged, so scripts and tests can drive the console.
 //!
 //! Signals that would kill us (SIGINT, SIGTERM, SIGHUP, SIGQUIT) are blocked in every thread
-//! and collected by one watcher thread, which stops the VM in an orderly way.
+//! and collected by one watcher thread. SIGTERM, and SIGINT when stdin is not a terminal, ask
+//! the guest to shut down (see [`crate::stop::Stopper::request_shutdown`]); the others stop
+//! the VM at once, in an orderly way.
+//!
+//! The watcher, the stdin pump and raw mode are set up once per process; a guest restarted
+//! after a reboot gets new devices, and the pump follows them through a [`ConsoleRoute`].
 
 use std::io::Read;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::Duration;
 
+use libc::c_int;
+
 use crate::bus::lock;
 use crate::devices::serial::SerialPort;
+use crate::seccomp::{self, Role};
 use crate::stop::{StopReason, Stopper};
 use crate::virtio::console::ConsoleInput;
 
@@ -71,8 +79,9 @@ pub fn restore_terminal() {
 }
 
 /// Blocks the stop signals in this thread and every thread it starts from now on, and starts
-/// the thread that waits for them. Call before starting any other thread.
-pub fn watch_signals(stopper: Arc<Stopper>) -> std::io::Result<()> {
+/// the thread that waits for them. Call before starting any other thread. `interactive`: stdin
+/// is our terminal (whose Ctrl-C goes to the guest as a key, so a SIGINT came from `kill`).
+pub fn watch_signals(stopper: Arc<Stopper>, shutdown_timeout: Duration, interactive: bool) -> std::io::Result<()> {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t; the signal numbers are valid constants.
@@ -87,14 +96,31 @@ pub fn watch_signals(stopper: Arc<Stopper>) -> std::io::Result<()> {
     if rc != 0 {
         return Err(std::io::Error::from_raw_os_error(rc));
     }
-    thread::Builder::new().name("signals".into()).spawn(move || loop {
-        let mut signal: libc::c_int = 0;
-        // SAFETY: `set` and `signal` outlive the call; sigwait writes only `signal`.
-        if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-            stopper.stop(StopReason::Signal(signal));
+    thread::Builder::new().name("signals".into()).spawn(move || {
+        if let Err(e) = seccomp::confine(Role::SignalWatcher) {
+            return stopper.stop(StopReason::HostError(e.to_string()));
+        }
+        loop {
+            let mut signal: c_int = 0;
+            // SAFETY: `set` and `signal` outlive the call; sigwait writes only `signal`.
+            if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
+                continue;
+            }
+            if asks_for_shutdown(signal, interactive) {
+                stopper.request_shutdown(signal, shutdown_timeout);
+            } else {
+                stopper.stop(StopReason::Signal(signal));
+            }
         }
     })?;
     Ok(())
+}
+
+/// SIGTERM is how service managers and `docker stop` ask a machine to shut down, and SIGINT is
+/// Ctrl-C in a script; we pass the request on to the guest. SIGHUP (our terminal is gone) and
+/// SIGQUIT stop the VM at once.
+fn asks_for_shutdown(signal: c_int, interactive: bool) -> bool {
+    signal == libc::SIGTERM || (signal == libc::SIGINT && !interactive)
 }
 
 /// Turns keystrokes into guest input, watching for the escape sequence.
@@ -126,9 +152,35 @@ impl EscapeFilter {
 
 /// Where the stdin pump delivers what the user typed: the UART or the virtio console.
 pub trait ConsoleSink: Send + 'static {
-    /// Hands `input` to the guest's console. Returns false once the pump should end (the VM
-    /// stopped while the input waited for room).
+    /// Hands `input` to the guest's console. Returns false when (some of) it was dropped
+    /// because the VM stopped while it waited for room.
     fn deliver(&mut self, input: &[u8], stopper: &Stopper) -> bool;
+}
+
+/// The console the stdin pump types into: the running VM's, or none between two boots of a
+/// restarted guest (what is typed then is dropped). The pump is started once per process; each
+/// new VM [`ConsoleRoute::connect`]s its console here.
+#[derive(Clone, Default)]
+pub struct ConsoleRoute(Arc<Mutex<Option<Box<dyn ConsoleSink>>>>);
+
+impl ConsoleRoute {
+    pub fn connect(&self, sink: Box<dyn ConsoleSink>) {
+        *lock(&self.0) = Some(sink);
+    }
+
+    /// Call once the VM has stopped: a delivery still waiting for room sees the stop and lets go.
+    pub fn disconnect(&self) {
+        lock(&self.0).take();
+    }
+}
+
+impl ConsoleSink for ConsoleRoute {
+    fn deliver(&mut self, input: &[u8], stopper: &Stopper) -> bool {
+        match lock(&self.0).as_mut() {
+            Some(sink) => sink.deliver(input, stopper),
+            None => false,
+        }
+    }
 }
 
 /// The UART's FIFO holds 64 bytes: the input drains into it at the guest's pace.
@@ -162,11 +214,15 @@ impl ConsoleSink for ConsoleInput {
 pub fn pump_stdin(sink: impl ConsoleSink, stopper: Arc<Stopper>, escape: bool) -> std::io::Result<()> {
     thread::Builder::new()
         .name("stdin".into())
-        .spawn(move || pump(std::io::stdin().lock(), sink, &stopper, escape))?;
+        .spawn(move || match seccomp::confine(Role::StdinPump) {
+            Ok(()) => pump(std::io::stdin().lock(), sink, &stopper, escape),
+            Err(e) => stopper.stop(StopReason::HostError(e.to_string())),
+        })?;
     Ok(())
 }
 
-/// Copies `source` into `sink` until the input ends, the user quits or the VM stops.
+/// Copies `source` into `sink` until the input ends or the user quits. Input the VM stopped
+/// before taking is dropped: a restarted guest starts with an empty console.
 fn pump(mut source: impl Read, mut sink: impl ConsoleSink, stopper: &Stopper, escape: bool) {
     let mut buffer = [0u8; 256];
     let mut filter = EscapeFilter::default();
@@ -187,7 +243,7 @@ fn pump(mut source: impl Read, mut sink: impl ConsoleSink, stopper: &Stopper, es
             input.extend_from_slice(&buffer[..count]);
         }
         if !sink.deliver(&input, stopper) {
-            return;
+            tracing::debug!("console input dropped: the VM stopped");
         }
     }
 }
@@ -284,6 +340,26 @@ mod tests {
         pump(&flood[..], input.clone(), &stopper, true);
         assert_eq!(input.pending().len(), crate::virtio::console::INPUT_LIMIT);
         assert!(matches!(stopper.wait(), StopReason::UserQuit), "Ctrl-A x still quits");
+    }
+
+    #[test]
+    fn the_route_follows_the_connected_console_and_drops_input_between_boots() {
+        let (first, second, stopper) = (uart(), uart(), Stopper::default());
+        let mut route = ConsoleRoute::default();
+        assert!(!route.deliver(b"lost", &stopper), "nothing connected");
+        route.connect(Box::new(first.clone()));
+        assert!(route.deliver(b"one", &stopper));
+        route.disconnect();
+        route.connect(Box::new(second.clone()));
+        pump(&b"two"[..], route.clone(), &stopper, true);
+        assert_eq!((uart_fifo(&first), uart_fifo(&second)), (b"one".to_vec(), b"two".to_vec()));
+    }
+
+    #[test]
+    fn sigterm_asks_and_sigint_asks_only_without_a_terminal() {
+        assert!(asks_for_shutdown(libc::SIGTERM, true) && asks_for_shutdown(libc::SIGTERM, false));
+        assert!(asks_for_shutdown(libc::SIGINT, false) && !asks_for_shutdown(libc::SIGINT, true));
+        assert!(!asks_for_shutdown(libc::SIGHUP, false) && !asks_for_shutdown(libc::SIGQUIT, false));
     }
 
     #[test]

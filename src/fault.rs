@@ -77,8 +77,10 @@ fn read_code(mem: &GuestMemoryMmap, addr: u64) -> Option<Vec<u8>> {
 }
 
 /// This host's /dev/kvm is PVM (a software hypervisor): stock kernels can't run on it.
+/// Looked up once, while the VM is built: a vCPU thread's seccomp filter allows no file access.
 pub fn host_kvm_is_pvm() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
+    static PVM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PVM.get_or_init(|| Path::new("/sys/module/kvm_pvm").exists())
 }
 
 impl fmt::Display for FaultKind {

@@ -8,7 +8,8 @@
 //! 3. [`arch::x86_64`]: putting a kernel into that memory (bzImage or PVH vmlinux), the tables it
 //!    reads (boot_params, start_info, ACPI) and the register state it wakes up in.
 //! 4. [`vm`]: the KVM VM itself: memory slots, the in-kernel irqchip and PIT, the devices, the
-//!    vCPU threads, and the wait for the guest to stop.
+//!    vCPU threads, the wait for the guest to stop, and the teardown; [`session`] runs it again
+//!    when a guest reboots with `--reboot restart`.
 //! 5. [`vcpu`]: the world switch (`KVM_RUN`) and one handler per exit reason.
 //! 6. [`bus`] and [`devices`]: where port I/O and MMIO exits land; absent devices read as ones.
 //! 7. [`pci`] and [`virtio`]: the PCI bus a stock kernel finds its devices on, the virtio
@@ -17,6 +18,7 @@
 //! 8. [`console`]: the user's terminal, wired to the guest's serial port or virtio console.
 //! 9. [`fault`]: what we say when a guest dies, so that only the guest dies.
 //! 10. [`timeline`]: when each of the above happened, for `--boot-timeline`.
+//! 11. [`seccomp`]: the system calls each of the threads above may make.
 
 pub mod arch;
 pub mod bus;
@@ -27,6 +29,8 @@ pub mod error;
 pub mod fault;
 pub mod memory;
 pub mod pci;
+pub mod seccomp;
+pub mod session;
 pub mod stop;
 pub mod timeline;
 pub mod vcpu;

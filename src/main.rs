@@ -1,7 +1,8 @@
 //! `lguest`: the command line, a VM built from it, and the guest's fate as our exit status.
 //!
 //! 0: the guest powered off or reset itself (or the user quit); 1: the guest died (a report
-//! says how); 2: the request was wrong (a line says what to change); 128+N: signal N.
+//! says how); 2: the request was wrong (a line says what to change); 3: the guest's kernel
+//! panicked; 128+N: signal N.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,10 +10,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use lguest::config::{Cli, Command, VmConfig};
-use lguest::console;
+use lguest::{console, seccomp, session};
 use lguest::stop::StopReason;
 use lguest::timeline::{Milestone, Timeline};
-use lguest::vm::Vm;
 
 fn main() -> ExitCode {
     let timeline = Arc::new(Timeline::new(Instant::now()));
@@ -21,8 +21,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => return command_line_error(error),
     };
-    let result = VmConfig::from_args(args)
-        .and_then(|config| Ok((Vm::build(&config, timeline.clone())?.run()?, config.boot_timeline)));
+    let result = VmConfig::from_args(args).and_then(|config| {
+        seccomp::set_mode(config.seccomp);
+        Ok((session::run(&config, timeline.clone())?, config.boot_timeline))
+    });
     timeline.mark(Milestone::Stopped);
     console::restore_terminal();
     match result {
@@ -71,6 +73,11 @@ fn report(reason: &StopReason) {
         StopReason::GuestFault(fault) => eprintln!("\nlguest: {fault}"),
         StopReason::HostError(what) => eprintln!("\nlguest: {what}"),
         StopReason::Signal(n) => eprintln!("\nlguest: stopped by signal {n}"),
+        StopReason::ShutdownTimedOut { signal, after } => eprintln!(
+            "\nlguest: the guest did not shut down within {} s of signal {signal} (Ctrl-Alt-Del); stopped it",
+            after.as_secs()
+        ),
+        StopReason::GuestPanic => eprintln!("\nlguest: the guest kernel panicked (it said so through pvpanic)"),
         StopReason::PowerOff | StopReason::Reset | StopReason::UserQuit => {}
     }
 }

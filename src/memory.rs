@@ -9,6 +9,8 @@
 //! descriptors) is checked by `vm-memory`'s bounds-checked accessors; nothing here hands out
 //! raw pointers.
 
+use std::sync::{Arc, Weak};
+
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -103,18 +105,40 @@ pub fn e820_map(memory_bytes: u64) -> Vec<E820Entry> {
     map
 }
 
+/// The guest's RAM: the `vm-memory` view that loaders, vCPUs and devices share (clones of it are
+/// cheap), and the mappings behind that view, which this owns. Dropping it unmaps the RAM once
+/// every clone is gone, so a VM that is torn down (to restart a rebooted guest) gives its memory
+/// back. Dereferences to the `GuestMemoryMmap`.
+pub struct GuestRam {
+    // Declared first, so it is dropped before the mappings look for remaining users.
+    mem: GuestMemoryMmap,
+    // Held for their `Drop`, which unmaps them.
+    _mappings: Vec<AlignedMapping>,
+}
+
+impl std::ops::Deref for GuestRam {
+    type Target = GuestMemoryMmap;
+
+    fn deref(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+}
+
 /// Maps the guest's RAM into our address space. Pages are not touched here: the kernel only
 /// hands us memory as the guest first writes it, which keeps an idle VM's footprint small.
-pub fn create_guest_memory(memory_bytes: u64) -> Result<GuestMemoryMmap> {
-    let regions = ram_ranges(memory_bytes)
-        .into_iter()
-        .map(|(start, len)| {
-            let len = usize::try_from(len).map_err(|_| too_large())?;
-            let mapping = map_aligned(len)?;
-            GuestRegionMmap::new(mapping, start).ok_or_else(too_large)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Memory(e.to_string()))
+pub fn create_guest_memory(memory_bytes: u64) -> Result<GuestRam> {
+    let mut mappings = Vec::new();
+    let mut regions = Vec::new();
+    for (start, len) in ram_ranges(memory_bytes) {
+        let len = usize::try_from(len).map_err(|_| too_large())?;
+        let mut mapping = map_aligned(len)?;
+        let region = Arc::new(mapping.region()?);
+        mapping.region = Arc::downgrade(&region);
+        mappings.push(mapping);
+        regions.push(GuestRegionMmap::with_arc(region, start).ok_or_else(too_large)?);
+    }
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Memory(e.to_string()))?;
+    Ok(GuestRam { mem, _mappings: mappings })
 }
 
 fn too_large() -> Error {
@@ -123,20 +147,55 @@ fn too_large() -> Error {
 
 /// 2 MiB: the size of a huge page, and of a large page in the guest's nested page tables.
 const HUGE_PAGE: usize = 2 << 20;
+const PROT: i32 = libc::PROT_READ | libc::PROT_WRITE;
+const FLAGS: i32 = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+
+/// One range of guest RAM, mapped by us on a 2 MiB boundary and unmapped when dropped.
+///
+/// `vm-memory` sees it through an `MmapRegion` built from a raw pointer, and such a region
+/// never unmaps what it did not map itself. So the unmap is ours, and it must wait until the
+/// last `MmapRegion` of the range is gone: `region` tells us. Should one still be alive (a
+/// thread we failed to stop holds a clone of the memory), we leave the range mapped: a leak,
+/// where unmapping would let that thread write into whatever the kernel maps there next.
+struct AlignedMapping {
+    addr: usize,
+    len: usize,
+    region: Weak<MmapRegion>,
+}
+
+impl AlignedMapping {
+    /// The `vm-memory` region over this range.
+    fn region(&self) -> Result<MmapRegion> {
+        // SAFETY: [addr, addr+len) is a live read-write mapping that `self` unmaps only once no
+        // `MmapRegion` over it is left (see `Drop`), so it stays valid for every user of the region.
+        let builder = unsafe { MmapRegionBuilder::new(self.len).with_raw_mmap_pointer(self.addr as *mut u8) };
+        builder.with_mmap_prot(PROT).with_mmap_flags(FLAGS).build().map_err(|e| Error::Memory(e.to_string()))
+    }
+}
+
+impl Drop for AlignedMapping {
+    fn drop(&mut self) {
+        if self.region.strong_count() > 0 {
+            tracing::warn!("guest memory is still in use after its VM stopped: leaving it mapped");
+            return;
+        }
+        // SAFETY: we mapped this range, and no `MmapRegion` over it is left (a `Weak` that counts
+        // zero can't be upgraded again), so nothing can reach it any more.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
 
 /// An anonymous mapping of `len` bytes that starts on a 2 MiB boundary. KVM can back guest
 /// memory with 2 MiB pages in its nested page tables only where guest-physical and host
 /// addresses agree modulo 2 MiB; our RAM ranges start 2 MiB-aligned, so aligning the host
 /// side lets every guest access after the first go through large pages, and lets the host
-/// kernel use transparent huge pages behind them. The mapping lives as long as the process.
-fn map_aligned(len: usize) -> Result<MmapRegion> {
+/// kernel use transparent huge pages behind them.
+fn map_aligned(len: usize) -> Result<AlignedMapping> {
     let host_error = |what: &str| Error::Memory(format!("{what}: {}; try a smaller --memory", std::io::Error::last_os_error()));
     let padded = len.checked_add(HUGE_PAGE).ok_or_else(too_large)?;
-    let prot = libc::PROT_READ | libc::PROT_WRITE;
-    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
     // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing; nothing else
     // refers to it yet.
-    let base = unsafe { libc::mmap(std::ptr::null_mut(), padded, prot, flags, -1, 0) };
+    let base = unsafe { libc::mmap(std::ptr::null_mut(), padded, PROT, FLAGS, -1, 0) };
     if base == libc::MAP_FAILED {
         return Err(host_error("cannot map guest memory"));
     }
@@ -153,10 +212,7 @@ fn map_aligned(len: usize) -> Result<MmapRegion> {
         }
         libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
     }
-    // SAFETY: [start, start+len) is a live read-write mapping that we never unmap, so it stays
-    // valid for every user of the region.
-    let builder = unsafe { MmapRegionBuilder::new(len).with_raw_mmap_pointer(start as *mut u8) };
-    builder.with_mmap_prot(prot).with_mmap_flags(flags).build().map_err(|e| Error::Memory(e.to_string()))
+    Ok(AlignedMapping { addr: start, len, region: Weak::new() })
 }
 
 #[cfg(test)]
@@ -209,6 +265,17 @@ mod tests {
             assert_eq!(host % HUGE_PAGE, 0);
             assert_eq!(region.len(), 64 << 20);
         }
+    }
+
+    #[test]
+    fn memory_still_in_use_stays_mapped_after_its_owner_is_dropped() {
+        use vm_memory::{Bytes, GuestAddress};
+        let ram = create_guest_memory(64 << 20).expect("memory");
+        let clone = ram.clone();
+        drop(ram);
+        // The clone's region would dangle had the owner unmapped it.
+        clone.write_obj(0x1234_5678u32, GuestAddress(0x1000)).expect("write");
+        assert_eq!(clone.read_obj::<u32>(GuestAddress(0x1000)).expect("read"), 0x1234_5678);
     }
 
     #[test]

@@ -5,14 +5,22 @@
 //! or an internal error kill the guest with a [`GuestFault`] report; an ACPI-style system event
 //! ends it cleanly. Anything else we don't expect also ends only the guest, with its name.
 //! HLT, interrupts and the timer never come here: the in-kernel irqchip handles them.
+//!
+//! So a vCPU whose guest sits in HLT never comes back by itself. To stop one (the VM is being
+//! torn down) the main thread *kicks* its thread with a signal of our own ([`kick`]): the
+//! handler sets the run area's `immediate_exit`, which makes a KVM_RUN in progress, or the
+//! next one, return EINTR at once; the loop then sees the stop and returns.
 
+use std::cell::Cell;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
-use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{kvm_run, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 
 use crate::bus::Bus;
+use crate::seccomp::{self, Role};
 use crate::fault::{FaultKind, GuestFault};
 use crate::stop::{StopReason, Stopper};
 use crate::timeline::{ExitKind, Milestone, Timeline};
@@ -34,9 +42,65 @@ enum Next {
     Fault(FaultKind),
 }
 
+thread_local! {
+    /// The run area of the vCPU this thread runs, for [`on_kick`]; null while it runs none.
+    static RUN_AREA: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal that kicks a vCPU thread: a real-time one, which nobody else sends us.
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the kick's handler, for the whole process (installing it again changes nothing).
+/// It is installed without `SA_RESTART`, so the signal interrupts KVM_RUN instead of resuming it.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    // `on_kick` may run at any instruction of the thread: it only reads a thread-local (const
+    // initialised, no destructor) and writes one byte of the run area, both async-signal-safe.
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = RUN_AREA.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is set by `Vcpu::run` on this very thread while its `VcpuFd`, and
+        // so the mapping of the run area, is alive, and cleared before it goes away.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// Kicks the vCPU thread out of KVM_RUN (see the module's story). A thread that has already
+/// finished, but is not joined yet, is simply not found.
+pub fn kick(thread: &JoinHandle<()>) {
+    use vmm_sys_util::signal::Killable;
+    let _ = thread.kill(kick_signal());
+}
+
+/// Publishes a vCPU's run area to the kick handler for as long as it lives.
+struct Kickable;
+
+impl Kickable {
+    fn arm(run: *mut kvm_run) -> Kickable {
+        RUN_AREA.with(|area| area.set(run));
+        Kickable
+    }
+}
+
+impl Drop for Kickable {
+    fn drop(&mut self) {
+        RUN_AREA.with(|area| area.set(std::ptr::null_mut()));
+    }
+}
+
 impl Vcpu {
     /// Runs the guest until this vCPU, or anyone else, stops the VM.
     pub fn run(mut self) {
+        if let Err(e) = seccomp::confine(Role::Vcpu) {
+            return self.stopper.stop(StopReason::HostError(e.to_string()));
+        }
+        // Dropped before `self` (and with it the run area's mapping): locals go before arguments.
+        let _kickable = Kickable::arm(self.fd.get_kvm_run());
         if self.id == 0 {
             self.timeline.mark(Milestone::FirstKvmRun);
         }
@@ -59,11 +123,13 @@ impl Vcpu {
         let next = match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 self.timeline.count_exit(ExitKind::PortIn);
+                self.timeline.count_port(port);
                 self.pio.read(u64::from(port), data);
                 Next::Continue
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 self.timeline.count_exit(ExitKind::PortOut);
+                self.timeline.count_port(port);
                 self.pio.write(u64::from(port), data);
                 Next::Continue
             }

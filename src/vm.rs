@@ -2,11 +2,13 @@
 //!
 //! The order matters and follows a guest's life: open KVM, make the VM and its in-kernel
 //! interrupt controllers and PIT, map guest memory, write the ACPI tables and load the kernel,
-//! plug in the devices, set up each vCPU's registers; then start one thread per vCPU, hand the
-//! terminal to the guest, and wait for the first [`StopReason`].
+//! plug in the devices, set up each vCPU's registers; then start one thread per vCPU, connect the
+//! console, and wait for the first [`StopReason`]. Then the VM is taken apart again, completely,
+//! so that a rebooted guest can be started afresh in the same process (see [`crate::session`]).
 
 use std::sync::{Arc, Mutex};
-use std::thread;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
@@ -14,15 +16,16 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{acpi, boot, cpu};
-use crate::bus::{Bus, SharedDevice};
+use crate::bus::{lock, Bus, SharedDevice};
 use crate::config::VmConfig;
-use crate::console;
+use crate::console::ConsoleRoute;
 use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_ADDR, BOOT_TIMER_LEN};
-use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
+use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT, KEYBOARD_IRQ};
 use crate::devices::power::{PowerButton, POWER_LEN, POWER_PORT};
+use crate::devices::pvpanic::{PvPanic, PVPANIC_LEN, PVPANIC_PORT};
 use crate::devices::serial::{IrqLine, SerialPort, Stdout, COM1_IRQ, COM1_LEN, COM1_PORT};
 use crate::error::{kvm, Error, Result};
-use crate::memory::{self, layout};
+use crate::memory::{self, layout, GuestRam};
 use crate::pci::msix::MsiRoutes;
 use crate::pci::{PciRoot, CONFIG_PORT, CONFIG_PORT_LEN};
 use crate::config::ConsoleKind;
@@ -32,25 +35,31 @@ use crate::virtio::net::Net;
 use crate::virtio::rng::Rng;
 use crate::virtio::transport::{VirtioPci, BAR_SIZE};
 use crate::virtio::VirtioDevice;
-use crate::stop::{StopReason, Stopper};
+use crate::stop::{Event, StopReason, Stopper};
 use crate::timeline::{Milestone, Timeline};
-use crate::vcpu::Vcpu;
+use crate::vcpu::{self, Vcpu};
 
 /// A VM ready to run: everything built, no guest instruction executed yet.
 pub struct Vm {
     // Kept open for the VM's lifetime: the vCPUs and memory slots belong to it.
-    _kvm: Kvm,
-    _vm: Arc<VmFd>,
+    kvm: Kvm,
+    vm: Arc<VmFd>,
     vcpus: Vec<Vcpu>,
     pio: Arc<Bus>,
     serial: Arc<Mutex<SerialPort>>,
     /// Where typed keys go with `--console virtio`; the UART gets them otherwise.
     virtio_console: Option<ConsoleInput>,
+    /// The keyboard we press Ctrl-Alt-Del on to ask the guest to shut down.
+    keyboard: Arc<Mutex<I8042>>,
     stopper: Arc<Stopper>,
+    /// Unmapped last, once nothing else of the VM is left.
+    ram: GuestRam,
 }
 
 impl Vm {
-    pub fn build(config: &VmConfig, timeline: Arc<Timeline>) -> Result<Vm> {
+    /// Builds a VM from `config`. Everything in it that can stop the guest reports to `stopper`,
+    /// which outlives the VM when a rebooted guest is restarted.
+    pub fn build(config: &VmConfig, timeline: Arc<Timeline>, stopper: Arc<Stopper>) -> Result<Vm> {
         let kvm_handle = open_kvm()?;
         let max_cpus = kvm_handle.get_max_vcpus();
         if usize::from(config.cpus) > max_cpus {
@@ -67,8 +76,7 @@ impl Vm {
         let rsdp = acpi::write(&mem, config.cpus)?;
         let entry = boot::load_guest(&mem, config, rsdp)?;
 
-        let stopper = Arc::new(Stopper::default());
-        let (mut pio, serial) = legacy_devices(&vm, &stopper)?;
+        let (mut pio, serial, keyboard) = legacy_devices(&vm, &stopper)?;
         let mut mmio = mmio_devices(&timeline)?;
         let (devices, virtio_console) = virtio_devices(config)?;
         plug_pci_devices(&vm, &mem, devices, &mut pio, &mut mmio)?;
@@ -85,32 +93,98 @@ impl Vm {
                 (pio.clone(), mmio.clone(), mem.clone(), stopper.clone(), timeline.clone());
             vcpus.push(Vcpu { id, fd, pio, mmio, mem, stopper, timeline });
         }
+        crate::fault::host_kvm_is_pvm(); // asked now: a vCPU thread may not read files
         timeline.mark(Milestone::VmBuilt);
-        Ok(Vm { _kvm: kvm_handle, _vm: vm, vcpus, pio, serial, virtio_console, stopper })
+        Ok(Vm { kvm: kvm_handle, vm, vcpus, pio, serial, virtio_console, keyboard, stopper, ram: mem })
     }
 
-    /// Starts the guest and returns when it has stopped, for whatever reason.
-    pub fn run(self) -> Result<StopReason> {
-        let host = |what| move |source| Error::Host { what, source };
-        console::watch_signals(self.stopper.clone()).map_err(host("cannot watch signals"))?;
-        let interactive = console::stdin_is_terminal();
-        if interactive {
-            console::enter_raw_mode();
+    /// Starts the guest, returns when it has stopped, for whatever reason, and takes the VM
+    /// apart: every vCPU thread kicked out of KVM_RUN and joined, the devices' workers stopped,
+    /// the VM closed and its memory unmapped. Typed input goes to the guest through `console`.
+    pub fn run(self, console: &ConsoleRoute) -> Result<StopReason> {
+        let Vm { kvm, vm, vcpus, pio, serial, virtio_console, keyboard, stopper, ram } = self;
+        vcpu::install_kick_handler().map_err(|source| Error::Host { what: "cannot install the vCPU kick handler", source })?;
+        match virtio_console {
+            Some(input) => console.connect(Box::new(input)),
+            None => console.connect(Box::new(serial)),
         }
-        let pumped = match &self.virtio_console {
-            Some(input) => console::pump_stdin(input.clone(), self.stopper.clone(), interactive),
-            None => console::pump_stdin(self.serial.clone(), self.stopper.clone(), interactive),
-        };
-        pumped.map_err(host("cannot start the console thread"))?;
-        for vcpu in self.vcpus {
-            let name = format!("vcpu{}", vcpu.id);
-            thread::Builder::new().name(name).spawn(move || vcpu.run()).map_err(host("cannot start a vCPU thread"))?;
-        }
-        let reason = self.stopper.wait();
-        let (reads, writes) = self.pio.absent_accesses();
+        let threads = start_vcpus(vcpus, &stopper);
+        let mut reason = wait_for_stop(&stopper, &keyboard);
+        console.disconnect();
+        let (reads, writes) = pio.absent_accesses();
         tracing::debug!(reads, writes, "port I/O to absent devices during the run");
+        if let Err(stuck) = stop_vcpus(threads) {
+            // The thread still holds the VM's devices and memory: they stay (see GuestRam).
+            tracing::warn!("vCPU thread {stuck} did not stop; the VM can't be taken apart");
+            if matches!(reason, StopReason::Reset) {
+                reason = StopReason::HostError(format!("vCPU thread {stuck} did not stop, so the guest can't be restarted"));
+            }
+        }
+        // Devices first (their workers hold the memory), then the VM and KVM, the memory last.
+        drop((pio, keyboard));
+        drop((vm, kvm));
+        drop(ram);
         Ok(reason)
     }
+}
+
+/// One thread per vCPU. A thread that can't be started stops the VM; those already running
+/// are stopped with it.
+fn start_vcpus(vcpus: Vec<Vcpu>, stopper: &Stopper) -> Vec<JoinHandle<()>> {
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        let name = format!("vcpu{}", vcpu.id);
+        match thread::Builder::new().name(name).spawn(move || vcpu.run()) {
+            Ok(thread) => threads.push(thread),
+            Err(e) => {
+                stopper.stop(StopReason::HostError(format!("cannot start a vCPU thread: {e}")));
+                break;
+            }
+        }
+    }
+    threads
+}
+
+/// Waits for the VM to stop. A shutdown request meanwhile becomes Ctrl-Alt-Del on the guest's
+/// keyboard; the stopper's deadline takes care of a guest that ignores it.
+fn wait_for_stop(stopper: &Stopper, keyboard: &Mutex<I8042>) -> StopReason {
+    loop {
+        match stopper.next_event() {
+            Event::Stopped(reason) => return reason,
+            Event::ShutdownRequested => {
+                if !lock(keyboard).press_ctrl_alt_del() {
+                    tracing::info!("the guest's keyboard is disabled: it will not see Ctrl-Alt-Del");
+                }
+            }
+        }
+    }
+}
+
+/// How long vCPU threads get to leave KVM_RUN once kicked. Leaving takes microseconds; only a
+/// thread blocked outside the guest (writing guest output to a full pipe) takes longer.
+const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Kicks every vCPU thread until it has finished, then joins them all. A thread that is still
+/// running after [`VCPU_STOP_TIMEOUT`] is named in the `Err`, and left alone.
+fn stop_vcpus(threads: Vec<JoinHandle<()>>) -> std::result::Result<(), String> {
+    let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
+    loop {
+        let running: Vec<&JoinHandle<()>> = threads.iter().filter(|t| !t.is_finished()).collect();
+        if running.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(running[0].thread().name().unwrap_or("?").to_string());
+        }
+        // Kicking again is harmless, and covers a thread that was between two KVM_RUNs.
+        running.iter().for_each(|thread| vcpu::kick(thread));
+        thread::sleep(Duration::from_millis(1));
+    }
+    for thread in threads {
+        // A vCPU thread that panicked has already said so; there is nothing left to undo.
+        let _ = thread.join();
+    }
+    Ok(())
 }
 
 /// Opens /dev/kvm, turning the two usual failures into advice.
@@ -142,21 +216,33 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
     Ok(())
 }
 
-/// The PC devices on the port I/O bus: COM1, the keyboard controller, the ACPI power register.
-fn legacy_devices(vm: &VmFd, stopper: &Arc<Stopper>) -> Result<(Bus, Arc<Mutex<SerialPort>>)> {
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Host { what: "cannot create an eventfd", source })?;
-    vm.register_irqfd(&irq, COM1_IRQ).map_err(kvm("wiring the serial port's interrupt"))?;
-    let serial = Arc::new(Mutex::new(SerialPort::new(IrqLine(irq), Box::new(Stdout))));
+type LegacyDevices = (Bus, Arc<Mutex<SerialPort>>, Arc<Mutex<I8042>>);
+
+/// The PC devices on the port I/O bus: COM1, the keyboard controller, the ACPI power register,
+/// pvpanic.
+fn legacy_devices(vm: &VmFd, stopper: &Arc<Stopper>) -> Result<LegacyDevices> {
+    let serial_irq = irq_line(vm, COM1_IRQ, "wiring the serial port's interrupt")?;
+    let serial = Arc::new(Mutex::new(SerialPort::new(IrqLine(serial_irq), Box::new(Stdout))));
+    let keyboard_irq = irq_line(vm, KEYBOARD_IRQ, "wiring the keyboard's interrupt")?;
+    let keyboard = Arc::new(Mutex::new(I8042::new(stopper.clone(), keyboard_irq)));
     let mut pio = Bus::new("pio");
-    let devices: [(u64, u64, SharedDevice); 3] = [
+    let devices: [(u64, u64, SharedDevice); 4] = [
         (COM1_PORT, COM1_LEN, serial.clone()),
-        (I8042_PORT, I8042_LEN, Arc::new(Mutex::new(I8042::new(stopper.clone())))),
+        (I8042_PORT, I8042_LEN, keyboard.clone()),
         (u64::from(POWER_PORT), POWER_LEN, Arc::new(Mutex::new(PowerButton::new(stopper.clone())))),
+        (PVPANIC_PORT, PVPANIC_LEN, Arc::new(Mutex::new(PvPanic::new(stopper.clone())))),
     ];
     for (base, len, device) in devices {
         claim(&mut pio, base, len, device)?;
     }
-    Ok((pio, serial))
+    Ok((pio, serial, keyboard))
+}
+
+/// An eventfd that raises the guest's interrupt `gsi` when written.
+fn irq_line(vm: &VmFd, gsi: u32, what: &'static str) -> Result<EventFd> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Host { what: "cannot create an eventfd", source })?;
+    vm.register_irqfd(&irq, gsi).map_err(kvm(what))?;
+    Ok(irq)
 }
 
 /// The devices on the MMIO bus: so far only the boot timer.

@@ -137,3 +137,12 @@ fn no_dev_kvm_at_all() {
     command.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
     refused(command, "/dev/kvm does not exist");
 }
+
+#[test]
+fn reboot_and_shutdown_timeout_mistakes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = hello(dir.path());
+    refused(run_args(&["--kernel", &kernel, "--reboot", "halt"]), "invalid --reboot 'halt': expected exit or restart");
+    refused(run_args(&["--kernel", &kernel, "--shutdown-timeout", "100000"]), "invalid --shutdown-timeout '100000'");
+    refused(run_args(&["--kernel", &kernel, "--shutdown-timeout", "soon"]), "invalid value 'soon' for '--shutdown-timeout <SECS>'");
+}

@@ -120,3 +120,88 @@ fn the_guest_sees_every_vcpu() {
         Ok(())
     });
 }
+
+/// Every `CASE NAME status=0` line is there; a missing or failed case is named along with the
+/// scenario's `FAIL NAME: why` lines and the guest's own `LGUEST-...-FAIL` markers.
+fn expect_cases(output: &str, cases: &[&str]) -> Result<(), String> {
+    let missing: Vec<&str> = cases.iter().copied().filter(|case| expect_case(output, case, 0).is_err()).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let fails: Vec<&str> = output
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| l.starts_with("FAIL ") || (l.starts_with("LGUEST-") && l.contains("-FAIL")))
+        .collect();
+    Err(format!("cases not passed: {}\n{}", missing.join(", "), fails.join("\n")))
+}
+
+#[test]
+fn virtio_disks_read_write_refuse_writes_when_readonly_mount_ext4_and_survive_kill_9() {
+    run_scenario("virtio-disk", |output| {
+        expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
+        expect_cases(
+            output,
+            &[
+                "disk-rw-exit",
+                "disk-rw-done",
+                "disk-rw-read",
+                "disk-rw-id",
+                "disk-rw-guest-write",
+                "disk-rw-host-file",
+                "disk-two-exit",
+                "disk-two-done",
+                "disk-two-vda",
+                "disk-two-vdb",
+                "disk-two-readonly",
+                "disk-two-readonly-host-file",
+                "disk-two-ext4",
+                "disk-kill9-held",
+                "disk-kill9-killed",
+                "disk-kill9-host-file",
+            ],
+        )
+    });
+}
+
+#[test]
+fn virtio_net_on_a_tap_pings_and_carries_tcp_both_ways() {
+    run_scenario("virtio-net", |output| {
+        expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
+        expect_cases(
+            output,
+            &[
+                "net-tap",
+                "net-exit",
+                "net-done",
+                "net-ping",
+                "net-guest-to-host",
+                "net-guest-to-host-guest-side",
+                "net-host-to-guest",
+            ],
+        )
+    });
+}
+
+#[test]
+fn virtio_console_carries_a_shell_on_hvc0_and_virtio_rng_feeds_hwrng() {
+    run_scenario("virtio-console-rng", |output| {
+        expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
+        expect_cases(output, &["hvc-shell", "hvc-command", "hvc-exit", "rng", "rng-exit"])
+    });
+}
+
+#[test]
+fn the_guest_restarts_after_a_reboot_powers_off_on_sigterm_and_its_panic_is_reported() {
+    run_scenario("lifecycle", |output| {
+        expect(output.lines().any(|l| l.trim_end() == "LGUEST-BOOTS 2"), "the restarted guest did not boot twice")?;
+        expect(output.contains("did not shut down within 3 s of signal 15"), "no shutdown timeout")?;
+        expect_case(output, "restart", 143)?;
+        expect(output.contains("LGUEST-CTRL-ALT-DEL"), "the guest's init never saw Ctrl-Alt-Del")?;
+        expect(output.contains("reboot: Power down"), "the guest did not power off")?;
+        expect_case(output, "sigterm", 0)?;
+        expect(output.contains("Kernel panic - not syncing: sysrq triggered crash"), "the guest did not panic")?;
+        expect(output.contains("the guest kernel panicked"), "no panic report")?;
+        expect_case(output, "panic", 3)
+    });
+}

@@ -34,7 +34,8 @@ fn local_flags(fd: &OwnedFd) -> libc::tcflag_t {
     termios.c_lflag
 }
 
-/// Starts lguest on the pty with a guest that says "sleeping" and sleeps forever.
+/// Starts lguest on the pty with a guest that says "sleeping" and sleeps forever. It ignores
+/// SIGTERM's Ctrl-Alt-Del, so it gets a second to shut down instead of the default ten.
 fn start_sleeper(pty: &Pty, dir: &std::path::Path) -> Child {
     let kernel = tiny_guest(dir, "sleeper", |a| {
         let mut again = a.create_label();
@@ -46,7 +47,7 @@ fn start_sleeper(pty: &Pty, dir: &std::path::Path) -> Child {
     });
     let stdio = || Stdio::from(pty.slave.try_clone().expect("dup pty"));
     lguest()
-        .args(["run", "--memory", "64M", "--kernel"])
+        .args(["run", "--memory", "64M", "--shutdown-timeout", "1", "--kernel"])
         .arg(kernel)
         .stdin(stdio())
         .stdout(stdio())

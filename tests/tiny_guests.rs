@@ -174,4 +174,5 @@ fn boot_timeline_shows_milestones_the_guest_signal_and_exit_counts() {
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "milestones out of order: {stderr}");
     // "hi\n" and the reset: four port writes; the boot timer: one MMIO write.
     assert!(stderr.contains("port in 0, port out 4, mmio read 0, mmio write 1"), "{stderr}");
+    assert!(stderr.contains("port exits, busiest 8: 0x3f8 3, 0x64 1"), "{stderr}");
 }

@@ -182,9 +182,11 @@ impl MsixTable {
     pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         for (i, byte) in data.iter_mut().enumerate() {
-            let first_vector = (offset as usize + i) * 8;
+            // Bytes past the last vector read as zero, however far past: no index may wrap.
+            let first_vector = offset.checked_add(i as u64).and_then(|b| b.checked_mul(8));
+            let Some(first_vector) = first_vector.and_then(|v| usize::try_from(v).ok()) else { continue };
             for bit in 0..8 {
-                if self.vectors.is_pending(first_vector + bit) {
+                if self.vectors.is_pending(first_vector.saturating_add(bit)) {
                     *byte |= 1 << bit;
                 }
             }

@@ -102,6 +102,21 @@ impl Console {
     pub fn input(&self) -> ConsoleInput {
         self.input.clone()
     }
+
+    /// What [`VirtioDevice::activate`] runs on the worker thread, for driving by hand: the
+    /// fuzz targets and property tests serve the queues with it synchronously.
+    pub fn handler(&self, activation: Activation) -> ConsoleWorker {
+        let Activation { mem, mut queues, signals, .. } = activation;
+        let mut take = |index: usize| queues.get_mut(index).and_then(Option::take);
+        ConsoleWorker {
+            receive: take(RECEIVE),
+            transmit: take(TRANSMIT),
+            mem,
+            input: self.input.clone(),
+            output: Arc::clone(&self.output),
+            signals,
+        }
+    }
 }
 
 impl VirtioDevice for Console {
@@ -125,17 +140,8 @@ impl VirtioDevice for Console {
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         self.reset();
-        let Activation { mem, mut queues, signals, .. } = activation;
-        let mut take = |index: usize| queues.get_mut(index).and_then(Option::take);
-        let worker = ConsoleWorker {
-            receive: take(RECEIVE),
-            transmit: take(TRANSMIT),
-            mem,
-            input: self.input.clone(),
-            output: Arc::clone(&self.output),
-            signals: signals.clone(),
-        };
-        let worker = Worker::spawn("virtio-console", worker, signals)
+        let signals = activation.signals.clone();
+        let worker = Worker::spawn("virtio-console", self.handler(activation), signals)
             .map_err(|e| ActivateError(format!("cannot start the console's worker thread: {e}")))?;
         self.worker = Some(worker);
         // Input typed before the driver was ready may be waiting with no wake-up left to see.
@@ -152,14 +158,8 @@ impl VirtioDevice for Console {
 }
 
 /// A console dropped while active stops its thread rather than leave it serving a dead VM.
-impl Drop for Console {
-    fn drop(&mut self) {
-        self.reset();
-    }
-}
-
 /// The console's side of its worker thread.
-struct ConsoleWorker {
+pub struct ConsoleWorker {
     receive: Option<ActiveQueue>,
     transmit: Option<ActiveQueue>,
     mem: GuestMemoryMmap,
@@ -208,7 +208,7 @@ fn consume(eventfd: Option<&EventFd>) {
 
 impl ConsoleWorker {
     /// Copies every buffer the guest queued for transmission to our output, in order.
-    fn transmit(&mut self) -> Result<(), String> {
+    pub fn transmit(&mut self) -> Result<(), String> {
         let Some(transmit) = self.transmit.as_mut() else { return Ok(()) };
         let queue = &mut transmit.queue;
         let mut output = lock(&self.output);
@@ -226,7 +226,7 @@ impl ConsoleWorker {
     }
 
     /// Moves pending input into the guest's receive buffers, for as long as there are both.
-    fn receive(&mut self) -> Result<(), String> {
+    pub fn receive(&mut self) -> Result<(), String> {
         let Some(receive) = self.receive.as_mut() else { return Ok(()) };
         let queue = &mut receive.queue;
         let mut pending = lock(&self.input.0.bytes);
@@ -338,6 +338,7 @@ fn notify_if_needed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::wait_until;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -705,15 +706,6 @@ mod tests {
         assert_eq!(harness.pending(), 14);
     }
 
-    fn wait_until(what: impl Fn() -> bool) {
-        for _ in 0..1000 {
-            if what() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        panic!("condition never became true");
-    }
 
     fn activation(guest: &Guest<'_>, signals: &Signals) -> (Activation, EventFd, EventFd) {
         let queues = guest.queues();

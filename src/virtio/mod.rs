@@ -166,3 +166,15 @@ impl Signals {
         self.queue_vectors.get(index).map_or(0, |&vector| self.vectors.take_count(vector))
     }
 }
+
+/// Waits (up to 5 s) for a worker thread to have done something, in tests.
+#[cfg(test)]
+pub(crate) fn wait_until(what: impl Fn() -> bool) {
+    for _ in 0..1000 {
+        if what() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    panic!("condition never became true");
+}

@@ -61,10 +61,10 @@ const MAX_RX_SEGMENTS: usize = MAX_IOVECS - 1;
 const HDR_FLAGS: usize = 0;
 const HDR_NUM_BUFFERS: usize = 10;
 
-/// The worker's epoll tokens.
-const RX_KICK: u64 = 0;
-const TX_KICK: u64 = 1;
-const TAP: u64 = 2;
+/// The worker's epoll tokens (public for driving a [`Net::handler`] by hand).
+pub const RX_KICK: u64 = 0;
+pub const TX_KICK: u64 = 1;
+pub const TAP: u64 = 2;
 
 const fn bit(feature: u32) -> u64 {
     1 << feature
@@ -177,6 +177,18 @@ impl Net {
         self.counters.snapshot()
     }
 
+    /// What [`VirtioDevice::activate`] runs on the worker thread, for driving by hand (register
+    /// it with an epoll, then `handle` the tokens above): the fuzz targets and property tests
+    /// serve the queues with it synchronously. The tap's offloads are left as they are.
+    pub fn handler(&self, activation: Activation) -> std::result::Result<NetWorker, ActivateError> {
+        let Activation { mem, queues, features, signals } = activation;
+        let mut queues = queues.into_iter();
+        let (Some(Some(rx)), Some(Some(tx))) = (queues.next(), queues.next()) else {
+            return Err(ActivateError("the driver did not enable both the receive and the transmit queue".into()));
+        };
+        Ok(NetWorker::new(mem, rx, tx, Arc::clone(&self.tap), signals, features, Arc::clone(&self.counters)))
+    }
+
     /// `virtio_net_config` up to `max_virtqueue_pairs`: the MAC, the link (always up; the tap
     /// itself says nothing we could report), and one queue pair.
     fn config_space(&self) -> [u8; 10] {
@@ -253,15 +265,9 @@ impl VirtioDevice for Net {
     }
 }
 
-impl Drop for Net {
-    fn drop(&mut self) {
-        self.reset();
-    }
-}
-
 /// The card at work: both queues, the tap, and the receive buffers taken from the ring but
 /// not yet filled.
-struct NetWorker {
+pub struct NetWorker {
     mem: GuestMemoryMmap,
     rx: ActiveQueue,
     tx: ActiveQueue,
@@ -313,8 +319,10 @@ impl NetWorker {
     /// guest once if it wants to hear.
     fn transmit(&mut self) -> std::result::Result<(), String> {
         let mut sent = 0;
+        let mut more_promised = false;
         loop {
             self.tx.queue.disable_notification(&self.mem).map_err(ring_error("transmit"))?;
+            let sent_before = sent;
             while let Some(chain) = next_chain(&mut self.tx.queue, &self.mem, "transmit")? {
                 let head = chain.head_index();
                 send(&self.mem, &self.tap, &self.counters, &mut self.tx_error_reported, chain);
@@ -326,10 +334,16 @@ impl NetWorker {
                     return self.notify_transmitted();
                 }
             }
+            // More was promised and nothing came: the available index moved backwards, as it
+            // does when the guest lays it on the used ring's flags, which every pass writes.
+            if more_promised && sent == sent_before {
+                return Err("the transmit queue is unusable: its available index moved backwards (do the rings overlap?)".into());
+            }
             // Frames queued between the last look and this call are seen by the loop.
             if !self.tx.queue.enable_notification(&self.mem).map_err(ring_error("transmit"))? {
                 break;
             }
+            more_promised = true;
         }
         self.notify_transmitted()
     }

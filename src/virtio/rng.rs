@@ -27,6 +27,16 @@ impl Rng {
     pub fn new() -> Rng {
         Rng::default()
     }
+
+    /// What [`VirtioDevice::activate`] runs on the worker thread, for driving by hand: the
+    /// fuzz targets and property tests serve the queue with it synchronously.
+    pub fn handler(activation: Activation) -> Result<RngWorker, ActivateError> {
+        let Activation { mem, queues, signals, .. } = activation;
+        let Some(Some(active)) = queues.into_iter().next() else {
+            return Err(ActivateError("the driver enabled no request queue".into()));
+        };
+        Ok(RngWorker { mem, queue: active.queue, kick: active.kick, signals })
+    }
 }
 
 impl VirtioDevice for Rng {
@@ -48,11 +58,8 @@ impl VirtioDevice for Rng {
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         self.reset();
-        let Activation { mem, queues, signals, .. } = activation;
-        let Some(Some(active)) = queues.into_iter().next() else {
-            return Err(ActivateError("the driver enabled no request queue".into()));
-        };
-        let handler = RngWorker { mem, queue: active.queue, kick: active.kick, signals: signals.clone() };
+        let signals = activation.signals.clone();
+        let handler = Rng::handler(activation)?;
         let worker = Worker::spawn("virtio-rng", handler, signals).map_err(|e| ActivateError(e.to_string()))?;
         self.worker = Some(worker);
         Ok(())
@@ -65,7 +72,9 @@ impl VirtioDevice for Rng {
     }
 }
 
-struct RngWorker {
+/// A device dropped while active stops its thread rather than leave it serving a dead VM.
+/// The device's side of its worker thread.
+pub struct RngWorker {
     mem: GuestMemoryMmap,
     queue: Queue,
     kick: EventFd,
@@ -85,18 +94,28 @@ impl DeviceWorker for RngWorker {
 
 impl RngWorker {
     /// Fills every posted buffer, then interrupts the guest once if it wants to hear.
-    fn serve_queue(&mut self) -> Result<(), String> {
+    pub fn serve_queue(&mut self) -> Result<(), String> {
+        let mut more_promised = false;
         loop {
             self.queue.disable_notification(&self.mem).map_err(|e| e.to_string())?;
+            let mut served = 0;
             while let Some(chain) = self.queue.iter(&self.mem).map_err(|e| e.to_string())?.next() {
                 let head = chain.head_index();
                 let written = fill_with_random(&self.mem, chain);
                 self.queue.add_used(&self.mem, head, written).map_err(|e| e.to_string())?;
+                served += 1;
+            }
+            // More was promised and nothing came: the available index moved backwards, as it
+            // does when the guest overlaps it with the used ring's flags, which we write on
+            // every pass. Looping on would never end.
+            if more_promised && served == 0 {
+                return Err("the available index moved backwards (do the guest's rings overlap?)".into());
             }
             // Buffers posted while we worked would otherwise wait for a kick that never comes.
             if !self.queue.enable_notification(&self.mem).map_err(|e| e.to_string())? {
                 break;
             }
+            more_promised = true;
         }
         if self.queue.needs_notification(&self.mem).map_err(|e| e.to_string())? {
             self.signals.used_queue(0);

@@ -118,9 +118,9 @@ impl Tap {
 
     /// A stand-in for a tap, for tests on hosts where a real one can't be had: one end of a
     /// non-blocking `SOCK_SEQPACKET` socket pair, which keeps frame boundaries as a tap does.
-    /// The other end plays the host's network.
-    #[cfg(test)]
-    pub(crate) fn socket_pair() -> io::Result<(Tap, OwnedFd)> {
+    /// The other end plays the host's network. (Also what the fuzz targets and property
+    /// tests use, so they need neither root nor a network namespace.)
+    pub fn socket_pair() -> io::Result<(Tap, OwnedFd)> {
         let mut fds = [0; 2];
         // SAFETY: socketpair writes two fds into the array we pass, which has room for them.
         let ret = unsafe {

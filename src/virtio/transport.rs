@@ -358,12 +358,25 @@ fn active_queue(regs: &QueueRegs, mem: &GuestMemoryMmap, event_idx: bool) -> Res
     Ok(Some(ActiveQueue { queue, kick }))
 }
 
+/// A VM going away is a reset for its devices: their worker threads stop (they hold the
+/// guest's memory), their backends stay open until the device itself is dropped.
+impl Drop for VirtioPci {
+    fn drop(&mut self) {
+        self.device.reset();
+    }
+}
+
 impl BusDevice for VirtioPci {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         match offset {
             COMMON..=0x0fff => self.read_common(offset, data),
-            ISR => data[0] = self.isr.swap(0, Ordering::SeqCst),
+            // A read of no bytes (BusDevice promises to cope with any width) clears nothing.
+            ISR => {
+                if let Some(first) = data.first_mut() {
+                    *first = self.isr.swap(0, Ordering::SeqCst);
+                }
+            }
             DEVICE..=0x2fff => self.device.read_config(offset - DEVICE, data),
             MSIX_TABLE..=0x5fff => self.msix.read_table(offset - MSIX_TABLE, data),
             MSIX_PBA..=0x7fff => self.msix.read_pba(offset - MSIX_PBA, data),
@@ -629,6 +642,39 @@ mod tests {
         write(&mut dev, 0x16, 9, 2); // a queue that doesn't exist
         write(&mut dev, 0x18, 4, 2);
         assert_eq!(read(&mut dev, 0x18, 2), 0);
+    }
+
+    /// A device that only counts its resets.
+    struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl VirtioDevice for Counted {
+        fn device_type(&self) -> u32 {
+            device_type::RNG
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[8]
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn read_config(&self, _: u64, _: &mut [u8]) {}
+        fn activate(&mut self, _: Activation) -> Result<(), super::super::ActivateError> {
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn dropping_the_transport_resets_its_device() {
+        let resets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let device = Box::new(Counted(resets.clone()));
+        let dev = VirtioPci::new("counted".into(), device, memory(), 0xc000_0000, Arc::new(MsiRoutes::detached()))
+            .expect("device");
+        assert_eq!(resets.load(Ordering::SeqCst), 0);
+        drop(dev);
+        assert_eq!(resets.load(Ordering::SeqCst), 1);
     }
 
     #[test]

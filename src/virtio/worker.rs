@@ -17,6 +17,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Signals;
+use crate::seccomp::{self, Role};
 
 /// The token of our own stop eventfd; handlers use any other.
 const STOP_TOKEN: u64 = u64::MAX;
@@ -67,6 +68,11 @@ impl<W: DeviceWorker> Worker<W> {
 }
 
 fn serve<W: DeviceWorker>(epoll: Epoll, mut handler: W, signals: &Signals, stop: EventFd) -> W {
+    if let Err(e) = seccomp::confine(Role::DeviceWorker) {
+        signals.device_broken(&e);
+        wait_for_stop(&stop);
+        return handler;
+    }
     let mut events = vec![EpollEvent::default(); 16];
     loop {
         let ready = match epoll.wait(-1, &mut events) {
@@ -108,6 +114,7 @@ fn wait_for_stop(stop: &EventFd) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::wait_until;
 
     /// Counts kicks on one eventfd; fails on the third.
     struct Counter {
@@ -130,15 +137,6 @@ mod tests {
         }
     }
 
-    fn wait_until(what: impl Fn() -> bool) {
-        for _ in 0..1000 {
-            if what() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        panic!("condition never became true");
-    }
 
     #[test]
     fn kicks_reach_the_handler_and_stop_returns_it() {

@@ -4,7 +4,9 @@
 //! We describe a *hardware-reduced* ACPI machine (no PM timer, no legacy PIC, no SMI): the
 //! kernel then skips probing a pile of legacy hardware that we would only have to emulate. Its
 //! `poweroff` and `reboot` go through one byte-wide register, served by
-//! [`crate::devices::power::PowerButton`]. The tables are built with `acpi_tables` and copied
+//! [`crate::devices::power::PowerButton`]. The few ISA devices we do have (COM1, the keyboard
+//! controller, pvpanic) are named in the DSDT with their ports and interrupts: on such a
+//! machine that is the only way the kernel finds them, and it finds them without probing. The tables are built with `acpi_tables` and copied
 //! into the reserved area Linux scans for the RSDP.
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -16,7 +18,9 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::devices::i8042::{COMMAND_PORT, DATA_PORT, KEYBOARD_IRQ};
 use crate::devices::power::{POWER_PORT, RESET_VALUE, SLEEP_TYPE_S5};
+use crate::devices::pvpanic::{PVPANIC_LEN, PVPANIC_PORT};
 use crate::devices::serial::{COM1_IRQ, COM1_LEN, COM1_PORT};
 use crate::error::{Error, Result};
 use crate::memory::layout;
@@ -25,6 +29,7 @@ use crate::pci;
 const OEM_ID: [u8; 6] = *b"LGUEST";
 const OEM_TABLE_ID: [u8; 8] = *b"LGUESTVM";
 const OEM_REVISION: u32 = 1;
+const IAPC_8042: u16 = 1 << 1;
 const IAPC_NO_VGA: u16 = 1 << 2;
 const IAPC_NO_CMOS_RTC: u16 = 1 << 5;
 
@@ -82,6 +87,8 @@ fn dsdt() -> Vec<u8> {
     let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&SLEEP_TYPE_S5]));
     dsdt.append_slice(&to_bytes(&s5));
     dsdt.append_slice(&com1());
+    dsdt.append_slice(&keyboard());
+    dsdt.append_slice(&pvpanic());
     dsdt.append_slice(&pci_root());
     dsdt.as_slice().to_vec()
 }
@@ -126,6 +133,30 @@ fn com1() -> Vec<u8> {
     to_bytes(&aml::Device::new("\\_SB_.COM1".into(), vec![&hid, &uid, &crs]))
 }
 
+/// The keyboard controller as a PNP0303 keyboard, for Linux's i8042 PNP probe: its two ports
+/// and IRQ 1. Naming no PS/2 mouse (PNP0F13) tells the driver there is none to look for.
+fn keyboard() -> Vec<u8> {
+    let hid_value = aml::EISAName::new("PNP0303");
+    let hid = aml::Name::new("_HID".into(), &hid_value);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let data = aml::IO::new(DATA_PORT, DATA_PORT, 1, 1);
+    let command = aml::IO::new(COMMAND_PORT, COMMAND_PORT, 1, 1);
+    let irq = aml::Interrupt::new(true, true, false, false, KEYBOARD_IRQ);
+    let resources = aml::ResourceTemplate::new(vec![&data, &command, &irq]);
+    let crs = aml::Name::new("_CRS".into(), &resources);
+    to_bytes(&aml::Device::new("\\_SB_.PS2K".into(), vec![&hid, &uid, &crs]))
+}
+
+/// The pvpanic port, as QEMU names it (`QEMU0001`), for the kernel's pvpanic driver.
+fn pvpanic() -> Vec<u8> {
+    let hid = aml::Name::new("_HID".into(), &"QEMU0001");
+    let port = PVPANIC_PORT as u16;
+    let io = aml::IO::new(port, port, 1, PVPANIC_LEN as u8);
+    let resources = aml::ResourceTemplate::new(vec![&io]);
+    let crs = aml::Name::new("_CRS".into(), &resources);
+    to_bytes(&aml::Device::new("\\_SB_.PEVT".into(), vec![&hid, &crs]))
+}
+
 fn fadt(dsdt: u64) -> Vec<u8> {
     let power = GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(POWER_PORT));
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
@@ -136,8 +167,9 @@ fn fadt(dsdt: u64) -> Vec<u8> {
     fadt.sleep_status_reg = power;
     fadt.reset_reg = power;
     fadt.reset_value = RESET_VALUE;
-    // No VGA, and no CMOS clock to probe for seconds: kvm-clock tells the time.
-    fadt.iapc_boot_arch = (IAPC_NO_VGA | IAPC_NO_CMOS_RTC).into();
+    // A keyboard controller; no VGA, and no CMOS clock to probe for seconds: kvm-clock tells
+    // the time.
+    fadt.iapc_boot_arch = (IAPC_8042 | IAPC_NO_VGA | IAPC_NO_CMOS_RTC).into();
     to_bytes(&fadt.finalize())
 }
 
@@ -236,6 +268,18 @@ mod tests {
     }
 
     #[test]
+    fn dsdt_describes_the_keyboard_and_pvpanic() {
+        let acpi = build(1, layout::ACPI);
+        let dsdt = table(&acpi, b"DSDT");
+        let contains = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        // PNP0303 compressed; IO descriptors (0x47, decode16) for 0x60 and 0x64.
+        assert!(contains(b"PS2K") && contains(&[0x41, 0xd0, 0x03, 0x03]));
+        assert!(contains(&[0x47, 0x01, 0x60, 0x00, 0x60, 0x00]) && contains(&[0x47, 0x01, 0x64, 0x00, 0x64, 0x00]));
+        assert!(contains(b"PEVT") && contains(b"QEMU0001\0"));
+        assert!(contains(&[0x47, 0x01, 0x05, 0x05, 0x05, 0x05]));
+    }
+
+    #[test]
     fn fadt_is_hardware_reduced_with_our_power_register() {
         let acpi = build(1, layout::ACPI);
         let fadt = table(&acpi, b"FACP");
@@ -244,5 +288,7 @@ mod tests {
         // SLEEP_CONTROL_REG is a GAS at offset 244: space, width, offset, access, address.
         assert_eq!(fadt[244], 1, "system I/O");
         assert_eq!(u64::from_le_bytes(fadt[248..256].try_into().expect("8 bytes")), u64::from(POWER_PORT));
+        // IAPC_BOOT_ARCH at offset 109: an 8042, no VGA, no CMOS clock.
+        assert_eq!(u16::from_le_bytes([fadt[109], fadt[110]]), IAPC_8042 | IAPC_NO_VGA | IAPC_NO_CMOS_RTC);
     }
 }

@@ -159,7 +159,9 @@ fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel: &LoadedKernel, memory
         Some(hdr) => low_ram_end(memory_bytes).min(u64::from(hdr.initrd_addr_max) + 1),
         None => low_ram_end(memory_bytes),
     };
-    let too_big = || Error::TooBig { what: "kernel and initrd together", size_mib: (kernel.end + size) >> 20, memory_mib: memory_bytes >> 20 };
+    // The kernel's end comes from the image's own headers: an ELF segment may claim to end
+    // anywhere up to 2^64.
+    let too_big = || Error::TooBig { what: "kernel and initrd together", size_mib: kernel.end.saturating_add(size) >> 20, memory_mib: memory_bytes >> 20 };
     let start = max_end.checked_sub(size).ok_or_else(too_big)? & !0xfff;
     if start < kernel.end.max(layout::HIGH_RAM) {
         return Err(too_big());

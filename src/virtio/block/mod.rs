@@ -25,7 +25,7 @@ use virtio_bindings::bindings::virtio_blk::{
 };
 
 use self::disk::{Disk, SECTOR_SIZE};
-use self::request::RequestQueue;
+pub use self::request::RequestQueue;
 use super::worker::Worker;
 use super::{device_type, ActivateError, Activation, ActiveQueue, VirtioDevice};
 use crate::config::DiskConfig;
@@ -61,6 +61,17 @@ impl Block {
     pub fn sectors(&self) -> u64 {
         self.disk.sectors
     }
+
+    /// What [`VirtioDevice::activate`] runs on the worker thread, for driving by hand: the
+    /// fuzz targets and property tests serve the queue with it synchronously.
+    pub fn handler(&self, activation: Activation) -> std::result::Result<RequestQueue, ActivateError> {
+        let Activation { mem, queues, features, signals } = activation;
+        let Some(Some(ActiveQueue { queue, kick })) = queues.into_iter().next() else {
+            return Err(ActivateError("the driver did not enable the disk's request queue".into()));
+        };
+        let flush = features & bit(VIRTIO_BLK_F_FLUSH) != 0;
+        Ok(RequestQueue::new(Arc::clone(&self.disk), mem, queue, kick, signals, flush))
+    }
 }
 
 impl VirtioDevice for Block {
@@ -85,12 +96,8 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, activation: Activation) -> std::result::Result<(), ActivateError> {
         self.reset();
-        let Activation { mem, queues, features, signals } = activation;
-        let Some(Some(ActiveQueue { queue, kick })) = queues.into_iter().next() else {
-            return Err(ActivateError("the driver did not enable the disk's request queue".into()));
-        };
-        let flush = features & bit(VIRTIO_BLK_F_FLUSH) != 0;
-        let handler = RequestQueue::new(Arc::clone(&self.disk), mem, queue, kick, signals.clone(), flush);
+        let signals = activation.signals.clone();
+        let handler = self.handler(activation)?;
         let worker = Worker::spawn("virtio-blk", handler, signals)
             .map_err(|e| ActivateError(format!("cannot start the worker thread of disk '{}': {e}", self.disk.name)))?;
         self.worker = Some(worker);
@@ -102,12 +109,6 @@ impl VirtioDevice for Block {
         if let Some(worker) = self.worker.take() {
             worker.stop();
         }
-    }
-}
-
-impl Drop for Block {
-    fn drop(&mut self) {
-        self.reset();
     }
 }
 

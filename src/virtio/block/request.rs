@@ -78,20 +78,26 @@ impl RequestQueue {
     /// Serves every available request, notifying the guest once per pass, until the driver has
     /// added nothing more since we re-enabled its notifications.
     pub fn serve(&mut self) -> Result<(), String> {
+        let mut more_promised = false;
         loop {
             self.queue.disable_notification(&self.mem).map_err(broken)?;
-            self.complete_available()?;
+            let served = self.complete_available()?;
+            if more_promised && served == 0 {
+                return Err(NO_PROGRESS.into());
+            }
             if self.queue.needs_notification(&self.mem).map_err(broken)? {
                 self.signals.used_queue(0);
             }
             if !self.queue.enable_notification(&self.mem).map_err(broken)? {
                 return Ok(());
             }
+            more_promised = true;
         }
     }
 
-    /// Pops every available chain, serves it, then puts them all in the used ring.
-    fn complete_available(&mut self) -> Result<(), String> {
+    /// Pops every available chain, serves it, then puts them all in the used ring; returns how
+    /// many chains that was.
+    fn complete_available(&mut self) -> Result<u16, String> {
         let Self { queue, mem, requests, completed, .. } = self;
         let posted = queue.avail_idx(mem, Ordering::Acquire).map_err(broken)? - Wrapping(queue.next_avail());
         if posted.0 > queue.size() {
@@ -109,7 +115,7 @@ impl RequestQueue {
         for (head, written) in completed.drain(..) {
             queue.add_used(&*mem, head, written).map_err(broken)?;
         }
-        Ok(())
+        Ok(popped)
     }
 }
 
@@ -124,6 +130,12 @@ impl DeviceWorker for RequestQueue {
         self.serve()
     }
 }
+
+/// Re-enabling notifications said more chains had arrived, yet the next pass found none: the
+/// available index moved backwards. A guest that puts its available index where we write the
+/// used ring's flags (the two rings overlap) gets exactly that from every flags write, and
+/// would otherwise keep the worker in this loop forever, deaf to its stop eventfd.
+const NO_PROGRESS: &str = "the available index moved backwards (do the guest's rings overlap?)";
 
 fn broken(e: virtio_queue::Error) -> String {
     format!("the request queue can't be used: {e}")

@@ -1,6 +1,7 @@
 //! The block device against a scripted driver: requests are laid out in guest memory by hand,
 //! served synchronously (or, for activation, on the real worker), and the image file checked.
 
+use crate::virtio::wait_until;
 use std::io::Write;
 use std::sync::Arc;
 
@@ -656,15 +657,6 @@ fn config_space_follows_the_spec() {
     }
 }
 
-fn wait_until(what: impl Fn() -> bool) {
-    for _ in 0..1000 {
-        if what() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    panic!("condition never became true");
-}
 
 fn activation(driver: &Driver, queue: Queue, kick: EventFd, signals: &Signals) -> Activation {
     Activation {

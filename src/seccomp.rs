@@ -1,0 +1,300 @@
+//! Seccomp: each thread that handles guest-controlled data may make only the system calls
+//! its job needs.
+//!
+//! A guest that found a bug in a device or in our exit handling would run code as the VMM.
+//! Seccomp narrows what that code could do: no opening files, no sockets, no exec, no ptrace.
+//! The filters are per thread ([`Role`]) and installed by each thread on itself as it starts
+//! ([`confine`]): the vCPU threads, the device workers, the console's stdin pump and the signal
+//! watcher. The main thread builds the VM (opening files, /dev/kvm, taps) and afterwards only
+//! waits; it touches no guest data and keeps no filter, so that `--reboot restart` can build
+//! the VM again.
+//!
+//! Filters stack: a thread started by another inherits its filter. Device workers are started
+//! by a vCPU thread (the guest's DRIVER_OK write activates a device), so the vCPU filter also
+//! allows what the workers need, and each worker then narrows itself further.
+//!
+//! `--seccomp enforce` (the default) kills the process on a forbidden call, after saying which
+//! one on stderr; `log` lets it through but has the kernel log it (audit); `off` installs nothing.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+
+/// What a user can ask for with `--seccomp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    Log,
+    Off,
+}
+
+/// The kinds of thread that get a filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Vcpu,
+    DeviceWorker,
+    StdinPump,
+    SignalWatcher,
+}
+
+static MODE: OnceLock<Mode> = OnceLock::new();
+
+thread_local! {
+    /// This thread's role, for the SIGSYS report (a const-initialised Cell: safe to read from
+    /// a signal handler).
+    static ROLE_NAME: std::cell::Cell<&'static [u8; 7]> = const { std::cell::Cell::new(b"main   ") };
+}
+
+impl Role {
+    /// Seven bytes, padded, for the async-signal-safe report.
+    fn label(self) -> &'static [u8; 7] {
+        match self {
+            Role::Vcpu => b"vcpu   ",
+            Role::DeviceWorker => b"device ",
+            Role::StdinPump => b"stdin  ",
+            Role::SignalWatcher => b"signals",
+        }
+    }
+}
+
+/// Sets the mode for the whole process; called once by `main` before any thread starts.
+pub fn set_mode(mode: Mode) {
+    let _ = MODE.set(mode);
+    if mode == Mode::Enforce {
+        install_sigsys_reporter();
+    }
+}
+
+/// Installs `role`'s filter on the calling thread. Without a [`set_mode`] (unit tests of other
+/// modules) nothing is installed.
+pub fn confine(role: Role) -> std::io::Result<()> {
+    let action = match MODE.get() {
+        Some(Mode::Enforce) => SeccompAction::Trap,
+        Some(Mode::Log) => SeccompAction::Log,
+        Some(Mode::Off) | None => return Ok(()),
+    };
+    apply(role, action)
+}
+
+/// Builds `role`'s filter with `mismatch` as the action for any other call, and installs it.
+fn apply(role: Role, mismatch: SeccompAction) -> std::io::Result<()> {
+    let program = filter(role, mismatch)?;
+    ROLE_NAME.with(|name| name.set(role.label()));
+    seccompiler::apply_filter(&program).map_err(|e| std::io::Error::other(format!("cannot install the seccomp filter: {e}")))
+}
+
+fn filter(role: Role, mismatch: SeccompAction) -> std::io::Result<BpfProgram> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed(role).iter().map(|&call| (call, Vec::new())).collect();
+    let invalid = |e: &dyn std::fmt::Display| std::io::Error::other(format!("bad seccomp filter: {e}"));
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64).map_err(|e| invalid(&e))?;
+    filter.try_into().map_err(|e: seccompiler::BackendError| invalid(&e))
+}
+
+/// Every thread: memory for the allocator, locks, logging to stderr, sleeping, and dying.
+const COMMON: &[i64] = &[
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_mprotect,
+    libc::SYS_futex,
+    libc::SYS_write,
+    libc::SYS_close,
+    // Checked on every fd a thread drops, in debug builds (std's I/O-safety assertion).
+    libc::SYS_fcntl,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_sched_yield,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// A device worker: its kick eventfds and epoll set, its backend (an image file, a tap, our
+/// stdout), and getrandom for the entropy device.
+const DEVICE_WORKER: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+    libc::SYS_fallocate,
+    libc::SYS_getrandom,
+];
+
+/// A vCPU: KVM_RUN and the ioctls of MSI-X routing and fault reports, eventfd reads of queue
+/// resets, and starting a device's worker thread when the guest activates it.
+const VCPU: &[i64] = &[
+    libc::SYS_ioctl,
+    libc::SYS_read,
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_prctl,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_epoll_create1,
+    libc::SYS_eventfd2,
+    libc::SYS_tgkill,
+    // The worker installs its own, narrower filter on top of the one it inherited.
+    libc::SYS_seccomp,
+];
+
+/// The stdin pump: reading the terminal or pipe, and waiting for the guest to drain the UART.
+const STDIN_PUMP: &[i64] = &[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll];
+
+/// The signal watcher: waiting for signals, and restoring the terminal if the VM is killed.
+const SIGNAL_WATCHER: &[i64] = &[libc::SYS_rt_sigtimedwait, libc::SYS_ioctl, libc::SYS_tgkill];
+
+fn allowed(role: Role) -> Vec<i64> {
+    let own: &[&[i64]] = match role {
+        Role::Vcpu => &[VCPU, DEVICE_WORKER],
+        Role::DeviceWorker => &[DEVICE_WORKER],
+        Role::StdinPump => &[STDIN_PUMP],
+        Role::SignalWatcher => &[SIGNAL_WATCHER],
+    };
+    let mut calls: Vec<i64> = COMMON.iter().chain(own.iter().flat_map(|set| set.iter())).copied().collect();
+    calls.sort_unstable();
+    calls.dedup();
+    calls
+}
+
+/// With `enforce`, a forbidden call raises SIGSYS; this handler names the call before the
+/// process ends, so a missing entry in a list above is a one-line bug report, not a mystery.
+fn install_sigsys_reporter() {
+    // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; we then set a
+    // handler that only calls async-signal-safe functions (write, _exit).
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = report_sigsys as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut());
+    }
+}
+
+/// Offset of `si_syscall` in a SIGSYS siginfo on x86_64 (after signo, errno, code, padding
+/// and the 8-byte call address).
+const SI_SYSCALL_OFFSET: usize = 24;
+
+extern "C" fn report_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _context: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SIGSYS; si_syscall is an int at a fixed
+    // offset in it on x86_64.
+    let number = unsafe { info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>().read_unaligned() };
+    let mut message =
+        *b"lguest: seccomp refused system call       on a ....... thread; this is a bug in lguest (--seccomp log lets it run)\n";
+    write_decimal(&mut message[36..41], number);
+    message[47..54].copy_from_slice(ROLE_NAME.with(|name| name.get()));
+    // SAFETY: write and _exit are async-signal-safe; the buffer is ours.
+    unsafe {
+        libc::write(libc::STDERR_FILENO, message.as_ptr().cast(), message.len());
+        libc::_exit(1);
+    }
+}
+
+/// Right-aligns `value` (at most five digits) in `out`, without allocating.
+fn write_decimal(out: &mut [u8], value: i32) {
+    let mut value = value.clamp(0, 99_999) as u32;
+    for slot in out.iter_mut().rev() {
+        *slot = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Installs `role`'s filter on a fresh thread, failing other calls with EPERM instead of
+    /// killing the test process, and reports whether `call` was allowed.
+    fn allowed_on_thread(role: Role, call: impl FnOnce() -> i64 + Send + 'static) -> bool {
+        std::thread::spawn(move || {
+            apply(role, SeccompAction::Errno(libc::EPERM as u32)).expect("filter installs");
+            let result = call();
+            !(result < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+        })
+        .join()
+        .expect("thread")
+    }
+
+    fn open_a_file() -> i64 {
+        // SAFETY: a NUL-terminated path; the fd, if any, is closed at once.
+        let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY) };
+        if fd >= 0 {
+            // SAFETY: we own the fd we just opened.
+            unsafe { libc::close(fd) };
+        }
+        i64::from(fd)
+    }
+
+    fn make_a_socket() -> i64 {
+        // SAFETY: socket takes integers; a returned fd is closed at once.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        if fd >= 0 {
+            // SAFETY: we own the fd we just made.
+            unsafe { libc::close(fd) };
+        }
+        i64::from(fd)
+    }
+
+    fn get_random() -> i64 {
+        let mut buf = [0u8; 8];
+        // SAFETY: the kernel writes at most 8 bytes into our buffer.
+        unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) as i64 }
+    }
+
+    #[test]
+    fn every_role_refuses_opening_files_and_sockets() {
+        for role in [Role::Vcpu, Role::DeviceWorker, Role::StdinPump, Role::SignalWatcher] {
+            assert!(!allowed_on_thread(role, open_a_file), "{role:?} may open files");
+            assert!(!allowed_on_thread(role, make_a_socket), "{role:?} may make sockets");
+        }
+    }
+
+    #[test]
+    fn roles_keep_what_they_need() {
+        assert!(allowed_on_thread(Role::DeviceWorker, get_random));
+        assert!(allowed_on_thread(Role::Vcpu, get_random), "workers started by a vCPU inherit its filter");
+        assert!(!allowed_on_thread(Role::StdinPump, get_random));
+    }
+
+    #[test]
+    fn a_worker_started_by_a_confined_vcpu_can_confine_itself() {
+        let worker_confined = std::thread::spawn(|| {
+            apply(Role::Vcpu, SeccompAction::Errno(libc::EPERM as u32)).expect("vCPU filter");
+            std::thread::spawn(|| apply(Role::DeviceWorker, SeccompAction::Errno(libc::EPERM as u32)).is_ok())
+                .join()
+                .expect("worker thread")
+        })
+        .join()
+        .expect("vCPU thread");
+        assert!(worker_confined);
+    }
+
+    #[test]
+    fn the_sigsys_message_names_the_call() {
+        let mut digits = *b"     ";
+        write_decimal(&mut digits, 41);
+        assert_eq!(&digits, b"   41");
+        write_decimal(&mut digits, 123_456);
+        assert_eq!(&digits, b"99999");
+    }
+}

@@ -1,0 +1,40 @@
+//! One lguest process, one guest, possibly over several boots. The parts that belong to the
+//! process rather than to a VM are set up here once: the stop signals' watcher, the terminal's
+//! raw mode, the stdin pump, and the [`Stopper`] they all report to. Then a [`Vm`] is built and
+//! run; when the guest reboots and `--reboot restart` was asked for, that VM is taken apart
+//! and a fresh one is built from the same configuration, as if the machine had been reset.
+//! A guest that crashed (a fault, a panic) is not restarted: that is for a supervisor to decide.
+
+use std::sync::Arc;
+
+use crate::config::{OnReboot, VmConfig};
+use crate::console::{self, ConsoleRoute};
+use crate::error::{Error, Result};
+use crate::stop::{StopReason, Stopper};
+use crate::timeline::Timeline;
+use crate::vm::Vm;
+
+/// Runs the guest `config` describes until it is done, and says why it ended.
+pub fn run(config: &VmConfig, timeline: Arc<Timeline>) -> Result<StopReason> {
+    let host = |what| move |source| Error::Host { what, source };
+    let stopper = Arc::new(Stopper::default());
+    let interactive = console::stdin_is_terminal();
+    console::watch_signals(stopper.clone(), config.shutdown_timeout, interactive).map_err(host("cannot watch signals"))?;
+    if interactive {
+        console::enter_raw_mode();
+    }
+    let route = ConsoleRoute::default();
+    console::pump_stdin(route.clone(), stopper.clone(), interactive).map_err(host("cannot start the console thread"))?;
+    let mut boots = 0u64;
+    loop {
+        boots += 1;
+        let reason = Vm::build(config, timeline.clone(), stopper.clone())?.run(&route)?;
+        if config.on_reboot != OnReboot::Restart || !matches!(reason, StopReason::Reset) {
+            return Ok(reason);
+        }
+        if let Err(reason) = stopper.rearm(reason) {
+            return Ok(reason);
+        }
+        tracing::info!(boots, "the guest rebooted: starting it again");
+    }
+}

@@ -1,0 +1,106 @@
+# Inside the lab: virtio-blk, in two lguest boots (guest side: guest/init's `disk` scenario).
+#  1. one disk, id=lguest-rw: the guest reads the pattern written here before the boot
+#     (checksums compared), writes its own pattern at 1 MiB, fsyncs and powers off; the
+#     image must then hold exactly our first MiB and the guest's second MiB.
+#  2. two disks: vda readonly (the guest's write must fail, the image stay unchanged) and
+#     vdb an ext4 image made here with mkfs.ext4 -d, which the guest mounts to read a file.
+#  3. kill -9: the guest writes and fsyncs its pattern, then holds; we kill lguest with
+#     SIGKILL at once, and the image must hold what the guest was told is on disk.
+# Each check prints "CASE NAME status=0" (or status=1 and "FAIL NAME: why"); the guest's
+# console is always printed. Every lguest run is bounded by `timeout`.
+set -o pipefail
+cd /tmp
+guest="--kernel /guest/vmlinux --initrd /guest/initramfs.cpio.gz --memory 256M"
+cmdline="console=ttyS0 reboot=k panic=-1 quiet lguest.scenario=disk"
+MiB=1048576
+
+# The pattern guest/init writes too: BYTES/32 numbered 32-byte lines.
+pattern() {  # pattern TAG BYTES
+    awk -v tag="$1" -v n=$(($2 / 32)) 'BEGIN { for (i = 0; i < n; i++) printf "lguest %-5s %018d\n", tag, i }'
+}
+md5() { md5sum | cut -d' ' -f1; }
+# said OUT MARKER: the rest of the guest's first line that starts with "MARKER " (no \r).
+said() { tr -d '\r' <"$1" | sed -n "s/^$2 //p" | head -n1; }
+# check NAME WHY CONDITION...: CASE NAME status=0 if the condition holds, else status=1
+# and the why.
+check() {
+    local name=$1 why=$2
+    shift 2
+    if "$@"; then
+        echo "CASE $name status=0"
+    else
+        echo "CASE $name status=1"
+        echo "FAIL $name: $why"
+    fi
+}
+# field LINE KEY: the value of KEY=VALUE in LINE.
+field() { echo " $1 " | sed -n "s/.* $2=\([^ ]*\) .*/\1/p"; }
+# boot NAME FLAGS...: one guest boot, its console on stdout and in NAME.out.
+boot() {
+    name=$1
+    shift
+    echo "== $name: lguest run $*"
+    timeout 180 lguest run $guest "$@" </dev/null 2>&1 | tee "$name.out"
+    status=$?
+    echo "== $name: lguest exited with status $status"
+    check "$name-exit" "lguest exited with $status (124/143: timed out after 180 s)" [ "$status" = 0 ]
+    check "$name-done" "the guest did not finish its scenario" grep -q '^LGUEST-SCENARIO-DONE' "$name.out"
+}
+
+# 1. Read what the host wrote, write what the host then reads.
+pattern host $((2 * MiB)) >rw.img
+host_md5=$(md5 <rw.img)
+{ pattern host $MiB; pattern guest $MiB; } >rw.expected
+boot disk-rw --disk /tmp/rw.img,id=lguest-rw --cmdline "$cmdline lguest.disk.write=vda"
+vda=$(said disk-rw.out "LGUEST-DISK vda")
+check disk-rw-read "the guest's vda: '${vda:-none}'; the host file has size=$((2 * MiB)) md5=$host_md5" \
+    [ "$(field "$vda" size)/$(field "$vda" md5)" = "$((2 * MiB))/$host_md5" ]
+check disk-rw-id "the guest's vda has serial '$(field "$vda" serial)', not lguest-rw" \
+    [ "$(field "$vda" serial)" = lguest-rw ]
+check disk-rw-guest-write "the guest did not say LGUEST-DISK-WRITE-OK vda md5=$(pattern guest $MiB | md5)" \
+    [ "$(said disk-rw.out LGUEST-DISK-WRITE-OK)" = "vda md5=$(pattern guest $MiB | md5)" ]
+check disk-rw-host-file "the image is not the host's first MiB + the guest's second MiB: $(cmp rw.img rw.expected 2>&1)" \
+    cmp -s rw.img rw.expected
+
+# 2. Two disks: vda readonly, vdb ext4.
+pattern host $MiB >ro.img
+ro_md5=$(md5 <ro.img)
+mkdir -p ext4-root/dir
+pattern ext4 $((256 * 1024)) >ext4-root/dir/hello.txt
+file_md5=$(md5 <ext4-root/dir/hello.txt)
+truncate -s 8M ext4.img
+mkfs.ext4 -q -L lguest -d ext4-root ext4.img || echo "FAIL mkfs.ext4 exited with $?"
+ext4_md5=$(md5 <ext4.img)
+boot disk-two --disk /tmp/ro.img,readonly,id=lguest-ro --disk /tmp/ext4.img,id=lguest-ext4 \
+    --cmdline "$cmdline lguest.disk.readonly=vda lguest.disk.ext4=vdb:dir/hello.txt"
+vda=$(said disk-two.out "LGUEST-DISK vda") vdb=$(said disk-two.out "LGUEST-DISK vdb")
+check disk-two-vda "the guest's vda: '${vda:-none}'; want size=$MiB serial=lguest-ro md5=$ro_md5" \
+    [ "$(field "$vda" size)/$(field "$vda" serial)/$(field "$vda" md5)" = "$MiB/lguest-ro/$ro_md5" ]
+check disk-two-vdb "the guest's vdb: '${vdb:-none}'; want size=$((8 * MiB)) serial=lguest-ext4 md5=$ext4_md5" \
+    [ "$(field "$vdb" size)/$(field "$vdb" serial)/$(field "$vdb" md5)" = "$((8 * MiB))/lguest-ext4/$ext4_md5" ]
+check disk-two-readonly "the guest did not say LGUEST-DISK-READONLY-OK vda" \
+    grep -q '^LGUEST-DISK-READONLY-OK vda' disk-two.out
+check disk-two-readonly-host-file "the readonly image changed: md5 $(md5 <ro.img), was $ro_md5" \
+    [ "$(md5 <ro.img)" = "$ro_md5" ]
+check disk-two-ext4 "the guest did not say LGUEST-DISK-EXT4-OK vdb dir/hello.txt md5=$file_md5" \
+    [ "$(said disk-two.out LGUEST-DISK-EXT4-OK | cut -d' ' -f1-3)" = "vdb dir/hello.txt md5=$file_md5" ]
+
+# 3. A write the guest has flushed survives kill -9 of the VMM at that moment: the flush is
+#    acknowledged only after fdatasync, so nothing the guest counts on is left in lguest.
+pattern host $((2 * MiB)) >k9.img
+lguest run $guest --disk /tmp/k9.img --cmdline "$cmdline lguest.disk.write=vda lguest.hold=1" </dev/null >k9.out 2>&1 &
+pid=$!
+n=0
+until grep -q '^LGUEST-HOLDING' k9.out || ! kill -0 $pid 2>/dev/null || [ $n -ge 1800 ]; do
+    sleep 0.1
+    n=$((n + 1))
+done
+kill -9 $pid 2>/dev/null
+wait $pid
+status=$?
+echo "== disk-kill9: lguest ended with status $status"
+tr -d '\r' <k9.out | grep '^LGUEST-'
+check disk-kill9-held "the guest never wrote, flushed and held (no LGUEST-HOLDING)" grep -q '^LGUEST-HOLDING' k9.out
+check disk-kill9-killed "lguest was not killed by SIGKILL while the guest held (status $status, want 137)" [ "$status" = 137 ]
+check disk-kill9-host-file "after kill -9 the image lacks the guest's flushed MiB: $(cmp k9.img rw.expected 2>&1)" \
+    cmp -s k9.img rw.expected

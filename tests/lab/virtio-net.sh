@@ -1,0 +1,64 @@
+# Inside the lab: virtio-net on a tap device (guest side: guest/init's `net` scenario). The
+# lab machine has tap0 at 169.254.1.1/16; the guest puts 169.254.1.2/16 on eth0, pings the
+# lab, sends it 4 MiB over TCP and receives 4 MiB from it (busybox nc), and each end checks
+# what it got against what the other sent (the guest's pattern, or the md5 of ours, which
+# the guest is given on its command line). Link-local addresses: nothing leaves the
+# lab machine. Each check prints "CASE NAME status=0" (or status=1 and "FAIL NAME: why");
+# the guest's console is always printed. Every wait is bounded.
+set -o pipefail
+cd /tmp
+guest="--kernel /guest/vmlinux --initrd /guest/initramfs.cpio.gz --memory 256M"
+bytes=$((4 * 1048576))
+
+# The pattern guest/init makes too: BYTES/32 numbered 32-byte lines.
+pattern() {  # pattern TAG BYTES
+    awk -v tag="$1" -v n=$(($2 / 32)) 'BEGIN { for (i = 0; i < n; i++) printf "lguest %-5s %018d\n", tag, i }'
+}
+md5() { md5sum | cut -d' ' -f1; }
+said() { tr -d '\r' <"$1" | sed -n "s/^$2 //p" | head -n1; }
+check() {  # check NAME WHY CONDITION...
+    local name=$1 why=$2
+    shift 2
+    if "$@"; then
+        echo "CASE $name status=0"
+    else
+        echo "CASE $name status=1"
+        echo "FAIL $name: $why"
+    fi
+}
+
+# The lab's end: tap0 (busybox tunctl: a persistent tap, IFF_TAP|IFF_NO_PI), with an address.
+tunctl -t tap0 >/dev/null && ip addr add 169.254.1.1/16 dev tap0 && ip link set tap0 up
+tap_status=$?
+check net-tap "cannot set up tap0 with 169.254.1.1/16 (status $tap_status)" [ "$tap_status" = 0 ]
+pattern host $bytes >to-guest
+: >from-guest
+# Two one-shot TCP servers: 5001 stores what the guest sends, 5002 sends the host pattern.
+# (With -e the program gets the socket: cat ends at the guest's EOF, and the socket
+# closes when the program exits.)
+nc -l -p 5001 -e sh -c 'cat >/tmp/from-guest' &
+recv_pid=$!
+nc -l -p 5002 -e cat /tmp/to-guest &
+send_pid=$!
+
+echo "== net: lguest run --net tap=tap0"
+cmdline="console=ttyS0 reboot=k panic=-1 quiet lguest.scenario=net lguest.net.addr=169.254.1.2/16"
+cmdline="$cmdline lguest.net.peer=169.254.1.1 lguest.net.send=5001:$bytes lguest.net.recv=5002:$bytes:$(md5 <to-guest)"
+timeout 300 lguest run $guest --net tap=tap0 --cmdline "$cmdline" </dev/null 2>&1 | tee net.out
+status=$?
+echo "== net: lguest exited with status $status"
+kill $recv_pid $send_pid 2>/dev/null
+s=/sys/class/net/tap0/statistics
+echo "tap0: rx_packets=$(cat $s/rx_packets) tx_packets=$(cat $s/tx_packets) rx_bytes=$(cat $s/rx_bytes) tx_bytes=$(cat $s/tx_bytes)"
+
+check net-exit "lguest exited with $status (124/143: timed out after 300 s)" [ "$status" = 0 ]
+check net-done "the guest did not finish its scenario" grep -q '^LGUEST-SCENARIO-DONE' net.out
+check net-ping "the guest did not say LGUEST-NET-PING-OK" grep -q '^LGUEST-NET-PING-OK' net.out
+want=$(pattern guest $bytes | md5)
+got=$(md5 <from-guest)
+check net-guest-to-host "the lab got $(wc -c <from-guest) bytes with md5=$got; the guest pattern of $bytes bytes has md5=$want" \
+    [ "$got" = "$want" ]
+check net-guest-to-host-guest-side "the guest did not say LGUEST-NET-SEND-OK bytes=$bytes md5=$want" \
+    [ "$(said net.out LGUEST-NET-SEND-OK)" = "bytes=$bytes md5=$want" ]
+check net-host-to-guest "the guest did not say LGUEST-NET-RECV-OK bytes=$bytes md5=$(md5 <to-guest)" \
+    [ "$(said net.out LGUEST-NET-RECV-OK)" = "bytes=$bytes md5=$(md5 <to-guest)" ]
