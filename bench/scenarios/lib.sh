@@ -8,7 +8,9 @@
 # Every wait is bounded: a VMM run has `timeout` around it or a deadline in a poll loop.
 
 KERNEL=/guest/vmlinux
-CMDLINE="console=ttyS0 panic=-1 quiet"
+# reboot=t: a guest that panics (panic=-1) resets by triple fault, which ends either VMM
+# (microvm has no keyboard controller: with reboot=k, QEMU would sit there until killed).
+CMDLINE="console=ttyS0 panic=-1 reboot=t quiet"
 MAC=52:54:00:12:34:56     # both VMMs' NIC, so the lab's neighbour cache never goes stale
 TAP=tap0
 HOST_IP=169.254.100.1
