@@ -1,29 +1,155 @@
-"""Turns stopwatch's STOPWATCH lines (stdin) into a Markdown table: per metric, lguest's and
-QEMU's median, min and max, and the ratio of the medians (lguest/QEMU; below 1 is better)."""
+"""bench/summarize.py RAW MD JSON: turns bench/run.sh's raw lines into one Markdown table (MD)
+and the same numbers as JSON (JSON). Raw lines (everything else is ignored):
+
+    BENCH row=ROW vmm=VMM metric=METRIC value=NUMBER unit=UNIT    one sample
+    BENCH-NOTE row=ROW text...                                     listed under the table
+    BENCH-PARAM key=value                                          how the run was made
+
+BENCH-PARAM rows=LIST (bench/run.sh's --rows) limits the table to those rows' lines.
+
+Each table line is one measurement: lguest's median (min–max) over its samples, a peer's
+(QEMU, QEMU with vhost, or the bare KVM_RUN loop), and the ratio of the medians,
+lguest/peer. Whether a lower or a higher number is better is said per line. Lines with no
+sample at all are still shown (n/a), so a missing row is visible rather than silently gone."""
+import json
 import re
 import statistics
 import sys
 
-title = sys.argv[1] if len(sys.argv) > 1 else "benchmark"
-samples = {}  # (metric, vmm) -> [values]
-for line in sys.stdin:
-    fields = dict(re.findall(r"(\w+)=(\S+)", line))
-    vmm = fields.get("label")
-    if "marker" in fields and fields.get("ms", "none") != "none":
-        samples.setdefault((f"start → {fields['marker']} (ms)", vmm), []).append(float(fields["ms"]))
-    elif " exit " in line and fields.get("status") == "0":
-        samples.setdefault(("start → exit (ms)", vmm), []).append(float(fields["ms"]))
-        samples.setdefault(("peak RSS (MiB)", vmm), []).append(int(fields["maxrss_kib"]) / 1024)
+# (row number, row id, metric, title, unit, better, peers). Titles may use the BENCH-PARAMs.
+CATALOG = [
+    (1, "boot-1cpu", "init", "Boot, 1 vCPU, 256 MiB: start → guest /init", "ms", "lower", ["qemu"]),
+    (1, "boot-1cpu", "exit", "Boot, 1 vCPU, 256 MiB: start → exit after poweroff", "ms", "lower", ["qemu"]),
+    (1, "boot-2cpu", "init", "Boot, 2 vCPUs, 256 MiB: start → guest /init", "ms", "lower", ["qemu"]),
+    (1, "boot-2cpu", "exit", "Boot, 2 vCPUs, 256 MiB: start → exit after poweroff", "ms", "lower", ["qemu"]),
+    (2, "startup", "first-kvm-run", "VMM start-up: start → first KVM_RUN", "ms", "lower", []),
+    (3, "memory-256m", "rss", "Memory, idle guest, 256 MiB: VMM RSS", "MiB", "lower", ["qemu"]),
+    (3, "memory-256m", "overhead", "Memory, idle guest, 256 MiB: RSS − guest RAM touched", "MiB", "lower", ["qemu"]),
+    (3, "memory-2g", "rss", "Memory, idle guest, 2 GiB: VMM RSS", "MiB", "lower", ["qemu"]),
+    (3, "memory-2g", "overhead", "Memory, idle guest, 2 GiB: RSS − guest RAM touched", "MiB", "lower", ["qemu"]),
+    (3, "memory-256m-4dev", "rss", "Memory, 256 MiB + 4 virtio devices: VMM RSS", "MiB", "lower", ["qemu"]),
+    (3, "memory-256m-4dev", "overhead", "Memory, 256 MiB + 4 virtio devices: RSS − guest RAM", "MiB", "lower", ["qemu"]),
+    (4, "disk", "seq-read", "Disk: sequential read, 1 MiB × 4", "MiB/s", "higher", ["qemu"]),
+    (4, "disk", "seq-write", "Disk: sequential write, 1 MiB × 4", "MiB/s", "higher", ["qemu"]),
+    (4, "disk", "rand-read", "Disk: random read, 4 KiB × 16", "IOPS", "higher", ["qemu"]),
+    (4, "disk", "rand-write", "Disk: random write, 4 KiB × 16", "IOPS", "higher", ["qemu"]),
+    (5, "net", "tcp-tx", "Network: TCP guest → host (iperf3)", "Mbit/s", "higher", ["qemu", "qemu-vhost"]),
+    (5, "net", "tcp-rx", "Network: TCP host → guest (iperf3 -R)", "Mbit/s", "higher", ["qemu", "qemu-vhost"]),
+    (5, "net", "tcp-rr", "Network: 1-byte TCP request/response", "trans/s", "higher", ["qemu", "qemu-vhost"]),
+    (6, "exits-host", "unhandled-port", "Exit cost, this host's KVM: write to an unhandled port", "ns", "lower", ["bare"]),
+    (6, "exits-host", "device-port", "Exit cost, this host's KVM: write to a device port (UART)", "ns", "lower", ["bare"]),
+    (6, "exits-lab", "unhandled-port", "Exit cost, lab KVM: write to an unhandled port", "ns", "lower", ["bare"]),
+    (6, "exits-lab", "device-port", "Exit cost, lab KVM: write to a device port (UART)", "ns", "lower", ["bare"]),
+    (7, "density", "all-init", "Density, {density_vms} × {density_mib} MiB at once: all at /init", "ms", "lower", ["qemu"]),
+    (7, "density", "total-rss", "Density, {density_vms} × {density_mib} MiB at once: total RSS at idle", "MiB", "lower", ["qemu"]),
+]
+PEER_NAMES = {"qemu": "QEMU", "qemu-vhost": "QEMU vhost=on", "bare": "bare KVM_RUN loop"}
 
-def cell(values):
+
+def parse(lines):
+    samples, units, notes, params = {}, {}, [], {}
+    for line in lines:
+        line = line.strip()
+        if line.startswith("BENCH "):
+            f = dict(re.findall(r"(\w+)=(\S+)", line))
+            try:
+                value = float(f["value"])
+            except (KeyError, ValueError):
+                notes.append(f"unreadable line: {line}")
+                continue
+            key = (f.get("row"), f.get("metric"))
+            samples.setdefault(key + (f.get("vmm"),), []).append(value)
+            units[key] = f.get("unit", "")
+        elif line.startswith("BENCH-NOTE "):
+            m = re.match(r"BENCH-NOTE row=(\S+) (.*)", line)
+            if m:
+                notes.append(f"{m.group(1)}: {m.group(2)}")
+        elif line.startswith("BENCH-PARAM "):
+            for k, v in re.findall(r"(\w+)=(\S+)", line):
+                params[k] = v
+    return samples, units, notes, params
+
+
+def stats(values):
     if not values:
-        return "n/a"
-    return f"{statistics.median(values):.0f} ({min(values):.0f}–{max(values):.0f})"
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": len(values), "samples": values}
 
-print(f"### {title}\n")
-print("| metric | lguest median (min–max) | QEMU median (min–max) | ratio |")
-print("|---|---|---|---|")
-for metric in dict.fromkeys(m for m, _ in samples):
-    ours, theirs = samples.get((metric, "lguest"), []), samples.get((metric, "qemu"), [])
-    ratio = f"{statistics.median(ours) / statistics.median(theirs):.2f}" if ours and theirs else "n/a"
-    print(f"| {metric} | {cell(ours)} | {cell(theirs)} | {ratio} |")
+
+def num(x):
+    if x is None:
+        return "n/a"
+    a = abs(x)
+    return f"{x:.0f}" if a >= 100 else f"{x:.1f}" if a >= 10 else f"{x:.2f}"
+
+
+def cell(s):
+    return "n/a" if s is None else f"{num(s['median'])} ({num(s['min'])}–{num(s['max'])})"
+
+
+# bench/run.sh's row names → the row ids of the catalog they fill.
+GROUPS = {"boot": ["boot-1cpu", "boot-2cpu", "startup"], "memory": ["memory-256m", "memory-2g", "memory-256m-4dev"],
+          "disk": ["disk"], "net": ["net"], "exits": ["exits-host", "exits-lab"], "exits-host": ["exits-host"],
+          "density": ["density"]}
+
+
+def build(samples, units, params):
+    lines = []
+    wanted = params.get("rows")
+    catalog = list(CATALOG)
+    if wanted:
+        ids = {i for group in wanted.split(",") for i in GROUPS.get(group, [group])}
+        catalog = [entry for entry in catalog if entry[1] in ids]
+    known = {(r, m) for _, r, m, *_ in CATALOG}
+    for row, metric, _vmm in samples:  # anything the catalog does not know yet, at the end
+        if (row, metric) not in known:
+            known.add((row, metric))
+            catalog.append((0, row, metric, f"{row}: {metric}", "", "lower", ["qemu"]))
+    fmt = dict({"density_vms": "K", "density_mib": "M"}, **params)
+    for number, row, metric, title, unit, better, peers in catalog:
+        ours = stats(samples.get((row, metric, "lguest"), []))
+        for peer in peers or [None]:
+            theirs = stats(samples.get((row, metric, peer), [])) if peer else None
+            ratio = ours["median"] / theirs["median"] if ours and theirs and theirs["median"] else None
+            lines.append({
+                "row": number, "id": f"{row}/{metric}", "title": title.format(**fmt),
+                "unit": units.get((row, metric), unit), "better": better,
+                "lguest": ours, "peer": peer, "peer_result": theirs,
+                "ratio": round(ratio, 3) if ratio is not None else None,
+            })
+    return lines
+
+
+def markdown(lines, notes, params):
+    out = ["| # | measurement | unit | better | lguest median (min–max) | peer | peer median (min–max) | lguest/peer |",
+           "|---|---|---|---|---|---|---|---|"]
+    for l in lines:
+        peer = PEER_NAMES.get(l["peer"], l["peer"] or "—")
+        ratio = "n/a" if l["ratio"] is None else f"{l['ratio']:.2f}"
+        peer_cell = cell(l["peer_result"]) if l["peer"] else "—"
+        out.append(f"| {l['row'] or ''} | {l['title']} | {l['unit']} | {l['better']} | "
+                   f"{cell(l['lguest'])} | {peer} | {peer_cell} | {ratio} |")
+    if params:
+        out += ["", "Run: " + ", ".join(f"{k}={v}" for k, v in params.items())]
+    if notes:
+        out += ["", "Notes:"] + [f"- {n}" for n in notes]
+    return "\n".join(out) + "\n"
+
+
+def main():
+    if len(sys.argv) != 4:
+        sys.exit("usage: summarize.py RAW MD JSON")
+    raw, md_path, json_path = sys.argv[1:]
+    with open(raw, encoding="utf-8", errors="replace") as f:
+        samples, units, notes, params = parse(f)
+    lines = build(samples, units, params)
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write(markdown(lines, notes, params))
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump({"schema": 1, "params": params, "rows": lines, "notes": notes}, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

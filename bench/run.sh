@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# bench/run.sh: every headline benchmark of lguest, side by side with QEMU, in one command.
+# Prints one Markdown table and writes the same numbers as JSON (see bench/README.md):
+#   OUT/latest.md    the table           OUT/latest.json  the numbers, every sample
+#   OUT/latest.raw   the raw BENCH lines OUT/logs/        each lab session's console
+# How: builds lguest, stopwatch and bench/tools (static), the benchmark guest's initramfs
+# images (bench/overlay.sh), then runs each row, lguest and its peer in the same session:
+#   boot     rows 1-2  boot time at 1 and 2 vCPUs; lguest's start → first KVM_RUN   (lab)
+#   memory   row 3     VMM RSS and overhead: 256 MiB, 2 GiB, 256 MiB + 4 devices    (lab)
+#   disk     row 4     fio in the guest on a virtio disk                              (lab)
+#   net      row 5     iperf3 and tcp-rr over virtio-net on a tap; QEMU vhost off/on  (lab)
+#   exits    row 6     ns per exit, lguest against a bare KVM_RUN loop (this host, then lab)
+#   density  row 7     8 VMs of 96 MiB at once: time to all at /init, total RSS      (lab)
+# Lab rows run one lab session each (lab/run.sh), one after the other. Installs what it
+# needs with apt (python3, fio, iperf3, QEMU, ...). On 2 cores the whole run takes ~15 min.
+# The whole script is one { ... } block: bash reads it all before running any of it, so
+# editing this file during a (long) run can't change what that run does.
+{
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+source "$repo/lab/lib.sh"
+
+usage() {
+    cat <<'EOF'
+usage: bench/run.sh [--rows LIST] [--runs N] [--quick] [--out DIR] [--bin-dir DIR]
+  --rows LIST   comma-separated, from: boot memory disk net exits exits-host density
+                (default: all; exits-host is row 6 on this host only, no lab)
+  --runs N      runs per VMM and configuration (default 3; memory and density: 2)
+  --quick       one run each, 2 s per disk/network test, fewer exits: checks the harness
+  --out DIR     where the results go (default bench/results)
+  --bin-dir DIR take lguest, stopwatch, exit-cost and tcp-rr from DIR instead of building
+                them (a missing lguest leaves its column empty)
+Environment: LGUEST_CACHE, LAB_OUT as for lab/run.sh.
+EOF
+    exit 2
+}
+
+rows=boot,memory,disk,net,exits,density runs='' quick=0 out=$here/results bin_dir=''
+while (($#)); do
+    case $1 in
+        --rows) rows=${2:?--rows needs a LIST}; shift ;;
+        --runs) runs=${2:?--runs needs N}; shift ;;
+        --quick) quick=1 ;;
+        --out) out=${2:?--out needs a DIR}; shift ;;
+        --bin-dir) bin_dir=${2:?--bin-dir needs a DIR}; shift ;;
+        -h | --help) usage ;;
+        *) echo "bench: unknown argument $1" >&2; usage ;;
+    esac
+    shift
+done
+for row in ${rows//,/ }; do
+    case $row in boot | memory | disk | net | exits | exits-host | density) ;;
+        *) die "unknown row '$row' (want boot, memory, disk, net, exits, exits-host, density)" ;; esac
+done
+[[ -z $runs || $runs =~ ^[1-9][0-9]*$ ]] || die "--runs wants a positive number, not '$runs'"
+want() { [[ ,$rows, == *,$1,* ]]; }
+lab_rows=0
+for row in boot memory disk net exits density; do want $row && lab_rows=1; done
+
+# The numbers of a run. --quick: enough to see every row work, not to compare.
+if ((quick)); then
+    runs=${runs:-1} secs=2 host_exits=2000 lab_exits=2000
+else
+    runs=${runs:-3} secs=3 host_exits=20000 lab_exits=20000
+fi
+# Two runs, not three, where that is plenty (and keeps the whole run under 20 minutes):
+# RSS hardly moves from run to run (±1 %), and one density run is K boots' work.
+memory_runs=$((runs < 2 ? runs : 2)) density_runs=$memory_runs
+# Debian's cloud kernel panics at boot in 64 MiB ("System is deadlocked on memory", under
+# both VMMs); 80 MiB boots; 96 MiB leaves it some room.
+density_vms=8 density_mib=96
+
+ensure_cmds python3:python3 timeout:coreutils
+start=$SECONDS
+note "building"
+if [[ -n $bin_dir ]]; then
+    lguest=$bin_dir/lguest stopwatch=$bin_dir/stopwatch exit_cost=$bin_dir/exit-cost tcp_rr=$bin_dir/tcp-rr
+else
+    (cd "$repo" && cargo build --release --locked --quiet -p lguest -p stopwatch)
+    # Static, so the same binaries run on this host, in the lab and inside the guest.
+    (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --quiet \
+        -p bench-tools --target x86_64-unknown-linux-gnu)
+    lguest=$repo/target/release/lguest stopwatch=$repo/target/release/stopwatch
+    exit_cost=$repo/target/x86_64-unknown-linux-gnu/release/exit-cost
+    tcp_rr=$repo/target/x86_64-unknown-linux-gnu/release/tcp-rr
+fi
+[[ -x $exit_cost ]] || die "no exit-cost at $exit_cost"
+if ((lab_rows)); then
+    for b in "$lguest" "$stopwatch" "$tcp_rr"; do [[ -x $b ]] || die "no $b (build it, or drop --bin-dir)"; done
+    note "preparing the lab and the benchmark guest"
+    "$repo/lab/fetch.sh" >/dev/null
+    "$here/overlay.sh" "$here/out" "$tcp_rr"
+fi
+
+mkdir -p "$out/logs"
+raw=$out/latest.raw
+cat >"$raw" <<EOF
+BENCH-PARAM date=$(date -u +%Y-%m-%dT%H:%MZ) commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo none) host_cpus=$(nproc)
+BENCH-PARAM rows=$rows runs=$runs memory_runs=$memory_runs density_runs=$density_runs secs_per_io_test=$secs density_vms=$density_vms density_mib=$density_mib host_exits=$host_exits lab_exits=$lab_exits
+EOF
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# bench_lines LOG: the BENCH lines of a lab session's output, up to the copy of the whole
+# console that lab/run.sh adds when the lab machine did not finish (it has them again).
+bench_lines() {
+    awk '/^---- the lab machine.s whole console/ { exit } /^BENCH/' "$1"
+}
+
+# lab_session NAME SCENARIO VARS LIMIT [lab/run.sh args...]: runs bench/scenarios/SCENARIO
+# in the lab with VARS set, for at most LIMIT seconds (a lab machine wedged by its nested
+# virtualization must not eat the whole run: the limits are ~2-3 times a normal session);
+# appends its BENCH lines to the raw file. A lab machine that died or hung (lab/run.sh's
+# 125) gets one more try; any other failure is a note.
+lab_session() {
+    local name=$1 scenario=$2 vars=$3 limit=$4 log=$out/logs/$1.log t=$SECONDS status=0 try
+    shift 4
+    { echo "$vars"; cat "$here/scenarios/$scenario"; } >"$work/$name.sh"
+    for try in 1 2; do
+        note "$name: lab session (console: $log)"
+        status=0
+        timeout -k 10 $((limit + 60)) "$repo/lab/run.sh" --with-qemu --timeout "$limit" \
+            --bin "$lguest" --bin "$stopwatch" --file "$here/scenarios/lib.sh:/bench/lib.sh" \
+            "$@" "$work/$name.sh" >"$log" 2>&1 || status=$?
+        ((status == 125 && try == 1)) || break
+        note "$name: the lab machine died; once more"
+        bench_lines "$log" | grep -v '^BENCH ' >>"$raw" || true   # its notes, not its numbers
+    done
+    bench_lines "$log" >>"$raw" || true
+    if ((status != 0)); then
+        echo "BENCH-NOTE row=$name the lab session failed with status $status (console: $log)" >>"$raw"
+    fi
+    note "$name: $((SECONDS - t)) s"
+}
+
+if want exits || want exits-host; then
+    note "exits-host: on this host's /dev/kvm"
+    lguest_arg=()
+    [[ -x $lguest ]] && lguest_arg=(--lguest "$lguest")
+    [[ -x $lguest ]] || echo "BENCH-NOTE row=exits-host no lguest at $lguest: bare loop only" >>"$raw"
+    timeout 600 "$exit_cost" --row exits-host --exits "$host_exits" --runs "$runs" "${lguest_arg[@]}" \
+        >>"$raw" 2>"$work/exit-cost.err" ||
+        echo "BENCH-NOTE row=exits-host exit-cost failed: $(tr '\n' ' ' <"$work/exit-cost.err")" >>"$raw"
+fi
+if want boot; then
+    lab_session boot boot.sh "RUNS=$runs" $((runs * 150))
+fi
+if want memory; then
+    lab_session memory memory.sh "RUNS=$memory_runs" $((memory_runs * 150)) --file "$here/out/initrd-idle.img:/bench/initrd-idle.img"
+fi
+if want disk; then
+    lab_session disk disk.sh "RUNS=$runs SECS=$secs" $((runs * 120)) --file "$here/out/initrd-disk.img:/bench/initrd-disk.img"
+fi
+if want net; then
+    lab_session net net.sh "RUNS=$runs SECS=$secs" $((runs * 150)) --file "$here/out/initrd-net.img:/bench/initrd-net.img" \
+        --file "$here/out/lab-mods:/bench/lab-mods" --bin "$tcp_rr" --bin "$(command -v iperf3)"
+fi
+if want exits; then
+    lab_session exits-lab exits.sh "RUNS=$runs EXITS=$lab_exits" $((runs * 40 + 60)) --bin "$exit_cost"
+fi
+if want density; then
+    lab_session density density.sh "RUNS=$density_runs K=$density_vms MEM=$density_mib" $((density_runs * 400))
+fi
+
+echo "BENCH-PARAM total_s=$((SECONDS - start))" >>"$raw"
+python3 "$here/summarize.py" "$raw" "$out/latest.md" "$out/latest.json"
+cat "$out/latest.md"
+note "results: $out/latest.md, $out/latest.json (raw lines: $raw); $((SECONDS - start)) s"
+exit
+}

@@ -1,0 +1,34 @@
+# Lab side of bench/run.sh's row 4 (disk); bench/run.sh prepends RUNS=N SECS=S.
+# A 256 MiB raw image in the lab's RAM-backed root file system, given to the guest as its
+# only virtio disk (lguest --disk; QEMU virtio-blk-pci with cache=writeback,aio=threads: both
+# go through the lab's page cache). The guest (bench.scenario=disk, 512 MiB: its initramfs
+# carries fio and ~80 MB of libraries) runs fio on /dev/vda with direct I/O: sequential read
+# and write (1 MiB, 4 in flight), random read and write (4 KiB, 16 in flight), SECS seconds
+# each, and prints the numbers. VMMs alternate, RUNS runs each; a run whose guest died is
+# noted and retried once. A VMM whose guest has no disk is noted and not run again.
+. /bench/lib.sh
+initrd=/bench/initrd-disk.img
+dd if=/dev/zero of=/tmp/disk.img bs=1M count=256 2>/dev/null
+skip=""
+
+# disk_once VMM: one boot, four fio jobs. Fails (for a retry) only when the guest died.
+disk_once() {
+    vmm_cmd "$1" 512 1 $initrd "$CMDLINE bench.scenario=disk bench.secs=$SECS" disk=/tmp/disk.img
+    eval "timeout $((SECS * 8 + 240)) $CMD" </dev/null >/tmp/disk.out 2>&1
+    status=$?
+    results disk "$1" /tmp/disk.out && return 0
+    if guest_said /tmp/disk.out BENCH-ERROR; then
+        grep -q "BENCH-ERROR no /dev/vda" /tmp/disk.out && skip="$skip $1"
+        return 0
+    fi
+    note disk "$1 run failed (status $status): $(tail -c 300 /tmp/disk.out | printable)"
+    return 1
+}
+
+for run in $(seq 1 "$RUNS"); do
+    for vmm in lguest qemu; do
+        case " $skip " in *" $vmm "*) continue ;; esac
+        disk_once $vmm || disk_once $vmm || true
+    done
+done
+drain

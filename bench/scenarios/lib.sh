@@ -1,0 +1,135 @@
+# shellcheck shell=sh
+# Helpers for the lab side of bench/run.sh, sourced by every bench scenario as /bench/lib.sh
+# (busybox sh inside the lab machine). bench/run.sh puts before each scenario the variables
+# it uses (RUNS=..., SECS=...). Results are printed as lines that bench/summarize.py reads:
+#   BENCH row=ROW vmm=VMM metric=METRIC value=NUMBER unit=UNIT
+#   BENCH-NOTE row=ROW free text (a failed or retried run, a missing device, ...)
+# VMMs: lguest, qemu (QEMU microvm, virtio with vhost=off) and qemu-vhost (vhost=on).
+# Every wait is bounded: a VMM run has `timeout` around it or a deadline in a poll loop.
+
+KERNEL=/guest/vmlinux
+# reboot=t: a guest that panics (panic=-1) resets by triple fault, which ends either VMM
+# (microvm has no keyboard controller: with reboot=k, QEMU would sit there until killed).
+CMDLINE="console=ttyS0 panic=-1 reboot=t quiet"
+MAC=52:54:00:12:34:56     # both VMMs' NIC, so the lab's neighbour cache never goes stale
+TAP=tap0
+HOST_IP=169.254.100.1
+CR=$(printf "\r")
+
+emit() { echo "BENCH row=$1 vmm=$2 metric=$3 value=$4 unit=$5"; }
+note() { row=$1; shift; echo "BENCH-NOTE row=$row $*"; }
+
+# vmm_cmd VMM MEM_MIB CPUS INITRD CMDLINE [DEVICE...]: sets CMD to the command (a string
+# for eval) that boots $KERNEL with INITRD under VMM. DEVICEs: disk=PATH, net=TAP, rng.
+# The same devices, the same kernel, initramfs and command line for every VMM. QEMU runs
+# as microvm, with PCIe when there are devices (or QEMU_PCIE=1), like lguest's PCI root.
+# lguest's disks do plain pread/pwrite through the host page cache: QEMU gets
+# cache=writeback,aio=threads, the same semantics.
+vmm_cmd() {
+    _vmm=$1 _mem=$2 _cpus=$3 _initrd=$4 _cmdline=$5
+    shift 5
+    case $_vmm in
+        lguest)
+            CMD="lguest run --kernel $KERNEL --initrd $_initrd --memory ${_mem}M --cpus $_cpus --cmdline '$_cmdline'"
+            for _dev in "$@"; do
+                case $_dev in
+                    disk=*) CMD="$CMD --disk ${_dev#disk=}" ;;
+                    net=*) CMD="$CMD --net tap=${_dev#net=},mac=$MAC" ;;
+                    rng) CMD="$CMD --rng" ;;
+                esac
+            done
+            ;;
+        qemu | qemu-vhost)
+            _vhost=off
+            [ "$_vmm" = qemu-vhost ] && _vhost=on
+            _machine=microvm
+            if [ $# -gt 0 ] || [ -n "${QEMU_PCIE:-}" ]; then _machine=microvm,pcie=on; fi
+            CMD="qemu-system-x86_64 -M $_machine -enable-kvm -cpu host -m $_mem -smp $_cpus -nodefaults"
+            CMD="$CMD -no-user-config -nographic -serial stdio -no-reboot -kernel $KERNEL"
+            CMD="$CMD -initrd $_initrd -append '$_cmdline'"
+            _n=0
+            for _dev in "$@"; do
+                _n=$((_n + 1))
+                case $_dev in
+                    disk=*) CMD="$CMD -drive file=${_dev#disk=},if=none,id=d$_n,format=raw,cache=writeback,aio=threads -device virtio-blk-pci,drive=d$_n" ;;
+                    net=*) CMD="$CMD -netdev tap,id=n$_n,ifname=${_dev#net=},script=no,downscript=no,vhost=$_vhost -device virtio-net-pci,netdev=n$_n,mac=$MAC,romfile=" ;;
+                    rng) CMD="$CMD -object rng-random,id=r$_n,filename=/dev/urandom -device virtio-rng-pci,rng=r$_n" ;;
+                esac
+            done
+            ;;
+        *)
+            echo "lib.sh: unknown VMM $_vmm" >&2
+            return 1
+            ;;
+    esac
+}
+
+# guest_said FILE TEXT: the guest's console in FILE has a line starting with TEXT.
+guest_said() { grep -q "^$2" "$1"; }
+
+# wait_said FILE TEXT SECS [PID]: polls (every 0.5 s) until the guest said TEXT; fails after
+# SECS seconds, or at once when PID (the VMM) is gone.
+wait_said() {
+    _i=0
+    until guest_said "$1" "$2"; do
+        [ $_i -ge $(($3 * 2)) ] && return 1
+        [ -n "${4:-}" ] && ! kill -0 "$4" 2>/dev/null && { guest_said "$1" "$2"; return; }
+        sleep 0.5
+        _i=$((_i + 1))
+    done
+}
+
+# stop_pid PID: SIGTERM, then SIGKILL if it is still there after 10 s; reaps it.
+stop_pid() {
+    kill "$1" 2>/dev/null
+    _i=0
+    while kill -0 "$1" 2>/dev/null && [ $_i -lt 20 ]; do sleep 0.5; _i=$((_i + 1)); done
+    kill -9 "$1" 2>/dev/null
+    wait "$1" 2>/dev/null
+    return 0
+}
+
+# smaps_kib PID MEM_MIB: prints "RSS GUEST" in KiB: the process's whole resident set (the
+# sum of Rss over its mappings) and the Rss of the guest's RAM, which is the anonymous
+# mapping (no file name) whose size is closest to MEM_MIB. Overhead = RSS - GUEST.
+smaps_kib() {
+    awk -v want=$(($2 * 1024)) '
+        /^[0-9a-f]+-[0-9a-f]+ / { anon = (NF == 5); next }
+        /^Size:/ { size = $2 }
+        /^Rss:/ {
+            total += $2
+            if (anon) {
+                d = size - want; if (d < 0) d = -d
+                if (best == "" || d < best) { best = d; guest = $2 }
+            }
+        }
+        END { print total + 0, guest + 0 }' "/proc/$1/smaps"
+}
+
+# results ROW VMM FILE: turns the guest's BENCH-RESULT lines in FILE into BENCH lines, and
+# its BENCH-ERROR into a note. Fails when there was no result.
+results() {
+    _found=1
+    while IFS= read -r _line; do
+        _line=${_line%"$CR"}
+        case $_line in
+            BENCH-RESULT\ *)
+                # metric=M value=V unit=U → "M V U"
+                emit "$1" "$2" $(echo "$_line" | sed 's/.*metric=\([^ ]*\) value=\([^ ]*\) unit=\([^ ]*\).*/\1 \2 \3/')
+                _found=0
+                ;;
+            BENCH-ERROR\ *) note "$1" "$2: the guest said: ${_line#BENCH-ERROR }" ;;
+        esac
+    done <"$3"
+    return $_found
+}
+
+# printable: stdin on one line, without control characters (a guest console's tail, for a note).
+printable() { tr '\r\n\t' '   ' | tr -cd ' -~'; }
+
+# drain: the last thing a scenario does. Gives the lab's serial console time to send what is
+# still buffered: the end of the scenario hangs the console up, and output not sent yet is lost.
+drain() { sleep 2; }
+
+# kib_to_mib KIB: MiB with one decimal.
+kib_to_mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }

@@ -1,0 +1,50 @@
+# Lab side of bench/run.sh's row 5 (network); bench/run.sh prepends RUNS=N SECS=S.
+# The lab side of the link: tap0 = 169.254.100.1/24 (link-local; the traffic never leaves
+# the lab machine), an iperf3 server and a tcp-rr server on it. The guest (bench.scenario=net,
+# 256 MiB) takes 169.254.100.2 on its virtio NIC and runs iperf3 guest → host, host → guest
+# (-R) and tcp-rr's 1-byte round trips, SECS seconds each. VMMs: lguest (--net tap=tap0),
+# QEMU with vhost=off (virtio-net in QEMU's own process, like lguest) and, when the lab's
+# kernel has vhost_net (/bench/lab-mods), QEMU with vhost=on. RUNS runs each, alternating;
+# a run whose guest died is noted and retried once; a VMM whose guest has no NIC is noted
+# and not run again.
+. /bench/lib.sh
+initrd=/bench/initrd-net.img
+while read -r m; do insmod "/bench/lab-mods/$m" 2>/dev/null; done </bench/lab-mods/order
+vmms="lguest qemu"
+if [ -c /dev/vhost-net ]; then
+    vmms="$vmms qemu-vhost"
+else
+    note net "no /dev/vhost-net in the lab (vhost_net did not load): QEMU vhost=on not measured"
+fi
+tunctl -t $TAP >/dev/null || note net "cannot make $TAP"
+ip addr add $HOST_IP/24 dev $TAP
+ip link set $TAP up
+iperf3 -s >/tmp/iperf3-server.log 2>&1 &
+iperf_pid=$!
+tcp-rr server 5202 &
+rr_pid=$!
+skip=""
+
+# net_once VMM: one boot, three measurements. Fails (for a retry) only when the guest died.
+net_once() {
+    vmm_cmd "$1" 256 1 $initrd "$CMDLINE bench.scenario=net bench.secs=$SECS bench.host=$HOST_IP" net=$TAP
+    eval "timeout $((SECS * 6 + 240)) $CMD" </dev/null >/tmp/net.out 2>&1
+    status=$?
+    results net "$1" /tmp/net.out && return 0
+    if guest_said /tmp/net.out BENCH-ERROR; then
+        grep -q "BENCH-ERROR no eth0" /tmp/net.out && skip="$skip $1"
+        return 0
+    fi
+    note net "$1 run failed (status $status): $(tail -c 300 /tmp/net.out | printable)"
+    return 1
+}
+
+for run in $(seq 1 "$RUNS"); do
+    for vmm in $vmms; do
+        case " $skip " in *" $vmm "*) continue ;; esac
+        net_once $vmm || net_once $vmm || true
+    done
+done
+stop_pid $iperf_pid
+stop_pid $rr_pid
+drain
