@@ -110,6 +110,18 @@ fn notify_storm(a: &mut CodeAssembler, bar: u64, count: u32) {
     a.jnz(again).expect("jnz");
 }
 
+/// A driver's whole set-up of queue 0 at `bar`, with the rings at DESC/AVAIL/USED, up to DRIVER_OK.
+fn start_queue(a: &mut CodeAssembler, bar: u64, size: u16) {
+    negotiate(a, bar);
+    store16(a, bar + QUEUE_SELECT, 0);
+    store16(a, bar + QUEUE_SIZE, size);
+    store64(a, bar + QUEUE_DESC, DESC);
+    store64(a, bar + QUEUE_DRIVER, AVAIL);
+    store64(a, bar + QUEUE_DEVICE, USED);
+    store16(a, bar + QUEUE_ENABLE, 1);
+    store8(a, bar + STATUS, (ACK_DRIVER | FEATURES_OK | DRIVER_OK) as u8);
+}
+
 fn attack_the_disk(a: &mut CodeAssembler, failed: CodeLabel) {
     scribble_on_config_space(a);
     a.mov(rdi, DISK_BAR).expect("mov");
@@ -139,14 +151,7 @@ fn use_the_rng(a: &mut CodeAssembler, failed: CodeLabel) {
     store16(a, AVAIL + 4, 1); // the looping chain first
     store16(a, AVAIL + 6, 0); // then the good one
     store16(a, AVAIL + 2, 2);
-    negotiate(a, RNG_BAR);
-    store16(a, RNG_BAR + QUEUE_SELECT, 0);
-    store16(a, RNG_BAR + QUEUE_SIZE, 16);
-    store64(a, RNG_BAR + QUEUE_DESC, DESC);
-    store64(a, RNG_BAR + QUEUE_DRIVER, AVAIL);
-    store64(a, RNG_BAR + QUEUE_DEVICE, USED);
-    store16(a, RNG_BAR + QUEUE_ENABLE, 1);
-    store8(a, RNG_BAR + STATUS, (ACK_DRIVER | FEATURES_OK | DRIVER_OK) as u8);
+    start_queue(a, RNG_BAR, 16);
     store16(a, RNG_BAR + NOTIFY, 0);
     // Wait (bounded) for both chains to come back: used.idx == 2.
     let (mut poll, mut back) = (a.create_label(), a.create_label());
@@ -201,14 +206,7 @@ fn flood_the_rng(a: &mut CodeAssembler, failed: CodeLabel) {
     const ROUNDS: u32 = 40;
     descriptor(a, 0, 0x30_0000, 48 << 20, 2, 0);
     // Every avail slot names descriptor 0 (the ring starts zeroed).
-    negotiate(a, RNG_ALONE_BAR);
-    store16(a, RNG_ALONE_BAR + QUEUE_SELECT, 0);
-    store16(a, RNG_ALONE_BAR + QUEUE_SIZE, 256);
-    store64(a, RNG_ALONE_BAR + QUEUE_DESC, DESC);
-    store64(a, RNG_ALONE_BAR + QUEUE_DRIVER, AVAIL);
-    store64(a, RNG_ALONE_BAR + QUEUE_DEVICE, USED);
-    store16(a, RNG_ALONE_BAR + QUEUE_ENABLE, 1);
-    store8(a, RNG_ALONE_BAR + STATUS, (ACK_DRIVER | FEATURES_OK | DRIVER_OK) as u8);
+    start_queue(a, RNG_ALONE_BAR, 256);
     let (mut round, mut poll, mut back) = (a.create_label(), a.create_label(), a.create_label());
     a.mov(r8d, 0u32).expect("mov"); // requests posted so far (the avail index)
     a.mov(r9d, ROUNDS).expect("mov");
