@@ -150,10 +150,10 @@ if want memory; then
     lab_session memory memory.sh "RUNS=$memory_runs" $((memory_runs * 150)) --file "$here/out/initrd-idle.img:/bench/initrd-idle.img"
 fi
 if want disk; then
-    lab_session disk disk.sh "RUNS=$runs SECS=$secs" $((runs * 120)) --file "$here/out/initrd-disk.img:/bench/initrd-disk.img"
+    lab_session disk disk.sh "RUNS=$runs SECS=$secs" $((runs * 120 + 120)) --file "$here/out/initrd-disk.img:/bench/initrd-disk.img"
 fi
 if want net; then
-    lab_session net net.sh "RUNS=$runs SECS=$secs" $((runs * 150)) --file "$here/out/initrd-net.img:/bench/initrd-net.img" \
+    lab_session net net.sh "RUNS=$runs SECS=$secs" $((runs * 150 + 120)) --file "$here/out/initrd-net.img:/bench/initrd-net.img" \
         --file "$here/out/lab-mods:/bench/lab-mods" --bin "$tcp_rr" --bin "$(command -v iperf3)"
 fi
 if want exits; then

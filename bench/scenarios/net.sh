@@ -28,7 +28,8 @@ skip=""
 # net_once VMM: one boot, three measurements. Fails (for a retry) only when the guest died.
 net_once() {
     vmm_cmd "$1" 256 1 $initrd "$CMDLINE bench.scenario=net bench.secs=$SECS bench.host=$HOST_IP" net=$TAP
-    eval "timeout $((SECS * 6 + 240)) $CMD" </dev/null >/tmp/net.out 2>&1
+    # A run takes ~30 s (boot, 3 × SECS); the deadline is for the lab's occasional hung guest.
+    eval "timeout $((SECS * 3 + 100)) $CMD" </dev/null >/tmp/net.out 2>&1
     status=$?
     results net "$1" /tmp/net.out && return 0
     if guest_said /tmp/net.out BENCH-ERROR; then
