@@ -72,27 +72,17 @@ impl Vm {
         vm.create_pit2(pit).map_err(kvm("creating the in-kernel PIT"))?;
 
         let mem = memory::create_guest_memory(config.memory_bytes())?;
-        register_memory(&vm, &mem)?;
-        let rsdp = acpi::write(&mem, config.cpus)?;
-        let entry = boot::load_guest(&mem, config, rsdp)?;
-
-        let (mut pio, serial, keyboard) = legacy_devices(&vm, &stopper)?;
-        let mut mmio = mmio_devices(&timeline)?;
-        let (devices, virtio_console) = virtio_devices(config)?;
-        plug_pci_devices(&vm, &mem, devices, &mut pio, &mut mmio)?;
-        let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
-
-        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
-        for id in 0..config.cpus {
-            let fd = vm.create_vcpu(u64::from(id)).map_err(kvm("creating a vCPU"))?;
-            cpu::setup_common(&kvm_handle, &fd, id, config.cpus)?;
-            if id == 0 {
-                cpu::setup_boot_vcpu(&fd, &mem, entry)?;
-            }
-            let (pio, mmio, mem, stopper, timeline) =
-                (pio.clone(), mmio.clone(), mem.clone(), stopper.clone(), timeline.clone());
-            vcpus.push(Vcpu { id, fd, pio, mmio, mem, stopper, timeline });
-        }
+        // Registering guest memory waits for an SRCU grace period inside KVM: milliseconds on
+        // some hosts, whatever the size. Nothing else here needs the memory slots (tables and
+        // kernel go in through our own mapping), so it runs on a second thread meanwhile. The
+        // scope joins that thread on every path, before `mem` could be unmapped.
+        let parts = thread::scope(|scope| {
+            let registering = scope.spawn(|| register_memory(&vm, &mem));
+            let parts = furnish(config, &kvm_handle, &vm, &mem, &timeline, &stopper);
+            let registered = registering.join().unwrap_or_else(|_| Err(Error::Memory("registering guest memory failed".into())));
+            registered.and(parts)
+        })?;
+        let Furnished { vcpus, pio, serial, virtio_console, keyboard } = parts;
         crate::fault::host_kvm_is_pvm(); // asked now: a vCPU thread may not read files
         timeline.mark(Milestone::VmBuilt);
         Ok(Vm { kvm: kvm_handle, vm, vcpus, pio, serial, virtio_console, keyboard, stopper, ram: mem })
@@ -126,6 +116,48 @@ impl Vm {
         drop(ram);
         Ok(reason)
     }
+}
+
+/// What [`furnish`] adds to a bare VM.
+struct Furnished {
+    vcpus: Vec<Vcpu>,
+    pio: Arc<Bus>,
+    serial: Arc<Mutex<SerialPort>>,
+    virtio_console: Option<ConsoleInput>,
+    keyboard: Arc<Mutex<I8042>>,
+}
+
+/// Everything in a VM after its memory: ACPI tables and the kernel, the devices, the vCPUs
+/// with their boot registers.
+fn furnish(
+    config: &VmConfig,
+    kvm_handle: &Kvm,
+    vm: &Arc<VmFd>,
+    mem: &GuestRam,
+    timeline: &Arc<Timeline>,
+    stopper: &Arc<Stopper>,
+) -> Result<Furnished> {
+    let rsdp = acpi::write(mem, config.cpus)?;
+    let entry = boot::load_guest(mem, config, rsdp)?;
+
+    let (mut pio, serial, keyboard) = legacy_devices(vm, stopper)?;
+    let mut mmio = mmio_devices(timeline)?;
+    let (devices, virtio_console) = virtio_devices(config)?;
+    plug_pci_devices(vm, mem, devices, &mut pio, &mut mmio)?;
+    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+
+    let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+    for id in 0..config.cpus {
+        let fd = vm.create_vcpu(u64::from(id)).map_err(kvm("creating a vCPU"))?;
+        cpu::setup_common(kvm_handle, &fd, id, config.cpus)?;
+        if id == 0 {
+            cpu::setup_boot_vcpu(&fd, mem, entry)?;
+        }
+        let (pio, mmio, mem, stopper, timeline) =
+            (pio.clone(), mmio.clone(), GuestMemoryMmap::clone(mem), stopper.clone(), timeline.clone());
+        vcpus.push(Vcpu { id, fd, pio, mmio, mem, stopper, timeline });
+    }
+    Ok(Furnished { vcpus, pio, serial, virtio_console, keyboard })
 }
 
 /// One thread per vCPU. A thread that can't be started stops the VM; those already running
