@@ -78,10 +78,19 @@ pub fn restore_terminal() {
     }
 }
 
-/// Blocks the stop signals in this thread and every thread it starts from now on, and starts
-/// the thread that waits for them. Call before starting any other thread. `interactive`: stdin
-/// is our terminal (whose Ctrl-C goes to the guest as a key, so a SIGINT came from `kill`).
-pub fn watch_signals(stopper: Arc<Stopper>, shutdown_timeout: Duration, interactive: bool) -> std::io::Result<()> {
+/// Blocks the stop signals in this thread and every thread it starts from now on: they stay
+/// pending until [`watch_signals`] waits for them. Call before starting any other thread.
+pub fn block_stop_signals() -> std::io::Result<()> {
+    let set = stop_signal_set();
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+fn stop_signal_set() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t; the signal numbers are valid constants.
@@ -91,11 +100,14 @@ pub fn watch_signals(stopper: Arc<Stopper>, shutdown_timeout: Duration, interact
             libc::sigaddset(&mut set, signal);
         }
     }
-    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(std::io::Error::from_raw_os_error(rc));
-    }
+    set
+}
+
+/// Starts the thread that waits for the stop signals [`block_stop_signals`] blocked, pending
+/// ones included. `interactive`: stdin is our terminal (whose Ctrl-C goes to the guest as a
+/// key, so a SIGINT came from `kill`).
+pub fn watch_signals(stopper: Arc<Stopper>, shutdown_timeout: Duration, interactive: bool) -> std::io::Result<()> {
+    let set = stop_signal_set();
     thread::Builder::new().name("signals".into()).spawn(move || {
         if let Err(e) = seccomp::confine(Role::SignalWatcher) {
             return stopper.stop(StopReason::HostError(e.to_string()));

@@ -15,26 +15,33 @@ use crate::timeline::Timeline;
 use crate::vm::Vm;
 
 /// Runs the guest `config` describes until it is done, and says why it ended.
+///
+/// The first VM is built and started before the process's own threads: the guest's first
+/// instruction is what a user waits for, and stop signals or typed keys that come meanwhile
+/// only wait (blocked signals stay pending, input stays in stdin).
 pub fn run(config: &VmConfig, timeline: Arc<Timeline>) -> Result<StopReason> {
     let host = |what| move |source| Error::Host { what, source };
+    console::block_stop_signals().map_err(host("cannot block the stop signals"))?;
     let stopper = Arc::new(Stopper::default());
+    let route = ConsoleRoute::default();
+    let mut running = Vm::build(config, timeline.clone(), stopper.clone())?.start(&route)?;
     let interactive = console::stdin_is_terminal();
     console::watch_signals(stopper.clone(), config.shutdown_timeout, interactive).map_err(host("cannot watch signals"))?;
     if interactive {
         console::enter_raw_mode();
     }
-    let route = ConsoleRoute::default();
     console::pump_stdin(route.clone(), stopper.clone(), interactive).map_err(host("cannot start the console thread"))?;
-    let mut boots = 0u64;
+    let mut boots = 1u64;
     loop {
-        boots += 1;
-        let reason = Vm::build(config, timeline.clone(), stopper.clone())?.run(&route)?;
+        let reason = running.wait(&route);
         if config.on_reboot != OnReboot::Restart || !matches!(reason, StopReason::Reset) {
             return Ok(reason);
         }
         if let Err(reason) = stopper.rearm(reason) {
             return Ok(reason);
         }
+        boots += 1;
         tracing::info!(boots, "the guest rebooted: starting it again");
+        running = Vm::build(config, timeline.clone(), stopper.clone())?.start(&route)?;
     }
 }

@@ -16,10 +16,14 @@
 //! ns per exit = the guest's ticks / the TSC's ticks per ns (measured here, on the host side
 //! of the VM: KVM gives the guest the host's TSC rate) / N. It counts the world switch both
 //! ways, the VMM's handling, and the guest's two loop instructions; nothing around the loop
-//! (process start, VM set-up, the first entry, tear-down) is in it. Prints one line per run:
+//! (process start, VM set-up, the first entry, tear-down) is in it. Each run also tells the
+//! VMM's start-up: from the first instruction of its `main` to its first `KVM_RUN`, with
+//! 256 MiB of guest memory (lguest's `--boot-timeline`; the bare loop's own clock). Prints
+//! two lines per run:
 //!
 //! ```text
 //! BENCH row=NAME vmm=bare|lguest metric=unhandled-port|device-port value=NS unit=ns
+//! BENCH row=NAME vmm=bare|lguest metric=startup value=MS unit=ms
 //! ```
 //!
 //! Every run is a child process with a deadline (the bare loop runs in a second copy of this
@@ -115,53 +119,74 @@ fn run_child(mut command: Command, what: &str, limit: Duration) -> Result<(ExitS
     Ok((status, read(out_reader)?, read(err_reader)?))
 }
 
-/// The guest's ticks for its loop, from a VMM's console output.
-fn ticks(what: &str, status: ExitStatus, stdout: &str, stderr: &str) -> Result<u64, String> {
+/// What one run of the tiny guest tells.
+struct Sample {
+    /// The guest's ticks for its loop.
+    ticks: u64,
+    /// The VMM's main → first KVM_RUN, in ms.
+    start_up_ms: f64,
+}
+
+/// A run's [`Sample`], from a VMM's console output (the guest's `TSC <hex>` line) and its
+/// stderr (a `<ms> first KVM_RUN` line, as lguest's boot timeline and the bare child print it).
+fn sample(what: &str, status: ExitStatus, stdout: &str, stderr: &str) -> Result<Sample, String> {
     if !status.success() {
         return Err(format!("{what} exited with {status}: {}", stderr.trim()));
     }
-    tsc_report(stdout.as_bytes()).ok_or_else(|| format!("no 'TSC <hex>' line from the guest under {what}: '{}'", stdout.trim()))
+    let ticks = tsc_report(stdout.as_bytes())
+        .ok_or_else(|| format!("no 'TSC <hex>' line from the guest under {what}: '{}'", stdout.trim()))?;
+    let start_up_ms = stderr
+        .lines()
+        .find(|line| line.contains("first KVM_RUN"))
+        .and_then(|line| line.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| format!("no 'first KVM_RUN' time from {what}: '{}'", stderr.trim()))?;
+    Ok(Sample { ticks, start_up_ms })
 }
 
 /// One bare run, in a child process (`exit-cost --bare-child`, see [`bare_child`]) so that a
 /// guest hung inside KVM_RUN can be killed.
-fn bare_ticks(port: u16, exits: u32) -> Result<u64, String> {
+fn bare_run(port: u16, exits: u32) -> Result<Sample, String> {
     let me = std::env::current_exe().map_err(|e| format!("finding exit-cost itself: {e}"))?;
     let mut command = Command::new(me);
     command.args(["--bare-child", &port.to_string(), &exits.to_string()]);
     let (status, stdout, stderr) = run_child(command, "the bare loop", RUN_LIMIT)?;
-    ticks("the bare loop", status, &stdout, &stderr)
+    sample("the bare loop", status, &stdout, &stderr)
 }
 
-/// `exit-cost --bare-child PORT EXITS`: runs the tiny guest once in the bare loop and prints
-/// what it wrote to COM1.
-fn bare_child(port: &str, exits: &str) -> Result<(), String> {
+/// `exit-cost --bare-child PORT EXITS`: runs the tiny guest once in the bare loop, prints
+/// what it wrote to COM1, and its start-up since `started` on stderr.
+fn bare_child(port: &str, exits: &str, started: Instant) -> Result<(), String> {
     let port = port.parse().map_err(|_| format!("bad port '{port}'"))?;
     let exits: u32 = exits.parse().map_err(|_| format!("bad count '{exits}'"))?;
-    let run = bare::run(&exit_loop_code(port, exits)?, u64::from(exits) + 100)?;
+    let run = bare::run(&exit_loop_code(port, exits)?, u64::from(exits) + 100, started)?;
     if run.io_exits < u64::from(exits) {
         return Err(format!("expected {exits} exits, saw {}", run.io_exits));
     }
     print!("{}", String::from_utf8_lossy(&run.console));
+    eprintln!("{:.3} first KVM_RUN", run.start_up.as_secs_f64() * 1000.0);
     Ok(())
 }
 
 /// One lguest run of the tiny guest in `elf`.
-fn lguest_ticks(lguest: &Path, elf: &Path) -> Result<u64, String> {
+fn lguest_run(lguest: &Path, elf: &Path) -> Result<Sample, String> {
     let mut command = Command::new(lguest);
-    command.args(["run", "--memory", "32M", "--kernel"]).arg(elf);
+    command.args(["run", "--memory", "256M", "--boot-timeline", "--kernel"]).arg(elf);
     let (status, stdout, stderr) = run_child(command, "lguest", RUN_LIMIT)?;
-    ticks("lguest", status, &stdout, &stderr)
+    sample("lguest", status, &stdout, &stderr)
 }
 
-/// Tries `measure` twice; a second failure becomes a BENCH-NOTE line, and the run goes on.
-fn measure_or_note(row: &str, vmm: &str, metric: &str, measure: impl Fn() -> Result<f64, String>) {
+/// Tries `measure` twice and prints the sample's lines; a second failure becomes a BENCH-NOTE
+/// line, and the run goes on.
+fn measure_or_note(row: &str, vmm: &str, metric: &str, ns: impl Fn(u64) -> f64, measure: impl Fn() -> Result<Sample, String>) {
     let result = measure().or_else(|first| {
         eprintln!("exit-cost: {vmm} {metric}: {first}; once more");
         measure()
     });
     match result {
-        Ok(ns) => println!("BENCH row={row} vmm={vmm} metric={metric} value={ns:.0} unit=ns"),
+        Ok(sample) => {
+            println!("BENCH row={row} vmm={vmm} metric={metric} value={:.0} unit=ns", ns(sample.ticks));
+            println!("BENCH row={row} vmm={vmm} metric=startup value={:.3} unit=ms", sample.start_up_ms);
+        }
         Err(e) => println!("BENCH-NOTE row={row} {vmm} {metric}: failed twice, the second time: {}", e.replace('\n', " ")),
     }
 }
@@ -179,9 +204,9 @@ fn run(options: &Options) -> Result<(), String> {
                 .map_err(|e| format!("writing {}: {e}", elf.display()))?;
             // Alternate the two, so a noisy moment on the host hits both alike.
             for _ in 0..options.runs {
-                measure_or_note(row, "bare", metric, || bare_ticks(port, n).map(ns));
+                measure_or_note(row, "bare", metric, ns, || bare_run(port, n));
                 if let Some(lguest) = &options.lguest {
-                    measure_or_note(row, "lguest", metric, || lguest_ticks(lguest, &elf).map(ns));
+                    measure_or_note(row, "lguest", metric, ns, || lguest_run(lguest, &elf));
                 }
             }
         }
@@ -192,10 +217,11 @@ fn run(options: &Options) -> Result<(), String> {
 }
 
 fn main() {
+    let started = Instant::now();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let [flag, port, exits] = args.as_slice() {
         if flag == "--bare-child" {
-            if let Err(message) = bare_child(port, exits) {
+            if let Err(message) = bare_child(port, exits, started) {
                 eprintln!("exit-cost: {message}");
                 std::process::exit(1);
             }
