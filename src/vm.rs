@@ -163,10 +163,11 @@ fn furnish(
     plug_pci_devices(vm, mem, devices, &mut pio, &mut mmio)?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
+    let base_cpuid = cpu::base_cpuid(kvm_handle)?;
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
     for id in 0..config.cpus {
         let fd = vm.create_vcpu(u64::from(id)).map_err(kvm("creating a vCPU"))?;
-        cpu::setup_common(kvm_handle, &fd, id, config.cpus)?;
+        cpu::setup_common(&fd, &base_cpuid, id, config.cpus)?;
         if id == 0 {
             cpu::setup_boot_vcpu(&fd, mem, entry)?;
         }
