@@ -24,6 +24,7 @@ CATALOG = [
     (1, "boot-2cpu", "exit", "Boot, 2 vCPUs, 256 MiB: start → exit after poweroff", "ms", "lower", ["qemu"]),
     (2, "startup", "first-kvm-run", "VMM start-up, lab, Debian kernel: main → first KVM_RUN", "ms", "lower", []),
     (2, "exits-host", "startup", "VMM start-up, this host's KVM, tiny guest: main → first KVM_RUN", "ms", "lower", ["bare"]),
+    (2, "exits-lab", "startup", "VMM start-up, lab KVM, tiny guest: main → first KVM_RUN", "ms", "lower", ["bare"]),
     (3, "memory-256m", "rss", "Memory, idle guest, 256 MiB: VMM RSS", "MiB", "lower", ["qemu"]),
     (3, "memory-256m", "overhead", "Memory, idle guest, 256 MiB: RSS − guest RAM touched", "MiB", "lower", ["qemu"]),
     (3, "memory-2g", "rss", "Memory, idle guest, 2 GiB: VMM RSS", "MiB", "lower", ["qemu"]),
