@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use bench_tools::elf64;
 use iced_x86::code_asm::CodeAssembler;
 
 /// Where tiny guests are loaded and start: 1 MiB, where kernels go.
@@ -23,33 +24,6 @@ pub fn tiny_guest(dir: &Path, name: &str, program: impl FnOnce(&mut CodeAssemble
     path
 }
 
-/// A minimal ELF64 executable: header, one PT_LOAD program header, then the code at 0x1000.
-pub fn elf64(code: &[u8], addr: u64) -> Vec<u8> {
-    const CODE_OFFSET: u64 = 0x1000;
-    let mut elf = Vec::new();
-    elf.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0]); // 64-bit, little-endian, v1
-    elf.extend_from_slice(&[0; 8]);
-    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    elf.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&addr.to_le_bytes()); // e_entry
-    elf.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
-    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
-    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-    for half in [64u16, 56, 1, 64, 0, 0] {
-        // e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
-        elf.extend_from_slice(&half.to_le_bytes());
-    }
-    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    elf.extend_from_slice(&7u32.to_le_bytes()); // RWX
-    for word in [CODE_OFFSET, addr, addr, code.len() as u64, code.len() as u64, 0x1000] {
-        // p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
-        elf.extend_from_slice(&word.to_le_bytes());
-    }
-    elf.resize(CODE_OFFSET as usize, 0);
-    elf.extend_from_slice(code);
-    elf
-}
 
 /// Writes `text` to COM1, byte by byte.
 pub fn print(asm: &mut CodeAssembler, text: &str) {

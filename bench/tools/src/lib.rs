@@ -135,7 +135,8 @@ pub fn tsc_report(console: &[u8]) -> Option<u64> {
 }
 
 /// A minimal ELF64 executable: header, one PT_LOAD program header, then `code` at file
-/// offset 0x1000, loaded at and entered at `addr` (as in tests/common/mod.rs).
+/// offset 0x1000, loaded at and entered at `addr`. lguest's own tests build their tiny guests
+/// with it too.
 pub fn elf64(code: &[u8], addr: u64) -> Vec<u8> {
     const CODE_OFFSET: u64 = 0x1000;
     let mut elf = Vec::new();
