@@ -36,6 +36,8 @@ fn try_scenario(name: &str) -> Result<String, String> {
         .env("LAB_SMP", "1")
         .arg("--bin")
         .arg(&lguest)
+        .arg("--file")
+        .arg(format!("{}:/tests/lib.sh", repo().join("tests/lab/lib.sh").display()))
         .args(["--timeout", "600"])
         .arg(&scenario)
         .output()

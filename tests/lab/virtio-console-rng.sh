@@ -7,18 +7,9 @@
 # Each check prints "CASE NAME status=0" (or status=1 and "FAIL NAME: why"); the guest's
 # console is always printed. Every wait is bounded.
 set -o pipefail
+. /tests/lib.sh
 cd /tmp
 guest="--kernel /guest/vmlinux --initrd /guest/initramfs.cpio.gz --memory 256M"
-check() {  # check NAME WHY CONDITION...
-    local name=$1 why=$2
-    shift 2
-    if "$@"; then
-        echo "CASE $name status=0"
-    else
-        echo "CASE $name status=1"
-        echo "FAIL $name: $why"
-    fi
-}
 
 # 1. The shell on hvc0.
 echo "== hvc: lguest run --console virtio"

@@ -9,30 +9,12 @@
 # Each check prints "CASE NAME status=0" (or status=1 and "FAIL NAME: why"); the guest's
 # console is always printed. Every lguest run is bounded by `timeout`.
 set -o pipefail
+. /tests/lib.sh
 cd /tmp
 guest="--kernel /guest/vmlinux --initrd /guest/initramfs.cpio.gz --memory 256M"
 cmdline="console=ttyS0 reboot=k panic=-1 quiet lguest.scenario=disk"
 MiB=1048576
 
-# The pattern guest/init writes too: BYTES/32 numbered 32-byte lines.
-pattern() {  # pattern TAG BYTES
-    awk -v tag="$1" -v n=$(($2 / 32)) 'BEGIN { for (i = 0; i < n; i++) printf "lguest %-5s %018d\n", tag, i }'
-}
-md5() { md5sum | cut -d' ' -f1; }
-# said OUT MARKER: the rest of the guest's first line that starts with "MARKER " (no \r).
-said() { tr -d '\r' <"$1" | sed -n "s/^$2 //p" | head -n1; }
-# check NAME WHY CONDITION...: CASE NAME status=0 if the condition holds, else status=1
-# and the why.
-check() {
-    local name=$1 why=$2
-    shift 2
-    if "$@"; then
-        echo "CASE $name status=0"
-    else
-        echo "CASE $name status=1"
-        echo "FAIL $name: $why"
-    fi
-}
 # field LINE KEY: the value of KEY=VALUE in LINE.
 field() { echo " $1 " | sed -n "s/.* $2=\([^ ]*\) .*/\1/p"; }
 # boot NAME FLAGS...: one guest boot, its console on stdout and in NAME.out.

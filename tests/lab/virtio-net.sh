@@ -6,26 +6,10 @@
 # lab machine. Each check prints "CASE NAME status=0" (or status=1 and "FAIL NAME: why");
 # the guest's console is always printed. Every wait is bounded.
 set -o pipefail
+. /tests/lib.sh
 cd /tmp
 guest="--kernel /guest/vmlinux --initrd /guest/initramfs.cpio.gz --memory 256M"
 bytes=$((4 * 1048576))
-
-# The pattern guest/init makes too: BYTES/32 numbered 32-byte lines.
-pattern() {  # pattern TAG BYTES
-    awk -v tag="$1" -v n=$(($2 / 32)) 'BEGIN { for (i = 0; i < n; i++) printf "lguest %-5s %018d\n", tag, i }'
-}
-md5() { md5sum | cut -d' ' -f1; }
-said() { tr -d '\r' <"$1" | sed -n "s/^$2 //p" | head -n1; }
-check() {  # check NAME WHY CONDITION...
-    local name=$1 why=$2
-    shift 2
-    if "$@"; then
-        echo "CASE $name status=0"
-    else
-        echo "CASE $name status=1"
-        echo "FAIL $name: $why"
-    fi
-}
 
 # The lab's end: tap0 (busybox tunctl: a persistent tap, IFF_TAP|IFF_NO_PI), with an address.
 tunctl -t tap0 >/dev/null && ip addr add 169.254.1.1/16 dev tap0 && ip link set tap0 up
