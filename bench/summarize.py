@@ -22,6 +22,12 @@ CATALOG = [
     (1, "boot-1cpu", "exit", "Boot, 1 vCPU, 256 MiB: start → exit after poweroff", "ms", "lower", ["qemu"]),
     (1, "boot-2cpu", "init", "Boot, 2 vCPUs, 256 MiB: start → guest /init", "ms", "lower", ["qemu"]),
     (1, "boot-2cpu", "exit", "Boot, 2 vCPUs, 256 MiB: start → exit after poweroff", "ms", "lower", ["qemu"]),
+    (1, "boot-1cpu", "exits-port", "Boot, 1 vCPU: exits to lguest, port I/O", "exits", "lower", []),
+    (1, "boot-1cpu", "exits-mmio", "Boot, 1 vCPU: exits to lguest, MMIO", "exits", "lower", []),
+    (1, "boot-1cpu", "exits-other", "Boot, 1 vCPU: exits to lguest, other", "exits", "lower", []),
+    (1, "boot-2cpu", "exits-port", "Boot, 2 vCPUs: exits to lguest, port I/O", "exits", "lower", []),
+    (1, "boot-2cpu", "exits-mmio", "Boot, 2 vCPUs: exits to lguest, MMIO", "exits", "lower", []),
+    (1, "boot-2cpu", "exits-other", "Boot, 2 vCPUs: exits to lguest, other", "exits", "lower", []),
     (2, "startup", "first-kvm-run", "VMM start-up, lab, Debian kernel: main → first KVM_RUN", "ms", "lower", []),
     (2, "exits-host", "startup", "VMM start-up, this host's KVM, tiny guest: main → first KVM_RUN", "ms", "lower", ["bare"]),
     (2, "exits-lab", "startup", "VMM start-up, lab KVM, tiny guest: main → first KVM_RUN", "ms", "lower", ["bare"]),
@@ -83,6 +89,8 @@ def num(x):
     if x is None:
         return "n/a"
     a = abs(x)
+    if x == int(x) and a < 100:
+        return f"{x:.0f}"  # a count: 0 or 7, not 0.00 or 7.00
     return f"{x:.0f}" if a >= 100 else f"{x:.1f}" if a >= 10 else f"{x:.2f}"
 
 
