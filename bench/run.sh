@@ -12,7 +12,7 @@
 #   exits    row 6     ns per exit, lguest against a bare KVM_RUN loop (this host, then lab)
 #   density  row 7     8 VMs of 96 MiB at once: time to all at /init, total RSS      (lab)
 # Lab rows run one lab session each (lab/run.sh), one after the other. Installs what it
-# needs with apt (python3, fio, iperf3, QEMU, ...). On 2 cores the whole run takes ~15 min.
+# needs with apt (python3, fio, iperf3, QEMU, ...). On 2 cores the whole run takes ~17-18 min.
 # The whole script is one { ... } block: bash reads it all before running any of it, so
 # editing this file during a (long) run can't change what that run does.
 {
@@ -126,10 +126,28 @@ lab_session() {
     { echo "$vars"; cat "$here/scenarios/$scenario"; } >"$work/$name.sh"
     for try in 1 2; do
         note "$name: lab session (console: $log)"
-        status=0
+        status=0 wedged=0
         timeout -k 10 $((limit + 60)) "$repo/lab/run.sh" --with-qemu --timeout "$limit" \
             --bin "$lguest" --bin "$stopwatch" --file "$here/scenarios/lib.sh:/bench/lib.sh" \
-            "$@" "$work/$name.sh" >"$log" 2>&1 || status=$?
+            "$@" "$work/$name.sh" >"$log" 2>&1 &
+        local lab=$!
+        # A lab kernel that reports a soft lockup a second time (stuck for 50 s and more) is
+        # wedged for good (seen in the disk row: a QEMU aio worker stuck, reported every 26 s
+        # until the session's limit, minutes later): end it now and count it as a lab death.
+        # timeout(1) leads its own process group: killing the group takes the lab with it.
+        while kill -0 $lab 2>/dev/null; do
+            if grep -aq 'soft lockup - CPU#[0-9]* stuck for [5-9][0-9]s' "$log"; then
+                wedged=1
+                kill -- -$lab 2>/dev/null || true
+                break
+            fi
+            sleep 5
+        done
+        wait $lab || status=$?
+        if ((wedged)); then
+            status=125
+            echo "BENCH-NOTE row=$name the lab machine's kernel locked up: $(grep -a -m1 'soft lockup' "$log")" >>"$raw"
+        fi
         ((status == 125 && try == 1)) || break
         note "$name: the lab machine died; once more"
         bench_lines "$log" | grep -v '^BENCH ' >>"$raw" || true   # its notes, not its numbers
