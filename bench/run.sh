@@ -138,7 +138,7 @@ lab_session() {
         # until the session's limit, minutes later): end it now and count it as a lab death.
         # timeout(1) leads its own process group: killing the group takes the lab with it.
         while kill -0 $lab 2>/dev/null; do
-            if grep -aq 'soft lockup - CPU#[0-9]* stuck for [5-9][0-9]s' "$log"; then
+            if grep -aqs 'soft lockup - CPU#[0-9]* stuck for [5-9][0-9]s' "$log"; then
                 wedged=1
                 kill -- -$lab 2>/dev/null || true
                 break
@@ -152,6 +152,7 @@ lab_session() {
         fi
         ((status == 125 && try == 1)) || break
         note "$name: the lab machine died; once more"
+        echo "BENCH-NOTE row=$name the lab machine died (console: lab/out/logs/); its session was run once more" >>"$raw"
         bench_lines "$log" | grep -v '^BENCH ' >>"$raw" || true   # its notes, not its numbers
     done
     bench_lines "$log" >>"$raw" || true

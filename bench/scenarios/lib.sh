@@ -128,10 +128,12 @@ results() {
 
 # Thread placement for the I/O rows (disk, net), the same for every VMM. The lab has 2 CPUs;
 # left to its scheduler, a VMM's vCPU thread and its I/O thread (lguest's device worker,
-# QEMU's main loop and aio workers, the vhost kernel thread) sometimes shared one CPU for a
-# whole run, which halved that run's throughput (bench/README.md has what was seen). With
+# QEMU's main loop and aio workers, the vhost kernel thread) shared one CPU for part of a
+# run, which can halve the throughput (bench/README.md has what was seen). With
 # PIN=1 the scenario runs on lab CPU 1 (so the lab-side servers and every VMM thread start
 # there) and watch_vmm moves the vCPU threads to CPU 0: each side of the I/O path has a CPU.
+# bench/run.sh pins the network row only: pinned so, QEMU's aio workers in the disk row
+# locked the lab's kernel up. watch_vmm reports the placement either way.
 
 # is_vcpu COMM: the thread is a vCPU (lguest "vcpuN"; QEMU, with debug-threads=on, "CPU N/KVM").
 is_vcpu() { case $1 in vcpu[0-9]* | "CPU "*/KVM) return 0 ;; esac; return 1; }
