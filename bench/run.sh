@@ -12,7 +12,7 @@
 #   exits    row 6     ns per exit, lguest against a bare KVM_RUN loop (this host, then lab)
 #   density  row 7     8 VMs of 96 MiB at once: time to all at /init, total RSS      (lab)
 # Lab rows run one lab session each (lab/run.sh), one after the other. Installs what it
-# needs with apt (python3, fio, iperf3, QEMU, ...). On 2 cores the whole run takes ~15 min.
+# needs with apt (python3, fio, iperf3, QEMU, ...). On 2 cores the whole run takes ~17-18 min.
 # The whole script is one { ... } block: bash reads it all before running any of it, so
 # editing this file during a (long) run can't change what that run does.
 {
@@ -26,12 +26,14 @@ usage() {
 usage: bench/run.sh [--rows LIST] [--runs N] [--quick] [--out DIR] [--bin-dir DIR]
   --rows LIST   comma-separated, from: boot memory disk net exits exits-host density
                 (default: all; exits-host is row 6 on this host only, no lab)
-  --runs N      runs per VMM and configuration (default 3; memory and density: 2)
+  --runs N      runs per VMM and configuration (default 3; disk and net: 2 boots of 2 rounds;
+                memory and density: 1)
   --quick       one run each, 2 s per disk/network test, fewer exits: checks the harness
   --out DIR     where the results go (default bench/results)
   --bin-dir DIR take lguest, stopwatch, exit-cost and tcp-rr from DIR instead of building
                 them (a missing lguest leaves its column empty)
-Environment: LGUEST_CACHE, LAB_OUT as for lab/run.sh.
+Environment: LGUEST_CACHE, LAB_OUT as for lab/run.sh; BENCH_PIN=0|1: the disk and network rows'
+thread placement (default: network pinned, disk not; see bench/README.md).
 EOF
     exit 2
 }
@@ -60,13 +62,20 @@ for row in boot memory disk net exits density; do want $row && lab_rows=1; done
 
 # The numbers of a run. --quick: enough to see every row work, not to compare.
 if ((quick)); then
-    runs=${runs:-1} secs=2 host_exits=2000 lab_exits=2000
+    runs=${runs:-1} secs=2 rounds=1 host_exits=2000 lab_exits=2000
 else
-    runs=${runs:-3} secs=3 host_exits=20000 lab_exits=20000
+    runs=${runs:-3} secs=5 rounds=2 host_exits=20000 lab_exits=20000
 fi
-# Two runs, not three, where that is plenty (and keeps the whole run under 20 minutes):
-# RSS hardly moves from run to run (±1 %), and one density run is K boots' work.
-memory_runs=$((runs < 2 ? runs : 2)) density_runs=$memory_runs
+# The I/O rows' thread placement (bench/scenarios/lib.sh): the network row pins the VMM's
+# vCPU thread to lab CPU 0 and the rest to CPU 1. The disk row leaves it to the lab's
+# scheduler: pinned so, QEMU's aio workers (on CPU 1, the vCPU always on CPU 0) locked the
+# lab kernel up ("soft lockup" in a worker) in 3 of 4 sessions. BENCH_PIN=0 or 1 sets both.
+pin_net=${BENCH_PIN:-1} pin_disk=${BENCH_PIN:-0}
+# Fewer runs where that is plenty, so the whole run stays under 20 minutes on 2 cores: RSS
+# hardly moves from run to run (±1 %); one density run is K boots' work (and a failed one is
+# run again); a disk or network boot does every test `rounds` times (samples of the same
+# boot, taken in turn), so 2 boots per VMM give 4 samples of each number.
+memory_runs=1 density_runs=1 io_runs=$((runs < 2 ? runs : 2))
 # Debian's cloud kernel panics at boot in 64 MiB ("System is deadlocked on memory", under
 # both VMMs); 80 MiB boots; 96 MiB leaves it some room.
 density_vms=8 density_mib=96
@@ -97,7 +106,7 @@ mkdir -p "$out/logs"
 raw=$out/latest.raw
 cat >"$raw" <<EOF
 BENCH-PARAM date=$(date -u +%Y-%m-%dT%H:%MZ) commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo none) host_cpus=$(nproc)
-BENCH-PARAM rows=$rows runs=$runs memory_runs=$memory_runs density_runs=$density_runs secs_per_io_test=$secs density_vms=$density_vms density_mib=$density_mib host_exits=$host_exits lab_exits=$lab_exits
+BENCH-PARAM rows=$rows runs=$runs memory_runs=$memory_runs density_runs=$density_runs io_runs=$io_runs io_rounds=$rounds secs_per_io_test=$secs pinned_disk=$pin_disk pinned_net=$pin_net density_vms=$density_vms density_mib=$density_mib host_exits=$host_exits lab_exits=$lab_exits
 EOF
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -119,12 +128,31 @@ lab_session() {
     { echo "$vars"; cat "$here/scenarios/$scenario"; } >"$work/$name.sh"
     for try in 1 2; do
         note "$name: lab session (console: $log)"
-        status=0
+        status=0 wedged=0
         timeout -k 10 $((limit + 60)) "$repo/lab/run.sh" --with-qemu --timeout "$limit" \
             --bin "$lguest" --bin "$stopwatch" --file "$here/scenarios/lib.sh:/bench/lib.sh" \
-            "$@" "$work/$name.sh" >"$log" 2>&1 || status=$?
+            "$@" "$work/$name.sh" >"$log" 2>&1 &
+        local lab=$!
+        # A lab kernel that reports a soft lockup a second time (stuck for 50 s and more) is
+        # wedged for good (seen in the disk row: a QEMU aio worker stuck, reported every 26 s
+        # until the session's limit, minutes later): end it now and count it as a lab death.
+        # timeout(1) leads its own process group: killing the group takes the lab with it.
+        while kill -0 $lab 2>/dev/null; do
+            if grep -aqs 'soft lockup - CPU#[0-9]* stuck for [5-9][0-9]s' "$log"; then
+                wedged=1
+                kill -- -$lab 2>/dev/null || true
+                break
+            fi
+            sleep 5
+        done
+        wait $lab || status=$?
+        if ((wedged)); then
+            status=125
+            echo "BENCH-NOTE row=$name the lab machine's kernel locked up: $(grep -a -m1 'soft lockup' "$log")" >>"$raw"
+        fi
         ((status == 125 && try == 1)) || break
         note "$name: the lab machine died; once more"
+        echo "BENCH-NOTE row=$name the lab machine died (console: lab/out/logs/); its session was run once more" >>"$raw"
         bench_lines "$log" | grep -v '^BENCH ' >>"$raw" || true   # its notes, not its numbers
     done
     bench_lines "$log" >>"$raw" || true
@@ -150,17 +178,21 @@ if want memory; then
     lab_session memory memory.sh "RUNS=$memory_runs" $((memory_runs * 150)) --file "$here/out/initrd-idle.img:/bench/initrd-idle.img"
 fi
 if want disk; then
-    lab_session disk disk.sh "RUNS=$runs SECS=$secs" $((runs * 120 + 120)) --file "$here/out/initrd-disk.img:/bench/initrd-disk.img"
+    lab_session disk disk.sh "RUNS=$io_runs SECS=$secs ROUNDS=$rounds PIN=$pin_disk" $((io_runs * 2 * (40 + rounds * 4 * (secs + 4)) + 120)) --file "$here/out/initrd-disk.img:/bench/initrd-disk.img"
 fi
 if want net; then
-    lab_session net net.sh "RUNS=$runs SECS=$secs" $((runs * 150 + 120)) --file "$here/out/initrd-net.img:/bench/initrd-net.img" \
+    lab_session net net.sh "RUNS=$io_runs SECS=$secs ROUNDS=$rounds PIN=$pin_net" $((io_runs * 3 * (30 + rounds * 3 * (secs + 4)) + 120)) --file "$here/out/initrd-net.img:/bench/initrd-net.img" \
         --file "$here/out/lab-mods:/bench/lab-mods" --bin "$tcp_rr" --bin "$(command -v iperf3)"
 fi
 if want exits; then
     lab_session exits-lab exits.sh "RUNS=$runs EXITS=$lab_exits" $((runs * 40 + 60)) --bin "$exit_cost"
 fi
 if want density; then
-    lab_session density density.sh "RUNS=$density_runs K=$density_vms MEM=$density_mib" $((density_runs * 400))
+    # One lab session per VMM: the lab machine's own kernel now and then dies under 8 nested
+    # guests (seen in QEMU's part: "stack guard page was hit"); that costs only this VMM's
+    # part, which lab_session runs again. QEMU's boots take ~4 times lguest's.
+    lab_session density-lguest density.sh "RUNS=$density_runs K=$density_vms MEM=$density_mib VMMS=lguest" $((density_runs * 250))
+    lab_session density-qemu density.sh "RUNS=$density_runs K=$density_vms MEM=$density_mib VMMS=qemu" $((density_runs * 500))
 fi
 
 echo "BENCH-PARAM total_s=$((SECONDS - start))" >>"$raw"

@@ -1,24 +1,36 @@
-# Lab side of bench/run.sh's row 4 (disk); bench/run.sh prepends RUNS=N SECS=S.
+# Lab side of bench/run.sh's row 4 (disk); bench/run.sh prepends RUNS=N SECS=S ROUNDS=R PIN=0|1.
 # A 256 MiB raw image in the lab's RAM-backed root file system, given to the guest as its
 # only virtio disk (lguest --disk; QEMU virtio-blk-pci with cache=writeback,aio=threads: both
 # go through the lab's page cache). The guest (bench.scenario=disk, 512 MiB: its initramfs
 # carries fio and ~80 MB of libraries) runs fio on /dev/vda with direct I/O: sequential read
 # and write (1 MiB, 4 in flight), random read and write (4 KiB, 16 in flight), SECS seconds
-# each, and prints the numbers. VMMs alternate, RUNS runs each; a run whose guest died is
-# noted and retried once. A VMM whose guest has no disk is noted and not run again.
+# each, ROUNDS times over, and prints every number (each one sample). VMMs alternate, RUNS
+# boots each; a run whose guest died is noted and retried once. A VMM whose guest has no disk
+# is noted and not run again. PIN=1: vCPU thread on lab CPU 0, all else on CPU 1 (lib.sh).
 . /bench/lib.sh
+[ "$PIN" = 1 ] && taskset -p -c 1 $$ >/dev/null
 initrd=/bench/initrd-disk.img
 dd if=/dev/zero of=/tmp/disk.img bs=1M count=256 2>/dev/null
 skip=""
 
-# disk_once VMM: one boot, four fio jobs. Fails (for a retry) only when the guest died.
+# disk_once VMM: one boot, ROUNDS × four fio jobs. Fails (for a retry) only when the guest died.
 disk_once() {
-    vmm_cmd "$1" 512 1 $initrd "$CMDLINE bench.scenario=disk bench.secs=$SECS" disk=/tmp/disk.img
-    # A run takes ~30 s (boot, loading the 87 MB initramfs, 4 × SECS); the deadline is for
-    # the lab's occasional hung guest, which must not eat the session.
-    eval "timeout $((SECS * 4 + 100)) $CMD" </dev/null >/tmp/disk.out 2>&1
+    vmm_cmd "$1" 512 1 $initrd "$CMDLINE bench.scenario=disk bench.secs=$SECS bench.rounds=$ROUNDS" disk=/tmp/disk.img
+    # A boot takes ~15-25 s (loading the 87 MB initramfs), a fio job SECS + ~2 s; the
+    # deadline is for the lab's occasional hung guest, which must not eat the session.
+    eval "timeout $((ROUNDS * 4 * (SECS + 5) + 90)) $CMD" </dev/null >/tmp/disk.out 2>&1 &
+    pid=$!
+    watch_vmm $pid "disk $1" &
+    watcher=$!
+    wait $pid
     status=$?
-    results disk "$1" /tmp/disk.out && return 0
+    wait $watcher   # it ends within a second of the VMM
+    if results disk "$1" /tmp/disk.out; then
+        # Some numbers, not all: the guest died after them (they count; say so).
+        guest_said /tmp/disk.out BENCH-DONE ||
+            note disk "$1: the guest stopped before its last test (status $status): $(tail -c 300 /tmp/disk.out | printable)"
+        return 0
+    fi
     if guest_said /tmp/disk.out BENCH-ERROR; then
         grep -q "BENCH-ERROR no /dev/vda" /tmp/disk.out && skip="$skip $1"
         return 0

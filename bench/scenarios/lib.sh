@@ -44,7 +44,9 @@ vmm_cmd() {
             [ "$_vmm" = qemu-vhost ] && _vhost=on
             _machine=microvm
             if [ $# -gt 0 ] || [ -n "${QEMU_PCIE:-}" ]; then _machine=microvm,pcie=on; fi
-            CMD="qemu-system-x86_64 -M $_machine -enable-kvm -cpu host -m $_mem -smp $_cpus -nodefaults"
+            # debug-threads=on names QEMU's threads ("CPU 0/KVM", "worker", ...): nothing else
+            # changes, and watch_vmm can tell the vCPU threads from the others.
+            CMD="qemu-system-x86_64 -name bench,debug-threads=on -M $_machine -enable-kvm -cpu host -m $_mem -smp $_cpus -nodefaults"
             CMD="$CMD -no-user-config -nographic -serial stdio -no-reboot -kernel $KERNEL"
             CMD="$CMD -initrd $_initrd -append '$_cmdline'"
             _n=0
@@ -122,6 +124,83 @@ results() {
         esac
     done <"$3"
     return $_found
+}
+
+# Thread placement for the I/O rows (disk, net), the same for every VMM. The lab has 2 CPUs;
+# left to its scheduler, a VMM's vCPU thread and its I/O thread (lguest's device worker,
+# QEMU's main loop and aio workers, the vhost kernel thread) shared one CPU for part of a
+# run, which can halve the throughput (bench/README.md has what was seen). With
+# PIN=1 the scenario runs on lab CPU 1 (so the lab-side servers and every VMM thread start
+# there) and watch_vmm moves the vCPU threads to CPU 0: each side of the I/O path has a CPU.
+# bench/run.sh pins the network row only: pinned so, QEMU's aio workers in the disk row
+# locked the lab's kernel up. watch_vmm reports the placement either way.
+
+# is_vcpu COMM: the thread is a vCPU (lguest "vcpuN"; QEMU, with debug-threads=on, "CPU N/KVM").
+is_vcpu() { case $1 in vcpu[0-9]* | "CPU "*/KVM) return 0 ;; esac; return 1; }
+
+# vmm_pid PID: PID itself or its first descendant (a few levels down: timeout, stopwatch)
+# that is a VMM, once it has exec'd; fails while there is none (yet).
+vmm_pid() {
+    _p=$1
+    for _ in 1 2 3; do
+        read -r _c 2>/dev/null </proc/$_p/comm || return 1
+        case $_c in lguest | qemu-system-x86) echo "$_p"; return 0 ;; esac
+        # (read fails at the end of the file, which has no newline, but fills _p all the same)
+        _q=""
+        read -r _q _ 2>/dev/null </proc/$_p/task/$_p/children
+        [ -n "$_q" ] || return 1
+        _p=$_q
+    done
+    return 1
+}
+
+# watch_vmm PID LABEL: run in the background, returns when PID has exited. Every second:
+# with PIN=1 pins each thread of the VMM (PID or below it) that is not pinned yet (vCPU →
+# CPU 0, any other → CPU 1; re-checked every time, as threads come and go: lguest starts a
+# device's worker from the vCPU thread, which would inherit CPU 0, and QEMU's aio workers
+# come and go) and the VMM's vhost kernel thread (→ CPU 1); then notes on which CPU each
+# thread was (field 39 of its stat) and its CPU time. At the end prints one line:
+#   PLACEMENT LABEL COMM[TID]: cpu0 N/cpu1 M samples, T s of CPU ...
+# (the evidence for the placement: the console shows where every thread ran).
+watch_vmm() {
+    _w=$1 _label=$2 _vmm="" _vhost="" _pinned="" _log=/tmp/placement.$1
+    : >"$_log"
+    while kill -0 "$_w" 2>/dev/null; do
+        [ -n "$_vmm" ] || _vmm=$(vmm_pid "$_w") || _vmm=""
+        if [ -n "$_vmm" ]; then
+            if [ -z "$_vhost" ]; then
+                for _f in /proc/[0-9]*/comm; do
+                    read -r _c 2>/dev/null <"$_f" && [ "$_c" = "vhost-$_vmm" ] && { _vhost=${_f%/comm}; _vhost=${_vhost#/proc/}; break; }
+                done
+            fi
+            for _t in /proc/$_vmm/task/* ${_vhost:+/proc/$_vhost}; do
+                read -r _c 2>/dev/null <"$_t/comm" || continue
+                _tid=${_t##*/}
+                if [ "${PIN:-0}" = 1 ]; then
+                    _cpu=1
+                    is_vcpu "$_c" && _cpu=0
+                    case " $_pinned " in
+                        *" $_tid:$_cpu "*) ;;
+                        *) taskset -p -c $_cpu "$_tid" >/dev/null 2>&1 && _pinned="$_pinned $_tid:$_cpu" ;;
+                    esac
+                fi
+                read -r _s 2>/dev/null <"$_t/stat" || continue
+                # After "(comm) " come fields 3...: 14 utime and 15 stime are ${12} ${13}, 39 processor ${37}.
+                set -- ${_s##*") "}
+                echo "$_tid ${37} $((${12} + ${13})) $_c" >>"$_log"
+            done
+        fi
+        sleep 1
+    done
+    awk -v label="$_label" '
+        { tid = $1; cpu = $2; t = $3; $1 = $2 = $3 = ""; sub(/^ +/, ""); k = $0 "[" tid "]"
+          if (!(k in first)) { first[k] = t; order[++n] = k }
+          last[k] = t; on[k, cpu]++ }
+        END { line = "PLACEMENT " label
+              for (i = 1; i <= n; i++) { k = order[i]
+                  line = line sprintf(" | %s: cpu0 %d/cpu1 %d samples, %.1f s of CPU", k, on[k, 0], on[k, 1], (last[k] - first[k]) / 100) }
+              print line }' "$_log"
+    rm -f "$_log"
 }
 
 # printable: stdin on one line, without control characters (a guest console's tail, for a note).

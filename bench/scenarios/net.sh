@@ -1,13 +1,16 @@
-# Lab side of bench/run.sh's row 5 (network); bench/run.sh prepends RUNS=N SECS=S.
+# Lab side of bench/run.sh's row 5 (network); bench/run.sh prepends RUNS=N SECS=S ROUNDS=R PIN=0|1.
 # The lab side of the link: tap0 = 169.254.100.1/24 (link-local; the traffic never leaves
 # the lab machine), an iperf3 server and a tcp-rr server on it. The guest (bench.scenario=net,
 # 256 MiB) takes 169.254.100.2 on its virtio NIC and runs iperf3 guest → host, host → guest
-# (-R) and tcp-rr's 1-byte round trips, SECS seconds each. VMMs: lguest (--net tap=tap0),
+# (-R) and tcp-rr's 1-byte round trips, SECS seconds each, ROUNDS times over (every number is
+# a sample). VMMs: lguest (--net tap=tap0),
 # QEMU with vhost=off (virtio-net in QEMU's own process, like lguest) and, when the lab's
 # kernel has vhost_net (/bench/lab-mods), QEMU with vhost=on. RUNS runs each, alternating;
 # a run whose guest died is noted and retried once; a VMM whose guest has no NIC is noted
-# and not run again.
+# and not run again. PIN=1: the VMM's vCPU thread on lab CPU 0, all else (its other threads,
+# the vhost kernel thread, the iperf3 and tcp-rr servers) on CPU 1 (lib.sh).
 . /bench/lib.sh
+[ "$PIN" = 1 ] && taskset -p -c 1 $$ >/dev/null
 initrd=/bench/initrd-net.img
 while read -r m; do insmod "/bench/lab-mods/$m" 2>/dev/null; done </bench/lab-mods/order
 vmms="lguest qemu"
@@ -25,13 +28,24 @@ tcp-rr server 5202 &
 rr_pid=$!
 skip=""
 
-# net_once VMM: one boot, three measurements. Fails (for a retry) only when the guest died.
+# net_once VMM: one boot, ROUNDS × three measurements. Fails (for a retry) only when the guest died.
 net_once() {
-    vmm_cmd "$1" 256 1 $initrd "$CMDLINE bench.scenario=net bench.secs=$SECS bench.host=$HOST_IP" net=$TAP
-    # A run takes ~30 s (boot, 3 × SECS); the deadline is for the lab's occasional hung guest.
-    eval "timeout $((SECS * 3 + 100)) $CMD" </dev/null >/tmp/net.out 2>&1
+    vmm_cmd "$1" 256 1 $initrd "$CMDLINE bench.scenario=net bench.secs=$SECS bench.rounds=$ROUNDS bench.host=$HOST_IP" net=$TAP
+    # A boot takes ~10-20 s, a test SECS + ~2 s (iperf3 also runs a first second it leaves
+    # out); the deadline is for the lab's occasional hung guest.
+    eval "timeout $((ROUNDS * 3 * (SECS + 5) + 80)) $CMD" </dev/null >/tmp/net.out 2>&1 &
+    pid=$!
+    watch_vmm $pid "net $1" &
+    watcher=$!
+    wait $pid
     status=$?
-    results net "$1" /tmp/net.out && return 0
+    wait $watcher   # it ends within a second of the VMM
+    if results net "$1" /tmp/net.out; then
+        # Some numbers, not all: the guest died after them (they count; say so).
+        guest_said /tmp/net.out BENCH-DONE ||
+            note net "$1: the guest stopped before its last test (status $status): $(tail -c 300 /tmp/net.out | printable)"
+        return 0
+    fi
     if guest_said /tmp/net.out BENCH-ERROR; then
         grep -q "BENCH-ERROR no eth0" /tmp/net.out && skip="$skip $1"
         return 0
