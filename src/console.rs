@@ -28,6 +28,7 @@ use crate::bus::lock;
 use crate::devices::serial::SerialPort;
 use crate::seccomp::{self, Role};
 use crate::stop::{StopReason, Stopper};
+use crate::threads;
 use crate::virtio::console::ConsoleInput;
 
 const CTRL_A: u8 = 0x01;
@@ -108,7 +109,7 @@ fn stop_signal_set() -> libc::sigset_t {
 /// key, so a SIGINT came from `kill`).
 pub fn watch_signals(stopper: Arc<Stopper>, shutdown_timeout: Duration, interactive: bool) -> std::io::Result<()> {
     let set = stop_signal_set();
-    thread::Builder::new().name("signals".into()).spawn(move || {
+    threads::spawn("signals", move || {
         if let Err(e) = seccomp::confine(Role::SignalWatcher) {
             return stopper.stop(StopReason::HostError(e.to_string()));
         }
@@ -224,9 +225,7 @@ impl ConsoleSink for ConsoleInput {
 
 /// Starts the thread that copies stdin into the guest's console. `escape` enables Ctrl-A x.
 pub fn pump_stdin(sink: impl ConsoleSink, stopper: Arc<Stopper>, escape: bool) -> std::io::Result<()> {
-    thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || match seccomp::confine(Role::StdinPump) {
+    threads::spawn("stdin", move || match seccomp::confine(Role::StdinPump) {
             Ok(()) => pump(std::io::stdin().lock(), sink, &stopper, escape),
             Err(e) => stopper.stop(StopReason::HostError(e.to_string())),
         })?;

@@ -18,7 +18,8 @@
 //! 8. [`console`]: the user's terminal, wired to the guest's serial port or virtio console.
 //! 9. [`fault`]: what we say when a guest dies, so that only the guest dies.
 //! 10. [`timeline`]: when each of the above happened, for `--boot-timeline`.
-//! 11. [`seccomp`]: the system calls each of the threads above may make.
+//! 11. [`seccomp`]: the system calls each of the threads above may make; [`threads`]: how
+//!     they are started.
 
 pub mod arch;
 pub mod bus;
@@ -32,6 +33,7 @@ pub mod pci;
 pub mod seccomp;
 pub mod session;
 pub mod stop;
+pub mod threads;
 pub mod timeline;
 pub mod vcpu;
 pub mod virtio;

@@ -37,6 +37,7 @@ use crate::virtio::rng::Rng;
 use crate::virtio::transport::{VirtioPci, BAR_SIZE};
 use crate::virtio::VirtioDevice;
 use crate::stop::{Event, StopReason, Stopper};
+use crate::threads;
 use crate::timeline::{Milestone, Timeline};
 use crate::vcpu::{self, Vcpu};
 
@@ -184,7 +185,7 @@ fn start_vcpus(vcpus: Vec<Vcpu>, stopper: &Stopper) -> Vec<JoinHandle<()>> {
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         let name = format!("vcpu{}", vcpu.id);
-        match thread::Builder::new().name(name).spawn(move || vcpu.run()) {
+        match threads::spawn(name, move || vcpu.run()) {
             Ok(thread) => threads.push(thread),
             Err(e) => {
                 stopper.stop(StopReason::HostError(format!("cannot start a vCPU thread: {e}")));

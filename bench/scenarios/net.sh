@@ -22,14 +22,32 @@ fi
 tunctl -t $TAP >/dev/null || note net "cannot make $TAP"
 ip addr add $HOST_IP/24 dev $TAP
 ip link set $TAP up
-iperf3 -s >/tmp/iperf3-server.log 2>&1 &
-iperf_pid=$!
-tcp-rr server 5202 &
-rr_pid=$!
 skip=""
+
+# Fresh servers for every boot: a guest that dies in the middle of a test leaves iperf3's
+# server busy with it ("the server is busy running a test") for every boot after.
+start_servers() {
+    iperf3 -s >>/tmp/iperf3-server.log 2>&1 &
+    iperf_pid=$!
+    tcp-rr server 5202 &
+    rr_pid=$!
+}
+stop_servers() {
+    stop_pid $iperf_pid
+    stop_pid $rr_pid
+}
 
 # net_once VMM: one boot, ROUNDS × three measurements. Fails (for a retry) only when the guest died.
 net_once() {
+    start_servers
+    net_boot "$@"
+    _status=$?
+    stop_servers
+    return $_status
+}
+
+# net_boot VMM: net_once's boot, with the servers up.
+net_boot() {
     vmm_cmd "$1" 256 1 $initrd "$CMDLINE bench.scenario=net bench.secs=$SECS bench.rounds=$ROUNDS bench.host=$HOST_IP" net=$TAP
     # A boot takes ~10-20 s, a test SECS + ~2 s (iperf3 also runs a first second it leaves
     # out); the deadline is for the lab's occasional hung guest.
@@ -60,6 +78,4 @@ for run in $(seq 1 "$RUNS"); do
         net_once $vmm || net_once $vmm || true
     done
 done
-stop_pid $iperf_pid
-stop_pid $rr_pid
 drain

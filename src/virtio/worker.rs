@@ -52,9 +52,7 @@ impl<W: DeviceWorker> Worker<W> {
         watch(&epoll, &stop, STOP_TOKEN)?;
         handler.register(&epoll)?;
         let stop_seen = stop.try_clone()?;
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || serve(epoll, handler, &signals, stop_seen))?;
+        let thread = crate::threads::spawn(name, move || serve(epoll, handler, &signals, stop_seen))?;
         Ok(Worker { stop, thread })
     }
 
