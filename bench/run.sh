@@ -12,7 +12,8 @@
 #   exits    row 6     ns per exit, lguest against a bare KVM_RUN loop (this host, then lab)
 #   density  row 7     8 VMs of 96 MiB at once: time to all at /init, total RSS      (lab)
 # Lab rows run one lab session each (lab/run.sh), one after the other. Installs what it
-# needs with apt (python3, fio, iperf3, QEMU, ...). On 2 cores the whole run takes ~17-18 min.
+# needs with apt (python3, fio, iperf3, QEMU, ...). On 2 cores the whole run takes 11-20 min
+# (more when the lab machine dies and a session is run again).
 # The whole script is one { ... } block: bash reads it all before running any of it, so
 # editing this file during a (long) run can't change what that run does.
 {
