@@ -34,7 +34,7 @@ usage: bench/run.sh [--rows LIST] [--runs N] [--quick] [--out DIR] [--bin-dir DI
   --bin-dir DIR take lguest, stopwatch, exit-cost and tcp-rr from DIR instead of building
                 them (a missing lguest leaves its column empty)
 Environment: LGUEST_CACHE, LAB_OUT as for lab/run.sh; BENCH_PIN=0|1: the disk and network rows'
-thread placement (default: network pinned, disk not; see bench/README.md).
+thread placement (default 0: left to the lab's scheduler; see bench/README.md).
 EOF
     exit 2
 }
@@ -67,11 +67,11 @@ if ((quick)); then
 else
     runs=${runs:-3} secs=5 rounds=2 host_exits=20000 lab_exits=20000
 fi
-# The I/O rows' thread placement (bench/scenarios/lib.sh): the network row pins the VMM's
-# vCPU thread to lab CPU 0 and the rest to CPU 1. The disk row leaves it to the lab's
-# scheduler: pinned so, QEMU's aio workers (on CPU 1, the vCPU always on CPU 0) locked the
-# lab kernel up ("soft lockup" in a worker) in 3 of 4 sessions. BENCH_PIN=0 or 1 sets both.
-pin_net=${BENCH_PIN:-1} pin_disk=${BENCH_PIN:-0}
+# The I/O rows' thread placement (bench/scenarios/lib.sh): BENCH_PIN=1 pins the VMM's vCPU
+# thread to lab CPU 0 and the rest to CPU 1. Off by default: pinned, the disk row's QEMU aio
+# workers locked the lab kernel up in 3 of 4 sessions, and the network row went wrong in 3
+# full runs in a row (a guest's triple fault, a lab kernel death, a frozen lab machine).
+pin_net=${BENCH_PIN:-0} pin_disk=${BENCH_PIN:-0}
 # Fewer runs where that is plenty, so the whole run stays under 20 minutes on 2 cores: RSS
 # hardly moves from run to run (±1 %); one density run is K boots' work (and a failed one is
 # run again); a disk or network boot does every test `rounds` times (samples of the same

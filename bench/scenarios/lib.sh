@@ -132,8 +132,8 @@ results() {
 # run, which can halve the throughput (bench/README.md has what was seen). With
 # PIN=1 the scenario runs on lab CPU 1 (so the lab-side servers and every VMM thread start
 # there) and watch_vmm moves the vCPU threads to CPU 0: each side of the I/O path has a CPU.
-# bench/run.sh pins the network row only: pinned so, QEMU's aio workers in the disk row
-# locked the lab's kernel up. watch_vmm reports the placement either way.
+# bench/run.sh pins neither row unless BENCH_PIN=1: pinned, the lab went wrong too often
+# (bench/README.md). watch_vmm reports the placement either way.
 
 # is_vcpu COMM: the thread is a vCPU (lguest "vcpuN"; QEMU, with debug-threads=on, "CPU N/KVM").
 is_vcpu() { case $1 in vcpu[0-9]* | "CPU "*/KVM) return 0 ;; esac; return 1; }
