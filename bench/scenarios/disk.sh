@@ -16,27 +16,8 @@ skip=""
 # disk_once VMM: one boot, ROUNDS × four fio jobs. Fails (for a retry) only when the guest died.
 disk_once() {
     vmm_cmd "$1" 512 1 $initrd "$CMDLINE bench.scenario=disk bench.secs=$SECS bench.rounds=$ROUNDS" disk=/tmp/disk.img
-    # A boot takes ~15-25 s (loading the 87 MB initramfs), a fio job SECS + ~2 s; the
-    # deadline is for the lab's occasional hung guest, which must not eat the session.
-    eval "timeout $((ROUNDS * 4 * (SECS + 5) + 90)) $CMD" </dev/null >/tmp/disk.out 2>&1 &
-    pid=$!
-    watch_vmm $pid "disk $1" &
-    watcher=$!
-    wait $pid
-    status=$?
-    wait $watcher   # it ends within a second of the VMM
-    if results disk "$1" /tmp/disk.out; then
-        # Some numbers, not all: the guest died after them (they count; say so).
-        guest_said /tmp/disk.out BENCH-DONE ||
-            note disk "$1: the guest stopped before its last test (status $status): $(tail -c 300 /tmp/disk.out | printable)"
-        return 0
-    fi
-    if guest_said /tmp/disk.out BENCH-ERROR; then
-        grep -q "BENCH-ERROR no /dev/vda" /tmp/disk.out && skip="$skip $1"
-        return 0
-    fi
-    note disk "$1 run failed (status $status): $(tail -c 300 /tmp/disk.out | printable)"
-    return 1
+    # A boot takes ~15-25 s (loading the 87 MB initramfs), a fio job SECS + ~2 s.
+    io_boot disk "$1" $((ROUNDS * 4 * (SECS + 5) + 90)) "no /dev/vda"
 }
 
 for run in $(seq 1 "$RUNS"); do

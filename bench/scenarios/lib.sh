@@ -212,3 +212,31 @@ drain() { sleep 2; }
 
 # kib_to_mib KIB: MiB with one decimal.
 kib_to_mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+
+# io_boot ROW VMM SECS NODEV: the disk and network rows' boot. Runs $CMD (from vmm_cmd) for
+# at most SECS seconds (the deadline is for the lab's occasional hung guest, which must not
+# eat the session) with watch_vmm beside it, its console in /tmp/ROW.out, and turns the
+# guest's results into BENCH lines. Fails (for a retry) only when the guest died before any
+# result; a guest whose BENCH-ERROR says NODEV has no such device: VMM goes on $skip.
+io_boot() {
+    _io_out=/tmp/$1.out
+    eval "timeout $3 $CMD" </dev/null >"$_io_out" 2>&1 &
+    _io_pid=$!
+    watch_vmm $_io_pid "$1 $2" &
+    _io_watcher=$!
+    wait $_io_pid
+    _io_status=$?
+    wait $_io_watcher   # it ends within a second of the VMM
+    if results "$1" "$2" "$_io_out"; then
+        # Some numbers, not all: the guest died after them (they count; say so).
+        guest_said "$_io_out" BENCH-DONE ||
+            note "$1" "$2: the guest stopped before its last test (status $_io_status): $(tail -c 300 "$_io_out" | printable)"
+        return 0
+    fi
+    if guest_said "$_io_out" BENCH-ERROR; then
+        grep -q "BENCH-ERROR $4" "$_io_out" && skip="$skip $2"
+        return 0
+    fi
+    note "$1" "$2 run failed (status $_io_status): $(tail -c 300 "$_io_out" | printable)"
+    return 1
+}

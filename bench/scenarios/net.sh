@@ -49,27 +49,8 @@ net_once() {
 # net_boot VMM: net_once's boot, with the servers up.
 net_boot() {
     vmm_cmd "$1" 256 1 $initrd "$CMDLINE bench.scenario=net bench.secs=$SECS bench.rounds=$ROUNDS bench.host=$HOST_IP" net=$TAP
-    # A boot takes ~10-20 s, a test SECS + ~2 s (iperf3 also runs a first second it leaves
-    # out); the deadline is for the lab's occasional hung guest.
-    eval "timeout $((ROUNDS * 3 * (SECS + 5) + 80)) $CMD" </dev/null >/tmp/net.out 2>&1 &
-    pid=$!
-    watch_vmm $pid "net $1" &
-    watcher=$!
-    wait $pid
-    status=$?
-    wait $watcher   # it ends within a second of the VMM
-    if results net "$1" /tmp/net.out; then
-        # Some numbers, not all: the guest died after them (they count; say so).
-        guest_said /tmp/net.out BENCH-DONE ||
-            note net "$1: the guest stopped before its last test (status $status): $(tail -c 300 /tmp/net.out | printable)"
-        return 0
-    fi
-    if guest_said /tmp/net.out BENCH-ERROR; then
-        grep -q "BENCH-ERROR no eth0" /tmp/net.out && skip="$skip $1"
-        return 0
-    fi
-    note net "$1 run failed (status $status): $(tail -c 300 /tmp/net.out | printable)"
-    return 1
+    # A boot takes ~10-20 s, a test SECS + ~2 s (iperf3 also runs a first second it leaves out).
+    io_boot net "$1" $((ROUNDS * 3 * (SECS + 5) + 80)) "no eth0"
 }
 
 for run in $(seq 1 "$RUNS"); do
