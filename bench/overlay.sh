@@ -21,9 +21,11 @@ source "$repo/lab/lib.sh"
 out=$1 tcp_rr=$2
 [[ -x $tcp_rr ]] || die "$tcp_rr: not an executable (build bench-tools first)"
 ensure_cmds fio:fio iperf3:iperf3 cpio:cpio ldd:libc-bin
-"$repo/guest/build.sh" >/dev/null
 kdir=$LGUEST_CACHE/kernel
-ref=$LGUEST_CACHE/guest/initramfs.cpio.gz
+# The reference initramfs: guest/build.sh's third line (it lives in a folder named after
+# its inputs, so a stale file at a fixed path can never stand in for it).
+ref=$("$repo/guest/build.sh" | sed -n 3p)
+[[ -f $ref ]] || die "guest/build.sh did not give an initramfs"
 ver=$(cat "$kdir/version")
 mkdir -p "$out"
 stage=$(mktemp -d)
