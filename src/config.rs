@@ -35,6 +35,16 @@ pub enum Command {
     /// Boot a kernel and connect its serial console to this terminal.
     #[command(after_help = ESCAPE_HELP)]
     Run(RunArgs),
+    /// Print the shell completion script for SHELL (scripts/install.sh installs them).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page of lguest, or of one of its commands (`lguest man run`), as roff.
+    Man {
+        /// The command whose page to print.
+        command: Option<String>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -67,21 +77,18 @@ pub struct RunArgs {
     /// may). Repeat for more cards.
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
     pub nets: Vec<String>,
-    /// Where the guest's console goes: `serial` (ttyS0, the default) or `virtio` (hvc0; the
-    /// default command line then says console=hvc0, a --cmdline of yours must say it too).
-    #[arg(long, value_name = "KIND", default_value = "serial")]
-    pub console: String,
+    /// Where the guest's console goes.
+    #[arg(long, value_name = "KIND", value_enum, default_value_t = ConsoleKind::Serial)]
+    pub console: ConsoleKind,
     /// Give the guest a virtio entropy source (/dev/hwrng), fed from the host's getrandom.
     #[arg(long)]
     pub rng: bool,
-    /// System-call filters on the threads that handle guest data: `enforce` (kill lguest on a
-    /// forbidden call), `log` (allow it, the kernel logs it) or `off`.
-    #[arg(long, value_name = "MODE", default_value = "enforce")]
-    pub seccomp: String,
-    /// What a guest reboot does: `exit` (status 0) or `restart` (boot the same configuration
-    /// again, in this process). A guest that crashes (triple fault, panic) is never restarted.
-    #[arg(long, value_name = "exit|restart", default_value = "exit")]
-    pub reboot: String,
+    /// System-call filters on the threads that handle guest data.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = crate::seccomp::Mode::Enforce)]
+    pub seccomp: crate::seccomp::Mode,
+    /// What a guest reboot does. A guest that crashes (triple fault, panic) is never restarted.
+    #[arg(long, value_name = "ACTION", value_enum, default_value_t = OnReboot::Exit)]
+    pub reboot: OnReboot,
     /// On SIGTERM (or SIGINT when stdin is not a terminal) we press Ctrl-Alt-Del on the guest's
     /// keyboard and give it this long to power off before stopping it (0: stop at once).
     #[arg(long, value_name = "SECS", default_value_t = 10)]
@@ -105,20 +112,26 @@ pub struct NetConfig {
 }
 
 /// Which device carries the guest's console.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ConsoleKind {
+    /// ttyS0, the 16550A UART.
     Serial,
+    /// hvc0, the virtio console (the default command line then says console=hvc0; a --cmdline
+    /// of yours must say it too).
     Virtio,
 }
 
 /// What a guest's reboot does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnReboot {
     /// lguest exits with status 0.
     Exit,
     /// The same configuration boots again in the same process.
     Restart,
 }
+
+/// How many PCI devices a guest can have: one per slot of bus 0, but slot 0 (the host bridge).
+pub const MAX_PCI_DEVICES: usize = crate::pci::SLOTS - 1;
 
 /// The longest `--shutdown-timeout`: a day is already more than any guest needs.
 pub const MAX_SHUTDOWN_TIMEOUT_SECS: u64 = 24 * 60 * 60;
@@ -152,15 +165,12 @@ impl VmConfig {
         }
         let disks = args.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
         let nets = args.nets.iter().map(|n| parse_net(n)).collect::<Result<Vec<_>>>()?;
-        let console = parse_console(&args.console)?;
-        let seccomp = parse_seccomp(&args.seccomp)?;
-        let on_reboot = parse_reboot(&args.reboot)?;
         let shutdown_timeout = validate_shutdown_timeout(args.shutdown_timeout)?;
-        let RunArgs { kernel, initrd, mut cmdline, boot_timeline, rng, .. } = args;
+        let RunArgs { kernel, initrd, mut cmdline, boot_timeline, rng, console, seccomp, reboot: on_reboot, .. } = args;
         if console == ConsoleKind::Virtio && cmdline == DEFAULT_CMDLINE {
             cmdline = DEFAULT_CMDLINE.replace("console=ttyS0", "console=hvc0");
         }
-        Ok(VmConfig {
+        let config = VmConfig {
             kernel,
             initrd,
             cmdline,
@@ -174,7 +184,24 @@ impl VmConfig {
             on_reboot,
             shutdown_timeout,
             seccomp,
-        })
+        };
+        config.check_limits()?;
+        Ok(config)
+    }
+
+    /// The limits that depend on more than one flag: every virtio device takes a PCI slot.
+    pub fn check_limits(&self) -> Result<()> {
+        let asked = self.pci_devices();
+        if asked > MAX_PCI_DEVICES {
+            return Err(Error::TooManyDevices { asked, max: MAX_PCI_DEVICES });
+        }
+        Ok(())
+    }
+
+    /// How many PCI slots the devices take: one per disk, network card, entropy source and
+    /// virtio console.
+    pub fn pci_devices(&self) -> usize {
+        self.disks.len() + self.nets.len() + usize::from(self.rng) + usize::from(self.console == ConsoleKind::Virtio)
     }
 
     /// The defaults `lguest run --kernel KERNEL` would get, for code that builds a
@@ -274,32 +301,6 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
     (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
 }
 
-fn parse_console(value: &str) -> Result<ConsoleKind> {
-    match value {
-        "serial" => Ok(ConsoleKind::Serial),
-        "virtio" => Ok(ConsoleKind::Virtio),
-        _ => Err(Error::BadFlag { flag: "--console", value: value.into(), why: "expected serial or virtio".into() }),
-    }
-}
-
-fn parse_seccomp(value: &str) -> Result<crate::seccomp::Mode> {
-    use crate::seccomp::Mode;
-    match value {
-        "enforce" => Ok(Mode::Enforce),
-        "log" => Ok(Mode::Log),
-        "off" => Ok(Mode::Off),
-        _ => Err(Error::BadFlag { flag: "--seccomp", value: value.into(), why: "expected enforce, log or off".into() }),
-    }
-}
-
-fn parse_reboot(value: &str) -> Result<OnReboot> {
-    match value {
-        "exit" => Ok(OnReboot::Exit),
-        "restart" => Ok(OnReboot::Restart),
-        _ => Err(Error::BadFlag { flag: "--reboot", value: value.into(), why: "expected exit or restart".into() }),
-    }
-}
-
 fn validate_shutdown_timeout(secs: u64) -> Result<Duration> {
     if secs > MAX_SHUTDOWN_TIMEOUT_SECS {
         let why = format!("at most {MAX_SHUTDOWN_TIMEOUT_SECS} seconds (a day)");
@@ -342,6 +343,7 @@ mod tests {
     fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).expect("valid command line").command {
             Command::Run(run) => run,
+            other => panic!("not a run: {other:?}"),
         }
     }
 
@@ -378,8 +380,7 @@ mod tests {
         let args = run_args(&["run", "--kernel", FILE, "--reboot", "restart", "--shutdown-timeout", "0"]);
         let config = VmConfig::from_args(args).expect("valid");
         assert_eq!((config.on_reboot, config.shutdown_timeout), (OnReboot::Restart, Duration::ZERO));
-        let bad = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--reboot", "halt"]));
-        assert!(matches!(bad, Err(Error::BadFlag { flag: "--reboot", .. })), "{bad:?}");
+        assert!(parse(&["run", "--kernel", FILE, "--reboot", "halt"]).is_err());
         let long = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--shutdown-timeout", "99999999"]));
         assert!(matches!(long, Err(Error::BadFlag { flag: "--shutdown-timeout", .. })), "{long:?}");
         assert!(parse(&["run", "--kernel", FILE, "--shutdown-timeout", "-1"]).is_err());
@@ -454,13 +455,21 @@ mod tests {
         assert_eq!(config.console, ConsoleKind::Virtio);
         assert!(config.cmdline.contains("console=hvc0"));
         assert!(config.rng);
-        let bad = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--console", "vga"]));
-        assert!(matches!(bad, Err(Error::BadFlag { flag: "--console", .. })));
+        assert!(parse(&["run", "--kernel", FILE, "--console", "vga"]).is_err());
         assert_eq!(config.seccomp, crate::seccomp::Mode::Enforce);
         let log = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--seccomp", "log"])).expect("valid");
         assert_eq!(log.seccomp, crate::seccomp::Mode::Log);
-        let bad = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--seccomp", "strict"]));
-        assert!(matches!(bad, Err(Error::BadFlag { flag: "--seccomp", .. })));
+        assert!(parse(&["run", "--kernel", FILE, "--seccomp", "strict"]).is_err());
+    }
+
+    #[test]
+    fn more_devices_than_pci_slots_are_refused_with_the_limit() {
+        let mut args = vec!["run", "--kernel", FILE, "--rng"];
+        args.extend(std::iter::repeat_n(["--disk", "a.img"], MAX_PCI_DEVICES).flatten());
+        let refused = VmConfig::from_args(run_args(&args));
+        assert!(matches!(refused, Err(Error::TooManyDevices { asked: 32, max: 31 })), "{refused:?}");
+        let fits = VmConfig::from_args(run_args(&args[..args.len() - 2])).expect("31 devices fit");
+        assert_eq!(fits.pci_devices(), MAX_PCI_DEVICES);
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! Errors a user can cause or act on, each rendered as one line that says what went wrong and
 //! what to do about it. Guest misbehaviour is not here: that is a [`crate::fault::GuestFault`],
 //! which stops only the guest.
+//!
+//! Each error is either the request's fault (a flag, a file or a device the user named: exit
+//! status 2, "change what you asked for") or the host's (KVM, memory, threads: exit status 1,
+//! the same status a host failure gets once the guest runs). [`Error::exit_code`] says which.
 
 use std::path::PathBuf;
 
@@ -49,14 +53,54 @@ pub enum Error {
     #[error("KVM refused {what}: {source}")]
     Kvm { what: &'static str, source: kvm_ioctls::Error },
 
+    #[error("{asked} PCI devices asked for (--disk, --net, --rng, --console virtio), but the PCI bus has room for {max}; ask for fewer")]
+    TooManyDevices { asked: usize, max: usize },
+
     #[error("cannot set up guest memory: {0}")]
     Memory(String),
 
-    #[error("cannot write {what} into guest memory: {why}")]
-    Boot { what: &'static str, why: String },
+    #[error("cannot write {what} into guest memory: {source}")]
+    GuestWrite { what: &'static str, source: Box<dyn std::error::Error + Send + Sync> },
+
+    #[error("{what}: {why} (a bug in lguest: please report it)")]
+    Internal { what: &'static str, why: String },
 
     #[error("{what}: {source}")]
     Host { what: &'static str, source: std::io::Error },
+}
+
+impl Error {
+    /// 2 when the request was wrong (what the user named can't be used as asked), 1 when the
+    /// host failed (the same status a host failure gets while the guest runs).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::ReadFile { .. }
+            | Error::NotAKernel { .. }
+            | Error::TooBig { .. }
+            | Error::CmdlineTooLong { .. }
+            | Error::BadCmdline(_)
+            | Error::BadMemory { .. }
+            | Error::BadCpus { .. }
+            | Error::BadFlag { .. }
+            | Error::TooManyDevices { .. }
+            | Error::Disk { .. }
+            | Error::Tap { .. } => 2,
+            Error::NoKvm
+            | Error::KvmPermission
+            | Error::KvmOpen(_)
+            | Error::Kvm { .. }
+            | Error::Memory(_)
+            | Error::GuestWrite { .. }
+            | Error::Internal { .. }
+            | Error::Host { .. } => 1,
+        }
+    }
+}
+
+/// Shorthand for writes of boot structures into guest memory, which fail only when our own
+/// layout is wrong or the host can't read a file it already opened.
+pub fn guest_write<E: std::error::Error + Send + Sync + 'static>(what: &'static str) -> impl FnOnce(E) -> Error {
+    move |source| Error::GuestWrite { what, source: Box::new(source) }
 }
 
 /// Shorthand for the many KVM ioctls that can only fail on a broken or exotic host.

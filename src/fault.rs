@@ -83,6 +83,21 @@ pub fn host_kvm_is_pvm() -> bool {
     *PVM.get_or_init(|| Path::new("/sys/module/kvm_pvm").exists())
 }
 
+/// Says at once, on a PVM host, what would otherwise take a stock kernel about two minutes of
+/// emulation to show; once per process. The guest runs anyway: a PVM-enabled kernel would.
+pub fn warn_if_host_kvm_is_pvm() {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    if host_kvm_is_pvm() {
+        WARNED.call_once(|| {
+            eprintln!(
+                "lguest: warning: this host's KVM is PVM (/sys/module/kvm_pvm), which runs only PVM-enabled guest \
+                 kernels; a stock kernel fails after about 2 minutes of emulation. Stock kernels run in the nested lab \
+                 (lab/README.md, scripts/demo.sh)"
+            )
+        });
+    }
+}
+
 impl fmt::Display for FaultKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -15,17 +15,22 @@
 //! 7. [`pci`] and [`virtio`]: the PCI bus a stock kernel finds its devices on, the virtio
 //!    transport, and the devices (console, disk, network, entropy) serving their queues on
 //!    threads of their own.
-//! 8. [`console`]: the user's terminal, wired to the guest's serial port or virtio console.
+//! 8. [`terminal`]: the user's terminal and signals, wired to the guest's serial port or
+//!    virtio console.
 //! 9. [`fault`]: what we say when a guest dies, so that only the guest dies.
-//! 10. [`timeline`]: when each of the above happened, for `--boot-timeline`.
-//! 11. [`seccomp`]: the system calls each of the threads above may make; [`threads`]: how
+//! 10. [`stop`]: how a VM ends: whoever learns first that the guest is done records why, and
+//!     the main thread turns it into our exit status.
+//! 11. [`timeline`]: when each of the above happened, for `--boot-timeline`.
+//! 12. [`seccomp`]: the system calls each of the threads above may make; [`threads`]: how
 //!     they are started.
+//! 13. [`error`]: what stops us before a guest runs, each a line that says what to change,
+//!     and [`docs`]: the completions and man pages generated from the command line.
 
 pub mod arch;
 pub mod bus;
 pub mod config;
-pub mod console;
 pub mod devices;
+pub mod docs;
 pub mod error;
 pub mod fault;
 pub mod memory;
@@ -33,6 +38,7 @@ pub mod pci;
 pub mod seccomp;
 pub mod session;
 pub mod stop;
+pub mod terminal;
 pub mod threads;
 pub mod timeline;
 pub mod vcpu;

@@ -1,8 +1,8 @@
 //! `lguest`: the command line, a VM built from it, and the guest's fate as our exit status.
 //!
 //! 0: the guest powered off or reset itself (or the user quit); 1: the guest died (a report
-//! says how); 2: the request was wrong (a line says what to change); 3: the guest's kernel
-//! panicked; 128+N: signal N.
+//! says how) or the host failed (KVM, memory, threads: a line says what); 2: the request was
+//! wrong (a line says what to change); 3: the guest's kernel panicked; 128+N: signal N.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,15 +10,21 @@ use std::time::Instant;
 
 use clap::Parser;
 use lguest::config::{Cli, Command, VmConfig};
-use lguest::{console, seccomp, session};
+use lguest::docs::{self, DocsError};
+use lguest::{seccomp, session, terminal};
 use lguest::stop::StopReason;
 use lguest::timeline::{Milestone, Timeline};
 
 fn main() -> ExitCode {
     let timeline = Arc::new(Timeline::new(Instant::now()));
     init_logging();
-    let Cli { command: Command::Run(args) } = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let args = match Cli::try_parse() {
+        Ok(Cli { command: Command::Run(args) }) => args,
+        Ok(Cli { command: Command::Completions { shell } }) => {
+            docs::completions(shell, &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Ok(Cli { command: Command::Man { command } }) => return print_man_page(command.as_deref()),
         Err(error) => return command_line_error(error),
     };
     let result = VmConfig::from_args(args).and_then(|config| {
@@ -26,7 +32,7 @@ fn main() -> ExitCode {
         Ok((session::run(&config, timeline.clone())?, config.boot_timeline))
     });
     timeline.mark(Milestone::Stopped);
-    console::restore_terminal();
+    terminal::restore_terminal();
     match result {
         Ok((reason, show_timeline)) => {
             report(&reason);
@@ -37,7 +43,21 @@ fn main() -> ExitCode {
         }
         Err(error) => {
             eprintln!("lguest: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+fn print_man_page(command: Option<&str>) -> ExitCode {
+    match docs::man_page(command, &mut std::io::stdout()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error @ DocsError::NoSuchCommand(_)) => {
+            eprintln!("lguest: {error}");
             ExitCode::from(2)
+        }
+        Err(error) => {
+            eprintln!("lguest: {error}");
+            ExitCode::from(1)
         }
     }
 }
@@ -62,7 +82,7 @@ fn command_line_error(error: clap::Error) -> ExitCode {
         .lines()
         .take_while(|line| !line.starts_with("Usage:"))
         .map(str::trim)
-        .filter(|line| !line.is_empty() && !line.starts_with("tip:"))
+        .filter(|line| !line.is_empty() && !line.starts_with("tip:") && !line.starts_with("For more information"))
         .collect();
     eprintln!("lguest: {}; see 'lguest run --help'", message.join(" ").trim_start_matches("error: "));
     ExitCode::from(2)

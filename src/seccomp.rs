@@ -11,7 +11,10 @@
 //!
 //! Filters stack: a thread started by another inherits its filter. Device workers are started
 //! by a vCPU thread (the guest's DRIVER_OK write activates a device), so the vCPU filter also
-//! allows what the workers need, and each worker then narrows itself further.
+//! allows what the workers need, and each worker then narrows itself further. A vCPU may
+//! create threads but not processes: `clone` only with `CLONE_THREAD` in its flags, and
+//! `clone3` (whose flags sit in memory, out of a filter's sight) answers ENOSYS, which makes
+//! the C library fall back to `clone`.
 //!
 //! `--seccomp enforce` (the default) kills the process on a forbidden call, after saying which
 //! one on stderr; `log` lets it through but has the kernel log it (audit); `off` installs nothing.
@@ -19,13 +22,18 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
+};
 
 /// What a user can ask for with `--seccomp`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
+    /// End lguest, with a line naming the call, on any call a thread's filter doesn't allow.
     Enforce,
+    /// Let it through and have the kernel log it (audit).
     Log,
+    /// Install no filters.
     Off,
 }
 
@@ -77,18 +85,51 @@ pub fn confine(role: Role) -> std::io::Result<()> {
     apply(role, action)
 }
 
-/// Builds `role`'s filter with `mismatch` as the action for any other call, and installs it.
+/// Builds `role`'s filter with `mismatch` as the action for any other call, and installs it
+/// (for a vCPU, after the filter that turns `clone3` away).
 fn apply(role: Role, mismatch: SeccompAction) -> std::io::Result<()> {
+    if role == Role::Vcpu {
+        install(&no_clone3()?)?;
+    }
     let program = filter(role, mismatch)?;
     ROLE_NAME.with(|name| name.set(role.label()));
-    seccompiler::apply_filter(&program).map_err(|e| std::io::Error::other(format!("cannot install the seccomp filter: {e}")))
+    install(&program)
+}
+
+fn install(program: &BpfProgram) -> std::io::Result<()> {
+    seccompiler::apply_filter(program).map_err(|e| std::io::Error::other(format!("cannot install the seccomp filter: {e}")))
 }
 
 fn filter(role: Role, mismatch: SeccompAction) -> std::io::Result<BpfProgram> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed(role).iter().map(|&call| (call, Vec::new())).collect();
-    let invalid = |e: &dyn std::fmt::Display| std::io::Error::other(format!("bad seccomp filter: {e}"));
-    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64).map_err(|e| invalid(&e))?;
-    filter.try_into().map_err(|e: seccompiler::BackendError| invalid(&e))
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed(role).iter().map(|&call| (call, Vec::new())).collect();
+    if role == Role::Vcpu {
+        rules.insert(libc::SYS_clone, vec![threads_only()?]);
+    }
+    compile(rules, mismatch, SeccompAction::Allow)
+}
+
+/// `clone` whose flags include `CLONE_THREAD`: a thread of this process, never a new process.
+fn threads_only() -> std::io::Result<SeccompRule> {
+    let thread = libc::CLONE_THREAD as u64;
+    let condition = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(thread), thread)
+        .map_err(|e| invalid_filter(&e))?;
+    SeccompRule::new(vec![condition]).map_err(|e| invalid_filter(&e))
+}
+
+/// A filter that only answers `clone3` with ENOSYS. Stacked under a role's filter, which
+/// allows `clone3`, the ENOSYS wins (the kernel takes the strictest answer of all filters).
+fn no_clone3() -> std::io::Result<BpfProgram> {
+    let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+    compile(rules, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32))
+}
+
+fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>, mismatch: SeccompAction, matched: SeccompAction) -> std::io::Result<BpfProgram> {
+    let filter = SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64).map_err(|e| invalid_filter(&e))?;
+    filter.try_into().map_err(|e: seccompiler::BackendError| invalid_filter(&e))
+}
+
+fn invalid_filter(e: &dyn std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("bad seccomp filter: {e}"))
 }
 
 /// Every thread: memory for the allocator, locks, logging to stderr, sleeping, and dying.
@@ -139,7 +180,8 @@ const DEVICE_WORKER: &[i64] = &[
 ];
 
 /// A vCPU: KVM_RUN and the ioctls of MSI-X routing and fault reports, eventfd reads of queue
-/// resets, and starting a device's worker thread when the guest activates it.
+/// resets, and starting a device's worker thread when the guest activates it (`clone` is
+/// narrowed to threads in [`filter`]).
 const VCPU: &[i64] = &[
     libc::SYS_ioctl,
     libc::SYS_read,
@@ -287,6 +329,49 @@ mod tests {
         .join()
         .expect("vCPU thread");
         assert!(worker_confined);
+    }
+
+    /// What `fork` returns on a thread with `role`'s filter; a child that does get made exits
+    /// at once.
+    fn fork_on_thread(role: Role) -> bool {
+        allowed_on_thread(role, || {
+            // SAFETY: the child, if any, only calls _exit, which is async-signal-safe.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                // SAFETY: ends the child at once, running nothing of the parent's.
+                unsafe { libc::_exit(0) };
+            }
+            if pid > 0 {
+                // SAFETY: reaps the child we made; a null status pointer is allowed.
+                unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+            }
+            i64::from(pid)
+        })
+    }
+
+    #[test]
+    fn a_vcpu_can_start_threads_but_not_processes() {
+        assert!(!fork_on_thread(Role::Vcpu), "a vCPU thread forked a process");
+        let thread_started = std::thread::spawn(|| {
+            apply(Role::Vcpu, SeccompAction::Errno(libc::EPERM as u32)).expect("vCPU filter");
+            std::thread::spawn(|| 7).join().ok()
+        })
+        .join()
+        .expect("vCPU thread");
+        assert_eq!(thread_started, Some(7), "a vCPU thread could not start a worker thread");
+    }
+
+    #[test]
+    fn clone3_answers_enosys_on_a_vcpu() {
+        let errno = std::thread::spawn(|| {
+            apply(Role::Vcpu, SeccompAction::Errno(libc::EPERM as u32)).expect("vCPU filter");
+            // SAFETY: clone3 with a null argument would fail with EFAULT if it ran at all.
+            let result = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
+            (result < 0).then(|| std::io::Error::last_os_error().raw_os_error()).flatten()
+        })
+        .join()
+        .expect("vCPU thread");
+        assert_eq!(errno, Some(libc::ENOSYS));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use crate::config::{OnReboot, VmConfig};
-use crate::console::{self, ConsoleRoute};
+use crate::terminal::{self, ConsoleRoute};
 use crate::error::{Error, Result};
 use crate::stop::{StopReason, Stopper};
 use crate::timeline::Timeline;
@@ -21,16 +21,16 @@ use crate::vm::Vm;
 /// only wait (blocked signals stay pending, input stays in stdin).
 pub fn run(config: &VmConfig, timeline: Arc<Timeline>) -> Result<StopReason> {
     let host = |what| move |source| Error::Host { what, source };
-    console::block_stop_signals().map_err(host("cannot block the stop signals"))?;
+    terminal::block_stop_signals().map_err(host("cannot block the stop signals"))?;
     let stopper = Arc::new(Stopper::default());
     let route = ConsoleRoute::default();
     let mut running = Vm::build(config, timeline.clone(), stopper.clone())?.start(&route)?;
-    let interactive = console::stdin_is_terminal();
-    console::watch_signals(stopper.clone(), config.shutdown_timeout, interactive).map_err(host("cannot watch signals"))?;
+    let interactive = terminal::stdin_is_terminal();
+    terminal::watch_signals(stopper.clone(), config.shutdown_timeout, interactive).map_err(host("cannot watch signals"))?;
     if interactive {
-        console::enter_raw_mode();
+        terminal::enter_raw_mode();
     }
-    console::pump_stdin(route.clone(), stopper.clone(), interactive).map_err(host("cannot start the console thread"))?;
+    terminal::pump_stdin(route.clone(), stopper.clone(), interactive).map_err(host("cannot start the console thread"))?;
     let mut boots = 1u64;
     loop {
         let reason = running.wait(&route);

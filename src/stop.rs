@@ -173,7 +173,9 @@ impl Stopper {
     }
 
     /// Blocks until some thread has stopped the VM, and takes the reason. Shutdown requests
-    /// are left to run out their time.
+    /// are left to run out their time. (The main thread uses [`Stopper::next_event`], which
+    /// also hands it the shutdown requests.)
+    #[cfg(test)]
     pub fn wait(&self) -> StopReason {
         loop {
             if let Event::Stopped(reason) = self.next_event() {

@@ -19,10 +19,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::{acpi, boot, cpu};
 use crate::bus::{lock, Bus, SharedDevice};
 use crate::config::VmConfig;
-use crate::console::ConsoleRoute;
+use crate::terminal::ConsoleRoute;
 use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_ADDR, BOOT_TIMER_LEN};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT, KEYBOARD_IRQ};
-use crate::devices::power::{PowerButton, POWER_LEN, POWER_PORT};
+use crate::devices::power::{SleepResetRegister, POWER_LEN, POWER_PORT};
 use crate::devices::pvpanic::{PvPanic, PVPANIC_LEN, PVPANIC_PORT};
 use crate::devices::serial::{IrqLine, SerialPort, Stdout, COM1_IRQ, COM1_LEN, COM1_PORT};
 use crate::error::{kvm, Error, Result};
@@ -76,7 +76,8 @@ impl Vm {
         register_memory(&vm, &mem)?;
         let Furnished { vcpus, pio, serial, virtio_console, keyboard } =
             furnish(config, &kvm_handle, &vm, &mem, &timeline, &stopper)?;
-        crate::fault::host_kvm_is_pvm(); // asked now: a vCPU thread may not read files
+        // Asked now, not at the first fault: a vCPU thread may not read files.
+        crate::fault::warn_if_host_kvm_is_pvm();
         timeline.mark(Milestone::VmBuilt);
         Ok(Vm { kvm: kvm_handle, vm, vcpus, pio, serial, virtio_console, keyboard, stopper, ram: mem })
     }
@@ -118,9 +119,9 @@ impl RunningVm {
         tracing::debug!(reads, writes, "port I/O to absent devices during the run");
         if let Err(stuck) = stop_vcpus(threads) {
             // The thread still holds the VM's devices and memory: they stay (see GuestRam).
-            tracing::warn!("vCPU thread {stuck} did not stop; the VM can't be taken apart");
+            tracing::warn!("{stuck}; the VM can't be taken apart");
             if matches!(reason, StopReason::Reset) {
-                reason = StopReason::HostError(format!("vCPU thread {stuck} did not stop, so the guest can't be restarted"));
+                reason = StopReason::HostError(format!("{stuck}, so the guest can't be restarted"));
             }
         }
         // Devices first (their workers hold the memory), then the VM and KVM, the memory last.
@@ -215,9 +216,14 @@ fn wait_for_stop(stopper: &Stopper, keyboard: &Mutex<I8042>) -> StopReason {
 /// thread blocked outside the guest (writing guest output to a full pipe) takes longer.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A vCPU thread that did not leave KVM_RUN when kicked, by name.
+#[derive(Debug, thiserror::Error)]
+#[error("vCPU thread {0} did not stop")]
+struct VcpuStuck(String);
+
 /// Kicks every vCPU thread until it has finished, then joins them all. A thread that is still
 /// running after [`VCPU_STOP_TIMEOUT`] is named in the `Err`, and left alone.
-fn stop_vcpus(threads: Vec<JoinHandle<()>>) -> std::result::Result<(), String> {
+fn stop_vcpus(threads: Vec<JoinHandle<()>>) -> std::result::Result<(), VcpuStuck> {
     let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
     loop {
         let running: Vec<&JoinHandle<()>> = threads.iter().filter(|t| !t.is_finished()).collect();
@@ -225,7 +231,7 @@ fn stop_vcpus(threads: Vec<JoinHandle<()>>) -> std::result::Result<(), String> {
             break;
         }
         if Instant::now() > deadline {
-            return Err(running[0].thread().name().unwrap_or("?").to_string());
+            return Err(VcpuStuck(running[0].thread().name().unwrap_or("?").to_string()));
         }
         // Kicking again is harmless, and covers a thread that was between two KVM_RUNs.
         running.iter().for_each(|thread| vcpu::kick(thread));
@@ -280,7 +286,7 @@ fn legacy_devices(vm: &VmFd, stopper: &Arc<Stopper>) -> Result<LegacyDevices> {
     let devices: [(u64, u64, SharedDevice); 4] = [
         (COM1_PORT, COM1_LEN, serial.clone()),
         (I8042_PORT, I8042_LEN, keyboard.clone()),
-        (u64::from(POWER_PORT), POWER_LEN, Arc::new(Mutex::new(PowerButton::new(stopper.clone())))),
+        (u64::from(POWER_PORT), POWER_LEN, Arc::new(Mutex::new(SleepResetRegister::new(stopper.clone())))),
         (PVPANIC_PORT, PVPANIC_LEN, Arc::new(Mutex::new(PvPanic::new(stopper.clone())))),
     ];
     for (base, len, device) in devices {
@@ -342,7 +348,8 @@ fn plug_pci_devices(
     let routes = Arc::new(MsiRoutes::new(vm.clone()));
     let mut root = PciRoot::new();
     for (kind, device) in devices {
-        let slot = root.next_slot().ok_or(Error::Boot { what: "the PCI bus", why: "more devices than PCI slots (31)".into() })?;
+        // VmConfig has checked the count against MAX_PCI_DEVICES already.
+        let slot = root.next_slot().ok_or(Error::Internal { what: "the PCI bus", why: "more devices than slots".into() })?;
         let bar = layout::PCI_WINDOW + slot as u64 * BAR_SIZE;
         let name = format!("{kind} at 00:{slot:02x}.0");
         let pci = VirtioPci::new(name, device, mem.clone(), bar as u32, routes.clone())
@@ -360,5 +367,5 @@ fn plug_pci_devices(
 
 /// Places a device on a bus; an overlap is our own bug in the device map, reported as such.
 fn claim(bus: &mut Bus, base: u64, len: u64, device: SharedDevice) -> Result<()> {
-    bus.insert(base, len, device).map_err(|e| Error::Boot { what: "the device map", why: e.to_string() })
+    bus.insert(base, len, device).map_err(|e| Error::Internal { what: "the device map", why: e.to_string() })
 }

@@ -9,11 +9,21 @@ use std::time::Duration;
 
 use common::*;
 
-/// Runs `lguest` with `args`, expects status 2 and a single stderr line containing `needle`.
+/// Runs `lguest` with `args`, expects status 2 (a bad request) and a single stderr line
+/// containing `needle`.
 fn refused(command: Command, needle: &str) {
+    fails_with(command, 2, needle);
+}
+
+/// As [`refused`], for what the host lacks: status 1.
+fn host_cannot(command: Command, needle: &str) {
+    fails_with(command, 1, needle);
+}
+
+fn fails_with(command: Command, status: i32, needle: &str) {
     let out = run_with_deadline(command, Duration::from_secs(30));
     let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert_eq!(out.status.code(), Some(status), "stderr: {stderr}");
     assert_eq!(stderr.lines().count(), 1, "one line, not: {stderr}");
     assert!(stderr.starts_with("lguest: ") && stderr.contains(needle), "{needle:?} not in: {stderr}");
 }
@@ -105,6 +115,15 @@ fn bad_flags_are_refused_in_one_line() {
 }
 
 #[test]
+fn more_devices_than_pci_slots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = hello(dir.path());
+    let mut args = vec!["--kernel", kernel.as_str(), "--rng"];
+    args.extend(std::iter::repeat_n(["--disk", "x.img"], 31).flatten());
+    refused(run_args(&args), "32 PCI devices asked for (--disk, --net, --rng, --console virtio), but the PCI bus has room for 31");
+}
+
+#[test]
 fn help_is_not_an_error() {
     let out = run_with_deadline(run_args(&["--help"]), Duration::from_secs(30));
     assert_eq!(out.status.code(), Some(0));
@@ -124,7 +143,7 @@ fn no_permission_on_dev_kvm() {
     std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
     let mut command = Command::new("setpriv");
     command.args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_lguest"), "run", "--kernel", &kernel]);
-    refused(command, "no permission to open /dev/kvm: add your user to the 'kvm' group");
+    host_cannot(command, "no permission to open /dev/kvm: add your user to the 'kvm' group");
 }
 
 #[test]
@@ -135,14 +154,14 @@ fn no_dev_kvm_at_all() {
     let script = format!("mount -t tmpfs none /dev && exec {} run --kernel {kernel}", env!("CARGO_BIN_EXE_lguest"));
     let mut command = Command::new("unshare");
     command.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
-    refused(command, "/dev/kvm does not exist");
+    host_cannot(command, "/dev/kvm does not exist");
 }
 
 #[test]
 fn reboot_and_shutdown_timeout_mistakes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kernel = hello(dir.path());
-    refused(run_args(&["--kernel", &kernel, "--reboot", "halt"]), "invalid --reboot 'halt': expected exit or restart");
+    refused(run_args(&["--kernel", &kernel, "--reboot", "halt"]), "invalid value 'halt' for '--reboot <ACTION>' [possible values: exit, restart]; see");
     refused(run_args(&["--kernel", &kernel, "--shutdown-timeout", "100000"]), "invalid --shutdown-timeout '100000'");
     refused(run_args(&["--kernel", &kernel, "--shutdown-timeout", "soon"]), "invalid value 'soon' for '--shutdown-timeout <SECS>'");
 }

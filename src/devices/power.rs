@@ -1,5 +1,5 @@
-//! The power button a hardware-reduced ACPI guest presses: one byte-wide I/O register that the
-//! FADT names as both the sleep control register and the reset register.
+//! The ACPI sleep control and reset register of a hardware-reduced ACPI guest: one byte-wide
+//! I/O register that the FADT names as both (the guest's `poweroff` and `reboot` end here).
 //!
 //! To power off, ACPI writes `SLP_TYP << 2 | SLP_EN` with the S5 sleep type from the DSDT's
 //! `\_S5_` package; to reset, it writes the FADT's reset value. Anything else (such as the
@@ -20,17 +20,17 @@ const SLP_EN: u8 = 1 << 5;
 const SLP_TYP_SHIFT: u8 = 2;
 const SLP_TYP_MASK: u8 = 0x7;
 
-pub struct PowerButton {
+pub struct SleepResetRegister {
     stopper: Arc<Stopper>,
 }
 
-impl PowerButton {
-    pub fn new(stopper: Arc<Stopper>) -> PowerButton {
-        PowerButton { stopper }
+impl SleepResetRegister {
+    pub fn new(stopper: Arc<Stopper>) -> SleepResetRegister {
+        SleepResetRegister { stopper }
     }
 }
 
-impl BusDevice for PowerButton {
+impl BusDevice for SleepResetRegister {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
@@ -51,7 +51,7 @@ mod tests {
 
     fn press(value: u8) -> Arc<Stopper> {
         let stopper = Arc::new(Stopper::default());
-        PowerButton::new(stopper.clone()).write(0, &[value]);
+        SleepResetRegister::new(stopper.clone()).write(0, &[value]);
         stopper
     }
 

@@ -2,7 +2,7 @@
 //!
 //! What the guest transmits goes straight to our stdout, unbuffered, so a shell prompt with no
 //! newline still shows. What the user types is queued into the receive FIFO by the console
-//! thread ([`crate::console`]); the UART raises IRQ 4 through an irqfd, so an interrupt never
+//! thread ([`crate::terminal`]); the UART raises IRQ 4 through an irqfd, so an interrupt never
 //! needs the vCPU thread's help.
 
 use std::io::{self, Write};

@@ -4,10 +4,11 @@
 //! We describe a *hardware-reduced* ACPI machine (no PM timer, no legacy PIC, no SMI): the
 //! kernel then skips probing a pile of legacy hardware that we would only have to emulate. Its
 //! `poweroff` and `reboot` go through one byte-wide register, served by
-//! [`crate::devices::power::PowerButton`]. The few ISA devices we do have (COM1, the keyboard
-//! controller, pvpanic) are named in the DSDT with their ports and interrupts: on such a
-//! machine that is the only way the kernel finds them, and it finds them without probing. The tables are built with `acpi_tables` and copied
-//! into the reserved area Linux scans for the RSDP.
+//! [`crate::devices::power::SleepResetRegister`]. The few ISA devices we do have (COM1, the
+//! keyboard controller, pvpanic) are named in the DSDT with their ports and interrupts: on such
+//! a machine that is the only way the kernel finds them, and it finds them without probing. The
+//! tables are built with `acpi_tables` and copied into the reserved area Linux scans for the
+//! RSDP.
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -22,7 +23,7 @@ use crate::devices::i8042::{COMMAND_PORT, DATA_PORT, KEYBOARD_IRQ};
 use crate::devices::power::{POWER_PORT, RESET_VALUE, SLEEP_TYPE_S5};
 use crate::devices::pvpanic::{PVPANIC_LEN, PVPANIC_PORT};
 use crate::devices::serial::{COM1_IRQ, COM1_LEN, COM1_PORT};
-use crate::error::{Error, Result};
+use crate::error::{guest_write, Error, Result};
 use crate::memory::layout;
 use crate::pci;
 
@@ -65,10 +66,10 @@ pub fn write(mem: &GuestMemoryMmap, cpus: u8) -> Result<u64> {
     let acpi = build(cpus, layout::ACPI);
     for (addr, bytes) in &acpi.tables {
         if addr + bytes.len() as u64 > layout::ACPI_END {
-            return Err(Error::Boot { what: "ACPI tables", why: "they outgrew their area".into() });
+            return Err(Error::Internal { what: "ACPI tables", why: "they outgrew their area".into() });
         }
         mem.write_slice(bytes, GuestAddress(*addr))
-            .map_err(|e| Error::Boot { what: "ACPI tables", why: e.to_string() })?;
+            .map_err(guest_write("ACPI tables"))?;
     }
     Ok(acpi.rsdp)
 }

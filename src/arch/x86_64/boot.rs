@@ -25,7 +25,7 @@ use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_
 use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
 
 use crate::config::VmConfig;
-use crate::error::{Error, Result};
+use crate::error::{guest_write, Error, Result};
 use crate::memory::{e820_map, layout, low_ram_end, E820Entry};
 
 /// How the first vCPU must be started.
@@ -75,7 +75,7 @@ pub fn load_guest(mem: &GuestMemoryMmap, config: &VmConfig, rsdp: u64) -> Result
     let kernel = load_kernel(mem, &config.kernel, memory_bytes)?;
     let cmdline = build_cmdline(&config.cmdline, kernel.cmdline_capacity())?;
     load_cmdline(mem, GuestAddress(layout::CMDLINE), &cmdline)
-        .map_err(|e| Error::Boot { what: "the command line", why: e.to_string() })?;
+        .map_err(guest_write("the command line"))?;
     let initrd = match &config.initrd {
         Some(path) => Some(load_initrd(mem, path, &kernel, memory_bytes)?),
         None => None,
@@ -100,7 +100,7 @@ pub const RESET_STUB: [u8; 6] = [0xb0, 0xfe, 0xe6, 0x64, 0xfa, 0xf4];
 fn write_reset_stub(mem: &GuestMemoryMmap) -> Result<()> {
     use vm_memory::Bytes;
     mem.write_slice(&RESET_STUB, GuestAddress(layout::RESET_VECTOR))
-        .map_err(|e| Error::Boot { what: "the reset vector", why: e.to_string() })
+        .map_err(guest_write("the reset vector"))
 }
 
 /// Tries the image as an ELF first (its magic is unambiguous), then as a bzImage.
@@ -169,7 +169,7 @@ fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel: &LoadedKernel, memory
     let len = usize::try_from(size).map_err(|_| too_big())?;
     use vm_memory::Bytes;
     mem.read_exact_volatile_from(GuestAddress(start), &mut file, len)
-        .map_err(|e| Error::Boot { what: "the initrd", why: e.to_string() })?;
+        .map_err(guest_write("the initrd"))?;
     Ok((start, size))
 }
 
@@ -207,7 +207,7 @@ fn write_zero_page(
     let params = zero_page(memory_bytes, header, cmdline_len, initrd, rsdp);
     let boot = BootParams::new::<boot_params>(&params, GuestAddress(layout::ZERO_PAGE));
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&boot, mem)
-        .map_err(|e| Error::Boot { what: "boot_params", why: e.to_string() })
+        .map_err(guest_write("boot_params"))
 }
 
 /// Builds the `boot_params` a 64-bit-entry kernel reads.
@@ -252,7 +252,7 @@ fn write_start_info(mem: &GuestMemoryMmap, memory_bytes: u64, initrd: Option<(u6
         boot.set_modules::<hvm_modlist_entry>(&modules, GuestAddress(layout::PVH_MODLIST));
     }
     PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&boot, mem)
-        .map_err(|e| Error::Boot { what: "PVH start_info", why: e.to_string() })
+        .map_err(guest_write("PVH start_info"))
 }
 
 /// Builds the `hvm_start_info`, its memory map and its module list.

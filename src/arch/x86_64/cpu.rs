@@ -12,7 +12,7 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::boot::Entry;
-use crate::error::{kvm, Error, Result};
+use crate::error::{guest_write, kvm, Error, Result};
 use crate::memory::layout;
 
 /// GDT selectors the boot protocols name: `__BOOT_CS` and `__BOOT_DS`.
@@ -78,7 +78,7 @@ pub fn boot_gdt(entry: Entry) -> [u64; 5] {
 pub fn write_identity_page_tables(mem: &GuestMemoryMmap) -> Result<()> {
     let write = |value: u64, addr: u64| {
         mem.write_obj(value, GuestAddress(addr))
-            .map_err(|e| Error::Boot { what: "page tables", why: e.to_string() })
+            .map_err(guest_write("page tables"))
     };
     write(layout::PDPT | PTE_PRESENT_RW, layout::PML4)?;
     for gib in 0..4u64 {
@@ -95,9 +95,9 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: Entry) -> Re
     let gdt = boot_gdt(entry);
     for (index, descriptor) in gdt.iter().enumerate() {
         mem.write_obj(*descriptor, GuestAddress(layout::GDT + index as u64 * 8))
-            .map_err(|e| Error::Boot { what: "the GDT", why: e.to_string() })?;
+            .map_err(guest_write("the GDT"))?;
     }
-    mem.write_obj(0u64, GuestAddress(layout::IDT)).map_err(|e| Error::Boot { what: "the IDT", why: e.to_string() })?;
+    mem.write_obj(0u64, GuestAddress(layout::IDT)).map_err(guest_write("the IDT"))?;
 
     let mut sregs = vcpu.get_sregs().map_err(kvm("reading vCPU special registers"))?;
     sregs.gdt.base = layout::GDT;
@@ -218,7 +218,7 @@ fn setup_msrs(vcpu: &VcpuFd) -> Result<()> {
         entry(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
         entry(MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK),
     ];
-    let msrs = Msrs::from_entries(&entries).map_err(|_| Error::Boot { what: "MSRs", why: "too many".into() })?;
+    let msrs = Msrs::from_entries(&entries).map_err(|_| Error::Internal { what: "the boot MSRs", why: "too many for one KVM_SET_MSRS".into() })?;
     let written = vcpu.set_msrs(&msrs).map_err(kvm("setting MSRs"))?;
     if written != entries.len() {
         tracing::debug!(written, wanted = entries.len(), "KVM accepted only some boot MSRs");
