@@ -21,7 +21,11 @@ pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
 const ESCAPE_HELP: &str = "Console: the guest's serial port is this terminal, in raw mode. \
-Press Ctrl-A then x to quit; Ctrl-A Ctrl-A sends a Ctrl-A to the guest.";
+Press Ctrl-A then x to quit; Ctrl-A Ctrl-A sends a Ctrl-A to the guest.
+
+Exit status: 0 the guest powered off or reset, or you quit; 1 the guest died (a report says \
+how) or the host failed (no KVM, a refused ioctl); 2 a bad request (a line says what to \
+change); 3 the guest kernel panicked (pvpanic); 128+N signal N.";
 
 #[derive(Debug, Parser)]
 #[command(name = "lguest", version, about = "Boot an unmodified Linux kernel on KVM", after_help = ESCAPE_HELP)]
@@ -473,8 +477,9 @@ mod tests {
     }
 
     #[test]
-    fn help_names_the_escape_key() {
+    fn help_names_the_escape_key_and_the_exit_statuses() {
         let help = parse(&["run", "--help"]).expect_err("help exits").to_string();
         assert!(help.contains("Ctrl-A then x"), "{help}");
+        assert!(help.contains("2 a bad request") && help.contains("the host failed"), "{help}");
     }
 }
