@@ -148,7 +148,7 @@ fn activation(mem: &GuestMemoryMmap, queues: Vec<Option<ActiveQueue>>, event_idx
 
 /// `device`'s handler for `activation`, driven by hand as its worker thread would drive it.
 fn by_hand<D: Device>(device: &D, activation: Activation) -> HandDriven<D::Handler> {
-    HandDriven::new(device.handler(activation).expect("handler")).expect("register")
+    HandDriven::activate(device, activation).expect("activation")
 }
 
 /// Checks the one outcome a served queue may have: a used entry for each available chain, in

@@ -44,8 +44,7 @@ pub fn poke(mem: &GuestMemoryMmap, at: u64, bytes: &[u8]) {
 /// `device`'s handler for `activation`, driven by hand as its worker thread would drive it:
 /// `handle(token)` is an event on the fd registered as `token` (queue *i*'s kick is token *i*).
 pub fn by_hand<D: Device>(device: &D, activation: Activation) -> HandDriven<D::Handler> {
-    let handler = device.handler(activation).expect("the activation has the queues the device needs");
-    HandDriven::new(handler).expect("register the handler")
+    HandDriven::activate(device, activation).expect("the activation has the queues the device needs")
 }
 
 /// A descriptor's address: mostly inside guest memory, sometimes anywhere at all.

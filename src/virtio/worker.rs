@@ -22,6 +22,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Signals;
+#[cfg(any(test, feature = "test-utils"))]
+use super::{ActivateError, Activation, Device};
 use crate::seccomp::{self, Role};
 
 /// The token of our own stop eventfd; handlers use any other.
@@ -83,10 +85,14 @@ pub struct HandDriven<W> {
 
 #[cfg(any(test, feature = "test-utils"))]
 impl<W: DeviceWorker> HandDriven<W> {
-    /// Registers `handler` as [`Worker::spawn`] does, on an epoll nobody waits on.
-    pub fn new(mut handler: W) -> io::Result<HandDriven<W>> {
-        let epoll = Epoll::new()?;
-        handler.register(&epoll)?;
+    /// Activates `device` as [`VirtioDevice::activate`] does, but with the handler kept here
+    /// and registered on an epoll nobody waits on, instead of on a thread.
+    ///
+    /// [`VirtioDevice::activate`]: super::VirtioDevice::activate
+    pub fn activate<D: Device<Handler = W>>(device: &D, activation: Activation) -> Result<HandDriven<W>, ActivateError> {
+        let mut handler = device.handler(activation)?;
+        let epoll = Epoll::new().map_err(ActivateError::WorkerThread)?;
+        handler.register(&epoll).map_err(ActivateError::WorkerThread)?;
         Ok(HandDriven { handler, epoll })
     }
 

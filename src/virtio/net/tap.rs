@@ -90,35 +90,17 @@ impl Tap {
     /// cut short or refused by the kernel, and lost either way: callers supply room for the
     /// largest frame. Returns the frame's length; `WouldBlock` when there is none.
     pub fn read_frame(&self, iovecs: &IoVecs<'_>) -> io::Result<usize> {
-        loop {
-            let iov = iovecs.as_slice();
-            // SAFETY: every iovec points into a mapping that `IoVecs` keeps borrowed for its
-            // whole life (see `IoVecs::push`), and readv writes only within the iovecs' lengths.
-            let ret = unsafe { libc::readv(self.file.as_raw_fd(), iov.as_ptr(), iovec_count(iov)) };
-            match usize::try_from(ret) {
-                Ok(len) => return Ok(len),
-                Err(_) => match io::Error::last_os_error() {
-                    e if e.kind() == io::ErrorKind::Interrupted => continue,
-                    e => return Err(e),
-                },
-            }
-        }
+        let iov = iovecs.as_slice();
+        // SAFETY: every iovec points into a mapping that `IoVecs` keeps borrowed for its whole
+        // life (see `IoVecs::push`), and readv writes only within the iovecs' lengths.
+        retry_interrupted(|| unsafe { libc::readv(self.file.as_raw_fd(), iov.as_ptr(), iovec_count(iov)) })
     }
 
     /// Writes one frame (virtio-net header first) gathered from `iovecs`.
     pub fn write_frame(&self, iovecs: &IoVecs<'_>) -> io::Result<usize> {
-        loop {
-            let iov = iovecs.as_slice();
-            // SAFETY: as in `read_frame`; writev only reads within the iovecs' lengths.
-            let ret = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), iovec_count(iov)) };
-            match usize::try_from(ret) {
-                Ok(len) => return Ok(len),
-                Err(_) => match io::Error::last_os_error() {
-                    e if e.kind() == io::ErrorKind::Interrupted => continue,
-                    e => return Err(e),
-                },
-            }
-        }
+        let iov = iovecs.as_slice();
+        // SAFETY: as in `read_frame`; writev only reads within the iovecs' lengths.
+        retry_interrupted(|| unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), iovec_count(iov)) })
     }
 
     /// A stand-in for a tap, for tests on hosts where a real one can't be had: one end of a
@@ -144,6 +126,19 @@ impl Tap {
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+}
+
+/// Runs a read or write syscall until a signal doesn't interrupt it; returns its byte count.
+fn retry_interrupted(mut syscall: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        match usize::try_from(syscall()) {
+            Ok(len) => return Ok(len),
+            Err(_) => match io::Error::last_os_error() {
+                e if e.kind() == io::ErrorKind::Interrupted => continue,
+                e => return Err(e),
+            },
+        }
     }
 }
 

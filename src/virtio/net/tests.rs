@@ -319,11 +319,14 @@ fn a_full_transmit_queue_is_served_in_batches_without_starving_receive() {
 }
 
 #[test]
-fn a_transmit_ring_that_claims_more_than_it_holds_breaks_the_device() {
-    let mut bench = Bench::new(LINUX);
-    bench.tx.set_avail_idx(QUEUE_SIZE + 1);
-    let err = bench.handle(TX_KICK).expect_err("an unusable ring");
-    assert!(err.to_string().contains("transmit queue is unusable"), "{err}");
+fn a_ring_that_claims_more_than_it_holds_breaks_the_device() {
+    for (queue, kick, name) in [(TX, TX_KICK, "transmit"), (RX, RX_KICK, "receive")] {
+        let mut bench = Bench::new(LINUX);
+        let driver = if queue == TX { &bench.tx } else { &bench.rx };
+        driver.set_avail_idx(QUEUE_SIZE + 1);
+        let err = bench.handle(kick).expect_err("an unusable ring");
+        assert!(err.to_string().contains(&format!("{name} queue is unusable")), "{err}");
+    }
 }
 
 /// Posts enough 2 KiB receive buffers for a 64 KiB segment, as Linux does.
@@ -451,14 +454,6 @@ fn with_event_idx_the_guest_is_interrupted_only_when_it_asked() {
     assert_eq!(bench.signals.take_queue_interrupts(RX), 1, "the index passed used_event");
 }
 
-#[test]
-fn a_receive_ring_that_claims_more_than_it_holds_breaks_the_device() {
-    let mut bench = Bench::new(LINUX);
-    bench.rx.set_avail_idx(QUEUE_SIZE + 1);
-    let err = bench.handle(RX_KICK).expect_err("an unusable ring");
-    assert!(err.to_string().contains("receive queue is unusable"), "{err}");
-}
-
 /// A device on a socket pair, with kick eventfds the test keeps a copy of.
 fn activation(mem: &GuestMemoryMmap, features: u64) -> (Activation, Driver, Driver, EventFd) {
     let (rx, rx_queue) = Driver::new(mem, 0, 0x10_0000);
@@ -525,24 +520,32 @@ mod real_tap {
         bytes
     }
 
-    /// Moves this thread into a new network namespace. Returns why not when this host gives us
-    /// no network namespace (we may not make one, or the kernel has none) or no /dev/net/tun:
-    /// the only reasons a real-tap test may skip. Any other failure fails the test.
-    fn private_network() -> Option<String> {
+    /// The only reasons a real-tap test may skip.
+    #[derive(Debug, thiserror::Error)]
+    enum Unavailable {
+        #[error("cannot make a network namespace: {0}")]
+        NoNamespace(io::Error),
+        #[error("this host has no /dev/net/tun")]
+        NoTun,
+    }
+
+    /// Moves this thread into a new network namespace, unless this host gives us none (we may
+    /// not make one, or the kernel has none) or no /dev/net/tun. Any other failure fails the test.
+    fn private_network() -> std::result::Result<(), Unavailable> {
         // SAFETY: unshare takes no pointers; CLONE_NEWNET changes only this thread's view.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
-                Some(libc::EPERM) | Some(libc::ENOSYS) => return Some(format!("cannot make a network namespace: {e}")),
+                Some(libc::EPERM) | Some(libc::ENOSYS) => return Err(Unavailable::NoNamespace(e)),
                 _ => panic!("unshare(CLONE_NEWNET) failed unexpectedly: {e}"),
             }
         }
         if !std::path::Path::new("/dev/net/tun").exists() {
-            return Some("this host has no /dev/net/tun".into());
+            return Err(Unavailable::NoTun);
         }
         // Keep IPv6's router solicitations off the wire; harmless if IPv6 is absent.
         let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
-        None
+        Ok(())
     }
 
     fn packet_socket(ifname: &str) -> OwnedFd {
@@ -603,19 +606,33 @@ mod real_tap {
         })
     }
 
+    /// A card on a new tap `name`, activated with `features` once `post` has posted the
+    /// receive buffers (whose heads and addresses it returns), and the host's end of the wire.
+    struct Wired {
+        net: Net,
+        wire: OwnedFd,
+        rx: Driver,
+        tx: Driver,
+        tx_kick: EventFd,
+        buffers: Vec<(u16, u64)>,
+    }
+
+    fn wired(name: &str, features: u64, post: impl FnOnce(&mut Driver) -> Vec<(u16, u64)>) -> Wired {
+        let tap = Tap::open(name).expect("a tap in our own namespace");
+        let wire = packet_socket(name);
+        let mut net = Net::with_tap(tap, Some(GUEST_MAC));
+        let (activation, mut rx, tx, tx_kick) = activation(&memory(), features);
+        let buffers = post(&mut rx);
+        net.activate(activation).expect("activation");
+        Wired { net, wire, rx, tx, tx_kick, buffers }
+    }
+
     fn carry_frames_both_ways() {
-        let tap = Tap::open("lgtest0").expect("a tap in our own namespace");
+        let Wired { mut net, wire, rx, mut tx, tx_kick, buffers } = wired("lgtest0", LINUX, |rx| post_linux_rx_buffers(rx, 60));
         let busy = Tap::open("lgtest0").expect_err("a tap serves one VM");
         assert!(busy.to_string().contains("already in use"), "{busy}");
         let not_a_tap = Tap::open("lo").expect_err("lo is no tap");
         assert!(not_a_tap.to_string().contains("not a single-queue tap"), "{not_a_tap}");
-        let wire = packet_socket("lgtest0");
-
-        let mut net = Net::with_tap(tap, Some(GUEST_MAC));
-        let mem = memory();
-        let (activation, mut rx, mut tx, tx_kick) = activation(&mem, LINUX);
-        let buffers = post_linux_rx_buffers(&mut rx, 60);
-        net.activate(activation).expect("activation");
 
         // Guest to host.
         let out = ethernet([0xff; 6], GUEST_MAC, b"lguest says hello");
@@ -637,14 +654,9 @@ mod real_tap {
     }
 
     fn drop_a_frame_too_big_for_the_buffers() {
-        let tap = Tap::open("lgtest1").expect("a tap in our own namespace");
-        let wire = packet_socket("lgtest1");
-        let mut net = Net::with_tap(tap, Some(GUEST_MAC));
-        let mem = memory();
         // No mergeable buffers and no offloads: each frame must fit one small chain.
-        let (activation, mut rx, ..) = activation(&mem, feature::VERSION_1);
-        let buffers: Vec<_> = (0..8).map(|_| rx.post_rx_buffer(300)).collect();
-        net.activate(activation).expect("activation");
+        let post = |rx: &mut Driver| (0..8).map(|_| rx.post_rx_buffer(300)).collect();
+        let Wired { mut net, wire, rx, buffers, .. } = wired("lgtest1", feature::VERSION_1, post);
         for frame in [ethernet(GUEST_MAC, HOST_MAC, &[b'x'; 1000]), ethernet(GUEST_MAC, HOST_MAC, b"small enough")] {
             // SAFETY: send reads `frame.len()` bytes of the buffer we own.
             let sent = unsafe { libc::send(wire.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
@@ -681,13 +693,7 @@ mod real_tap {
     }
 
     fn carry_64k_segments_unsplit() {
-        let tap = Tap::open("lgtest2").expect("a tap in our own namespace");
-        let wire = packet_socket("lgtest2");
-        let mut net = Net::with_tap(tap, Some(GUEST_MAC));
-        let mem = memory();
-        let (activation, mut rx, mut tx, tx_kick) = activation(&mem, LINUX);
-        let buffers = post_linux_rx_buffers(&mut rx, 100);
-        net.activate(activation).expect("activation");
+        let Wired { mut net, wire, rx, mut tx, tx_kick, buffers } = wired("lgtest2", LINUX, |rx| post_linux_rx_buffers(rx, 100));
 
         // Guest to host: the host's stack takes the 60 KB segment whole.
         let (header, out) = tcp_segment([0xff; 6], GUEST_MAC, 60000);
@@ -746,16 +752,10 @@ mod real_tap {
     /// Runs `test` on a thread of its own (the namespace is per thread), skipping it with a
     /// printed reason only when this host gives us no namespace or no /dev/net/tun.
     fn in_private_network(name: &str, test: fn()) {
-        let ran = std::thread::spawn(move || match private_network() {
-            Some(why) => Some(why),
-            None => {
-                test();
-                None
-            }
-        });
+        let ran = std::thread::spawn(move || private_network().map(|()| test()));
         match ran.join() {
-            Ok(None) => {}
-            Ok(Some(why)) => eprintln!("SKIPPED {name}: {why} (needs root or CAP_NET_ADMIN, and /dev/net/tun)"),
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => eprintln!("SKIPPED {name}: {why} (needs root or CAP_NET_ADMIN, and /dev/net/tun)"),
             Err(panic) => std::panic::resume_unwind(panic),
         }
     }
