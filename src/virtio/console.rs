@@ -191,7 +191,7 @@ impl ConsoleWorker {
         let Some(transmit) = self.transmit.as_mut() else { return Ok(()) };
         let mem = &self.mem;
         let mut output = lock(&self.output);
-        let returned = serve_until_idle(&mut transmit.queue, mem, |queue| {
+        let pass = serve_until_idle(&mut transmit.queue, mem, |queue| {
             let mut served = 0;
             while let Some(popped) = pop_skipping_bad_heads(queue, mem)? {
                 served += 1;
@@ -207,10 +207,7 @@ impl ConsoleWorker {
             tracing::debug!("console output lost: {e}");
         }
         drop(output);
-        if returned.served() > 0 {
-            interrupt_if_wanted(&mut transmit.queue, mem, &self.signals, TRANSMIT)?;
-        }
-        Ok(())
+        interrupt_if_wanted(&mut transmit.queue, mem, &self.signals, TRANSMIT, pass.served())
     }
 
     /// Moves pending input into the guest's receive buffers, for as long as there are both.
@@ -218,7 +215,7 @@ impl ConsoleWorker {
         let Some(receive) = self.receive.as_mut() else { return Ok(()) };
         let mem = &self.mem;
         let mut pending = lock(&self.input.0.bytes);
-        let returned = serve_until_idle(&mut receive.queue, mem, |queue| {
+        let pass = serve_until_idle(&mut receive.queue, mem, |queue| {
             let mut served = 0;
             while !pending.is_empty() {
                 let Some(popped) = pop_skipping_bad_heads(queue, mem)? else { return Ok(Pass::Drained(served)) };
@@ -233,10 +230,7 @@ impl ConsoleWorker {
             Ok::<_, QueueError>(Pass::Yielded(served))
         })?;
         drop(pending);
-        if returned.served() > 0 {
-            interrupt_if_wanted(&mut receive.queue, mem, &self.signals, RECEIVE)?;
-        }
-        Ok(())
+        interrupt_if_wanted(&mut receive.queue, mem, &self.signals, RECEIVE, pass.served())
     }
 }
 

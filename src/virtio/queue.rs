@@ -109,10 +109,17 @@ pub fn serve_until_idle<E: From<QueueError>>(
     }
 }
 
-/// Interrupts the guest for queue `index` if the driver wants to hear about the used entries
-/// added since the last call (always, without EVENT_IDX). Call it only after adding some.
-pub fn interrupt_if_wanted(queue: &mut Queue, mem: &GuestMemoryMmap, signals: &Signals, index: usize) -> Result<(), QueueError> {
-    if queue.needs_notification(mem)? {
+/// Interrupts the guest for queue `index` if the device has `used` new used entries for it
+/// (since the last call) and the driver wants to hear about them (always, without EVENT_IDX).
+/// Nothing used, nothing to say: no interrupt.
+pub fn interrupt_if_wanted(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    signals: &Signals,
+    index: usize,
+    used: usize,
+) -> Result<(), QueueError> {
+    if used > 0 && queue.needs_notification(mem)? {
         signals.used_queue(index);
     }
     Ok(())

@@ -83,9 +83,7 @@ impl RequestQueue {
             for (head, written) in completed.drain(..) {
                 queue.add_used(&*mem, head, written)?;
             }
-            if served > 0 {
-                interrupt_if_wanted(queue, mem, signals, REQUESTS)?;
-            }
+            interrupt_if_wanted(queue, mem, signals, REQUESTS, served)?;
             Ok::<_, QueueError>(Pass::Drained(served))
         })?;
         Ok(())

@@ -103,10 +103,7 @@ impl NetWorker {
             // Come back for the rest after the other work: our own kick says when.
             self.tx.kick.write(1).map_err(|source| NetError::Rekick { queue: "transmit", source })?;
         }
-        if pass.served() > 0 {
-            interrupt_if_wanted(&mut self.tx.queue, mem, &self.signals, TX).map_err(transmit_queue)?;
-        }
-        Ok(())
+        interrupt_if_wanted(&mut self.tx.queue, mem, &self.signals, TX, pass.served()).map_err(transmit_queue)
     }
 
     /// The tap has frames: deliver them while the guest has room, then publish the batch.
