@@ -12,7 +12,7 @@
 //!
 //! By convention queue *i*'s kick is registered under token *i*, and a device's other fds
 //! (its backend) under tokens after its queues', so that a handler driven by hand
-//! ([`HandDriven`], in tests and fuzz targets) is told "queue 1 was kicked" as `handle(1)`.
+//! (`HandDriven`, in tests and fuzz targets) is told "queue 1 was kicked" as `handle(1)`.
 
 use std::io;
 use std::os::fd::AsRawFd;

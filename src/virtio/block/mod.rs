@@ -65,6 +65,7 @@ impl Block {
     }
 
     /// The disk's size in 512-byte sectors.
+    #[cfg(test)]
     pub fn sectors(&self) -> u64 {
         self.disk.sectors
     }

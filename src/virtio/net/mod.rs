@@ -3,18 +3,17 @@
 //! The driver finds the card on the PCI bus, reads its MAC address and link status from the
 //! config space, and posts two queues: receive (0), where it leaves empty buffers, and transmit
 //! (1), where it leaves frames. Each frame, either way, starts with the 12-byte virtio-net
-//! header, and the tap ([`tap`]) speaks that same header: a frame goes between guest
-//! memory and the tap's fd in one readv or writev, never copied by us. The offloads (partial
+//! header, and the tap ([`tap`]) speaks that same header: a frame goes between guest memory and
+//! the tap's fd in one readv or writev, never copied by us. The offloads (partial
 //! checksums; TCP segments of up to 64 KiB, cut into packets by whoever finally needs packets)
 //! are what make bulk TCP fast, and mergeable receive buffers let a 64 KiB segment land in the
 //! small buffers a Linux driver posts, spread over several chains.
 //!
 //! Once activated, the card lives on its worker thread ([`worker`]): a transmit kick sends every
 //! waiting frame; the tap becoming readable delivers frames into held receive buffers
-//! ([`rx_buffers`]). When the guest
-//! has posted too little room for the next frame, we stop watching the tap (frames wait in the
-//! tap's own queue, nothing is lost by us) and ask for a receive kick instead. Used entries are
-//! published, and the guest interrupted, once per batch.
+//! ([`rx_buffers`]). When the guest has posted too little room for the next frame, we stop
+//! watching the tap (frames wait in the tap's own queue, nothing is lost by us) and ask for a
+//! receive kick instead. Used entries are published, and the guest interrupted, once per batch.
 //!
 //! Nothing the guest wrote is trusted. A transmit chain with a writable part, no room for a
 //! header, more than 64 KiB of frame, a buffer outside memory, or a loop, is dropped and
