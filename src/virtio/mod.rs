@@ -186,13 +186,13 @@ impl<H: DeviceWorker> Drop for VirtioCommon<H> {
 }
 
 /// Why a device could not start. The driver's doing ([`QueueNotEnabled`], [`LegacyDriver`]) or
-/// the host's ([`WorkerThread`], [`TapOffloads`]); either way the device needs a reset and the
-/// VM carries on.
+/// the host's ([`WorkerThread`], [`Backend`]); either way the device needs a reset and the VM
+/// carries on.
 ///
 /// [`QueueNotEnabled`]: ActivateError::QueueNotEnabled
 /// [`LegacyDriver`]: ActivateError::LegacyDriver
 /// [`WorkerThread`]: ActivateError::WorkerThread
-/// [`TapOffloads`]: ActivateError::TapOffloads
+/// [`Backend`]: ActivateError::Backend
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     #[error("the driver did not enable the {0} queue")]
@@ -201,8 +201,9 @@ pub enum ActivateError {
     LegacyDriver,
     #[error("cannot start the worker thread: {0}")]
     WorkerThread(#[source] io::Error),
-    #[error("the tap refused the offloads the driver accepted: {0}")]
-    TapOffloads(#[source] io::Error),
+    /// The device's backend refused what the driver asked for.
+    #[error("{what}: {source}")]
+    Backend { what: &'static str, source: io::Error },
 }
 
 /// Everything a device needs to serve its queues once the driver is ready.

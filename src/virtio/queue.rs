@@ -28,23 +28,23 @@ pub type Chain<'m> = DescriptorChain<&'m GuestMemoryMmap>;
 /// The guest has made a queue unusable: the device needs a reset.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    #[error("its rings can't be used: {0}")]
+    #[error("the queue's rings can't be used: {0}")]
     Ring(#[from] virtio_queue::Error),
-    #[error("its available ring can't be read")]
+    #[error("the available ring can't be read")]
     AvailableRingUnreadable,
-    #[error("it names descriptor {head} of a {size}-entry table")]
+    #[error("the available ring names descriptor {head} of a {size}-entry table")]
     HeadOutOfRange { head: u16, size: u16 },
     /// Re-enabling notifications said more chains had arrived, yet the next pass found none: the
     /// available index moved backwards. A guest that puts its available index where we write
     /// the used ring's flags (the two rings overlap) gets exactly that from every flags write,
     /// and would otherwise keep the worker serving forever, deaf to its stop eventfd.
-    #[error("its available index moved backwards (do the guest's rings overlap?)")]
+    #[error("the available index moved backwards (do the guest's rings overlap?)")]
     IndexMovedBackwards,
-    #[error("its used ring can't be written: {0}")]
+    #[error("the used ring can't be written: {0}")]
     UsedRing(#[source] GuestMemoryError),
-    #[error("its used event can't be read: {0}")]
+    #[error("the used event can't be read: {0}")]
     UsedEvent(#[source] GuestMemoryError),
-    #[error("its rings wrap around the address space")]
+    #[error("the rings wrap around the address space")]
     Wraps,
 }
 

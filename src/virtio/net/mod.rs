@@ -160,7 +160,8 @@ impl Device for Net {
         }
         let rx = activation.take_queue(RX, "receive")?;
         let tx = activation.take_queue(TX, "transmit")?;
-        self.tap.set_offloads(tap_offloads(activation.features)).map_err(ActivateError::TapOffloads)?;
+        let what = "the tap refused the offloads the driver accepted";
+        self.tap.set_offloads(tap_offloads(activation.features)).map_err(|source| ActivateError::Backend { what, source })?;
         let Activation { mem, features, signals, .. } = activation;
         Ok(NetWorker::new(mem, rx, tx, Arc::clone(&self.tap), signals, features, Arc::clone(&self.counters)))
     }
