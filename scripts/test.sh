@@ -13,7 +13,8 @@ command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustu
 ensure_cmds setpriv:util-linux unshare:util-linux strip:binutils
 lab/fetch.sh >/dev/null
 guest/build.sh >/dev/null
-cargo test --workspace --locked "$@"
+# test-utils: the test doubles tests/proptest_virtio_queues.rs drives the devices with.
+cargo test --workspace --locked --features lguest/test-utils "$@"
 # Every fuzz target for a bounded time (about 4 minutes in all); skipped when a filter is given.
 if (($# == 0)); then scripts/fuzz.sh --ci; fi
 # The README's benchmark command on its cheapest lab row, as a fresh clone runs it (into a

@@ -2,7 +2,8 @@
 //! `fuzz/fuzz_targets/virtio_{rng,console,block,net}.rs`: a malicious guest lays out descriptor
 //! chains however it likes (loops, next indices past the table, indirect tables, buffers
 //! outside memory or of absurd length, head indices past the ring) and the device serves the
-//! queue once, synchronously, through the same handler its worker thread runs.
+//! queue once, synchronously, through the same handler its worker thread runs
+//! ([`Device::handler`], driven by [`HandDriven`]). Needs `--features test-utils` (Cargo.toml).
 //!
 //! The rings sit apart from the buffers here, so the outcome can be checked exactly: every
 //! available chain yields a used entry, in order, or (for a head index past the ring, which has
@@ -15,13 +16,13 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use lguest::config::DiskConfig;
-use lguest::virtio::block::{Block, QUEUE_SIZE};
-use lguest::virtio::console::Console;
-use lguest::virtio::net::{Net, RX_KICK, TAP, TX_KICK};
-use lguest::virtio::tap::Tap;
-use lguest::virtio::worker::DeviceWorker;
-use lguest::virtio::rng::{Rng, MAX_BYTES_PER_REQUEST};
-use lguest::virtio::{feature, ActiveQueue, Activation, Signals};
+use lguest::virtio::block::{Block, QUEUE_SIZE, REQUESTS};
+use lguest::virtio::console::{Console, RECEIVE_KICK, TRANSMIT_KICK};
+use lguest::virtio::net::tap::Tap;
+use lguest::virtio::net::{Net, NetWorker, RX_KICK, TAP, TX_KICK};
+use lguest::virtio::rng::{self, Rng, MAX_BYTES_PER_REQUEST};
+use lguest::virtio::worker::HandDriven;
+use lguest::virtio::{feature, ActiveQueue, Activation, Device, Signals};
 use proptest::prelude::*;
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -29,7 +30,6 @@ use virtio_bindings::bindings::virtio_blk::{
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::epoll::{Epoll, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM_END: u64 = 0x10_0000;
@@ -146,9 +146,14 @@ fn activation(mem: &GuestMemoryMmap, queues: Vec<Option<ActiveQueue>>, event_idx
     Activation { mem: mem.clone(), queues, features, signals }
 }
 
+/// `device`'s handler for `activation`, driven by hand as its worker thread would drive it.
+fn by_hand<D: Device>(device: &D, activation: Activation) -> HandDriven<D::Handler> {
+    HandDriven::activate(device, activation).expect("activation")
+}
+
 /// Checks the one outcome a served queue may have: a used entry for each available chain, in
 /// order; or, if a head index lies past the ring, the device broken.
-fn check_served(served: Result<(), String>, guest: &GuestQueue, used: &[(u32, u32)]) -> Result<(), TestCaseError> {
+fn check_served<E: std::fmt::Display>(served: Result<(), E>, guest: &GuestQueue, used: &[(u32, u32)]) -> Result<(), TestCaseError> {
     match served {
         Ok(()) => {
             prop_assert!(!guest.has_bad_head(), "a head past the ring was served");
@@ -201,8 +206,8 @@ proptest! {
     fn rng_any_descriptor_chain_yields_a_used_entry_or_needs_reset(guest in guest_queue(256)) {
         let mem = memory();
         let queue = guest.install(&mem, 0, 256);
-        let mut worker = Rng::handler(activation(&mem, vec![Some(queue)], guest.event_idx)).expect("handler");
-        let used = { let served = worker.serve_queue(); (served, used(&mem, 0)) };
+        let mut worker = by_hand(&Rng::new(), activation(&mem, vec![Some(queue)], guest.event_idx));
+        let used = { let served = worker.handle(rng::REQUESTS as u64); (served, used(&mem, 0)) };
         check_served(used.0, &guest, &used.1)?;
         for &(_, len) in &used.1 {
             prop_assert!(len as usize <= MAX_BYTES_PER_REQUEST);
@@ -229,8 +234,8 @@ proptest! {
         if flush {
             activation.features |= 1 << virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
         }
-        let mut requests = block.handler(activation).expect("handler");
-        let served = requests.serve();
+        let mut requests = by_hand(&block, activation);
+        let served = requests.handle(REQUESTS as u64);
         check_served(served, &guest, &used(&mem, 0))?;
         prop_assert_eq!(std::fs::metadata(image.path()).expect("image").len(), 16 * 512, "the image changed size");
     }
@@ -245,9 +250,9 @@ proptest! {
         let console = Console::new(Box::new(io::sink())).expect("console");
         console.input().send(&typed);
         let queues = vec![Some(rx.install(&mem, 0, 256)), Some(tx.install(&mem, 0x8000, 256))];
-        let mut worker = console.handler(activation(&mem, queues, false));
-        prop_assert!(worker.transmit().is_ok(), "transmit broke on well-placed rings");
-        prop_assert!(worker.receive().is_ok(), "receive broke on well-placed rings");
+        let mut worker = by_hand(&console, activation(&mem, queues, false));
+        prop_assert!(worker.handle(TRANSMIT_KICK).is_ok(), "transmit broke on well-placed rings");
+        prop_assert!(worker.handle(RECEIVE_KICK).is_ok(), "receive broke on well-placed rings");
         // Transmit: every chain with a head inside the ring comes back, in order, empty.
         let tx_heads: Vec<(u32, u32)> = tx.heads.iter().filter(|&&h| h < tx.size).map(|&h| (u32::from(h), 0)).collect();
         prop_assert_eq!(used(&mem, 0x8000), tx_heads);
@@ -262,15 +267,12 @@ proptest! {
 
 /// A network card on a socket pair standing in for its tap, driven by hand; the host's end is
 /// returned to play the network.
-fn net_worker(mem: &GuestMemoryMmap, rx: ActiveQueue, tx: ActiveQueue, features: u64) -> (impl DeviceWorker, Epoll, std::fs::File) {
+fn net_worker(mem: &GuestMemoryMmap, rx: ActiveQueue, tx: ActiveQueue, features: u64) -> (HandDriven<NetWorker>, std::fs::File) {
     let (tap, host) = Tap::socket_pair().expect("socket pair");
     let net = Net::with_tap(tap, Some([0x52, 0x54, 0, 0, 0, 1]));
     let mut activation = activation(mem, vec![Some(rx), Some(tx)], false);
     activation.features |= features;
-    let mut worker = net.handler(activation).expect("handler");
-    let epoll = Epoll::new().expect("epoll");
-    worker.register(&epoll).expect("register");
-    (worker, epoll, std::fs::File::from(host))
+    (by_hand(&net, activation), std::fs::File::from(host))
 }
 
 proptest! {
@@ -280,8 +282,8 @@ proptest! {
     fn net_any_transmit_chain_yields_a_used_entry_or_needs_reset(tx in guest_queue(256), features in any::<u32>()) {
         let mem = memory();
         let rx = GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] };
-        let (mut worker, epoll, _host) = net_worker(&mem, rx.install(&mem, 0, 256), tx.install(&mem, 0x8000, 256), u64::from(features));
-        let served = worker.handle(&epoll, TX_KICK, EventSet::IN);
+        let (mut worker, _host) = net_worker(&mem, rx.install(&mem, 0, 256), tx.install(&mem, 0x8000, 256), u64::from(features));
+        let served = worker.handle(TX_KICK);
         check_served(served, &tx, &used(&mem, 0x8000))?;
     }
 
@@ -293,11 +295,11 @@ proptest! {
     ) {
         let mem = memory();
         let tx = GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] };
-        let (mut worker, epoll, mut host) = net_worker(&mem, rx.install(&mem, 0, 256), tx.install(&mem, 0x8000, 256), u64::from(features));
-        let mut served = worker.handle(&epoll, RX_KICK, EventSet::IN);
+        let (mut worker, mut host) = net_worker(&mem, rx.install(&mem, 0, 256), tx.install(&mem, 0x8000, 256), u64::from(features));
+        let mut served = worker.handle(RX_KICK);
         for len in frames {
             let _ = host.write(&vec![0x5a; len]);
-            served = served.and_then(|()| worker.handle(&epoll, TAP, EventSet::IN));
+            served = served.and_then(|()| worker.handle(TAP));
         }
         let used = used(&mem, 0);
         let mut posted = rx.heads.clone();
@@ -314,7 +316,7 @@ proptest! {
 
 /// Runs `serve` on a thread and fails the test if it has not returned within 20 s: the bugs
 /// kept here were endless loops.
-fn within_seconds(serve: impl FnOnce() -> Result<(), String> + Send + 'static) -> Result<(), String> {
+fn within_seconds<E: Send + 'static>(serve: impl FnOnce() -> Result<(), E> + Send + 'static) -> Result<(), E> {
     let (done, result) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = done.send(serve());
@@ -336,8 +338,8 @@ fn rng_rings_laid_over_each_other_break_the_device_instead_of_spinning() {
     queue.set_ready(true);
     assert!(queue.is_valid(&mem), "the transport accepts these rings");
     let active = ActiveQueue { queue, kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd") };
-    let mut worker = Rng::handler(activation(&mem, vec![Some(active)], false)).expect("handler");
-    assert!(within_seconds(move || worker.serve_queue()).is_err(), "the device says it is broken");
+    let mut worker = by_hand(&Rng::new(), activation(&mem, vec![Some(active)], false));
+    assert!(within_seconds(move || worker.handle(rng::REQUESTS as u64)).is_err(), "the device says it is broken");
 }
 
 /// Found by `cargo fuzz` (virtio_block): the same overlap, on a one-entry disk queue.
@@ -354,8 +356,8 @@ fn block_rings_laid_over_each_other_break_the_device_instead_of_spinning() {
     let active = ActiveQueue { queue, kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd") };
     let image = disk_image();
     let block = Block::new(&DiskConfig { path: image.path().to_path_buf(), readonly: true, id: None }).expect("disk");
-    let mut requests = block.handler(activation(&mem, vec![Some(active)], false)).expect("handler");
-    assert!(within_seconds(move || requests.serve()).is_err(), "the device says it is broken");
+    let mut requests = by_hand(&block, activation(&mem, vec![Some(active)], false));
+    assert!(within_seconds(move || requests.handle(REQUESTS as u64)).is_err(), "the device says it is broken");
 }
 
 /// The same overlap on virtio-net's transmit queue, which had the same loop.
@@ -373,10 +375,10 @@ fn net_rings_laid_over_each_other_break_the_device_instead_of_spinning() {
         ActiveQueue { queue, kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd") }
     };
     let rx = GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] };
-    let (mut worker, epoll, host) = net_worker(&mem, rx.install(&mem, 0x8000, 256), overlapping, 0);
+    let (mut worker, host) = net_worker(&mem, rx.install(&mem, 0x8000, 256), overlapping, 0);
     let served = within_seconds(move || {
         let _host = host;
-        worker.handle(&epoll, TX_KICK, EventSet::IN)
+        worker.handle(TX_KICK)
     });
     assert!(served.is_err(), "the device says it is broken");
 }

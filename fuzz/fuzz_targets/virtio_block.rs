@@ -12,9 +12,9 @@ use std::sync::OnceLock;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use lguest::config::DiskConfig;
-use lguest::virtio::block::Block;
+use lguest::virtio::block::{Block, REQUESTS};
 use lguest::virtio::{feature, ActiveQueue, Activation, Signals};
-use lguest_fuzz::{memory, Guest, MemFile};
+use lguest_fuzz::{by_hand, memory, Guest, MemFile};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Two 64 KiB disks, writable and read-only, opened once: the image is the host's, not the
@@ -51,7 +51,7 @@ fuzz_target!(|input: Input| {
     }
     let activation = Activation { mem, queues: vec![Some(ActiveQueue { queue, kick })], features, signals: Signals::standalone(1) };
     let (block, _) = &disks()[usize::from(input.readonly)];
-    let mut requests = block.handler(activation).expect("one queue");
+    let mut requests = by_hand(block, activation);
     // An Err is the device declaring itself broken (NEEDS_RESET): allowed. A panic is not.
-    let _ = requests.serve();
+    let _ = requests.handle(REQUESTS as u64);
 });

@@ -8,9 +8,9 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use lguest::virtio::console::{Console, INPUT_LIMIT};
+use lguest::virtio::console::{Console, INPUT_LIMIT, RECEIVE_KICK, TRANSMIT_KICK};
 use lguest::virtio::{feature, ActiveQueue, Activation, Signals};
-use lguest_fuzz::{memory, Guest};
+use lguest_fuzz::{by_hand, memory, Guest};
 use vmm_sys_util::eventfd::EventFd;
 
 #[derive(Arbitrary, Debug)]
@@ -40,7 +40,7 @@ fuzz_target!(|input: Input| {
         features: feature::VERSION_1,
         signals: Signals::standalone(2),
     };
-    let mut worker = console.handler(activation);
+    let mut worker = by_hand(&console, activation);
     for op in input.ops.iter().take(64) {
         match op {
             Op::Type(bytes) => {
@@ -49,10 +49,10 @@ fuzz_target!(|input: Input| {
             }
             // Errors are the device declaring itself broken (NEEDS_RESET): allowed.
             Op::Receive => {
-                let _ = worker.receive();
+                let _ = worker.handle(RECEIVE_KICK);
             }
             Op::Transmit => {
-                let _ = worker.transmit();
+                let _ = worker.handle(TRANSMIT_KICK);
             }
         }
     }

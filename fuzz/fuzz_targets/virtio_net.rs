@@ -11,12 +11,10 @@ use std::io::{Read, Write};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use lguest::virtio::net::tap::Tap;
 use lguest::virtio::net::{Net, RX_KICK, TAP, TX_KICK};
-use lguest::virtio::tap::Tap;
-use lguest::virtio::worker::DeviceWorker;
 use lguest::virtio::{ActiveQueue, Activation, Signals};
-use lguest_fuzz::{memory, Guest};
-use vmm_sys_util::epoll::{Epoll, EventSet};
+use lguest_fuzz::{by_hand, memory, Guest};
 use vmm_sys_util::eventfd::EventFd;
 
 #[derive(Arbitrary, Debug)]
@@ -49,19 +47,17 @@ fuzz_target!(|input: Input| {
     let net = Net::with_tap(tap, Some([0x52, 0x54, 0, 0, 0, 1]));
     let features = u64::from(input.features) | lguest::virtio::feature::VERSION_1;
     let activation = Activation { mem, queues: vec![Some(active(rx)), Some(active(tx))], features, signals: Signals::standalone(2) };
-    let mut worker = net.handler(activation).expect("both queues");
-    let epoll = Epoll::new().expect("epoll");
-    worker.register(&epoll).expect("register");
+    let mut worker = by_hand(&net, activation);
     for op in input.ops.iter().take(64) {
         // Errors are the device declaring itself broken (NEEDS_RESET): allowed, and final.
         let served = match *op {
-            Op::TransmitKick => worker.handle(&epoll, TX_KICK, EventSet::IN),
-            Op::ReceiveKick => worker.handle(&epoll, RX_KICK, EventSet::IN),
+            Op::TransmitKick => worker.handle(TX_KICK),
+            Op::ReceiveKick => worker.handle(RX_KICK),
             Op::HostSends { len, fill } => {
                 let _ = host.write(&vec![fill; usize::from(len)]);
-                worker.handle(&epoll, TAP, EventSet::IN)
+                worker.handle(TAP)
             }
-            Op::TapReadable => worker.handle(&epoll, TAP, EventSet::IN),
+            Op::TapReadable => worker.handle(TAP),
             Op::HostDrains => {
                 let mut frame = vec![0u8; 70_000];
                 while host.read(&mut frame).is_ok() {}

@@ -18,7 +18,7 @@ use lguest::pci::msix::{MsiRoutes, NO_VECTOR};
 use lguest::pci::PciDevice;
 use lguest::virtio::console::Console;
 use lguest::virtio::net::Net;
-use lguest::virtio::tap::Tap;
+use lguest::virtio::net::tap::Tap;
 use lguest::virtio::rng::Rng;
 use lguest::virtio::transport::{VirtioPci, BAR_SIZE};
 use lguest::virtio::VirtioDevice;

@@ -6,7 +6,8 @@
 //! fuzzer mutates (ring placement, descriptors with addresses near or far, the available ring,
 //! indirect tables, and raw pokes anywhere last, so nothing is out of reach); [`Guest::install`]
 //! writes it into memory and returns the queue the device would be handed at DRIVER_OK, checked
-//! exactly as the transport checks it. The device then serves it once, synchronously.
+//! exactly as the transport checks it. The device then serves it synchronously, through the
+//! handler its worker thread runs ([`by_hand`]).
 //!
 //! The memory has three regions, two of them adjacent and one behind a hole, so that buffers
 //! spanning regions and buffers running into a hole are both within reach.
@@ -17,6 +18,8 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 
 use arbitrary::Arbitrary;
+use lguest::virtio::worker::HandDriven;
+use lguest::virtio::{Activation, Device};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -36,6 +39,12 @@ pub fn poke(mem: &GuestMemoryMmap, at: u64, bytes: &[u8]) {
     for (i, byte) in bytes.iter().enumerate() {
         let _ = mem.write_obj(*byte, GuestAddress(at.wrapping_add(i as u64)));
     }
+}
+
+/// `device`'s handler for `activation`, driven by hand as its worker thread would drive it:
+/// `handle(token)` is an event on the fd registered as `token` (queue *i*'s kick is token *i*).
+pub fn by_hand<D: Device>(device: &D, activation: Activation) -> HandDriven<D::Handler> {
+    HandDriven::activate(device, activation).expect("the activation has the queues the device needs")
 }
 
 /// A descriptor's address: mostly inside guest memory, sometimes anywhere at all.
@@ -247,7 +256,7 @@ impl lguest::virtio::VirtioDevice for Probe {
         }
         self.activations.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if self.refuse {
-            return Err(lguest::virtio::ActivateError("refused by the fuzzer".into()));
+            return Err(lguest::virtio::ActivateError::QueueNotEnabled("refused by the fuzzer"));
         }
         Ok(())
     }

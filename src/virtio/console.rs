@@ -7,7 +7,7 @@
 //! no MULTIPORT control queues, no F_SIZE: Linux only reads the window size on a config
 //! interrupt, so a size fixed at boot would never reach the shell.
 //!
-//! Keystrokes come from the stdin pump ([`crate::console`]) through a [`ConsoleInput`], which
+//! Keystrokes come from the stdin pump ([`crate::terminal`]) through a [`ConsoleInput`], which
 //! keeps them in a bounded buffer until the guest has posted somewhere to put them: a guest
 //! that never reads its console costs us at most [`INPUT_LIMIT`] bytes, and the rest is
 //! dropped. Everything in the queues is the guest's to forge: a descriptor outside memory, a
@@ -18,27 +18,27 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{Epoll, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::{watch, DeviceWorker, Worker};
-use super::{device_type, ActivateError, Activation, ActiveQueue, Signals, VirtioDevice};
+use super::queue::{clear_kick, interrupt_if_wanted, next_chain, serve_until_idle, Chain, Pass, QueueError};
+use super::worker::{watch, DeviceWorker};
+use super::{device_type, ActivateError, Activation, ActiveQueue, Device, Signals, VirtioCommon};
 use crate::bus::lock;
 
 /// Queue indices (virtio spec 5.3.2: receiveq, transmitq for port 0).
 const RECEIVE: usize = 0;
 const TRANSMIT: usize = 1;
-const QUEUE_SIZES: [u16; 2] = [256, 256];
 
 /// How much typed input we hold while the guest posts no receive buffers.
 pub const INPUT_LIMIT: usize = 64 * 1024;
 
-/// Worker epoll tokens.
-const RECEIVE_KICK: u64 = 0;
-const TRANSMIT_KICK: u64 = 1;
-const INPUT_ARRIVED: u64 = 2;
+/// Worker epoll tokens: the queues' kicks (by queue index), then typed input.
+pub const RECEIVE_KICK: u64 = RECEIVE as u64;
+pub const TRANSMIT_KICK: u64 = TRANSMIT as u64;
+pub const INPUT_ARRIVED: u64 = 2;
 
 /// What the user typed and the guest has not taken yet, shared by the pump and the worker.
 struct PendingInput {
@@ -87,7 +87,7 @@ impl ConsoleInput {
 pub struct Console {
     input: ConsoleInput,
     output: Arc<Mutex<Box<dyn Write + Send>>>,
-    worker: Option<Worker<ConsoleWorker>>,
+    common: VirtioCommon<ConsoleWorker>,
 }
 
 impl Console {
@@ -95,69 +95,47 @@ impl Console {
     /// the host can't give us an eventfd.
     pub fn new(output: Box<dyn Write + Send>) -> io::Result<Console> {
         let pending = PendingInput { bytes: Mutex::default(), arrived: EventFd::new(libc::EFD_NONBLOCK)? };
-        Ok(Console { input: ConsoleInput(Arc::new(pending)), output: Arc::new(Mutex::new(output)), worker: None })
+        Ok(Console {
+            input: ConsoleInput(Arc::new(pending)),
+            output: Arc::new(Mutex::new(output)),
+            common: VirtioCommon::default(),
+        })
     }
 
     /// The handle the stdin pump delivers typed bytes to.
     pub fn input(&self) -> ConsoleInput {
         self.input.clone()
     }
+}
 
-    /// What [`VirtioDevice::activate`] runs on the worker thread, for driving by hand: the
-    /// fuzz targets and property tests serve the queues with it synchronously.
-    pub fn handler(&self, activation: Activation) -> ConsoleWorker {
-        let Activation { mem, mut queues, signals, .. } = activation;
-        let mut take = |index: usize| queues.get_mut(index).and_then(Option::take);
-        ConsoleWorker {
-            receive: take(RECEIVE),
-            transmit: take(TRANSMIT),
-            mem,
+impl Device for Console {
+    type Handler = ConsoleWorker;
+    const DEVICE_TYPE: u32 = device_type::CONSOLE;
+    const WORKER_NAME: &'static str = "virtio-console";
+    const QUEUE_SIZES: &'static [u16] = &[256, 256];
+
+    // No features, and so nothing in the config space (5.3.4: cols, rows, max_nr_ports,
+    // emerg_wr) means anything to a driver without F_SIZE, MULTIPORT or EMERG_WRITE: all of it
+    // reads as zero.
+
+    /// Either queue may be missing: a driver that never reads its console needs no receive
+    /// queue, and its input just waits.
+    fn handler(&self, mut activation: Activation) -> Result<ConsoleWorker, ActivateError> {
+        Ok(ConsoleWorker {
+            receive: activation.take_optional_queue(RECEIVE),
+            transmit: activation.take_optional_queue(TRANSMIT),
+            mem: activation.mem,
             input: self.input.clone(),
             output: Arc::clone(&self.output),
-            signals,
-        }
+            signals: activation.signals,
+        })
+    }
+
+    fn common(&mut self) -> &mut VirtioCommon<ConsoleWorker> {
+        &mut self.common
     }
 }
 
-impl VirtioDevice for Console {
-    fn device_type(&self) -> u32 {
-        device_type::CONSOLE
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
-
-    fn features(&self) -> u64 {
-        0
-    }
-
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        // The config space (5.3.4: cols, rows, max_nr_ports, emerg_wr) means nothing to a
-        // driver without F_SIZE, MULTIPORT or EMERG_WRITE: all of it reads as zero.
-        data.fill(0);
-    }
-
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        self.reset();
-        let signals = activation.signals.clone();
-        let worker = Worker::spawn("virtio-console", self.handler(activation), signals)
-            .map_err(|e| ActivateError(format!("cannot start the console's worker thread: {e}")))?;
-        self.worker = Some(worker);
-        // Input typed before the driver was ready may be waiting with no wake-up left to see.
-        self.input.wake_worker();
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            // The output lives on in `self.output`; the handler itself has nothing to give back.
-            let _ = worker.stop();
-        }
-    }
-}
-
-/// A console dropped while active stops its thread rather than leave it serving a dead VM.
 /// The console's side of its worker thread.
 pub struct ConsoleWorker {
     receive: Option<ActiveQueue>,
@@ -169,6 +147,8 @@ pub struct ConsoleWorker {
 }
 
 impl DeviceWorker for ConsoleWorker {
+    type Error = QueueError;
+
     fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
         if let Some(receive) = &self.receive {
             watch(epoll, &receive.kick, RECEIVE_KICK)?;
@@ -176,21 +156,28 @@ impl DeviceWorker for ConsoleWorker {
         if let Some(transmit) = &self.transmit {
             watch(epoll, &transmit.kick, TRANSMIT_KICK)?;
         }
-        watch(epoll, &self.input.0.arrived, INPUT_ARRIVED)
+        watch(epoll, &self.input.0.arrived, INPUT_ARRIVED)?;
+        // Input typed before the driver was ready may be waiting with no wake-up left to see.
+        self.input.wake_worker();
+        Ok(())
     }
 
-    fn handle(&mut self, _: &Epoll, token: u64, _: EventSet) -> Result<(), String> {
+    fn handle(&mut self, _: &Epoll, token: u64, _: EventSet) -> Result<(), QueueError> {
         match token {
             TRANSMIT_KICK => {
-                consume(self.transmit.as_ref().map(|q| &q.kick));
+                if let Some(transmit) = &self.transmit {
+                    clear_kick(&transmit.kick);
+                }
                 self.transmit()
             }
             RECEIVE_KICK => {
-                consume(self.receive.as_ref().map(|q| &q.kick));
+                if let Some(receive) = &self.receive {
+                    clear_kick(&receive.kick);
+                }
                 self.receive()
             }
             INPUT_ARRIVED => {
-                consume(Some(&self.input.0.arrived));
+                clear_kick(&self.input.0.arrived);
                 self.receive()
             }
             _ => Ok(()),
@@ -198,68 +185,66 @@ impl DeviceWorker for ConsoleWorker {
     }
 }
 
-/// Clears an eventfd's count, so that level-triggered epoll doesn't report it again.
-fn consume(eventfd: Option<&EventFd>) {
-    // WouldBlock only means someone else read it first: nothing is lost, we look at the queue.
-    if let Some(eventfd) = eventfd {
-        let _ = eventfd.read();
-    }
-}
-
 impl ConsoleWorker {
     /// Copies every buffer the guest queued for transmission to our output, in order.
-    pub fn transmit(&mut self) -> Result<(), String> {
+    fn transmit(&mut self) -> Result<(), QueueError> {
         let Some(transmit) = self.transmit.as_mut() else { return Ok(()) };
-        let queue = &mut transmit.queue;
+        let mem = &self.mem;
         let mut output = lock(&self.output);
-        let mut returned = false;
-        while let Some(chain) = next_chain(queue, &self.mem)? {
-            let head = chain.head_index();
-            print_buffer(chain, &self.mem, &mut **output);
-            returned |= give_back(queue, &self.mem, head, 0)?;
-        }
+        let pass = serve_until_idle(&mut transmit.queue, mem, |queue| {
+            let mut served = 0;
+            while let Some(popped) = pop_skipping_bad_heads(queue, mem)? {
+                served += 1;
+                if let Some(chain) = popped {
+                    let head = chain.head_index();
+                    print_buffer(chain, mem, &mut **output);
+                    queue.add_used(mem, head, 0)?;
+                }
+            }
+            Ok::<_, QueueError>(Pass::Drained(served))
+        })?;
         if let Err(e) = output.flush() {
             tracing::debug!("console output lost: {e}");
         }
         drop(output);
-        notify_if_needed(queue, &self.mem, &self.signals, TRANSMIT, returned)
+        interrupt_if_wanted(&mut transmit.queue, mem, &self.signals, TRANSMIT, pass.served())
     }
 
     /// Moves pending input into the guest's receive buffers, for as long as there are both.
-    pub fn receive(&mut self) -> Result<(), String> {
+    fn receive(&mut self) -> Result<(), QueueError> {
         let Some(receive) = self.receive.as_mut() else { return Ok(()) };
-        let queue = &mut receive.queue;
+        let mem = &self.mem;
         let mut pending = lock(&self.input.0.bytes);
-        let mut returned = false;
-        while !pending.is_empty() {
-            let Some(chain) = next_chain(queue, &self.mem)? else { break };
-            let head = chain.head_index();
-            let written = fill_buffer(chain, &self.mem, &mut pending);
-            returned |= give_back(queue, &self.mem, head, written)?;
-        }
+        let pass = serve_until_idle(&mut receive.queue, mem, |queue| {
+            let mut served = 0;
+            while !pending.is_empty() {
+                let Some(popped) = pop_skipping_bad_heads(queue, mem)? else { return Ok(Pass::Drained(served)) };
+                served += 1;
+                if let Some(chain) = popped {
+                    let head = chain.head_index();
+                    let written = fill_buffer(chain, mem, &mut pending);
+                    queue.add_used(mem, head, written)?;
+                }
+            }
+            // Buffers may be left for the next input, which wakes us itself.
+            Ok::<_, QueueError>(Pass::Yielded(served))
+        })?;
         drop(pending);
-        notify_if_needed(queue, &self.mem, &self.signals, RECEIVE, returned)
+        interrupt_if_wanted(&mut receive.queue, mem, &self.signals, RECEIVE, pass.served())
     }
 }
 
-type Chain<'m> = DescriptorChain<&'m GuestMemoryMmap>;
-
-/// The next buffer the guest made available, if any. When the ring looks empty, notifications
-/// are re-armed and the ring read once more, so that a buffer added in between isn't missed
-/// until the next kick. An `Err` means the rings can't be read any more.
-fn next_chain<'m>(queue: &mut Queue, mem: &'m GuestMemoryMmap) -> Result<Option<Chain<'m>>, String> {
-    let pop = |queue: &mut Queue| -> Result<Option<Chain<'m>>, String> {
-        let mut available = queue.iter(mem).map_err(|e| format!("cannot read the available ring: {e}"))?;
-        Ok(available.next())
-    };
-    if let Some(chain) = pop(queue)? {
-        return Ok(Some(chain));
-    }
-    let more = queue.enable_notification(mem).map_err(|e| format!("cannot re-enable notifications: {e}"))?;
-    if more {
-        pop(queue)
-    } else {
-        Ok(None)
+/// The next chain, as [`next_chain`] gives it, except that a head index past the queue's end is
+/// popped and dropped (`Some(None)`) rather than breaking the console: it names no buffer the
+/// guest could get back, and hvc0 is what a user needs to find out what went wrong.
+fn pop_skipping_bad_heads<'m>(queue: &mut Queue, mem: &'m GuestMemoryMmap) -> Result<Option<Option<Chain<'m>>>, QueueError> {
+    match next_chain(queue, mem) {
+        Ok(chain) => Ok(chain.map(Some)),
+        Err(QueueError::HeadOutOfRange { head, .. }) => {
+            tracing::debug!(head, "hvc0: the guest made a descriptor past the queue's end available");
+            Ok(Some(None))
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -309,36 +294,10 @@ fn fill_buffer(chain: Chain<'_>, mem: &GuestMemoryMmap, pending: &mut VecDeque<u
     u32::try_from(written).unwrap_or(u32::MAX)
 }
 
-/// Returns a buffer to the guest with `len` bytes written into it. A head index past the
-/// queue's end names no buffer the guest could get back, so there is nothing to return. True
-/// if a used entry was added.
-fn give_back(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> Result<bool, String> {
-    if head >= queue.size() {
-        tracing::debug!(head, "hvc0: the guest made a descriptor past the queue's end available");
-        return Ok(false);
-    }
-    queue.add_used(mem, head, len).map_err(|e| format!("cannot write the used ring: {e}"))?;
-    Ok(true)
-}
-
-/// Interrupts the guest for queue `index` if it returned buffers and the driver wants to know.
-fn notify_if_needed(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    signals: &Signals,
-    index: usize,
-    returned: bool,
-) -> Result<(), String> {
-    if returned && queue.needs_notification(mem).map_err(|e| format!("cannot read the used event: {e}"))? {
-        signals.used_queue(index);
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::wait_until;
+    use crate::virtio::{wait_until, VirtioDevice};
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -479,7 +438,7 @@ mod tests {
             Harness { worker, epoll: Epoll::new().expect("epoll"), output, signals }
         }
 
-        fn event(&mut self, token: u64) -> Result<(), String> {
+        fn event(&mut self, token: u64) -> Result<(), QueueError> {
             self.worker.handle(&self.epoll, token, EventSet::IN)
         }
 

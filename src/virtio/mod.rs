@@ -1,14 +1,15 @@
 //! Virtio devices: the console, disks, network and entropy a guest drives through queues in
 //! its own memory, as lguest's launcher gave its guests.
 //!
-//! The split follows the virtio spec. The *transport* ([`transport`], virtio over PCI) is what the guest sees on the
-//! PCI bus: registers for features, status and queue addresses, MSI-X vectors, and notify
+//! The split follows the virtio spec. The *transport* ([`transport`], virtio over PCI) is what
+//! the guest sees on the PCI bus: registers for features, status and queue addresses, MSI-X vectors, and notify
 //! addresses that KVM turns into eventfd wake-ups (ioeventfd) without a trip through a vCPU
-//! thread. A *device* ([`VirtioDevice`]) only knows its own type, features and config space,
-//! and what to do with the requests in its queues. When the guest's driver says DRIVER_OK, the
-//! transport hands the device an [`Activation`]: the queues, their kick eventfds, and the
-//! [`Signals`] to interrupt the guest with. The device then works on its own [`worker`]
-//! thread, so that no device can stall a vCPU.
+//! thread. A *device* ([`Device`]) only knows its own type, features and config space, and
+//! how to build the handler that serves its queues. When the guest's driver says DRIVER_OK,
+//! the transport hands the device an [`Activation`]: the queues, their kick eventfds, and the
+//! [`Signals`] to interrupt the guest with. The handler then works on the device's own
+//! [`worker`] thread, so that no device can stall a vCPU; [`queue`] is how every handler walks
+//! its rings, and [`iovec`] how guest buffers reach a vectored syscall.
 //!
 //! Nothing in a queue is trusted: descriptor addresses, lengths, chain shapes and request
 //! headers are the guest's to forge. A bad request fails alone (the guest gets an error
@@ -17,13 +18,15 @@
 
 pub mod block;
 pub mod console;
+pub mod iovec;
 pub mod net;
+pub mod queue;
 pub mod rng;
-pub mod tap;
 pub mod transport;
 pub mod worker;
 
 use std::fmt::Display;
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
@@ -31,6 +34,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use self::worker::{DeviceWorker, Worker};
 use crate::pci::msix::{MsixVectors, NO_VECTOR};
 
 /// The device types we implement (virtio spec 5: "Device Types").
@@ -48,7 +52,8 @@ pub mod feature {
     pub const VERSION_1: u64 = 1 << 32;
 }
 
-/// A virtio device behind a transport.
+/// A virtio device as the transport sees it. Devices don't implement it by hand: every
+/// [`Device`] is one. (Test doubles of the transport's own tests do.)
 pub trait VirtioDevice: Send {
     /// The virtio device ID (see [`device_type`]).
     fn device_type(&self) -> u32;
@@ -76,6 +81,131 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
+/// A virtio device as its author writes it: its type, queues, features and config space, and
+/// the handler that serves its queues. Activation and reset are the same for every device and
+/// are provided (see the [`VirtioDevice`] impl below): the handler is built from the
+/// [`Activation`] and run on a [`Worker`] thread, which [`VirtioCommon`] keeps until reset.
+/// docs/adding-a-device.md walks through virtio-rng as the example.
+pub trait Device: Send {
+    /// What serves the queues, on the worker thread or driven by hand in tests and fuzzing.
+    type Handler: DeviceWorker;
+    /// The virtio device ID (see [`device_type`]).
+    const DEVICE_TYPE: u32;
+    /// The name of the worker thread (Linux keeps 15 bytes of it).
+    const WORKER_NAME: &'static str;
+    /// The largest size of each queue; their number is the device's queue count.
+    const QUEUE_SIZES: &'static [u16];
+
+    /// The device-specific feature bits offered to the driver (the transport adds its own).
+    fn offered_features(&self) -> u64 {
+        0
+    }
+
+    /// The device-specific config space, read-only to the driver.
+    fn config_space(&self) -> &[u8] {
+        &[]
+    }
+
+    /// Builds the handler for an activation: takes the queues, checks what the driver accepted,
+    /// readies the backend. Everything [`VirtioDevice::activate`] does but start the thread, so
+    /// that fuzz targets and property tests can serve the queues synchronously with it.
+    fn handler(&self, activation: Activation) -> Result<Self::Handler, ActivateError>;
+
+    /// The state every device keeps the same way.
+    fn common(&mut self) -> &mut VirtioCommon<Self::Handler>;
+}
+
+impl<D: Device> VirtioDevice for D {
+    fn device_type(&self) -> u32 {
+        D::DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        D::QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        self.offered_features()
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        copy_config(self.config_space(), offset, data);
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.common().stop();
+        let signals = activation.signals.clone();
+        let handler = self.handler(activation)?;
+        self.common().start(D::WORKER_NAME, handler, signals)
+    }
+
+    fn reset(&mut self) {
+        self.common().stop();
+    }
+}
+
+/// Copies the bytes of `config` at `offset` into `data`; bytes past its end read as zero.
+fn copy_config(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Some(tail) = usize::try_from(offset).ok().and_then(|offset| config.get(offset..)) else { return };
+    let len = tail.len().min(data.len());
+    data[..len].copy_from_slice(&tail[..len]);
+}
+
+/// What every device keeps the same way: the worker thread serving its queues while the driver
+/// has it activated. Dropping it stops the thread, so that no device outlives its VM's memory
+/// on a thread of its own.
+pub struct VirtioCommon<H: DeviceWorker> {
+    worker: Option<Worker<H>>,
+}
+
+impl<H: DeviceWorker> Default for VirtioCommon<H> {
+    fn default() -> Self {
+        VirtioCommon { worker: None }
+    }
+}
+
+impl<H: DeviceWorker> VirtioCommon<H> {
+    fn start(&mut self, name: &str, handler: H, signals: Signals) -> Result<(), ActivateError> {
+        self.worker = Some(Worker::spawn(name, handler, signals).map_err(ActivateError::WorkerThread)?);
+        Ok(())
+    }
+
+    /// Stops the worker, if one runs; its handler, with the queues, goes with it.
+    fn stop(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.stop();
+        }
+    }
+}
+
+impl<H: DeviceWorker> Drop for VirtioCommon<H> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Why a device could not start. The driver's doing ([`QueueNotEnabled`], [`LegacyDriver`]) or
+/// the host's ([`WorkerThread`], [`Backend`]); either way the device needs a reset and the VM
+/// carries on.
+///
+/// [`QueueNotEnabled`]: ActivateError::QueueNotEnabled
+/// [`LegacyDriver`]: ActivateError::LegacyDriver
+/// [`WorkerThread`]: ActivateError::WorkerThread
+/// [`Backend`]: ActivateError::Backend
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver did not enable the {0} queue")]
+    QueueNotEnabled(&'static str),
+    #[error("the driver did not accept VIRTIO_F_VERSION_1; legacy devices are not supported")]
+    LegacyDriver,
+    #[error("cannot start the worker thread: {0}")]
+    WorkerThread(#[source] io::Error),
+    /// The device's backend refused what the driver asked for.
+    #[error("{what}: {source}")]
+    Backend { what: &'static str, source: io::Error },
+}
+
 /// Everything a device needs to serve its queues once the driver is ready.
 pub struct Activation {
     /// The guest's memory, where the queues and buffers live.
@@ -89,15 +219,23 @@ pub struct Activation {
     pub signals: Signals,
 }
 
+impl Activation {
+    /// Takes queue `index`, which the device can't work without; `name` is for the error.
+    pub fn take_queue(&mut self, index: usize, name: &'static str) -> Result<ActiveQueue, ActivateError> {
+        self.take_optional_queue(index).ok_or(ActivateError::QueueNotEnabled(name))
+    }
+
+    /// Takes queue `index`, if the driver enabled it.
+    pub fn take_optional_queue(&mut self, index: usize) -> Option<ActiveQueue> {
+        self.queues.get_mut(index).and_then(Option::take)
+    }
+}
+
 /// A queue the driver configured, and the eventfd its notifications arrive on.
 pub struct ActiveQueue {
     pub queue: Queue,
     pub kick: EventFd,
 }
-
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ActivateError(pub String);
 
 /// How a device's worker reaches the guest: an interrupt per queue, a config-change
 /// interrupt, and the NEEDS_RESET bit. Cheap to clone; safe to use from any thread.
@@ -155,13 +293,15 @@ impl Signals {
 
     /// Signals wired to bare eventfds, one vector per queue (vector i for queue i) and one for
     /// config changes (vector `queues`), for testing a device without a VM.
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn standalone(queues: usize) -> Signals {
-        let vectors = Arc::new(MsixVectors::unmasked(queues + 1));
+        let vectors = MsixVectors::unmasked(queues + 1).expect("eventfds for a test's interrupts");
         let queue_vectors: Arc<[u16]> = (0..queues as u16).collect();
-        Signals::new("test".into(), vectors, queue_vectors, queues as u16, Arc::default(), Arc::default())
+        Signals::new("test".into(), Arc::new(vectors), queue_vectors, queues as u16, Arc::default(), Arc::default())
     }
 
-    /// How many times queue `index`'s interrupt fired since the last call (tests only).
+    /// How many times queue `index`'s interrupt fired since the last call.
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn take_queue_interrupts(&self, index: usize) -> u64 {
         self.queue_vectors.get(index).map_or(0, |&vector| self.vectors.take_count(vector))
     }

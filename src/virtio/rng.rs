@@ -3,76 +3,52 @@
 //! The simplest virtio device, and a good first one to read: one queue, no config space, no
 //! features. The guest posts write-only buffers; we fill them with random bytes and give them
 //! back. A guest could post huge buffers to keep us busy, so one request gets at most
-//! [`MAX_BYTES_PER_REQUEST`]; the driver just asks again.
+//! [`MAX_BYTES_PER_REQUEST`]; the driver just asks again. docs/adding-a-device.md uses it as
+//! the worked example of a device.
 
 use std::io::{self, Write};
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{Epoll, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::{watch, DeviceWorker, Worker};
-use super::{device_type, ActivateError, Activation, Signals, VirtioDevice};
+use super::queue::{clear_kick, interrupt_if_wanted, next_chain, serve_until_idle, Chain, Pass, QueueError};
+use super::worker::{watch, DeviceWorker};
+use super::{device_type, ActivateError, Activation, Device, Signals, VirtioCommon};
 
 const QUEUE_SIZE: u16 = 256;
 pub const MAX_BYTES_PER_REQUEST: usize = 64 << 10;
+/// The request queue's index, and its kick's token.
+pub const REQUESTS: usize = 0;
 
 #[derive(Default)]
 pub struct Rng {
-    worker: Option<Worker<RngWorker>>,
+    common: VirtioCommon<RngWorker>,
 }
 
 impl Rng {
     pub fn new() -> Rng {
         Rng::default()
     }
+}
 
-    /// What [`VirtioDevice::activate`] runs on the worker thread, for driving by hand: the
-    /// fuzz targets and property tests serve the queue with it synchronously.
-    pub fn handler(activation: Activation) -> Result<RngWorker, ActivateError> {
-        let Activation { mem, queues, signals, .. } = activation;
-        let Some(Some(active)) = queues.into_iter().next() else {
-            return Err(ActivateError("the driver enabled no request queue".into()));
-        };
-        Ok(RngWorker { mem, queue: active.queue, kick: active.kick, signals })
+impl Device for Rng {
+    type Handler = RngWorker;
+    const DEVICE_TYPE: u32 = device_type::RNG;
+    const WORKER_NAME: &'static str = "virtio-rng";
+    const QUEUE_SIZES: &'static [u16] = &[QUEUE_SIZE];
+
+    fn handler(&self, mut activation: Activation) -> Result<RngWorker, ActivateError> {
+        let active = activation.take_queue(REQUESTS, "request")?;
+        Ok(RngWorker { mem: activation.mem, queue: active.queue, kick: active.kick, signals: activation.signals })
+    }
+
+    fn common(&mut self) -> &mut VirtioCommon<RngWorker> {
+        &mut self.common
     }
 }
 
-impl VirtioDevice for Rng {
-    fn device_type(&self) -> u32 {
-        device_type::RNG
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
-    }
-
-    fn features(&self) -> u64 {
-        0
-    }
-
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        self.reset();
-        let signals = activation.signals.clone();
-        let handler = Rng::handler(activation)?;
-        let worker = Worker::spawn("virtio-rng", handler, signals).map_err(|e| ActivateError(e.to_string()))?;
-        self.worker = Some(worker);
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
-    }
-}
-
-/// A device dropped while active stops its thread rather than leave it serving a dead VM.
 /// The device's side of its worker thread.
 pub struct RngWorker {
     mem: GuestMemoryMmap,
@@ -82,51 +58,39 @@ pub struct RngWorker {
 }
 
 impl DeviceWorker for RngWorker {
+    type Error = QueueError;
+
     fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
-        watch(epoll, &self.kick, 0)
+        watch(epoll, &self.kick, REQUESTS as u64)
     }
 
-    fn handle(&mut self, _: &Epoll, _: u64, _: EventSet) -> Result<(), String> {
-        let _ = self.kick.read();
+    fn handle(&mut self, _: &Epoll, _: u64, _: EventSet) -> Result<(), QueueError> {
+        clear_kick(&self.kick);
         self.serve_queue()
     }
 }
 
 impl RngWorker {
     /// Fills every posted buffer, then interrupts the guest once if it wants to hear.
-    pub fn serve_queue(&mut self) -> Result<(), String> {
-        let mut more_promised = false;
-        loop {
-            self.queue.disable_notification(&self.mem).map_err(|e| e.to_string())?;
+    fn serve_queue(&mut self) -> Result<(), QueueError> {
+        let mem = &self.mem;
+        let pass = serve_until_idle(&mut self.queue, mem, |queue| {
             let mut served = 0;
-            while let Some(chain) = self.queue.iter(&self.mem).map_err(|e| e.to_string())?.next() {
+            while let Some(chain) = next_chain(queue, mem)? {
                 let head = chain.head_index();
-                let written = fill_with_random(&self.mem, chain);
-                self.queue.add_used(&self.mem, head, written).map_err(|e| e.to_string())?;
+                let written = fill_with_random(mem, chain);
+                queue.add_used(mem, head, written)?;
                 served += 1;
             }
-            // More was promised and nothing came: the available index moved backwards, as it
-            // does when the guest overlaps it with the used ring's flags, which we write on
-            // every pass. Looping on would never end.
-            if more_promised && served == 0 {
-                return Err("the available index moved backwards (do the guest's rings overlap?)".into());
-            }
-            // Buffers posted while we worked would otherwise wait for a kick that never comes.
-            if !self.queue.enable_notification(&self.mem).map_err(|e| e.to_string())? {
-                break;
-            }
-            more_promised = true;
-        }
-        if self.queue.needs_notification(&self.mem).map_err(|e| e.to_string())? {
-            self.signals.used_queue(0);
-        }
-        Ok(())
+            Ok::<_, QueueError>(Pass::Drained(served))
+        })?;
+        interrupt_if_wanted(&mut self.queue, mem, &self.signals, REQUESTS, pass.served())
     }
 }
 
 /// Writes random bytes into a chain's writable buffers; returns how many. A chain with bad
 /// addresses or read-only buffers gets nothing, which the driver sees as an empty read.
-fn fill_with_random(mem: &GuestMemoryMmap, chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32 {
+fn fill_with_random(mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
     let Ok(mut writer) = chain.writer(mem) else { return 0 };
     let mut left = writer.available_bytes().min(MAX_BYTES_PER_REQUEST);
     let mut buf = [0u8; 4096];

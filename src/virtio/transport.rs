@@ -152,11 +152,6 @@ impl VirtioPci {
         })
     }
 
-    /// The guest address of the BAR.
-    pub fn bar(&self) -> u64 {
-        self.bar
-    }
-
     /// Each queue's notify address in guest memory and the eventfd KVM should signal when the
     /// guest writes there (register them with `KVM_IOEVENTFD`).
     pub fn notify_eventfds(&self) -> impl Iterator<Item = (u64, &EventFd)> {
@@ -339,22 +334,36 @@ impl VirtioPci {
     }
 }
 
+/// Why a queue the driver enabled can't be served: the driver's settings (all but
+/// [`QueueSetupError::Eventfd`], the host's).
+#[derive(Debug, thiserror::Error)]
+enum QueueSetupError {
+    #[error("size {size}: {source}")]
+    Size { size: u16, source: virtio_queue::Error },
+    #[error(transparent)]
+    Ring(#[from] virtio_queue::Error),
+    #[error("its rings are not in guest memory")]
+    NotInMemory,
+    #[error("cannot share its eventfd: {0}")]
+    Eventfd(#[source] std::io::Error),
+}
+
 /// Turns a queue's registers into a [`Queue`], checked against guest memory, or says why not.
-fn active_queue(regs: &QueueRegs, mem: &GuestMemoryMmap, event_idx: bool) -> Result<Option<ActiveQueue>, String> {
+fn active_queue(regs: &QueueRegs, mem: &GuestMemoryMmap, event_idx: bool) -> Result<Option<ActiveQueue>, QueueSetupError> {
     if !regs.enabled {
         return Ok(None);
     }
-    let mut queue = Queue::new(regs.max_size).map_err(|e| e.to_string())?;
-    queue.try_set_size(regs.size).map_err(|e| format!("size {}: {e}", regs.size))?;
-    queue.try_set_desc_table_address(GuestAddress(regs.desc)).map_err(|e| e.to_string())?;
-    queue.try_set_avail_ring_address(GuestAddress(regs.driver)).map_err(|e| e.to_string())?;
-    queue.try_set_used_ring_address(GuestAddress(regs.device)).map_err(|e| e.to_string())?;
+    let mut queue = Queue::new(regs.max_size)?;
+    queue.try_set_size(regs.size).map_err(|source| QueueSetupError::Size { size: regs.size, source })?;
+    queue.try_set_desc_table_address(GuestAddress(regs.desc))?;
+    queue.try_set_avail_ring_address(GuestAddress(regs.driver))?;
+    queue.try_set_used_ring_address(GuestAddress(regs.device))?;
     queue.set_event_idx(event_idx);
     queue.set_ready(true);
     if !queue.is_valid(mem) {
-        return Err("its rings are not in guest memory".into());
+        return Err(QueueSetupError::NotInMemory);
     }
-    let kick = regs.kick.try_clone().map_err(|e| format!("cannot share its eventfd: {e}"))?;
+    let kick = regs.kick.try_clone().map_err(QueueSetupError::Eventfd)?;
     Ok(Some(ActiveQueue { queue, kick }))
 }
 

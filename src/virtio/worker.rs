@@ -5,9 +5,14 @@
 //! the device's backend needs (a tap's fd, a pipe), and a stop eventfd of ours. A device that
 //! blocks on its backend only delays its own queues.
 //!
-//! The device's handler returns an error when the guest has broken the device beyond one
-//! failed request; the worker then marks the device NEEDS_RESET and stops serving it until the
-//! driver resets it. Stopping returns the handler, so a device gets its backend back.
+//! The device's handler returns an error when the device can't go on: the guest broke a queue
+//! beyond one failed request, or the host failed it (a tap deleted under us). The worker then
+//! marks the device NEEDS_RESET and stops serving it until the driver resets it. Stopping
+//! returns the handler.
+//!
+//! By convention queue *i*'s kick is registered under token *i*, and a device's other fds
+//! (its backend) under tokens after its queues', so that a handler driven by hand
+//! (`HandDriven`, in tests and fuzz targets) is told "queue 1 was kicked" as `handle(1)`.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -17,6 +22,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Signals;
+#[cfg(any(test, feature = "test-utils"))]
+use super::{ActivateError, Activation, Device};
 use crate::seccomp::{self, Role};
 
 /// The token of our own stop eventfd; handlers use any other.
@@ -24,13 +31,16 @@ const STOP_TOKEN: u64 = u64::MAX;
 
 /// What a device runs on its worker thread.
 pub trait DeviceWorker: Send + 'static {
+    /// Why the device can't go on; reported when it is marked NEEDS_RESET.
+    type Error: std::error::Error + Send + 'static;
+
     /// Adds the handler's fds to `epoll` (see [`watch`]), each with a token of its choosing.
     fn register(&mut self, epoll: &Epoll) -> io::Result<()>;
 
     /// Handles readiness of the fd registered as `token`. It may change registrations (to stop
     /// polling a tap while the guest has posted no buffers, say). An `Err` means the device is
     /// broken until the guest resets it.
-    fn handle(&mut self, epoll: &Epoll, token: u64, events: EventSet) -> Result<(), String>;
+    fn handle(&mut self, epoll: &Epoll, token: u64, events: EventSet) -> Result<(), Self::Error>;
 }
 
 /// Registers `fd` for readability under `token`.
@@ -62,6 +72,33 @@ impl<W: DeviceWorker> Worker<W> {
         // Writing to our own fresh eventfd can't fail short of a 2^64 counter.
         let _ = self.stop.write(1);
         self.thread.join().ok()
+    }
+}
+
+/// A handler served on the calling thread, one event at a time: how fuzz targets and property
+/// tests drive a device synchronously, as its worker thread would.
+#[cfg(any(test, feature = "test-utils"))]
+pub struct HandDriven<W> {
+    pub handler: W,
+    epoll: Epoll,
+}
+
+#[cfg(any(test, feature = "test-utils"))]
+impl<W: DeviceWorker> HandDriven<W> {
+    /// Activates `device` as [`VirtioDevice::activate`] does, but with the handler kept here
+    /// and registered on an epoll nobody waits on, instead of on a thread.
+    ///
+    /// [`VirtioDevice::activate`]: super::VirtioDevice::activate
+    pub fn activate<D: Device<Handler = W>>(device: &D, activation: Activation) -> Result<HandDriven<W>, ActivateError> {
+        let mut handler = device.handler(activation)?;
+        let epoll = Epoll::new().map_err(ActivateError::WorkerThread)?;
+        handler.register(&epoll).map_err(ActivateError::WorkerThread)?;
+        Ok(HandDriven { handler, epoll })
+    }
+
+    /// Tells the handler the fd registered as `token` is readable.
+    pub fn handle(&mut self, token: u64) -> Result<(), W::Error> {
+        self.handler.handle(&self.epoll, token, EventSet::IN)
     }
 }
 
@@ -121,20 +158,25 @@ mod tests {
         shared: std::sync::Arc<std::sync::atomic::AtomicU64>,
     }
 
+    #[derive(Debug, thiserror::Error)]
+    #[error("third kick")]
+    struct ThirdKick;
+
     impl DeviceWorker for Counter {
+        type Error = ThirdKick;
+
         fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
             watch(epoll, &self.kick, 0)
         }
-        fn handle(&mut self, _: &Epoll, _: u64, _: EventSet) -> Result<(), String> {
+        fn handle(&mut self, _: &Epoll, _: u64, _: EventSet) -> Result<(), ThirdKick> {
             self.seen += self.kick.read().unwrap_or(0);
             self.shared.store(self.seen, std::sync::atomic::Ordering::SeqCst);
             if self.seen >= 3 {
-                return Err("third kick".into());
+                return Err(ThirdKick);
             }
             Ok(())
         }
     }
-
 
     #[test]
     fn kicks_reach_the_handler_and_stop_returns_it() {

@@ -2,23 +2,22 @@
 //! built, then read and written in place by the disk's worker thread.
 //!
 //! Data moves with one `preadv`/`pwritev` per request, straight between the page cache and the
-//! guest's own buffers ([`GuestBuffers`]): no bounce buffer, no copy of ours. What reaches this
+//! guest's own buffers ([`IoVecs`]): no bounce buffer, no copy of ours. What reaches this
 //! module has been bounds-checked by the request code; the file itself is trusted only to be the
 //! size it was at open (another process truncating it under us turns into I/O errors).
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, ErrorKind, Seek, SeekFrom};
-use std::marker::PhantomData;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap};
 
 use crate::config::DiskConfig;
 use crate::error::Error;
+use crate::virtio::iovec::{iovec_count, IoVecs, MAX_IOVECS};
 
 /// Virtio-blk counts in 512-byte sectors, whatever the host's block size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -26,8 +25,6 @@ pub const SECTOR_SHIFT: u32 = 9;
 /// The serial a guest reads with GET_ID.
 pub const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
 
-/// Linux refuses a `preadv`/`pwritev` with more iovecs than this (UIO_MAXIOV).
-const IOV_MAX: usize = 1024;
 /// Where the discard probe punches, past the end of the file and aligned so that the block
 /// holding the file's last bytes is never touched, whatever the file system's block size.
 const PROBE_ALIGN: u64 = 1 << 16;
@@ -54,18 +51,18 @@ impl Disk {
     /// VMMs, and measures it.
     pub fn open(config: &DiskConfig) -> crate::error::Result<Disk> {
         let path = &config.path;
-        let fail = |why: String| Error::Disk { path: path.clone(), why };
+        let fail = |why: OpenError| Error::Disk { path: path.clone(), why: why.to_string() };
         check_kind(path).map_err(fail)?;
         let mut file = OpenOptions::new()
             .read(true)
             .write(!config.readonly)
             .open(path)
-            .map_err(|e| fail(explain_open_error(&e, config.readonly)))?;
+            .map_err(|e| fail(explain_open_error(e, config.readonly)))?;
         lock(&file, config.readonly).map_err(fail)?;
-        let bytes = file.seek(SeekFrom::End(0)).map_err(|e| fail(format!("cannot find its size: {e}")))?;
+        let bytes = file.seek(SeekFrom::End(0)).map_err(|e| fail(OpenError::Size(e)))?;
         let sectors = bytes >> SECTOR_SHIFT;
         if sectors == 0 {
-            return Err(fail(format!("it is {bytes} bytes long; a disk needs at least one {SECTOR_SIZE}-byte sector")));
+            return Err(fail(OpenError::TooSmall { bytes }));
         }
         if !bytes.is_multiple_of(SECTOR_SIZE) {
             tracing::warn!(
@@ -89,11 +86,12 @@ impl Disk {
     }
 
     /// Reads from `offset` into the guest's buffers, all of them or fails.
-    pub fn read_into(&self, buffers: &mut GuestBuffers<'_>, offset: u64) -> io::Result<()> {
+    pub fn read_into(&self, buffers: &mut IoVecs<'_>, offset: u64) -> io::Result<()> {
         let fd = self.file.as_raw_fd();
-        transfer_all(&mut buffers.iovecs, offset, |iovecs, offset| {
-            // SAFETY: every iovec points into a mapping of guest memory that `GuestBuffers`
-            // checked and keeps borrowed, so the kernel writes only there. No Rust reference
+        transfer_all(buffers.as_mut_slice(), offset, |iovecs, offset| {
+            // SAFETY: every iovec points into a mapping of guest memory that `IoVecs` checked
+            // and keeps borrowed (`transfer_all` only trims their fronts), so the kernel writes
+            // only there. No Rust reference
             // into guest memory exists; the guest racing its own buffer is its own business,
             // as with any DMA.
             unsafe { libc::preadv(fd, iovecs.as_ptr(), iovec_count(iovecs), offset) }
@@ -101,9 +99,9 @@ impl Disk {
     }
 
     /// Writes the guest's buffers at `offset`, all of them or fails.
-    pub fn write_from(&self, buffers: &mut GuestBuffers<'_>, offset: u64) -> io::Result<()> {
+    pub fn write_from(&self, buffers: &mut IoVecs<'_>, offset: u64) -> io::Result<()> {
         let fd = self.file.as_raw_fd();
-        transfer_all(&mut buffers.iovecs, offset, |iovecs, offset| {
+        transfer_all(buffers.as_mut_slice(), offset, |iovecs, offset| {
             // SAFETY: as in `read_into`; here the kernel only reads the guest's buffers.
             unsafe { libc::pwritev(fd, iovecs.as_ptr(), iovec_count(iovecs), offset) }
         })
@@ -132,38 +130,8 @@ impl Disk {
     }
 }
 
-/// Guest buffers as an iovec array for one `preadv`/`pwritev`. Built only from ranges vm-memory
-/// has found inside guest memory, and borrowing that memory, so that every iovec stays valid for
-/// as long as this lives.
-pub struct GuestBuffers<'m> {
-    iovecs: Vec<libc::iovec>,
-    memory: PhantomData<&'m GuestMemoryMmap>,
-}
-
-impl<'m> GuestBuffers<'m> {
-    pub fn with_capacity(capacity: usize) -> GuestBuffers<'m> {
-        GuestBuffers { iovecs: Vec::with_capacity(capacity), memory: PhantomData }
-    }
-
-    /// Adds the `len` bytes of guest memory at `addr`, which may span memory regions.
-    pub fn add(&mut self, mem: &'m GuestMemoryMmap, addr: GuestAddress, len: usize) -> Result<(), GuestMemoryError> {
-        for slice in mem.get_slices(addr, len) {
-            let slice = slice?;
-            // No dirty-page bitmap is kept on our guest memory, so writing through the pointer
-            // needs no bookkeeping.
-            self.iovecs.push(libc::iovec { iov_base: slice.ptr_guard_mut().as_ptr().cast(), iov_len: slice.len() });
-        }
-        Ok(())
-    }
-}
-
-fn iovec_count(iovecs: &[libc::iovec]) -> libc::c_int {
-    // `transfer_all` never passes more than IOV_MAX.
-    libc::c_int::try_from(iovecs.len()).unwrap_or(libc::c_int::MAX)
-}
-
-/// Runs `op` (a `preadv` or `pwritev`) until every byte of `iovecs` has moved, at most IOV_MAX
-/// iovecs a call, resuming after short transfers.
+/// Runs `op` (a `preadv` or `pwritev`) until every byte of `iovecs` has moved, at most
+/// [`MAX_IOVECS`] iovecs a call, resuming after short transfers.
 fn transfer_all(
     iovecs: &mut [libc::iovec],
     offset: u64,
@@ -172,7 +140,7 @@ fn transfer_all(
     let mut offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
     let mut first = 0;
     while first < iovecs.len() {
-        let end = iovecs.len().min(first + IOV_MAX);
+        let end = iovecs.len().min(first + MAX_IOVECS);
         let moved = op(&iovecs[first..end], offset);
         let moved = match usize::try_from(moved) {
             Ok(0) => return Err(io::Error::new(ErrorKind::UnexpectedEof, "the image ended early (was it truncated?)")),
@@ -228,41 +196,68 @@ fn punch_hole_works(file: &File, size: u64) -> bool {
     fallocate(file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, PROBE_ALIGN).is_ok()
 }
 
+/// Why an image can't be a disk for the guest: the user's to fix, so each says how.
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    #[error("no such file (create one with: truncate -s 1G FILE)")]
+    NotFound,
+    #[error("permission denied; make it writable, or add ,readonly to give it to the guest read-only")]
+    NotWritable,
+    #[error("permission denied; make it readable by this user")]
+    NotReadable,
+    #[error("it is on a read-only file system; add ,readonly")]
+    ReadOnlyFileSystem,
+    #[error("it is a directory; give the path of an image file")]
+    Directory,
+    #[error("it is neither a regular file nor a block device")]
+    NotAFile,
+    #[error("it is in use by another VMM that may write to it")]
+    InUseByWriter,
+    #[error("it is in use by another VMM (it is locked); stop that VMM first")]
+    InUse,
+    #[error("cannot lock it: {0}")]
+    Lock(#[source] io::Error),
+    #[error("cannot find its size: {0}")]
+    Size(#[source] io::Error),
+    #[error("it is {bytes} bytes long; a disk needs at least one {SECTOR_SIZE}-byte sector")]
+    TooSmall { bytes: u64 },
+    #[error("{0}")]
+    Io(#[source] io::Error),
+}
+
 /// Refuses what can't be a disk before opening it: opening a FIFO for reading would block.
-fn check_kind(path: &Path) -> Result<(), String> {
-    let meta = std::fs::metadata(path).map_err(|e| explain_open_error(&e, true))?;
+fn check_kind(path: &Path) -> Result<(), OpenError> {
+    let meta = std::fs::metadata(path).map_err(|e| explain_open_error(e, true))?;
     let kind = meta.file_type();
     if kind.is_dir() {
-        return Err("it is a directory; give the path of an image file".into());
+        return Err(OpenError::Directory);
     }
     if !kind.is_file() && !kind.is_block_device() {
-        return Err("it is neither a regular file nor a block device".into());
+        return Err(OpenError::NotAFile);
     }
     Ok(())
 }
 
-fn explain_open_error(e: &io::Error, readonly: bool) -> String {
+fn explain_open_error(e: io::Error, readonly: bool) -> OpenError {
     match e.kind() {
-        ErrorKind::NotFound => "no such file (create one with: truncate -s 1G FILE)".into(),
-        ErrorKind::PermissionDenied if !readonly => {
-            "permission denied; make it writable, or add ,readonly to give it to the guest read-only".into()
-        }
-        ErrorKind::PermissionDenied => "permission denied; make it readable by this user".into(),
-        ErrorKind::ReadOnlyFilesystem => "it is on a read-only file system; add ,readonly".into(),
-        _ => e.to_string(),
+        ErrorKind::NotFound => OpenError::NotFound,
+        ErrorKind::PermissionDenied if !readonly => OpenError::NotWritable,
+        ErrorKind::PermissionDenied => OpenError::NotReadable,
+        ErrorKind::ReadOnlyFilesystem => OpenError::ReadOnlyFileSystem,
+        _ => OpenError::Io(e),
     }
 }
 
 /// Takes an exclusive lock on an image we write and a shared one on an image we only read, so
 /// that a second VMM can neither write an image in use nor read one that may change under it.
 /// (`flock` locks belong to the open file, so they also hold between two disks in one VMM.)
-fn lock(file: &File, readonly: bool) -> Result<(), String> {
+fn lock(file: &File, readonly: bool) -> Result<(), OpenError> {
     let locked = if readonly { file.try_lock_shared() } else { file.try_lock() };
     match locked {
         Ok(()) => Ok(()),
-        Err(TryLockError::WouldBlock) if readonly => Err("it is in use by another VMM that may write to it".into()),
-        Err(TryLockError::WouldBlock) => Err("it is in use by another VMM (it is locked); stop that VMM first".into()),
-        Err(TryLockError::Error(e)) => Err(format!("cannot lock it: {e}")),
+        Err(TryLockError::WouldBlock) if readonly => Err(OpenError::InUseByWriter),
+        Err(TryLockError::WouldBlock) => Err(OpenError::InUse),
+        Err(TryLockError::Error(e)) => Err(OpenError::Lock(e)),
     }
 }
 

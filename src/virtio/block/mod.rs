@@ -26,13 +26,14 @@ use virtio_bindings::bindings::virtio_blk::{
 
 use self::disk::{Disk, SECTOR_SIZE};
 pub use self::request::RequestQueue;
-use super::worker::Worker;
-use super::{device_type, ActivateError, Activation, ActiveQueue, VirtioDevice};
+use super::{device_type, ActivateError, Activation, Device, VirtioCommon};
 use crate::config::DiskConfig;
 use crate::error::Result;
 
 /// The request queue's size: deep enough to keep a fast host disk busy.
 pub const QUEUE_SIZE: u16 = 256;
+/// The request queue's index, and its kick's token.
+pub const REQUESTS: usize = 0;
 /// Segments per request; the header and status take the other two descriptors of a chain.
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Ranges per DISCARD or WRITE_ZEROES request.
@@ -47,68 +48,51 @@ pub struct Block {
     disk: Arc<Disk>,
     features: u64,
     config: [u8; CONFIG_LEN],
-    worker: Option<Worker<RequestQueue>>,
+    /// Reset stops serving; the image stays open (and locked) for the next activation.
+    common: VirtioCommon<RequestQueue>,
 }
 
 impl Block {
     /// Opens and locks the image `config` names. Errors are one line naming the file.
     pub fn new(config: &DiskConfig) -> Result<Block> {
         let disk = Disk::open(config)?;
-        Ok(Block { features: features(&disk), config: config_space(&disk), disk: Arc::new(disk), worker: None })
+        Ok(Block {
+            features: features(&disk),
+            config: config_space(&disk),
+            disk: Arc::new(disk),
+            common: VirtioCommon::default(),
+        })
     }
 
     /// The disk's size in 512-byte sectors.
+    #[cfg(test)]
     pub fn sectors(&self) -> u64 {
         self.disk.sectors
     }
-
-    /// What [`VirtioDevice::activate`] runs on the worker thread, for driving by hand: the
-    /// fuzz targets and property tests serve the queue with it synchronously.
-    pub fn handler(&self, activation: Activation) -> std::result::Result<RequestQueue, ActivateError> {
-        let Activation { mem, queues, features, signals } = activation;
-        let Some(Some(ActiveQueue { queue, kick })) = queues.into_iter().next() else {
-            return Err(ActivateError("the driver did not enable the disk's request queue".into()));
-        };
-        let flush = features & bit(VIRTIO_BLK_F_FLUSH) != 0;
-        Ok(RequestQueue::new(Arc::clone(&self.disk), mem, queue, kick, signals, flush))
-    }
 }
 
-impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        device_type::BLOCK
-    }
+impl Device for Block {
+    type Handler = RequestQueue;
+    const DEVICE_TYPE: u32 = device_type::BLOCK;
+    const WORKER_NAME: &'static str = "virtio-blk";
+    const QUEUE_SIZES: &'static [u16] = &[QUEUE_SIZE];
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
-    }
-
-    fn features(&self) -> u64 {
+    fn offered_features(&self) -> u64 {
         self.features
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let config = usize::try_from(offset).ok().and_then(|start| self.config.get(start..)).unwrap_or_default();
-        let len = config.len().min(data.len());
-        data[..len].copy_from_slice(&config[..len]);
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
-    fn activate(&mut self, activation: Activation) -> std::result::Result<(), ActivateError> {
-        self.reset();
-        let signals = activation.signals.clone();
-        let handler = self.handler(activation)?;
-        let worker = Worker::spawn("virtio-blk", handler, signals)
-            .map_err(|e| ActivateError(format!("cannot start the worker thread of disk '{}': {e}", self.disk.name)))?;
-        self.worker = Some(worker);
-        Ok(())
+    fn handler(&self, mut activation: Activation) -> std::result::Result<RequestQueue, ActivateError> {
+        let active = activation.take_queue(REQUESTS, "request")?;
+        let flush = activation.features & bit(VIRTIO_BLK_F_FLUSH) != 0;
+        Ok(RequestQueue::new(Arc::clone(&self.disk), activation.mem, active, activation.signals, flush))
     }
 
-    /// Stops serving; the image stays open (and locked) for the next activation.
-    fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
+    fn common(&mut self) -> &mut VirtioCommon<RequestQueue> {
+        &mut self.common
     }
 }
 

@@ -10,8 +10,6 @@
 //! outside memory, an available index running ahead of the ring) stops the device.
 
 use std::io;
-use std::num::Wrapping;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_bindings::bindings::virtio_blk::{
@@ -19,15 +17,16 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{Epoll, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 
-use super::disk::{Disk, GuestBuffers, SECTOR_SHIFT, SECTOR_SIZE};
-use super::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
+use super::disk::{Disk, SECTOR_SHIFT, SECTOR_SIZE};
+use super::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, REQUESTS};
+use crate::virtio::iovec::IoVecs;
+use crate::virtio::queue::{clear_kick, interrupt_if_wanted, next_chain, serve_until_idle, Chain, Pass, QueueError};
 use crate::virtio::worker::{watch, DeviceWorker};
-use crate::virtio::Signals;
+use crate::virtio::{ActiveQueue, Signals};
 
 /// `struct virtio_blk_outhdr`: type, reserved (ioprio), sector.
 const HEADER_LEN: u64 = 16;
@@ -40,12 +39,9 @@ pub const MAX_DESCRIPTORS: usize = 1024;
 /// length is a forgery, and failing it keeps one request from holding the disk for long.
 pub const MAX_REQUEST_BYTES: u64 = 1 << 30;
 
-const KICK: u64 = 0;
-
 /// The one request queue and everything needed to serve it.
 pub struct RequestQueue {
-    queue: Queue,
-    kick: EventFd,
+    active: ActiveQueue,
     mem: GuestMemoryMmap,
     signals: Signals,
     requests: Requests,
@@ -59,12 +55,11 @@ impl RequestQueue {
     pub fn new(
         disk: Arc<Disk>,
         mem: GuestMemoryMmap,
-        queue: Queue,
-        kick: EventFd,
+        active: ActiveQueue,
         signals: Signals,
         flush_negotiated: bool,
     ) -> RequestQueue {
-        let completed = Vec::with_capacity(usize::from(queue.size()));
+        let completed = Vec::with_capacity(usize::from(active.queue.size()));
         let requests = Requests {
             disk,
             write_through: !flush_negotiated,
@@ -72,73 +67,41 @@ impl RequestQueue {
             writable: Vec::new(),
             host_error_reported: false,
         };
-        RequestQueue { queue, kick, mem, signals, requests, completed }
+        RequestQueue { active, mem, signals, requests, completed }
     }
 
     /// Serves every available request, notifying the guest once per pass, until the driver has
     /// added nothing more since we re-enabled its notifications.
-    pub fn serve(&mut self) -> Result<(), String> {
-        let mut more_promised = false;
-        loop {
-            self.queue.disable_notification(&self.mem).map_err(broken)?;
-            let served = self.complete_available()?;
-            if more_promised && served == 0 {
-                return Err(NO_PROGRESS.into());
+    pub(super) fn serve(&mut self) -> Result<(), QueueError> {
+        let Self { active, mem, signals, requests, completed } = self;
+        serve_until_idle(&mut active.queue, mem, |queue| {
+            // Every chain is served before any is returned: the guest sees the pass at once.
+            while let Some(chain) = next_chain(queue, mem)? {
+                completed.push((chain.head_index(), requests.serve(mem, chain)));
             }
-            if self.queue.needs_notification(&self.mem).map_err(broken)? {
-                self.signals.used_queue(0);
+            let served = completed.len();
+            for (head, written) in completed.drain(..) {
+                queue.add_used(&*mem, head, written)?;
             }
-            if !self.queue.enable_notification(&self.mem).map_err(broken)? {
-                return Ok(());
-            }
-            more_promised = true;
-        }
-    }
-
-    /// Pops every available chain, serves it, then puts them all in the used ring; returns how
-    /// many chains that was.
-    fn complete_available(&mut self) -> Result<u16, String> {
-        let Self { queue, mem, requests, completed, .. } = self;
-        let posted = queue.avail_idx(mem, Ordering::Acquire).map_err(broken)? - Wrapping(queue.next_avail());
-        if posted.0 > queue.size() {
-            return Err(format!("the available index is {} entries ahead of a {}-entry ring", posted.0, queue.size()));
-        }
-        let mut popped = 0u16;
-        for chain in queue.iter(&*mem).map_err(broken)? {
-            popped += 1;
-            let head = chain.head_index();
-            completed.push((head, requests.serve(mem, chain)));
-        }
-        if popped < posted.0 {
-            return Err("the available ring lies outside guest memory".into());
-        }
-        for (head, written) in completed.drain(..) {
-            queue.add_used(&*mem, head, written).map_err(broken)?;
-        }
-        Ok(popped)
+            interrupt_if_wanted(queue, mem, signals, REQUESTS, served)?;
+            Ok::<_, QueueError>(Pass::Drained(served))
+        })?;
+        Ok(())
     }
 }
 
 impl DeviceWorker for RequestQueue {
+    type Error = QueueError;
+
     fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
-        watch(epoll, &self.kick, KICK)
+        watch(epoll, &self.active.kick, REQUESTS as u64)
     }
 
-    fn handle(&mut self, _: &Epoll, _: u64, _: EventSet) -> Result<(), String> {
+    fn handle(&mut self, _: &Epoll, _: u64, _: EventSet) -> Result<(), QueueError> {
         // Only the count is consumed; what was kicked is whatever the ring says.
-        let _ = self.kick.read();
+        clear_kick(&self.active.kick);
         self.serve()
     }
-}
-
-/// Re-enabling notifications said more chains had arrived, yet the next pass found none: the
-/// available index moved backwards. A guest that puts its available index where we write the
-/// used ring's flags (the two rings overlap) gets exactly that from every flags write, and
-/// would otherwise keep the worker in this loop forever, deaf to its stop eventfd.
-const NO_PROGRESS: &str = "the available index moved backwards (do the guest's rings overlap?)";
-
-fn broken(e: virtio_queue::Error) -> String {
-    format!("the request queue can't be used: {e}")
 }
 
 /// A guest buffer: one descriptor's worth of guest memory.
@@ -164,6 +127,24 @@ enum Failed {
     Unsupported,
 }
 
+/// Why a chain can't be a request at all: it is handed back with nothing written. Logged at
+/// debug level only, since a guest can make as many as it likes.
+#[derive(Debug, thiserror::Error)]
+enum Malformed {
+    #[error("the chain has more than {MAX_DESCRIPTORS} descriptors")]
+    TooManyDescriptors,
+    #[error("a device-readable descriptor follows a device-writable one")]
+    ReadableAfterWritable,
+    #[error("the chain's first descriptor can't be read")]
+    Unreadable,
+    #[error("the chain loops, is too long, or leads outside the descriptor table")]
+    CutShort,
+    #[error("no device-writable status byte")]
+    NoStatus,
+    #[error("the status byte's address overflows")]
+    StatusOverflows,
+}
+
 /// What the guest can make a request fail with; logged at debug level only, since a guest can
 /// make as many as it likes.
 fn refuse(disk: &Disk, why: &str) -> Failed {
@@ -183,7 +164,7 @@ struct Requests {
 
 impl Requests {
     /// Serves the request in `chain`; returns how many bytes went into its writable buffers.
-    fn serve(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+    fn serve(&mut self, mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
         let layout = match self.walk(chain) {
             Ok(layout) => layout,
             Err(why) => {
@@ -207,14 +188,14 @@ impl Requests {
     /// Sorts the chain's descriptors into readable and writable segments, and finds the status
     /// byte. The chain must end where the driver ended it: a walk cut short (a loop, a next
     /// index past the table, a descriptor outside memory, 4 GiB of buffers) fails the request.
-    fn walk(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> Result<Layout, &'static str> {
+    fn walk(&mut self, chain: Chain<'_>) -> Result<Layout, Malformed> {
         self.readable.clear();
         self.writable.clear();
         let (mut count, mut cut_short) = (0, false);
         for desc in chain {
             count += 1;
             if count > MAX_DESCRIPTORS {
-                return Err("the chain has too many descriptors");
+                return Err(Malformed::TooManyDescriptors);
             }
             cut_short = desc.has_next();
             if desc.len() == 0 {
@@ -226,17 +207,17 @@ impl Requests {
             } else if self.writable.is_empty() {
                 self.readable.push(segment);
             } else {
-                return Err("a device-readable descriptor follows a device-writable one");
+                return Err(Malformed::ReadableAfterWritable);
             }
         }
         if count == 0 {
-            return Err("the chain's first descriptor can't be read");
+            return Err(Malformed::Unreadable);
         }
         if cut_short {
-            return Err("the chain loops, is too long, or leads outside the descriptor table");
+            return Err(Malformed::CutShort);
         }
-        let last = self.writable.last().ok_or("no device-writable status byte")?;
-        let status = last.addr.checked_add(u64::from(last.len) - 1).ok_or("the status byte's address overflows")?;
+        let last = self.writable.last().ok_or(Malformed::NoStatus)?;
+        let status = last.addr.checked_add(u64::from(last.len) - 1).ok_or(Malformed::StatusOverflows)?;
         Ok(Layout { readable: total(&self.readable), writable: total(&self.writable) - 1, status })
     }
 
@@ -369,13 +350,13 @@ impl Requests {
 
     /// The request's data buffers as iovecs: the writable bytes before the status for a read,
     /// the readable bytes after the header for a write.
-    fn map<'m>(&self, mem: &'m GuestMemoryMmap, direction: Direction, len: u64) -> Result<GuestBuffers<'m>, Failed> {
+    fn map<'m>(&self, mem: &'m GuestMemoryMmap, direction: Direction, len: u64) -> Result<IoVecs<'m>, Failed> {
         let (segments, skip) = match direction {
             Direction::IntoGuest => (&self.writable, 0),
             Direction::FromGuest => (&self.readable, HEADER_LEN),
         };
-        let mut buffers = GuestBuffers::with_capacity(segments.len());
-        let mapped = for_each_piece(segments, skip, len, |addr, piece| buffers.add(mem, addr, piece).is_ok());
+        let mut buffers = IoVecs::with_capacity(segments.len());
+        let mapped = for_each_piece(segments, skip, len, |addr, piece| buffers.push_guest(mem, addr, piece).is_ok());
         if !mapped {
             return Err(refuse(&self.disk, "a data buffer is outside guest memory"));
         }

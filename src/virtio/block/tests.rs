@@ -20,7 +20,7 @@ use super::disk::Disk;
 use super::request::{RequestQueue, MAX_DESCRIPTORS};
 use super::*;
 use crate::error::Error;
-use crate::virtio::{feature, Signals};
+use crate::virtio::{feature, ActiveQueue, Signals, VirtioDevice};
 
 const MEM_SIZE: u64 = 0x40_0000;
 /// Where the test driver's buffers start, well past the rings.
@@ -224,7 +224,7 @@ impl Bench {
         queue.set_event_idx(event_idx);
         let signals = Signals::standalone(1);
         let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        let queue = RequestQueue::new(disk, driver.mem.clone(), queue, kick, signals.clone(), true);
+        let queue = RequestQueue::new(disk, driver.mem.clone(), ActiveQueue { queue, kick }, signals.clone(), true);
         Bench { driver, queue, signals }
     }
 

@@ -18,22 +18,18 @@
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use vm_memory::VolatileSlice;
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 
 use crate::error::{Error, Result};
+use crate::virtio::iovec::{iovec_count, IoVecs};
 
 /// The virtio-net header the tap puts in front of each frame, as a virtio 1 driver knows it
 /// (`virtio_net_hdr_v1`, the same size as `virtio_net_hdr_mrg_rxbuf`). On a little-endian
 /// host the tap's native header byte order is virtio 1's, so nothing needs swapping.
 pub const VNET_HDR_LEN: usize = 12;
-
-/// The most iovecs one readv or writev takes (`UIO_MAXIOV`).
-pub const MAX_IOVECS: usize = 1024;
 
 /// A tap device, attached and ready for frames. Reads and writes never block.
 #[derive(Debug)]
@@ -41,6 +37,7 @@ pub struct Tap {
     file: File,
     name: String,
     /// False only for the socket stand-in used by tests, which has no tap ioctls.
+    #[cfg(any(test, feature = "test-utils"))]
     is_tap: bool,
 }
 
@@ -48,19 +45,24 @@ impl Tap {
     /// Attaches to the tap `name`, creating it (and bringing it up) if it doesn't exist and we
     /// may. Errors say what the user can do about them.
     pub fn open(name: &str) -> Result<Tap> {
-        let fail = |why: String| Error::Tap { name: name.to_string(), why };
-        let ifname = interface_name(name).ok_or_else(|| fail(format!("a tap name has 1 to {} characters, none of them NUL", libc::IFNAMSIZ - 1)))?;
+        let fail = |why: TapError| Error::Tap { name: name.to_string(), why: why.to_string() };
+        let ifname = interface_name(name).ok_or_else(|| fail(TapError::BadName))?;
         let existed = interface_exists(name);
         let file = open_tun().map_err(fail)?;
         attach(&file, ifname).map_err(|e| fail(explain_attach_error(e, name, existed)))?;
-        set_vnet_header_len(&file).map_err(|e| fail(format!("the tap refused a {VNET_HDR_LEN}-byte virtio-net header (TUNSETVNETHDRSZ): {e}")))?;
+        set_vnet_header_len(&file).map_err(|e| fail(TapError::VnetHeader(e)))?;
         if !existed {
             // A tap we created vanishes with our fd; nobody else has had a chance to bring it up.
             if let Err(e) = bring_up(ifname) {
                 tracing::warn!("created tap {name} but could not bring it up ({e}); run: ip link set {name} up");
             }
         }
-        Ok(Tap { file, name: name.to_string(), is_tap: true })
+        Ok(Tap {
+            file,
+            name: name.to_string(),
+            #[cfg(any(test, feature = "test-utils"))]
+            is_tap: true,
+        })
     }
 
     /// The interface name, for messages.
@@ -72,6 +74,7 @@ impl Tap {
     /// the ones the guest's driver accepted. Without them the host's kernel checksums and
     /// segments each frame before handing it over.
     pub fn set_offloads(&self, offloads: u32) -> io::Result<()> {
+        #[cfg(any(test, feature = "test-utils"))]
         if !self.is_tap {
             return Ok(());
         }
@@ -87,39 +90,24 @@ impl Tap {
     /// cut short or refused by the kernel, and lost either way: callers supply room for the
     /// largest frame. Returns the frame's length; `WouldBlock` when there is none.
     pub fn read_frame(&self, iovecs: &IoVecs<'_>) -> io::Result<usize> {
-        loop {
-            // SAFETY: every iovec points into a mapping that `IoVecs` keeps borrowed for its
-            // whole life (see `IoVecs::push`), and readv writes only within the iovecs' lengths.
-            let ret = unsafe { libc::readv(self.file.as_raw_fd(), iovecs.iov.as_ptr(), iovecs.count()) };
-            match usize::try_from(ret) {
-                Ok(len) => return Ok(len),
-                Err(_) => match io::Error::last_os_error() {
-                    e if e.kind() == io::ErrorKind::Interrupted => continue,
-                    e => return Err(e),
-                },
-            }
-        }
+        let iov = iovecs.as_slice();
+        // SAFETY: every iovec points into a mapping that `IoVecs` keeps borrowed for its whole
+        // life (see `IoVecs::push`), and readv writes only within the iovecs' lengths.
+        retry_interrupted(|| unsafe { libc::readv(self.file.as_raw_fd(), iov.as_ptr(), iovec_count(iov)) })
     }
 
     /// Writes one frame (virtio-net header first) gathered from `iovecs`.
     pub fn write_frame(&self, iovecs: &IoVecs<'_>) -> io::Result<usize> {
-        loop {
-            // SAFETY: as in `read_frame`; writev only reads within the iovecs' lengths.
-            let ret = unsafe { libc::writev(self.file.as_raw_fd(), iovecs.iov.as_ptr(), iovecs.count()) };
-            match usize::try_from(ret) {
-                Ok(len) => return Ok(len),
-                Err(_) => match io::Error::last_os_error() {
-                    e if e.kind() == io::ErrorKind::Interrupted => continue,
-                    e => return Err(e),
-                },
-            }
-        }
+        let iov = iovecs.as_slice();
+        // SAFETY: as in `read_frame`; writev only reads within the iovecs' lengths.
+        retry_interrupted(|| unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), iovec_count(iov)) })
     }
 
     /// A stand-in for a tap, for tests on hosts where a real one can't be had: one end of a
     /// non-blocking `SOCK_SEQPACKET` socket pair, which keeps frame boundaries as a tap does.
     /// The other end plays the host's network. (Also what the fuzz targets and property
     /// tests use, so they need neither root nor a network namespace.)
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn socket_pair() -> io::Result<(Tap, OwnedFd)> {
         let mut fds = [0; 2];
         // SAFETY: socketpair writes two fds into the array we pass, which has room for them.
@@ -141,53 +129,16 @@ impl AsRawFd for Tap {
     }
 }
 
-/// Host addresses of guest buffers, ready for one readv or writev. They can only be built from
-/// `VolatileSlice`s of a live mapping, and borrow it (`'m`), so the memory they name stays
-/// mapped for as long as they exist.
-pub struct IoVecs<'m> {
-    iov: Vec<libc::iovec>,
-    bytes: usize,
-    _mapping: PhantomData<VolatileSlice<'m>>,
-}
-
-impl<'m> IoVecs<'m> {
-    pub fn new() -> IoVecs<'m> {
-        IoVecs { iov: Vec::new(), bytes: 0, _mapping: PhantomData }
-    }
-
-    /// Adds a slice of guest memory. Dirty-page tracking is not done (our guest memory has no
-    /// bitmap), which is why only bitmap-less slices are taken.
-    pub fn push(&mut self, slice: VolatileSlice<'m>) {
-        // The pointer stays valid for 'm: the slice borrows the mapping for that long, and
-        // without vm-memory's xen feature its guard maps nothing of its own.
-        let base = slice.ptr_guard_mut().as_ptr();
-        self.iov.push(libc::iovec { iov_base: base.cast(), iov_len: slice.len() });
-        self.bytes += slice.len();
-    }
-
-    /// How many bytes the iovecs cover.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-
-    /// How many iovecs there are.
-    pub fn len(&self) -> usize {
-        self.iov.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.iov.is_empty()
-    }
-
-    /// The iovec count as readv wants it; callers keep it under [`MAX_IOVECS`].
-    fn count(&self) -> libc::c_int {
-        libc::c_int::try_from(self.iov.len()).unwrap_or(libc::c_int::MAX)
-    }
-}
-
-impl Default for IoVecs<'_> {
-    fn default() -> Self {
-        IoVecs::new()
+/// Runs a read or write syscall until a signal doesn't interrupt it; returns its byte count.
+fn retry_interrupted(mut syscall: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        match usize::try_from(syscall()) {
+            Ok(len) => return Ok(len),
+            Err(_) => match io::Error::last_os_error() {
+                e if e.kind() == io::ErrorKind::Interrupted => continue,
+                e => return Err(e),
+            },
+        }
     }
 }
 
@@ -212,18 +163,16 @@ fn interface_exists(name: &str) -> bool {
     unsafe { libc::if_nametoindex(cname.as_ptr()) != 0 }
 }
 
-fn open_tun() -> std::result::Result<File, String> {
+fn open_tun() -> std::result::Result<File, TapError> {
     OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open("/dev/net/tun")
         .map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => {
-                "/dev/net/tun does not exist: load the tun module (modprobe tun)".to_string()
-            }
-            Some(libc::EACCES) | Some(libc::EPERM) => "no permission to open /dev/net/tun: run as root, or make it readable and writable for your user".to_string(),
-            _ => format!("cannot open /dev/net/tun: {e}"),
+            Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => TapError::NoTun,
+            Some(libc::EACCES) | Some(libc::EPERM) => TapError::TunPermission,
+            _ => TapError::Tun(e),
         })
 }
 
@@ -240,19 +189,38 @@ fn attach(file: &File, ifname: [libc::c_char; libc::IFNAMSIZ]) -> io::Result<()>
     Ok(())
 }
 
-fn explain_attach_error(e: io::Error, name: &str, existed: bool) -> String {
+/// Why a tap can't be had: the user's to fix, so each says how.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    #[error("a tap name has 1 to {} characters, none of them NUL", libc::IFNAMSIZ - 1)]
+    BadName,
+    #[error("/dev/net/tun does not exist: load the tun module (modprobe tun)")]
+    NoTun,
+    #[error("no permission to open /dev/net/tun: run as root, or make it readable and writable for your user")]
+    TunPermission,
+    #[error("cannot open /dev/net/tun: {0}")]
+    Tun(#[source] io::Error),
+    #[error("no permission to attach to it (it belongs to another user): recreate it with 'ip tuntap add {0} mode tap user $USER', or run as root")]
+    NotYours(String),
+    #[error("it does not exist and creating it needs CAP_NET_ADMIN: create it first with 'ip tuntap add {0} mode tap user $USER' and 'ip link set {0} up', or run as root")]
+    CannotCreate(String),
+    #[error("it is already in use by another program (a tap serves one VM at a time)")]
+    Busy,
+    #[error("an interface of that name exists but is not a single-queue tap (a tun, a multi-queue tap, or another kind of interface): pick another name, or recreate it with 'ip tuntap add {0} mode tap'")]
+    NotATap(String),
+    #[error("TUNSETIFF failed: {0}")]
+    Attach(#[source] io::Error),
+    #[error("the tap refused a {VNET_HDR_LEN}-byte virtio-net header (TUNSETVNETHDRSZ): {0}")]
+    VnetHeader(#[source] io::Error),
+}
+
+fn explain_attach_error(e: io::Error, name: &str, existed: bool) -> TapError {
     match e.raw_os_error() {
-        Some(libc::EPERM) if existed => format!(
-            "no permission to attach to it (it belongs to another user): recreate it with 'ip tuntap add {name} mode tap user $USER', or run as root"
-        ),
-        Some(libc::EPERM) => format!(
-            "it does not exist and creating it needs CAP_NET_ADMIN: create it first with 'ip tuntap add {name} mode tap user $USER' and 'ip link set {name} up', or run as root"
-        ),
-        Some(libc::EBUSY) => "it is already in use by another program (a tap serves one VM at a time)".to_string(),
-        Some(libc::EINVAL) => format!(
-            "an interface of that name exists but is not a single-queue tap (a tun, a multi-queue tap, or another kind of interface): pick another name, or recreate it with 'ip tuntap add {name} mode tap'"
-        ),
-        _ => format!("TUNSETIFF failed: {e}"),
+        Some(libc::EPERM) if existed => TapError::NotYours(name.to_string()),
+        Some(libc::EPERM) => TapError::CannotCreate(name.to_string()),
+        Some(libc::EBUSY) => TapError::Busy,
+        Some(libc::EINVAL) => TapError::NotATap(name.to_string()),
+        _ => TapError::Attach(e),
     }
 }
 
@@ -301,6 +269,7 @@ fn ifreq(ifname: [libc::c_char; libc::IFNAMSIZ]) -> libc::ifreq {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::VolatileSlice;
 
     #[test]
     fn names_the_kernel_cannot_take_are_refused_before_any_syscall() {
@@ -319,20 +288,11 @@ mod tests {
     #[test]
     fn attach_errors_tell_the_user_what_to_do() {
         let eperm = || io::Error::from_raw_os_error(libc::EPERM);
-        assert!(explain_attach_error(eperm(), "t0", false).contains("ip tuntap add t0 mode tap user $USER"));
-        assert!(explain_attach_error(eperm(), "t0", true).contains("belongs to another user"));
-        assert!(explain_attach_error(io::Error::from_raw_os_error(libc::EBUSY), "t0", true).contains("already in use"));
-        assert!(explain_attach_error(io::Error::from_raw_os_error(libc::EINVAL), "t0", true).contains("not a single-queue tap"));
-    }
-
-    #[test]
-    fn iovecs_cover_the_slices_pushed() {
-        let mut a = [0u8; 3];
-        let mut b = [0u8; 5];
-        let mut iovecs = IoVecs::new();
-        iovecs.push(VolatileSlice::from(&mut a[..]));
-        iovecs.push(VolatileSlice::from(&mut b[..]));
-        assert_eq!((iovecs.len(), iovecs.bytes()), (2, 8));
+        let explain = |e, existed| explain_attach_error(e, "t0", existed).to_string();
+        assert!(explain(eperm(), false).contains("ip tuntap add t0 mode tap user $USER"));
+        assert!(explain(eperm(), true).contains("belongs to another user"));
+        assert!(explain(io::Error::from_raw_os_error(libc::EBUSY), true).contains("already in use"));
+        assert!(explain(io::Error::from_raw_os_error(libc::EINVAL), true).contains("not a single-queue tap"));
     }
 
     #[test]
@@ -341,11 +301,11 @@ mod tests {
         let host = File::from(host);
         let mut frame = [7u8; 20];
         let mut out = [0u8; 64];
-        let mut iovecs = IoVecs::new();
+        let mut iovecs = IoVecs::default();
         iovecs.push(VolatileSlice::from(&mut frame[..]));
         assert_eq!(tap.write_frame(&iovecs).expect("write"), 20);
         assert_eq!(io::Read::read(&mut &host, &mut out).expect("read"), 20);
-        let mut into = IoVecs::new();
+        let mut into = IoVecs::default();
         into.push(VolatileSlice::from(&mut out[..]));
         assert_eq!(tap.read_frame(&into).map_err(|e| e.kind()), Err(io::ErrorKind::WouldBlock));
         assert!(tap.set_offloads(libc::TUN_F_CSUM).is_ok(), "the stand-in has no offloads to set");

@@ -1,0 +1,267 @@
+//! The guest's network card: virtio-net (virtio spec 1.2, 5.1) on a host tap device.
+//!
+//! The driver finds the card on the PCI bus, reads its MAC address and link status from the
+//! config space, and posts two queues: receive (0), where it leaves empty buffers, and transmit
+//! (1), where it leaves frames. Each frame, either way, starts with the 12-byte virtio-net
+//! header, and the tap ([`tap`]) speaks that same header: a frame goes between guest memory and
+//! the tap's fd in one readv or writev, never copied by us. The offloads (partial
+//! checksums; TCP segments of up to 64 KiB, cut into packets by whoever finally needs packets)
+//! are what make bulk TCP fast, and mergeable receive buffers let a 64 KiB segment land in the
+//! small buffers a Linux driver posts, spread over several chains.
+//!
+//! Once activated, the card lives on its worker thread ([`worker`]): a transmit kick sends every
+//! waiting frame; the tap becoming readable delivers frames into held receive buffers
+//! ([`rx_buffers`]). When the guest has posted too little room for the next frame, we stop
+//! watching the tap (frames wait in the tap's own queue, nothing is lost by us) and ask for a
+//! receive kick instead. Used entries are published, and the guest interrupted, once per batch.
+//!
+//! Nothing the guest wrote is trusted. A transmit chain with a writable part, no room for a
+//! header, more than 64 KiB of frame, a buffer outside memory, or a loop, is dropped and
+//! counted; a receive chain unfit to take a frame goes back unused. A ring we can no longer
+//! read or write makes the device need a reset. The tap's side is trusted as the host kernel is.
+
+mod rx_buffers;
+pub mod tap;
+#[cfg(test)]
+mod tests;
+mod worker;
+
+use std::io;
+#[cfg(any(test, feature = "test-utils"))]
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use virtio_bindings::virtio_net::*;
+use vm_memory::GuestMemoryError;
+
+use self::tap::{Tap, VNET_HDR_LEN};
+pub use self::worker::NetWorker;
+use super::queue::QueueError;
+use super::{device_type, feature, ActivateError, Activation, Device, VirtioCommon};
+use crate::config::NetConfig;
+use crate::error::Result;
+
+/// Queue sizes: enough buffers in flight for a 64 KiB segment several times over.
+pub const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+
+/// The largest frame either way, header included: 64 KiB of IP packet and an Ethernet header
+/// behind the virtio-net header (the spec's 65562 bytes).
+pub const MAX_FRAME_LEN: usize = VNET_HDR_LEN + 65550;
+/// Without receive segmentation offloads no frame outgrows an Ethernet MTU and a VLAN tag.
+const MAX_UNSEGMENTED_FRAME_LEN: usize = VNET_HDR_LEN + 1518;
+
+/// How many chains one transmit kick sends, or one tap wake-up fills, before the worker looks
+/// at its other work: a guest that keeps a queue full can't starve the other direction.
+const BATCH: usize = 64;
+
+/// Where the header's fields sit (`virtio_net_hdr_v1`).
+const HDR_FLAGS: usize = 0;
+const HDR_NUM_BUFFERS: usize = 10;
+
+/// The worker's epoll tokens: the queues' kicks (by queue index), then the tap.
+pub const RX_KICK: u64 = RX as u64;
+pub const TX_KICK: u64 = TX as u64;
+pub const TAP: u64 = 2;
+
+const fn bit(feature: u32) -> u64 {
+    1 << feature
+}
+
+/// What we offer: a MAC and a link that is up, checksum and TCP segmentation offloads both
+/// ways, and mergeable receive buffers. No control queue: the offloads are fixed at activation.
+const OFFERED_FEATURES: u64 = bit(VIRTIO_NET_F_MAC)
+    | bit(VIRTIO_NET_F_STATUS)
+    | bit(VIRTIO_NET_F_CSUM)
+    | bit(VIRTIO_NET_F_GUEST_CSUM)
+    | bit(VIRTIO_NET_F_GUEST_TSO4)
+    | bit(VIRTIO_NET_F_GUEST_TSO6)
+    | bit(VIRTIO_NET_F_GUEST_ECN)
+    | bit(VIRTIO_NET_F_HOST_TSO4)
+    | bit(VIRTIO_NET_F_HOST_TSO6)
+    | bit(VIRTIO_NET_F_HOST_ECN)
+    | bit(VIRTIO_NET_F_MRG_RXBUF);
+
+/// The tap offloads (`TUN_F_*`) matching the receive offloads the driver accepted: the host
+/// may then hand us frames with partial checksums and large segments, unsplit.
+fn tap_offloads(features: u64) -> u32 {
+    let accepted = |feature: u32| features & bit(feature) != 0;
+    // Segments without partial checksums are impossible; so is ECN without segments.
+    if !accepted(VIRTIO_NET_F_GUEST_CSUM) {
+        return 0;
+    }
+    let mut offloads = libc::TUN_F_CSUM;
+    if accepted(VIRTIO_NET_F_GUEST_TSO4) {
+        offloads |= libc::TUN_F_TSO4;
+    }
+    if accepted(VIRTIO_NET_F_GUEST_TSO6) {
+        offloads |= libc::TUN_F_TSO6;
+    }
+    if accepted(VIRTIO_NET_F_GUEST_ECN) && offloads & (libc::TUN_F_TSO4 | libc::TUN_F_TSO6) != 0 {
+        offloads |= libc::TUN_F_TSO_ECN;
+    }
+    offloads
+}
+
+/// A virtio network card on a tap.
+pub struct Net {
+    tap: Arc<Tap>,
+    /// `virtio_net_config` up to `max_virtqueue_pairs`: the MAC, the link (always up; the tap
+    /// itself says nothing we could report), and one queue pair.
+    config: [u8; 10],
+    counters: Arc<Counters>,
+    /// Reset stops the worker; the held receive buffers and the queues go with its handler,
+    /// the tap stays ours.
+    common: VirtioCommon<NetWorker>,
+}
+
+impl Net {
+    /// Opens the tap `config.tap`; the MAC is `config.mac`, or a random locally administered one.
+    pub fn new(config: &NetConfig) -> Result<Net> {
+        Ok(Net::with_tap(Tap::open(&config.tap)?, config.mac))
+    }
+
+    /// A card on a tap that is already open.
+    pub fn with_tap(tap: Tap, mac: Option<[u8; 6]>) -> Net {
+        Net {
+            tap: Arc::new(tap),
+            config: config_space(mac.unwrap_or_else(random_mac)),
+            counters: Arc::default(),
+            common: VirtioCommon::default(),
+        }
+    }
+
+    /// What the card has seen since it was made.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub fn stats(&self) -> NetStats {
+        self.counters.snapshot()
+    }
+}
+
+impl Device for Net {
+    type Handler = NetWorker;
+    const DEVICE_TYPE: u32 = device_type::NET;
+    const WORKER_NAME: &'static str = "virtio-net";
+    const QUEUE_SIZES: &'static [u16] = &[QUEUE_SIZE, QUEUE_SIZE];
+
+    fn offered_features(&self) -> u64 {
+        OFFERED_FEATURES
+    }
+
+    fn config_space(&self) -> &[u8] {
+        &self.config
+    }
+
+    /// Also tells the tap which offloads the driver accepted.
+    fn handler(&self, mut activation: Activation) -> std::result::Result<NetWorker, ActivateError> {
+        if activation.features & feature::VERSION_1 == 0 {
+            return Err(ActivateError::LegacyDriver);
+        }
+        let rx = activation.take_queue(RX, "receive")?;
+        let tx = activation.take_queue(TX, "transmit")?;
+        let what = "the tap refused the offloads the driver accepted";
+        self.tap.set_offloads(tap_offloads(activation.features)).map_err(|source| ActivateError::Backend { what, source })?;
+        let Activation { mem, features, signals, .. } = activation;
+        Ok(NetWorker::new(mem, rx, tx, Arc::clone(&self.tap), signals, features, Arc::clone(&self.counters)))
+    }
+
+    fn common(&mut self) -> &mut VirtioCommon<NetWorker> {
+        &mut self.common
+    }
+}
+
+fn config_space(mac: [u8; 6]) -> [u8; 10] {
+    let mut config = [0u8; 10];
+    config[..6].copy_from_slice(&mac);
+    config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+    config[8..10].copy_from_slice(&1u16.to_le_bytes());
+    config
+}
+
+/// 52:54:00 followed by three random bytes: unicast, locally administered, and the prefix
+/// users already recognise from QEMU.
+fn random_mac() -> [u8; 6] {
+    let mut tail = [0u8; 3];
+    // SAFETY: getrandom writes at most `tail.len()` bytes into the buffer we own.
+    let got = unsafe { libc::getrandom(tail.as_mut_ptr().cast(), tail.len(), 0) };
+    if usize::try_from(got).ok() != Some(tail.len()) {
+        // A kernel without getrandom: the clock and our pid still tell two VMs apart.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let mix = nanos ^ std::process::id().rotate_left(16);
+        tail.copy_from_slice(&mix.to_le_bytes()[..3]);
+    }
+    [0x52, 0x54, 0x00, tail[0], tail[1], tail[2]]
+}
+
+/// Why the card stops until the driver resets it: the guest broke a queue ([`NetError::Queue`],
+/// [`NetError::HeldBuffer`]), or the host failed us (the rest).
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("the {queue} queue is unusable: {source}")]
+    Queue { queue: &'static str, source: QueueError },
+    #[error("a held receive buffer left guest memory: {0}")]
+    HeldBuffer(#[source] GuestMemoryError),
+    #[error("cannot read from the tap: {0}")]
+    TapRead(#[source] io::Error),
+    #[error("the tap failed or was deleted")]
+    TapGone,
+    #[error("cannot start or stop watching the tap: {0}")]
+    Watch(#[source] io::Error),
+    #[error("cannot kick our own {queue} queue: {source}")]
+    Rekick { queue: &'static str, source: io::Error },
+}
+
+/// What the card has seen since it was made, for tests (production builds count nothing).
+#[cfg(any(test, feature = "test-utils"))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    /// Frames the tap gave us that didn't fit the guest's buffers.
+    pub rx_dropped: u64,
+    /// Receive chains the guest posted that couldn't take a frame, returned unused.
+    pub rx_bad_buffers: u64,
+    /// Frames the guest sent that reached the tap.
+    pub tx_frames: u64,
+    /// Frames the guest sent that were malformed or that the tap refused.
+    pub tx_dropped: u64,
+}
+
+/// What [`Counters`] counts.
+#[derive(Clone, Copy)]
+enum Seen {
+    RxFrame,
+    RxDropped,
+    RxBadBuffer,
+    TxFrame,
+    TxDropped,
+}
+
+/// The worker's counts of what it saw; nothing in a production build, where nobody reads them.
+#[derive(Default)]
+struct Counters {
+    #[cfg(any(test, feature = "test-utils"))]
+    seen: [AtomicU64; 5],
+}
+
+impl Counters {
+    fn count(&self, what: Seen) {
+        #[cfg(any(test, feature = "test-utils"))]
+        self.seen[what as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        #[cfg(not(any(test, feature = "test-utils")))]
+        let _ = what;
+    }
+
+    #[cfg(any(test, feature = "test-utils"))]
+    fn snapshot(&self) -> NetStats {
+        let get = |what: Seen| self.seen[what as usize].load(std::sync::atomic::Ordering::Relaxed);
+        NetStats {
+            rx_frames: get(Seen::RxFrame),
+            rx_dropped: get(Seen::RxDropped),
+            rx_bad_buffers: get(Seen::RxBadBuffer),
+            tx_frames: get(Seen::TxFrame),
+            tx_dropped: get(Seen::TxDropped),
+        }
+    }
+}

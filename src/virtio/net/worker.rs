@@ -1,0 +1,370 @@
+//! virtio-net at work, on its worker thread: the transmit path (guest to tap) and the receive
+//! path (tap to the guest's held buffers), each served in batches with one interrupt a batch.
+//!
+//! A transmit kick sends every waiting frame, up to [`BATCH`], each in one writev straight from
+//! guest memory; a malformed chain is dropped and counted, never sent. The tap becoming readable
+//! delivers frames into receive buffers held from the ring ([`HeldBuffers`]) and publishes
+//! their used entries together ([`UsedBatch`]). While the guest has posted too little room for
+//! the next frame, the tap is not watched and a receive kick is asked for instead.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use virtio_bindings::virtio_net::*;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::rx_buffers::{HeldBuffers, Hold};
+use super::tap::{Tap, VNET_HDR_LEN};
+use super::{
+    bit, tap_offloads, Counters, NetError, Seen, BATCH, HDR_FLAGS, HDR_NUM_BUFFERS, MAX_FRAME_LEN,
+    MAX_UNSEGMENTED_FRAME_LEN, RX, RX_KICK, TAP, TX, TX_KICK,
+};
+use crate::virtio::iovec::{IoVecs, MAX_IOVECS};
+use crate::virtio::queue::{
+    clear_kick, interrupt_if_wanted, next_chain, serve_until_idle, Chain, Pass, QueueError, UsedBatch,
+};
+use crate::virtio::worker::{watch, DeviceWorker};
+use crate::virtio::{ActiveQueue, Signals};
+
+/// The card at work: both queues, the tap, and the receive buffers taken from the ring but
+/// not yet filled.
+pub struct NetWorker {
+    mem: GuestMemoryMmap,
+    rx: ActiveQueue,
+    pub(super) tx: ActiveQueue,
+    tap: Arc<Tap>,
+    signals: Signals,
+    counters: Arc<Counters>,
+    /// MRG_RXBUF: a frame may fill several receive chains.
+    mergeable: bool,
+    /// GUEST_CSUM: the driver takes frames with partial checksums and their header flags.
+    guest_csum: bool,
+    /// With mergeable buffers, the room held before we read a frame: the largest one the tap
+    /// may give us, so that none is cut short for want of buffers the guest was about to post.
+    rx_room_needed: usize,
+    held: HeldBuffers,
+    rx_used: UsedBatch,
+    pub(super) tap_polled: bool,
+    tx_error_reported: bool,
+}
+
+impl NetWorker {
+    pub(super) fn new(
+        mem: GuestMemoryMmap,
+        rx: ActiveQueue,
+        tx: ActiveQueue,
+        tap: Arc<Tap>,
+        signals: Signals,
+        features: u64,
+        counters: Arc<Counters>,
+    ) -> NetWorker {
+        let segmented = tap_offloads(features) & (libc::TUN_F_TSO4 | libc::TUN_F_TSO6) != 0;
+        NetWorker {
+            mem,
+            rx,
+            tx,
+            tap,
+            signals,
+            counters,
+            mergeable: features & bit(VIRTIO_NET_F_MRG_RXBUF) != 0,
+            guest_csum: features & bit(VIRTIO_NET_F_GUEST_CSUM) != 0,
+            rx_room_needed: if segmented { MAX_FRAME_LEN } else { MAX_UNSEGMENTED_FRAME_LEN },
+            held: HeldBuffers::default(),
+            rx_used: UsedBatch::default(),
+            tap_polled: false,
+            tx_error_reported: false,
+        }
+    }
+
+    /// Sends every frame waiting in the transmit queue (up to a batch), then interrupts the
+    /// guest once if it wants to hear.
+    fn transmit(&mut self) -> Result<(), NetError> {
+        let (mem, tap, counters) = (&self.mem, &self.tap, &self.counters);
+        let tx_error_reported = &mut self.tx_error_reported;
+        let mut sent = 0;
+        let pass = serve_until_idle(&mut self.tx.queue, mem, |queue| {
+            let sent_before = sent;
+            while let Some(chain) = next_chain(queue, mem)? {
+                let head = chain.head_index();
+                send(mem, tap, counters, tx_error_reported, chain);
+                queue.add_used(mem, head, 0)?;
+                sent += 1;
+                if sent == BATCH {
+                    return Ok::<_, QueueError>(Pass::Yielded(sent - sent_before));
+                }
+            }
+            Ok(Pass::Drained(sent - sent_before))
+        })
+        .map_err(transmit_queue)?;
+        if let Pass::Yielded(_) = pass {
+            // Come back for the rest after the other work: our own kick says when.
+            self.tx.kick.write(1).map_err(|source| NetError::Rekick { queue: "transmit", source })?;
+        }
+        interrupt_if_wanted(&mut self.tx.queue, mem, &self.signals, TX, pass.served()).map_err(transmit_queue)
+    }
+
+    /// The tap has frames: deliver them while the guest has room, then publish the batch.
+    fn receive(&mut self, epoll: &Epoll) -> Result<(), NetError> {
+        for _ in 0..BATCH {
+            if !self.rx_room_ready()? {
+                self.poll_tap(epoll, false).map_err(NetError::Watch)?;
+                break;
+            }
+            if !self.receive_frame()? {
+                break;
+            }
+        }
+        self.publish_received()
+    }
+
+    /// The guest posted receive buffers: take them, and watch the tap again if they make room.
+    fn on_rx_kick(&mut self, epoll: &Epoll) -> Result<(), NetError> {
+        let ready = self.rx_room_ready()?;
+        // Chains unfit for frames go back at once.
+        self.publish_received()?;
+        if ready {
+            self.poll_tap(epoll, true).map_err(NetError::Watch)?;
+        }
+        Ok(())
+    }
+
+    /// Takes receive chains from the ring until the next frame surely fits. When it doesn't,
+    /// asks the driver for a kick when it posts more.
+    fn rx_room_ready(&mut self) -> Result<bool, NetError> {
+        // Honest drivers post at most a ring's worth between two looks; one that keeps us
+        // busy with unfit chains waits for its next turn (our own kick).
+        let mut budget = 2 * usize::from(self.rx.queue.size());
+        loop {
+            self.hold_rx_chains(&mut budget)?;
+            if self.held.is_empty() {
+                // Nothing to read into.
+            } else if !self.mergeable || self.held.room() >= self.rx_room_needed || self.held.is_full() {
+                return Ok(true);
+            }
+            if budget == 0 {
+                self.rx.kick.write(1).map_err(|source| NetError::Rekick { queue: "receive", source })?;
+                return Ok(false);
+            }
+            if !self.rx.queue.enable_notification(&self.mem).map_err(|e| receive_queue(e.into()))? {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Moves chains from the receive ring into `held`, as many as one frame may need.
+    fn hold_rx_chains(&mut self, budget: &mut usize) -> Result<(), NetError> {
+        while *budget > 0 && self.wants_more_rx_room() {
+            let Some(chain) = next_chain(&mut self.rx.queue, &self.mem).map_err(receive_queue)? else { break };
+            *budget -= 1;
+            let head = chain.head_index();
+            match self.held.hold(&self.mem, chain) {
+                Ok(Hold::Held) => {}
+                Ok(Hold::NoRoom) => {
+                    // Back to the ring, for when the held chains have been filled.
+                    self.rx.queue.go_to_previous_position();
+                    break;
+                }
+                Err(why) => {
+                    tracing::debug!(tap = self.tap.name(), "returned a receive chain unused: {why}");
+                    self.counters.count(Seen::RxBadBuffer);
+                    self.rx_used.add(&self.rx.queue, &self.mem, head, 0).map_err(receive_queue)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn wants_more_rx_room(&self) -> bool {
+        if self.mergeable {
+            self.held.room() < MAX_FRAME_LEN && !self.held.is_full()
+        } else {
+            self.held.is_empty()
+        }
+    }
+
+    /// Reads one frame from the tap into the held buffers. `false` when the tap had none.
+    fn receive_frame(&mut self) -> Result<bool, NetError> {
+        // One byte of ours after the guest's buffers: the kernel cuts a frame too big for them
+        // short without saying so, but a byte landing here says it.
+        let mut spill = [0u8; 1];
+        let iovecs = self.held.iovecs(&self.mem, self.mergeable, &mut spill).map_err(NetError::HeldBuffer)?;
+        let room = iovecs.bytes() - 1;
+        let len = match self.tap.read_frame(&iovecs) {
+            Ok(len) => len,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            // The kernel refused to cut the frame short, and dropped it.
+            Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {
+                self.drop_received(room);
+                return Ok(true);
+            }
+            Err(e) => return Err(NetError::TapRead(e)),
+        };
+        drop(iovecs);
+        if len > room || len < VNET_HDR_LEN {
+            // Cut short: what was written is garbage, and the buffers wait for the next frame.
+            self.drop_received(room);
+            return Ok(true);
+        }
+        self.deliver(len)?;
+        Ok(true)
+    }
+
+    fn drop_received(&self, room: usize) {
+        tracing::debug!(tap = self.tap.name(), "dropped a received frame larger than the {room} bytes of buffers the guest posted");
+        self.counters.count(Seen::RxDropped);
+    }
+
+    /// The frame of `len` bytes is in the held buffers: finish its header and give the chains
+    /// it filled back to the guest (published with the batch).
+    fn deliver(&mut self, len: usize) -> Result<(), NetError> {
+        let chains = self.held.chains_filled_by(len);
+        // At most a ring's worth of chains, far below u16::MAX.
+        let num_buffers = u16::try_from(chains).unwrap_or(u16::MAX);
+        self.held.write_in_first(&self.mem, HDR_NUM_BUFFERS, &num_buffers.to_le_bytes()).map_err(NetError::HeldBuffer)?;
+        if !self.guest_csum {
+            // A driver without GUEST_CSUM must see no header flags (spec 5.1.6.4.1).
+            self.held.write_in_first(&self.mem, HDR_FLAGS, &[0]).map_err(NetError::HeldBuffer)?;
+        }
+        let mut left = len;
+        for _ in 0..chains {
+            let Some(chain) = self.held.take_first() else { break };
+            let used = chain.room.min(left);
+            left -= used;
+            // A chain holds at most 2^32 bytes, so `used` fits.
+            let used = u32::try_from(used).unwrap_or(u32::MAX);
+            self.rx_used.add(&self.rx.queue, &self.mem, chain.head, used).map_err(receive_queue)?;
+        }
+        self.counters.count(Seen::RxFrame);
+        Ok(())
+    }
+
+    fn publish_received(&mut self) -> Result<(), NetError> {
+        if self.rx_used.publish(&mut self.rx.queue, &self.mem).map_err(receive_queue)? {
+            self.signals.used_queue(RX);
+        }
+        Ok(())
+    }
+
+    /// Starts or stops watching the tap: it is not watched while the guest has no room, so
+    /// that its readiness can't spin the worker.
+    fn poll_tap(&mut self, epoll: &Epoll, on: bool) -> io::Result<()> {
+        if on == self.tap_polled {
+            return Ok(());
+        }
+        let op = if on { ControlOperation::Add } else { ControlOperation::Delete };
+        epoll.ctl(op, self.tap.as_raw_fd(), EpollEvent::new(EventSet::IN, TAP))?;
+        self.tap_polled = on;
+        Ok(())
+    }
+}
+
+impl DeviceWorker for NetWorker {
+    type Error = NetError;
+
+    fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
+        watch(epoll, &self.rx.kick, RX_KICK)?;
+        watch(epoll, &self.tx.kick, TX_KICK)?;
+        self.poll_tap(epoll, true)?;
+        // Buffers and frames the driver queued before DRIVER_OK came with kicks nobody heard.
+        self.rx.kick.write(1)?;
+        self.tx.kick.write(1)
+    }
+
+    fn handle(&mut self, epoll: &Epoll, token: u64, events: EventSet) -> Result<(), NetError> {
+        match token {
+            RX_KICK => {
+                clear_kick(&self.rx.kick);
+                self.on_rx_kick(epoll)
+            }
+            TX_KICK => {
+                clear_kick(&self.tx.kick);
+                self.transmit()
+            }
+            // An event from before we stopped watching it.
+            TAP if !self.tap_polled => Ok(()),
+            TAP if events.intersects(EventSet::ERROR | EventSet::HANG_UP) => Err(NetError::TapGone),
+            TAP => self.receive(epoll),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn transmit_queue(source: QueueError) -> NetError {
+    NetError::Queue { queue: "transmit", source }
+}
+
+fn receive_queue(source: QueueError) -> NetError {
+    NetError::Queue { queue: "receive", source }
+}
+
+/// One frame from the guest to the tap, or dropped and counted.
+fn send(mem: &GuestMemoryMmap, tap: &Tap, counters: &Counters, error_reported: &mut bool, chain: Chain<'_>) {
+    let iovecs = match gather_frame(mem, chain) {
+        Ok(iovecs) => iovecs,
+        Err(why) => {
+            tracing::debug!(tap = tap.name(), "dropped a transmitted frame: {why}");
+            counters.count(Seen::TxDropped);
+            return;
+        }
+    };
+    match tap.write_frame(&iovecs) {
+        Ok(_) => counters.count(Seen::TxFrame),
+        Err(e) => {
+            // A tap that is down, a header the host's kernel finds invalid: the frame is lost
+            // as on a real wire, and the guest's TCP sends it again.
+            if !*error_reported {
+                *error_reported = true;
+                tracing::warn!("tap {} refused a frame from the guest ({e}); is it up? (ip link set {} up)", tap.name(), tap.name());
+            }
+            counters.count(Seen::TxDropped);
+        }
+    }
+}
+
+/// Why a transmit chain is dropped rather than sent.
+#[derive(Debug, thiserror::Error)]
+enum BadFrame {
+    #[error("a transmit chain has a write-only descriptor")]
+    WriteOnly,
+    #[error("a frame larger than 64 KiB")]
+    TooLarge,
+    #[error("a transmit buffer lies outside guest memory")]
+    OutsideMemory,
+    #[error("a frame in more pieces than one writev takes")]
+    TooManyPieces,
+    #[error("a transmit chain loops or names a descriptor outside its table")]
+    CutShort,
+    #[error("a frame shorter than the virtio-net header")]
+    TooShort,
+}
+
+/// The frame a transmit chain holds (header first), as host iovecs, or why it must be dropped.
+fn gather_frame<'m>(mem: &'m GuestMemoryMmap, chain: Chain<'m>) -> Result<IoVecs<'m>, BadFrame> {
+    let mut iovecs = IoVecs::default();
+    let mut cut_short = false;
+    for descriptor in chain {
+        cut_short = descriptor.has_next();
+        if descriptor.is_write_only() {
+            return Err(BadFrame::WriteOnly);
+        }
+        let len = descriptor.len() as usize;
+        if iovecs.bytes() + len > MAX_FRAME_LEN {
+            return Err(BadFrame::TooLarge);
+        }
+        iovecs.push_guest(mem, descriptor.addr(), len).map_err(|_| BadFrame::OutsideMemory)?;
+        if iovecs.len() > MAX_IOVECS {
+            return Err(BadFrame::TooManyPieces);
+        }
+    }
+    if cut_short {
+        // The chain iterator stops at a loop, or at a next index outside the table.
+        return Err(BadFrame::CutShort);
+    }
+    if iovecs.bytes() < VNET_HDR_LEN {
+        return Err(BadFrame::TooShort);
+    }
+    Ok(iovecs)
+}
