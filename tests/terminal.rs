@@ -80,7 +80,13 @@ fn ctrl_a_x_quits_and_restores_the_terminal() {
     assert_ne!(cooked & libc::ICANON, 0, "a new pty starts cooked");
     let mut child = start_sleeper(&pty, dir.path());
     wait_for_output(&mut pty.master, "sleeping");
-    assert_eq!(local_flags(&pty.slave) & (libc::ICANON | libc::ECHO | libc::ISIG), 0, "raw while the guest runs");
+    // The guest starts before the terminal goes raw (its first instruction comes first), so
+    // "sleeping" can be out a moment before: wait for raw mode, with a deadline.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while local_flags(&pty.slave) & (libc::ICANON | libc::ECHO | libc::ISIG) != 0 {
+        assert!(Instant::now() < deadline, "the terminal never went raw while the guest ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     pty.master.write_all(b"\x01x").expect("type the escape");
     assert_eq!(wait_with_deadline(&mut child, Duration::from_secs(30)).code(), Some(0));
     assert_eq!(local_flags(&pty.slave), cooked, "terminal restored");
