@@ -35,6 +35,7 @@ pub mod error;
 pub mod fault;
 pub mod memory;
 pub mod pci;
+pub mod rate_limiter;
 pub mod seccomp;
 pub mod session;
 pub mod stop;

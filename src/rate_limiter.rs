@@ -1,0 +1,463 @@
+//! Rate limiters: how fast a device may move the guest's bytes and requests, as Firecracker's
+//! API defines them (`rate_limiter` on drives, network cards and the entropy device).
+//!
+//! A limiter has up to two token buckets, one counted in bytes (`bandwidth`) and one in
+//! operations (`ops`). A bucket holds at most `size` tokens and refills completely in
+//! `refill_time`, continuously; a `one_time_burst` is extra credit at the start that never
+//! refills. A request a bucket can't pay for waits: the device stops serving that queue and
+//! arms the limiter's timer ([`RateLimiter::timer`], a timerfd in the worker's epoll set) for
+//! when the tokens will be there. A request larger than the whole bucket is not refused
+//! forever: it may go once the bucket is full, and the debt it leaves is paid from the refill
+//! before anything else goes (Firecracker does the same), so the average rate still holds.
+//!
+//! The numbers come from the user (or an API client) and are checked once, in
+//! [`BucketConfig::new`]; nothing here trusts the guest, which only asks for amounts.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::timerfd::TimerFd;
+
+/// The longest refill time we accept: a day, far beyond any useful limit, and small enough
+/// that the arithmetic below cannot overflow.
+pub const MAX_REFILL_TIME: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A bucket's settings, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketConfig {
+    size: u64,
+    one_time_burst: u64,
+    refill_time: Duration,
+}
+
+/// Why a bucket's settings can't be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BucketConfigError {
+    #[error("a token bucket's size must be more than 0 (leave the bucket out for no limit)")]
+    ZeroSize,
+    #[error("a token bucket's refill_time must be 1 ms to 1 day, not {0} ms")]
+    RefillTime(u64),
+}
+
+impl BucketConfig {
+    /// `size` tokens, refilled completely every `refill_time_ms`, plus `one_time_burst` once.
+    pub fn new(size: u64, one_time_burst: u64, refill_time_ms: u64) -> Result<BucketConfig, BucketConfigError> {
+        if size == 0 {
+            return Err(BucketConfigError::ZeroSize);
+        }
+        let refill_time = Duration::from_millis(refill_time_ms);
+        if refill_time.is_zero() || refill_time > MAX_REFILL_TIME {
+            return Err(BucketConfigError::RefillTime(refill_time_ms));
+        }
+        Ok(BucketConfig { size, one_time_burst, refill_time })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn one_time_burst(&self) -> u64 {
+        self.one_time_burst
+    }
+
+    pub fn refill_time_ms(&self) -> u64 {
+        // At most a day of milliseconds: fits.
+        u64::try_from(self.refill_time.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// A device's limits: either bucket may be absent (no limit of that kind).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    pub bandwidth: Option<BucketConfig>,
+    pub ops: Option<BucketConfig>,
+}
+
+impl RateLimit {
+    pub fn limits_anything(&self) -> bool {
+        self.bandwidth.is_some() || self.ops.is_some()
+    }
+}
+
+/// What a `--disk`/`--net` option such as `bw_size=10485760` sets: the names are Cloud
+/// Hypervisor's (`bw_*` in bytes, `ops_*` in operations, `*_refill_time` in ms). Returns
+/// `Ok(false)` for a key that is not a rate-limit option.
+pub fn set_option(limit: &mut RateLimitBuilder, key: &str, value: &str) -> Result<bool, RateOptionError> {
+    let (bucket, field) = match key.split_once('_') {
+        Some(("bw", field)) => (&mut limit.bandwidth, field),
+        Some(("ops", field)) => (&mut limit.ops, field),
+        _ => return Ok(false),
+    };
+    let number = || value.parse::<u64>().map_err(|_| RateOptionError::NotANumber(key.to_string(), value.to_string()));
+    match field {
+        "size" => bucket.size = Some(number()?),
+        "one_time_burst" => bucket.one_time_burst = Some(number()?),
+        "refill_time" => bucket.refill_time_ms = Some(number()?),
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// The rate-limit options of one flag, gathered before they are checked together.
+#[derive(Debug, Default)]
+pub struct RateLimitBuilder {
+    bandwidth: BucketOptions,
+    ops: BucketOptions,
+}
+
+#[derive(Debug, Default)]
+struct BucketOptions {
+    size: Option<u64>,
+    one_time_burst: Option<u64>,
+    refill_time_ms: Option<u64>,
+}
+
+/// Why a flag's rate-limit options can't be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RateOptionError {
+    #[error("{0}={1} is not a whole number")]
+    NotANumber(String, String),
+    #[error("{0}_size and {0}_refill_time go together")]
+    Incomplete(&'static str),
+    #[error("{0}: {1}")]
+    Bucket(&'static str, BucketConfigError),
+}
+
+impl RateLimitBuilder {
+    pub fn build(self) -> Result<RateLimit, RateOptionError> {
+        Ok(RateLimit { bandwidth: self.bandwidth.build("bw")?, ops: self.ops.build("ops")? })
+    }
+}
+
+impl BucketOptions {
+    fn build(self, prefix: &'static str) -> Result<Option<BucketConfig>, RateOptionError> {
+        match (self.size, self.refill_time_ms) {
+            (None, None) if self.one_time_burst.is_none() => Ok(None),
+            (Some(size), Some(refill)) => BucketConfig::new(size, self.one_time_burst.unwrap_or(0), refill)
+                .map(Some)
+                .map_err(|e| RateOptionError::Bucket(prefix, e)),
+            _ => Err(RateOptionError::Incomplete(prefix)),
+        }
+    }
+}
+
+/// One token bucket at work.
+#[derive(Debug)]
+struct TokenBucket {
+    config: BucketConfig,
+    /// Tokens in the bucket now (at most `config.size`).
+    budget: u64,
+    /// What is left of the one-time burst.
+    burst: u64,
+    /// Tokens owed by a request larger than the bucket: paid from the refill before the
+    /// budget grows again.
+    debt: u64,
+    /// The refill is counted from here; it moves by whole tokens' worth of time, so no
+    /// fraction of a token is ever lost.
+    refilled_at: Instant,
+}
+
+impl TokenBucket {
+    fn new(config: BucketConfig, now: Instant) -> TokenBucket {
+        TokenBucket { config, budget: config.size, burst: config.one_time_burst, debt: 0, refilled_at: now }
+    }
+
+    fn nanos_per_size(&self) -> u128 {
+        self.config.refill_time.as_nanos()
+    }
+
+    /// Adds the tokens the time since the last refill has earned.
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.refilled_at).as_nanos();
+        let size = u128::from(self.config.size);
+        // elapsed < 2^64 ns in practice and size < 2^64: the product fits in u128.
+        let earned = elapsed * size / self.nanos_per_size();
+        if earned == 0 {
+            return;
+        }
+        let earned_time = earned * self.nanos_per_size() / size;
+        self.refilled_at += Duration::from_nanos(u64::try_from(earned_time).unwrap_or(u64::MAX));
+        let mut earned = u64::try_from(earned).unwrap_or(u64::MAX);
+        let paid = earned.min(self.debt);
+        self.debt -= paid;
+        earned -= paid;
+        self.budget = self.budget.saturating_add(earned).min(self.config.size);
+        if self.budget == self.config.size {
+            // A full bucket earns nothing more: count from now, not from when it filled.
+            self.refilled_at = now;
+        }
+    }
+
+    /// Takes `tokens` if the bucket can pay now; a request larger than the bucket goes when
+    /// the bucket is full, leaving the rest as debt.
+    fn take(&mut self, tokens: u64, now: Instant) -> bool {
+        self.refill(now);
+        let from_burst = tokens.min(self.burst);
+        let rest = tokens - from_burst;
+        if self.debt > 0 {
+            return false;
+        }
+        if rest <= self.budget {
+            self.burst -= from_burst;
+            self.budget -= rest;
+            return true;
+        }
+        if rest > self.config.size && self.budget == self.config.size {
+            self.burst -= from_burst;
+            self.debt = rest - self.budget;
+            self.budget = 0;
+            return true;
+        }
+        false
+    }
+
+    /// Gives back tokens a request took but could not use (the other bucket refused it).
+    fn give_back(&mut self, tokens: u64) {
+        let repaid = tokens.min(self.debt);
+        self.debt -= repaid;
+        self.budget = self.budget.saturating_add(tokens - repaid).min(self.config.size);
+    }
+
+    /// How long until `tokens` could be taken (zero if now).
+    fn wait_for(&self, tokens: u64) -> Duration {
+        let usable = tokens.saturating_sub(self.burst).min(self.config.size);
+        let missing = u128::from(self.debt) + u128::from(usable.saturating_sub(self.budget));
+        if missing == 0 {
+            return Duration::ZERO;
+        }
+        let nanos = missing * self.nanos_per_size() / u128::from(self.config.size) + 1;
+        Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    }
+}
+
+/// Both buckets of a device queue and the timer that wakes its worker when they refill.
+pub struct RateLimiter {
+    bandwidth: Option<TokenBucket>,
+    ops: Option<TokenBucket>,
+    timer: TimerFd,
+    /// The timer is armed: the queue waits for it.
+    blocked: bool,
+}
+
+impl RateLimiter {
+    /// A limiter with `limit`'s buckets, full. Fails only if the host gives us no timerfd.
+    pub fn new(limit: RateLimit) -> io::Result<RateLimiter> {
+        let now = Instant::now();
+        Ok(RateLimiter {
+            bandwidth: limit.bandwidth.map(|config| TokenBucket::new(config, now)),
+            ops: limit.ops.map(|config| TokenBucket::new(config, now)),
+            timer: TimerFd::new()?,
+            blocked: false,
+        })
+    }
+
+    /// Takes one operation of `bytes` bytes if both buckets can pay for it. If not, nothing
+    /// is taken and the timer is armed for when they could: the caller stops serving the
+    /// queue until [`RateLimiter::timer_fired`].
+    pub fn consume(&mut self, bytes: u64) -> io::Result<bool> {
+        if self.blocked {
+            return Ok(false);
+        }
+        if self.take(bytes, Instant::now()) {
+            return Ok(true);
+        }
+        let wait = self.wait_for(bytes).max(Duration::from_micros(100));
+        self.timer.reset(wait, None)?;
+        self.blocked = true;
+        Ok(false)
+    }
+
+    fn take(&mut self, bytes: u64, now: Instant) -> bool {
+        if let Some(ops) = &mut self.ops {
+            if !ops.take(1, now) {
+                return false;
+            }
+        }
+        if let Some(bandwidth) = &mut self.bandwidth {
+            if !bandwidth.take(bytes, now) {
+                if let Some(ops) = &mut self.ops {
+                    ops.give_back(1);
+                }
+                return false;
+            }
+        }
+        true
+    }
+
+    fn wait_for(&self, bytes: u64) -> Duration {
+        let ops = self.ops.as_ref().map_or(Duration::ZERO, |bucket| bucket.wait_for(1));
+        let bandwidth = self.bandwidth.as_ref().map_or(Duration::ZERO, |bucket| bucket.wait_for(bytes));
+        ops.max(bandwidth)
+    }
+
+    /// The worker saw the timer fire: the queue may be served again.
+    pub fn timer_fired(&mut self) {
+        // Reading clears the expiry count so the level-triggered epoll stops reporting it.
+        let _ = self.timer.wait();
+        self.blocked = false;
+    }
+
+    /// The queue waits for the timer.
+    pub fn is_blocked(&self) -> bool {
+        self.blocked
+    }
+}
+
+impl AsRawFd for RateLimiter {
+    /// The timerfd to watch: readable when a blocked queue may be served again.
+    fn as_raw_fd(&self) -> RawFd {
+        self.timer.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bucket(size: u64, burst: u64, refill_ms: u64) -> TokenBucket {
+        TokenBucket::new(BucketConfig::new(size, burst, refill_ms).expect("valid"), Instant::now())
+    }
+
+    #[test]
+    fn settings_that_mean_nothing_are_refused() {
+        assert_eq!(BucketConfig::new(0, 0, 100), Err(BucketConfigError::ZeroSize));
+        assert_eq!(BucketConfig::new(1, 0, 0), Err(BucketConfigError::RefillTime(0)));
+        assert!(BucketConfig::new(1, 0, 86_400_001).is_err());
+        assert!(BucketConfig::new(u64::MAX, u64::MAX, 86_400_000).is_ok());
+    }
+
+    #[test]
+    fn a_full_bucket_pays_up_to_its_size_then_refuses() {
+        let mut b = bucket(1000, 0, 1000);
+        let now = b.refilled_at;
+        assert!(b.take(600, now));
+        assert!(b.take(400, now));
+        assert!(!b.take(1, now));
+        assert_eq!(b.budget, 0);
+    }
+
+    #[test]
+    fn the_bucket_refills_in_proportion_to_time_and_no_further() {
+        let mut b = bucket(1000, 0, 1000);
+        let start = b.refilled_at;
+        assert!(b.take(1000, start));
+        assert!(!b.take(101, start + Duration::from_millis(100)));
+        assert!(b.take(100, start + Duration::from_millis(100)));
+        assert!(b.take(1000, start + Duration::from_secs(10)), "full again after long enough");
+        assert!(!b.take(1, start + Duration::from_secs(10)), "but never more than its size");
+    }
+
+    #[test]
+    fn no_fraction_of_a_token_is_lost_to_rounding() {
+        // 3 tokens a second: a third of a second each; asking every 0.1 s must still add up.
+        let mut b = bucket(3, 0, 1000);
+        let start = b.refilled_at;
+        assert!(b.take(3, start));
+        let mut taken = 0;
+        for tenth in 1..=100u64 {
+            if b.take(1, start + Duration::from_millis(100 * tenth)) {
+                taken += 1;
+            }
+        }
+        assert_eq!(taken, 30, "10 s at 3 per second");
+    }
+
+    #[test]
+    fn the_one_time_burst_is_spent_first_and_never_refills() {
+        let mut b = bucket(100, 500, 1000);
+        let start = b.refilled_at;
+        assert!(b.take(550, start), "burst 500 + 50 of the budget");
+        assert_eq!((b.burst, b.budget), (0, 50));
+        assert!(b.take(100, start + Duration::from_secs(5)));
+        assert!(!b.take(1, start + Duration::from_secs(5)));
+        assert_eq!(b.burst, 0);
+    }
+
+    #[test]
+    fn a_request_larger_than_the_bucket_goes_once_full_and_its_debt_is_paid_first() {
+        let mut b = bucket(100, 0, 1000);
+        let start = b.refilled_at;
+        assert!(b.take(250, start), "larger than the bucket, but the bucket is full");
+        assert_eq!(b.debt, 150);
+        assert!(!b.take(1, start + Duration::from_millis(1000)), "1 s pays only 100 of the debt");
+        assert!(!b.take(1, start + Duration::from_millis(1500)), "debt paid, budget empty");
+        assert!(b.take(1, start + Duration::from_millis(1520)));
+        let mut empty = bucket(100, 0, 1000);
+        assert!(empty.take(1, start));
+        assert!(!empty.take(250, start), "a large request waits for a full bucket");
+    }
+
+    #[test]
+    fn the_wait_is_the_time_the_missing_tokens_take() {
+        let mut b = bucket(1000, 0, 1000);
+        let start = b.refilled_at;
+        assert!(b.take(1000, start));
+        let wait = b.wait_for(250);
+        assert!(wait >= Duration::from_millis(250) && wait < Duration::from_millis(251), "{wait:?}");
+        assert!(b.take(250, start + wait));
+        assert_eq!(b.wait_for(0), Duration::ZERO);
+    }
+
+    #[test]
+    fn both_buckets_must_pay_and_a_refusal_takes_nothing() {
+        let limit = RateLimit {
+            bandwidth: Some(BucketConfig::new(1000, 0, 1000).expect("valid")),
+            ops: Some(BucketConfig::new(10, 0, 1000).expect("valid")),
+        };
+        let mut limiter = RateLimiter::new(limit).expect("timerfd");
+        let now = Instant::now();
+        assert!(limiter.take(900, now));
+        assert!(!limiter.take(200, now), "bandwidth refuses");
+        assert_eq!(limiter.ops.as_ref().map(|b| b.budget), Some(9), "the op was given back");
+        for _ in 0..9 {
+            assert!(limiter.take(0, now));
+        }
+        assert!(!limiter.take(0, now), "ops refuse the eleventh");
+    }
+
+    #[test]
+    fn a_refused_consume_arms_the_timer_which_unblocks_the_queue() {
+        let limit = RateLimit { bandwidth: Some(BucketConfig::new(1000, 0, 10).expect("valid")), ops: None };
+        let mut limiter = RateLimiter::new(limit).expect("timerfd");
+        assert!(limiter.consume(1000).expect("consume"));
+        assert!(!limiter.consume(500).expect("consume"));
+        assert!(limiter.is_blocked());
+        assert!(!limiter.consume(1).expect("consume"), "nothing goes while blocked");
+        limiter.timer_fired(); // blocks until the timer expires (about 5 ms)
+        assert!(!limiter.is_blocked());
+        assert!(limiter.consume(500).expect("consume"));
+    }
+
+    fn options(pairs: &[(&str, &str)]) -> Result<RateLimit, RateOptionError> {
+        let mut builder = RateLimitBuilder::default();
+        for (key, value) in pairs {
+            assert!(set_option(&mut builder, key, value)?, "{key} is a rate option");
+        }
+        builder.build()
+    }
+
+    #[test]
+    fn options_on_the_command_line() {
+        let limit = options(&[("bw_size", "10485760"), ("bw_refill_time", "1000"), ("ops_size", "100"), ("ops_refill_time", "1000"), ("ops_one_time_burst", "50")]).expect("valid");
+        assert_eq!(limit.bandwidth, BucketConfig::new(10 << 20, 0, 1000).ok());
+        assert_eq!(limit.ops, BucketConfig::new(100, 50, 1000).ok());
+        assert_eq!(options(&[]), Ok(RateLimit::default()));
+        assert_eq!(options(&[("bw_size", "1")]), Err(RateOptionError::Incomplete("bw")));
+        assert_eq!(options(&[("ops_one_time_burst", "1")]), Err(RateOptionError::Incomplete("ops")));
+        assert!(matches!(options(&[("bw_size", "lots")]), Err(RateOptionError::NotANumber(..))));
+        assert!(matches!(options(&[("bw_size", "0"), ("bw_refill_time", "5")]), Err(RateOptionError::Bucket("bw", _))));
+        let mut builder = RateLimitBuilder::default();
+        assert_eq!(set_option(&mut builder, "readonly", ""), Ok(false));
+        assert_eq!(set_option(&mut builder, "bw_colour", "1"), Ok(false));
+    }
+
+    #[test]
+    fn no_limit_is_no_limit() {
+        let mut limiter = RateLimiter::new(RateLimit::default()).expect("timerfd");
+        assert!(!RateLimit::default().limits_anything());
+        for _ in 0..1000 {
+            assert!(limiter.consume(u64::MAX).expect("consume"));
+        }
+    }
+}
