@@ -4,17 +4,18 @@
 //! A guest that found a bug in a device or in our exit handling would run code as the VMM.
 //! Seccomp narrows what that code could do: no opening files, no sockets, no exec, no ptrace.
 //! The filters are per thread ([`Role`]) and installed by each thread on itself as it starts
-//! ([`confine`]): the vCPU threads, the device workers, the console's stdin pump and the signal
-//! watcher. The main thread builds the VM (opening files, /dev/kvm, taps) and afterwards only
+//! ([`confine`]): the vCPU threads, the device workers and the spawner that starts them, the
+//! console's stdin pump and the signal watcher. The main thread builds the VM (opening files, /dev/kvm, taps) and afterwards only
 //! waits; it touches no guest data and keeps no filter, so that `--reboot restart` can build
 //! the VM again.
 //!
-//! Filters stack: a thread started by another inherits its filter. Device workers are started
-//! by a vCPU thread (the guest's DRIVER_OK write activates a device), so the vCPU filter also
-//! allows what the workers need, and each worker then narrows itself further. A vCPU may
-//! create threads but not processes: `clone` only with `CLONE_THREAD` in its flags, and
-//! `clone3` (whose flags sit in memory, out of a filter's sight) answers ENOSYS, which makes
-//! the C library fall back to `clone`.
+//! Filters stack: a thread started by another inherits its filter, and the strictest answer
+//! of all its filters wins. Device workers are wanted when the guest activates a device, on a
+//! vCPU thread, but they are started by the spawner ([`crate::threads::spawn_worker`]), whose
+//! filter allows what the workers need and creating threads; each worker then narrows itself
+//! further. So a vCPU can create neither threads nor processes, and the spawner only threads:
+//! `clone` only with `CLONE_THREAD` in its flags, and `clone3` (whose flags sit in memory, out
+//! of a filter's sight) answers ENOSYS, which makes the C library fall back to `clone`.
 //!
 //! `--seccomp enforce` (the default) kills the process on a forbidden call, after saying which
 //! one on stderr; `log` lets it through but has the kernel log it (audit); `off` installs nothing.
@@ -42,6 +43,8 @@ pub enum Mode {
 pub enum Role {
     Vcpu,
     DeviceWorker,
+    /// Starts device workers for the vCPUs ([`crate::threads::start_spawner`]).
+    Spawner,
     StdinPump,
     SignalWatcher,
 }
@@ -60,6 +63,7 @@ impl Role {
         match self {
             Role::Vcpu => b"vcpu   ",
             Role::DeviceWorker => b"device ",
+            Role::Spawner => b"spawner",
             Role::StdinPump => b"stdin  ",
             Role::SignalWatcher => b"signals",
         }
@@ -86,9 +90,9 @@ pub fn confine(role: Role) -> std::io::Result<()> {
 }
 
 /// Builds `role`'s filter with `mismatch` as the action for any other call, and installs it
-/// (for a vCPU, after the filter that turns `clone3` away).
+/// (for the spawner, after the filter that turns `clone3` away).
 fn apply(role: Role, mismatch: SeccompAction) -> std::io::Result<()> {
-    if role == Role::Vcpu {
+    if role == Role::Spawner {
         install(&no_clone3()?)?;
     }
     let program = filter(role, mismatch)?;
@@ -102,7 +106,7 @@ fn install(program: &BpfProgram) -> std::io::Result<()> {
 
 fn filter(role: Role, mismatch: SeccompAction) -> std::io::Result<BpfProgram> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed(role).iter().map(|&call| (call, Vec::new())).collect();
-    if role == Role::Vcpu {
+    if role == Role::Spawner {
         rules.insert(libc::SYS_clone, vec![threads_only()?]);
     }
     compile(rules, mismatch, SeccompAction::Allow)
@@ -180,21 +184,26 @@ const DEVICE_WORKER: &[i64] = &[
 ];
 
 /// A vCPU: KVM_RUN and the ioctls of MSI-X routing and fault reports, eventfd reads of queue
-/// resets, and starting a device's worker thread when the guest activates it (`clone` is
-/// narrowed to threads in [`filter`]).
+/// resets, and a device's activation (its kick and stop eventfds, its worker's epoll set; the
+/// thread itself comes from the spawner).
 const VCPU: &[i64] = &[
     libc::SYS_ioctl,
     libc::SYS_read,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_eventfd2,
+    libc::SYS_tgkill,
+];
+
+/// The spawner: creating threads (`clone` is narrowed to threads in [`filter`]), what a new
+/// thread does to itself as it starts, and the worker's own, narrower filter on top.
+const SPAWNER: &[i64] = &[
     libc::SYS_clone,
     libc::SYS_clone3,
     libc::SYS_set_robust_list,
     libc::SYS_rseq,
     libc::SYS_prctl,
     libc::SYS_sched_getaffinity,
-    libc::SYS_epoll_create1,
-    libc::SYS_eventfd2,
-    libc::SYS_tgkill,
-    // The worker installs its own, narrower filter on top of the one it inherited.
     libc::SYS_seccomp,
 ];
 
@@ -206,8 +215,10 @@ const SIGNAL_WATCHER: &[i64] = &[libc::SYS_rt_sigtimedwait, libc::SYS_ioctl, lib
 
 fn allowed(role: Role) -> Vec<i64> {
     let own: &[&[i64]] = match role {
-        Role::Vcpu => &[VCPU, DEVICE_WORKER],
+        Role::Vcpu => &[VCPU],
         Role::DeviceWorker => &[DEVICE_WORKER],
+        // Every worker starts with the spawner's filter: it holds what each of them needs.
+        Role::Spawner => &[SPAWNER, DEVICE_WORKER],
         Role::StdinPump => &[STDIN_PUMP],
         Role::SignalWatcher => &[SIGNAL_WATCHER],
     };
@@ -305,7 +316,7 @@ mod tests {
 
     #[test]
     fn every_role_refuses_opening_files_and_sockets() {
-        for role in [Role::Vcpu, Role::DeviceWorker, Role::StdinPump, Role::SignalWatcher] {
+        for role in [Role::Vcpu, Role::DeviceWorker, Role::Spawner, Role::StdinPump, Role::SignalWatcher] {
             assert!(!allowed_on_thread(role, open_a_file), "{role:?} may open files");
             assert!(!allowed_on_thread(role, make_a_socket), "{role:?} may make sockets");
         }
@@ -314,20 +325,21 @@ mod tests {
     #[test]
     fn roles_keep_what_they_need() {
         assert!(allowed_on_thread(Role::DeviceWorker, get_random));
-        assert!(allowed_on_thread(Role::Vcpu, get_random), "workers started by a vCPU inherit its filter");
+        assert!(allowed_on_thread(Role::Spawner, get_random), "workers started by the spawner inherit its filter");
+        assert!(!allowed_on_thread(Role::Vcpu, get_random), "a vCPU does no device work");
         assert!(!allowed_on_thread(Role::StdinPump, get_random));
     }
 
     #[test]
-    fn a_worker_started_by_a_confined_vcpu_can_confine_itself() {
+    fn a_worker_started_by_a_confined_spawner_can_confine_itself() {
         let worker_confined = std::thread::spawn(|| {
-            apply(Role::Vcpu, SeccompAction::Errno(libc::EPERM as u32)).expect("vCPU filter");
+            apply(Role::Spawner, SeccompAction::Errno(libc::EPERM as u32)).expect("spawner filter");
             std::thread::spawn(|| apply(Role::DeviceWorker, SeccompAction::Errno(libc::EPERM as u32)).is_ok())
                 .join()
                 .expect("worker thread")
         })
         .join()
-        .expect("vCPU thread");
+        .expect("spawner thread");
         assert!(worker_confined);
     }
 
@@ -349,28 +361,38 @@ mod tests {
         })
     }
 
-    #[test]
-    fn a_vcpu_can_start_threads_but_not_processes() {
-        assert!(!fork_on_thread(Role::Vcpu), "a vCPU thread forked a process");
-        let thread_started = std::thread::spawn(|| {
-            apply(Role::Vcpu, SeccompAction::Errno(libc::EPERM as u32)).expect("vCPU filter");
-            std::thread::spawn(|| 7).join().ok()
+    /// Whether a thread with `role`'s filter can start a thread.
+    fn thread_on_thread(role: Role) -> bool {
+        std::thread::spawn(move || {
+            apply(role, SeccompAction::Errno(libc::EPERM as u32)).expect("filter installs");
+            std::thread::Builder::new().spawn(|| 7).ok().and_then(|thread| thread.join().ok()) == Some(7)
         })
         .join()
-        .expect("vCPU thread");
-        assert_eq!(thread_started, Some(7), "a vCPU thread could not start a worker thread");
+        .expect("thread")
     }
 
     #[test]
-    fn clone3_answers_enosys_on_a_vcpu() {
+    fn the_spawner_can_start_threads_but_not_processes() {
+        assert!(!fork_on_thread(Role::Spawner), "the spawner forked a process");
+        assert!(thread_on_thread(Role::Spawner), "the spawner could not start a worker thread");
+    }
+
+    #[test]
+    fn a_vcpu_can_start_neither_threads_nor_processes() {
+        assert!(!fork_on_thread(Role::Vcpu), "a vCPU thread forked a process");
+        assert!(!thread_on_thread(Role::Vcpu), "a vCPU thread started a thread");
+    }
+
+    #[test]
+    fn clone3_answers_enosys_on_the_spawner() {
         let errno = std::thread::spawn(|| {
-            apply(Role::Vcpu, SeccompAction::Errno(libc::EPERM as u32)).expect("vCPU filter");
+            apply(Role::Spawner, SeccompAction::Errno(libc::EPERM as u32)).expect("spawner filter");
             // SAFETY: clone3 with a null argument would fail with EFAULT if it ran at all.
             let result = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
             (result < 0).then(|| std::io::Error::last_os_error().raw_os_error()).flatten()
         })
         .join()
-        .expect("vCPU thread");
+        .expect("spawner thread");
         assert_eq!(errno, Some(libc::ENOSYS));
     }
 

@@ -1,6 +1,7 @@
 //! One lguest process, one guest, possibly over several boots. The parts that belong to the
 //! process rather than to a VM are set up here once: the stop signals' watcher, the terminal's
-//! raw mode, the stdin pump, and the [`Stopper`] they all report to. Then a [`Vm`] is built and
+//! raw mode, the stdin pump, the spawner of device workers, and the [`Stopper`] they all
+//! report to. Then a [`Vm`] is built and
 //! run; when the guest reboots and `--reboot restart` was asked for, that VM is taken apart
 //! and a fresh one is built from the same configuration, as if the machine had been reset.
 //! A guest that crashed (a fault, a panic) is not restarted: that is for a supervisor to decide.
@@ -11,6 +12,7 @@ use crate::config::{OnReboot, VmConfig};
 use crate::terminal::{self, ConsoleRoute};
 use crate::error::{Error, Result};
 use crate::stop::{StopReason, Stopper};
+use crate::threads;
 use crate::timeline::Timeline;
 use crate::vm::Vm;
 
@@ -24,7 +26,11 @@ pub fn run(config: &VmConfig, timeline: Arc<Timeline>) -> Result<StopReason> {
     terminal::block_stop_signals().map_err(host("cannot block the stop signals"))?;
     let stopper = Arc::new(Stopper::default());
     let route = ConsoleRoute::default();
+    // Device workers come from the spawner (started just below, after the vCPUs, which is
+    // still long before any guest driver activates a device; an early one waits for it).
+    threads::expect_spawner();
     let mut running = Vm::build(config, timeline.clone(), stopper.clone())?.start(&route)?;
+    threads::start_spawner().map_err(host("cannot start the device workers' spawner thread"))?;
     let interactive = terminal::stdin_is_terminal();
     terminal::watch_signals(stopper.clone(), config.shutdown_timeout, interactive).map_err(host("cannot watch signals"))?;
     if interactive {

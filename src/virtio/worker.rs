@@ -62,7 +62,7 @@ impl<W: DeviceWorker> Worker<W> {
         watch(&epoll, &stop, STOP_TOKEN)?;
         handler.register(&epoll)?;
         let stop_seen = stop.try_clone()?;
-        let thread = crate::threads::spawn(name, move || serve(epoll, handler, &signals, stop_seen))?;
+        let thread = crate::threads::spawn_worker(name, move || serve(epoll, handler, &signals, stop_seen))?;
         Ok(Worker { stop, thread })
     }
 
