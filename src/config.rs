@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::error::{Error, Result};
+use crate::rate_limiter::{self, RateLimit, RateLimitBuilder};
 
 /// The smallest guest we agree to build: a stock kernel with an initramfs needs more than this
 /// anyway, and below it the fixed boot structures would crowd out the kernel.
@@ -74,8 +75,10 @@ pub struct RunArgs {
     pub boot_timeline: bool,
     /// A raw disk image for the guest, as /dev/vda, /dev/vdb, ... in the order given.
     /// `readonly` refuses the guest's writes; `id=NAME` is the serial the guest sees
-    /// (/dev/disk/by-id/virtio-NAME). Repeat for more disks.
-    #[arg(long = "disk", value_name = "PATH[,readonly][,id=NAME]")]
+    /// (/dev/disk/by-id/virtio-NAME). Rate limits: bw_size=BYTES,bw_refill_time=MS and
+    /// ops_size=N,ops_refill_time=MS (each with an optional *_one_time_burst). Repeat for more
+    /// disks.
+    #[arg(long = "disk", value_name = "PATH[,readonly][,id=NAME][,bw_*=..][,ops_*=..]")]
     pub disks: Vec<String>,
     /// A virtio network card on the host tap device NAME (opened if it exists, created if we
     /// may). Repeat for more cards.
@@ -106,6 +109,15 @@ pub struct DiskConfig {
     pub readonly: bool,
     /// The serial reported to the guest: at most 20 bytes (the virtio-blk ID's size).
     pub id: Option<String>,
+    /// Bandwidth and operations limits (`bw_*`, `ops_*`).
+    pub rate_limit: RateLimit,
+}
+
+impl DiskConfig {
+    /// A writable disk at `path` with no serial and no limits.
+    pub fn new(path: impl Into<PathBuf>) -> DiskConfig {
+        DiskConfig { path: path.into(), readonly: false, id: None, rate_limit: RateLimit::default() }
+    }
 }
 
 /// One `--net`.
@@ -261,20 +273,25 @@ pub fn parse_memory(value: &str) -> Result<u64> {
 /// The longest disk serial: virtio-blk's ID field is 20 bytes.
 pub const MAX_DISK_ID: usize = 20;
 
-/// `PATH[,readonly][,id=NAME]`. The file itself is opened (and checked) when the disk is built.
+/// `PATH[,readonly][,id=NAME][,bw_size=BYTES,bw_refill_time=MS[,bw_one_time_burst=BYTES]]
+/// [,ops_size=N,ops_refill_time=MS[,ops_one_time_burst=N]]`. The file itself is opened (and
+/// checked) when the disk is built.
 pub fn parse_disk(value: &str) -> Result<DiskConfig> {
     let bad = |why: String| Error::BadFlag { flag: "--disk", value: value.to_string(), why };
     let mut parts = value.split(',');
     let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| bad("expected PATH[,readonly][,id=NAME]".into()))?;
-    let mut disk = DiskConfig { path: PathBuf::from(path), readonly: false, id: None };
+    let mut disk = DiskConfig::new(path);
+    let mut limits = RateLimitBuilder::default();
     for option in parts {
         match option.split_once('=') {
             None if option == "readonly" => disk.readonly = true,
             Some(("id", id)) if !id.is_empty() && id.len() <= MAX_DISK_ID && id.is_ascii() => disk.id = Some(id.to_string()),
             Some(("id", _)) => return Err(bad(format!("id must be 1 to {MAX_DISK_ID} ASCII characters"))),
-            _ => return Err(bad(format!("unknown option '{option}' (expected readonly or id=NAME)"))),
+            Some((key, number)) if rate_limiter::set_option(&mut limits, key, number).map_err(|e| bad(e.to_string()))? => {}
+            _ => return Err(bad(format!("unknown option '{option}' (expected readonly, id=NAME, bw_* or ops_*)"))),
         }
     }
+    disk.rate_limit = limits.build().map_err(|e| bad(e.to_string()))?;
     Ok(disk)
 }
 
@@ -432,10 +449,12 @@ mod tests {
     fn disks_with_options() {
         assert_eq!(
             parse_disk("a.img,readonly,id=data").ok(),
-            Some(DiskConfig { path: "a.img".into(), readonly: true, id: Some("data".into()) })
+            Some(DiskConfig { readonly: true, id: Some("data".into()), ..DiskConfig::new("a.img") })
         );
-        assert_eq!(parse_disk("b.img").ok(), Some(DiskConfig { path: "b.img".into(), readonly: false, id: None }));
-        for bad in ["", ",readonly", "a.img,ro", "a.img,id=", "a.img,id=123456789012345678901"] {
+        assert_eq!(parse_disk("b.img").ok(), Some(DiskConfig::new("b.img")));
+        let limited = parse_disk("c.img,bw_size=1048576,bw_refill_time=100,ops_size=10,ops_refill_time=1000").expect("valid");
+        assert!(limited.rate_limit.bandwidth.is_some() && limited.rate_limit.ops.is_some());
+        for bad in ["", ",readonly", "a.img,ro", "a.img,id=", "a.img,id=123456789012345678901", "a.img,bw_size=5", "a.img,ops_size=x,ops_refill_time=1"] {
             assert!(matches!(parse_disk(bad), Err(Error::BadFlag { flag: "--disk", .. })), "{bad}");
         }
     }

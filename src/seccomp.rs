@@ -181,6 +181,8 @@ const DEVICE_WORKER: &[i64] = &[
     libc::SYS_fsync,
     libc::SYS_fallocate,
     libc::SYS_getrandom,
+    // A rate limiter arms its timerfd when a queue is over its budget.
+    libc::SYS_timerfd_settime,
 ];
 
 /// A vCPU: KVM_RUN and the ioctls of MSI-X routing and fault reports, eventfd reads of queue

@@ -139,7 +139,7 @@ fn expect_cases(output: &str, cases: &[&str]) -> Result<(), String> {
 }
 
 #[test]
-fn virtio_disks_read_write_refuse_writes_when_readonly_mount_ext4_and_survive_kill_9() {
+fn virtio_disks_read_write_refuse_writes_when_readonly_mount_ext4_survive_kill_9_and_keep_a_rate_limit() {
     run_scenario("virtio-disk", |output| {
         expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
         expect_cases(
@@ -161,6 +161,9 @@ fn virtio_disks_read_write_refuse_writes_when_readonly_mount_ext4_and_survive_ki
                 "disk-kill9-held",
                 "disk-kill9-killed",
                 "disk-kill9-host-file",
+                "disk-rate-exit",
+                "disk-rate-done",
+                "disk-rate",
             ],
         )
     });

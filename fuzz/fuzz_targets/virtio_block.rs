@@ -24,7 +24,7 @@ fn disks() -> &'static [(Block, MemFile); 2] {
     DISKS.get_or_init(|| {
         let open = |readonly| {
             let image = MemFile::new(&[0x5a; 0x1_0000]);
-            let config = DiskConfig { path: image.path.clone(), readonly, id: Some("fuzz".into()) };
+            let config = DiskConfig { readonly, id: Some("fuzz".into()), ..DiskConfig::new(image.path.clone()) };
             (Block::new(&config).expect("disk"), image)
         };
         [open(false), open(true)]

@@ -6,6 +6,7 @@
 #     vdb an ext4 image made here with mkfs.ext4 -d, which the guest mounts to read a file.
 #  3. kill -9: the guest writes and fsyncs its pattern, then holds; we kill lguest with
 #     SIGKILL at once, and the image must hold what the guest was told is on disk.
+#  4. a disk limited to 4 MiB/s (bw_size, bw_refill_time): the guest's timed direct read.
 # Each check prints "CASE NAME status=0" (or status=1 and "FAIL NAME: why"); the guest's
 # console is always printed. Every lguest run is bounded by `timeout`.
 set -o pipefail
@@ -86,3 +87,14 @@ check disk-kill9-held "the guest never wrote, flushed and held (no LGUEST-HOLDIN
 check disk-kill9-killed "lguest was not killed by SIGKILL while the guest held (status $status, want 137)" [ "$status" = 137 ]
 check disk-kill9-host-file "after kill -9 the image lacks the guest's flushed MiB: $(cmp k9.img rw.expected 2>&1)" \
     cmp -s k9.img rw.expected
+
+# 4. A rate-limited disk: 4 MiB/s (0.4 MiB every 100 ms) read by the guest past its page
+#    cache; the guest's own clock must see 4 MiB/s within 20 %. 16 MiB: about 4 s.
+truncate -s 16M rate.img
+boot disk-rate --disk /tmp/rate.img,bw_size=419430,bw_refill_time=100 --cmdline "$cmdline lguest.disk.rate=vda"
+rate=$(said disk-rate.out "LGUEST-DISK-RATE vda")
+bytes=$(field "$rate" bytes) ms=$(field "$rate" ms)
+kib_s=$((${bytes:-0} * 1000 / 1024 / ${ms:-1}))
+echo "== disk-rate: ${bytes:-?} bytes in ${ms:-?} ms: $kib_s KiB/s (limit 4096 KiB/s)"
+check disk-rate "the guest read at $kib_s KiB/s, not 4096 KiB/s within 20 % ('${rate:-no LGUEST-DISK-RATE line}')" \
+    [ "$kib_s" -ge 3276 -a "$kib_s" -le 4915 ]

@@ -17,7 +17,7 @@ mod request;
 mod tests;
 
 use std::mem::offset_of;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -28,7 +28,8 @@ use self::disk::{Disk, SECTOR_SIZE};
 pub use self::request::RequestQueue;
 use super::{device_type, ActivateError, Activation, Device, VirtioCommon};
 use crate::config::DiskConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::rate_limiter::RateLimiter;
 
 /// The request queue's size: deep enough to keep a fast host disk busy.
 pub const QUEUE_SIZE: u16 = 256;
@@ -46,6 +47,8 @@ const CONFIG_LEN: usize = offset_of!(virtio_blk_config, max_secure_erase_sectors
 /// A virtio-blk device backed by a raw image file.
 pub struct Block {
     disk: Arc<Disk>,
+    /// `bw_*`/`ops_*` limits, if any: kept here so the budget outlives a driver reset.
+    limiter: Option<Arc<Mutex<RateLimiter>>>,
     features: u64,
     config: [u8; CONFIG_LEN],
     /// Reset stops serving; the image stays open (and locked) for the next activation.
@@ -56,7 +59,14 @@ impl Block {
     /// Opens and locks the image `config` names. Errors are one line naming the file.
     pub fn new(config: &DiskConfig) -> Result<Block> {
         let disk = Disk::open(config)?;
+        let limiter = match config.rate_limit.limits_anything() {
+            true => Some(Arc::new(Mutex::new(
+                RateLimiter::new(config.rate_limit).map_err(|source| Error::Host { what: "cannot create a disk's rate-limit timer", source })?,
+            ))),
+            false => None,
+        };
         Ok(Block {
+            limiter,
             features: features(&disk),
             config: config_space(&disk),
             disk: Arc::new(disk),
@@ -88,7 +98,8 @@ impl Device for Block {
     fn handler(&self, mut activation: Activation) -> std::result::Result<RequestQueue, ActivateError> {
         let active = activation.take_queue(REQUESTS, "request")?;
         let flush = activation.features & bit(VIRTIO_BLK_F_FLUSH) != 0;
-        Ok(RequestQueue::new(Arc::clone(&self.disk), activation.mem, active, activation.signals, flush))
+        let limiter = self.limiter.clone();
+        Ok(RequestQueue::new(Arc::clone(&self.disk), activation.mem, active, activation.signals, flush, limiter))
     }
 
     fn common(&mut self) -> &mut VirtioCommon<RequestQueue> {

@@ -10,19 +10,21 @@
 //! outside memory, an available index running ahead of the ring) stops the device.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{Epoll, EventSet};
 
 use super::disk::{Disk, SECTOR_SHIFT, SECTOR_SIZE};
 use super::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, REQUESTS};
+use crate::bus::lock;
+use crate::rate_limiter::RateLimiter;
 use crate::virtio::iovec::IoVecs;
 use crate::virtio::queue::{clear_kick, interrupt_if_wanted, next_chain, serve_until_idle, Chain, Pass, QueueError};
 use crate::virtio::worker::{watch, DeviceWorker};
@@ -39,12 +41,17 @@ pub const MAX_DESCRIPTORS: usize = 1024;
 /// length is a forgery, and failing it keeps one request from holding the disk for long.
 pub const MAX_REQUEST_BYTES: u64 = 1 << 30;
 
+/// The token of the rate limiter's timer, after the queue's kick.
+pub const RATE_LIMIT_TIMER: u64 = REQUESTS as u64 + 1;
+
 /// The one request queue and everything needed to serve it.
 pub struct RequestQueue {
     active: ActiveQueue,
     mem: GuestMemoryMmap,
     signals: Signals,
     requests: Requests,
+    /// The disk's rate limiter, shared with the device (it outlives an activation).
+    limiter: Option<Arc<Mutex<RateLimiter>>>,
     /// (head, bytes written) of the chains served in this pass, returned to the guest together.
     completed: Vec<(u16, u32)>,
 }
@@ -58,6 +65,7 @@ impl RequestQueue {
         active: ActiveQueue,
         signals: Signals,
         flush_negotiated: bool,
+        limiter: Option<Arc<Mutex<RateLimiter>>>,
     ) -> RequestQueue {
         let completed = Vec::with_capacity(usize::from(active.queue.size()));
         let requests = Requests {
@@ -67,24 +75,38 @@ impl RequestQueue {
             writable: Vec::new(),
             host_error_reported: false,
         };
-        RequestQueue { active, mem, signals, requests, completed }
+        RequestQueue { active, mem, signals, requests, limiter, completed }
     }
 
     /// Serves every available request, notifying the guest once per pass, until the driver has
     /// added nothing more since we re-enabled its notifications.
     pub(super) fn serve(&mut self) -> Result<(), QueueError> {
-        let Self { active, mem, signals, requests, completed } = self;
+        let Self { active, mem, signals, requests, limiter, completed } = self;
+        let mut limiter = limiter.as_deref().map(lock);
+        if limiter.as_ref().is_some_and(|limiter| limiter.is_blocked()) {
+            return Ok(()); // its timer brings us back
+        }
         serve_until_idle(&mut active.queue, mem, |queue| {
             // Every chain is served before any is returned: the guest sees the pass at once.
+            let mut throttled = false;
             while let Some(chain) = next_chain(queue, mem)? {
-                completed.push((chain.head_index(), requests.serve(mem, chain)));
+                let head = chain.head_index();
+                match requests.serve(mem, chain, limiter.as_deref_mut()) {
+                    Some(written) => completed.push((head, written)),
+                    None => {
+                        // Over the rate: the chain goes back to the ring until the timer fires.
+                        queue.go_to_previous_position();
+                        throttled = true;
+                        break;
+                    }
+                }
             }
             let served = completed.len();
             for (head, written) in completed.drain(..) {
                 queue.add_used(&*mem, head, written)?;
             }
             interrupt_if_wanted(queue, mem, signals, REQUESTS, served)?;
-            Ok::<_, QueueError>(Pass::Drained(served))
+            Ok::<_, QueueError>(if throttled { Pass::Yielded(served) } else { Pass::Drained(served) })
         })?;
         Ok(())
     }
@@ -94,12 +116,19 @@ impl DeviceWorker for RequestQueue {
     type Error = QueueError;
 
     fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
-        watch(epoll, &self.active.kick, REQUESTS as u64)
+        watch(epoll, &self.active.kick, REQUESTS as u64)?;
+        if let Some(limiter) = &self.limiter {
+            watch(epoll, &*lock(limiter), RATE_LIMIT_TIMER)?;
+        }
+        Ok(())
     }
 
-    fn handle(&mut self, _: &Epoll, _: u64, _: EventSet) -> Result<(), QueueError> {
-        // Only the count is consumed; what was kicked is whatever the ring says.
-        clear_kick(&self.active.kick);
+    fn handle(&mut self, _: &Epoll, token: u64, _: EventSet) -> Result<(), QueueError> {
+        match (token, &self.limiter) {
+            (RATE_LIMIT_TIMER, Some(limiter)) => lock(limiter).timer_fired(),
+            // Only the count is consumed; what was kicked is whatever the ring says.
+            _ => clear_kick(&self.active.kick),
+        }
         self.serve()
     }
 }
@@ -163,16 +192,32 @@ struct Requests {
 }
 
 impl Requests {
-    /// Serves the request in `chain`; returns how many bytes went into its writable buffers.
-    fn serve(&mut self, mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
+    /// Serves the request in `chain`; returns how many bytes went into its writable buffers,
+    /// or `None` when the rate limiter holds it back (nothing was done).
+    fn serve(&mut self, mem: &GuestMemoryMmap, chain: Chain<'_>, limiter: Option<&mut RateLimiter>) -> Option<u32> {
         let layout = match self.walk(chain) {
             Ok(layout) => layout,
             Err(why) => {
                 tracing::debug!(disk = %self.disk.name, "virtio-blk chain dropped: {why}");
-                return 0;
+                return Some(0);
             }
         };
-        let (status, written) = match self.execute(mem, &layout) {
+        if let Some(limiter) = limiter {
+            // The data either way: a write's readable bytes past the header, a read's writable.
+            let bytes = layout.readable.saturating_sub(HEADER_LEN) + layout.writable;
+            match limiter.consume(bytes) {
+                Ok(true) => {}
+                Ok(false) => return None,
+                // No timer to wake us: better unlimited than stuck forever.
+                Err(e) => tracing::warn!(disk = %self.disk.name, "the rate limiter's timer failed ({e}); not limiting"),
+            }
+        }
+        Some(self.execute_and_report(mem, &layout))
+    }
+
+    /// Carries out a walked request and writes its status byte; returns the bytes written.
+    fn execute_and_report(&mut self, mem: &GuestMemoryMmap, layout: &Layout) -> u32 {
+        let (status, written) = match self.execute(mem, layout) {
             Ok(written) => (VIRTIO_BLK_S_OK, written),
             Err(Failed::IoErr) => (VIRTIO_BLK_S_IOERR, 0),
             Err(Failed::Unsupported) => (VIRTIO_BLK_S_UNSUPP, 0),

@@ -20,6 +20,7 @@ use super::disk::Disk;
 use super::request::{RequestQueue, MAX_DESCRIPTORS};
 use super::*;
 use crate::error::Error;
+use crate::rate_limiter::{BucketConfig, RateLimit, RateLimiter};
 use crate::virtio::{feature, ActiveQueue, Signals, VirtioDevice};
 
 const MEM_SIZE: u64 = 0x40_0000;
@@ -47,7 +48,7 @@ fn image() -> tempfile::NamedTempFile {
 }
 
 fn config(file: &tempfile::NamedTempFile, readonly: bool) -> DiskConfig {
-    DiskConfig { path: file.path().to_path_buf(), readonly, id: None }
+    DiskConfig { readonly, ..DiskConfig::new(file.path().to_path_buf()) }
 }
 
 fn disk(file: &tempfile::NamedTempFile, readonly: bool) -> Arc<Disk> {
@@ -220,11 +221,15 @@ impl Bench {
     }
 
     fn with(disk: Arc<Disk>, event_idx: bool) -> Bench {
+        Bench::limited(disk, event_idx, None)
+    }
+
+    fn limited(disk: Arc<Disk>, event_idx: bool, limiter: Option<Arc<std::sync::Mutex<RateLimiter>>>) -> Bench {
         let (driver, mut queue) = Driver::new();
         queue.set_event_idx(event_idx);
         let signals = Signals::standalone(1);
         let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        let queue = RequestQueue::new(disk, driver.mem.clone(), ActiveQueue { queue, kick }, signals.clone(), true);
+        let queue = RequestQueue::new(disk, driver.mem.clone(), ActiveQueue { queue, kick }, signals.clone(), true, limiter);
         Bench { driver, queue, signals }
     }
 
@@ -590,7 +595,7 @@ fn read_only_images_can_be_shared_but_not_written_meanwhile() {
 
 #[test]
 fn images_that_cannot_be_disks_are_refused_with_a_reason() {
-    let why = |path: &std::path::Path, readonly: bool| match Block::new(&DiskConfig { path: path.into(), readonly, id: None }) {
+    let why = |path: &std::path::Path, readonly: bool| match Block::new(&DiskConfig { readonly, ..DiskConfig::new(path) }) {
         Err(Error::Disk { why, .. }) => why,
         Err(other) => panic!("not a disk error: {other}"),
         Ok(_) => panic!("{} should be refused", path.display()),
@@ -696,4 +701,39 @@ fn activation_without_the_request_queue_fails() {
     let (driver, _) = Driver::new();
     let activation = Activation { mem: driver.mem.clone(), queues: vec![None], features: 0, signals: Signals::standalone(1) };
     assert!(block.activate(activation).is_err());
+}
+
+#[test]
+fn the_rate_limiter_holds_requests_back_in_the_ring_until_its_timer_fires() {
+    use crate::virtio::worker::DeviceWorker;
+    use vmm_sys_util::epoll::{Epoll, EventSet};
+    let file = image();
+    // Two operations, then one more every 20 ms.
+    let ops = BucketConfig::new(2, 0, 40).expect("valid");
+    let limiter = RateLimiter::new(RateLimit { bandwidth: None, ops: Some(ops) }).expect("timerfd");
+    let limiter = Arc::new(std::sync::Mutex::new(limiter));
+    let mut bench = Bench::limited(disk(&file, false), false, Some(Arc::clone(&limiter)));
+    for sector in 0..5 {
+        bench.driver.submit(&[Part::Out(header(VIRTIO_BLK_T_IN, sector)), Part::In(512), Part::In(1)]);
+    }
+    bench.serve();
+    assert_eq!(bench.driver.used_idx(), 2, "two requests within the budget, three held back");
+    bench.serve();
+    assert_eq!(bench.driver.used_idx(), 2, "a kick while throttled serves nothing");
+    // The worker's epoll wakes on the timer; then the queue is served again.
+    let epoll = Epoll::new().expect("epoll");
+    bench.queue.register(&epoll).expect("register");
+    let mut served = 2;
+    while served < 5 {
+        let mut events = [vmm_sys_util::epoll::EpollEvent::default(); 2];
+        let ready = epoll.wait(5000, &mut events).expect("wait");
+        assert!(ready > 0, "the rate limiter's timer never fired");
+        for event in &events[..ready] {
+            bench.queue.handle(&epoll, event.data(), EventSet::IN).expect("served");
+        }
+        served = bench.driver.used_idx();
+    }
+    for i in 0..5 {
+        assert_eq!(bench.driver.used_entry(i).1, 513, "every read completed in full");
+    }
 }
