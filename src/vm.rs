@@ -34,7 +34,7 @@ use crate::virtio::block::Block;
 use crate::virtio::console::{Console, ConsoleInput};
 use crate::virtio::net::Net;
 use crate::virtio::rng::Rng;
-use crate::virtio::transport::{VirtioPci, BAR_SIZE};
+use crate::virtio::transport::{DriveHandle, VirtioPci, BAR_SIZE};
 use crate::virtio::VirtioDevice;
 use crate::stop::{Event, StopReason, Stopper};
 use crate::threads;
@@ -53,12 +53,19 @@ pub struct Vm {
     virtio_console: Option<ConsoleInput>,
     /// The keyboard we press Ctrl-Alt-Del on to ask the guest to shut down.
     keyboard: Arc<Mutex<I8042>>,
+    /// The disks, in the configuration's order, for a new image while the guest runs.
+    drives: Vec<DriveHandle>,
     stopper: Arc<Stopper>,
     /// Unmapped last, once nothing else of the VM is left.
     ram: GuestRam,
 }
 
 impl Vm {
+    /// The disks, in the order of `VmConfig::disks`: what `PATCH /drives` changes.
+    pub fn drives(&self) -> Vec<DriveHandle> {
+        self.drives.clone()
+    }
+
     /// Builds a VM from `config`. Everything in it that can stop the guest reports to `stopper`,
     /// which outlives the VM when a rebooted guest is restarted.
     pub fn build(config: &VmConfig, timeline: Arc<Timeline>, stopper: Arc<Stopper>) -> Result<Vm> {
@@ -74,17 +81,17 @@ impl Vm {
         // interleaved runs each on a loaded PVM host (tiny guest, 256 MiB).
         let mem = memory::create_guest_memory(config.memory_bytes())?;
         register_memory(&vm, &mem)?;
-        let Furnished { vcpus, pio, serial, virtio_console, keyboard } =
+        let Furnished { vcpus, pio, serial, virtio_console, keyboard, drives } =
             furnish(config, &kvm_handle, &vm, &mem, &timeline, &stopper)?;
         // Asked now, not at the first fault: a vCPU thread may not read files.
         crate::fault::warn_if_host_kvm_is_pvm();
         timeline.mark(Milestone::VmBuilt);
-        Ok(Vm { kvm: kvm_handle, vm, vcpus, pio, serial, virtio_console, keyboard, stopper, ram: mem })
+        Ok(Vm { kvm: kvm_handle, vm, vcpus, pio, serial, virtio_console, keyboard, drives, stopper, ram: mem })
     }
 
     /// Starts the guest: one thread per vCPU, and what is typed routed to its console.
     pub fn start(self, console: &ConsoleRoute) -> Result<RunningVm> {
-        let Vm { kvm, vm, vcpus, pio, serial, virtio_console, keyboard, stopper, ram } = self;
+        let Vm { kvm, vm, vcpus, pio, serial, virtio_console, keyboard, stopper, ram, .. } = self;
         vcpu::install_kick_handler().map_err(|source| Error::Host { what: "cannot install the vCPU kick handler", source })?;
         match virtio_console {
             Some(input) => console.connect(Box::new(input)),
@@ -135,6 +142,7 @@ impl RunningVm {
 /// What [`furnish`] adds to a bare VM.
 struct Furnished {
     vcpus: Vec<Vcpu>,
+    drives: Vec<DriveHandle>,
     pio: Arc<Bus>,
     serial: Arc<Mutex<SerialPort>>,
     virtio_console: Option<ConsoleInput>,
@@ -162,7 +170,7 @@ fn furnish(
     let (mut pio, serial, keyboard) = legacy_devices(vm, stopper)?;
     let mut mmio = mmio_devices(timeline)?;
     let (devices, virtio_console) = virtio_devices(config)?;
-    plug_pci_devices(vm, mem, devices, &mut pio, &mut mmio)?;
+    let drives = plug_pci_devices(vm, mem, devices, &mut pio, &mut mmio)?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
     let base_cpuid = cpu::base_cpuid(kvm_handle)?;
@@ -177,7 +185,7 @@ fn furnish(
             (pio.clone(), mmio.clone(), GuestMemoryMmap::clone(mem), stopper.clone(), timeline.clone());
         vcpus.push(Vcpu { id, fd, pio, mmio, mem, stopper, timeline });
     }
-    Ok(Furnished { vcpus, pio, serial, virtio_console, keyboard })
+    Ok(Furnished { vcpus, pio, serial, virtio_console, keyboard, drives })
 }
 
 /// One thread per vCPU. A thread that can't be started stops the VM; those already running
@@ -312,6 +320,9 @@ fn mmio_devices(timeline: &Arc<Timeline>) -> Result<Bus> {
 
 type NamedDevice = (&'static str, Box<dyn VirtioDevice>);
 
+/// The name a disk is reported by (and recognised by, for its [`DriveHandle`]).
+const BLOCK: &str = "virtio-blk";
+
 /// The virtio devices the configuration asks for, each with the name it is reported by, and
 /// the virtio console's input if there is one. The UART stays either way: early boot messages
 /// go there.
@@ -325,7 +336,7 @@ fn virtio_devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Option<Console
         devices.push(("virtio-console", Box::new(console)));
     }
     for disk in &config.disks {
-        devices.push(("virtio-blk", Box::new(Block::new(disk)?)));
+        devices.push((BLOCK, Box::new(Block::new(disk)?)));
     }
     for net in &config.nets {
         devices.push(("virtio-net", Box::new(Net::new(net)?)));
@@ -344,9 +355,10 @@ fn plug_pci_devices(
     devices: Vec<NamedDevice>,
     pio: &mut Bus,
     mmio: &mut Bus,
-) -> Result<()> {
+) -> Result<Vec<DriveHandle>> {
     let routes = Arc::new(MsiRoutes::new(vm.clone()));
     let mut root = PciRoot::new();
+    let mut drives = Vec::new();
     for (kind, device) in devices {
         // VmConfig has checked the count against MAX_PCI_DEVICES already.
         let slot = root.next_slot().ok_or(Error::Internal { what: "the PCI bus", why: "more devices than slots".into() })?;
@@ -360,9 +372,13 @@ fn plug_pci_devices(
         }
         let pci = Arc::new(Mutex::new(pci));
         claim(mmio, bar, BAR_SIZE, pci.clone())?;
+        if kind == BLOCK {
+            drives.push(DriveHandle::new(pci.clone()));
+        }
         root.plug(pci);
     }
-    claim(pio, CONFIG_PORT, CONFIG_PORT_LEN, Arc::new(Mutex::new(root)))
+    claim(pio, CONFIG_PORT, CONFIG_PORT_LEN, Arc::new(Mutex::new(root)))?;
+    Ok(drives)
 }
 
 /// Places a device on a bus; an overlap is our own bug in the device map, reported as such.

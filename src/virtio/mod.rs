@@ -77,6 +77,12 @@ pub trait VirtioDevice: Send {
     /// device is marked NEEDS_RESET; the rest of the VM carries on.
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
 
+    /// Changes the backend under the device (see [`BackendUpdate`]); the transport then tells
+    /// the driver its config space changed.
+    fn update_backend(&mut self, update: BackendUpdate) -> Result<(), UpdateError> {
+        Err(UpdateError::Unsupported(update.what()))
+    }
+
     /// The driver has reset the device (status 0) or the VM is going away: stop the worker,
     /// forget the queues, and be ready for another activation. Calling it twice is harmless.
     fn reset(&mut self);
@@ -114,6 +120,36 @@ pub trait Device: Send {
 
     /// The state every device keeps the same way.
     fn common(&mut self) -> &mut VirtioCommon<Self::Handler>;
+
+    /// Changes the backend under a running device, from outside the guest (the API's PATCH);
+    /// reached through [`VirtioDevice::update_backend`]. Most devices have nothing to change.
+    fn change_backend(&mut self, update: BackendUpdate) -> Result<(), UpdateError> {
+        Err(UpdateError::Unsupported(update.what()))
+    }
+}
+
+/// A change to a device's backend that the guest didn't ask for: a new disk image in the
+/// drive (how Kata and Firecracker's clients hot-plug disks).
+#[derive(Debug, Clone)]
+pub enum BackendUpdate {
+    Medium(crate::config::DiskConfig),
+}
+
+impl BackendUpdate {
+    fn what(&self) -> &'static str {
+        match self {
+            BackendUpdate::Medium(_) => "a disk image",
+        }
+    }
+}
+
+/// Why a backend could not be changed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error("this device has no {0} to change")]
+    Unsupported(&'static str),
+    #[error(transparent)]
+    Backend(#[from] crate::error::Error),
 }
 
 impl<D: Device> VirtioDevice for D {
@@ -131,6 +167,10 @@ impl<D: Device> VirtioDevice for D {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         copy_config(self.config_space(), offset, data);
+    }
+
+    fn update_backend(&mut self, update: BackendUpdate) -> Result<(), UpdateError> {
+        self.change_backend(update)
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {

@@ -26,7 +26,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{device_type, feature, ActiveQueue, Activation, Signals, VirtioDevice};
+use super::{device_type, feature, ActiveQueue, Activation, BackendUpdate, Signals, UpdateError, VirtioDevice};
 use crate::bus::BusDevice;
 use crate::pci::config::{Identity, PciConfig};
 use crate::pci::msix::{MsiRoutes, MsixTable, MsixVectors, NO_VECTOR};
@@ -112,7 +112,34 @@ pub struct VirtioPci {
     broken: Arc<AtomicBool>,
 }
 
+/// A drive of a running VM, as the API holds it to put another image in (`PATCH /drives`).
+#[derive(Clone)]
+pub struct DriveHandle(Arc<std::sync::Mutex<VirtioPci>>);
+
+impl DriveHandle {
+    pub fn new(pci: Arc<std::sync::Mutex<VirtioPci>>) -> DriveHandle {
+        DriveHandle(pci)
+    }
+
+    /// Puts the image at `path` in the drive (opened as the old one was); the guest's driver
+    /// then rereads the size.
+    pub fn change_medium(&self, path: std::path::PathBuf) -> Result<(), UpdateError> {
+        let update = BackendUpdate::Medium(crate::config::DiskConfig::new(path));
+        crate::bus::lock(&self.0).update_backend(update)
+    }
+}
+
 impl VirtioPci {
+    /// Changes the device's backend from outside the guest, and tells a running driver that
+    /// the config space changed (a config-change interrupt).
+    pub fn update_backend(&mut self, update: BackendUpdate) -> Result<(), UpdateError> {
+        self.device.update_backend(update)?;
+        if self.status & status::DRIVER_OK != 0 {
+            self.signals().config_changed();
+        }
+        Ok(())
+    }
+
     /// Wraps `device` as a PCI function whose BAR sits at `bar` (aligned to [`BAR_SIZE`], below
     /// 4 GiB). Fails only when the host runs out of eventfds or KVM refuses an irqfd.
     pub fn new(
@@ -684,6 +711,29 @@ mod tests {
         assert_eq!(resets.load(Ordering::SeqCst), 0);
         drop(dev);
         assert_eq!(resets.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_backend_change_is_refused_by_a_device_without_one_and_sets_the_config_bit_when_taken() {
+        let mem = memory();
+        let mut dev = rng_device(&mem);
+        let update = || BackendUpdate::Medium(crate::config::DiskConfig::new("/nowhere"));
+        assert!(matches!(dev.update_backend(update()), Err(UpdateError::Unsupported(_))));
+        let image = tempfile::NamedTempFile::new().expect("image");
+        image.as_file().set_len(1 << 20).expect("size");
+        let block = crate::virtio::block::Block::new(&crate::config::DiskConfig::new(image.path())).expect("disk");
+        let mut disk = VirtioPci::new("disk".into(), Box::new(block), mem.clone(), 0xc000_0000, Arc::new(MsiRoutes::detached()))
+            .expect("device");
+        let vq = MockSplitQueue::new(&mem, 16);
+        negotiate(&mut disk, feature::VERSION_1);
+        start(&mut disk, &vq);
+        let other = tempfile::NamedTempFile::new().expect("image");
+        other.as_file().set_len(2 << 20).expect("size");
+        let handle = DriveHandle::new(Arc::new(std::sync::Mutex::new(disk)));
+        handle.change_medium(other.path().to_path_buf()).expect("a new medium");
+        let mut dev = crate::bus::lock(&handle.0);
+        assert_eq!(read(&mut dev, ISR, 1) & u64::from(super::super::ISR_CONFIG), u64::from(super::super::ISR_CONFIG));
+        assert_eq!(read(&mut dev, DEVICE, 8), 4096, "the new capacity in sectors");
     }
 
     #[test]

@@ -26,7 +26,8 @@ use virtio_bindings::bindings::virtio_blk::{
 
 use self::disk::{Disk, SECTOR_SIZE};
 pub use self::request::RequestQueue;
-use super::{device_type, ActivateError, Activation, Device, VirtioCommon};
+use super::{device_type, ActivateError, Activation, BackendUpdate, Device, UpdateError, VirtioCommon};
+use crate::bus::lock;
 use crate::config::DiskConfig;
 use crate::error::{Error, Result};
 use crate::rate_limiter::RateLimiter;
@@ -46,7 +47,11 @@ const CONFIG_LEN: usize = offset_of!(virtio_blk_config, max_secure_erase_sectors
 
 /// A virtio-blk device backed by a raw image file.
 pub struct Block {
-    disk: Arc<Disk>,
+    /// The image in the drive, shared with the worker, which takes it anew for every pass
+    /// over the queue: [`Device::update_backend`] can put another one in while the guest runs.
+    medium: Arc<Mutex<Arc<Disk>>>,
+    /// What the drive was opened as: a new medium keeps its read-only flag and serial.
+    opened_as: DiskConfig,
     /// `bw_*`/`ops_*` limits, if any: kept here so the budget outlives a driver reset.
     limiter: Option<Arc<Mutex<RateLimiter>>>,
     features: u64,
@@ -66,10 +71,11 @@ impl Block {
             false => None,
         };
         Ok(Block {
-            limiter,
             features: features(&disk),
             config: config_space(&disk),
-            disk: Arc::new(disk),
+            medium: Arc::new(Mutex::new(Arc::new(disk))),
+            opened_as: config.clone(),
+            limiter,
             common: VirtioCommon::default(),
         })
     }
@@ -77,7 +83,7 @@ impl Block {
     /// The disk's size in 512-byte sectors.
     #[cfg(test)]
     pub fn sectors(&self) -> u64 {
-        self.disk.sectors
+        lock(&self.medium).sectors
     }
 }
 
@@ -99,7 +105,22 @@ impl Device for Block {
         let active = activation.take_queue(REQUESTS, "request")?;
         let flush = activation.features & bit(VIRTIO_BLK_F_FLUSH) != 0;
         let limiter = self.limiter.clone();
-        Ok(RequestQueue::new(Arc::clone(&self.disk), activation.mem, active, activation.signals, flush, limiter))
+        Ok(RequestQueue::new(Arc::clone(&self.medium), activation.mem, active, activation.signals, flush, limiter))
+    }
+
+    /// A new image in the drive: opened (and locked) as the old one was, its size in the config
+    /// space. Requests already taken finish on the old image; the next pass uses the new one.
+    /// The offered features stay (the driver has accepted them): a new image that can't punch
+    /// holes answers discards with UNSUPP.
+    fn change_backend(&mut self, update: BackendUpdate) -> std::result::Result<(), UpdateError> {
+        let BackendUpdate::Medium(config) = update;
+        let config = DiskConfig { path: config.path, ..self.opened_as.clone() };
+        let disk = Disk::open(&config)?;
+        let capacity = offset_of!(virtio_blk_config, capacity);
+        self.config[capacity..capacity + 8].copy_from_slice(&disk.sectors.to_le_bytes());
+        *lock(&self.medium) = Arc::new(disk);
+        self.opened_as = config;
+        Ok(())
     }
 
     fn common(&mut self) -> &mut VirtioCommon<RequestQueue> {

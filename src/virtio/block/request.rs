@@ -49,6 +49,8 @@ pub struct RequestQueue {
     active: ActiveQueue,
     mem: GuestMemoryMmap,
     signals: Signals,
+    /// The drive's image, which the API may change between two passes (see `Block`).
+    medium: Arc<Mutex<Arc<Disk>>>,
     requests: Requests,
     /// The disk's rate limiter, shared with the device (it outlives an activation).
     limiter: Option<Arc<Mutex<RateLimiter>>>,
@@ -60,7 +62,7 @@ impl RequestQueue {
     /// A driver that did not accept FLUSH expects every write to be durable when it completes
     /// (virtio spec 1.2, 5.2.5: no FLUSH means a write-through cache).
     pub fn new(
-        disk: Arc<Disk>,
+        medium: Arc<Mutex<Arc<Disk>>>,
         mem: GuestMemoryMmap,
         active: ActiveQueue,
         signals: Signals,
@@ -68,6 +70,7 @@ impl RequestQueue {
         limiter: Option<Arc<Mutex<RateLimiter>>>,
     ) -> RequestQueue {
         let completed = Vec::with_capacity(usize::from(active.queue.size()));
+        let disk = lock(&medium).clone();
         let requests = Requests {
             disk,
             write_through: !flush_negotiated,
@@ -75,13 +78,18 @@ impl RequestQueue {
             writable: Vec::new(),
             host_error_reported: false,
         };
-        RequestQueue { active, mem, signals, requests, limiter, completed }
+        RequestQueue { active, mem, signals, medium, requests, limiter, completed }
     }
 
     /// Serves every available request, notifying the guest once per pass, until the driver has
     /// added nothing more since we re-enabled its notifications.
     pub(super) fn serve(&mut self) -> Result<(), QueueError> {
-        let Self { active, mem, signals, requests, limiter, completed } = self;
+        let Self { active, mem, signals, medium, requests, limiter, completed } = self;
+        let current = lock(medium);
+        if !Arc::ptr_eq(&current, &requests.disk) {
+            requests.disk = Arc::clone(&current);
+        }
+        drop(current);
         let mut limiter = limiter.as_deref().map(lock);
         if limiter.as_ref().is_some_and(|limiter| limiter.is_blocked()) {
             return Ok(()); // its timer brings us back

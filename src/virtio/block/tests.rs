@@ -225,11 +225,15 @@ impl Bench {
     }
 
     fn limited(disk: Arc<Disk>, event_idx: bool, limiter: Option<Arc<std::sync::Mutex<RateLimiter>>>) -> Bench {
+        Bench::on_medium(Arc::new(std::sync::Mutex::new(disk)), event_idx, limiter)
+    }
+
+    fn on_medium(medium: Arc<std::sync::Mutex<Arc<Disk>>>, event_idx: bool, limiter: Option<Arc<std::sync::Mutex<RateLimiter>>>) -> Bench {
         let (driver, mut queue) = Driver::new();
         queue.set_event_idx(event_idx);
         let signals = Signals::standalone(1);
         let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        let queue = RequestQueue::new(disk, driver.mem.clone(), ActiveQueue { queue, kick }, signals.clone(), true, limiter);
+        let queue = RequestQueue::new(medium, driver.mem.clone(), ActiveQueue { queue, kick }, signals.clone(), true, limiter);
         Bench { driver, queue, signals }
     }
 
@@ -344,7 +348,7 @@ fn a_read_only_disk_refuses_every_change_and_leaves_the_file_alone() {
     let block = Block::new(&config(&file, true)).expect("read-only disk");
     assert_ne!(block.features() & bit(VIRTIO_BLK_F_RO), 0);
     assert_eq!(block.features() & (bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)), 0);
-    let mut bench = Bench::new(Arc::clone(&block.disk));
+    let mut bench = Bench::new(lock(&block.medium).clone());
     assert_eq!(bench.write(0, vec![1; 512]), (S_IOERR, 1));
     assert_eq!(bench.simple(VIRTIO_BLK_T_DISCARD, range(0, 1, 0)), S_IOERR);
     assert_eq!(bench.simple(VIRTIO_BLK_T_WRITE_ZEROES, range(0, 1, 0)), S_IOERR);
@@ -621,7 +625,7 @@ fn a_size_that_is_not_whole_sectors_is_rounded_down() {
     let file = image_with(&pattern(3 * 512 + 100));
     let block = Block::new(&config(&file, false)).expect("disk");
     assert_eq!(block.sectors(), 3);
-    let mut bench = Bench::new(Arc::clone(&block.disk));
+    let mut bench = Bench::new(lock(&block.medium).clone());
     assert_eq!(bench.read(3, 1).0, S_IOERR, "the partial sector is not part of the disk");
 }
 
@@ -646,7 +650,7 @@ fn config_space_follows_the_spec() {
     assert_eq!(read(0, 8), SECTORS.to_le_bytes());
     assert_eq!(read(12, 4), SEG_MAX.to_le_bytes());
     assert_eq!(read(20, 4), 512u32.to_le_bytes());
-    if block.disk.can_punch_holes {
+    if lock(&block.medium).can_punch_holes {
         assert_eq!(read(36, 4), MAX_DISCARD_SECTORS.to_le_bytes());
         assert_eq!(read(40, 4), MAX_DISCARD_SEGMENTS.to_le_bytes());
         assert_eq!(read(56, 1), [1]);
@@ -736,4 +740,27 @@ fn the_rate_limiter_holds_requests_back_in_the_ring_until_its_timer_fires() {
     for i in 0..5 {
         assert_eq!(bench.driver.used_entry(i).1, 513, "every read completed in full");
     }
+}
+
+#[test]
+fn a_new_medium_in_a_running_drive_is_read_from_the_next_request_on() {
+    let first = image();
+    let second = image_with(&vec![0x5a; 32 * 512]);
+    let mut block = Block::new(&DiskConfig { id: Some("swap".into()), ..config(&first, true) }).expect("block");
+    let mut bench = Bench::on_medium(Arc::clone(&block.medium), false, None);
+    let (status, _, data) = bench.read(0, 1);
+    assert_eq!((status, data), (S_OK, pattern(512)));
+
+    let missing = DiskConfig::new("/no/such/image");
+    assert!(block.update_backend(BackendUpdate::Medium(missing)).is_err(), "a missing image is refused");
+    assert_eq!(bench.read(0, 1).2, pattern(512), "and the old one stays");
+
+    block.update_backend(BackendUpdate::Medium(DiskConfig::new(second.path()))).expect("swap");
+    let mut capacity = [0u8; 8];
+    block.read_config(0, &mut capacity);
+    assert_eq!(u64::from_le_bytes(capacity), 32, "the config space has the new size");
+    let (status, _, data) = bench.read(20, 1);
+    assert_eq!((status, data), (S_OK, vec![0x5a; 512]), "the new image, past the old one's end");
+    assert_eq!(bench.write(0, vec![1; 512]).0, S_IOERR, "still read-only, as the drive was opened");
+    assert_eq!(&lock(&block.medium).id[..4], b"swap", "and still the same serial");
 }
