@@ -87,9 +87,10 @@ pub struct RunArgs {
     /// Where the guest's console goes.
     #[arg(long, value_name = "KIND", value_enum, default_value_t = ConsoleKind::Serial)]
     pub console: ConsoleKind,
-    /// Give the guest a virtio entropy source (/dev/hwrng), fed from the host's getrandom.
-    #[arg(long)]
-    pub rng: bool,
+    /// Give the guest a virtio entropy source (/dev/hwrng), fed from the host's getrandom;
+    /// `--rng=bw_size=BYTES,bw_refill_time=MS` (or ops_*) limits how fast.
+    #[arg(long, value_name = "LIMITS", num_args = 0..=1, require_equals = true, default_missing_value = "")]
+    pub rng: Option<String>,
     /// System-call filters on the threads that handle guest data.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = crate::seccomp::Mode::Enforce)]
     pub seccomp: crate::seccomp::Mode,
@@ -165,6 +166,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     pub console: ConsoleKind,
     pub rng: bool,
+    /// How fast the entropy source may give (`--rng=bw_*,ops_*`, the API's entropy limiter).
+    pub rng_rate_limit: RateLimit,
     pub seccomp: crate::seccomp::Mode,
     pub on_reboot: OnReboot,
     pub shutdown_timeout: Duration,
@@ -182,7 +185,9 @@ impl VmConfig {
         let disks = args.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
         let nets = args.nets.iter().map(|n| parse_net(n)).collect::<Result<Vec<_>>>()?;
         let shutdown_timeout = validate_shutdown_timeout(args.shutdown_timeout)?;
+        let rng_rate_limit = args.rng.as_deref().map(parse_rng_limits).transpose()?.unwrap_or_default();
         let RunArgs { kernel, initrd, mut cmdline, boot_timeline, rng, console, seccomp, reboot: on_reboot, .. } = args;
+        let rng = rng.is_some();
         if console == ConsoleKind::Virtio && cmdline == DEFAULT_CMDLINE {
             cmdline = DEFAULT_CMDLINE.replace("console=ttyS0", "console=hvc0");
         }
@@ -197,6 +202,7 @@ impl VmConfig {
             nets,
             console,
             rng,
+            rng_rate_limit,
             on_reboot,
             shutdown_timeout,
             seccomp,
@@ -234,6 +240,7 @@ impl VmConfig {
             nets: Vec::new(),
             console: ConsoleKind::Serial,
             rng: false,
+            rng_rate_limit: RateLimit::default(),
             on_reboot: OnReboot::Exit,
             shutdown_timeout: Duration::from_secs(10),
             seccomp: crate::seccomp::Mode::Enforce,
@@ -293,6 +300,22 @@ pub fn parse_disk(value: &str) -> Result<DiskConfig> {
     }
     disk.rate_limit = limits.build().map_err(|e| bad(e.to_string()))?;
     Ok(disk)
+}
+
+/// `--rng`'s optional limits: `bw_size=BYTES,bw_refill_time=MS,...` (empty: none).
+fn parse_rng_limits(value: &str) -> Result<RateLimit> {
+    let bad = |why: String| Error::BadFlag { flag: "--rng", value: value.to_string(), why };
+    let mut limits = RateLimitBuilder::default();
+    for option in value.split(',').filter(|option| !option.is_empty()) {
+        let known = match option.split_once('=') {
+            Some((key, number)) => rate_limiter::set_option(&mut limits, key, number).map_err(|e| bad(e.to_string()))?,
+            None => false,
+        };
+        if !known {
+            return Err(bad(format!("unknown option '{option}' (expected bw_* or ops_*)")));
+        }
+    }
+    limits.build().map_err(|e| bad(e.to_string()))
 }
 
 /// `tap=NAME[,mac=MAC]`.
@@ -478,6 +501,11 @@ mod tests {
         assert_eq!(config.console, ConsoleKind::Virtio);
         assert!(config.cmdline.contains("console=hvc0"));
         assert!(config.rng);
+        assert!(!config.rng_rate_limit.limits_anything());
+        let limited = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--rng=bw_size=1024,bw_refill_time=100"])).expect("valid");
+        assert!(limited.rng && limited.rng_rate_limit.bandwidth.is_some());
+        let bad = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--rng=fast"]));
+        assert!(matches!(bad, Err(Error::BadFlag { flag: "--rng", .. })), "{bad:?}");
         assert!(parse(&["run", "--kernel", FILE, "--console", "vga"]).is_err());
         assert_eq!(config.seccomp, crate::seccomp::Mode::Enforce);
         let log = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--seccomp", "log"])).expect("valid");

@@ -304,6 +304,21 @@ impl RateLimiter {
     }
 }
 
+/// A device queue's question before serving one request of `bytes`: may it go now? Always
+/// yes without a limiter; no when the limiter is over its budget (its timer then brings the
+/// worker back). A timer that can't be armed lets everything through: better unlimited than
+/// a queue stuck forever.
+pub fn admit(limiter: Option<&mut RateLimiter>, bytes: u64, device: &str) -> bool {
+    let Some(limiter) = limiter else { return true };
+    match limiter.consume(bytes) {
+        Ok(admitted) => admitted,
+        Err(e) => {
+            tracing::warn!(device, "the rate limiter's timer failed ({e}); not limiting");
+            true
+        }
+    }
+}
+
 impl AsRawFd for RateLimiter {
     /// The timerfd to watch: readable when a blocked queue may be served again.
     fn as_raw_fd(&self) -> RawFd {

@@ -342,7 +342,9 @@ fn virtio_devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Option<Console
         devices.push(("virtio-net", Box::new(Net::new(net)?)));
     }
     if config.rng {
-        devices.push(("virtio-rng", Box::new(Rng::new())));
+        let rng = Rng::limited(config.rng_rate_limit)
+            .map_err(|source| Error::Host { what: "cannot create the entropy source's rate-limit timer", source })?;
+        devices.push(("virtio-rng", Box::new(rng)));
     }
     Ok((devices, console_input))
 }

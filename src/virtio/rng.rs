@@ -8,7 +8,9 @@
 
 use std::io::{self, Write};
 
-use virtio_queue::{Queue, QueueT};
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{Epoll, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -16,20 +18,37 @@ use vmm_sys_util::eventfd::EventFd;
 use super::queue::{clear_kick, interrupt_if_wanted, next_chain, serve_until_idle, Chain, Pass, QueueError};
 use super::worker::{watch, DeviceWorker};
 use super::{device_type, ActivateError, Activation, Device, Signals, VirtioCommon};
+use crate::bus::lock;
+use crate::rate_limiter::{self, RateLimit, RateLimiter};
 
 const QUEUE_SIZE: u16 = 256;
 pub const MAX_BYTES_PER_REQUEST: usize = 64 << 10;
 /// The request queue's index, and its kick's token.
 pub const REQUESTS: usize = 0;
 
+/// The rate limiter's timer token, after the queue's kick.
+pub const RATE_LIMIT_TIMER: u64 = REQUESTS as u64 + 1;
+
 #[derive(Default)]
 pub struct Rng {
     common: VirtioCommon<RngWorker>,
+    /// Firecracker's entropy `rate_limiter`, if any: kept here so the budget outlives a reset.
+    limiter: Option<Arc<Mutex<RateLimiter>>>,
 }
 
 impl Rng {
     pub fn new() -> Rng {
         Rng::default()
+    }
+
+    /// An entropy source that gives at most what `limit` allows. Fails only when the host
+    /// gives us no timerfd.
+    pub fn limited(limit: RateLimit) -> io::Result<Rng> {
+        let limiter = match limit.limits_anything() {
+            true => Some(Arc::new(Mutex::new(RateLimiter::new(limit)?))),
+            false => None,
+        };
+        Ok(Rng { limiter, ..Rng::default() })
     }
 }
 
@@ -41,7 +60,8 @@ impl Device for Rng {
 
     fn handler(&self, mut activation: Activation) -> Result<RngWorker, ActivateError> {
         let active = activation.take_queue(REQUESTS, "request")?;
-        Ok(RngWorker { mem: activation.mem, queue: active.queue, kick: active.kick, signals: activation.signals })
+        let limiter = self.limiter.clone();
+        Ok(RngWorker { mem: activation.mem, queue: active.queue, kick: active.kick, signals: activation.signals, limiter })
     }
 
     fn common(&mut self) -> &mut VirtioCommon<RngWorker> {
@@ -55,17 +75,25 @@ pub struct RngWorker {
     queue: Queue,
     kick: EventFd,
     signals: Signals,
+    limiter: Option<Arc<Mutex<RateLimiter>>>,
 }
 
 impl DeviceWorker for RngWorker {
     type Error = QueueError;
 
     fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
-        watch(epoll, &self.kick, REQUESTS as u64)
+        watch(epoll, &self.kick, REQUESTS as u64)?;
+        if let Some(limiter) = &self.limiter {
+            watch(epoll, &*lock(limiter), RATE_LIMIT_TIMER)?;
+        }
+        Ok(())
     }
 
-    fn handle(&mut self, _: &Epoll, _: u64, _: EventSet) -> Result<(), QueueError> {
-        clear_kick(&self.kick);
+    fn handle(&mut self, _: &Epoll, token: u64, _: EventSet) -> Result<(), QueueError> {
+        match (token, &self.limiter) {
+            (RATE_LIMIT_TIMER, Some(limiter)) => lock(limiter).timer_fired(),
+            _ => clear_kick(&self.kick),
+        }
         self.serve_queue()
     }
 }
@@ -74,9 +102,19 @@ impl RngWorker {
     /// Fills every posted buffer, then interrupts the guest once if it wants to hear.
     fn serve_queue(&mut self) -> Result<(), QueueError> {
         let mem = &self.mem;
+        let mut limiter = self.limiter.as_deref().map(lock);
+        if limiter.as_ref().is_some_and(|limiter| limiter.is_blocked()) {
+            return Ok(()); // its timer brings us back
+        }
         let pass = serve_until_idle(&mut self.queue, mem, |queue| {
             let mut served = 0;
             while let Some(chain) = next_chain(queue, mem)? {
+                let wanted = chain.clone().writer(mem).map_or(0, |w| w.available_bytes().min(MAX_BYTES_PER_REQUEST));
+                if !rate_limiter::admit(limiter.as_deref_mut(), wanted as u64, "virtio-rng") {
+                    // Over the rate: back to the ring until the limiter's timer fires.
+                    queue.go_to_previous_position();
+                    return Ok(Pass::Yielded(served));
+                }
                 let head = chain.head_index();
                 let written = fill_with_random(mem, chain);
                 queue.add_used(mem, head, written)?;
@@ -136,7 +174,7 @@ mod tests {
 
     fn worker_for(mem: &GuestMemoryMmap, queue: Queue) -> RngWorker {
         let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        RngWorker { mem: mem.clone(), queue, kick, signals: Signals::standalone(1) }
+        RngWorker { mem: mem.clone(), queue, kick, signals: Signals::standalone(1), limiter: None }
     }
 
     fn descriptor(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
@@ -188,5 +226,29 @@ mod tests {
         let mut worker = worker_for(&mem, vq.create_queue().expect("queue"));
         worker.serve_queue().expect("served");
         assert_eq!(vq.used().ring().ref_at(0).expect("used").load().len() as usize, MAX_BYTES_PER_REQUEST);
+    }
+
+    #[test]
+    fn a_rate_limit_holds_requests_in_the_ring_until_its_timer_fires() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let chains: Vec<RawDescriptor> = (0..4).map(|i| descriptor(0x10_0000 + i * 0x1000, 1024, VRING_DESC_F_WRITE, 0)).collect();
+        vq.add_desc_chains(&chains, 0).expect("chains");
+        let limit = RateLimit { bandwidth: Some(crate::rate_limiter::BucketConfig::new(2048, 0, 20).expect("valid")), ops: None };
+        let rng = Rng::limited(limit).expect("timerfd");
+        let mut worker = worker_for(&mem, vq.create_queue().expect("queue"));
+        worker.limiter = rng.limiter.clone();
+        worker.serve_queue().expect("served");
+        assert_eq!(vq.used().idx().load(), 2, "2 KiB of budget: two requests of 1 KiB");
+        let epoll = Epoll::new().expect("epoll");
+        worker.register(&epoll).expect("register");
+        while vq.used().idx().load() < 4 {
+            let mut events = [vmm_sys_util::epoll::EpollEvent::default(); 2];
+            let ready = epoll.wait(5000, &mut events).expect("wait");
+            assert!(ready > 0, "the limiter's timer never fired");
+            for event in &events[..ready] {
+                worker.handle(&epoll, event.data(), EventSet::IN).expect("served");
+            }
+        }
     }
 }

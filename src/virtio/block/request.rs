@@ -24,7 +24,7 @@ use vmm_sys_util::epoll::{Epoll, EventSet};
 use super::disk::{Disk, SECTOR_SHIFT, SECTOR_SIZE};
 use super::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, REQUESTS};
 use crate::bus::lock;
-use crate::rate_limiter::RateLimiter;
+use crate::rate_limiter::{self, RateLimiter};
 use crate::virtio::iovec::IoVecs;
 use crate::virtio::queue::{clear_kick, interrupt_if_wanted, next_chain, serve_until_idle, Chain, Pass, QueueError};
 use crate::virtio::worker::{watch, DeviceWorker};
@@ -210,15 +210,10 @@ impl Requests {
                 return Some(0);
             }
         };
-        if let Some(limiter) = limiter {
-            // The data either way: a write's readable bytes past the header, a read's writable.
-            let bytes = layout.readable.saturating_sub(HEADER_LEN) + layout.writable;
-            match limiter.consume(bytes) {
-                Ok(true) => {}
-                Ok(false) => return None,
-                // No timer to wake us: better unlimited than stuck forever.
-                Err(e) => tracing::warn!(disk = %self.disk.name, "the rate limiter's timer failed ({e}); not limiting"),
-            }
+        // The data either way: a write's readable bytes past the header, a read's writable.
+        let bytes = layout.readable.saturating_sub(HEADER_LEN) + layout.writable;
+        if !rate_limiter::admit(limiter, bytes, &self.disk.name) {
+            return None;
         }
         Some(self.execute_and_report(mem, &layout))
     }
