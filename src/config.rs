@@ -334,7 +334,7 @@ pub fn parse_net(value: &str) -> Result<NetConfig> {
     Ok(NetConfig { tap, mac })
 }
 
-fn parse_mac(text: &str) -> Option<[u8; 6]> {
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = text.split(':');
     for byte in &mut mac {
@@ -354,7 +354,7 @@ fn validate_shutdown_timeout(secs: u64) -> Result<Duration> {
 }
 
 /// Opens the file once, so a typo in a path is reported before anything else happens.
-fn check_readable(path: &std::path::Path, what: &'static str) -> Result<()> {
+pub fn check_readable(path: &std::path::Path, what: &'static str) -> Result<()> {
     let error = |source| Error::ReadFile { what, path: path.to_path_buf(), source };
     let meta = std::fs::File::open(path).and_then(|f| f.metadata()).map_err(error)?;
     if meta.is_dir() {

@@ -26,9 +26,11 @@
 //! 13. [`error`]: what stops us before a guest runs, each a line that says what to change,
 //!     and [`docs`]: the completions and man pages generated from the command line.
 
+pub mod api;
 pub mod arch;
 pub mod bus;
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod docs;
 pub mod error;

@@ -5,7 +5,7 @@
 //! Seccomp narrows what that code could do: no opening files, no sockets, no exec, no ptrace.
 //! The filters are per thread ([`Role`]) and installed by each thread on itself as it starts
 //! ([`confine`]): the vCPU threads, the device workers and the spawner that starts them, the
-//! console's stdin pump and the signal watcher. The main thread builds the VM (opening files, /dev/kvm, taps) and afterwards only
+//! console's stdin pump, the signal watcher and the API server. The main thread builds the VM (opening files, /dev/kvm, taps) and afterwards only
 //! waits; it touches no guest data and keeps no filter, so that `--reboot restart` can build
 //! the VM again.
 //!
@@ -47,6 +47,9 @@ pub enum Role {
     Spawner,
     StdinPump,
     SignalWatcher,
+    /// The API server (`--api-sock`): client connections, and the files a client names
+    /// (metrics, logs, a kernel to check), as Firecracker's own VMM thread opens them.
+    Api,
 }
 
 static MODE: OnceLock<Mode> = OnceLock::new();
@@ -66,6 +69,7 @@ impl Role {
             Role::Spawner => b"spawner",
             Role::StdinPump => b"stdin  ",
             Role::SignalWatcher => b"signals",
+            Role::Api => b"api    ",
         }
     }
 }
@@ -215,6 +219,28 @@ const STDIN_PUMP: &[i64] = &[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll];
 /// The signal watcher: waiting for signals, and restoring the terminal if the VM is killed.
 const SIGNAL_WATCHER: &[i64] = &[libc::SYS_rt_sigtimedwait, libc::SYS_ioctl, libc::SYS_tgkill];
 
+/// The API thread: its epoll loop and connections, opening the files a client names (checking
+/// a kernel or disk image, a metrics or log file), kicking vCPUs to pause them. No socket of
+/// its own making, no exec, no KVM.
+const API: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_accept4,
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_shutdown,
+    libc::SYS_openat,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_tgkill,
+    libc::SYS_getrandom,
+];
+
 fn allowed(role: Role) -> Vec<i64> {
     let own: &[&[i64]] = match role {
         Role::Vcpu => &[VCPU],
@@ -223,6 +249,7 @@ fn allowed(role: Role) -> Vec<i64> {
         Role::Spawner => &[SPAWNER, DEVICE_WORKER],
         Role::StdinPump => &[STDIN_PUMP],
         Role::SignalWatcher => &[SIGNAL_WATCHER],
+        Role::Api => &[API],
     };
     let mut calls: Vec<i64> = COMMON.iter().chain(own.iter().flat_map(|set| set.iter())).copied().collect();
     calls.sort_unstable();
@@ -322,6 +349,7 @@ mod tests {
             assert!(!allowed_on_thread(role, open_a_file), "{role:?} may open files");
             assert!(!allowed_on_thread(role, make_a_socket), "{role:?} may make sockets");
         }
+        assert!(!allowed_on_thread(Role::Api, make_a_socket), "the API thread may make sockets");
     }
 
     #[test]

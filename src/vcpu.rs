@@ -9,7 +9,9 @@
 //! So a vCPU whose guest sits in HLT never comes back by itself. To stop one (the VM is being
 //! torn down) the main thread *kicks* its thread with a signal of our own ([`kick`]): the
 //! handler sets the run area's `immediate_exit`, which makes a KVM_RUN in progress, or the
-//! next one, return EINTR at once; the loop then sees the stop and returns.
+//! next one, return EINTR at once; the loop then sees the stop and returns. The same kick
+//! pauses a guest: the loop clears `immediate_exit` and waits at the [`PauseGate`] while it is
+//! closed ([`crate::control`]).
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -20,6 +22,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 
 use crate::bus::Bus;
+use crate::control::PauseGate;
 use crate::seccomp::{self, Role};
 use crate::fault::{FaultKind, GuestFault};
 use crate::stop::{StopReason, Stopper};
@@ -33,11 +36,15 @@ pub struct Vcpu {
     pub mem: GuestMemoryMmap,
     pub stopper: Arc<Stopper>,
     pub timeline: Arc<Timeline>,
+    /// Where this vCPU parks while the guest is paused (see [`crate::control`]).
+    pub gate: Arc<PauseGate>,
 }
 
 /// What an exit asks of us once KVM's borrow of the run area is over.
 enum Next {
     Continue,
+    /// KVM_RUN was interrupted by a kick: to stop, to pause, or late.
+    Kicked,
     Stop(StopReason),
     Fault(FaultKind),
 }
@@ -48,7 +55,7 @@ thread_local! {
 }
 
 /// The signal that kicks a vCPU thread: a real-time one, which nobody else sends us.
-fn kick_signal() -> libc::c_int {
+pub fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
@@ -99,6 +106,7 @@ impl Vcpu {
         if let Err(e) = seccomp::confine(Role::Vcpu) {
             return self.stopper.stop(StopReason::HostError(e.to_string()));
         }
+        let _seat = self.gate.enter();
         // Dropped before `self` (and with it the run area's mapping): locals go before arguments.
         let _kickable = Kickable::arm(self.fd.get_kvm_run());
         if self.id == 0 {
@@ -109,6 +117,16 @@ impl Vcpu {
             let reason = match next {
                 Next::Continue if self.stopper.is_stopped() => return,
                 Next::Continue => continue,
+                Next::Kicked => {
+                    // Cleared before the checks: a kick that comes after them makes the next
+                    // KVM_RUN return at once, so none is lost.
+                    self.fd.set_kvm_immediate_exit(0);
+                    if self.stopper.is_stopped() {
+                        return;
+                    }
+                    self.gate.wait_while_closed();
+                    continue;
+                }
                 Next::Stop(reason) => reason,
                 Next::Fault(kind) => {
                     StopReason::GuestFault(Box::new(GuestFault::capture(kind, self.id, &self.fd, &self.mem)))
@@ -153,7 +171,7 @@ impl Vcpu {
             Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => Next::Stop(StopReason::PowerOff),
             Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => Next::Stop(StopReason::Reset),
             Ok(other) => Next::Fault(FaultKind::UnexpectedExit(format!("{other:?}"))),
-            Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => Next::Continue,
+            Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => Next::Kicked,
             Err(e) => Next::Stop(StopReason::HostError(format!("KVM_RUN failed on vCPU {}: {e}", self.id))),
         };
         match next {

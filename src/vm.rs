@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::{acpi, boot, cpu};
 use crate::bus::{lock, Bus, SharedDevice};
 use crate::config::VmConfig;
+use crate::control::{PauseGate, VmControls};
 use crate::terminal::ConsoleRoute;
 use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_ADDR, BOOT_TIMER_LEN};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT, KEYBOARD_IRQ};
@@ -55,6 +56,8 @@ pub struct Vm {
     keyboard: Arc<Mutex<I8042>>,
     /// The disks, in the configuration's order, for a new image while the guest runs.
     drives: Vec<DriveHandle>,
+    /// Where the vCPUs park while the guest is paused.
+    gate: Arc<PauseGate>,
     stopper: Arc<Stopper>,
     /// Unmapped last, once nothing else of the VM is left.
     ram: GuestRam,
@@ -81,24 +84,24 @@ impl Vm {
         // interleaved runs each on a loaded PVM host (tiny guest, 256 MiB).
         let mem = memory::create_guest_memory(config.memory_bytes())?;
         register_memory(&vm, &mem)?;
-        let Furnished { vcpus, pio, serial, virtio_console, keyboard, drives } =
+        let Furnished { vcpus, pio, serial, virtio_console, keyboard, drives, gate } =
             furnish(config, &kvm_handle, &vm, &mem, &timeline, &stopper)?;
         // Asked now, not at the first fault: a vCPU thread may not read files.
         crate::fault::warn_if_host_kvm_is_pvm();
         timeline.mark(Milestone::VmBuilt);
-        Ok(Vm { kvm: kvm_handle, vm, vcpus, pio, serial, virtio_console, keyboard, drives, stopper, ram: mem })
+        Ok(Vm { kvm: kvm_handle, vm, vcpus, pio, serial, virtio_console, keyboard, drives, gate, stopper, ram: mem })
     }
 
     /// Starts the guest: one thread per vCPU, and what is typed routed to its console.
     pub fn start(self, console: &ConsoleRoute) -> Result<RunningVm> {
-        let Vm { kvm, vm, vcpus, pio, serial, virtio_console, keyboard, stopper, ram, .. } = self;
+        let Vm { kvm, vm, vcpus, pio, serial, virtio_console, keyboard, gate, stopper, ram, .. } = self;
         vcpu::install_kick_handler().map_err(|source| Error::Host { what: "cannot install the vCPU kick handler", source })?;
         match virtio_console {
             Some(input) => console.connect(Box::new(input)),
             None => console.connect(Box::new(serial)),
         }
         let threads = start_vcpus(vcpus, &stopper);
-        Ok(RunningVm { kvm, vm, threads, pio, keyboard, stopper, ram })
+        Ok(RunningVm { kvm, vm, threads, pio, keyboard, gate, stopper, ram })
     }
 }
 
@@ -109,18 +112,25 @@ pub struct RunningVm {
     threads: Vec<JoinHandle<()>>,
     pio: Arc<Bus>,
     keyboard: Arc<Mutex<I8042>>,
+    gate: Arc<PauseGate>,
     stopper: Arc<Stopper>,
     /// Unmapped last, once nothing else of the VM is left.
     ram: GuestRam,
 }
 
 impl RunningVm {
+    /// What the API may do to the running guest: pause it, press its Ctrl-Alt-Del.
+    pub fn controls(&self) -> VmControls {
+        VmControls { gate: self.gate.clone(), keyboard: self.keyboard.clone() }
+    }
+
     /// Returns when the guest has stopped, for whatever reason, and takes the VM apart: every
     /// vCPU thread kicked out of KVM_RUN and joined, the devices' workers stopped, the VM
     /// closed and its memory unmapped.
     pub fn wait(self, console: &ConsoleRoute) -> StopReason {
-        let RunningVm { kvm, vm, threads, pio, keyboard, stopper, ram } = self;
+        let RunningVm { kvm, vm, threads, pio, keyboard, gate, stopper, ram } = self;
         let mut reason = wait_for_stop(&stopper, &keyboard);
+        gate.end(); // a paused guest's vCPUs leave the gate, to be stopped
         console.disconnect();
         let (reads, writes) = pio.absent_accesses();
         tracing::debug!(reads, writes, "port I/O to absent devices during the run");
@@ -147,6 +157,7 @@ struct Furnished {
     serial: Arc<Mutex<SerialPort>>,
     virtio_console: Option<ConsoleInput>,
     keyboard: Arc<Mutex<I8042>>,
+    gate: Arc<PauseGate>,
 }
 
 /// Everything in a VM but its memory: the in-kernel interrupt controllers and PIT, ACPI
@@ -174,6 +185,7 @@ fn furnish(
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
     let base_cpuid = cpu::base_cpuid(kvm_handle)?;
+    let gate = PauseGate::new(usize::from(config.cpus));
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
     for id in 0..config.cpus {
         let fd = vm.create_vcpu(u64::from(id)).map_err(kvm("creating a vCPU"))?;
@@ -183,9 +195,9 @@ fn furnish(
         }
         let (pio, mmio, mem, stopper, timeline) =
             (pio.clone(), mmio.clone(), GuestMemoryMmap::clone(mem), stopper.clone(), timeline.clone());
-        vcpus.push(Vcpu { id, fd, pio, mmio, mem, stopper, timeline });
+        vcpus.push(Vcpu { id, fd, pio, mmio, mem, stopper, timeline, gate: gate.clone() });
     }
-    Ok(Furnished { vcpus, pio, serial, virtio_console, keyboard, drives })
+    Ok(Furnished { vcpus, pio, serial, virtio_console, keyboard, drives, gate })
 }
 
 /// One thread per vCPU. A thread that can't be started stops the VM; those already running

@@ -1,0 +1,331 @@
+//! The microVM as the API sees it: before the start a [`Plan`], after it the running VM's
+//! [`VmControls`]. [`Instance::handle`] applies one parsed call and says what to answer.
+//!
+//! The instance lives in the API thread. The one call it can't carry out there is
+//! `InstanceStart`: building a VM opens /dev/kvm, files and taps, which the main thread does
+//! (its seccomp-free role, see [`crate::seccomp`]). So the start is a [`StartRequest`] sent to
+//! the main thread, which answers with the running VM's controls or the error that stopped it.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+use super::metrics::Metrics;
+use super::plan::{self, Plan};
+use super::request::Request;
+use super::types::{ActionType, FirecrackerVersion, InstanceInfo, PartialDrive, PartialNetworkInterface, RateLimiter, VmStateRequest};
+use super::{logger, ApiError, FIRECRACKER_VERSION};
+use crate::config::VmConfig;
+use crate::control::VmControls;
+
+/// `InstanceStart`, as the main thread receives it.
+pub struct StartRequest {
+    pub config: VmConfig,
+    /// `PUT /serial`'s file, which takes the guest console's output instead of our stdout.
+    pub serial_out: Option<PathBuf>,
+    pub reply: mpsc::Sender<Result<VmControls, crate::error::Error>>,
+}
+
+/// A successful answer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// 204, for every PUT and PATCH.
+    NoContent,
+    /// 200 with this JSON body, for every GET.
+    Json(serde_json::Value),
+}
+
+pub struct Instance {
+    id: String,
+    plan: Plan,
+    /// Where `InstanceStart` goes; `None` when the VM was started without the API.
+    starter: Option<mpsc::Sender<StartRequest>>,
+    controls: Option<VmControls>,
+    pub metrics: Metrics,
+}
+
+impl Instance {
+    /// A process that waits for the API to configure and start its VM (`lguest firecracker`).
+    pub fn waiting(id: String, plan: Plan, starter: mpsc::Sender<StartRequest>) -> Instance {
+        Instance { id, plan, starter: Some(starter), controls: None, metrics: Metrics::default() }
+    }
+
+    /// A VM configured without the API (`lguest run --api-sock`, or a `--config-file`):
+    /// [`Instance::attach`] follows once it runs.
+    pub fn configured(id: String, plan: Plan) -> Instance {
+        Instance { id, plan, starter: None, controls: None, metrics: Metrics::default() }
+    }
+
+    /// The plan of a VM `lguest run` built from its flags.
+    pub fn for_run(config: &VmConfig) -> Instance {
+        Instance::configured("lguest".into(), plan::plan_of(config))
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The VM runs (again, after a restart): the API now acts on it.
+    pub fn attach(&mut self, controls: VmControls) {
+        self.starter = None;
+        self.controls = Some(controls);
+    }
+
+    /// Firecracker's names for the instance's state.
+    pub fn state(&self) -> &'static str {
+        match &self.controls {
+            None => "Not started",
+            Some(controls) if controls.gate.is_paused() => "Paused",
+            Some(_) => "Running",
+        }
+    }
+
+    fn is_started(&self) -> bool {
+        self.controls.is_some() || self.starter.is_none()
+    }
+
+    /// Applies one call, counts it, and says what to answer.
+    pub fn handle(&mut self, request: Request) -> Result<Reply, ApiError> {
+        let names = super::metrics::names(&request);
+        let result = self.apply(request);
+        self.metrics.count(names, result.is_ok());
+        result
+    }
+
+    fn apply(&mut self, request: Request) -> Result<Reply, ApiError> {
+        match request {
+            Request::GetInstanceInfo => json(&self.instance_info()),
+            Request::GetVersion => json(&FirecrackerVersion { firecracker_version: FIRECRACKER_VERSION.into() }),
+            Request::GetMachineConfig => json(self.plan.machine()),
+            Request::GetVmConfig => json(&self.plan.to_full()),
+            Request::PutBootSource(boot) => self.before_start("PUT /boot-source", |plan| plan.set_boot_source(boot)),
+            Request::PutMachineConfig(machine) => self.before_start("PUT /machine-config", |plan| plan.set_machine(machine)),
+            Request::PatchMachineConfig(update) => self.before_start("PATCH /machine-config", |plan| plan.patch_machine(update)),
+            Request::PutDrive(id, drive) => self.before_start("PUT /drives", |plan| plan.put_drive(&id, drive)),
+            Request::PutNet(id, net) => self.before_start("PUT /network-interfaces", |plan| plan.put_net(&id, net)),
+            Request::PutEntropy(entropy) => self.before_start("PUT /entropy", |plan| plan.set_entropy(entropy)),
+            Request::PutSerial(serial) => self.before_start("PUT /serial", |plan| {
+                plan.serial = Some(serial);
+                Ok(())
+            }),
+            Request::PatchDrive(id, patch) => self.patch_drive(&id, patch),
+            Request::PatchNet(id, patch) => self.patch_net(&id, patch),
+            Request::PutAction(ActionType::InstanceStart) => self.start(),
+            Request::PutAction(ActionType::SendCtrlAltDel) => self.ctrl_alt_del(),
+            Request::PutAction(ActionType::FlushMetrics) => {
+                self.metrics.flush()?;
+                Ok(Reply::NoContent)
+            }
+            Request::PatchVm(state) => self.pause_or_resume(state),
+            Request::PutLogger(config) => {
+                logger::configure(&config)?;
+                self.plan.logger = Some(config);
+                Ok(Reply::NoContent)
+            }
+            Request::PutMetrics(config) => {
+                self.metrics.open(&config.metrics_path)?;
+                self.plan.metrics = Some(config);
+                Ok(Reply::NoContent)
+            }
+        }
+    }
+
+    fn instance_info(&self) -> InstanceInfo {
+        InstanceInfo {
+            id: self.id.clone(),
+            state: self.state(),
+            vmm_version: FIRECRACKER_VERSION.into(),
+            app_name: "lguest",
+            started: self.controls.is_some(),
+        }
+    }
+
+    fn before_start(&mut self, what: &'static str, change: impl FnOnce(&mut Plan) -> Result<(), ApiError>) -> Result<Reply, ApiError> {
+        if self.is_started() {
+            return Err(ApiError::PreBootOnly { what });
+        }
+        change(&mut self.plan)?;
+        Ok(Reply::NoContent)
+    }
+
+    fn running(&self, what: &'static str) -> Result<&VmControls, ApiError> {
+        self.controls.as_ref().ok_or(ApiError::NotStarted { what })
+    }
+
+    /// `PATCH /drives/{id}`: after the start only. A patch that changes nothing is accepted;
+    /// a new medium (Kata's hotplug) and rate limiters need the reworked block device.
+    fn patch_drive(&mut self, id: &str, patch: PartialDrive) -> Result<Reply, ApiError> {
+        self.running("PATCH /drives")?;
+        plan::check_id("drive_id", id)?;
+        if id != patch.drive_id {
+            return Err(ApiError::BadValue { field: "drive_id", why: format!("the path says '{id}' but the body says '{}'", patch.drive_id) });
+        }
+        if !self.plan.has_drive(id) {
+            return Err(ApiError::NoSuchDevice { what: "drive", id: id.into() });
+        }
+        if patch.path_on_host.is_some() {
+            return Err(ApiError::NotYetAtRuntime { what: "swapping a drive's medium (path_on_host)" });
+        }
+        refuse_limiter(patch.rate_limiter.as_ref())?;
+        Ok(Reply::NoContent)
+    }
+
+    /// `PATCH /network-interfaces/{id}`: only rate limiters can change, and lguest has none yet.
+    fn patch_net(&mut self, id: &str, patch: PartialNetworkInterface) -> Result<Reply, ApiError> {
+        self.running("PATCH /network-interfaces")?;
+        plan::check_id("iface_id", id)?;
+        if id != patch.iface_id {
+            return Err(ApiError::BadValue { field: "iface_id", why: format!("the path says '{id}' but the body says '{}'", patch.iface_id) });
+        }
+        if !self.plan.has_net(id) {
+            return Err(ApiError::NoSuchDevice { what: "network interface", id: id.into() });
+        }
+        refuse_limiter(patch.rx_rate_limiter.as_ref())?;
+        refuse_limiter(patch.tx_rate_limiter.as_ref())?;
+        Ok(Reply::NoContent)
+    }
+
+    /// `InstanceStart`: the main thread builds and starts the VM; we wait for its answer.
+    fn start(&mut self) -> Result<Reply, ApiError> {
+        let starter = match (&self.starter, &self.controls) {
+            (Some(starter), None) => starter.clone(),
+            _ => return Err(ApiError::PreBootOnly { what: "InstanceStart" }),
+        };
+        let config = self.plan.to_vm_config()?;
+        let serial_out = self.plan.serial.as_ref().and_then(|s| s.serial_out_path.as_ref()).map(PathBuf::from);
+        let (reply, answer) = mpsc::channel();
+        starter.send(StartRequest { config, serial_out, reply }).map_err(|_| ApiError::Stopping)?;
+        match answer.recv() {
+            Ok(Ok(controls)) => {
+                self.attach(controls);
+                Ok(Reply::NoContent)
+            }
+            Ok(Err(error)) => Err(ApiError::StartFailed(error)),
+            Err(_) => Err(ApiError::Stopping),
+        }
+    }
+
+    fn ctrl_alt_del(&self) -> Result<Reply, ApiError> {
+        if !self.running("SendCtrlAltDel")?.press_ctrl_alt_del() {
+            tracing::info!("SendCtrlAltDel: the guest's keyboard is disabled, it will not see the keys");
+        }
+        Ok(Reply::NoContent)
+    }
+
+    fn pause_or_resume(&self, state: VmStateRequest) -> Result<Reply, ApiError> {
+        let controls = self.running("PATCH /vm")?;
+        match state {
+            VmStateRequest::Paused => controls.gate.pause()?,
+            VmStateRequest::Resumed => controls.gate.resume(),
+        }
+        Ok(Reply::NoContent)
+    }
+}
+
+fn refuse_limiter(limiter: Option<&RateLimiter>) -> Result<(), ApiError> {
+    match limiter {
+        Some(limiter) if limiter.limits_anything() => Err(ApiError::NotImplemented { what: "rate limiters" }),
+        _ => Ok(()),
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<Reply, ApiError> {
+    Ok(Reply::Json(serde_json::to_value(value)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::request::parse;
+
+    fn call(instance: &mut Instance, method: &str, path: &str, body: &str) -> Result<Reply, ApiError> {
+        instance.handle(parse(method, path, body.as_bytes())?)
+    }
+
+    fn waiting() -> (Instance, mpsc::Receiver<StartRequest>) {
+        let (starter, requests) = mpsc::channel();
+        (Instance::waiting("vm0".into(), Plan::default(), starter), requests)
+    }
+
+    #[test]
+    fn before_the_start() {
+        let (mut vm, _requests) = waiting();
+        let Ok(Reply::Json(info)) = call(&mut vm, "GET", "/", "") else { panic!("GET /") };
+        assert_eq!(info["state"], "Not started");
+        assert_eq!(info["started"], false);
+        assert_eq!(info["id"], "vm0");
+        let Ok(Reply::Json(version)) = call(&mut vm, "GET", "/version", "") else { panic!("GET /version") };
+        assert_eq!(version["firecracker_version"], FIRECRACKER_VERSION);
+        let Ok(Reply::Json(machine)) = call(&mut vm, "GET", "/machine-config", "") else { panic!("GET /machine-config") };
+        assert_eq!((machine["vcpu_count"].as_u64(), machine["mem_size_mib"].as_u64()), (Some(1), Some(128)));
+        assert_eq!(call(&mut vm, "PUT", "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 256}"#).ok(), Some(Reply::NoContent));
+        assert_eq!(call(&mut vm, "PUT", "/boot-source", r#"{"kernel_image_path": "Cargo.toml"}"#).ok(), Some(Reply::NoContent));
+        assert_eq!(call(&mut vm, "PUT", "/entropy", "{}").ok(), Some(Reply::NoContent));
+        assert_eq!(call(&mut vm, "PUT", "/serial", "{}").ok(), Some(Reply::NoContent));
+        let Ok(Reply::Json(full)) = call(&mut vm, "GET", "/vm/config", "") else { panic!("GET /vm/config") };
+        assert_eq!(full["machine-config"]["vcpu_count"], 2);
+        assert_eq!(full["boot-source"]["kernel_image_path"], "Cargo.toml");
+        assert!(full["entropy"].is_object());
+    }
+
+    #[test]
+    fn runtime_calls_before_the_start_are_refused() {
+        let (mut vm, _requests) = waiting();
+        for (method, path, body) in [
+            ("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#),
+            ("PATCH", "/vm", r#"{"state": "Paused"}"#),
+            ("PATCH", "/drives/d", r#"{"drive_id": "d"}"#),
+            ("PATCH", "/network-interfaces/n", r#"{"iface_id": "n"}"#),
+        ] {
+            let error = call(&mut vm, method, path, body);
+            assert!(matches!(error, Err(ApiError::NotStarted { .. })), "{method} {path}: {error:?}");
+        }
+        assert!(matches!(call(&mut vm, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#), Err(ApiError::NoBootSource)));
+        assert!(matches!(call(&mut vm, "PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#), Err(ApiError::NoMetrics)));
+    }
+
+    #[test]
+    fn a_failed_start_is_reported_and_the_plan_kept() {
+        let (mut vm, requests) = waiting();
+        call(&mut vm, "PUT", "/boot-source", r#"{"kernel_image_path": "Cargo.toml"}"#).expect("boot source");
+        let main = std::thread::spawn(move || {
+            let request = requests.recv().expect("a start request");
+            assert_eq!(request.config.kernel, PathBuf::from("Cargo.toml"));
+            let _ = request.reply.send(Err(crate::error::Error::NoKvm));
+        });
+        let error = call(&mut vm, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).expect_err("refused");
+        assert!(error.to_string().contains("/dev/kvm"), "{error}");
+        main.join().expect("main");
+        assert_eq!(vm.state(), "Not started");
+        assert!(matches!(call(&mut vm, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#), Err(ApiError::Stopping)));
+    }
+
+    #[test]
+    fn a_vm_started_without_the_api_refuses_pre_boot_calls() {
+        let mut vm = Instance::for_run(&VmConfig::for_kernel("Cargo.toml".into()));
+        let error = call(&mut vm, "PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 64}"#).expect_err("refused");
+        assert!(error.to_string().contains("only possible before"), "{error}");
+        assert!(matches!(call(&mut vm, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#), Err(ApiError::PreBootOnly { .. })));
+        let Ok(Reply::Json(machine)) = call(&mut vm, "GET", "/machine-config", "") else { panic!("GET") };
+        assert_eq!(machine["mem_size_mib"], 512);
+    }
+
+    #[test]
+    fn metrics_count_calls_and_failures() {
+        let (mut vm, _requests) = waiting();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("metrics.json");
+        let body = format!(r#"{{"metrics_path": "{}"}}"#, path.display());
+        call(&mut vm, "PUT", "/metrics", &body).expect("metrics");
+        assert!(matches!(call(&mut vm, "PUT", "/metrics", &body), Err(ApiError::MetricsAlreadySet)));
+        let _ = call(&mut vm, "PUT", "/machine-config", r#"{"vcpu_count": 99, "mem_size_mib": 64}"#);
+        call(&mut vm, "GET", "/", "").expect("GET /");
+        call(&mut vm, "PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#).expect("flush");
+        let text = std::fs::read_to_string(&path).expect("metrics file");
+        let line: serde_json::Value = serde_json::from_str(text.lines().next().expect("a line")).expect("JSON");
+        assert_eq!(line["put_api_requests"]["machine_cfg_fails"], 1);
+        assert_eq!(line["put_api_requests"]["metrics_count"], 2, "calls, failed ones included");
+        assert_eq!(line["put_api_requests"]["metrics_fails"], 1);
+        assert_eq!(line["get_api_requests"]["instance_info_count"], 1);
+        assert!(line["utc_timestamp_ms"].as_u64().is_some());
+    }
+}

@@ -1,0 +1,218 @@
+//! What may be done to a running guest from outside it: pause and resume its vCPUs, and press
+//! Ctrl-Alt-Del on its keyboard. The API thread (`PATCH /vm`, `PUT /actions`) holds a
+//! [`VmControls`] for as long as the VM runs; the VM itself knows nothing of the API.
+//!
+//! Pausing follows the vCPU loop's own rule (see [`crate::vcpu`]): a vCPU thread leaves KVM_RUN
+//! only when kicked. [`PauseGate::pause`] marks the gate closed and kicks every vCPU thread
+//! until each has come to the gate and parked there; [`PauseGate::resume`] opens it. A vCPU
+//! that starts while the gate is closed parks before its first KVM_RUN. When the VM is taken
+//! apart the gate is ended, which releases every parked thread for good, so a paused guest can
+//! still be stopped. Device workers are not paused (yet): a paused guest's queues are not
+//! served, since only its vCPUs could add to them, but requests already queued complete.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::signal::Killable;
+
+use crate::bus::lock;
+use crate::devices::i8042::I8042;
+
+/// How long a pause waits for the vCPUs to park. Leaving KVM_RUN takes microseconds; only a
+/// vCPU thread blocked outside the guest (its output to a full pipe) takes longer.
+const PARK_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PauseError {
+    #[error("the guest is stopping")]
+    Ended,
+    #[error("{running} of the guest's vCPUs did not stop within {} s", PARK_TIMEOUT.as_secs())]
+    Stuck { running: usize },
+}
+
+/// The gate every vCPU thread passes between two KVM_RUNs.
+#[derive(Debug)]
+pub struct PauseGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Debug)]
+struct GateState {
+    closed: bool,
+    ended: bool,
+    /// How many vCPU threads the VM has, started or not.
+    vcpus: usize,
+    parked: usize,
+    gone: usize,
+    /// The threads in `Vcpu::run` now, for kicks. A thread removes itself before it exits,
+    /// under the same lock kicks are sent under, so a kick never reaches a dead thread.
+    threads: Vec<libc::pthread_t>,
+}
+
+/// A vCPU thread's place at the gate, from its start to its end.
+pub struct Seat {
+    gate: Arc<PauseGate>,
+    thread: libc::pthread_t,
+}
+
+/// A live vCPU thread, for a kick.
+struct LiveThread(libc::pthread_t);
+
+// SAFETY: the handle is a thread in `GateState::threads`, which holds only threads that are
+// running `Vcpu::run` (they leave the list, under the lock we kick under, before exiting).
+unsafe impl Killable for LiveThread {
+    fn pthread_handle(&self) -> libc::pthread_t {
+        self.0
+    }
+}
+
+impl PauseGate {
+    pub fn new(vcpus: usize) -> Arc<PauseGate> {
+        let state = GateState { closed: false, ended: false, vcpus, parked: 0, gone: 0, threads: Vec::new() };
+        Arc::new(PauseGate { state: Mutex::new(state), changed: Condvar::new() })
+    }
+
+    fn state(&self) -> MutexGuard<'_, GateState> {
+        lock(&self.state)
+    }
+
+    /// Called by a vCPU thread as it starts: it becomes kickable, and waits here if the guest
+    /// was paused before it ever ran.
+    pub fn enter(self: &Arc<PauseGate>) -> Seat {
+        // SAFETY: pthread_self has no preconditions.
+        let thread = unsafe { libc::pthread_self() };
+        self.state().threads.push(thread);
+        self.wait_while_closed();
+        Seat { gate: self.clone(), thread }
+    }
+
+    /// Called by a vCPU thread out of KVM_RUN after a kick: parks while the gate is closed.
+    pub fn wait_while_closed(&self) {
+        let mut state = self.state();
+        if !state.closed || state.ended {
+            return;
+        }
+        state.parked += 1;
+        self.changed.notify_all();
+        while state.closed && !state.ended {
+            state = self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        state.parked -= 1;
+    }
+
+    /// Stops every vCPU: returns once each is parked (or has finished).
+    pub fn pause(&self) -> Result<(), PauseError> {
+        let deadline = Instant::now() + PARK_TIMEOUT;
+        let mut state = self.state();
+        state.closed = true;
+        loop {
+            if state.ended {
+                return Err(PauseError::Ended);
+            }
+            let settled = state.parked + state.gone;
+            if settled >= state.vcpus {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(PauseError::Stuck { running: state.vcpus - settled });
+            }
+            // A parked thread ignores the kick; a running one leaves KVM_RUN and comes here.
+            for thread in &state.threads {
+                let _ = LiveThread(*thread).kill(crate::vcpu::kick_signal());
+            }
+            state = self.changed.wait_timeout(state, Duration::from_millis(1)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) {
+        self.state().closed = false;
+        self.changed.notify_all();
+    }
+
+    /// The VM is being taken apart: every parked thread goes, and none parks again.
+    pub fn end(&self) {
+        self.state().ended = true;
+        self.changed.notify_all();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        let state = self.state();
+        state.closed && !state.ended
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        let mut state = self.gate.state();
+        state.threads.retain(|thread| *thread != self.thread);
+        state.gone += 1;
+        self.gate.changed.notify_all();
+    }
+}
+
+/// A running VM's handles for the API.
+#[derive(Clone)]
+pub struct VmControls {
+    pub gate: Arc<PauseGate>,
+    pub keyboard: Arc<Mutex<I8042>>,
+}
+
+impl VmControls {
+    /// Presses Ctrl-Alt-Del; false when the guest has its keyboard disabled.
+    pub fn press_ctrl_alt_del(&self) -> bool {
+        lock(&self.keyboard).press_ctrl_alt_del()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A stand-in vCPU loop: counts while the gate is open, parks when it is closed. (The real
+    /// vCPU loop is exercised by the API's tests on a tiny guest.)
+    fn spin(gate: Arc<PauseGate>, count: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
+        crate::vcpu::install_kick_handler().expect("kick handler");
+        std::thread::spawn(move || {
+            let _seat = gate.enter();
+            while !gate.state().ended {
+                count.fetch_add(1, Ordering::Relaxed);
+                gate.wait_while_closed();
+                std::thread::yield_now();
+            }
+        })
+    }
+
+    #[test]
+    fn pause_parks_every_thread_and_resume_releases_them() {
+        let gate = PauseGate::new(2);
+        let count = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..2).map(|_| spin(gate.clone(), count.clone())).collect();
+        gate.pause().expect("pause");
+        assert!(gate.is_paused());
+        let frozen = count.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(count.load(Ordering::Relaxed), frozen, "a parked thread ran");
+        gate.resume();
+        while count.load(Ordering::Relaxed) == frozen {
+            std::thread::yield_now();
+        }
+        gate.end();
+        threads.into_iter().for_each(|t| t.join().expect("thread"));
+        assert_eq!(gate.pause(), Err(PauseError::Ended));
+    }
+
+    #[test]
+    fn a_thread_that_starts_paused_waits_before_running() {
+        let gate = PauseGate::new(1);
+        let count = Arc::new(AtomicU64::new(0));
+        gate.state().closed = true;
+        let thread = spin(gate.clone(), count.clone());
+        gate.pause().expect("the new thread parks at its seat");
+        assert_eq!(count.load(Ordering::Relaxed), 0);
+        gate.end();
+        thread.join().expect("thread");
+    }
+}
