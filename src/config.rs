@@ -50,16 +50,29 @@ pub enum Command {
         /// The command whose page to print.
         command: Option<String>,
     },
+    /// Take Firecracker's command line and serve its API (also what `lguest` does when it is
+    /// run under the name `firecracker`).
+    #[command(disable_version_flag = true, after_help = crate::firecracker::AFTER_HELP)]
+    Firecracker(crate::firecracker::FirecrackerArgs),
 }
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// The kernel: a bzImage, or an ELF vmlinux (booted through its PVH entry when it has one).
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "config_file")]
+    pub kernel: Option<PathBuf>,
     /// An initramfs (or initrd) for the kernel.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
+    /// The VM in Firecracker's JSON configuration format (boot-source, machine-config, drives,
+    /// network-interfaces, entropy, ...) instead of --kernel, --initrd, --cmdline, --memory and
+    /// --cpus; --disk, --net and --rng add to it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "cpus"])]
+    pub config_file: Option<PathBuf>,
+    /// Serve Firecracker's REST API on this Unix socket while the VM runs (GET /, PATCH /vm to
+    /// pause and resume, PUT /actions SendCtrlAltDel, GET /vm/config, ...).
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
     /// The kernel command line.
     #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
@@ -176,21 +189,22 @@ pub struct VmConfig {
 impl VmConfig {
     /// Checks what can be checked without touching KVM or the files.
     pub fn from_args(args: RunArgs) -> Result<VmConfig> {
-        let memory_mib = parse_memory(&args.memory)?;
-        let cpus = validate_cpus(args.cpus)?;
-        check_readable(&args.kernel, "kernel")?;
-        if let Some(initrd) = &args.initrd {
-            check_readable(initrd, "initrd")?;
-        }
-        let disks = args.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
-        let nets = args.nets.iter().map(|n| parse_net(n)).collect::<Result<Vec<_>>>()?;
+        let machine = match &args.config_file {
+            Some(file) => machine_from_file(file)?,
+            None => machine_from_flags(&args)?,
+        };
+        let mut disks = args.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
+        let mut nets = args.nets.iter().map(|n| parse_net(n)).collect::<Result<Vec<_>>>()?;
         let shutdown_timeout = validate_shutdown_timeout(args.shutdown_timeout)?;
         let rng_rate_limit = args.rng.as_deref().map(parse_rng_limits).transpose()?.unwrap_or_default();
-        let RunArgs { kernel, initrd, mut cmdline, boot_timeline, rng, console, seccomp, reboot: on_reboot, .. } = args;
-        let rng = rng.is_some();
+        let RunArgs { boot_timeline, rng, console, seccomp, reboot: on_reboot, .. } = args;
+        let VmConfig { kernel, initrd, mut cmdline, memory_mib, cpus, disks: file_disks, nets: file_nets, rng: file_rng, .. } = machine;
         if console == ConsoleKind::Virtio && cmdline == DEFAULT_CMDLINE {
             cmdline = DEFAULT_CMDLINE.replace("console=ttyS0", "console=hvc0");
         }
+        disks.splice(0..0, file_disks);
+        nets.splice(0..0, file_nets);
+        let rng = rng.is_some() || file_rng;
         let config = VmConfig {
             kernel,
             initrd,
@@ -250,6 +264,29 @@ impl VmConfig {
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
     }
+}
+
+/// The machine `--kernel`, `--initrd`, `--cmdline`, `--memory` and `--cpus` describe.
+fn machine_from_flags(args: &RunArgs) -> Result<VmConfig> {
+    // clap requires --kernel unless --config-file is given.
+    let kernel = args.kernel.clone().ok_or_else(|| Error::BadFlag { flag: "--kernel", value: String::new(), why: "a kernel is needed".into() })?;
+    check_readable(&kernel, "kernel")?;
+    if let Some(initrd) = &args.initrd {
+        check_readable(initrd, "initrd")?;
+    }
+    let mut machine = VmConfig::for_kernel(kernel);
+    machine.initrd = args.initrd.clone();
+    machine.cmdline = args.cmdline.clone();
+    machine.memory_mib = parse_memory(&args.memory)?;
+    machine.cpus = validate_cpus(args.cpus)?;
+    Ok(machine)
+}
+
+/// The machine a Firecracker configuration file describes.
+pub fn machine_from_file(path: &std::path::Path) -> Result<VmConfig> {
+    let json = std::fs::read(path).map_err(|source| Error::ReadFile { what: "--config-file", path: path.to_path_buf(), source })?;
+    let in_file = |source| Error::ConfigFile { path: path.to_path_buf(), source: Box::new(source) };
+    crate::api::plan::Plan::from_json(&json).and_then(|plan| plan.to_vm_config()).map_err(in_file)
 }
 
 /// `512M`, `512MiB`, `2G`, `2GiB` or `512` (MiB).
@@ -438,6 +475,7 @@ mod tests {
         ]);
         let config = VmConfig::from_args(args).expect("valid");
         assert_eq!(config.kernel, PathBuf::from(FILE));
+        assert!(parse(&["run", "--kernel", FILE, "--config-file", FILE]).is_err(), "one or the other");
         assert_eq!(config.initrd, Some(PathBuf::from("src/main.rs")));
         assert_eq!(config.cmdline, "console=ttyS0 quiet");
         assert_eq!(config.memory_bytes(), 1 << 30);

@@ -67,6 +67,15 @@ pub enum Error {
 
     #[error("{what}: {source}")]
     Host { what: &'static str, source: std::io::Error },
+
+    #[error("--config-file '{}': {source}", path.display())]
+    ConfigFile { path: PathBuf, source: Box<crate::api::ApiError> },
+
+    #[error("{0}")]
+    ApiSocket(#[from] crate::api::server::SocketError),
+
+    #[error("{0}")]
+    Api(Box<crate::api::ApiError>),
 }
 
 impl Error {
@@ -84,7 +93,11 @@ impl Error {
             | Error::BadFlag { .. }
             | Error::TooManyDevices { .. }
             | Error::Disk { .. }
-            | Error::Tap { .. } => 2,
+            | Error::Tap { .. }
+            | Error::ConfigFile { .. }
+            | Error::Api(_) => 2,
+            Error::ApiSocket(crate::api::server::SocketError::Thread(_)) => 1,
+            Error::ApiSocket(_) => 2,
             Error::NoKvm
             | Error::KvmPermission
             | Error::KvmOpen(_)

@@ -35,6 +35,7 @@ pub mod devices;
 pub mod docs;
 pub mod error;
 pub mod fault;
+pub mod firecracker;
 pub mod memory;
 pub mod pci;
 pub mod rate_limiter;

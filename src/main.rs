@@ -3,34 +3,45 @@
 //! 0: the guest powered off or reset itself (or the user quit); 1: the guest died (a report
 //! says how) or the host failed (KVM, memory, threads: a line says what); 2: the request was
 //! wrong (a line says what to change); 3: the guest's kernel panicked; 128+N: signal N.
+//!
+//! Run under the name `firecracker` (a symlink), it takes Firecracker's command line, as
+//! `lguest firecracker` does (see [`lguest::firecracker`]).
 
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use lguest::config::{Cli, Command, VmConfig};
+use lguest::api::{self, instance::Instance, server};
+use lguest::bus::lock;
+use lguest::config::{Cli, Command, RunArgs, VmConfig};
 use lguest::docs::{self, DocsError};
-use lguest::{seccomp, session, terminal};
+use lguest::error::Result;
+use lguest::{firecracker, seccomp, session, terminal};
 use lguest::stop::StopReason;
 use lguest::timeline::{Milestone, Timeline};
 
 fn main() -> ExitCode {
     let timeline = Arc::new(Timeline::new(Instant::now()));
-    init_logging();
-    let args = match Cli::try_parse() {
-        Ok(Cli { command: Command::Run(args) }) => args,
+    api::logger::init("warn");
+    let command = match parse_command_line() {
         Ok(Cli { command: Command::Completions { shell } }) => {
             docs::completions(shell, &mut std::io::stdout());
             return ExitCode::SUCCESS;
         }
         Ok(Cli { command: Command::Man { command } }) => return print_man_page(command.as_deref()),
+        Ok(Cli { command }) => command,
         Err(error) => return command_line_error(error),
     };
-    let result = VmConfig::from_args(args).and_then(|config| {
-        seccomp::set_mode(config.seccomp);
-        Ok((session::run(&config, timeline.clone())?, config.boot_timeline))
-    });
+    let result = match command {
+        Command::Run(args) => run(args, timeline.clone()),
+        Command::Firecracker(args) if args.version => {
+            print!("{}", firecracker::version_text());
+            return ExitCode::SUCCESS;
+        }
+        Command::Firecracker(args) => firecracker::run(args, timeline.clone()).map(|reason| (reason, false)),
+        Command::Completions { .. } | Command::Man { .. } => return ExitCode::SUCCESS, // answered above
+    };
     timeline.mark(Milestone::Stopped);
     terminal::restore_terminal();
     match result {
@@ -62,6 +73,43 @@ fn print_man_page(command: Option<&str>) -> ExitCode {
     }
 }
 
+/// `lguest ...`, or Firecracker's flags alone when we were started as `firecracker`.
+fn parse_command_line() -> std::result::Result<Cli, clap::Error> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let invoked_as = args.first().map(std::path::Path::new).and_then(|p| p.file_name()).map(|n| n.to_os_string());
+    if invoked_as.as_deref() == Some(std::ffi::OsStr::new("firecracker")) {
+        args.insert(1, "firecracker".into());
+    }
+    Cli::try_parse_from(args)
+}
+
+/// `lguest run`: the VM from the flags (or `--config-file`), and the API beside it when
+/// `--api-sock` is given. The API starts after the guest, so it costs the boot nothing.
+fn run(args: RunArgs, timeline: Arc<Timeline>) -> Result<(StopReason, bool)> {
+    let api_sock = args.api_sock.clone();
+    let config = VmConfig::from_args(args)?;
+    seccomp::set_mode(config.seccomp);
+    let Some(path) = api_sock else {
+        return Ok((session::run(&config, timeline, &mut |_| {})?, config.boot_timeline));
+    };
+    let (listener, _socket) = server::bind(&path)?;
+    let instance = Arc::new(std::sync::Mutex::new(Instance::for_run(&config)));
+    let mut listener = Some(listener);
+    let mut serve_error = None;
+    let reason = session::run(&config, timeline, &mut |vm| {
+        lock(&instance).attach(vm.controls());
+        if let Some(listener) = listener.take() {
+            if let Err(e) = server::spawn(listener, instance.clone(), api::DEFAULT_MAX_PAYLOAD) {
+                serve_error = Some(e);
+            }
+        }
+    })?;
+    if let Some(e) = serve_error {
+        tracing::error!("{e}");
+    }
+    Ok((reason, config.boot_timeline))
+}
+
 /// Help and version go to stdout as clap writes them; a mistake becomes one line on stderr
 /// (clap's message without its usage block and tips).
 fn command_line_error(error: clap::Error) -> ExitCode {
@@ -84,7 +132,8 @@ fn command_line_error(error: clap::Error) -> ExitCode {
         .map(str::trim)
         .filter(|line| !line.is_empty() && !line.starts_with("tip:") && !line.starts_with("For more information"))
         .collect();
-    eprintln!("lguest: {}; see 'lguest run --help'", message.join(" ").trim_start_matches("error: "));
+    let command = if text.contains("Usage: lguest firecracker") { "firecracker" } else { "run" };
+    eprintln!("lguest: {}; see 'lguest {command} --help'", message.join(" ").trim_start_matches("error: "));
     ExitCode::from(2)
 }
 
@@ -100,12 +149,4 @@ fn report(reason: &StopReason) {
         StopReason::GuestPanic => eprintln!("\nlguest: the guest kernel panicked (it said so through pvpanic)"),
         StopReason::PowerOff | StopReason::Reset | StopReason::UserQuit => {}
     }
-}
-
-/// Logs go to stderr, filtered by `LGUEST_LOG` (e.g. `LGUEST_LOG=debug`), warnings by default.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LGUEST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(colour).with_writer(std::io::stderr).init();
 }

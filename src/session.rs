@@ -14,14 +14,16 @@ use crate::error::{Error, Result};
 use crate::stop::{StopReason, Stopper};
 use crate::threads;
 use crate::timeline::Timeline;
-use crate::vm::Vm;
+use crate::vm::{RunningVm, Vm};
 
 /// Runs the guest `config` describes until it is done, and says why it ended.
 ///
 /// The first VM is built and started before the process's own threads: the guest's first
 /// instruction is what a user waits for, and stop signals or typed keys that come meanwhile
-/// only wait (blocked signals stay pending, input stays in stdin).
-pub fn run(config: &VmConfig, timeline: Arc<Timeline>) -> Result<StopReason> {
+/// only wait (blocked signals stay pending, input stays in stdin). `on_start` is told of each
+/// boot's running VM (the API takes its controls from there); an `Err` from the first build is
+/// returned before any of the process's threads exist, so the caller may try again.
+pub fn run(config: &VmConfig, timeline: Arc<Timeline>, on_start: &mut dyn FnMut(&RunningVm)) -> Result<StopReason> {
     let host = |what| move |source| Error::Host { what, source };
     terminal::block_stop_signals().map_err(host("cannot block the stop signals"))?;
     let stopper = Arc::new(Stopper::default());
@@ -31,6 +33,7 @@ pub fn run(config: &VmConfig, timeline: Arc<Timeline>) -> Result<StopReason> {
     threads::expect_spawner();
     let mut running = Vm::build(config, timeline.clone(), stopper.clone())?.start(&route)?;
     threads::start_spawner().map_err(host("cannot start the device workers' spawner thread"))?;
+    on_start(&running);
     let interactive = terminal::stdin_is_terminal();
     terminal::watch_signals(stopper.clone(), config.shutdown_timeout, interactive).map_err(host("cannot watch signals"))?;
     if interactive {
@@ -49,5 +52,6 @@ pub fn run(config: &VmConfig, timeline: Arc<Timeline>) -> Result<StopReason> {
         boots += 1;
         tracing::info!(boots, "the guest rebooted: starting it again");
         running = Vm::build(config, timeline.clone(), stopper.clone())?.start(&route)?;
+        on_start(&running);
     }
 }
