@@ -115,6 +115,9 @@ pub fn version_text() -> String {
 /// Runs the process the flags describe, until its guest stops.
 pub fn run(args: FirecrackerArgs, timeline: Arc<Timeline>) -> Result<StopReason> {
     refuse_unimplemented(&args)?;
+    // Before any thread starts, so that all inherit the mask: a stop signal then waits for the
+    // main thread (which removes the socket on its way out) instead of killing the process.
+    crate::terminal::block_stop_signals().map_err(|source| Error::Host { what: "cannot block the stop signals", source })?;
     configure_logs(&args)?;
     if args.seccomp_filter.is_some() {
         tracing::warn!("--seccomp-filter is not loaded: lguest installs its own per-thread filters");
@@ -150,7 +153,6 @@ pub fn run(args: FirecrackerArgs, timeline: Arc<Timeline>) -> Result<StopReason>
 
 /// Waits for `InstanceStart`s until one gives a running guest, then runs it to its end.
 fn serve_starts(starts: &mpsc::Receiver<StartRequest>, instance: &Arc<Mutex<Instance>>, timeline: Arc<Timeline>, no_seccomp: bool) -> Result<StopReason> {
-    crate::terminal::block_stop_signals().map_err(|source| Error::Host { what: "cannot block the stop signals", source })?;
     loop {
         let StartRequest { config, serial_out, reply } = match starts.recv_timeout(Duration::from_millis(200)) {
             Ok(request) => request,
@@ -276,7 +278,7 @@ mod tests {
         let cli = crate::config::Cli::try_parse_from(["lguest", "firecracker"].iter().chain(args))?;
         match cli.command {
             crate::config::Command::Firecracker(args) => Ok(args),
-            crate::config::Command::Run(_) => panic!("not firecracker"),
+            other => panic!("not firecracker: {other:?}"),
         }
     }
 
