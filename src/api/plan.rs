@@ -202,6 +202,7 @@ impl Plan {
         vm.disks = roots.into_iter().chain(others).map(disk_config).collect::<Result<_, _>>()?;
         vm.nets = self.nets.iter().map(net_config).collect::<Result<_, _>>()?;
         vm.rng = self.entropy.is_some();
+        vm.check_limits()?;
         Ok(vm)
     }
 }
