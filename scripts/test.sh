@@ -13,6 +13,8 @@ command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustu
 ensure_cmds setpriv:util-linux unshare:util-linux strip:binutils
 lab/fetch.sh >/dev/null
 guest/build.sh >/dev/null
+# The API's contract test: schemathesis, socat and Firecracker's spec (scripts/contract-deps.sh).
+eval "$(scripts/contract-deps.sh | sed 's/^/export /')"
 # test-utils: the test doubles tests/proptest_virtio_queues.rs drives the devices with.
 cargo test --workspace --locked --features lguest/test-utils "$@"
 # Every fuzz target for a bounded time (about 4 minutes in all); skipped when a filter is given.

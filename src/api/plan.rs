@@ -78,7 +78,7 @@ impl Plan {
 
     /// Reads a `--config-file`: Firecracker's JSON format, unknown keys refused.
     pub fn from_json(json: &[u8]) -> Result<Plan, ApiError> {
-        Plan::from_full(serde_json::from_slice(json)?)
+        Plan::from_full(super::types::object(serde_json::from_slice(json)?)?)
     }
 
     /// `PUT /boot-source`: the kernel and initrd must be readable now.
@@ -521,6 +521,7 @@ mod tests {
         assert!(unknown.to_string().contains("turbo"), "{unknown}");
         let bad = Plan::from_json(br#"{"machine-config": {"vcpu_count": 64, "mem_size_mib": 64}}"#).expect_err("bad");
         assert!(bad.to_string().contains("machine-config") && bad.to_string().contains("vcpu_count"), "{bad}");
+        assert!(Plan::from_json(b"[]").is_err(), "a configuration is an object");
         let vsock = Plan::from_json(br#"{"vsock": {"guest_cid": 3, "uds_path": "/tmp/v"}}"#).expect_err("vsock");
         assert!(vsock.to_string().contains("vsock"), "{vsock}");
     }

@@ -80,7 +80,7 @@ fn body_of<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::EmptyBody);
     }
-    Ok(serde_json::from_slice(body)?)
+    Ok(super::types::object(serde_json::from_slice(body)?)?)
 }
 
 /// The id in a path; its rules are checked with the body's (see `plan::check_id`).
@@ -164,10 +164,12 @@ mod tests {
     fn hostile_bodies_are_refused_with_a_reason() {
         assert!(matches!(err("PUT", "/actions", ""), ApiError::EmptyBody));
         assert!(matches!(err("PUT", "/actions", "  \n"), ApiError::EmptyBody));
-        for body in ["{", "[]", "null", "\"InstanceStart\"", r#"{"action_type": 1}"#, r#"{"action_type": "InstanceStart", "now": true}"#, "\u{0}\u{ff}"] {
+        for body in ["{", "[]", "[\"InstanceStart\"]", "null", "\"InstanceStart\"", r#"{"action_type": 1}"#, r#"{"action_type": "InstanceStart", "now": true}"#, "\u{0}\u{ff}"] {
             let error = err("PUT", "/actions", body);
             assert!(matches!(error, ApiError::BadBody(_)), "{body}: {error}");
         }
+        assert!(matches!(err("PUT", "/entropy", "[]"), ApiError::BadBody(_)), "an all-optional body from an array");
+        assert!(matches!(err("PUT", "/machine-config", "[2, 256]"), ApiError::BadBody(_)), "fields by position");
         let unknown = err("PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 64, "gpu": 1}"#).to_string();
         assert!(unknown.contains("gpu"), "{unknown}");
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));

@@ -7,12 +7,45 @@
 //! value *means* (does the kernel exist, is 33 vCPUs too many) is checked later, in
 //! [`super::plan`], where it can be said in the words of the field.
 
+use serde::de::{DeserializeOwned, Unexpected};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// An optional field that, when present, must hold a real value: `null` is refused, as the
 /// spec's types (`string`, `integer`, ...) have no null.
 fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> Result<Option<T>, D::Error> {
     T::deserialize(deserializer).map(Some)
+}
+
+/// serde would also read a struct from an array of its fields in order (`["rootfs", true]` as
+/// a drive); the spec has objects only. [`object`] reads a JSON object or refuses.
+pub fn object<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, serde_json::Error> {
+    if !value.is_object() {
+        return Err(serde::de::Error::invalid_type(unexpected(&value), &"a JSON object"));
+    }
+    serde_json::from_value(value)
+}
+
+fn unexpected(value: &serde_json::Value) -> Unexpected<'_> {
+    match value {
+        serde_json::Value::Null => Unexpected::Unit,
+        serde_json::Value::Bool(b) => Unexpected::Bool(*b),
+        serde_json::Value::Number(_) => Unexpected::Other("a number"),
+        serde_json::Value::String(s) => Unexpected::Str(s),
+        serde_json::Value::Array(_) => Unexpected::Seq,
+        serde_json::Value::Object(_) => Unexpected::Map,
+    }
+}
+
+/// [`present`] for a field whose value is an object.
+fn present_object<'de, D: Deserializer<'de>, T: DeserializeOwned>(deserializer: D) -> Result<Option<T>, D::Error> {
+    let value = serde_json::Value::deserialize(deserializer)?;
+    object(value).map(Some).map_err(serde::de::Error::custom)
+}
+
+/// A list of objects.
+fn objects<'de, D: Deserializer<'de>, T: DeserializeOwned>(deserializer: D) -> Result<Vec<T>, D::Error> {
+    let values = Vec::<serde_json::Value>::deserialize(deserializer)?;
+    values.into_iter().map(|value| object(value).map_err(serde::de::Error::custom)).collect()
 }
 
 /// `PUT /boot-source`.
@@ -92,9 +125,9 @@ pub struct TokenBucket {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimiter {
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "present_object", skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<TokenBucket>,
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "present_object", skip_serializing_if = "Option::is_none")]
     pub ops: Option<TokenBucket>,
 }
 
@@ -135,7 +168,7 @@ pub struct Drive {
     pub cache_type: CacheType,
     #[serde(default)]
     pub io_engine: IoEngine,
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "present_object", skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiter>,
     /// A vhost-user-block backend's socket: not supported by lguest.
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
@@ -149,7 +182,7 @@ pub struct PartialDrive {
     pub drive_id: String,
     #[serde(default, deserialize_with = "present")]
     pub path_on_host: Option<String>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "present_object")]
     pub rate_limiter: Option<RateLimiter>,
 }
 
@@ -161,9 +194,9 @@ pub struct NetworkInterface {
     pub host_dev_name: String,
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<String>,
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "present_object", skip_serializing_if = "Option::is_none")]
     pub rx_rate_limiter: Option<RateLimiter>,
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "present_object", skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimiter>,
 }
 
@@ -172,9 +205,9 @@ pub struct NetworkInterface {
 #[serde(deny_unknown_fields)]
 pub struct PartialNetworkInterface {
     pub iface_id: String,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "present_object")]
     pub rx_rate_limiter: Option<RateLimiter>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "present_object")]
     pub tx_rate_limiter: Option<RateLimiter>,
 }
 
@@ -182,7 +215,7 @@ pub struct PartialNetworkInterface {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EntropyDevice {
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "present_object", skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiter>,
 }
 
@@ -301,21 +334,21 @@ pub struct Fault {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FullVmConfig {
-    #[serde(rename = "boot-source", default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "boot-source", default, deserialize_with = "present_object", skip_serializing_if = "Option::is_none")]
     pub boot_source: Option<BootSource>,
-    #[serde(rename = "machine-config", default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "machine-config", default, deserialize_with = "present_object", skip_serializing_if = "Option::is_none")]
     pub machine_config: Option<MachineConfig>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "objects")]
     pub drives: Vec<Drive>,
-    #[serde(rename = "network-interfaces", default)]
+    #[serde(rename = "network-interfaces", default, deserialize_with = "objects")]
     pub network_interfaces: Vec<NetworkInterface>,
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "present_object", skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyDevice>,
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "present_object", skip_serializing_if = "Option::is_none")]
     pub logger: Option<Logger>,
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "present_object", skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Metrics>,
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "present_object", skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialDevice>,
     // Sections lguest knows by name but does not implement; refused in `plan`.
     #[serde(default, skip_serializing)]
@@ -410,5 +443,15 @@ mod tests {
         assert_eq!(full.machine_config.map(|m| m.mem_size_mib), Some(64));
         let error = parse::<FullVmConfig>(r#"{"boot-sauce": {}}"#).expect_err("unknown");
         assert!(error.to_string().contains("boot-sauce"), "{error}");
+    }
+
+    #[test]
+    fn structs_come_from_objects_only() {
+        assert!(parse::<FullVmConfig>(r#"{"drives": [["rootfs", true]]}"#).is_err());
+        assert!(parse::<FullVmConfig>(r#"{"entropy": []}"#).is_err());
+        assert!(parse::<EntropyDevice>(r#"{"rate_limiter": []}"#).is_err());
+        assert!(parse::<RateLimiter>(r#"{"ops": [1, 2]}"#).is_err());
+        assert!(object::<EntropyDevice>(serde_json::json!([])).is_err());
+        assert!(object::<EntropyDevice>(serde_json::json!({})).is_ok());
     }
 }
