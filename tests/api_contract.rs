@@ -39,7 +39,8 @@ fn spec() -> PathBuf {
     if let Some(spec) = std::env::var_os("LGUEST_FC_SPEC") {
         return PathBuf::from(spec);
     }
-    let registry = PathBuf::from(std::env::var_os("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo"))).join("registry/src");
+    let home = || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo");
+    let registry = std::env::var_os("CARGO_HOME").map(PathBuf::from).unwrap_or_else(home).join("registry/src");
     let found = std::fs::read_dir(&registry).into_iter().flatten().flatten().map(|index| index.path().join("fc-api-0.2.3/spec/firecracker.yaml")).find(|p| p.exists());
     found.unwrap_or_else(|| panic!("Firecracker's spec (fc-api 0.2.3) is not in {}: scripts/test.sh fetches it (or set LGUEST_FC_SPEC)", registry.display()))
 }
