@@ -26,8 +26,9 @@ fn lguest_for_the_lab(dir: &Path) -> PathBuf {
     copy
 }
 
-/// Runs `tests/lab/NAME.sh` in the lab and returns its output, or the failure's full text.
-fn try_scenario(name: &str) -> Result<String, String> {
+/// Runs `tests/lab/NAME.sh` in the lab, with the host's `bins` in its /bin too, and returns
+/// its output, or the failure's full text.
+fn try_scenario(name: &str, bins: &[&str]) -> Result<String, String> {
     let dir = tempfile::tempdir().expect("tempdir");
     let lguest = lguest_for_the_lab(dir.path());
     let scenario = repo().join("tests/lab").join(format!("{name}.sh"));
@@ -36,6 +37,7 @@ fn try_scenario(name: &str) -> Result<String, String> {
         .env("LAB_SMP", "1")
         .arg("--bin")
         .arg(&lguest)
+        .args(bins.iter().flat_map(|bin| ["--bin", bin]))
         .arg("--file")
         .arg(format!("{}:/tests/lib.sh", repo().join("tests/lab/lib.sh").display()))
         .args(["--timeout", "600"])
@@ -52,13 +54,18 @@ fn try_scenario(name: &str) -> Result<String, String> {
 
 /// `check` must hold for the scenario's output; one retry, loudly, before it counts.
 fn run_scenario(name: &str, check: impl Fn(&str) -> Result<(), String>) {
-    let first = try_scenario(name).and_then(|out| check(&out).map_err(|why| format!("{why}\n{out}")));
+    run_scenario_with(name, &[], check)
+}
+
+/// [`run_scenario`] with more of the host's programs in the lab.
+fn run_scenario_with(name: &str, bins: &[&str], check: impl Fn(&str) -> Result<(), String>) {
+    let first = try_scenario(name, bins).and_then(|out| check(&out).map_err(|why| format!("{why}\n{out}")));
     if let Err(why) = first {
         // Straight to stderr, past the test harness's capture: a retry that passes must
         // still leave its first failure in the log.
         let notice = format!("lab: first attempt at {name} failed; running it once more. The failure:\n{why}\n");
         let _ = std::io::Write::write_all(&mut std::io::stderr(), notice.as_bytes());
-        let second = try_scenario(name).and_then(|out| check(&out).map_err(|why| format!("{why}\n{out}")));
+        let second = try_scenario(name, bins).and_then(|out| check(&out).map_err(|why| format!("{why}\n{out}")));
         if let Err(why) = second {
             panic!("{name} failed twice; the second time:\n{why}");
         }
@@ -208,5 +215,48 @@ fn the_guest_restarts_after_a_reboot_powers_off_on_sigterm_and_its_panic_is_repo
         expect(output.contains("Kernel panic - not syncing: sysrq triggered crash"), "the guest did not panic")?;
         expect(output.contains("the guest kernel panicked"), "no panic report")?;
         expect_case(output, "panic", 3)
+    });
+}
+
+/// Where the host's curl is (the lab's busybox has no HTTP client for Unix sockets).
+fn host_curl() -> String {
+    let out = Command::new("sh").args(["-c", "command -v curl"]).output().expect("sh");
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!path.is_empty(), "curl not found on the host (apt install curl)");
+    path
+}
+
+#[test]
+fn a_guest_configured_through_firecrackers_api_runs_pauses_resumes_and_powers_off() {
+    let curl = host_curl();
+    run_scenario_with("api", &[&curl], |output| {
+        expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
+        expect_cases(
+            output,
+            &[
+                "api-socket",
+                "api-not-started",
+                "api-boot-source",
+                "api-machine",
+                "api-drive",
+                "api-net",
+                "api-entropy",
+                "api-start",
+                "api-init",
+                "api-devices",
+                "api-running",
+                "api-pause",
+                "api-paused",
+                "api-pause-stops",
+                "api-resume",
+                "api-resume-continues",
+                "api-ctrl-alt-del",
+                "api-exit",
+                "api-powered-off",
+                "api-socket-removed",
+                "config-file-exit",
+                "config-file-done",
+            ],
+        )
     });
 }
