@@ -1,5 +1,5 @@
-//! What may be done to a running guest from outside it: pause and resume its vCPUs, and press
-//! Ctrl-Alt-Del on its keyboard. The API thread (`PATCH /vm`, `PUT /actions`) holds a
+//! What may be done to a running guest from outside it: pause and resume its vCPUs, press
+//! Ctrl-Alt-Del on its keyboard, and put a new image in one of its drives. The API thread (`PATCH /vm`, `PUT /actions`) holds a
 //! [`VmControls`] for as long as the VM runs; the VM itself knows nothing of the API.
 //!
 //! Pausing follows the vCPU loop's own rule (see [`crate::vcpu`]): a vCPU thread leaves KVM_RUN
@@ -10,6 +10,7 @@
 //! still be stopped. Device workers are not paused (yet): a paused guest's queues are not
 //! served, since only its vCPUs could add to them, but requests already queued complete.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,8 @@ use vmm_sys_util::signal::Killable;
 
 use crate::bus::lock;
 use crate::devices::i8042::I8042;
+use crate::virtio::transport::DriveHandle;
+use crate::virtio::UpdateError;
 
 /// How long a pause waits for the vCPUs to park. Leaving KVM_RUN takes microseconds; only a
 /// vCPU thread blocked outside the guest (its output to a full pipe) takes longer.
@@ -157,12 +160,22 @@ impl Drop for Seat {
 pub struct VmControls {
     pub gate: Arc<PauseGate>,
     pub keyboard: Arc<Mutex<I8042>>,
+    /// The disks, in the order of `VmConfig::disks`: what `PATCH /drives` changes. Emptied
+    /// when the VM is taken apart, so that the API holds no device of a VM that is gone.
+    pub drives: Arc<Mutex<Vec<DriveHandle>>>,
 }
 
 impl VmControls {
     /// Presses Ctrl-Alt-Del; false when the guest has its keyboard disabled.
     pub fn press_ctrl_alt_del(&self) -> bool {
         lock(&self.keyboard).press_ctrl_alt_del()
+    }
+
+    /// Puts the image at `path` in the `index`th disk; the guest gets a config-change
+    /// interrupt and rereads its size. `None` when the VM has no such disk (any more).
+    pub fn change_medium(&self, index: usize, path: PathBuf) -> Option<Result<(), UpdateError>> {
+        let drives = lock(&self.drives);
+        drives.get(index).map(|drive| drive.change_medium(path))
     }
 }
 

@@ -239,6 +239,11 @@ const API: &[i64] = &[
     libc::SYS_statx,
     libc::SYS_tgkill,
     libc::SYS_getrandom,
+    // A new image for a drive (PATCH /drives): opened, locked, measured and probed as the
+    // first one was when the VM was built.
+    libc::SYS_flock,
+    libc::SYS_lseek,
+    libc::SYS_fallocate,
 ];
 
 fn allowed(role: Role) -> Vec<i64> {

@@ -94,14 +94,15 @@ impl Vm {
 
     /// Starts the guest: one thread per vCPU, and what is typed routed to its console.
     pub fn start(self, console: &ConsoleRoute) -> Result<RunningVm> {
-        let Vm { kvm, vm, vcpus, pio, serial, virtio_console, keyboard, gate, stopper, ram, .. } = self;
+        let Vm { kvm, vm, vcpus, pio, serial, virtio_console, keyboard, drives, gate, stopper, ram } = self;
         vcpu::install_kick_handler().map_err(|source| Error::Host { what: "cannot install the vCPU kick handler", source })?;
         match virtio_console {
             Some(input) => console.connect(Box::new(input)),
             None => console.connect(Box::new(serial)),
         }
         let threads = start_vcpus(vcpus, &stopper);
-        Ok(RunningVm { kvm, vm, threads, pio, keyboard, gate, stopper, ram })
+        let drives = Arc::new(Mutex::new(drives));
+        Ok(RunningVm { kvm, vm, threads, pio, keyboard, drives, gate, stopper, ram })
     }
 }
 
@@ -112,6 +113,8 @@ pub struct RunningVm {
     threads: Vec<JoinHandle<()>>,
     pio: Arc<Bus>,
     keyboard: Arc<Mutex<I8042>>,
+    /// Shared with the API's [`VmControls`], emptied when the VM is taken apart.
+    drives: Arc<Mutex<Vec<DriveHandle>>>,
     gate: Arc<PauseGate>,
     stopper: Arc<Stopper>,
     /// Unmapped last, once nothing else of the VM is left.
@@ -119,18 +122,20 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
-    /// What the API may do to the running guest: pause it, press its Ctrl-Alt-Del.
+    /// What the API may do to the running guest: pause it, press its Ctrl-Alt-Del, change a
+    /// drive's image.
     pub fn controls(&self) -> VmControls {
-        VmControls { gate: self.gate.clone(), keyboard: self.keyboard.clone() }
+        VmControls { gate: self.gate.clone(), keyboard: self.keyboard.clone(), drives: self.drives.clone() }
     }
 
     /// Returns when the guest has stopped, for whatever reason, and takes the VM apart: every
     /// vCPU thread kicked out of KVM_RUN and joined, the devices' workers stopped, the VM
     /// closed and its memory unmapped.
     pub fn wait(self, console: &ConsoleRoute) -> StopReason {
-        let RunningVm { kvm, vm, threads, pio, keyboard, gate, stopper, ram } = self;
+        let RunningVm { kvm, vm, threads, pio, keyboard, drives, gate, stopper, ram } = self;
         let mut reason = wait_for_stop(&stopper, &keyboard);
         gate.end(); // a paused guest's vCPUs leave the gate, to be stopped
+        lock(&drives).clear(); // the API keeps no device of this VM alive
         console.disconnect();
         let (reads, writes) = pio.absent_accesses();
         tracing::debug!(reads, writes, "port I/O to absent devices during the run");

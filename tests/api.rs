@@ -165,9 +165,31 @@ fn a_guest_configured_and_started_only_through_the_api() {
     let boot = format!(r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 pci=off acpi=off"}}"#, kernel.display());
     assert_eq!(call(&socket, "PUT", "/boot-source", Some(&boot)).0, 204);
     assert_eq!(call(&socket, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#)).0, 204);
-    assert_eq!(call(&socket, "PUT", "/entropy", Some("{}")).0, 204);
+    let entropy = r#"{"rate_limiter": {"bandwidth": {"size": 1024, "refill_time": 100}}}"#;
+    assert_eq!(call(&socket, "PUT", "/entropy", Some(entropy)).0, 204);
+    let (first, second) = (dir.path().join("first.img"), dir.path().join("second.img"));
+    std::fs::write(&first, vec![1u8; 1 << 20]).expect("image");
+    std::fs::write(&second, vec![2u8; 2 << 20]).expect("image");
+    let drive = format!(
+        r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false,
+            "rate_limiter": {{"ops": {{"size": 100, "refill_time": 1000, "one_time_burst": 100}}}}}}"#,
+        first.display()
+    );
+    let (code, body) = call(&socket, "PUT", "/drives/data", Some(&drive));
+    assert_eq!(code, 204, "{body}");
     let (code, body) = call(&socket, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
     assert_eq!(code, 204, "{body}");
+
+    // A new medium in the running drive, as Kata hot-plugs disks.
+    let swap = format!(r#"{{"drive_id": "data", "path_on_host": "{}"}}"#, second.display());
+    let (code, body) = call(&socket, "PATCH", "/drives/data", Some(&swap));
+    assert_eq!(code, 204, "{body}");
+    let (_, body) = call(&socket, "GET", "/vm/config", None);
+    assert_eq!(json(&body)["drives"][0]["path_on_host"], second.to_str().expect("utf-8"));
+    let (code, body) = call(&socket, "PATCH", "/drives/data", Some(r#"{"drive_id": "data", "path_on_host": "/no/such.img"}"#));
+    assert_eq!(code, 400);
+    assert!(body.contains("/no/such.img"), "{body}");
+    assert_eq!(call(&socket, "PATCH", "/drives/other", Some(r#"{"drive_id": "other", "path_on_host": "x"}"#)).0, 400);
 
     let (_, body) = call(&socket, "GET", "/", None);
     assert_eq!(json(&body)["state"], "Running");

@@ -151,21 +151,26 @@ impl Instance {
         self.controls.as_ref().ok_or(ApiError::NotStarted { what })
     }
 
-    /// `PATCH /drives/{id}`: after the start only. A patch that changes nothing is accepted;
-    /// a new medium (Kata's hotplug) and rate limiters need the reworked block device.
+    /// `PATCH /drives/{id}`: after the start only. A new `path_on_host` puts that image in the
+    /// drive (Kata's way of hot-plugging disks): opened as the old one was, and the guest told
+    /// by a config-change interrupt. Changing a rate limiter at run time is not possible yet.
     fn patch_drive(&mut self, id: &str, patch: PartialDrive) -> Result<Reply, ApiError> {
-        self.running("PATCH /drives")?;
+        let controls = self.running("PATCH /drives")?.clone();
         plan::check_id("drive_id", id)?;
         if id != patch.drive_id {
             return Err(ApiError::BadValue { field: "drive_id", why: format!("the path says '{id}' but the body says '{}'", patch.drive_id) });
         }
-        if !self.plan.has_drive(id) {
-            return Err(ApiError::NoSuchDevice { what: "drive", id: id.into() });
+        let index = self.plan.drive_index(id).ok_or_else(|| ApiError::NoSuchDevice { what: "drive", id: id.into() })?;
+        if patch.rate_limiter.as_ref().is_some_and(RateLimiter::limits_anything) {
+            return Err(ApiError::NotYetAtRuntime { what: "changing a drive's rate limiter" });
         }
-        if patch.path_on_host.is_some() {
-            return Err(ApiError::NotYetAtRuntime { what: "swapping a drive's medium (path_on_host)" });
+        if let Some(path) = patch.path_on_host {
+            match controls.change_medium(index, PathBuf::from(&path)) {
+                None => return Err(ApiError::NoSuchDevice { what: "drive", id: id.into() }),
+                Some(Err(error)) => return Err(ApiError::Medium(error)),
+                Some(Ok(())) => self.plan.set_drive_path(id, &path),
+            }
         }
-        refuse_limiter(patch.rate_limiter.as_ref())?;
         Ok(Reply::NoContent)
     }
 

@@ -84,6 +84,9 @@ pub enum ApiError {
     #[error("the microVM is stopping")]
     Stopping,
 
+    #[error("cannot change the drive's image: {0}")]
+    Medium(crate::virtio::UpdateError),
+
     #[error("cannot pause the microVM: {0}")]
     Pause(#[from] crate::control::PauseError),
 

@@ -12,14 +12,16 @@
 //! kernel booted with them here would find no device and one CPU, since lguest's devices are
 //! virtio-pci described by ACPI); fields that change nothing here (`smt`, `track_dirty_pages`,
 //! `cache_type`, `io_engine`) are accepted and kept for `GET /vm/config`; what lguest can't do
-//! yet (2 MiB huge pages, CPU templates, vhost-user disks, rate limiters that limit anything) is
-//! refused with a 400 that names it.
+//! yet (2 MiB huge pages, CPU templates, vhost-user disks, rate limiters on network cards) is
+//! refused with a 400 that names it. Rate limiters on drives and the entropy device become
+//! lguest's own ([`crate::rate_limiter`]).
 
 use std::path::PathBuf;
 
-use super::types::{BootSource, Drive, EntropyDevice, FullVmConfig, HugePages, Logger, MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, RateLimiter, SerialDevice};
+use super::types::{BootSource, Drive, EntropyDevice, FullVmConfig, HugePages, Logger, MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, RateLimiter, SerialDevice, TokenBucket};
 use super::ApiError;
 use crate::config::{self, DiskConfig, NetConfig, VmConfig, MAX_DISK_ID, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+use crate::rate_limiter::{BucketConfig, RateLimit};
 
 /// Firecracker's limit on vCPUs per microVM (the spec's `maximum: 32`).
 pub const MAX_VCPUS: u8 = 32;
@@ -124,7 +126,7 @@ impl Plan {
         }
         let path = drive.path_on_host.as_deref().ok_or(ApiError::BadValue { field: "path_on_host", why: "a drive needs its image's path".into() })?;
         check_image(path)?;
-        refuse_rate_limiter(drive.rate_limiter.as_ref())?;
+        rate_limit(drive.rate_limiter.as_ref())?;
         if drive.is_root_device {
             if let Some(other) = self.drives.iter().find(|d| d.is_root_device && d.drive_id != drive.drive_id) {
                 let why = format!("drive '{}' is the root device already; a VM has one", other.drive_id);
@@ -158,7 +160,7 @@ impl Plan {
 
     /// `PUT /entropy`.
     pub fn set_entropy(&mut self, entropy: EntropyDevice) -> Result<(), ApiError> {
-        refuse_rate_limiter(entropy.rate_limiter.as_ref())?;
+        rate_limit(entropy.rate_limiter.as_ref())?;
         self.entropy = Some(entropy);
         Ok(())
     }
@@ -166,6 +168,20 @@ impl Plan {
     /// Whether a drive with this id was put (for `PATCH /drives/{id}`'s answer).
     pub fn has_drive(&self, id: &str) -> bool {
         self.drives.iter().any(|d| d.drive_id == id)
+    }
+
+    /// Where the drive `id` is among the VM's disks (the root device first, as
+    /// [`Plan::to_vm_config`] orders them).
+    pub fn drive_index(&self, id: &str) -> Option<usize> {
+        let (roots, others): (Vec<&Drive>, Vec<&Drive>) = self.drives.iter().partition(|d| d.is_root_device);
+        roots.into_iter().chain(others).position(|d| d.drive_id == id)
+    }
+
+    /// After `PATCH /drives/{id}` swapped the medium: `GET /vm/config` shows the new image.
+    pub fn set_drive_path(&mut self, id: &str, path: &str) {
+        if let Some(drive) = self.drives.iter_mut().find(|d| d.drive_id == id) {
+            drive.path_on_host = Some(path.to_string());
+        }
     }
 
     pub fn has_net(&self, id: &str) -> bool {
@@ -202,6 +218,7 @@ impl Plan {
         vm.disks = roots.into_iter().chain(others).map(disk_config).collect::<Result<_, _>>()?;
         vm.nets = self.nets.iter().map(net_config).collect::<Result<_, _>>()?;
         vm.rng = self.entropy.is_some();
+        vm.rng_rate_limit = rate_limit(self.entropy.as_ref().and_then(|e| e.rate_limiter.as_ref()))?;
         vm.check_limits()?;
         Ok(vm)
     }
@@ -317,11 +334,25 @@ fn check_image(path: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Network cards have no rate limiter yet.
 fn refuse_rate_limiter(limiter: Option<&RateLimiter>) -> Result<(), ApiError> {
     match limiter {
-        Some(limiter) if limiter.limits_anything() => Err(ApiError::NotImplemented { what: "rate limiters" }),
+        Some(limiter) if limiter.limits_anything() => Err(ApiError::NotImplemented { what: "rate limiters on network interfaces" }),
         _ => Ok(()),
     }
+}
+
+/// Firecracker's token buckets as lguest's limiter settings (for disks and the entropy
+/// device): sizes in bytes or operations, `refill_time` in ms, `one_time_burst` on top.
+pub fn rate_limit(limiter: Option<&RateLimiter>) -> Result<RateLimit, ApiError> {
+    let bucket = |bucket: Option<&TokenBucket>| -> Result<Option<BucketConfig>, ApiError> {
+        let Some(bucket) = bucket else { return Ok(None) };
+        BucketConfig::new(bucket.size, bucket.one_time_burst.unwrap_or(0), bucket.refill_time)
+            .map(Some)
+            .map_err(|e| ApiError::BadValue { field: "rate_limiter", why: e.to_string() })
+    };
+    let Some(limiter) = limiter else { return Ok(RateLimit::default()) };
+    Ok(RateLimit { bandwidth: bucket(limiter.bandwidth.as_ref())?, ops: bucket(limiter.ops.as_ref())? })
 }
 
 fn disk_config(drive: &Drive) -> Result<DiskConfig, ApiError> {
@@ -329,7 +360,8 @@ fn disk_config(drive: &Drive) -> Result<DiskConfig, ApiError> {
     // The guest sees the drive's id as the disk's serial (/dev/disk/by-id/virtio-ID), cut to
     // the 20 bytes virtio-blk has for it, as Firecracker does.
     let serial: String = drive.drive_id.chars().take(MAX_DISK_ID).collect();
-    Ok(DiskConfig { readonly: drive.is_read_only.unwrap_or(false), id: Some(serial), ..DiskConfig::new(path) })
+    let rate_limit = rate_limit(drive.rate_limiter.as_ref())?;
+    Ok(DiskConfig { readonly: drive.is_read_only.unwrap_or(false), id: Some(serial), rate_limit, ..DiskConfig::new(path) })
 }
 
 fn net_config(net: &NetworkInterface) -> Result<NetConfig, ApiError> {
@@ -485,12 +517,20 @@ mod tests {
         vhost.socket = Some("/run/vhost.sock".into());
         assert!(matches!(plan.put_drive("v", vhost), Err(ApiError::NotImplemented { .. })));
         let mut limited = drive("l", false);
-        limited.rate_limiter = Some(RateLimiter { ops: Some(crate::api::types::TokenBucket { size: 1, refill_time: 1, one_time_burst: None }), bandwidth: None });
-        assert!(matches!(plan.put_drive("l", limited), Err(ApiError::NotImplemented { what: "rate limiters" })));
+        limited.rate_limiter = Some(RateLimiter { ops: Some(TokenBucket { size: 0, refill_time: 1, one_time_burst: None }), bandwidth: None });
+        assert!(matches!(plan.put_drive("l", limited.clone()), Err(ApiError::BadValue { field: "rate_limiter", .. })));
+        limited.rate_limiter = Some(RateLimiter { bandwidth: Some(TokenBucket { size: 10 << 20, refill_time: 1000, one_time_burst: Some(1 << 20) }), ops: None });
+        plan.put_drive("l", limited).expect("a limited drive");
         plan.put_drive("r1", drive("r1", true)).expect("first root");
         assert!(matches!(plan.put_drive("r2", drive("r2", true)), Err(ApiError::BadValue { field: "is_root_device", .. })));
         plan.put_drive("r1", drive("r1", true)).expect("the same root again replaces it");
         assert!(plan.has_drive("r1") && !plan.has_drive("r2"));
+        assert_eq!((plan.drive_index("r1"), plan.drive_index("l"), plan.drive_index("x")), (Some(0), Some(1), None));
+        let vm = plan.to_vm_config().err();
+        assert!(matches!(vm, Some(ApiError::NoBootSource)));
+        plan.set_boot_source(boot(None)).expect("boot");
+        let vm = plan.to_vm_config().expect("config");
+        assert_eq!(vm.disks[1].rate_limit.bandwidth.map(|b| (b.size(), b.one_time_burst(), b.refill_time_ms())), Some((10 << 20, 1 << 20, 1000)));
     }
 
     #[test]
