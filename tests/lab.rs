@@ -260,3 +260,15 @@ fn a_guest_configured_through_firecrackers_api_runs_pauses_resumes_and_powers_of
         )
     });
 }
+
+#[test]
+fn a_drive_swapped_through_the_api_is_read_by_the_running_guest() {
+    let curl = host_curl();
+    run_scenario_with("api-drive", &[&curl], |output| {
+        expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
+        expect_cases(
+            output,
+            &["drive-boot-source", "drive-machine", "drive-put", "drive-start", "drive-patch", "drive-guest-sees-new-image", "drive-exit"],
+        )
+    });
+}
