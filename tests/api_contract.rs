@@ -71,8 +71,10 @@ fn sandboxed_lguest(work: &Path, socket: &Path) -> Killed {
     Killed(child)
 }
 
-fn schemathesis_run(spec: &Path, port: u16, extra: &[&str], checks: &str) -> (bool, String) {
+fn schemathesis_run(work: &Path, spec: &Path, port: u16, extra: &[&str], checks: &str) -> (bool, String) {
+    // Run in the test's own directory: schemathesis keeps a cache (.schemathesis/) where it runs.
     let out = Command::new(schemathesis())
+        .current_dir(work)
         .arg("run")
         .arg(spec)
         .args(["--url", &format!("http://127.0.0.1:{port}"), "--checks", checks, "--max-examples", "50", "--seed", "1"])
@@ -113,10 +115,10 @@ fn firecrackers_spec_holds_for_every_operation() {
     }
 
     let all_checks = format!("{CHECKS},negative_data_rejection");
-    let (ok, output) = schemathesis_run(&spec, port, &["--exclude-operation-id", "patchMachineConfiguration"], &all_checks);
+    let (ok, output) = schemathesis_run(work.path(), &spec, port, &["--exclude-operation-id", "patchMachineConfiguration"], &all_checks);
     println!("schemathesis, every operation but PATCH /machine-config:\n{}", summary(&output));
     assert!(ok, "{output}");
-    let (ok, output) = schemathesis_run(&spec, port, &["--include-operation-id", "patchMachineConfiguration"], CHECKS);
+    let (ok, output) = schemathesis_run(work.path(), &spec, port, &["--include-operation-id", "patchMachineConfiguration"], CHECKS);
     println!("schemathesis, PATCH /machine-config:\n{}", summary(&output));
     assert!(ok, "{output}");
 }

@@ -85,9 +85,9 @@ impl Plan {
 
     /// `PUT /boot-source`: the kernel and initrd must be readable now.
     pub fn set_boot_source(&mut self, boot: BootSource) -> Result<(), ApiError> {
-        config::check_readable(&PathBuf::from(&boot.kernel_image_path), "kernel")?;
+        check_file("kernel_image_path", &boot.kernel_image_path, "kernel")?;
         if let Some(initrd) = &boot.initrd_path {
-            config::check_readable(&PathBuf::from(initrd), "initrd")?;
+            check_file("initrd_path", initrd, "initrd")?;
         }
         self.boot_source = Some(boot);
         Ok(())
@@ -330,7 +330,20 @@ fn same_id(field: &'static str, path: &str, body: &str) -> Result<(), ApiError> 
 
 /// A disk image must be a readable file; whether it may be written is found out at start.
 fn check_image(path: &str) -> Result<(), ApiError> {
-    config::check_readable(&PathBuf::from(path), "disk image")?;
+    check_file("path_on_host", path, "disk image")
+}
+
+/// A file the client names must be readable, and not a named pipe or a socket: opening a pipe
+/// would wait for a writer, and a client must not be able to stall the API thread.
+fn check_file(field: &'static str, path: &str, what: &'static str) -> Result<(), ApiError> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let kind = meta.file_type();
+        if kind.is_fifo() || kind.is_socket() {
+            return Err(ApiError::BadValue { field, why: format!("'{path}' is a named pipe or a socket, not a file") });
+        }
+    }
+    config::check_readable(&PathBuf::from(path), what)?;
     Ok(())
 }
 
@@ -468,6 +481,21 @@ mod tests {
         root.partuuid = Some("0eaa91a0-01".into());
         root.is_read_only = Some(false);
         assert_eq!(guest_cmdline(Some("quiet"), Some(&root)), "quiet root=PARTUUID=0eaa91a0-01 rw");
+    }
+
+    #[test]
+    fn a_named_pipe_is_refused_without_waiting_for_a_writer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo");
+        let path = std::ffi::CString::new(fifo.to_str().expect("utf-8")).expect("no NUL");
+        // SAFETY: a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let kernel = BootSource { kernel_image_path: fifo.display().to_string(), initrd_path: None, boot_args: None };
+        let error = Plan::default().set_boot_source(kernel);
+        assert!(matches!(error, Err(ApiError::BadValue { field: "kernel_image_path", .. })), "{error:?}");
+        let mut pipe = drive("p", false);
+        pipe.path_on_host = Some(fifo.display().to_string());
+        assert!(matches!(Plan::default().put_drive("p", pipe), Err(ApiError::BadValue { field: "path_on_host", .. })));
     }
 
     #[test]
