@@ -25,6 +25,9 @@
 //!     they are started.
 //! 13. [`error`]: what stops us before a guest runs, each a line that says what to change,
 //!     and [`docs`]: the completions and man pages generated from the command line.
+//! 14. [`api`] and [`firecracker`]: Firecracker's REST API and command line, for the programs
+//!     that drive microVMs: a plan of the machine before the start, the same `VmConfig` at
+//!     it, and [`control`] (pause, resume, Ctrl-Alt-Del, a new drive image) while it runs.
 
 pub mod api;
 pub mod arch;
