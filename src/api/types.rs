@@ -3,7 +3,7 @@
 //! These are outside bytes: every request body comes from an API client or a `--config-file`.
 //! serde reads them, and refuses what the spec does not allow, the way Firecracker does:
 //! unknown fields (`deny_unknown_fields`), wrong types, and `null` where the spec says a string
-//! or a number (an optional field is either absent or a real value: see [`present`]). What a
+//! or a number (an optional field is either absent or a real value). What a
 //! value *means* (does the kernel exist, is 33 vCPUs too many) is checked later, in
 //! [`super::plan`], where it can be said in the words of the field.
 
