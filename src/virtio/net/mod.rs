@@ -38,8 +38,8 @@ use self::tap::{Tap, VNET_HDR_LEN};
 pub use self::worker::NetWorker;
 use super::queue::QueueError;
 use super::{device_type, feature, ActivateError, Activation, Device, VirtioCommon};
-use crate::config::NetConfig;
-use crate::error::Result;
+use crate::config::{NetBackend, NetConfig};
+use crate::error::{Error, Result};
 
 /// Queue sizes: enough buffers in flight for a 64 KiB segment several times over.
 pub const QUEUE_SIZE: u16 = 256;
@@ -119,7 +119,10 @@ pub struct Net {
 impl Net {
     /// Opens the tap `config.tap`; the MAC is `config.mac`, or a random locally administered one.
     pub fn new(config: &NetConfig) -> Result<Net> {
-        Ok(Net::with_tap(Tap::open(&config.tap)?, config.mac))
+        match &config.backend {
+            NetBackend::Tap { name } => Ok(Net::with_tap(Tap::open(name)?, config.mac)),
+            NetBackend::User { .. } => Err(Error::Internal { what: "--net user", why: "not wired to the network card yet".into() }),
+        }
     }
 
     /// A card on a tap that is already open.
