@@ -17,6 +17,7 @@
 //! checked like any outside bytes, and its death is a state of the VM, not a failure of it.
 
 pub mod frames;
+pub mod link;
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

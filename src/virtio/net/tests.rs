@@ -178,7 +178,7 @@ impl Bench {
             mem,
             ActiveQueue { queue: rx_queue, kick: kick() },
             ActiveQueue { queue: tx_queue, kick: kick() },
-            Arc::new(tap),
+            super::Backend::Tap(Arc::new(tap)),
             signals.clone(),
             features,
             Arc::clone(&counters),

@@ -1,0 +1,197 @@
+//! A network card's wire when passt is at its other end: what the card's worker reads frames
+//! from and writes frames to, in place of a tap.
+//!
+//! The worker deals in frames that start with the 12-byte virtio-net header, as a tap with
+//! `IFF_VNET_HDR` does. passt's frames have no header, so going to the guest we write a zeroed
+//! one in front (no offloads: the card offers none with passt, and checksums are complete), and
+//! coming from the guest we leave the header out. The bytes go through our buffers
+//! ([`frames`](super::frames)), not straight between guest memory and the socket: a stream has
+//! no frame boundaries for a readv to stop at.
+//!
+//! The link is up while passt runs and the stream is in order. When passt dies, closes the
+//! stream, or breaks the protocol, the link goes down for good: the worker takes the guest's
+//! link down and the VM carries on without a network.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use vm_memory::VolatileSlice;
+
+use super::frames::{Fill, Flush, FrameReader, FrameWriter, StreamError, MAX_FRAME};
+use super::{Passt, PasstError};
+use crate::config::Forward;
+use crate::virtio::iovec::IoVecs;
+use crate::virtio::net::tap::VNET_HDR_LEN;
+
+/// A running passt and the stream to it.
+pub struct PasstLink {
+    passt: Passt,
+    stream: UnixStream,
+    /// The same socket again: the worker watches this one for room to write, and the stream's
+    /// own fd for frames to read, each on and off as it needs.
+    out_fd: OwnedFd,
+    reader: Mutex<FrameReader>,
+    writer: Mutex<FrameWriter>,
+    down: AtomicBool,
+}
+
+impl PasstLink {
+    /// Starts passt with `forwards` (see [`Passt::start`]).
+    pub fn start(forwards: &[Forward]) -> Result<PasstLink, PasstError> {
+        let (passt, stream) = Passt::start(forwards)?;
+        let out_fd = stream.as_fd().try_clone_to_owned().map_err(PasstError::Socket)?;
+        Ok(PasstLink { passt, stream, out_fd, reader: Mutex::default(), writer: Mutex::default(), down: AtomicBool::new(false) })
+    }
+
+    /// What log lines call this link.
+    pub fn name(&self) -> String {
+        format!("passt (pid {})", self.passt.pid())
+    }
+
+    /// Whether the guest's link is up: passt runs and the stream is in order.
+    pub fn is_up(&self) -> bool {
+        !self.down.load(Ordering::Acquire) && self.passt.is_alive()
+    }
+
+    /// Takes the link down for good, saying why on stderr (the first time only: `true` then).
+    /// A passt that broke the protocol but still runs is stopped by the drop of the link.
+    pub fn take_down(&self, why: &io::Error) -> bool {
+        if self.down.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        // passt's own death is reported, with its status, by the thread that waits for it.
+        if self.passt.is_alive() && why.kind() != io::ErrorKind::BrokenPipe {
+            eprintln!("lguest: {} {why}; the guest's network link is down, the VM keeps running", self.name());
+        }
+        true
+    }
+
+    /// The fd to watch for frames from passt.
+    pub fn read_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    /// The fd to watch (edge-triggered) for room to send.
+    pub fn write_fd(&self) -> RawFd {
+        self.out_fd.as_raw_fd()
+    }
+
+    /// Whether a whole frame waits in our buffer: the socket being quiet doesn't mean there is
+    /// nothing to deliver.
+    pub fn has_frame(&self) -> bool {
+        matches!(lock(&self.reader).frame(), Ok(Some(_)))
+    }
+
+    /// Reads one frame into `iovecs`, behind a zeroed virtio-net header, and returns its length
+    /// with the header; when that exceeds what the iovecs hold, they hold its start only.
+    /// `WouldBlock` when no whole frame has arrived; `BrokenPipe` when passt is gone, and
+    /// `InvalidData` when it broke the protocol: the link is down then.
+    pub fn read_frame(&self, iovecs: &IoVecs<'_>) -> io::Result<usize> {
+        let mut reader = lock(&self.reader);
+        loop {
+            if let Some(frame) = reader.frame().map_err(stream_error)? {
+                let len = VNET_HDR_LEN + frame.len();
+                copy_into(iovecs, &[[0u8; VNET_HDR_LEN].as_slice(), frame]);
+                reader.consume();
+                return Ok(len);
+            }
+            match reader.fill(&mut &self.stream).map_err(stream_error)? {
+                Fill::Read(_) => {}
+                Fill::WouldBlock | Fill::Full => return Err(io::ErrorKind::WouldBlock.into()),
+            }
+        }
+    }
+
+    /// Queues the frame `iovecs` hold (header first) and sends what the socket takes.
+    /// `WouldBlock` when our buffer is full ([`PasstLink::can_send`] says so beforehand).
+    pub fn write_frame(&self, iovecs: &IoVecs<'_>) -> io::Result<usize> {
+        let len = iovecs.bytes().checked_sub(VNET_HDR_LEN).filter(|len| (1..=MAX_FRAME).contains(len));
+        let len = len.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "a frame of no or too many bytes"))?;
+        let mut writer = lock(&self.writer);
+        let fill = |out: &mut [u8]| {
+            copy_out_of(iovecs, VNET_HDR_LEN, out);
+            Ok::<(), ()>(())
+        };
+        let queued = writer.push(len, fill).map_err(stream_error)?;
+        if queued != Ok(true) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        writer.flush(&mut &self.stream).map_err(stream_error)?;
+        Ok(len)
+    }
+
+    /// Sends what waits, and says whether a largest frame would now fit behind the rest.
+    pub fn can_send(&self) -> io::Result<bool> {
+        let mut writer = lock(&self.writer);
+        if writer.flush(&mut &self.stream).map_err(stream_error)? == Flush::Done {
+            return Ok(true);
+        }
+        Ok(writer.has_room(MAX_FRAME))
+    }
+}
+
+/// Our buffers hold no invariant a panicking holder could break halfway; a poisoned lock is
+/// still a usable one.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn stream_error(e: StreamError) -> io::Error {
+    match e {
+        StreamError::Closed => io::Error::new(io::ErrorKind::BrokenPipe, e),
+        StreamError::Read(e) | StreamError::Write(e) => e,
+        StreamError::BadLength(_) | StreamError::FrameTooLong(_) => io::Error::new(io::ErrorKind::InvalidData, e),
+    }
+}
+
+/// The guest memory the iovecs name, as volatile slices (the guest may touch it meanwhile).
+fn slices<'a>(iovecs: &'a IoVecs<'_>) -> impl Iterator<Item = VolatileSlice<'a>> + 'a {
+    iovecs.as_slice().iter().map(|iov| {
+        // SAFETY: IoVecs are only built from VolatileSlices of a mapping they keep borrowed
+        // for their life, which outlives `'a`; each iovec is one such slice, base and length.
+        unsafe { VolatileSlice::new(iov.iov_base.cast(), iov.iov_len) }
+    })
+}
+
+/// Copies `parts`, one after the other, to the start of the memory `iovecs` name, as far as
+/// it reaches.
+fn copy_into(iovecs: &IoVecs<'_>, parts: &[&[u8]]) {
+    let mut slices = slices(iovecs);
+    let mut current: Option<VolatileSlice<'_>> = None;
+    for part in parts {
+        let mut part: &[u8] = part;
+        while !part.is_empty() {
+            let slice = match current.take().filter(|s| !s.is_empty()) {
+                Some(slice) => slice,
+                None => match slices.next() {
+                    Some(slice) => slice,
+                    None => return,
+                },
+            };
+            let n = slice.len().min(part.len());
+            slice.copy_from(&part[..n]);
+            current = slice.offset(n).ok();
+            part = &part[n..];
+        }
+    }
+}
+
+/// Fills `out` from the memory `iovecs` name, after its first `skip` bytes.
+fn copy_out_of(iovecs: &IoVecs<'_>, mut skip: usize, mut out: &mut [u8]) {
+    for slice in slices(iovecs) {
+        if skip >= slice.len() {
+            skip -= slice.len();
+            continue;
+        }
+        let Ok(slice) = slice.offset(skip) else { return };
+        skip = 0;
+        let n = slice.copy_to(out);
+        out = &mut out[n..];
+        if out.is_empty() {
+            return;
+        }
+    }
+}
