@@ -195,6 +195,37 @@ fn virtio_net_on_a_tap_pings_and_carries_tcp_both_ways() {
     });
 }
 
+/// The program of that name on this host's PATH.
+fn on_path(program: &str) -> String {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| candidate.is_file());
+    let found = found.unwrap_or_else(|| panic!("no {program} on PATH (scripts/test.sh installs it)"));
+    found.to_string_lossy().into_owned()
+}
+
+#[test]
+fn virtio_net_user_gets_dhcp_fetches_serves_a_forwarded_port_and_survives_the_backends_death_unprivileged() {
+    let passt = on_path("passt");
+    run_scenario_with("virtio-net-user", &[passt.as_str()], |output| {
+        expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
+        expect_cases(
+            output,
+            &[
+                "net-user-setup",
+                "net-user-hostfwd",
+                "net-user-exit",
+                "net-user-done",
+                "net-user-dhcp",
+                "net-user-fetch-169.254.1.254",
+                "net-user-fetch-169.254.2.1",
+                "net-user-killed-reported",
+                "net-user-link-down",
+                "net-user-no-passt-left",
+            ],
+        )
+    });
+}
+
 #[test]
 fn virtio_console_carries_a_shell_on_hvc0_and_virtio_rng_feeds_hwrng() {
     run_scenario("virtio-console-rng", |output| {

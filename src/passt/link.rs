@@ -12,9 +12,9 @@
 //! stream, or breaks the protocol, the link goes down for good: the worker takes the guest's
 //! link down and the VM carries on without a network.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -29,7 +29,9 @@ use crate::virtio::net::tap::VNET_HDR_LEN;
 /// A running passt and the stream to it.
 pub struct PasstLink {
     passt: Passt,
-    stream: UnixStream,
+    /// The socket, as a file: read(2) and write(2), the calls a device worker's seccomp
+    /// filter allows (a socket's own `Read` would use recvfrom).
+    stream: File,
     /// The same socket again: the worker watches this one for room to write, and the stream's
     /// own fd for frames to read, each on and off as it needs.
     out_fd: OwnedFd,
@@ -41,8 +43,13 @@ pub struct PasstLink {
 impl PasstLink {
     /// Starts passt with `forwards` (see [`Passt::start`]).
     pub fn start(forwards: &[Forward]) -> Result<PasstLink, PasstError> {
-        let (passt, stream) = Passt::start(forwards)?;
+        PasstLink::start_program(super::PROGRAM, forwards)
+    }
+
+    fn start_program(program: &str, forwards: &[Forward]) -> Result<PasstLink, PasstError> {
+        let (passt, stream) = Passt::start_program(program, forwards)?;
         let out_fd = stream.as_fd().try_clone_to_owned().map_err(PasstError::Socket)?;
+        let stream = File::from(OwnedFd::from(stream));
         Ok(PasstLink { passt, stream, out_fd, reader: Mutex::default(), writer: Mutex::default(), down: AtomicBool::new(false) })
     }
 
@@ -192,6 +199,119 @@ fn copy_out_of(iovecs: &IoVecs<'_>, mut skip: usize, mut out: &mut [u8]) {
         out = &mut out[n..];
         if out.is_empty() {
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+    use super::*;
+
+    /// A stand-in for passt: a shell script run with passt's arguments (`--foreground --quiet
+    /// --fd N`), whose `body` uses the socket as `$fd`.
+    fn fake_passt(dir: &std::path::Path, body: &str) -> String {
+        let path = dir.join("passt");
+        std::fs::write(&path, format!("#!/bin/sh\nfd=$4\n{body}\n")).expect("write the script");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        path.to_string_lossy().into_owned()
+    }
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("guest memory")
+    }
+
+    /// Iovecs over guest memory: `pieces` buffers of the given lengths, back to back from `at`
+    /// (the copies must still cross from one iovec to the next).
+    fn iovecs<'m>(mem: &'m GuestMemoryMmap, at: u64, pieces: &[usize]) -> IoVecs<'m> {
+        let mut iovecs = IoVecs::default();
+        let mut addr = at;
+        for &len in pieces {
+            for slice in mem.get_slices(GuestAddress(addr), len) {
+                iovecs.push(slice.expect("in memory"));
+            }
+            addr += len as u64;
+        }
+        iovecs
+    }
+
+    /// Blocks until the link has a frame (or fails), without sleeps: poll(2) on its fd.
+    fn read_blocking(link: &PasstLink, iovecs: &IoVecs<'_>) -> io::Result<usize> {
+        loop {
+            match link.read_frame(iovecs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut pollfd = libc::pollfd { fd: link.read_fd(), events: libc::POLLIN, revents: 0 };
+                    // SAFETY: one valid pollfd, for the length we pass.
+                    unsafe { libc::poll(&mut pollfd, 1, 60_000) };
+                }
+                other => return other,
+            }
+        }
+    }
+
+    #[test]
+    fn the_guests_header_stays_behind_and_a_zeroed_one_comes_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // An echo: every frame we send comes back as it went out.
+        let link = PasstLink::start_program(&fake_passt(dir.path(), r#"eval "exec cat <&$fd >&$fd""#), &[]).expect("started");
+        let mem = memory();
+        let frame: Vec<u8> = (0..1514u32).map(|i| i as u8).collect();
+        // The guest's header (flags set, as a driver with offloads would) and the frame, in
+        // buffers that split both.
+        mem.write_slice(&[0xee; VNET_HDR_LEN], GuestAddress(0)).expect("write");
+        mem.write_slice(&frame, GuestAddress(VNET_HDR_LEN as u64)).expect("write");
+        let out = iovecs(&mem, 0, &[5, 100, VNET_HDR_LEN + frame.len() - 105]);
+        assert_eq!(link.write_frame(&out).expect("sent"), frame.len());
+        let into = iovecs(&mem, 0x10000, &[7, 3000]);
+        mem.write_slice(&[0xff; 16], GuestAddress(0x10000)).expect("write");
+        assert_eq!(read_blocking(&link, &into).expect("a frame"), VNET_HDR_LEN + frame.len());
+        let mut got = vec![0u8; VNET_HDR_LEN + frame.len()];
+        mem.read_slice(&mut got, GuestAddress(0x10000)).expect("read");
+        assert_eq!(got[..VNET_HDR_LEN], [0; VNET_HDR_LEN]);
+        assert_eq!(got[VNET_HDR_LEN..], frame[..]);
+        assert!(link.is_up());
+    }
+
+    #[test]
+    fn a_zero_length_from_passt_takes_the_link_down() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hostile = r#"eval "printf '\000\000\000\000' >&$fd"; exec sleep 1000"#;
+        let link = PasstLink::start_program(&fake_passt(dir.path(), hostile), &[]).expect("started");
+        let mem = memory();
+        let into = iovecs(&mem, 0, &[4096]);
+        let error = read_blocking(&link, &into).expect_err("a protocol error");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+        assert!(link.take_down(&error), "the first take-down counts");
+        assert!(!link.is_up());
+        assert!(!link.take_down(&error), "and only the first");
+    }
+
+    #[test]
+    fn frames_the_protocol_cant_carry_are_refused_not_sent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let link = PasstLink::start_program(&fake_passt(dir.path(), "exec sleep 1000"), &[]).expect("started");
+        let mem = memory();
+        for pieces in [&[VNET_HDR_LEN][..], &[VNET_HDR_LEN + MAX_FRAME + 1]] {
+            let error = link.write_frame(&iovecs(&mem, 0, pieces)).expect_err("refused");
+            assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+        }
+        assert!(link.can_send().expect("nothing queued"));
+    }
+
+    #[test]
+    fn a_dead_backend_is_a_broken_pipe_and_a_link_that_is_down() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let link = PasstLink::start_program(&fake_passt(dir.path(), "exit 3"), &[]).expect("started");
+        let mem = memory();
+        let error = read_blocking(&link, &iovecs(&mem, 0, &[4096])).expect_err("gone");
+        assert_eq!(error.kind(), io::ErrorKind::BrokenPipe, "{error}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while link.is_up() {
+            assert!(std::time::Instant::now() < deadline, "not reaped in 60 s");
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
 }
