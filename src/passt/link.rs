@@ -46,7 +46,8 @@ impl PasstLink {
         PasstLink::start_program(super::PROGRAM, forwards)
     }
 
-    fn start_program(program: &str, forwards: &[Forward]) -> Result<PasstLink, PasstError> {
+    /// [`PasstLink::start`] with another program than the `passt` on PATH (tests' stand-ins).
+    pub(crate) fn start_program(program: &str, forwards: &[Forward]) -> Result<PasstLink, PasstError> {
         let (passt, stream) = Passt::start_program(program, forwards)?;
         let out_fd = stream.as_fd().try_clone_to_owned().map_err(PasstError::Socket)?;
         let stream = File::from(OwnedFd::from(stream));
@@ -203,22 +204,27 @@ fn copy_out_of(iovecs: &IoVecs<'_>, mut skip: usize, mut out: &mut [u8]) {
     }
 }
 
+/// A stand-in for passt, for tests: a shell script run with passt's arguments (`--foreground
+/// --quiet --fd N`), whose `body` uses the socket as `$fd`. `ECHO` sends every frame back.
+#[cfg(test)]
+pub(crate) fn fake_passt(dir: &std::path::Path, body: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("passt");
+    std::fs::write(&path, format!("#!/bin/sh\nfd=$4\n{body}\n")).expect("write the script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path.to_string_lossy().into_owned()
+}
+
+/// The stand-in's body that sends every frame back as it came.
+#[cfg(test)]
+pub(crate) const ECHO: &str = r#"eval "exec cat <&$fd >&$fd""#;
+
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
     use super::*;
 
-    /// A stand-in for passt: a shell script run with passt's arguments (`--foreground --quiet
-    /// --fd N`), whose `body` uses the socket as `$fd`.
-    fn fake_passt(dir: &std::path::Path, body: &str) -> String {
-        let path = dir.join("passt");
-        std::fs::write(&path, format!("#!/bin/sh\nfd=$4\n{body}\n")).expect("write the script");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        path.to_string_lossy().into_owned()
-    }
 
     fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("guest memory")
@@ -256,7 +262,7 @@ mod tests {
     fn the_guests_header_stays_behind_and_a_zeroed_one_comes_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         // An echo: every frame we send comes back as it went out.
-        let link = PasstLink::start_program(&fake_passt(dir.path(), r#"eval "exec cat <&$fd >&$fd""#), &[]).expect("started");
+        let link = PasstLink::start_program(&fake_passt(dir.path(), ECHO), &[]).expect("started");
         let mem = memory();
         let frame: Vec<u8> = (0..1514u32).map(|i| i as u8).collect();
         // The guest's header (flags set, as a driver with offloads would) and the frame, in
