@@ -25,14 +25,19 @@ httpd -p 8080 -h /tmp/www
 nc -l -p 5003 -e cat /dev/zero &
 stream_pid=$!
 # A user without root: nobody, who may open /dev/kvm here (the lab's own device) and nothing
-# else of root's.
+# else of root's. (busybox's su, which needs the user in /etc/passwd; its setpriv can't
+# change users.)
 chmod 666 /dev/kvm
+chmod 1777 /tmp
+grep -q '^nobody:' /etc/passwd 2>/dev/null || echo 'nobody:x:65534:65534:nobody:/nonexistent:/bin/sh' >>/etc/passwd
+grep -q '^nogroup:' /etc/group 2>/dev/null || echo 'nogroup:x:65534:' >>/etc/group
 
-# wait_said OUT MARKER SECS: succeeds once the guest has said MARKER.
+# wait_said OUT MARKER SECS: succeeds once the guest has said MARKER; fails after SECS, or
+# as soon as lguest ($lguest_pid) has exited.
 wait_said() {
     n=0
     until tr -d '\r' <"$1" | grep -q "^$2"; do
-        [ $n -lt "$3" ] || return 1
+        [ $n -lt "$3" ] && kill -0 "$lguest_pid" 2>/dev/null || return 1
         sleep 1
         n=$((n + 1))
     done
@@ -42,8 +47,12 @@ echo "== net-user: lguest run --net user,hostfwd=tcp:127.0.0.1:8081-:80 (as nobo
 cmdline="console=ttyS0 reboot=k panic=-1 quiet lguest.scenario=netuser lguest.net.hosts=169.254.1.254,169.254.2.1"
 cmdline="$cmdline lguest.net.fetch=8080:$(md5 </tmp/www/index.html) lguest.net.serve=80 lguest.net.stream=5003"
 : >user.out
-setpriv --reuid=65534 --regid=65534 --clear-groups timeout 600 \
-    lguest run $guest --net user,hostfwd=tcp:127.0.0.1:8081-:80 --cmdline "$cmdline" </dev/null >user.out 2>&1 &
+cat >run-lguest.sh <<EOF
+id -u >/tmp/lguest-user
+exec timeout 600 lguest run $guest --net user,hostfwd=tcp:127.0.0.1:8081-:80 --cmdline "$cmdline"
+EOF
+chmod 755 run-lguest.sh
+su -s /bin/sh -c /tmp/run-lguest.sh nobody </dev/null >user.out 2>&1 &
 lguest_pid=$!
 
 if wait_said user.out LGUEST-NET-SERVING 300; then
@@ -67,6 +76,7 @@ status=$?
 kill $stream_pid 2>/dev/null
 echo "== net-user: lguest exited with status $status"
 cat user.out
+check net-user-unprivileged "lguest did not run as nobody (uid $(cat lguest-user 2>/dev/null))" [ "$(cat lguest-user 2>/dev/null)" = 65534 ]
 
 check net-user-exit "lguest exited with $status (124: timed out after 600 s)" [ "$status" = 0 ]
 check net-user-done "the guest did not finish its scenario" grep -q '^LGUEST-SCENARIO-DONE' user.out
