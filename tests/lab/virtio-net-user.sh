@@ -52,7 +52,10 @@ id -u >/tmp/lguest-user
 exec timeout 600 lguest run $guest --net user,hostfwd=tcp:127.0.0.1:8081-:80 --cmdline "$cmdline"
 EOF
 chmod 755 run-lguest.sh
-su -s /bin/sh -c /tmp/run-lguest.sh nobody </dev/null >user.out 2>&1 &
+# passt sandboxes itself with pivot_root, which the lab's root (the initramfs itself, rootfs)
+# refuses: lguest, and so passt, run chrooted into a bind mount of it, which allows it.
+mkdir -p /mnt/root && mount -o rbind / /mnt/root
+chroot /mnt/root su -s /bin/sh -c /tmp/run-lguest.sh nobody </dev/null >user.out 2>&1 &
 lguest_pid=$!
 
 if wait_said user.out LGUEST-NET-SERVING 300; then
