@@ -227,6 +227,19 @@ fn virtio_net_user_gets_dhcp_fetches_serves_a_forwarded_port_and_survives_the_ba
 }
 
 #[test]
+fn two_guests_on_net_user_at_once_each_get_their_own_network_and_forwarded_ports() {
+    let passt = on_path("passt");
+    run_scenario_with("virtio-net-user-two", &[&passt], |output| {
+        expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
+        let mut cases = vec!["net-two-setup".to_string(), "net-two-no-passt-left".to_string()];
+        for i in 1..=2 {
+            cases.extend(["hostfwd", "exit", "dhcp", "fetch", "released"].map(|case| format!("net-two-{case}-{i}")));
+        }
+        expect_cases(output, &cases.iter().map(String::as_str).collect::<Vec<_>>())
+    });
+}
+
+#[test]
 fn virtio_console_carries_a_shell_on_hvc0_and_virtio_rng_feeds_hwrng() {
     run_scenario("virtio-console-rng", |output| {
         expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;

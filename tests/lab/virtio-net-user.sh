@@ -24,13 +24,6 @@ httpd -p 8080 -h /tmp/www
 # The endless stream the guest is reading when passt dies.
 nc -l -p 5003 -e cat /dev/zero &
 stream_pid=$!
-# A user without root: nobody, who may open /dev/kvm here (the lab's own device) and nothing
-# else of root's. (busybox's su, which needs the user in /etc/passwd; its setpriv can't
-# change users.)
-chmod 666 /dev/kvm
-chmod 1777 /tmp
-grep -q '^nobody:' /etc/passwd 2>/dev/null || echo 'nobody:x:65534:65534:nobody:/nonexistent:/bin/sh' >>/etc/passwd
-grep -q '^nogroup:' /etc/group 2>/dev/null || echo 'nogroup:x:65534:' >>/etc/group
 
 # wait_said OUT MARKER SECS: succeeds once the guest has said MARKER; fails after SECS, or
 # as soon as lguest ($lguest_pid) has exited.
@@ -52,10 +45,9 @@ id -u >/tmp/lguest-user
 exec timeout 600 lguest run $guest --net user,hostfwd=tcp:127.0.0.1:8081-:80 --cmdline "$cmdline"
 EOF
 chmod 755 run-lguest.sh
-# passt sandboxes itself with pivot_root, which the lab's root (the initramfs itself, rootfs)
-# refuses: lguest, and so passt, run chrooted into a bind mount of it, which allows it.
-mkdir -p /mnt/root && mount -o rbind / /mnt/root
-chroot /mnt/root su -s /bin/sh -c /tmp/run-lguest.sh nobody </dev/null >user.out 2>&1 &
+# A user without root: nobody, who may open /dev/kvm here (the lab's own device) and nothing
+# else of root's (as_nobody in lib.sh).
+as_nobody /tmp/run-lguest.sh </dev/null >user.out 2>&1 &
 lguest_pid=$!
 
 if wait_said user.out LGUEST-NET-SERVING 300; then
