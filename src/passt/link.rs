@@ -204,15 +204,26 @@ fn copy_out_of(iovecs: &IoVecs<'_>, mut skip: usize, mut out: &mut [u8]) {
     }
 }
 
-/// A stand-in for passt, for tests: a shell script run with passt's arguments (`--foreground
-/// --quiet --fd N`), whose `body` uses the socket as `$fd`. `ECHO` sends every frame back.
+/// A link to a stand-in for passt, for tests: a bash script in `dir` run with passt's arguments
+/// (`--foreground --quiet --fd N`), whose `body` uses the socket as `$fd`. `ECHO` sends every
+/// frame back. (bash: dash's redirections take one-digit fds only, and a busy test process has
+/// more.)
 #[cfg(test)]
-pub(crate) fn fake_passt(dir: &std::path::Path, body: &str) -> String {
+pub(crate) fn stand_in(dir: &std::path::Path, body: &str) -> PasstLink {
     use std::os::unix::fs::PermissionsExt;
     let path = dir.join("passt");
-    std::fs::write(&path, format!("#!/bin/sh\nfd=$4\n{body}\n")).expect("write the script");
+    std::fs::write(&path, format!("#!/usr/bin/env bash\nfd=$4\n{body}\n")).expect("write the script");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    path.to_string_lossy().into_owned()
+    let program = path.to_string_lossy();
+    // A thread of another test that forks while we write the script holds it open for writing
+    // until its child execs, and exec then fails with ETXTBSY: a moment's wait is the cure.
+    for _ in 0..1000 {
+        match PasstLink::start_program(&program, &[]) {
+            Err(PasstError::Spawn(e)) if e.raw_os_error() == Some(libc::ETXTBSY) => std::thread::sleep(std::time::Duration::from_millis(1)),
+            started => return started.expect("the stand-in starts"),
+        }
+    }
+    panic!("the stand-in stayed busy (ETXTBSY)")
 }
 
 /// The stand-in's body that sends every frame back as it came.
@@ -262,7 +273,7 @@ mod tests {
     fn the_guests_header_stays_behind_and_a_zeroed_one_comes_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         // An echo: every frame we send comes back as it went out.
-        let link = PasstLink::start_program(&fake_passt(dir.path(), ECHO), &[]).expect("started");
+        let link = stand_in(dir.path(), ECHO);
         let mem = memory();
         let frame: Vec<u8> = (0..1514u32).map(|i| i as u8).collect();
         // The guest's header (flags set, as a driver with offloads would) and the frame, in
@@ -285,7 +296,7 @@ mod tests {
     fn a_zero_length_from_passt_takes_the_link_down() {
         let dir = tempfile::tempdir().expect("tempdir");
         let hostile = r#"eval "printf '\000\000\000\000' >&$fd"; exec sleep 1000"#;
-        let link = PasstLink::start_program(&fake_passt(dir.path(), hostile), &[]).expect("started");
+        let link = stand_in(dir.path(), hostile);
         let mem = memory();
         let into = iovecs(&mem, 0, &[4096]);
         let error = read_blocking(&link, &into).expect_err("a protocol error");
@@ -298,7 +309,7 @@ mod tests {
     #[test]
     fn frames_the_protocol_cant_carry_are_refused_not_sent() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let link = PasstLink::start_program(&fake_passt(dir.path(), "exec sleep 1000"), &[]).expect("started");
+        let link = stand_in(dir.path(), "exec sleep 1000");
         let mem = memory();
         for pieces in [&[VNET_HDR_LEN][..], &[VNET_HDR_LEN + MAX_FRAME + 1]] {
             let error = link.write_frame(&iovecs(&mem, 0, pieces)).expect_err("refused");
@@ -310,7 +321,7 @@ mod tests {
     #[test]
     fn a_dead_backend_is_a_broken_pipe_and_a_link_that_is_down() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let link = PasstLink::start_program(&fake_passt(dir.path(), "exit 3"), &[]).expect("started");
+        let link = stand_in(dir.path(), "exit 3");
         let mem = memory();
         let error = read_blocking(&link, &iovecs(&mem, 0, &[4096])).expect_err("gone");
         assert_eq!(error.kind(), io::ErrorKind::BrokenPipe, "{error}");

@@ -779,7 +779,7 @@ mod real_tap {
 /// The worker on passt's link, driven by hand, with a shell script standing in for passt.
 mod on_passt {
     use super::*;
-    use crate::passt::link::{fake_passt, PasstLink, ECHO};
+    use crate::passt::link::{stand_in, ECHO};
 
     /// What a Linux driver accepts of what we offer with passt.
     const LINUX_ON_PASST: u64 = PASST_FEATURES | feature::VERSION_1 | feature::RING_EVENT_IDX;
@@ -796,9 +796,9 @@ mod on_passt {
     }
 
     impl PasstBench {
-        fn new(stand_in: &str) -> PasstBench {
+        fn new(body: &str) -> PasstBench {
             let dir = tempfile::tempdir().expect("tempdir");
-            let link = Arc::new(PasstLink::start_program(&fake_passt(dir.path(), stand_in), &[]).expect("started"));
+            let link = Arc::new(stand_in(dir.path(), body));
             let mem = memory();
             let (rx, rx_queue) = Driver::new(&mem, 0, 0x10_0000);
             let (tx, tx_queue) = Driver::new(&mem, 0x1_0000, 0x80_0000);
@@ -826,7 +826,14 @@ mod on_passt {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
             let mut events = [vmm_sys_util::epoll::EpollEvent::default(); 8];
             while !done(self) {
-                assert!(std::time::Instant::now() < deadline, "the worker never got there");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the worker never got there: {:?}, link up {}, tx used {:?}, rx used {:?}",
+                    self.counters.snapshot(),
+                    self.net.backend.is_up(),
+                    self.tx.used(),
+                    self.rx.used()
+                );
                 let n = self.epoll.wait(1000, &mut events).expect("epoll_wait");
                 for event in &events[..n] {
                     self.worker.handle(&self.epoll, event.data(), event.event_set()).expect("handled");
