@@ -64,15 +64,16 @@ impl PasstLink {
         !self.down.load(Ordering::Acquire) && self.passt.is_alive()
     }
 
-    /// Takes the link down for good, saying why on stderr (the first time only: `true` then).
-    /// A passt that broke the protocol but still runs is stopped by the drop of the link.
+    /// Takes the link down for good (`true` the first time only). passt's own death is
+    /// reported, with its status, by the thread that waits for it; anything else (a broken
+    /// protocol, a failed read or write) is reported here, and passt is stopped.
     pub fn take_down(&self, why: &io::Error) -> bool {
         if self.down.swap(true, Ordering::AcqRel) {
             return false;
         }
-        // passt's own death is reported, with its status, by the thread that waits for it.
         if self.passt.is_alive() && why.kind() != io::ErrorKind::BrokenPipe {
-            eprintln!("lguest: {} {why}; the guest's network link is down, the VM keeps running", self.name());
+            eprintln!("lguest: {why} ({}); the guest's network link is down, the VM keeps running", self.name());
+            self.passt.stop();
         }
         true
     }
@@ -304,6 +305,12 @@ mod tests {
         assert!(link.take_down(&error), "the first take-down counts");
         assert!(!link.is_up());
         assert!(!link.take_down(&error), "and only the first");
+        // A passt that broke the protocol is not left running.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while link.passt.is_alive() {
+            assert!(std::time::Instant::now() < deadline, "the stand-in still runs after 60 s");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     #[test]

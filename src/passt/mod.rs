@@ -106,11 +106,18 @@ impl Passt {
     }
 }
 
+impl Passt {
+    /// Kills passt, quietly: its end is our doing, not news. passt keeps no state worth a
+    /// graceful end; ESRCH (already reaped) is fine.
+    pub fn stop(&self) {
+        self.state.stopping.store(true, Ordering::Release);
+        let _ = pidfd_send_signal(&self.pidfd, libc::SIGKILL);
+    }
+}
+
 impl Drop for Passt {
     fn drop(&mut self) {
-        self.state.stopping.store(true, Ordering::Release);
-        // passt keeps no state worth a graceful end; ESRCH (already reaped) is fine.
-        let _ = pidfd_send_signal(&self.pidfd, libc::SIGKILL);
+        self.stop();
         if let Some(waiter) = self.waiter.take() {
             let _ = waiter.join();
         }
