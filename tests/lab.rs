@@ -204,9 +204,9 @@ fn on_path(program: &str) -> String {
 }
 
 #[test]
-fn virtio_net_user_gets_dhcp_fetches_serves_a_forwarded_port_and_survives_the_backends_death_unprivileged() {
-    let passt = on_path("passt");
-    run_scenario_with("virtio-net-user", &[passt.as_str()], |output| {
+fn virtio_net_user_gets_dhcp_and_dns_fetches_serves_a_forwarded_port_and_survives_the_backends_death_unprivileged() {
+    let (passt, dnsmasq) = (on_path("passt"), on_path("dnsmasq"));
+    run_scenario_with("virtio-net-user", &[passt.as_str(), dnsmasq.as_str()], |output| {
         expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
         expect_cases(
             output,
@@ -218,6 +218,8 @@ fn virtio_net_user_gets_dhcp_fetches_serves_a_forwarded_port_and_survives_the_ba
                 "net-user-dhcp",
                 "net-user-fetch-169.254.1.254",
                 "net-user-fetch-169.254.2.1",
+                "net-user-dns",
+                "net-user-fetch-lab.test",
                 "net-user-killed-reported",
                 "net-user-link-down",
                 "net-user-no-passt-left",
@@ -229,7 +231,7 @@ fn virtio_net_user_gets_dhcp_fetches_serves_a_forwarded_port_and_survives_the_ba
 #[test]
 fn two_guests_on_net_user_at_once_each_get_their_own_network_and_forwarded_ports() {
     let passt = on_path("passt");
-    run_scenario_with("virtio-net-user-two", &[&passt], |output| {
+    run_scenario_with("virtio-net-user-two", &[passt.as_str()], |output| {
         expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
         let mut cases = vec!["net-two-setup".to_string(), "net-two-no-passt-left".to_string()];
         for i in 1..=2 {

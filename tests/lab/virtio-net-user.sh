@@ -2,9 +2,10 @@
 # is not root (nobody, given /dev/kvm). The lab machine has br0 with 169.254.1.1/16 and
 # 169.254.2.1/16 and a default route through it: passt needs one to learn what to offer the
 # guest (the lab machine's own address, 169.254.1.1, and its router, 169.254.1.254, which
-# passt maps to the lab machine itself). The guest (guest/init's `netuser` scenario) gets its
-# address by DHCP, fetches a page from the lab's httpd through the router's address and
-# through 169.254.2.1, and serves a page that the lab fetches through a forwarded port
+# passt maps to the lab machine itself). The lab's resolver is a dnsmasq on 169.254.2.1 that
+# knows lab.test, and passt hands it on to the guest. The guest (guest/init's `netuser`
+# scenario) gets its address by DHCP, fetches a page from the lab's httpd through the router's
+# address, through 169.254.2.1 and by name (lab.test), and serves a page that the lab fetches through a forwarded port
 # (127.0.0.1:8081 to the guest's 80). Then, while the guest reads an endless stream from the
 # lab, passt is killed: lguest must say so, keep the VM running, and the guest must see its
 # link go down and power off by itself (status 0). Link-local addresses only, and no interface
@@ -18,6 +19,12 @@ ip link add br0 type bridge && ip addr add 169.254.1.1/16 dev br0 && ip addr add
     ip link set br0 up && ip route add default via 169.254.1.254 dev br0
 br_status=$?
 check net-user-setup "cannot set up br0 and the default route (status $br_status)" [ "$br_status" = 0 ]
+# The lab's resolver, read by passt at its start: lab.test is 169.254.2.1.
+grep -q '^root:' /etc/passwd 2>/dev/null || echo 'root:x:0:0:root:/root:/bin/sh' >>/etc/passwd
+echo 'nameserver 169.254.2.1' >/etc/resolv.conf
+dnsmasq --keep-in-foreground --conf-file=/dev/null --no-resolv --no-hosts --pid-file= --user=root \
+    --listen-address=169.254.2.1 --bind-interfaces --address=/lab.test/169.254.2.1 &
+dns_pid=$!
 mkdir -p /tmp/www
 pattern host 65536 >/tmp/www/index.html
 httpd -p 8080 -h /tmp/www
@@ -37,7 +44,7 @@ wait_said() {
 }
 
 echo "== net-user: lguest run --net user,hostfwd=tcp:127.0.0.1:8081-:80 (as nobody)"
-cmdline="console=ttyS0 reboot=k panic=-1 quiet lguest.scenario=netuser lguest.net.hosts=169.254.1.254,169.254.2.1"
+cmdline="console=ttyS0 reboot=k panic=-1 quiet lguest.scenario=netuser lguest.net.hosts=169.254.1.254,169.254.2.1,lab.test"
 cmdline="$cmdline lguest.net.fetch=8080:$(md5 </tmp/www/index.html) lguest.net.serve=80 lguest.net.stream=5003"
 : >user.out
 cat >run-lguest.sh <<EOF
@@ -68,7 +75,7 @@ if wait_said user.out LGUEST-NET-STREAMING 120; then
 fi
 wait $lguest_pid
 status=$?
-kill $stream_pid 2>/dev/null
+kill $stream_pid $dns_pid 2>/dev/null
 echo "== net-user: lguest exited with status $status"
 cat user.out
 check net-user-unprivileged "lguest did not run as nobody (uid $(cat lguest-user 2>/dev/null))" [ "$(cat lguest-user 2>/dev/null)" = 65534 ]
@@ -76,7 +83,8 @@ check net-user-unprivileged "lguest did not run as nobody (uid $(cat lguest-user
 check net-user-exit "lguest exited with $status (124: timed out after 600 s)" [ "$status" = 0 ]
 check net-user-done "the guest did not finish its scenario" grep -q '^LGUEST-SCENARIO-DONE' user.out
 check net-user-dhcp "the guest got no address by DHCP" grep -q '^LGUEST-NET-DHCP-OK ip=169.254.1.1/16 router=169.254.1.254' user.out
-for host in 169.254.1.254 169.254.2.1; do
+check net-user-dns "the guest was not given the lab's resolver" grep -q '^LGUEST-NET-DHCP-OK .* dns=169.254.2.1' user.out
+for host in 169.254.1.254 169.254.2.1 lab.test; do
     check "net-user-fetch-$host" "the guest did not fetch the lab's page from $host" \
         grep -q "^LGUEST-NET-FETCH-OK host=$host md5=$(md5 </tmp/www/index.html)" user.out
 done
