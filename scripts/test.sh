@@ -9,8 +9,10 @@ source lab/lib.sh
 command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) first"
 [[ -e /dev/kvm ]] || die "/dev/kvm not found: the tiny-guest tests need KVM on this host"
 # setpriv and unshare (util-linux) drop privileges and hide /dev/kvm for the error tests;
-# strip (binutils) slims the binary copied into the lab.
-ensure_cmds setpriv:util-linux unshare:util-linux strip:binutils
+# strip (binutils) slims the binary copied into the lab; passt is --net user's network stack
+# (its unit tests run it here, and the lab scenario copies it into the lab machine, with
+# dnsmasq as the lab's resolver).
+ensure_cmds setpriv:util-linux unshare:util-linux strip:binutils passt:passt dnsmasq:dnsmasq-base
 lab/fetch.sh >/dev/null
 guest/build.sh >/dev/null
 # The API's contract test: schemathesis, socat and Firecracker's spec (scripts/contract-deps.sh).

@@ -94,8 +94,10 @@ pub struct RunArgs {
     #[arg(long = "disk", value_name = "PATH[,readonly][,id=NAME][,bw_*=..][,ops_*=..]")]
     pub disks: Vec<String>,
     /// A virtio network card on the host tap device NAME (opened if it exists, created if we
-    /// may). Repeat for more cards.
-    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    /// may), or on a user-mode network (`user`: passt, no root needed; DHCP, DNS, outbound TCP
+    /// and UDP, and `hostfwd=tcp:[ADDR:]HOSTPORT-:GUESTPORT` (or udp) forwards host ports to
+    /// the guest). Repeat for more cards.
+    #[arg(long = "net", value_name = "tap=NAME|user[,hostfwd=...][,mac=MAC]")]
     pub nets: Vec<String>,
     /// Where the guest's console goes.
     #[arg(long, value_name = "KIND", value_enum, default_value_t = ConsoleKind::Serial)]
@@ -137,8 +139,33 @@ impl DiskConfig {
 /// One `--net`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
-    pub tap: String,
+    pub backend: NetBackend,
     pub mac: Option<[u8; 6]>,
+}
+
+/// What is at the other end of a network card.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackend {
+    /// The host tap device of this name.
+    Tap { name: String },
+    /// A passt process of ours, with these host ports forwarded to the guest.
+    User { forwards: Vec<Forward> },
+}
+
+/// One `hostfwd=`: connections to the host's `host_port` (on `host_addr`, or every address)
+/// go to the guest's `guest_port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forward {
+    pub protocol: Protocol,
+    pub host_addr: Option<std::net::IpAddr>,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
 }
 
 /// Which device carries the guest's console.
@@ -355,20 +382,65 @@ fn parse_rng_limits(value: &str) -> Result<RateLimit> {
     limits.build().map_err(|e| bad(e.to_string()))
 }
 
-/// `tap=NAME[,mac=MAC]`.
+/// `tap=NAME[,mac=MAC]` or `user[,hostfwd=FORWARD]...[,mac=MAC]`.
 pub fn parse_net(value: &str) -> Result<NetConfig> {
     let bad = |why: String| Error::BadFlag { flag: "--net", value: value.to_string(), why };
-    let (mut tap, mut mac) = (None, None);
+    let (mut tap, mut user, mut forwards, mut mac) = (None, false, Vec::new(), None);
     for option in value.split(',') {
         match option.split_once('=') {
+            None if option == "user" => user = true,
             Some(("tap", name)) if !name.is_empty() && name.len() < libc::IFNAMSIZ => tap = Some(name.to_string()),
             Some(("tap", _)) => return Err(bad(format!("a tap name has 1 to {} characters", libc::IFNAMSIZ - 1))),
             Some(("mac", text)) => mac = Some(parse_mac(text).ok_or_else(|| bad(format!("'{text}' is not a MAC such as 52:54:00:12:34:56")))?),
-            _ => return Err(bad(format!("unknown option '{option}' (expected tap=NAME or mac=MAC)"))),
+            Some(("hostfwd", text)) => forwards.push(parse_forward(text).ok_or_else(|| bad(format!("'{text}' is not a forward such as tcp:8080-:80 or udp:127.0.0.1:5353-:53")))?),
+            _ => return Err(bad(format!("unknown option '{option}' (expected tap=NAME, user, hostfwd=FORWARD or mac=MAC)"))),
         }
     }
-    let tap = tap.ok_or_else(|| bad("expected tap=NAME".into()))?;
-    Ok(NetConfig { tap, mac })
+    let backend = match (tap, user) {
+        (Some(name), false) if forwards.is_empty() => NetBackend::Tap { name },
+        (Some(_), false) => return Err(bad("hostfwd= goes with user, not with a tap".into())),
+        (None, true) => NetBackend::User { forwards: check_forwards(forwards).map_err(bad)? },
+        (Some(_), true) => return Err(bad("a card is on a tap or on user, not both".into())),
+        (None, false) => return Err(bad("expected tap=NAME or user".into())),
+    };
+    Ok(NetConfig { backend, mac })
+}
+
+/// `tcp:HOSTPORT-:GUESTPORT`, as QEMU spells it: `tcp::HOSTPORT-:GUESTPORT`, or with the host
+/// address to listen on, `tcp:127.0.0.1:HOSTPORT-:GUESTPORT` (`[::1]` for IPv6); `udp:` alike.
+/// Ports are 1 to 65535; the guest side names no address (the guest has one).
+fn parse_forward(text: &str) -> Option<Forward> {
+    let (protocol, rest) = match text.split_once(':')? {
+        ("tcp", rest) => (Protocol::Tcp, rest),
+        ("udp", rest) => (Protocol::Udp, rest),
+        _ => return None,
+    };
+    let (host, guest) = rest.rsplit_once('-')?;
+    let guest_port = parse_port(guest.strip_prefix(':').unwrap_or(guest))?;
+    let (host_addr, host_port) = match host.rsplit_once(':') {
+        None => (None, parse_port(host)?),
+        Some(("", port)) => (None, parse_port(port)?),
+        Some((addr, port)) => {
+            let addr = addr.strip_prefix('[').and_then(|a| a.strip_suffix(']')).unwrap_or(addr);
+            (Some(addr.parse().ok()?), parse_port(port)?)
+        }
+    };
+    Some(Forward { protocol, host_addr, host_port, guest_port })
+}
+
+fn parse_port(text: &str) -> Option<u16> {
+    text.bytes().all(|b| b.is_ascii_digit()).then(|| text.parse().ok()).flatten().filter(|&port| port != 0)
+}
+
+/// One host port can be forwarded once per protocol (and address).
+fn check_forwards(forwards: Vec<Forward>) -> std::result::Result<Vec<Forward>, String> {
+    for (i, forward) in forwards.iter().enumerate() {
+        let twice = forwards[..i].iter().any(|f| (f.protocol, f.host_addr, f.host_port) == (forward.protocol, forward.host_addr, forward.host_port));
+        if twice {
+            return Err(format!("host port {} is forwarded twice", forward.host_port));
+        }
+    }
+    Ok(forwards)
 }
 
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -523,8 +595,40 @@ mod tests {
     #[test]
     fn nets_with_options() {
         let net = parse_net("tap=tap0,mac=52:54:00:12:34:56").expect("valid");
-        assert_eq!(net, NetConfig { tap: "tap0".into(), mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]) });
+        assert_eq!(net, NetConfig { backend: NetBackend::Tap { name: "tap0".into() }, mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]) });
         for bad in ["", "tap0", "tap=", "tap=x,mac=52:54:00:12:34", "tap=x,mac=01:00:00:00:00:00", "tap=averyveryverylongname"] {
+            assert!(matches!(parse_net(bad), Err(Error::BadFlag { flag: "--net", .. })), "{bad}");
+        }
+    }
+
+    fn forward(protocol: Protocol, host_addr: Option<&str>, host_port: u16, guest_port: u16) -> Forward {
+        Forward { protocol, host_addr: host_addr.map(|a| a.parse().expect("an address")), host_port, guest_port }
+    }
+
+    #[test]
+    fn user_nets_with_forwards() {
+        assert_eq!(parse_net("user").ok(), Some(NetConfig { backend: NetBackend::User { forwards: vec![] }, mac: None }));
+        let net = parse_net("user,hostfwd=tcp:8080-:80,hostfwd=tcp::2222-:22,hostfwd=udp:127.0.0.1:5353-:53,hostfwd=tcp:[::1]:8443-443,mac=52:54:00:00:00:01")
+            .expect("valid");
+        let forwards = vec![
+            forward(Protocol::Tcp, None, 8080, 80),
+            forward(Protocol::Tcp, None, 2222, 22),
+            forward(Protocol::Udp, Some("127.0.0.1"), 5353, 53),
+            forward(Protocol::Tcp, Some("::1"), 8443, 443),
+        ];
+        assert_eq!(net, NetConfig { backend: NetBackend::User { forwards }, mac: Some([0x52, 0x54, 0, 0, 0, 1]) });
+        // The same port for TCP and for UDP is two forwards, not one twice.
+        assert!(parse_net("user,hostfwd=tcp:53-:53,hostfwd=udp:53-:53").is_ok());
+    }
+
+    #[test]
+    fn user_nets_that_make_no_sense_are_refused() {
+        for bad in [
+            "user,tap=t0", "tap=t0,hostfwd=tcp:80-:80", "user,hostfwd=", "user,hostfwd=tcp:80", "user,hostfwd=sctp:80-:80",
+            "user,hostfwd=tcp:0-:80", "user,hostfwd=tcp:80-:0", "user,hostfwd=tcp:65536-:80", "user,hostfwd=tcp:+80-:80",
+            "user,hostfwd=tcp:80-:80,hostfwd=tcp::80-:81", "user,hostfwd=tcp:host:80-:80", "user,hostfwd=tcp:80-169.254.0.1:80",
+            "users", "user,mac=ff:ff:ff:ff:ff:ff",
+        ] {
             assert!(matches!(parse_net(bad), Err(Error::BadFlag { flag: "--net", .. })), "{bad}");
         }
     }
@@ -535,7 +639,7 @@ mod tests {
         let config = VmConfig::from_args(args).expect("valid");
         assert_eq!(config.disks.len(), 2);
         assert!(config.disks[1].readonly);
-        assert_eq!(config.nets[0].tap, "t0");
+        assert_eq!(config.nets[0].backend, NetBackend::Tap { name: "t0".into() });
         assert_eq!(config.console, ConsoleKind::Virtio);
         assert!(config.cmdline.contains("console=hvc0"));
         assert!(config.rng);

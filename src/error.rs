@@ -41,6 +41,9 @@ pub enum Error {
     #[error("cannot use tap device '{name}': {why}")]
     Tap { name: String, why: String },
 
+    #[error(transparent)]
+    Passt(#[from] crate::passt::PasstError),
+
     #[error("/dev/kvm does not exist: this host has no KVM (load the kvm module, or run the demo, which uses the nested lab)")]
     NoKvm,
 
@@ -103,6 +106,7 @@ impl Error {
             | Error::KvmOpen(_)
             | Error::Kvm { .. }
             | Error::Memory(_)
+            | Error::Passt(_)
             | Error::GuestWrite { .. }
             | Error::Internal { .. }
             | Error::Host { .. } => 1,

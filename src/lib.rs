@@ -14,7 +14,8 @@
 //! 6. [`bus`] and [`devices`]: where port I/O and MMIO exits land; absent devices read as ones.
 //! 7. [`pci`] and [`virtio`]: the PCI bus a stock kernel finds its devices on, the virtio
 //!    transport, and the devices (console, disk, network, entropy) serving their queues on
-//!    threads of their own.
+//!    threads of their own; [`passt`] is the user-mode network (`--net user`) at the other end
+//!    of a network card.
 //! 8. [`terminal`]: the user's terminal and signals, wired to the guest's serial port or
 //!    virtio console.
 //! 9. [`fault`]: what we say when a guest dies, so that only the guest dies.
@@ -40,6 +41,7 @@ pub mod error;
 pub mod fault;
 pub mod firecracker;
 pub mod memory;
+pub mod passt;
 pub mod pci;
 pub mod rate_limiter;
 pub mod seccomp;

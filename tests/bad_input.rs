@@ -124,6 +124,25 @@ fn more_devices_than_pci_slots() {
 }
 
 #[test]
+fn net_user_mistakes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = hello(dir.path());
+    let net = |value: &str| run_args(&["--kernel", &kernel, "--net", value]);
+    refused(net("user,hostfwd=tcp:0-:80"), "invalid --net 'user,hostfwd=tcp:0-:80': 'tcp:0-:80' is not a forward such as tcp:8080-:80");
+    refused(net("user,hostfwd=tcp:80-:80,hostfwd=tcp::80-:22"), "host port 80 is forwarded twice");
+    refused(net("tap=t0,hostfwd=tcp:80-:80"), "hostfwd= goes with user, not with a tap");
+}
+
+#[test]
+fn net_user_without_passt_says_how_to_get_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = hello(dir.path());
+    let mut command = run_args(&["--kernel", &kernel, "--net", "user"]);
+    command.env("PATH", dir.path());
+    host_cannot(command, "there is no 'passt' on PATH: install it (apt-get install passt)");
+}
+
+#[test]
 fn help_is_not_an_error() {
     let out = run_with_deadline(run_args(&["--help"]), Duration::from_secs(30));
     assert_eq!(out.status.code(), Some(0));

@@ -195,6 +195,52 @@ fn virtio_net_on_a_tap_pings_and_carries_tcp_both_ways() {
     });
 }
 
+/// The program of that name on this host's PATH.
+fn on_path(program: &str) -> String {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| candidate.is_file());
+    let found = found.unwrap_or_else(|| panic!("no {program} on PATH (scripts/test.sh installs it)"));
+    found.to_string_lossy().into_owned()
+}
+
+#[test]
+fn virtio_net_user_gets_dhcp_and_dns_fetches_serves_a_forwarded_port_and_survives_the_backends_death_unprivileged() {
+    let (passt, dnsmasq) = (on_path("passt"), on_path("dnsmasq"));
+    run_scenario_with("virtio-net-user", &[passt.as_str(), dnsmasq.as_str()], |output| {
+        expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
+        expect_cases(
+            output,
+            &[
+                "net-user-setup",
+                "net-user-hostfwd",
+                "net-user-exit",
+                "net-user-done",
+                "net-user-dhcp",
+                "net-user-fetch-169.254.1.254",
+                "net-user-fetch-169.254.2.1",
+                "net-user-dns",
+                "net-user-fetch-lab.test",
+                "net-user-killed-reported",
+                "net-user-link-down",
+                "net-user-no-passt-left",
+            ],
+        )
+    });
+}
+
+#[test]
+fn two_guests_on_net_user_at_once_each_get_their_own_network_and_forwarded_ports() {
+    let passt = on_path("passt");
+    run_scenario_with("virtio-net-user-two", &[passt.as_str()], |output| {
+        expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
+        let mut cases = vec!["net-two-setup".to_string(), "net-two-no-passt-left".to_string()];
+        for i in 1..=2 {
+            cases.extend(["hostfwd", "exit", "dhcp", "fetch", "released"].map(|case| format!("net-two-{case}-{i}")));
+        }
+        expect_cases(output, &cases.iter().map(String::as_str).collect::<Vec<_>>())
+    });
+}
+
 #[test]
 fn virtio_console_carries_a_shell_on_hvc0_and_virtio_rng_feeds_hwrng() {
     run_scenario("virtio-console-rng", |output| {

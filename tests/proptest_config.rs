@@ -5,7 +5,7 @@
 //! listed spellings, a non-empty path with known options, a tap name that fits IFNAMSIZ and a
 //! unicast MAC. Valid values are also generated from their parts and must parse back to them.
 
-use lguest::config::{parse_disk, parse_memory, parse_net, MAX_DISK_ID, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+use lguest::config::{parse_disk, parse_memory, parse_net, NetBackend, MAX_DISK_ID, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use proptest::prelude::*;
 
 /// What `--memory` documents: `512M`, `512MiB`, `2G`, `2GiB` or `512` (MiB), any case,
@@ -79,10 +79,18 @@ proptest! {
     #[test]
     fn parse_net_accepts_only_a_short_tap_name_and_a_unicast_mac(value in prop_oneof![
         any::<String>(),
-        r"(tap=[a-z0-9]{0,17}|mac=([0-9a-fA-F]{1,3}:){0,6}[0-9a-fA-F]{0,2}|x=|,){0,3}",
+        r"(tap=[a-z0-9]{0,17}|user|hostfwd=(tcp|udp|x):(\[::1\]:|127\.0\.0\.1:|:)?[0-9]{0,6}-:?[0-9]{0,6}|mac=([0-9a-fA-F]{1,3}:){0,6}[0-9a-fA-F]{0,2}|x=|,){0,4}",
     ]) {
         if let Ok(net) = parse_net(&value) {
-            prop_assert!(!net.tap.is_empty() && net.tap.len() < libc::IFNAMSIZ, "tap {:?}", net.tap);
+            match &net.backend {
+                NetBackend::Tap { name } => prop_assert!(!name.is_empty() && name.len() < libc::IFNAMSIZ, "tap {:?}", name),
+                NetBackend::User { forwards } => {
+                    prop_assert!(value.split(',').any(|o| o == "user"), "user without 'user' in {:?}", value);
+                    for f in forwards {
+                        prop_assert!(f.host_port != 0 && f.guest_port != 0, "port 0 in {:?}", value);
+                    }
+                }
+            }
             if let Some(mac) = net.mac {
                 prop_assert_eq!(mac[0] & 1, 0, "a multicast MAC was accepted");
             }
@@ -97,8 +105,8 @@ proptest! {
             value.push_str(&format!(",mac={}", text.join(":")));
         }
         match (parse_net(&value), mac) {
-            (Ok(net), Some(mac)) if mac[0] & 1 == 0 => prop_assert_eq!((net.tap, net.mac), (tap, Some(mac))),
-            (Ok(net), None) => prop_assert_eq!((net.tap, net.mac), (tap, None)),
+            (Ok(net), Some(mac)) if mac[0] & 1 == 0 => prop_assert_eq!((net.backend, net.mac), (NetBackend::Tap { name: tap }, Some(mac))),
+            (Ok(net), None) => prop_assert_eq!((net.backend, net.mac), (NetBackend::Tap { name: tap }, None)),
             (Err(_), Some(mac)) => prop_assert_eq!(mac[0] & 1, 1, "a unicast MAC was refused"),
             (result, mac) => prop_assert!(false, "{:?} for {:?} ({:?})", result, value, mac),
         }

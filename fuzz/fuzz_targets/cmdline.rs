@@ -2,12 +2,13 @@
 //! argument lists through clap. These are the user's bytes, not the guest's, but a launcher
 //! that panics on a typo instead of saying what to change is a bug, and what each parser
 //! accepts must be exactly what its documentation says (a size in range, a non-empty path and
-//! a short ASCII serial, a tap name that fits IFNAMSIZ and a unicast MAC).
+//! a short ASCII serial, a tap name that fits IFNAMSIZ or `user` with forwards of real ports, and a
+//! unicast MAC).
 #![no_main]
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use lguest::config::{parse_disk, parse_memory, parse_net, Cli, MAX_DISK_ID, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+use lguest::config::{parse_disk, parse_memory, parse_net, Cli, NetBackend, MAX_DISK_ID, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 
 #[derive(Arbitrary, Debug)]
 enum Input {
@@ -48,7 +49,13 @@ fuzz_target!(|input: Input| match input {
     }
     Input::Net(value) => {
         if let Ok(net) = parse_net(&value) {
-            assert!(!net.tap.is_empty() && net.tap.len() < libc::IFNAMSIZ, "--net {value:?} gave tap {:?}", net.tap);
+            match &net.backend {
+                NetBackend::Tap { name } => assert!(!name.is_empty() && name.len() < libc::IFNAMSIZ, "--net {value:?} gave tap {name:?}"),
+                NetBackend::User { forwards } => {
+                    assert!(value.split(',').any(|o| o == "user"), "--net {value:?} is user without saying so");
+                    assert!(forwards.iter().all(|f| f.host_port != 0 && f.guest_port != 0), "--net {value:?} forwards port 0");
+                }
+            }
             if let Some(mac) = net.mac {
                 assert_eq!(mac[0] & 1, 0, "--net {value:?} gave a multicast MAC");
             }

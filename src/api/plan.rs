@@ -20,7 +20,7 @@ use std::path::PathBuf;
 
 use super::types::{BootSource, Drive, EntropyDevice, FullVmConfig, HugePages, Logger, MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, RateLimiter, SerialDevice, TokenBucket};
 use super::ApiError;
-use crate::config::{self, DiskConfig, NetConfig, VmConfig, MAX_DISK_ID, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+use crate::config::{self, DiskConfig, NetBackend, NetConfig, VmConfig, MAX_DISK_ID, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use crate::rate_limiter::{BucketConfig, RateLimit};
 
 /// Firecracker's limit on vCPUs per microVM (the spec's `maximum: 32`).
@@ -248,14 +248,19 @@ pub fn plan_of(vm: &VmConfig) -> Plan {
             socket: None,
         })
         .collect();
+    // Firecracker's API knows taps only: a `--net user` card has no entry there.
     let nets = vm
         .nets
         .iter()
+        .filter_map(|net| match &net.backend {
+            NetBackend::Tap { name } => Some((name, net.mac)),
+            NetBackend::User { .. } => None,
+        })
         .enumerate()
-        .map(|(n, net)| NetworkInterface {
+        .map(|(n, (name, mac))| NetworkInterface {
             iface_id: format!("net{n}"),
-            host_dev_name: net.tap.clone(),
-            guest_mac: net.mac.map(format_mac),
+            host_dev_name: name.clone(),
+            guest_mac: mac.map(format_mac),
             rx_rate_limiter: None,
             tx_rate_limiter: None,
         })
@@ -389,7 +394,7 @@ fn net_config(net: &NetworkInterface) -> Result<NetConfig, ApiError> {
             why: format!("'{text}' is not a unicast MAC such as 06:00:ac:10:00:02"),
         })?),
     };
-    Ok(NetConfig { tap: net.host_dev_name.clone(), mac })
+    Ok(NetConfig { backend: NetBackend::Tap { name: net.host_dev_name.clone() }, mac })
 }
 
 /// The guest's command line: the client's `boot_args` (or lguest's default) without the words
@@ -461,7 +466,7 @@ mod tests {
         assert_eq!(vm.cmdline, "console=ttyS0 reboot=k panic=1 root=/dev/vda ro");
         assert_eq!(vm.disks.iter().map(|d| d.id.clone().unwrap_or_default()).collect::<Vec<_>>(), ["rootfs", "data"]);
         assert!(vm.disks[0].readonly);
-        assert_eq!(vm.nets[0].tap, "tap0");
+        assert_eq!(vm.nets[0].backend, NetBackend::Tap { name: "tap0".into() });
         assert!(vm.rng);
     }
 

@@ -341,6 +341,12 @@ impl Signals {
         Signals::new("test".into(), Arc::new(vectors), queue_vectors, queues as u16, Arc::default(), Arc::default())
     }
 
+    /// How many times the config-change interrupt fired since the last call.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub fn take_config_interrupts(&self) -> u64 {
+        self.vectors.take_count(self.config_vector)
+    }
+
     /// How many times queue `index`'s interrupt fired since the last call.
     #[cfg(any(test, feature = "test-utils"))]
     pub fn take_queue_interrupts(&self, index: usize) -> u64 {

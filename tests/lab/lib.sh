@@ -22,3 +22,17 @@ check() {
         echo "FAIL $name: $why"
     fi
 }
+
+# as_nobody SCRIPT: runs SCRIPT as nobody (busybox su; busybox's setpriv can't change users),
+# with /dev/kvm open to it, in a mount namespace whose root is a bind mount of the lab's root
+# moved onto "/", as a real system's is after switch_root. passt needs that: it sandboxes
+# itself with pivot_root, which the initramfs itself (rootfs) refuses, and with a user
+# namespace, which a chroot may not make.
+as_nobody() {
+    chmod 666 /dev/kvm
+    chmod 1777 /tmp
+    grep -q '^nobody:' /etc/passwd 2>/dev/null || echo 'nobody:x:65534:65534:nobody:/nonexistent:/bin/sh' >>/etc/passwd
+    grep -q '^nogroup:' /etc/group 2>/dev/null || echo 'nogroup:x:65534:' >>/etc/group
+    mkdir -p /mnt/root
+    unshare -m sh -c "mount -o rbind / /mnt/root && cd /mnt/root && mount -o move . / && exec chroot . su -s /bin/sh -c '$1' nobody"
+}

@@ -1,4 +1,5 @@
-//! The guest's network card: virtio-net (virtio spec 1.2, 5.1) on a host tap device.
+//! The guest's network card: virtio-net (virtio spec 1.2, 5.1) on a host tap device, or on
+//! passt, the user-mode network (`--net user`, [`crate::passt`]).
 //!
 //! The driver finds the card on the PCI bus, reads its MAC address and link status from the
 //! config space, and posts two queues: receive (0), where it leaves empty buffers, and transmit
@@ -19,7 +20,15 @@
 //! header, more than 64 KiB of frame, a buffer outside memory, or a loop, is dropped and
 //! counted; a receive chain unfit to take a frame goes back unused. A ring we can no longer
 //! read or write makes the device need a reset. The tap's side is trusted as the host kernel is.
+//!
+//! With passt at the other end ([`Backend::Passt`]) there is no header on the wire and nobody
+//! to hand offloads to, so the card offers none: just the MAC, the link status and mergeable
+//! buffers. The link is up while passt runs; when it dies, the worker takes the link down
+//! (VIRTIO_NET_S_LINK_UP cleared, a config-change interrupt) and the guest carries on without
+//! a network. Frames for passt queue in our buffer and go out as its socket takes them: the
+//! transmit queue waits while the socket is full, rather than dropping frames.
 
+pub mod backend;
 mod rx_buffers;
 pub mod tap;
 #[cfg(test)]
@@ -34,12 +43,14 @@ use std::sync::Arc;
 use virtio_bindings::virtio_net::*;
 use vm_memory::GuestMemoryError;
 
+pub use self::backend::Backend;
 use self::tap::{Tap, VNET_HDR_LEN};
 pub use self::worker::NetWorker;
 use super::queue::QueueError;
 use super::{device_type, feature, ActivateError, Activation, Device, VirtioCommon};
-use crate::config::NetConfig;
+use crate::config::{NetBackend, NetConfig};
 use crate::error::Result;
+use crate::passt::link::PasstLink;
 
 /// Queue sizes: enough buffers in flight for a 64 KiB segment several times over.
 pub const QUEUE_SIZE: u16 = 256;
@@ -64,6 +75,8 @@ const HDR_NUM_BUFFERS: usize = 10;
 pub const RX_KICK: u64 = RX as u64;
 pub const TX_KICK: u64 = TX as u64;
 pub const TAP: u64 = 2;
+/// passt's socket has room again, or hung up (edge-triggered, on a second fd of the socket).
+pub const BACKEND_OUT: u64 = 3;
 
 const fn bit(feature: u32) -> u64 {
     1 << feature
@@ -82,6 +95,9 @@ const OFFERED_FEATURES: u64 = bit(VIRTIO_NET_F_MAC)
     | bit(VIRTIO_NET_F_HOST_TSO6)
     | bit(VIRTIO_NET_F_HOST_ECN)
     | bit(VIRTIO_NET_F_MRG_RXBUF);
+
+/// What we offer with passt: its frames carry no header, so no offloads.
+const PASST_FEATURES: u64 = bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_STATUS) | bit(VIRTIO_NET_F_MRG_RXBUF);
 
 /// The tap offloads (`TUN_F_*`) matching the receive offloads the driver accepted: the host
 /// may then hand us frames with partial checksums and large segments, unsplit.
@@ -104,12 +120,12 @@ fn tap_offloads(features: u64) -> u32 {
     offloads
 }
 
-/// A virtio network card on a tap.
+/// A virtio network card on a tap or on passt.
 pub struct Net {
-    tap: Arc<Tap>,
-    /// `virtio_net_config` up to `max_virtqueue_pairs`: the MAC, the link (always up; the tap
-    /// itself says nothing we could report), and one queue pair.
-    config: [u8; 10],
+    backend: Backend,
+    /// `virtio_net_config` up to `max_virtqueue_pairs`: the MAC, the link, and one queue pair;
+    /// as it reads with the link up (`[1]`: a tap's always is, passt's while it runs) and down.
+    config: [[u8; 10]; 2],
     counters: Arc<Counters>,
     /// Reset stops the worker; the held receive buffers and the queues go with its handler,
     /// the tap stays ours.
@@ -117,19 +133,24 @@ pub struct Net {
 }
 
 impl Net {
-    /// Opens the tap `config.tap`; the MAC is `config.mac`, or a random locally administered one.
+    /// Opens the tap, or starts passt, as `config` says; the MAC is `config.mac`, or a random
+    /// locally administered one.
     pub fn new(config: &NetConfig) -> Result<Net> {
-        Ok(Net::with_tap(Tap::open(&config.tap)?, config.mac))
+        let backend = match &config.backend {
+            NetBackend::Tap { name } => Backend::Tap(Arc::new(Tap::open(name)?)),
+            NetBackend::User { forwards } => Backend::Passt(Arc::new(PasstLink::start(forwards)?)),
+        };
+        Ok(Net::with_backend(backend, config.mac))
     }
 
     /// A card on a tap that is already open.
     pub fn with_tap(tap: Tap, mac: Option<[u8; 6]>) -> Net {
-        Net {
-            tap: Arc::new(tap),
-            config: config_space(mac.unwrap_or_else(random_mac)),
-            counters: Arc::default(),
-            common: VirtioCommon::default(),
-        }
+        Net::with_backend(Backend::Tap(Arc::new(tap)), mac)
+    }
+
+    pub fn with_backend(backend: Backend, mac: Option<[u8; 6]>) -> Net {
+        let mac = mac.unwrap_or_else(random_mac);
+        Net { backend, config: [config_space(mac, false), config_space(mac, true)], counters: Arc::default(), common: VirtioCommon::default() }
     }
 
     /// What the card has seen since it was made.
@@ -146,24 +167,29 @@ impl Device for Net {
     const QUEUE_SIZES: &'static [u16] = &[QUEUE_SIZE, QUEUE_SIZE];
 
     fn offered_features(&self) -> u64 {
-        OFFERED_FEATURES
+        match self.backend {
+            Backend::Tap(_) => OFFERED_FEATURES,
+            Backend::Passt(_) => PASST_FEATURES,
+        }
     }
 
     fn config_space(&self) -> &[u8] {
-        &self.config
+        &self.config[usize::from(self.backend.is_up())]
     }
 
-    /// Also tells the tap which offloads the driver accepted.
+    /// Also tells a tap which offloads the driver accepted.
     fn handler(&self, mut activation: Activation) -> std::result::Result<NetWorker, ActivateError> {
         if activation.features & feature::VERSION_1 == 0 {
             return Err(ActivateError::LegacyDriver);
         }
         let rx = activation.take_queue(RX, "receive")?;
         let tx = activation.take_queue(TX, "transmit")?;
-        let what = "the tap refused the offloads the driver accepted";
-        self.tap.set_offloads(tap_offloads(activation.features)).map_err(|source| ActivateError::Backend { what, source })?;
+        if let Backend::Tap(tap) = &self.backend {
+            let what = "the tap refused the offloads the driver accepted";
+            tap.set_offloads(tap_offloads(activation.features)).map_err(|source| ActivateError::Backend { what, source })?;
+        }
         let Activation { mem, features, signals, .. } = activation;
-        Ok(NetWorker::new(mem, rx, tx, Arc::clone(&self.tap), signals, features, Arc::clone(&self.counters)))
+        Ok(NetWorker::new(mem, rx, tx, self.backend.clone(), signals, features, Arc::clone(&self.counters)))
     }
 
     fn common(&mut self) -> &mut VirtioCommon<NetWorker> {
@@ -171,10 +197,11 @@ impl Device for Net {
     }
 }
 
-fn config_space(mac: [u8; 6]) -> [u8; 10] {
+fn config_space(mac: [u8; 6], link_up: bool) -> [u8; 10] {
     let mut config = [0u8; 10];
     config[..6].copy_from_slice(&mac);
-    config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+    let status = if link_up { VIRTIO_NET_S_LINK_UP as u16 } else { 0 };
+    config[6..8].copy_from_slice(&status.to_le_bytes());
     config[8..10].copy_from_slice(&1u16.to_le_bytes());
     config
 }
@@ -206,7 +233,7 @@ pub enum NetError {
     TapRead(#[source] io::Error),
     #[error("the tap failed or was deleted")]
     TapGone,
-    #[error("cannot start or stop watching the tap: {0}")]
+    #[error("cannot start or stop watching the backend: {0}")]
     Watch(#[source] io::Error),
     #[error("cannot kick our own {queue} queue: {source}")]
     Rekick { queue: &'static str, source: io::Error },

@@ -1,5 +1,9 @@
 //! virtio-net at work, on its worker thread: the transmit path (guest to tap) and the receive
 //! path (tap to the guest's held buffers), each served in batches with one interrupt a batch.
+//! passt ([`Backend::Passt`]) takes the tap's place the same way, with two differences: its
+//! socket can be full (the transmit queue then waits for [`BACKEND_OUT`]), and it can die (the
+//! guest's link then goes down, once, with a config-change interrupt, and frames the guest
+//! still sends are dropped).
 //!
 //! A transmit kick sends every waiting frame, up to [`BATCH`], each in one writev straight from
 //! guest memory; a malformed chain is dropped and counted, never sent. The tap becoming readable
@@ -8,7 +12,6 @@
 //! the next frame, the tap is not watched and a receive kick is asked for instead.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_net::*;
@@ -17,10 +20,10 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::rx_buffers::{HeldBuffers, Hold};
-use super::tap::{Tap, VNET_HDR_LEN};
+use super::tap::VNET_HDR_LEN;
 use super::{
-    bit, tap_offloads, Counters, NetError, Seen, BATCH, HDR_FLAGS, HDR_NUM_BUFFERS, MAX_FRAME_LEN,
-    MAX_UNSEGMENTED_FRAME_LEN, RX, RX_KICK, TAP, TX, TX_KICK,
+    bit, tap_offloads, Backend, Counters, NetError, Seen, BACKEND_OUT, BATCH, HDR_FLAGS, HDR_NUM_BUFFERS,
+    MAX_FRAME_LEN, MAX_UNSEGMENTED_FRAME_LEN, RX, RX_KICK, TAP, TX, TX_KICK,
 };
 use crate::virtio::iovec::{IoVecs, MAX_IOVECS};
 use crate::virtio::queue::{
@@ -29,13 +32,13 @@ use crate::virtio::queue::{
 use crate::virtio::worker::{watch, DeviceWorker};
 use crate::virtio::{ActiveQueue, Signals};
 
-/// The card at work: both queues, the tap, and the receive buffers taken from the ring but
+/// The card at work: both queues, the backend, and the receive buffers taken from the ring but
 /// not yet filled.
 pub struct NetWorker {
     mem: GuestMemoryMmap,
     rx: ActiveQueue,
     pub(super) tx: ActiveQueue,
-    tap: Arc<Tap>,
+    backend: Backend,
     signals: Signals,
     counters: Arc<Counters>,
     /// MRG_RXBUF: a frame may fill several receive chains.
@@ -49,6 +52,8 @@ pub struct NetWorker {
     rx_used: UsedBatch,
     pub(super) tap_polled: bool,
     tx_error_reported: bool,
+    /// The guest has been told its link went down.
+    link_down_told: bool,
 }
 
 impl NetWorker {
@@ -56,17 +61,19 @@ impl NetWorker {
         mem: GuestMemoryMmap,
         rx: ActiveQueue,
         tx: ActiveQueue,
-        tap: Arc<Tap>,
+        backend: Backend,
         signals: Signals,
         features: u64,
         counters: Arc<Counters>,
     ) -> NetWorker {
-        let segmented = tap_offloads(features) & (libc::TUN_F_TSO4 | libc::TUN_F_TSO6) != 0;
+        // passt sends frames as large as the MTU it offers (65520) to a guest that took it.
+        let segmented = matches!(backend, Backend::Passt(_))
+            || tap_offloads(features) & (libc::TUN_F_TSO4 | libc::TUN_F_TSO6) != 0;
         NetWorker {
             mem,
             rx,
             tx,
-            tap,
+            backend,
             signals,
             counters,
             mergeable: features & bit(VIRTIO_NET_F_MRG_RXBUF) != 0,
@@ -76,20 +83,26 @@ impl NetWorker {
             rx_used: UsedBatch::default(),
             tap_polled: false,
             tx_error_reported: false,
+            link_down_told: false,
         }
     }
 
     /// Sends every frame waiting in the transmit queue (up to a batch), then interrupts the
     /// guest once if it wants to hear.
     fn transmit(&mut self) -> Result<(), NetError> {
-        let (mem, tap, counters) = (&self.mem, &self.tap, &self.counters);
+        let (mem, backend, counters) = (&self.mem, &self.backend, &self.counters);
         let tx_error_reported = &mut self.tx_error_reported;
         let mut sent = 0;
         let pass = serve_until_idle(&mut self.tx.queue, mem, |queue| {
             let sent_before = sent;
-            while let Some(chain) = next_chain(queue, mem)? {
+            loop {
+                if !backend.can_send() {
+                    // passt's socket is full: the rest waits for BACKEND_OUT, not for a kick.
+                    return Ok(Pass::Yielded(sent - sent_before));
+                }
+                let Some(chain) = next_chain(queue, mem)? else { break };
                 let head = chain.head_index();
-                send(mem, tap, counters, tx_error_reported, chain);
+                send(mem, backend, counters, tx_error_reported, chain);
                 queue.add_used(mem, head, 0)?;
                 sent += 1;
                 if sent == BATCH {
@@ -99,34 +112,45 @@ impl NetWorker {
             Ok(Pass::Drained(sent - sent_before))
         })
         .map_err(transmit_queue)?;
-        if let Pass::Yielded(_) = pass {
+        if let (Pass::Yielded(_), true) = (&pass, sent == BATCH) {
             // Come back for the rest after the other work: our own kick says when.
             self.tx.kick.write(1).map_err(|source| NetError::Rekick { queue: "transmit", source })?;
         }
         interrupt_if_wanted(&mut self.tx.queue, mem, &self.signals, TX, pass.served()).map_err(transmit_queue)
     }
 
-    /// The tap has frames: deliver them while the guest has room, then publish the batch.
+    /// The backend has frames: deliver them while the guest has room, then publish the batch.
     fn receive(&mut self, epoll: &Epoll) -> Result<(), NetError> {
+        let mut whole_batch = true;
         for _ in 0..BATCH {
             if !self.rx_room_ready()? {
                 self.poll_tap(epoll, false).map_err(NetError::Watch)?;
+                whole_batch = false;
                 break;
             }
             if !self.receive_frame()? {
+                whole_batch = false;
                 break;
             }
+        }
+        if whole_batch && self.backend.has_frame() {
+            // Frames in our own buffer make the socket no more readable: come back for them.
+            self.rx.kick.write(1).map_err(|source| NetError::Rekick { queue: "receive", source })?;
         }
         self.publish_received()
     }
 
-    /// The guest posted receive buffers: take them, and watch the tap again if they make room.
+    /// The guest posted receive buffers: take them, and watch the backend again if they make
+    /// room (and deliver what already waits on our side of it).
     fn on_rx_kick(&mut self, epoll: &Epoll) -> Result<(), NetError> {
         let ready = self.rx_room_ready()?;
         // Chains unfit for frames go back at once.
         self.publish_received()?;
-        if ready {
+        if ready && self.backend.is_up() {
             self.poll_tap(epoll, true).map_err(NetError::Watch)?;
+            if self.backend.has_frame() {
+                return self.receive(epoll);
+            }
         }
         Ok(())
     }
@@ -168,7 +192,7 @@ impl NetWorker {
                     break;
                 }
                 Err(why) => {
-                    tracing::debug!(tap = self.tap.name(), "returned a receive chain unused: {why}");
+                    tracing::debug!(backend = self.backend.name(), "returned a receive chain unused: {why}");
                     self.counters.count(Seen::RxBadBuffer);
                     self.rx_used.add(&self.rx.queue, &self.mem, head, 0).map_err(receive_queue)?;
                 }
@@ -185,16 +209,21 @@ impl NetWorker {
         }
     }
 
-    /// Reads one frame from the tap into the held buffers. `false` when the tap had none.
+    /// Reads one frame from the backend into the held buffers. `false` when it had none.
     fn receive_frame(&mut self) -> Result<bool, NetError> {
         // One byte of ours after the guest's buffers: the kernel cuts a frame too big for them
         // short without saying so, but a byte landing here says it.
         let mut spill = [0u8; 1];
         let iovecs = self.held.iovecs(&self.mem, self.mergeable, &mut spill).map_err(NetError::HeldBuffer)?;
         let room = iovecs.bytes() - 1;
-        let len = match self.tap.read_frame(&iovecs) {
+        let len = match self.backend.read_frame(&iovecs) {
             Ok(len) => len,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            // passt died or broke the protocol: the link goes down (see settle_link).
+            Err(e) if let Backend::Passt(link) = &self.backend => {
+                link.take_down(&e);
+                return Ok(false);
+            }
             // The kernel refused to cut the frame short, and dropped it.
             Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {
                 self.drop_received(room);
@@ -213,7 +242,7 @@ impl NetWorker {
     }
 
     fn drop_received(&self, room: usize) {
-        tracing::debug!(tap = self.tap.name(), "dropped a received frame larger than the {room} bytes of buffers the guest posted");
+        tracing::debug!(backend = self.backend.name(), "dropped a received frame larger than the {room} bytes of buffers the guest posted");
         self.counters.count(Seen::RxDropped);
     }
 
@@ -248,32 +277,35 @@ impl NetWorker {
         Ok(())
     }
 
-    /// Starts or stops watching the tap: it is not watched while the guest has no room, so
-    /// that its readiness can't spin the worker.
+    /// Starts or stops watching the backend: it is not watched while the guest has no room,
+    /// so that its readiness can't spin the worker.
     fn poll_tap(&mut self, epoll: &Epoll, on: bool) -> io::Result<()> {
         if on == self.tap_polled {
             return Ok(());
         }
         let op = if on { ControlOperation::Add } else { ControlOperation::Delete };
-        epoll.ctl(op, self.tap.as_raw_fd(), EpollEvent::new(EventSet::IN, TAP))?;
+        epoll.ctl(op, self.backend.read_fd(), EpollEvent::new(EventSet::IN, TAP))?;
         self.tap_polled = on;
         Ok(())
     }
-}
 
-impl DeviceWorker for NetWorker {
-    type Error = NetError;
-
-    fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
-        watch(epoll, &self.rx.kick, RX_KICK)?;
-        watch(epoll, &self.tx.kick, TX_KICK)?;
-        self.poll_tap(epoll, true)?;
-        // Buffers and frames the driver queued before DRIVER_OK came with kicks nobody heard.
-        self.rx.kick.write(1)?;
-        self.tx.kick.write(1)
+    /// Once passt is gone: the guest hears of it (its link goes down), we stop watching a
+    /// socket that would only say "hung up" again, and what the guest queued is dropped.
+    fn settle_link(&mut self, epoll: &Epoll) -> Result<(), NetError> {
+        let Backend::Passt(link) = &self.backend else { return Ok(()) };
+        if self.link_down_told || link.is_up() {
+            return Ok(());
+        }
+        self.link_down_told = true;
+        self.signals.config_changed();
+        let write_fd = link.write_fd();
+        self.poll_tap(epoll, false).map_err(NetError::Watch)?;
+        epoll.ctl(ControlOperation::Delete, write_fd, EpollEvent::default()).map_err(NetError::Watch)?;
+        self.transmit()
     }
 
-    fn handle(&mut self, epoll: &Epoll, token: u64, events: EventSet) -> Result<(), NetError> {
+    fn handle_event(&mut self, epoll: &Epoll, token: u64, events: EventSet) -> Result<(), NetError> {
+        let hung_up = events.intersects(EventSet::ERROR | EventSet::HANG_UP);
         match token {
             RX_KICK => {
                 clear_kick(&self.rx.kick);
@@ -285,10 +317,39 @@ impl DeviceWorker for NetWorker {
             }
             // An event from before we stopped watching it.
             TAP if !self.tap_polled => Ok(()),
-            TAP if events.intersects(EventSet::ERROR | EventSet::HANG_UP) => Err(NetError::TapGone),
+            TAP | BACKEND_OUT if hung_up && let Backend::Passt(link) = &self.backend => {
+                // Frames passt sent before it went are no use to a link that is going down.
+                link.take_down(&io::ErrorKind::BrokenPipe.into());
+                Ok(())
+            }
+            TAP if hung_up => Err(NetError::TapGone),
             TAP => self.receive(epoll),
+            BACKEND_OUT => self.transmit(),
             _ => Ok(()),
         }
+    }
+}
+
+impl DeviceWorker for NetWorker {
+    type Error = NetError;
+
+    fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
+        watch(epoll, &self.rx.kick, RX_KICK)?;
+        watch(epoll, &self.tx.kick, TX_KICK)?;
+        self.poll_tap(epoll, true)?;
+        if let Backend::Passt(link) = &self.backend {
+            // Always watched: it says when a full socket has room, and when passt hangs up.
+            let events = EventSet::OUT | EventSet::EDGE_TRIGGERED;
+            epoll.ctl(ControlOperation::Add, link.write_fd(), EpollEvent::new(events, BACKEND_OUT))?;
+        }
+        // Buffers and frames the driver queued before DRIVER_OK came with kicks nobody heard.
+        self.rx.kick.write(1)?;
+        self.tx.kick.write(1)
+    }
+
+    fn handle(&mut self, epoll: &Epoll, token: u64, events: EventSet) -> Result<(), NetError> {
+        self.handle_event(epoll, token, events)?;
+        self.settle_link(epoll)
     }
 }
 
@@ -300,13 +361,31 @@ fn receive_queue(source: QueueError) -> NetError {
     NetError::Queue { queue: "receive", source }
 }
 
-/// One frame from the guest to the tap, or dropped and counted.
-fn send(mem: &GuestMemoryMmap, tap: &Tap, counters: &Counters, error_reported: &mut bool, chain: Chain<'_>) {
+/// One frame from the guest to the backend, or dropped and counted.
+fn send(mem: &GuestMemoryMmap, backend: &Backend, counters: &Counters, error_reported: &mut bool, chain: Chain<'_>) {
     let iovecs = match gather_frame(mem, chain) {
         Ok(iovecs) => iovecs,
         Err(why) => {
-            tracing::debug!(tap = tap.name(), "dropped a transmitted frame: {why}");
+            tracing::debug!(backend = backend.name(), "dropped a transmitted frame: {why}");
             counters.count(Seen::TxDropped);
+            return;
+        }
+    };
+    let tap = match backend {
+        Backend::Tap(tap) => tap,
+        Backend::Passt(link) => {
+            let seen = match link.is_up().then(|| link.write_frame(&iovecs)) {
+                Some(Ok(_)) => Seen::TxFrame,
+                // Not a frame passt can take, or (can_send said otherwise) no room: this one is lost.
+                Some(Err(e)) if matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::WouldBlock) => Seen::TxDropped,
+                Some(Err(e)) => {
+                    link.take_down(&e);
+                    Seen::TxDropped
+                }
+                // The link is down: the frame goes nowhere, as on a cut wire.
+                None => Seen::TxDropped,
+            };
+            counters.count(seen);
             return;
         }
     };
