@@ -15,9 +15,13 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
+
+use crate::bus::lock;
 
 /// The longest refill time we accept: a day, far beyond any useful limit, and small enough
 /// that the arithmetic below cannot overflow.
@@ -301,6 +305,47 @@ impl RateLimiter {
     /// The queue waits for the timer.
     pub fn is_blocked(&self) -> bool {
         self.blocked
+    }
+}
+
+/// A device's limiter as the device and its worker share it: the budget outlives a driver
+/// reset, and the timer sits in the worker's epoll set. The default limits nothing.
+#[derive(Clone, Default)]
+pub struct SharedLimiter(Option<Arc<Mutex<RateLimiter>>>);
+
+impl SharedLimiter {
+    /// A limiter for `limit`, or none when it limits nothing. Fails only when the host gives
+    /// us no timerfd.
+    pub fn new(limit: RateLimit) -> io::Result<SharedLimiter> {
+        match limit.limits_anything() {
+            true => Ok(SharedLimiter(Some(Arc::new(Mutex::new(RateLimiter::new(limit)?))))),
+            false => Ok(SharedLimiter(None)),
+        }
+    }
+
+    /// Watches the timer under `token` in a worker's epoll set.
+    pub fn watch(&self, epoll: &Epoll, token: u64) -> io::Result<()> {
+        match &self.0 {
+            Some(limiter) => epoll.ctl(ControlOperation::Add, lock(limiter).as_raw_fd(), EpollEvent::new(EventSet::IN, token)),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the event a worker got under `token` is the timer's (watched as `timer`): the
+    /// queue may then be served again.
+    pub fn timer_event(&self, token: u64, timer: u64) -> bool {
+        match &self.0 {
+            Some(limiter) if token == timer => {
+                lock(limiter).timer_fired();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The limiter for one pass over the queue (`None`: no limit).
+    pub fn lock(&self) -> Option<MutexGuard<'_, RateLimiter>> {
+        self.0.as_deref().map(lock)
     }
 }
 

@@ -8,8 +8,6 @@
 
 use std::io::{self, Write};
 
-use std::sync::{Arc, Mutex};
-
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{Epoll, EventSet};
@@ -18,8 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::queue::{clear_kick, interrupt_if_wanted, next_chain, serve_until_idle, Chain, Pass, QueueError};
 use super::worker::{watch, DeviceWorker};
 use super::{device_type, ActivateError, Activation, Device, Signals, VirtioCommon};
-use crate::bus::lock;
-use crate::rate_limiter::{self, RateLimit, RateLimiter};
+use crate::rate_limiter::{self, RateLimit, SharedLimiter};
 
 const QUEUE_SIZE: u16 = 256;
 pub const MAX_BYTES_PER_REQUEST: usize = 64 << 10;
@@ -33,7 +30,7 @@ pub const RATE_LIMIT_TIMER: u64 = REQUESTS as u64 + 1;
 pub struct Rng {
     common: VirtioCommon<RngWorker>,
     /// Firecracker's entropy `rate_limiter`, if any: kept here so the budget outlives a reset.
-    limiter: Option<Arc<Mutex<RateLimiter>>>,
+    limiter: SharedLimiter,
 }
 
 impl Rng {
@@ -44,11 +41,7 @@ impl Rng {
     /// An entropy source that gives at most what `limit` allows. Fails only when the host
     /// gives us no timerfd.
     pub fn limited(limit: RateLimit) -> io::Result<Rng> {
-        let limiter = match limit.limits_anything() {
-            true => Some(Arc::new(Mutex::new(RateLimiter::new(limit)?))),
-            false => None,
-        };
-        Ok(Rng { limiter, ..Rng::default() })
+        Ok(Rng { limiter: SharedLimiter::new(limit)?, ..Rng::default() })
     }
 }
 
@@ -75,7 +68,7 @@ pub struct RngWorker {
     queue: Queue,
     kick: EventFd,
     signals: Signals,
-    limiter: Option<Arc<Mutex<RateLimiter>>>,
+    limiter: SharedLimiter,
 }
 
 impl DeviceWorker for RngWorker {
@@ -83,16 +76,12 @@ impl DeviceWorker for RngWorker {
 
     fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
         watch(epoll, &self.kick, REQUESTS as u64)?;
-        if let Some(limiter) = &self.limiter {
-            watch(epoll, &*lock(limiter), RATE_LIMIT_TIMER)?;
-        }
-        Ok(())
+        self.limiter.watch(epoll, RATE_LIMIT_TIMER)
     }
 
     fn handle(&mut self, _: &Epoll, token: u64, _: EventSet) -> Result<(), QueueError> {
-        match (token, &self.limiter) {
-            (RATE_LIMIT_TIMER, Some(limiter)) => lock(limiter).timer_fired(),
-            _ => clear_kick(&self.kick),
+        if !self.limiter.timer_event(token, RATE_LIMIT_TIMER) {
+            clear_kick(&self.kick);
         }
         self.serve_queue()
     }
@@ -102,7 +91,7 @@ impl RngWorker {
     /// Fills every posted buffer, then interrupts the guest once if it wants to hear.
     fn serve_queue(&mut self) -> Result<(), QueueError> {
         let mem = &self.mem;
-        let mut limiter = self.limiter.as_deref().map(lock);
+        let mut limiter = self.limiter.lock();
         if limiter.as_ref().is_some_and(|limiter| limiter.is_blocked()) {
             return Ok(()); // its timer brings us back
         }
@@ -174,7 +163,7 @@ mod tests {
 
     fn worker_for(mem: &GuestMemoryMmap, queue: Queue) -> RngWorker {
         let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        RngWorker { mem: mem.clone(), queue, kick, signals: Signals::standalone(1), limiter: None }
+        RngWorker { mem: mem.clone(), queue, kick, signals: Signals::standalone(1), limiter: SharedLimiter::default() }
     }
 
     fn descriptor(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {

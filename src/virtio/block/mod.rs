@@ -30,7 +30,7 @@ use super::{device_type, ActivateError, Activation, BackendUpdate, Device, Updat
 use crate::bus::lock;
 use crate::config::DiskConfig;
 use crate::error::{Error, Result};
-use crate::rate_limiter::RateLimiter;
+use crate::rate_limiter::SharedLimiter;
 
 /// The request queue's size: deep enough to keep a fast host disk busy.
 pub const QUEUE_SIZE: u16 = 256;
@@ -53,7 +53,7 @@ pub struct Block {
     /// What the drive was opened as: a new medium keeps its read-only flag and serial.
     opened_as: DiskConfig,
     /// `bw_*`/`ops_*` limits, if any: kept here so the budget outlives a driver reset.
-    limiter: Option<Arc<Mutex<RateLimiter>>>,
+    limiter: SharedLimiter,
     features: u64,
     config: [u8; CONFIG_LEN],
     /// Reset stops serving; the image stays open (and locked) for the next activation.
@@ -64,12 +64,8 @@ impl Block {
     /// Opens and locks the image `config` names. Errors are one line naming the file.
     pub fn new(config: &DiskConfig) -> Result<Block> {
         let disk = Disk::open(config)?;
-        let limiter = match config.rate_limit.limits_anything() {
-            true => Some(Arc::new(Mutex::new(
-                RateLimiter::new(config.rate_limit).map_err(|source| Error::Host { what: "cannot create a disk's rate-limit timer", source })?,
-            ))),
-            false => None,
-        };
+        let limiter = SharedLimiter::new(config.rate_limit)
+            .map_err(|source| Error::Host { what: "cannot create a disk's rate-limit timer", source })?;
         Ok(Block {
             features: features(&disk),
             config: config_space(&disk),

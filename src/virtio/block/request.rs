@@ -24,7 +24,7 @@ use vmm_sys_util::epoll::{Epoll, EventSet};
 use super::disk::{Disk, SECTOR_SHIFT, SECTOR_SIZE};
 use super::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, REQUESTS};
 use crate::bus::lock;
-use crate::rate_limiter::{self, RateLimiter};
+use crate::rate_limiter::{self, RateLimiter, SharedLimiter};
 use crate::virtio::iovec::IoVecs;
 use crate::virtio::queue::{clear_kick, interrupt_if_wanted, next_chain, serve_until_idle, Chain, Pass, QueueError};
 use crate::virtio::worker::{watch, DeviceWorker};
@@ -53,7 +53,7 @@ pub struct RequestQueue {
     medium: Arc<Mutex<Arc<Disk>>>,
     requests: Requests,
     /// The disk's rate limiter, shared with the device (it outlives an activation).
-    limiter: Option<Arc<Mutex<RateLimiter>>>,
+    limiter: SharedLimiter,
     /// (head, bytes written) of the chains served in this pass, returned to the guest together.
     completed: Vec<(u16, u32)>,
 }
@@ -67,7 +67,7 @@ impl RequestQueue {
         active: ActiveQueue,
         signals: Signals,
         flush_negotiated: bool,
-        limiter: Option<Arc<Mutex<RateLimiter>>>,
+        limiter: SharedLimiter,
     ) -> RequestQueue {
         let completed = Vec::with_capacity(usize::from(active.queue.size()));
         let disk = lock(&medium).clone();
@@ -90,7 +90,7 @@ impl RequestQueue {
             requests.disk = Arc::clone(&current);
         }
         drop(current);
-        let mut limiter = limiter.as_deref().map(lock);
+        let mut limiter = limiter.lock();
         if limiter.as_ref().is_some_and(|limiter| limiter.is_blocked()) {
             return Ok(()); // its timer brings us back
         }
@@ -125,17 +125,13 @@ impl DeviceWorker for RequestQueue {
 
     fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
         watch(epoll, &self.active.kick, REQUESTS as u64)?;
-        if let Some(limiter) = &self.limiter {
-            watch(epoll, &*lock(limiter), RATE_LIMIT_TIMER)?;
-        }
-        Ok(())
+        self.limiter.watch(epoll, RATE_LIMIT_TIMER)
     }
 
     fn handle(&mut self, _: &Epoll, token: u64, _: EventSet) -> Result<(), QueueError> {
-        match (token, &self.limiter) {
-            (RATE_LIMIT_TIMER, Some(limiter)) => lock(limiter).timer_fired(),
+        if !self.limiter.timer_event(token, RATE_LIMIT_TIMER) {
             // Only the count is consumed; what was kicked is whatever the ring says.
-            _ => clear_kick(&self.active.kick),
+            clear_kick(&self.active.kick);
         }
         self.serve()
     }

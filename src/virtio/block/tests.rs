@@ -20,7 +20,7 @@ use super::disk::Disk;
 use super::request::{RequestQueue, MAX_DESCRIPTORS};
 use super::*;
 use crate::error::Error;
-use crate::rate_limiter::{BucketConfig, RateLimit, RateLimiter};
+use crate::rate_limiter::{BucketConfig, RateLimit, SharedLimiter};
 use crate::virtio::{feature, ActiveQueue, Signals, VirtioDevice};
 
 const MEM_SIZE: u64 = 0x40_0000;
@@ -221,14 +221,14 @@ impl Bench {
     }
 
     fn with(disk: Arc<Disk>, event_idx: bool) -> Bench {
-        Bench::limited(disk, event_idx, None)
+        Bench::limited(disk, event_idx, SharedLimiter::default())
     }
 
-    fn limited(disk: Arc<Disk>, event_idx: bool, limiter: Option<Arc<std::sync::Mutex<RateLimiter>>>) -> Bench {
+    fn limited(disk: Arc<Disk>, event_idx: bool, limiter: SharedLimiter) -> Bench {
         Bench::on_medium(Arc::new(std::sync::Mutex::new(disk)), event_idx, limiter)
     }
 
-    fn on_medium(medium: Arc<std::sync::Mutex<Arc<Disk>>>, event_idx: bool, limiter: Option<Arc<std::sync::Mutex<RateLimiter>>>) -> Bench {
+    fn on_medium(medium: Arc<std::sync::Mutex<Arc<Disk>>>, event_idx: bool, limiter: SharedLimiter) -> Bench {
         let (driver, mut queue) = Driver::new();
         queue.set_event_idx(event_idx);
         let signals = Signals::standalone(1);
@@ -714,9 +714,8 @@ fn the_rate_limiter_holds_requests_back_in_the_ring_until_its_timer_fires() {
     let file = image();
     // Two operations, then one more every 20 ms.
     let ops = BucketConfig::new(2, 0, 40).expect("valid");
-    let limiter = RateLimiter::new(RateLimit { bandwidth: None, ops: Some(ops) }).expect("timerfd");
-    let limiter = Arc::new(std::sync::Mutex::new(limiter));
-    let mut bench = Bench::limited(disk(&file, false), false, Some(Arc::clone(&limiter)));
+    let limiter = SharedLimiter::new(RateLimit { bandwidth: None, ops: Some(ops) }).expect("timerfd");
+    let mut bench = Bench::limited(disk(&file, false), false, limiter);
     for sector in 0..5 {
         bench.driver.submit(&[Part::Out(header(VIRTIO_BLK_T_IN, sector)), Part::In(512), Part::In(1)]);
     }
@@ -747,7 +746,7 @@ fn a_new_medium_in_a_running_drive_is_read_from_the_next_request_on() {
     let first = image();
     let second = image_with(&vec![0x5a; 32 * 512]);
     let mut block = Block::new(&DiskConfig { id: Some("swap".into()), ..config(&first, true) }).expect("block");
-    let mut bench = Bench::on_medium(Arc::clone(&block.medium), false, None);
+    let mut bench = Bench::on_medium(Arc::clone(&block.medium), false, SharedLimiter::default());
     let (status, _, data) = bench.read(0, 1);
     assert_eq!((status, data), (S_OK, pattern(512)));
 
