@@ -78,6 +78,11 @@ pub struct Muxer {
     /// Streams that may have a packet for the guest, in turn.
     ready: VecDeque<Key>,
     in_ready: HashSet<Key>,
+    /// Streams whose host program has closed its socket. epoll reports a hang-up whatever it
+    /// is asked to watch, so such a stream leaves the epoll set (or it would wake the worker
+    /// for ever while a guest that posts no receive buffers keeps it from being read); what
+    /// is left in it is read in turn, through `ready`, while the guest has credit.
+    hung_up: HashSet<Key>,
     /// RSTs for packets that named no stream of ours.
     resets: VecDeque<Header>,
     next_host_port: u32,
@@ -102,6 +107,7 @@ impl Muxer {
             handshakes: HashMap::new(),
             ready: VecDeque::new(),
             in_ready: HashSet::new(),
+            hung_up: HashSet::new(),
             resets: VecDeque::new(),
             next_host_port: FIRST_HOST_PORT,
         })
@@ -120,6 +126,7 @@ impl Muxer {
         self.by_fd.clear();
         self.ready.clear();
         self.in_ready.clear();
+        self.hung_up.clear();
         self.resets.clear();
     }
 
@@ -265,6 +272,12 @@ impl Muxer {
     /// host program.
     fn watch(&mut self, key: Key) {
         let Some(connection) = self.connections.get(&key) else { return };
+        if self.hung_up.contains(&key) {
+            if connection.wants_to_read() {
+                self.mark_ready(key);
+            }
+            return;
+        }
         let mut events = EventSet::empty();
         if connection.wants_to_read() && !self.in_ready.contains(&key) {
             events |= EventSet::IN;
@@ -284,9 +297,13 @@ impl Muxer {
             self.owe_reset(key);
             return;
         }
+        let fd = connection.stream.as_raw_fd();
         if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
             // Read (or see the end) when the guest takes its next packet.
             self.mark_ready(key);
+        }
+        if set.intersects(EventSet::HANG_UP | EventSet::ERROR) && self.hung_up.insert(key) {
+            let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
         self.refresh(key);
     }
@@ -298,6 +315,7 @@ impl Muxer {
     }
 
     fn remove(&mut self, key: Key) {
+        self.hung_up.remove(&key);
         if let Some(connection) = self.connections.remove(&key) {
             let fd = connection.stream.as_raw_fd();
             let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
@@ -338,13 +356,13 @@ impl Muxer {
 
     fn accept_host_programs(&mut self) {
         loop {
-            let stream = match self.listener.accept() {
-                Ok((stream, _)) => stream,
+            let stream = match accept_nonblocking(&self.listener) {
+                Ok(stream) => stream,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // WouldBlock: all taken; anything else (EMFILE, ...): try again on the next event.
                 Err(_) => return,
             };
-            if self.handshakes.len() >= MAX_HANDSHAKES || stream.set_nonblocking(true).is_err() {
+            if self.handshakes.len() >= MAX_HANDSHAKES {
                 continue; // dropped: the host program sees its socket close
             }
             let fd = stream.as_raw_fd();
@@ -440,6 +458,20 @@ fn listen(path: &Path) -> Result<UnixListener, MuxerError> {
     let listener = listener.map_err(|source| MuxerError::Listen { path: path.to_path_buf(), source })?;
     listener.set_nonblocking(true).map_err(|source| MuxerError::Listen { path: path.to_path_buf(), source })?;
     Ok(listener)
+}
+
+/// Accepts a host program's connection, non-blocking from the start (one `accept4`, where
+/// std's `accept` and `set_nonblocking` would add an `ioctl` the worker's filter refuses).
+fn accept_nonblocking(listener: &UnixListener) -> io::Result<UnixStream> {
+    // SAFETY: accept4 with null address pointers only returns a new fd (or an error).
+    let fd = unsafe {
+        libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket we own.
+    Ok(UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 /// Connects to a Unix socket without waiting: a host program whose backlog is full refuses
