@@ -45,6 +45,7 @@ pub enum Role {
     DeviceWorker,
     /// Starts device workers for the vCPUs ([`crate::threads::start_spawner`]).
     Spawner,
+    VsockWorker,
     StdinPump,
     SignalWatcher,
     /// The API server (`--api-sock`): client connections, and the files a client names
@@ -67,6 +68,7 @@ impl Role {
             Role::Vcpu => b"vcpu   ",
             Role::DeviceWorker => b"device ",
             Role::Spawner => b"spawner",
+            Role::VsockWorker => b"vsock  ",
             Role::StdinPump => b"stdin  ",
             Role::SignalWatcher => b"signals",
             Role::Api => b"api    ",
@@ -113,6 +115,9 @@ fn filter(role: Role, mismatch: SeccompAction) -> std::io::Result<BpfProgram> {
     if role == Role::Spawner {
         rules.insert(libc::SYS_clone, vec![threads_only()?]);
     }
+    if matches!(role, Role::VsockWorker | Role::Spawner) {
+        rules.insert(libc::SYS_socket, vec![unix_sockets_only()?]);
+    }
     compile(rules, mismatch, SeccompAction::Allow)
 }
 
@@ -120,6 +125,13 @@ fn filter(role: Role, mismatch: SeccompAction) -> std::io::Result<BpfProgram> {
 fn threads_only() -> std::io::Result<SeccompRule> {
     let thread = libc::CLONE_THREAD as u64;
     let condition = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(thread), thread)
+        .map_err(|e| invalid_filter(&e))?;
+    SeccompRule::new(vec![condition]).map_err(|e| invalid_filter(&e))
+}
+
+/// `socket(AF_UNIX, ...)`: vsock's worker reaches host programs, never the network.
+fn unix_sockets_only() -> std::io::Result<SeccompRule> {
+    let condition = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::AF_UNIX as u64)
         .map_err(|e| invalid_filter(&e))?;
     SeccompRule::new(vec![condition]).map_err(|e| invalid_filter(&e))
 }
@@ -189,6 +201,10 @@ const DEVICE_WORKER: &[i64] = &[
     libc::SYS_timerfd_settime,
 ];
 
+/// The vsock device's worker, on top of [`DEVICE_WORKER`]: host programs' connections to its
+/// Unix socket, and its own to theirs (no files are opened: `socket` takes no path).
+const VSOCK_WORKER: &[i64] = &[libc::SYS_accept4, libc::SYS_socket, libc::SYS_connect, libc::SYS_shutdown];
+
 /// A vCPU: KVM_RUN and the ioctls of MSI-X routing and fault reports, eventfd reads of queue
 /// resets, and a device's activation (its kick and stop eventfds, its worker's epoll set; the
 /// thread itself comes from the spawner).
@@ -251,7 +267,8 @@ fn allowed(role: Role) -> Vec<i64> {
         Role::Vcpu => &[VCPU],
         Role::DeviceWorker => &[DEVICE_WORKER],
         // Every worker starts with the spawner's filter: it holds what each of them needs.
-        Role::Spawner => &[SPAWNER, DEVICE_WORKER],
+        Role::Spawner => &[SPAWNER, DEVICE_WORKER, VSOCK_WORKER],
+        Role::VsockWorker => &[DEVICE_WORKER, VSOCK_WORKER],
         Role::StdinPump => &[STDIN_PUMP],
         Role::SignalWatcher => &[SIGNAL_WATCHER],
         Role::Api => &[API],
@@ -342,6 +359,23 @@ mod tests {
         i64::from(fd)
     }
 
+    fn make_a_unix_socket() -> i64 {
+        // SAFETY: socket takes integers; a returned fd is closed at once.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        if fd >= 0 {
+            // SAFETY: we own the fd we just made.
+            unsafe { libc::close(fd) };
+        }
+        i64::from(fd)
+    }
+
+    #[test]
+    fn the_vsock_worker_may_make_unix_sockets_only() {
+        assert!(allowed_on_thread(Role::VsockWorker, make_a_unix_socket));
+        assert!(allowed_on_thread(Role::Spawner, make_a_unix_socket), "workers started by the spawner inherit its filter");
+        assert!(!allowed_on_thread(Role::DeviceWorker, make_a_unix_socket));
+    }
+
     fn get_random() -> i64 {
         let mut buf = [0u8; 8];
         // SAFETY: the kernel writes at most 8 bytes into our buffer.
@@ -350,7 +384,7 @@ mod tests {
 
     #[test]
     fn every_role_refuses_opening_files_and_sockets() {
-        for role in [Role::Vcpu, Role::DeviceWorker, Role::Spawner, Role::StdinPump, Role::SignalWatcher] {
+        for role in [Role::Vcpu, Role::DeviceWorker, Role::VsockWorker, Role::Spawner, Role::StdinPump, Role::SignalWatcher] {
             assert!(!allowed_on_thread(role, open_a_file), "{role:?} may open files");
             assert!(!allowed_on_thread(role, make_a_socket), "{role:?} may make sockets");
         }
