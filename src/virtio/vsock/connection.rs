@@ -175,7 +175,16 @@ impl Connection {
             self.ours_in_front -= ours;
             self.forwarded(written - ours);
         }
+        if self.to_host.is_empty() && self.guest_done_sending() {
+            // The guest's SHUTDOWN came while its last bytes waited here: now the host
+            // program can see the end of them.
+            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        }
         Ok(())
+    }
+
+    fn guest_done_sending(&self) -> bool {
+        matches!(self.state, State::Closing { guest_done, .. } if guest_done & SHUTDOWN_SEND != 0)
     }
 
     fn forwarded(&mut self, bytes: usize) {
@@ -419,6 +428,29 @@ mod tests {
         theirs.write_all(b"z").expect("write");
         assert!(c.wants_to_read(), "the guest still receives");
         assert!(c.guest_shutdown(SHUTDOWN_RCV));
+    }
+
+    #[test]
+    fn a_shutdown_behind_bytes_the_host_has_not_taken_reaches_it_after_them() {
+        let (ours, mut theirs) = pair();
+        let mut c = Connection::accepted(ours, 52, 1000, &request(4096));
+        let chunk = vec![3u8; 64 << 10];
+        while !c.wants_to_write() {
+            c.from_guest(&chunk).expect("within credit");
+        }
+        assert!(!c.guest_shutdown(SHUTDOWN_SEND));
+        // Without the end, the read below would wait: make that a failure, not a hang.
+        theirs.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+        let mut sink = vec![0u8; 64 << 10];
+        let mut total = 0;
+        loop {
+            c.flush_to_host().expect("flush");
+            match theirs.read(&mut sink).expect("read") {
+                0 => break,
+                n => total += n,
+            }
+        }
+        assert_eq!(total as u32, c.rx_cnt, "every byte, then the end");
     }
 
     #[test]
