@@ -18,7 +18,7 @@
 //! BYTES may end in K or M.
 //! ```
 //!
-//! Each connection prints one line, `VSOCK-IO TAG sent=N sent_sum=X received=M sum=Y`, once
+//! A vsock listener first prints `VSOCK-IO listening PORT`. Each connection prints one line, `VSOCK-IO TAG sent=N sent_sum=X received=M sum=Y`, once
 //! both directions are done (sending runs on a thread of its own, so that two ends sending
 //! at once never wait on each other). The checksum is FNV-1a over the bytes, and the pattern
 //! numbers its bytes (`i % 251`), so data at a wrong offset never passes. A connection that
@@ -218,6 +218,8 @@ fn vsock_listen(port: u32, plan: Plan) -> Result<(), Failure> {
     if unsafe { libc::listen(listener.as_raw_fd(), 64) } < 0 {
         return Err(Failure::Io(format!("listening on vsock port {port}: {}", std::io::Error::last_os_error())));
     }
+    // For a script waiting to connect (a connection to a port nobody listens on is refused).
+    println!("VSOCK-IO listening {port}");
     let mut workers = Vec::new();
     for i in 0..plan.count {
         // SAFETY: accept on our own socket, no address wanted.
