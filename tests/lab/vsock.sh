@@ -31,7 +31,7 @@ h2=$!
 echo "== vsock: lguest run --vsock cid=3,uds=/tmp/v.sock"
 cmdline="console=ttyS0 reboot=k panic=-1 quiet lguest.scenario=vsock"
 timeout 500 lguest run --kernel /guest/vmlinux --initrd /guest/initrd-vsock.img --memory 256M \
-    --vsock cid=3,uds=/tmp/v.sock --seccomp log --cmdline "$cmdline" </dev/null >guest.out 2>&1 &
+    --vsock cid=3,uds=/tmp/v.sock --cmdline "$cmdline" </dev/null >guest.out 2>&1 &
 vm=$!
 n=0
 until grep -q '^LGUEST-VSOCK-LISTENING' guest.out || ! kill -0 $vm 2>/dev/null || [ $n -ge 900 ]; do
