@@ -61,6 +61,7 @@ impl Vsock {
         Ok(Vsock::with_muxer(Muxer::new(guest_cid, uds_path)?))
     }
 
+    /// A device around a muxer that is already listening (its CID is the guest's).
     pub fn with_muxer(muxer: Muxer) -> Vsock {
         Vsock {
             config: muxer.guest_cid().to_le_bytes(),
