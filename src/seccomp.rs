@@ -203,7 +203,9 @@ const DEVICE_WORKER: &[i64] = &[
 
 /// The vsock device's worker, on top of [`DEVICE_WORKER`]: host programs' connections to its
 /// Unix socket, and its own to theirs (no files are opened: `socket` takes no path).
-const VSOCK_WORKER: &[i64] = &[libc::SYS_accept4, libc::SYS_socket, libc::SYS_connect, libc::SYS_shutdown];
+/// (std reads and writes a socket with `recv` and `send`, that is `recvfrom` and `sendto`.)
+const VSOCK_WORKER: &[i64] =
+    &[libc::SYS_accept4, libc::SYS_socket, libc::SYS_connect, libc::SYS_recvfrom, libc::SYS_sendto, libc::SYS_shutdown];
 
 /// A vCPU: KVM_RUN and the ioctls of MSI-X routing and fault reports, eventfd reads of queue
 /// resets, and a device's activation (its kick and stop eventfds, its worker's epoll set; the
@@ -374,6 +376,69 @@ mod tests {
         assert!(allowed_on_thread(Role::VsockWorker, make_a_unix_socket));
         assert!(allowed_on_thread(Role::Spawner, make_a_unix_socket), "workers started by the spawner inherit its filter");
         assert!(!allowed_on_thread(Role::DeviceWorker, make_a_unix_socket));
+    }
+
+    /// The muxer's whole life under the vsock worker's filter (other calls fail with EPERM,
+    /// which the muxer turns into refused connections): a guest connection to a host program,
+    /// data both ways, its end; a host program's CONNECT. Every call the worker makes, made.
+    #[test]
+    fn the_vsock_muxer_works_under_its_workers_filter() {
+        use crate::virtio::vsock::muxer::Muxer;
+        use crate::virtio::vsock::packet::{Header, Op, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
+        use std::io::{Read, Write};
+        use std::os::unix::net::{UnixListener, UnixStream};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.sock");
+        let mut muxer = Muxer::new(3, &path).expect("muxer");
+        let listener = UnixListener::bind(dir.path().join("v.sock_52")).expect("host program");
+        let (to_host, host_turn) = std::sync::mpsc::channel::<()>();
+        let (to_worker, worker_turn) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::spawn(move || {
+            apply(Role::VsockWorker, SeccompAction::Errno(libc::EPERM as u32)).expect("filter installs");
+            let header = |op: Op, len: u32, flags: u32| Header {
+                src_cid: 3, dst_cid: HOST_CID, src_port: 1000, dst_port: 52, len, kind: TYPE_STREAM,
+                op: op as u16, flags, buf_alloc: 1 << 20, ..Header::default()
+            };
+            let mut buf = [0u8; 4096];
+            let mut seen = Vec::new();
+            let _ = muxer.from_guest(&header(Op::Request, 0, 0), b"");
+            seen.extend(muxer.next_for_guest(&mut buf).map(|(h, _)| h.op));
+            let _ = muxer.from_guest(&header(Op::Rw, 4, 0), b"ping");
+            let _ = to_host.send(());
+            let _ = worker_turn.recv();
+            for _ in 0..100 {
+                muxer.process_host_events();
+                while let Some((h, len)) = muxer.next_for_guest(&mut buf) {
+                    seen.push(h.op);
+                    if h.op == Op::Rw as u16 {
+                        seen.extend(buf[..len].iter().map(|&b| u16::from(b)));
+                    }
+                }
+                if seen.contains(&(Op::Request as u16)) && seen.contains(&(Op::Shutdown as u16)) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let _ = muxer.from_guest(&header(Op::Shutdown, 0, SHUTDOWN_RCV | SHUTDOWN_SEND), b"");
+            seen.extend(muxer.next_for_guest(&mut buf).map(|(h, _)| h.op));
+            seen
+        });
+        host_turn.recv().expect("the worker's turn ended");
+        let (mut host, _) = listener.accept().expect("the guest's connection");
+        let mut ping = [0u8; 4];
+        host.read_exact(&mut ping).expect("ping");
+        host.write_all(b"po").expect("pong");
+        drop(host);
+        let mut program = UnixStream::connect(&path).expect("connect");
+        program.write_all(b"CONNECT 7\n").expect("CONNECT");
+        to_worker.send(()).expect("the worker's turn");
+        let seen = worker.join().expect("worker");
+        assert_eq!(&ping, b"ping");
+        let (rw, shutdown, request, rst) = (Op::Rw as u16, Op::Shutdown as u16, Op::Request as u16, Op::Rst as u16);
+        assert_eq!(seen[..4], [Op::Response as u16, rw, u16::from(b'p'), u16::from(b'o')], "{seen:?}");
+        assert!(seen.contains(&shutdown) && seen.contains(&request), "{seen:?}");
+        assert_eq!(seen.last(), Some(&rst), "{seen:?}");
     }
 
     fn get_random() -> i64 {
