@@ -226,6 +226,12 @@ impl Connection {
         guest_done == SHUTDOWN_RCV | SHUTDOWN_SEND
     }
 
+    /// The guest is done both ways and the host program has all it sent: time for the RST.
+    pub fn finished(&self) -> bool {
+        let both = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        matches!(self.state, State::Closing { guest_done, .. } if guest_done & both == both) && self.to_host.is_empty()
+    }
+
     /// The next control packet owed to the guest, if any.
     pub fn owed_packet(&mut self, guest_cid: u64) -> Option<Header> {
         let op = self.owed.pop_front()?;

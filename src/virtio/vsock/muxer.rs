@@ -194,7 +194,9 @@ impl Muxer {
                 connection.owe_credit_update();
                 Ok(())
             }
-            Op::Shutdown if connection.guest_shutdown(header.flags) => Err(()),
+            // Both ways done: the stream ends with RST, but only once the host program has
+            // had the guest's last bytes (see `stream_event`).
+            Op::Shutdown if connection.guest_shutdown(header.flags) && !connection.wants_to_write() => Err(()),
             Op::Shutdown => Ok(()),
         };
         match outcome {
@@ -292,7 +294,10 @@ impl Muxer {
 
     fn stream_event(&mut self, key: Key, set: EventSet) {
         let Some(connection) = self.connections.get_mut(&key) else { return };
-        if set.contains(EventSet::OUT) && connection.flush_to_host().is_err() {
+        // A host program that hung up with bytes still owed to it: the write fails, and ends it.
+        let flush = set.contains(EventSet::OUT)
+            || (set.intersects(EventSet::HANG_UP | EventSet::ERROR) && connection.wants_to_write());
+        if (flush && connection.flush_to_host().is_err()) || connection.finished() {
             self.remove(key);
             self.owe_reset(key);
             return;

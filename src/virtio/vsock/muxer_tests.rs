@@ -261,6 +261,46 @@ fn a_full_shutdown_ends_the_stream_with_rst() {
 }
 
 #[test]
+fn a_guest_that_closes_with_bytes_still_owed_to_the_host_has_them_delivered_first() {
+    let mut s = setup();
+    let listener = s.host_listener(52);
+    s.guest_sends(Op::Request, 1000, 52, b"").expect("request");
+    let _ = s.guest_receives();
+    let (mut host, _) = listener.accept().expect("accept");
+    let chunk = vec![9u8; 64 << 10];
+    let mut sent = 0;
+    while !s.muxer.connections.values().any(|c| c.wants_to_write()) {
+        s.guest_sends(Op::Rw, 1000, 52, &chunk).expect("within credit");
+        sent += chunk.len();
+    }
+    let header = Header {
+        src_cid: GUEST,
+        dst_cid: HOST_CID,
+        src_port: 1000,
+        dst_port: 52,
+        kind: TYPE_STREAM,
+        op: Op::Shutdown as u16,
+        flags: SHUTDOWN_RCV | SHUTDOWN_SEND,
+        ..Header::default()
+    };
+    s.muxer.from_guest(&header, b"").expect("shutdown");
+    assert_eq!(s.muxer.connection_count(), 1, "kept until the host program has every byte");
+    host.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut got = 0;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        s.muxer.process_host_events();
+        match host.read(&mut buf).expect("read") {
+            0 => break,
+            n => got += n,
+        }
+    }
+    assert_eq!(got, sent, "nothing lost, then the end");
+    assert_eq!(s.muxer.connection_count(), 0);
+    assert_eq!(ops(&s.guest_receives()), [Op::Rst as u16]);
+}
+
+#[test]
 fn a_host_program_that_closes_tells_the_guest() {
     let mut s = setup();
     let listener = s.host_listener(52);
