@@ -98,7 +98,10 @@ fuzz_target!(|input: Input| {
     };
     let path = vsock_path();
     let Ok(device) = Vsock::new(GUEST_CID, &path) else { return };
-    let listener = input.listening.then(|| UnixListener::bind(format!("{}_1", path.display())).ok()).flatten();
+    // A listener's socket file stays after it is dropped: each input binds afresh.
+    let host_path = format!("{}_1", path.display());
+    let _ = std::fs::remove_file(&host_path);
+    let listener = input.listening.then(|| UnixListener::bind(&host_path).ok()).flatten();
     let active = |queue| ActiveQueue { queue, kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd") };
     let queues = vec![Some(active(rx)), Some(active(tx)), Some(active(event))];
     let activation = Activation { mem, queues, features: feature::VERSION_1, signals: Signals::standalone(3) };
@@ -140,4 +143,5 @@ fuzz_target!(|input: Input| {
         }
     }
     drop(listener);
+    let _ = std::fs::remove_file(&host_path);
 });
