@@ -142,6 +142,17 @@ fn a_vsock_socket_another_program_listens_on() {
 }
 
 #[test]
+fn a_vsock_path_that_is_a_file_is_left_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = hello(dir.path());
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, b"keep me").expect("a user's file");
+    let vsock = format!("cid=3,uds={}", path.display());
+    refused(run_args(&["--kernel", &kernel, "--vsock", &vsock]), "exists and is not a socket; choose another uds path");
+    assert_eq!(std::fs::read(&path).expect("still there"), b"keep me");
+}
+
+#[test]
 fn a_vsock_socket_that_cannot_be_bound() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kernel = hello(dir.path());

@@ -54,6 +54,8 @@ type Key = (u32, u32);
 pub enum MuxerError {
     #[error("a program is already listening on '{}'; choose another uds path", .0.display())]
     InUse(PathBuf),
+    #[error("'{}' exists and is not a socket; choose another uds path", .0.display())]
+    NotASocket(PathBuf),
     #[error("cannot listen on '{}': {source}", path.display())]
     Listen { path: PathBuf, source: io::Error },
     #[error("cannot set up the vsock device's epoll: {0}")]
@@ -90,7 +92,7 @@ pub struct Muxer {
 
 impl Muxer {
     /// Listens on `uds_path` for host programs. A stale socket file there (nobody listening)
-    /// is replaced; a live one is an error.
+    /// is replaced; a live one, or anything that is not a socket, is an error.
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Muxer, MuxerError> {
         let listener = listen(uds_path)?;
         let epoll = Epoll::new().map_err(MuxerError::Epoll)?;
@@ -452,6 +454,11 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
 fn listen(path: &Path) -> Result<UnixListener, MuxerError> {
     let listener = match UnixListener::bind(path) {
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            use std::os::unix::fs::FileTypeExt;
+            // Only a socket is ours to replace: never a user's file that happens to be there.
+            if !std::fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_socket()) {
+                return Err(MuxerError::NotASocket(path.to_path_buf()));
+            }
             if UnixStream::connect(path).is_ok() {
                 return Err(MuxerError::InUse(path.to_path_buf()));
             }

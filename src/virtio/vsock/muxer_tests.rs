@@ -372,6 +372,15 @@ fn a_live_socket_is_not_taken_over_but_a_stale_one_is() {
 }
 
 #[test]
+fn a_file_that_is_not_a_socket_is_never_replaced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, b"keep me").expect("a user's file");
+    assert!(matches!(Muxer::new(GUEST, &path), Err(MuxerError::NotASocket(_))));
+    assert_eq!(std::fs::read(&path).expect("still there"), b"keep me");
+}
+
+#[test]
 fn a_driver_reset_ends_every_stream_but_keeps_listening() {
     let mut s = setup();
     let listener = s.host_listener(52);
