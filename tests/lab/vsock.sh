@@ -2,8 +2,8 @@
 # /vsock-guest.sh, run by guest/init's vsock scenario). The lab machine is the host: its
 # programs reach guest port P by connecting to /tmp/v.sock and writing "CONNECT P", and the
 # guest reaches host port P at the Unix socket /tmp/v.sock_P. Both ends are vsock-io, which
-# prints "VSOCK-IO TAG sent=N sent_sum=X received=M sum=Y" per connection: every check
-# compares what one end received with the pattern the other sent.
+# prints "VSOCK-IO TAG sent=N sent_sum=X received=M sum=Y ms=T" per connection: every check
+# compares what one end received with the pattern the other sent (T is for the log only).
 #   host -> guest  64 MiB each way (port 1234); 10 connections at once, 1 MiB each way
 #                  (1235); 8 MiB to a guest that reads slowly (1236): flow control, no loss
 #   guest -> host  64 MiB each way (5000); 10 connections at once (5001)
@@ -19,7 +19,7 @@ sum() { vsock-io pattern-sum "$1"; }
 # count_good FILE TAG BYTES: the lines of FILE saying connection TAG* received the pattern
 # of BYTES bytes (with \r gone).
 count_good() {
-    tr -d '\r' <"$1" | grep -c "^VSOCK-IO $2[^ ]* sent=[0-9]* sent_sum=[0-9a-f]* received=$3 sum=$(sum "$3")\$"
+    tr -d '\r' <"$1" | grep -cE "^VSOCK-IO $2[^ ]* sent=[0-9]+ sent_sum=[0-9a-f]+ received=$3 sum=$(sum "$3") ms=[0-9]+\$"
 }
 
 # The lab's listeners for the guest's connections, before the guest can make any.

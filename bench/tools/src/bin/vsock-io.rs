@@ -18,9 +18,10 @@
 //! BYTES may end in K or M.
 //! ```
 //!
-//! A vsock listener first prints `VSOCK-IO listening PORT`. Each connection prints one line, `VSOCK-IO TAG sent=N sent_sum=X received=M sum=Y`, once
-//! both directions are done (sending runs on a thread of its own, so that two ends sending
-//! at once never wait on each other). The checksum is FNV-1a over the bytes, and the pattern
+//! A vsock listener first prints `VSOCK-IO listening PORT`. Each connection prints one line,
+//! `VSOCK-IO TAG sent=N sent_sum=X received=M sum=Y ms=T`, once both directions are done (T
+//! from its start, for a rough rate only; sending runs on a thread of its own, so that two
+//! ends sending at once never wait on each other). The checksum is FNV-1a over the bytes, and the pattern
 //! numbers its bytes (`i % 251`), so data at a wrong offset never passes. A connection that
 //! is refused or reset prints `VSOCK-IO TAG failed: why`; the exit status is then 3 (2 for a
 //! bad command line). Built static (bench/run.sh), it runs in the lab and in the guest alike.
@@ -155,12 +156,14 @@ where
     S: Read + Write + Shut + Send + 'static,
 {
     let send = plan.send;
+    let start = std::time::Instant::now();
     let sender = std::thread::spawn(move || send_all(writer, send));
     let received = receive(stream, plan);
     let sent = sender.join().unwrap_or_else(|_| Err("the sending thread panicked".into()));
     let (received, sum) = received.map_err(|e| Failure::Io(format!("VSOCK-IO {tag} failed: {e}")))?;
     sent.map_err(|e| Failure::Io(format!("VSOCK-IO {tag} failed: {e}")))?;
-    println!("VSOCK-IO {tag} sent={send} sent_sum={:016x} received={received} sum={sum:016x}", pattern_sum(send));
+    let ms = start.elapsed().as_millis();
+    println!("VSOCK-IO {tag} sent={send} sent_sum={:016x} received={received} sum={sum:016x} ms={ms}", pattern_sum(send));
     match plan.recv {
         Some(want) if want != received => Err(Failure::Io(format!("VSOCK-IO {tag} failed: received {received} bytes, not {want}"))),
         _ => Ok(()),
