@@ -101,6 +101,7 @@ fn apply(role: Role, mismatch: SeccompAction) -> std::io::Result<()> {
     if role == Role::Spawner {
         install(&no_clone3()?)?;
     }
+    install(&no_open()?)?;
     let program = filter(role, mismatch)?;
     ROLE_NAME.with(|name| name.set(role.label()));
     install(&program)
@@ -143,6 +144,16 @@ fn no_clone3() -> std::io::Result<BpfProgram> {
     compile(rules, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32))
 }
 
+/// A filter that answers every attempt to open a file with EACCES. glibc opens files on its
+/// own from any thread: freeing memory can make malloc read /proc/sys/vm/overcommit_memory
+/// (seen in the lab, on the vsock worker, mid-transfer). A refusal it takes in its stride; a
+/// trap would end lguest. So the roles' filters allow `open`/`openat`, and this one, stacked
+/// under each, makes them fail: no thread opens a file, and none dies trying.
+fn no_open() -> std::io::Result<BpfProgram> {
+    let rules = BTreeMap::from([(libc::SYS_open, Vec::new()), (libc::SYS_openat, Vec::new())]);
+    compile(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EACCES as u32))
+}
+
 fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>, mismatch: SeccompAction, matched: SeccompAction) -> std::io::Result<BpfProgram> {
     let filter = SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64).map_err(|e| invalid_filter(&e))?;
     filter.try_into().map_err(|e: seccompiler::BackendError| invalid_filter(&e))
@@ -154,6 +165,9 @@ fn invalid_filter(e: &dyn std::fmt::Display) -> std::io::Error {
 
 /// Every thread: memory for the allocator, locks, logging to stderr, sleeping, and dying.
 const COMMON: &[i64] = &[
+    // Answered with EACCES by `no_open`: glibc's own opens fail instead of ending lguest.
+    libc::SYS_open,
+    libc::SYS_openat,
     libc::SYS_brk,
     libc::SYS_mmap,
     libc::SYS_munmap,
@@ -341,6 +355,32 @@ mod tests {
         .expect("thread")
     }
 
+    /// Whether `call` fails on a thread with `role`'s filter (with any error).
+    fn fails_on_thread(role: Role, call: impl FnOnce() -> i64 + Send + 'static) -> bool {
+        std::thread::spawn(move || {
+            apply(role, SeccompAction::Errno(libc::EPERM as u32)).expect("filter installs");
+            call() < 0
+        })
+        .join()
+        .expect("thread")
+    }
+
+    #[test]
+    fn opening_a_file_fails_with_eacces_on_every_role_and_kills_nothing() {
+        for role in [Role::Vcpu, Role::DeviceWorker, Role::VsockWorker, Role::Spawner, Role::StdinPump, Role::SignalWatcher] {
+            let errno = std::thread::spawn(move || {
+                // Trap, as `--seccomp enforce` does: a trapped open would kill the test process.
+                apply(role, SeccompAction::Trap).expect("filter installs");
+                // SAFETY: a NUL-terminated path; no fd is returned to close.
+                let fd = unsafe { libc::open(c"/proc/sys/vm/overcommit_memory".as_ptr(), libc::O_RDONLY) };
+                (fd < 0).then(|| std::io::Error::last_os_error().raw_os_error()).flatten()
+            })
+            .join()
+            .expect("thread");
+            assert_eq!(errno, Some(libc::EACCES), "{role:?}");
+        }
+    }
+
     fn open_a_file() -> i64 {
         // SAFETY: a NUL-terminated path; the fd, if any, is closed at once.
         let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY) };
@@ -450,7 +490,7 @@ mod tests {
     #[test]
     fn every_role_refuses_opening_files_and_sockets() {
         for role in [Role::Vcpu, Role::DeviceWorker, Role::VsockWorker, Role::Spawner, Role::StdinPump, Role::SignalWatcher] {
-            assert!(!allowed_on_thread(role, open_a_file), "{role:?} may open files");
+            assert!(fails_on_thread(role, open_a_file), "{role:?} may open files");
             assert!(!allowed_on_thread(role, make_a_socket), "{role:?} may make sockets");
         }
         assert!(!allowed_on_thread(Role::Api, make_a_socket), "the API thread may make sockets");
