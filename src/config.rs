@@ -473,23 +473,41 @@ fn check_forwards(forwards: Vec<Forward>) -> std::result::Result<Vec<Forward>, S
 /// host port P go to `<uds>_P`, up to 11 bytes longer.
 pub const MAX_VSOCK_PATH: usize = 107 - 11;
 
+/// What is wrong with a vsock device's settings (`--vsock`, `PUT /vsock`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadVsock {
+    #[error("cid must be a number from 3 to 4294967294")]
+    Cid,
+    #[error("uds must be a path of 1 to {MAX_VSOCK_PATH} bytes")]
+    Path,
+}
+
+impl VsockConfig {
+    /// Checks a CID and a socket path as Firecracker does (and that `<path>_<port>` fits).
+    pub fn new(cid: u64, uds_path: &str) -> std::result::Result<VsockConfig, BadVsock> {
+        if !(3..u64::from(u32::MAX)).contains(&cid) {
+            return Err(BadVsock::Cid);
+        }
+        if uds_path.is_empty() || uds_path.len() > MAX_VSOCK_PATH {
+            return Err(BadVsock::Path);
+        }
+        Ok(VsockConfig { cid, uds_path: PathBuf::from(uds_path) })
+    }
+}
+
 /// `cid=N,uds=PATH`. The socket itself is bound when the device is built.
 pub fn parse_vsock(value: &str) -> Result<VsockConfig> {
     let bad = |why: String| Error::BadFlag { flag: "--vsock", value: value.to_string(), why };
     let (mut cid, mut uds_path) = (None, None);
     for option in value.split(',') {
         match option.split_once('=') {
-            Some(("cid", text)) => {
-                let number = text.parse::<u64>().ok().filter(|n| (3..u64::from(u32::MAX)).contains(n));
-                cid = Some(number.ok_or_else(|| bad(format!("cid must be a number from 3 to {}", u32::MAX - 1)))?);
-            }
-            Some(("uds", path)) if !path.is_empty() && path.len() <= MAX_VSOCK_PATH => uds_path = Some(PathBuf::from(path)),
-            Some(("uds", _)) => return Err(bad(format!("uds must be a path of 1 to {MAX_VSOCK_PATH} bytes"))),
+            Some(("cid", text)) => cid = Some(text.parse::<u64>().map_err(|_| bad(BadVsock::Cid.to_string()))?),
+            Some(("uds", path)) => uds_path = Some(path),
             _ => return Err(bad(format!("unknown option '{option}' (expected cid=N or uds=PATH)"))),
         }
     }
     match (cid, uds_path) {
-        (Some(cid), Some(uds_path)) => Ok(VsockConfig { cid, uds_path }),
+        (Some(cid), Some(uds_path)) => VsockConfig::new(cid, uds_path).map_err(|e| bad(e.to_string())),
         _ => Err(bad("expected cid=N,uds=PATH".into())),
     }
 }
