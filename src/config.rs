@@ -106,6 +106,12 @@ pub struct RunArgs {
     /// `--rng=bw_size=BYTES,bw_refill_time=MS` (or ops_*) limits how fast.
     #[arg(long, value_name = "LIMITS", num_args = 0..=1, require_equals = true, default_missing_value = "")]
     pub rng: Option<String>,
+    /// A virtio-vsock device: the guest is CID N (3 or more); host programs reach its vsock
+    /// port P by connecting to the Unix socket PATH and writing `CONNECT P\n` (answered with
+    /// `OK <port>\n`); the guest reaches host port P at the Unix socket `PATH_P`. Firecracker's
+    /// hybrid vsock.
+    #[arg(long, value_name = "cid=N,uds=PATH")]
+    pub vsock: Option<String>,
     /// System-call filters on the threads that handle guest data.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = crate::seccomp::Mode::Enforce)]
     pub seccomp: crate::seccomp::Mode,
@@ -168,6 +174,16 @@ pub enum Protocol {
     Udp,
 }
 
+/// The `--vsock` device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context ID: 3 or more (0-2 are reserved), and below `u32::MAX` (reserved
+    /// too; Firecracker refuses it as well).
+    pub cid: u64,
+    /// Where host programs connect; `<uds_path>_<port>` is where guest connections go.
+    pub uds_path: PathBuf,
+}
+
 /// Which device carries the guest's console.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ConsoleKind {
@@ -208,6 +224,7 @@ pub struct VmConfig {
     pub rng: bool,
     /// How fast the entropy source may give (`--rng=bw_*,ops_*`, the API's entropy limiter).
     pub rng_rate_limit: RateLimit,
+    pub vsock: Option<VsockConfig>,
     pub seccomp: crate::seccomp::Mode,
     pub on_reboot: OnReboot,
     pub shutdown_timeout: Duration,
@@ -222,16 +239,19 @@ impl VmConfig {
         };
         let mut disks = args.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
         let mut nets = args.nets.iter().map(|n| parse_net(n)).collect::<Result<Vec<_>>>()?;
+        let vsock = args.vsock.as_deref().map(parse_vsock).transpose()?;
         let shutdown_timeout = validate_shutdown_timeout(args.shutdown_timeout)?;
         let rng_rate_limit = args.rng.as_deref().map(parse_rng_limits).transpose()?.unwrap_or_default();
         let RunArgs { boot_timeline, rng, console, seccomp, reboot: on_reboot, .. } = args;
-        let VmConfig { kernel, initrd, mut cmdline, memory_mib, cpus, disks: file_disks, nets: file_nets, rng: file_rng, .. } = machine;
+        let VmConfig { kernel, initrd, mut cmdline, memory_mib, cpus, disks: file_disks, nets: file_nets, rng: file_rng, vsock: file_vsock, .. } =
+            machine;
         if console == ConsoleKind::Virtio && cmdline == DEFAULT_CMDLINE {
             cmdline = DEFAULT_CMDLINE.replace("console=ttyS0", "console=hvc0");
         }
         disks.splice(0..0, file_disks);
         nets.splice(0..0, file_nets);
         let rng = rng.is_some() || file_rng;
+        let vsock = vsock.or(file_vsock);
         let config = VmConfig {
             kernel,
             initrd,
@@ -244,6 +264,7 @@ impl VmConfig {
             console,
             rng,
             rng_rate_limit,
+            vsock,
             on_reboot,
             shutdown_timeout,
             seccomp,
@@ -261,10 +282,14 @@ impl VmConfig {
         Ok(())
     }
 
-    /// How many PCI slots the devices take: one per disk, network card, entropy source and
-    /// virtio console.
+    /// How many PCI slots the devices take: one per disk, network card, entropy source,
+    /// virtio console and vsock device.
     pub fn pci_devices(&self) -> usize {
-        self.disks.len() + self.nets.len() + usize::from(self.rng) + usize::from(self.console == ConsoleKind::Virtio)
+        self.disks.len()
+            + self.nets.len()
+            + usize::from(self.rng)
+            + usize::from(self.console == ConsoleKind::Virtio)
+            + usize::from(self.vsock.is_some())
     }
 
     /// The defaults `lguest run --kernel KERNEL` would get, for code that builds a
@@ -282,6 +307,7 @@ impl VmConfig {
             console: ConsoleKind::Serial,
             rng: false,
             rng_rate_limit: RateLimit::default(),
+            vsock: None,
             on_reboot: OnReboot::Exit,
             shutdown_timeout: Duration::from_secs(10),
             seccomp: crate::seccomp::Mode::Enforce,
@@ -441,6 +467,49 @@ fn check_forwards(forwards: Vec<Forward>) -> std::result::Result<Vec<Forward>, S
         }
     }
     Ok(forwards)
+}
+
+/// The longest `uds` path: a Unix socket address holds 107 bytes, and guest connections to
+/// host port P go to `<uds>_P`, up to 11 bytes longer.
+pub const MAX_VSOCK_PATH: usize = 107 - 11;
+
+/// What is wrong with a vsock device's settings (`--vsock`, `PUT /vsock`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadVsock {
+    #[error("cid must be a number from 3 to 4294967294")]
+    Cid,
+    #[error("uds must be a path of 1 to {MAX_VSOCK_PATH} bytes")]
+    Path,
+}
+
+impl VsockConfig {
+    /// Checks a CID and a socket path as Firecracker does (and that `<path>_<port>` fits).
+    pub fn new(cid: u64, uds_path: &str) -> std::result::Result<VsockConfig, BadVsock> {
+        if !(3..u64::from(u32::MAX)).contains(&cid) {
+            return Err(BadVsock::Cid);
+        }
+        if uds_path.is_empty() || uds_path.len() > MAX_VSOCK_PATH {
+            return Err(BadVsock::Path);
+        }
+        Ok(VsockConfig { cid, uds_path: PathBuf::from(uds_path) })
+    }
+}
+
+/// `cid=N,uds=PATH`. The socket itself is bound when the device is built.
+pub fn parse_vsock(value: &str) -> Result<VsockConfig> {
+    let bad = |why: String| Error::BadFlag { flag: "--vsock", value: value.to_string(), why };
+    let (mut cid, mut uds_path) = (None, None);
+    for option in value.split(',') {
+        match option.split_once('=') {
+            Some(("cid", text)) => cid = Some(text.parse::<u64>().map_err(|_| bad(BadVsock::Cid.to_string()))?),
+            Some(("uds", path)) => uds_path = Some(path),
+            _ => return Err(bad(format!("unknown option '{option}' (expected cid=N or uds=PATH)"))),
+        }
+    }
+    match (cid, uds_path) {
+        (Some(cid), Some(uds_path)) => VsockConfig::new(cid, uds_path).map_err(|e| bad(e.to_string())),
+        _ => Err(bad("expected cid=N,uds=PATH".into())),
+    }
 }
 
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -631,6 +700,20 @@ mod tests {
         ] {
             assert!(matches!(parse_net(bad), Err(Error::BadFlag { flag: "--net", .. })), "{bad}");
         }
+    }
+
+    #[test]
+    fn vsock_takes_a_cid_and_a_socket_path() {
+        let vsock = parse_vsock("cid=3,uds=/run/v.sock").expect("valid");
+        assert_eq!(vsock, VsockConfig { cid: 3, uds_path: "/run/v.sock".into() });
+        assert_eq!(parse_vsock("uds=v,cid=4294967294").expect("valid").cid, u64::from(u32::MAX) - 1);
+        let long = format!("cid=3,uds=/{}", "x".repeat(MAX_VSOCK_PATH));
+        for bad in ["", "cid=3", "uds=v", "cid=2,uds=v", "cid=4294967295,uds=v", "cid=-1,uds=v", "cid=x,uds=v", "cid=3,uds=", "cid=3,uds=v,port=1", &long] {
+            assert!(matches!(parse_vsock(bad), Err(Error::BadFlag { flag: "--vsock", .. })), "{bad}");
+        }
+        let config = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--vsock", "cid=3,uds=v"])).expect("valid");
+        assert_eq!(config.pci_devices(), 1, "vsock takes a PCI slot");
+        assert!(parse(&["run", "--kernel", FILE, "--vsock", "cid=3,uds=a", "--vsock", "cid=4,uds=b"]).is_err(), "at most one");
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub enum Error {
 
     #[error(transparent)]
     Passt(#[from] crate::passt::PasstError),
+    #[error("cannot set up --vsock: {0}")]
+    Vsock(#[from] crate::virtio::vsock::muxer::MuxerError),
 
     #[error("/dev/kvm does not exist: this host has no KVM (load the kvm module, or run the demo, which uses the nested lab)")]
     NoKvm,
@@ -56,7 +58,7 @@ pub enum Error {
     #[error("KVM refused {what}: {source}")]
     Kvm { what: &'static str, source: kvm_ioctls::Error },
 
-    #[error("{asked} PCI devices asked for (--disk, --net, --rng, --console virtio), but the PCI bus has room for {max}; ask for fewer")]
+    #[error("{asked} PCI devices asked for (--disk, --net, --rng, --console virtio, --vsock), but the PCI bus has room for {max}; ask for fewer")]
     TooManyDevices { asked: usize, max: usize },
 
     #[error("cannot set up guest memory: {0}")]
@@ -101,6 +103,12 @@ impl Error {
             | Error::Api(_) => 2,
             Error::ApiSocket(crate::api::server::SocketError::Thread(_)) => 1,
             Error::ApiSocket(_) => 2,
+            // A socket path in use or that can't be bound is the user's to change; an epoll
+            // set we can't make is the host's failure.
+            Error::Vsock(e) => match e {
+                crate::virtio::vsock::muxer::MuxerError::Epoll(_) => 1,
+                _ => 2,
+            },
             Error::NoKvm
             | Error::KvmPermission
             | Error::KvmOpen(_)

@@ -45,6 +45,7 @@ pub enum Role {
     DeviceWorker,
     /// Starts device workers for the vCPUs ([`crate::threads::start_spawner`]).
     Spawner,
+    VsockWorker,
     StdinPump,
     SignalWatcher,
     /// The API server (`--api-sock`): client connections, and the files a client names
@@ -67,6 +68,7 @@ impl Role {
             Role::Vcpu => b"vcpu   ",
             Role::DeviceWorker => b"device ",
             Role::Spawner => b"spawner",
+            Role::VsockWorker => b"vsock  ",
             Role::StdinPump => b"stdin  ",
             Role::SignalWatcher => b"signals",
             Role::Api => b"api    ",
@@ -94,10 +96,15 @@ pub fn confine(role: Role) -> std::io::Result<()> {
 }
 
 /// Builds `role`'s filter with `mismatch` as the action for any other call, and installs it
-/// (for the spawner, after the filter that turns `clone3` away).
+/// (for the spawner, after the filter that turns `clone3` away; for all but the API thread,
+/// after the one that refuses opening files).
 fn apply(role: Role, mismatch: SeccompAction) -> std::io::Result<()> {
     if role == Role::Spawner {
         install(&no_clone3()?)?;
+    }
+    // The API thread opens the files a client names (a drive's new image); nothing else may.
+    if role != Role::Api {
+        install(&no_open()?)?;
     }
     let program = filter(role, mismatch)?;
     ROLE_NAME.with(|name| name.set(role.label()));
@@ -113,6 +120,9 @@ fn filter(role: Role, mismatch: SeccompAction) -> std::io::Result<BpfProgram> {
     if role == Role::Spawner {
         rules.insert(libc::SYS_clone, vec![threads_only()?]);
     }
+    if matches!(role, Role::VsockWorker | Role::Spawner) {
+        rules.insert(libc::SYS_socket, vec![unix_sockets_only()?]);
+    }
     compile(rules, mismatch, SeccompAction::Allow)
 }
 
@@ -124,11 +134,28 @@ fn threads_only() -> std::io::Result<SeccompRule> {
     SeccompRule::new(vec![condition]).map_err(|e| invalid_filter(&e))
 }
 
+/// `socket(AF_UNIX, ...)`: vsock's worker reaches host programs, never the network.
+fn unix_sockets_only() -> std::io::Result<SeccompRule> {
+    let condition = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::AF_UNIX as u64)
+        .map_err(|e| invalid_filter(&e))?;
+    SeccompRule::new(vec![condition]).map_err(|e| invalid_filter(&e))
+}
+
 /// A filter that only answers `clone3` with ENOSYS. Stacked under a role's filter, which
 /// allows `clone3`, the ENOSYS wins (the kernel takes the strictest answer of all filters).
 fn no_clone3() -> std::io::Result<BpfProgram> {
     let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
     compile(rules, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32))
+}
+
+/// A filter that answers every attempt to open a file with EACCES. glibc opens files on its
+/// own from any thread: freeing memory can make malloc read /proc/sys/vm/overcommit_memory
+/// (seen in the lab, on the vsock worker, mid-transfer). A refusal it takes in its stride; a
+/// trap would end lguest. So the roles' filters allow `open`/`openat`, and this one, stacked
+/// under each, makes them fail: no thread opens a file, and none dies trying.
+fn no_open() -> std::io::Result<BpfProgram> {
+    let rules = BTreeMap::from([(libc::SYS_open, Vec::new()), (libc::SYS_openat, Vec::new())]);
+    compile(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EACCES as u32))
 }
 
 fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>, mismatch: SeccompAction, matched: SeccompAction) -> std::io::Result<BpfProgram> {
@@ -142,6 +169,9 @@ fn invalid_filter(e: &dyn std::fmt::Display) -> std::io::Error {
 
 /// Every thread: memory for the allocator, locks, logging to stderr, sleeping, and dying.
 const COMMON: &[i64] = &[
+    // Answered with EACCES by `no_open`: glibc's own opens fail instead of ending lguest.
+    libc::SYS_open,
+    libc::SYS_openat,
     libc::SYS_brk,
     libc::SYS_mmap,
     libc::SYS_munmap,
@@ -188,6 +218,12 @@ const DEVICE_WORKER: &[i64] = &[
     // A rate limiter arms its timerfd when a queue is over its budget.
     libc::SYS_timerfd_settime,
 ];
+
+/// The vsock device's worker, on top of [`DEVICE_WORKER`]: host programs' connections to its
+/// Unix socket, and its own to theirs (no files are opened: `socket` takes no path).
+/// (std reads and writes a socket with `recv` and `send`, that is `recvfrom` and `sendto`.)
+const VSOCK_WORKER: &[i64] =
+    &[libc::SYS_accept4, libc::SYS_socket, libc::SYS_connect, libc::SYS_recvfrom, libc::SYS_sendto, libc::SYS_shutdown];
 
 /// A vCPU: KVM_RUN and the ioctls of MSI-X routing and fault reports, eventfd reads of queue
 /// resets, and a device's activation (its kick and stop eventfds, its worker's epoll set; the
@@ -251,7 +287,8 @@ fn allowed(role: Role) -> Vec<i64> {
         Role::Vcpu => &[VCPU],
         Role::DeviceWorker => &[DEVICE_WORKER],
         // Every worker starts with the spawner's filter: it holds what each of them needs.
-        Role::Spawner => &[SPAWNER, DEVICE_WORKER],
+        Role::Spawner => &[SPAWNER, DEVICE_WORKER, VSOCK_WORKER],
+        Role::VsockWorker => &[DEVICE_WORKER, VSOCK_WORKER],
         Role::StdinPump => &[STDIN_PUMP],
         Role::SignalWatcher => &[SIGNAL_WATCHER],
         Role::Api => &[API],
@@ -322,6 +359,32 @@ mod tests {
         .expect("thread")
     }
 
+    /// Whether `call` fails on a thread with `role`'s filter (with any error).
+    fn fails_on_thread(role: Role, call: impl FnOnce() -> i64 + Send + 'static) -> bool {
+        std::thread::spawn(move || {
+            apply(role, SeccompAction::Errno(libc::EPERM as u32)).expect("filter installs");
+            call() < 0
+        })
+        .join()
+        .expect("thread")
+    }
+
+    #[test]
+    fn opening_a_file_fails_with_eacces_on_every_role_and_kills_nothing() {
+        for role in [Role::Vcpu, Role::DeviceWorker, Role::VsockWorker, Role::Spawner, Role::StdinPump, Role::SignalWatcher] {
+            let errno = std::thread::spawn(move || {
+                // Trap, as `--seccomp enforce` does: a trapped open would kill the test process.
+                apply(role, SeccompAction::Trap).expect("filter installs");
+                // SAFETY: a NUL-terminated path; no fd is returned to close.
+                let fd = unsafe { libc::open(c"/proc/sys/vm/overcommit_memory".as_ptr(), libc::O_RDONLY) };
+                (fd < 0).then(|| std::io::Error::last_os_error().raw_os_error()).flatten()
+            })
+            .join()
+            .expect("thread");
+            assert_eq!(errno, Some(libc::EACCES), "{role:?}");
+        }
+    }
+
     fn open_a_file() -> i64 {
         // SAFETY: a NUL-terminated path; the fd, if any, is closed at once.
         let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY) };
@@ -342,6 +405,86 @@ mod tests {
         i64::from(fd)
     }
 
+    fn make_a_unix_socket() -> i64 {
+        // SAFETY: socket takes integers; a returned fd is closed at once.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        if fd >= 0 {
+            // SAFETY: we own the fd we just made.
+            unsafe { libc::close(fd) };
+        }
+        i64::from(fd)
+    }
+
+    #[test]
+    fn the_vsock_worker_may_make_unix_sockets_only() {
+        assert!(allowed_on_thread(Role::VsockWorker, make_a_unix_socket));
+        assert!(allowed_on_thread(Role::Spawner, make_a_unix_socket), "workers started by the spawner inherit its filter");
+        assert!(!allowed_on_thread(Role::DeviceWorker, make_a_unix_socket));
+    }
+
+    /// The muxer's whole life under the vsock worker's filter (other calls fail with EPERM,
+    /// which the muxer turns into refused connections): a guest connection to a host program,
+    /// data both ways, its end; a host program's CONNECT. Every call the worker makes, made.
+    #[test]
+    fn the_vsock_muxer_works_under_its_workers_filter() {
+        use crate::virtio::vsock::muxer::Muxer;
+        use crate::virtio::vsock::packet::{Header, Op, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
+        use std::io::{Read, Write};
+        use std::os::unix::net::{UnixListener, UnixStream};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.sock");
+        let mut muxer = Muxer::new(3, &path).expect("muxer");
+        let listener = UnixListener::bind(dir.path().join("v.sock_52")).expect("host program");
+        let (to_host, host_turn) = std::sync::mpsc::channel::<()>();
+        let (to_worker, worker_turn) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::spawn(move || {
+            apply(Role::VsockWorker, SeccompAction::Errno(libc::EPERM as u32)).expect("filter installs");
+            let header = |op: Op, len: u32, flags: u32| Header {
+                src_cid: 3, dst_cid: HOST_CID, src_port: 1000, dst_port: 52, len, kind: TYPE_STREAM,
+                op: op as u16, flags, buf_alloc: 1 << 20, ..Header::default()
+            };
+            let mut buf = [0u8; 4096];
+            let mut seen = Vec::new();
+            let _ = muxer.from_guest(&header(Op::Request, 0, 0), b"");
+            seen.extend(muxer.next_for_guest(&mut buf).map(|(h, _)| h.op));
+            let _ = muxer.from_guest(&header(Op::Rw, 4, 0), b"ping");
+            let _ = to_host.send(());
+            let _ = worker_turn.recv();
+            for _ in 0..100 {
+                muxer.process_host_events();
+                while let Some((h, len)) = muxer.next_for_guest(&mut buf) {
+                    seen.push(h.op);
+                    if h.op == Op::Rw as u16 {
+                        seen.extend(buf[..len].iter().map(|&b| u16::from(b)));
+                    }
+                }
+                if seen.contains(&(Op::Request as u16)) && seen.contains(&(Op::Shutdown as u16)) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let _ = muxer.from_guest(&header(Op::Shutdown, 0, SHUTDOWN_RCV | SHUTDOWN_SEND), b"");
+            seen.extend(muxer.next_for_guest(&mut buf).map(|(h, _)| h.op));
+            seen
+        });
+        host_turn.recv().expect("the worker's turn ended");
+        let (mut host, _) = listener.accept().expect("the guest's connection");
+        let mut ping = [0u8; 4];
+        host.read_exact(&mut ping).expect("ping");
+        host.write_all(b"po").expect("pong");
+        drop(host);
+        let mut program = UnixStream::connect(&path).expect("connect");
+        program.write_all(b"CONNECT 7\n").expect("CONNECT");
+        to_worker.send(()).expect("the worker's turn");
+        let seen = worker.join().expect("worker");
+        assert_eq!(&ping, b"ping");
+        let (rw, shutdown, request, rst) = (Op::Rw as u16, Op::Shutdown as u16, Op::Request as u16, Op::Rst as u16);
+        assert_eq!(seen[..4], [Op::Response as u16, rw, u16::from(b'p'), u16::from(b'o')], "{seen:?}");
+        assert!(seen.contains(&shutdown) && seen.contains(&request), "{seen:?}");
+        assert_eq!(seen.last(), Some(&rst), "{seen:?}");
+    }
+
     fn get_random() -> i64 {
         let mut buf = [0u8; 8];
         // SAFETY: the kernel writes at most 8 bytes into our buffer.
@@ -350,8 +493,8 @@ mod tests {
 
     #[test]
     fn every_role_refuses_opening_files_and_sockets() {
-        for role in [Role::Vcpu, Role::DeviceWorker, Role::Spawner, Role::StdinPump, Role::SignalWatcher] {
-            assert!(!allowed_on_thread(role, open_a_file), "{role:?} may open files");
+        for role in [Role::Vcpu, Role::DeviceWorker, Role::VsockWorker, Role::Spawner, Role::StdinPump, Role::SignalWatcher] {
+            assert!(fails_on_thread(role, open_a_file), "{role:?} may open files");
             assert!(!allowed_on_thread(role, make_a_socket), "{role:?} may make sockets");
         }
         assert!(!allowed_on_thread(Role::Api, make_a_socket), "the API thread may make sockets");

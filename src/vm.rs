@@ -36,6 +36,7 @@ use crate::virtio::console::{Console, ConsoleInput};
 use crate::virtio::net::Net;
 use crate::virtio::rng::Rng;
 use crate::virtio::transport::{DriveHandle, VirtioPci, BAR_SIZE};
+use crate::virtio::vsock::Vsock;
 use crate::virtio::VirtioDevice;
 use crate::stop::{Event, StopReason, Stopper};
 use crate::threads;
@@ -362,6 +363,10 @@ fn virtio_devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Option<Console
         let rng = Rng::limited(config.rng_rate_limit)
             .map_err(|source| Error::Host { what: "cannot create the entropy source's rate-limit timer", source })?;
         devices.push(("virtio-rng", Box::new(rng)));
+    }
+    if let Some(vsock) = &config.vsock {
+        // Bound here, on the main thread: the device's worker may not touch the file system.
+        devices.push(("virtio-vsock", Box::new(Vsock::new(vsock.cid, &vsock.uds_path)?)));
     }
     Ok((devices, console_input))
 }

@@ -167,6 +167,11 @@ fn a_guest_configured_and_started_only_through_the_api() {
     assert_eq!(call(&socket, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#)).0, 204);
     let entropy = r#"{"rate_limiter": {"bandwidth": {"size": 1024, "refill_time": 100}}}"#;
     assert_eq!(call(&socket, "PUT", "/entropy", Some(entropy)).0, 204);
+    let vsock_socket = dir.path().join("v.sock");
+    let vsock = |cid: u32| format!(r#"{{"vsock_id": "vsock0", "guest_cid": {cid}, "uds_path": "{}"}}"#, vsock_socket.display());
+    let (code, body) = call(&socket, "PUT", "/vsock", Some(&vsock(2)));
+    assert!(code == 400 && body.contains("guest_cid"), "{code} {body}");
+    assert_eq!(call(&socket, "PUT", "/vsock", Some(&vsock(3))).0, 204);
     let (first, second) = (dir.path().join("first.img"), dir.path().join("second.img"));
     std::fs::write(&first, vec![1u8; 1 << 20]).expect("image");
     std::fs::write(&second, vec![2u8; 2 << 20]).expect("image");
@@ -199,6 +204,8 @@ fn a_guest_configured_and_started_only_through_the_api() {
     assert!(json(&body)["fault_message"].as_str().is_some_and(|m| m.contains("before the microVM starts")), "{body}");
     let (_, body) = call(&socket, "GET", "/vm/config", None);
     assert_eq!(json(&body)["machine-config"]["mem_size_mib"], 64);
+    assert_eq!(json(&body)["vsock"]["guest_cid"], 3);
+    assert!(std::os::unix::net::UnixStream::connect(&vsock_socket).is_ok(), "the vsock device listens");
     wait_for("the guest's first ticks", Duration::from_secs(20), || ticks(&vm.output()) > 3);
 
     assert_eq!(call(&socket, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
@@ -214,6 +221,7 @@ fn a_guest_configured_and_started_only_through_the_api() {
     assert_eq!(vm.wait(Duration::from_secs(30)), 0, "stderr: {}", vm.errors());
     assert!(vm.output().contains("CTRL-ALT-DEL"));
     assert!(!socket.exists(), "the socket is removed on exit");
+    assert!(!vsock_socket.exists(), "the vsock socket too");
 }
 
 #[test]

@@ -120,7 +120,43 @@ fn more_devices_than_pci_slots() {
     let kernel = hello(dir.path());
     let mut args = vec!["--kernel", kernel.as_str(), "--rng"];
     args.extend(std::iter::repeat_n(["--disk", "x.img"], 31).flatten());
-    refused(run_args(&args), "32 PCI devices asked for (--disk, --net, --rng, --console virtio), but the PCI bus has room for 31");
+    refused(run_args(&args), "32 PCI devices asked for (--disk, --net, --rng, --console virtio, --vsock), but the PCI bus has room for 31");
+}
+
+#[test]
+fn a_bad_vsock_flag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = hello(dir.path());
+    refused(run_args(&["--kernel", &kernel, "--vsock", "cid=2,uds=v.sock"]), "invalid --vsock 'cid=2,uds=v.sock': cid must be a number from 3");
+}
+
+#[test]
+fn a_vsock_socket_another_program_listens_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = hello(dir.path());
+    let path = dir.path().join("v.sock");
+    let _other = std::os::unix::net::UnixListener::bind(&path).expect("another program's socket");
+    let vsock = format!("cid=3,uds={}", path.display());
+    refused(run_args(&["--kernel", &kernel, "--vsock", &vsock]), "cannot set up --vsock: a program is already listening on");
+    assert!(path.exists(), "the other program's socket is left alone");
+}
+
+#[test]
+fn a_vsock_path_that_is_a_file_is_left_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = hello(dir.path());
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, b"keep me").expect("a user's file");
+    let vsock = format!("cid=3,uds={}", path.display());
+    refused(run_args(&["--kernel", &kernel, "--vsock", &vsock]), "exists and is not a socket; choose another uds path");
+    assert_eq!(std::fs::read(&path).expect("still there"), b"keep me");
+}
+
+#[test]
+fn a_vsock_socket_that_cannot_be_bound() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = hello(dir.path());
+    refused(run_args(&["--kernel", &kernel, "--vsock", "cid=3,uds=/no/such/dir/v.sock"]), "cannot set up --vsock: cannot listen on '/no/such/dir/v.sock'");
 }
 
 #[test]

@@ -162,9 +162,9 @@ fn footprint(pid: u32) -> Footprint {
 
 /// Twenty restarts cost nothing that stays: the same threads and file descriptors, no more
 /// address space (each boot maps 64 MiB of guest RAM, so a leak would show at once), and
-/// about the same resident memory. A disk and an entropy source come along: their eventfds,
-/// interrupt routes and image file are made anew each boot, and the image's lock must have
-/// been let go by the boot before.
+/// about the same resident memory. A disk, an entropy source and a vsock device come along:
+/// their eventfds, interrupt routes, image file and listening socket are made anew each boot,
+/// and the image's lock and the socket's path must have been let go by the boot before.
 #[test]
 fn restarts_leak_no_threads_fds_or_memory() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -172,7 +172,9 @@ fn restarts_leak_no_threads_fds_or_memory() {
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk image");
     let disk = disk.to_string_lossy().into_owned();
-    let mut running = start(&kernel, &["--reboot", "restart", "--rng", "--disk", &disk]);
+    let socket = dir.path().join("v.sock");
+    let vsock = format!("cid=3,uds={}", socket.display());
+    let mut running = start(&kernel, &["--reboot", "restart", "--rng", "--disk", &disk, "--vsock", &vsock]);
     let (warm_up, last) = (5, 25);
     let mut first = None;
     for boot in 1..=last {
@@ -193,6 +195,7 @@ fn restarts_leak_no_threads_fds_or_memory() {
     let (status, stderr) = running.finish();
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("still in use"), "memory left mapped: {stderr}");
+    assert!(!socket.exists(), "the vsock socket outlived lguest");
 }
 
 /// Polls the keyboard controller for the Delete key's make code (set 1, as translation gives

@@ -21,6 +21,7 @@ use lguest::virtio::net::Net;
 use lguest::virtio::net::tap::Tap;
 use lguest::virtio::rng::Rng;
 use lguest::virtio::transport::{VirtioPci, BAR_SIZE};
+use lguest::virtio::vsock::Vsock;
 use lguest::virtio::VirtioDevice;
 use lguest_fuzz::{memory, poke, value_bytes, Probe};
 
@@ -34,6 +35,7 @@ enum Device {
     Rng,
     Console,
     Net,
+    Vsock,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -92,6 +94,7 @@ fuzz_target!(|input: Input| {
         Device::Rng => Box::new(Rng::new()),
         Device::Console => Box::new(Console::new(Box::new(std::io::sink())).expect("console")),
         Device::Net => Box::new(Net::with_tap(Tap::socket_pair().expect("socket pair").0, None)),
+        Device::Vsock => Box::new(Vsock::new(3, &lguest_fuzz::vsock_path()).expect("vsock socket")),
     };
     let queues = device.queue_max_sizes().len();
     let vectors = queues as u64 + 1;

@@ -28,6 +28,12 @@ pub const REGIONS: [(u64, usize); 3] = [(0, 0x8000), (0x8000, 0x4000), (0xd000, 
 /// One past the last guest byte.
 pub const MEM_END: u64 = 0x1_0000;
 
+/// Where a fuzz target's vsock device listens: one path per process, reused by every input
+/// (a device removes its socket when dropped, and a stale one is replaced).
+pub fn vsock_path() -> PathBuf {
+    std::env::temp_dir().join(format!("lguest-fuzz-vsock-{}.sock", std::process::id()))
+}
+
 /// A fresh guest memory, all zeros.
 pub fn memory() -> GuestMemoryMmap {
     let ranges: Vec<(GuestAddress, usize)> = REGIONS.iter().map(|&(at, len)| (GuestAddress(at), len)).collect();

@@ -103,6 +103,7 @@ impl Instance {
             Request::PutDrive(id, drive) => self.before_start("PUT /drives", |plan| plan.put_drive(&id, drive)),
             Request::PutNet(id, net) => self.before_start("PUT /network-interfaces", |plan| plan.put_net(&id, net)),
             Request::PutEntropy(entropy) => self.before_start("PUT /entropy", |plan| plan.set_entropy(entropy)),
+            Request::PutVsock(vsock) => self.before_start("PUT /vsock", |plan| plan.set_vsock(vsock)),
             Request::PutSerial(serial) => self.before_start("PUT /serial", |plan| {
                 plan.serial = Some(serial);
                 Ok(())

@@ -23,7 +23,7 @@ use super::ApiError;
 pub type Names = (&'static str, &'static str);
 
 /// Every counter, so that each line has them all (zeros included), as Firecracker's do.
-const ALL: [Names; 16] = [
+const ALL: [Names; 17] = [
     ("get_api_requests", "instance_info"),
     ("get_api_requests", "machine_cfg"),
     ("get_api_requests", "vmm_version"),
@@ -40,6 +40,7 @@ const ALL: [Names; 16] = [
     ("patch_api_requests", "drive"),
     ("patch_api_requests", "network"),
     ("patch_api_requests", "machine_cfg"),
+    ("put_api_requests", "vsock"),
 ];
 
 /// The counter of `request`.
@@ -61,6 +62,7 @@ pub fn names(request: &Request) -> Names {
         Request::PatchDrive(..) => ALL[13],
         Request::PatchNet(..) => ALL[14],
         Request::PatchMachineConfig(_) => ALL[15],
+        Request::PutVsock(_) => ALL[16],
         Request::PatchVm(_) => ("patch_api_requests", "vm"),
     }
 }

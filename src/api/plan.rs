@@ -18,7 +18,7 @@
 
 use std::path::PathBuf;
 
-use super::types::{BootSource, Drive, EntropyDevice, FullVmConfig, HugePages, Logger, MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, RateLimiter, SerialDevice, TokenBucket};
+use super::types::{BootSource, Drive, EntropyDevice, FullVmConfig, HugePages, Logger, MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, RateLimiter, SerialDevice, TokenBucket, VsockDevice};
 use super::ApiError;
 use crate::config::{self, DiskConfig, NetBackend, NetConfig, VmConfig, MAX_DISK_ID, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use crate::rate_limiter::{BucketConfig, RateLimit};
@@ -43,6 +43,7 @@ pub struct Plan {
     drives: Vec<Drive>,
     nets: Vec<NetworkInterface>,
     entropy: Option<EntropyDevice>,
+    vsock: Option<VsockDevice>,
     pub logger: Option<Logger>,
     pub metrics: Option<Metrics>,
     pub serial: Option<SerialDevice>,
@@ -71,6 +72,9 @@ impl Plan {
         }
         if let Some(entropy) = full.entropy {
             plan.set_entropy(entropy).map_err(in_section("entropy"))?;
+        }
+        if let Some(vsock) = full.vsock {
+            plan.set_vsock(vsock).map_err(in_section("vsock"))?;
         }
         plan.logger = full.logger;
         plan.metrics = full.metrics;
@@ -165,6 +169,13 @@ impl Plan {
         Ok(())
     }
 
+    /// `PUT /vsock`: checked now; its socket is bound when the VM is built.
+    pub fn set_vsock(&mut self, vsock: VsockDevice) -> Result<(), ApiError> {
+        vsock_config(&vsock)?;
+        self.vsock = Some(vsock);
+        Ok(())
+    }
+
     /// Whether a drive with this id was put (for `PATCH /drives/{id}`'s answer).
     pub fn has_drive(&self, id: &str) -> bool {
         self.drives.iter().any(|d| d.drive_id == id)
@@ -196,6 +207,7 @@ impl Plan {
             drives: self.drives.clone(),
             network_interfaces: self.nets.clone(),
             entropy: self.entropy.clone(),
+            vsock: self.vsock.clone(),
             logger: self.logger.clone(),
             metrics: self.metrics.clone(),
             serial: self.serial.clone(),
@@ -219,6 +231,7 @@ impl Plan {
         vm.nets = self.nets.iter().map(net_config).collect::<Result<_, _>>()?;
         vm.rng = self.entropy.is_some();
         vm.rng_rate_limit = rate_limit(self.entropy.as_ref().and_then(|e| e.rate_limiter.as_ref()))?;
+        vm.vsock = self.vsock.as_ref().map(vsock_config).transpose()?;
         vm.check_limits()?;
         Ok(vm)
     }
@@ -271,6 +284,11 @@ pub fn plan_of(vm: &VmConfig) -> Plan {
         drives,
         nets,
         entropy: vm.rng.then(EntropyDevice::default),
+        vsock: vm.vsock.as_ref().map(|v| VsockDevice {
+            vsock_id: None,
+            guest_cid: v.cid,
+            uds_path: v.uds_path.to_string_lossy().into_owned(),
+        }),
         ..Plan::default()
     }
 }
@@ -280,18 +298,28 @@ fn format_mac(mac: [u8; 6]) -> String {
 }
 
 fn refuse_unimplemented_sections(full: &FullVmConfig) -> Result<(), ApiError> {
-    let sections: [(&Option<serde_json::Value>, &'static str); 6] = [
+    let sections: [(&Option<serde_json::Value>, &'static str); 5] = [
         (&full.balloon, "the balloon device (balloon)"),
         (&full.cpu_config, "CPU configuration (cpu-config)"),
         (&full.mmds_config, "the microVM metadata service (mmds-config)"),
         (&full.memory_hotplug, "memory hotplug (memory-hotplug)"),
         (&full.pmem, "pmem devices (pmem)"),
-        (&full.vsock, "vsock (vsock)"),
     ];
     match sections.iter().find(|(value, _)| value.as_ref().is_some_and(|v| !v.is_null())) {
         Some((_, what)) => Err(ApiError::NotImplemented { what }),
         None => Ok(()),
     }
+}
+
+/// `PUT /vsock`'s body as the device's settings, checked as `--vsock` is.
+fn vsock_config(vsock: &VsockDevice) -> Result<crate::config::VsockConfig, ApiError> {
+    crate::config::VsockConfig::new(vsock.guest_cid, &vsock.uds_path).map_err(|e| {
+        let field = match e {
+            crate::config::BadVsock::Cid => "guest_cid",
+            crate::config::BadVsock::Path => "uds_path",
+        };
+        ApiError::BadValue { field, why: e.to_string() }
+    })
 }
 
 fn check_machine(machine: &MachineConfig) -> Result<(), ApiError> {
@@ -595,8 +623,12 @@ mod tests {
         let bad = Plan::from_json(br#"{"machine-config": {"vcpu_count": 64, "mem_size_mib": 64}}"#).expect_err("bad");
         assert!(bad.to_string().contains("machine-config") && bad.to_string().contains("vcpu_count"), "{bad}");
         assert!(Plan::from_json(b"[]").is_err(), "a configuration is an object");
-        let vsock = Plan::from_json(br#"{"vsock": {"guest_cid": 3, "uds_path": "/tmp/v"}}"#).expect_err("vsock");
-        assert!(vsock.to_string().contains("vsock"), "{vsock}");
+        let boot = format!(r#""boot-source": {{"kernel_image_path": "{KERNEL}"}}"#);
+        let with_vsock = format!(r#"{{{boot}, "vsock": {{"vsock_id": "v", "guest_cid": 3, "uds_path": "/tmp/v"}}}}"#);
+        let vm = Plan::from_json(with_vsock.as_bytes()).and_then(|p| p.to_vm_config()).expect("vsock");
+        assert_eq!(vm.vsock, Some(crate::config::VsockConfig { cid: 3, uds_path: "/tmp/v".into() }));
+        let bad = Plan::from_json(br#"{"vsock": {"guest_cid": 2, "uds_path": "/tmp/v"}}"#).expect_err("cid 2");
+        assert!(bad.to_string().contains("vsock") && bad.to_string().contains("guest_cid"), "{bad}");
     }
 
     #[test]

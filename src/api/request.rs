@@ -8,7 +8,7 @@
 
 use serde::de::DeserializeOwned;
 
-use super::types::{ActionType, BootSource, Drive, EntropyDevice, InstanceActionInfo, Logger, MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface, SerialDevice, VmState, VmStateRequest};
+use super::types::{ActionType, BootSource, Drive, EntropyDevice, InstanceActionInfo, Logger, MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface, SerialDevice, VmState, VmStateRequest, VsockDevice};
 use super::ApiError;
 
 /// One API call, parsed.
@@ -26,6 +26,7 @@ pub enum Request {
     PutNet(String, NetworkInterface),
     PatchNet(String, PartialNetworkInterface),
     PutEntropy(EntropyDevice),
+    PutVsock(VsockDevice),
     PutAction(ActionType),
     PatchVm(VmStateRequest),
     PutLogger(Logger),
@@ -34,13 +35,12 @@ pub enum Request {
 }
 
 /// Firecracker's endpoints lguest knows but does not implement, by their path's first segment.
-const NOT_IMPLEMENTED: [(&str, &str); 8] = [
+const NOT_IMPLEMENTED: [(&str, &str); 7] = [
     ("balloon", "the balloon device (/balloon)"),
     ("mmds", "the microVM metadata service (/mmds)"),
     ("hotplug", "memory hotplug (/hotplug/memory)"),
     ("pmem", "pmem devices (/pmem)"),
     ("cpu-config", "CPU configuration (/cpu-config)"),
-    ("vsock", "vsock (/vsock)"),
     ("snapshot", "snapshots (/snapshot)"),
     ("machine-config-templates", "CPU templates"),
 ];
@@ -65,6 +65,7 @@ pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<Request, ApiError>
         ("PUT", ["network-interfaces", id]) => Request::PutNet(path_id(id)?, body_of(body)?),
         ("PATCH", ["network-interfaces", id]) => Request::PatchNet(path_id(id)?, body_of(body)?),
         ("PUT", ["entropy"]) => Request::PutEntropy(body_of(body)?),
+        ("PUT", ["vsock"]) => Request::PutVsock(body_of(body)?),
         ("PUT", ["actions"]) => Request::PutAction(body_of::<InstanceActionInfo>(body)?.action_type),
         ("PATCH", ["vm"]) => Request::PatchVm(body_of::<VmState>(body)?.state),
         ("PUT", ["logger"]) => Request::PutLogger(body_of(body)?),
@@ -130,6 +131,8 @@ mod tests {
         assert!(matches!(ok("PUT", "/network-interfaces/eth0", r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#), Request::PutNet(..)));
         assert!(matches!(ok("PATCH", "/network-interfaces/eth0", r#"{"iface_id": "eth0"}"#), Request::PatchNet(..)));
         assert_eq!(ok("PUT", "/entropy", "{}"), Request::PutEntropy(EntropyDevice::default()));
+        let vsock = VsockDevice { vsock_id: None, guest_cid: 3, uds_path: "/tmp/v.sock".into() };
+        assert_eq!(ok("PUT", "/vsock", r#"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#), Request::PutVsock(vsock));
         assert_eq!(ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#), Request::PutAction(ActionType::SendCtrlAltDel));
         assert_eq!(ok("PATCH", "/vm", r#"{"state": "Resumed"}"#), Request::PatchVm(VmStateRequest::Resumed));
         assert!(matches!(ok("PUT", "/logger", r#"{"level": "Debug", "log_path": "/tmp/l"}"#), Request::PutLogger(_)));
@@ -140,7 +143,7 @@ mod tests {
     #[test]
     fn unimplemented_endpoints_are_named() {
         for (method, path) in [("PUT", "/balloon"), ("GET", "/balloon/statistics"), ("PUT", "/mmds"), ("PUT", "/mmds/config"),
-            ("PUT", "/hotplug/memory"), ("PUT", "/pmem/p0"), ("PUT", "/cpu-config"), ("PUT", "/vsock"), ("PUT", "/snapshot/create"), ("PUT", "/snapshot/load")]
+            ("PUT", "/hotplug/memory"), ("PUT", "/pmem/p0"), ("PUT", "/cpu-config"), ("PUT", "/snapshot/create"), ("PUT", "/snapshot/load")]
         {
             let error = err(method, path, "{}");
             assert!(matches!(error, ApiError::NotImplemented { .. }), "{method} {path}: {error}");

@@ -211,6 +211,17 @@ pub struct PartialNetworkInterface {
     pub tx_rate_limiter: Option<RateLimiter>,
 }
 
+/// `PUT /vsock`: the guest's CID and the Unix socket of Firecracker's hybrid vsock.
+/// `vsock_id`, which older clients send, is kept and means nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockDevice {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+    pub guest_cid: u64,
+    pub uds_path: String,
+}
+
 /// `PUT /entropy`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -361,8 +372,8 @@ pub struct FullVmConfig {
     pub memory_hotplug: Option<serde_json::Value>,
     #[serde(default, skip_serializing)]
     pub pmem: Option<serde_json::Value>,
-    #[serde(default, skip_serializing)]
-    pub vsock: Option<serde_json::Value>,
+    #[serde(default, deserialize_with = "present_object", skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockDevice>,
 }
 
 #[cfg(test)]

@@ -44,6 +44,7 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
     pub const CONSOLE: u32 = 3;
     pub const RNG: u32 = 4;
+    pub const VSOCK: u32 = 19;
 }
 
 /// Feature bits every device gets from the transport; devices offer only their own.
@@ -126,6 +127,11 @@ pub trait Device: Send {
     fn change_backend(&mut self, update: BackendUpdate) -> Result<(), UpdateError> {
         Err(UpdateError::Unsupported(update.what()))
     }
+
+    /// The worker stopped (a reset, or a new activation) and gave its handler back: a device
+    /// whose backend must outlive activations (vsock's listening socket) takes it back here.
+    /// By default the handler, with its queues, is dropped.
+    fn stopped(&mut self, _handler: Self::Handler) {}
 }
 
 /// A change to a device's backend that the guest didn't ask for: a new disk image in the
@@ -174,14 +180,18 @@ impl<D: Device> VirtioDevice for D {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        self.common().stop();
+        if let Some(handler) = self.common().stop() {
+            self.stopped(handler);
+        }
         let signals = activation.signals.clone();
         let handler = self.handler(activation)?;
         self.common().start(D::WORKER_NAME, handler, signals)
     }
 
     fn reset(&mut self) {
-        self.common().stop();
+        if let Some(handler) = self.common().stop() {
+            self.stopped(handler);
+        }
     }
 }
 
@@ -212,17 +222,15 @@ impl<H: DeviceWorker> VirtioCommon<H> {
         Ok(())
     }
 
-    /// Stops the worker, if one runs; its handler, with the queues, goes with it.
-    fn stop(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            let _ = worker.stop();
-        }
+    /// Stops the worker, if one runs, and gives back its handler (with the queues).
+    fn stop(&mut self) -> Option<H> {
+        self.worker.take().and_then(Worker::stop)
     }
 }
 
 impl<H: DeviceWorker> Drop for VirtioCommon<H> {
     fn drop(&mut self) {
-        self.stop();
+        drop(self.stop());
     }
 }
 

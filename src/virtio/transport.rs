@@ -451,7 +451,8 @@ fn identity(device_type: u32) -> Identity {
     let class = match device_type {
         device_type::NET => 0x02_00_00,
         device_type::BLOCK => 0x01_00_00,
-        device_type::CONSOLE => 0x07_80_00,
+        // Other communication controllers, as QEMU's vhost-vsock-pci says.
+        device_type::CONSOLE | device_type::VSOCK => 0x07_80_00,
         _ => 0xff_00_00,
     };
     Identity {

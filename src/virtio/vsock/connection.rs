@@ -175,7 +175,16 @@ impl Connection {
             self.ours_in_front -= ours;
             self.forwarded(written - ours);
         }
+        if self.to_host.is_empty() && self.guest_done_sending() {
+            // The guest's SHUTDOWN came while its last bytes waited here: now the host
+            // program can see the end of them.
+            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        }
         Ok(())
+    }
+
+    fn guest_done_sending(&self) -> bool {
+        matches!(self.state, State::Closing { guest_done, .. } if guest_done & SHUTDOWN_SEND != 0)
     }
 
     fn forwarded(&mut self, bytes: usize) {
@@ -217,6 +226,12 @@ impl Connection {
         guest_done == SHUTDOWN_RCV | SHUTDOWN_SEND
     }
 
+    /// The guest is done both ways and the host program has all it sent: time for the RST.
+    pub fn finished(&self) -> bool {
+        let both = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        matches!(self.state, State::Closing { guest_done, .. } if guest_done & both == both) && self.to_host.is_empty()
+    }
+
     /// The next control packet owed to the guest, if any.
     pub fn owed_packet(&mut self, guest_cid: u64) -> Option<Header> {
         let op = self.owed.pop_front()?;
@@ -240,7 +255,13 @@ impl Connection {
     }
 
     /// Reads from the host program into `buf` (at most the guest's credit). `Ok(None)` when
-    /// nothing is there; a SHUTDOWN header when the host program closed its end.
+    /// nothing is there; a SHUTDOWN header when the host program has stopped writing.
+    ///
+    /// That SHUTDOWN says only "the host sends no more": an end of file is all a half-close
+    /// (`shutdown(SHUT_WR)`) and a close look alike from here, and a host program that only
+    /// half-closed still reads what the guest sends. (Saying "nor receives" too made the guest
+    /// fail its own sending with EPIPE the moment the host program finished first.) After a
+    /// close, the guest's next bytes fail our write and the stream is reset.
     pub fn read_for_guest(&mut self, guest_cid: u64, buf: &mut [u8]) -> io::Result<Option<(Header, usize)>> {
         let room = buf.len().min(self.peer_credit() as usize);
         if room == 0 {
@@ -254,7 +275,7 @@ impl Connection {
                 };
                 self.state = State::Closing { guest_done, host_eof: true };
                 let mut header = self.header(guest_cid, Op::Shutdown);
-                header.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+                header.flags = SHUTDOWN_SEND;
                 Ok(Some((header, 0)))
             }
             Ok(n) => {
@@ -403,9 +424,26 @@ mod tests {
         drop(theirs);
         let mut buf = [0u8; 16];
         let (h, n) = c.read_for_guest(GUEST, &mut buf).expect("read").expect("a shutdown");
-        assert_eq!((h.op, h.flags, n), (Op::Shutdown as u16, SHUTDOWN_RCV | SHUTDOWN_SEND, 0));
+        assert_eq!((h.op, h.flags, n), (Op::Shutdown as u16, SHUTDOWN_SEND, 0), "the host sends no more");
         assert!(!c.wants_to_read());
+        assert_eq!(c.from_guest(b"late"), Err(Reset::HostFailed), "a closed host program can't take more");
         assert!(c.guest_shutdown(SHUTDOWN_RCV | SHUTDOWN_SEND));
+    }
+
+    #[test]
+    fn a_host_program_that_only_stops_writing_still_receives() {
+        let (ours, mut theirs) = pair();
+        let mut c = Connection::accepted(ours, 52, 1000, &request(4096));
+        theirs.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut buf = [0u8; 16];
+        let (h, _) = c.read_for_guest(GUEST, &mut buf).expect("read").expect("a shutdown");
+        assert_eq!((h.op, h.flags), (Op::Shutdown as u16, SHUTDOWN_SEND));
+        c.from_guest(b"still heard").expect("the host program still reads");
+        let mut got = [0u8; 11];
+        theirs.read_exact(&mut got).expect("read");
+        assert_eq!(&got, b"still heard");
+        assert!(!c.guest_shutdown(SHUTDOWN_SEND), "the guest's end of sending");
+        assert!(c.guest_shutdown(SHUTDOWN_RCV), "and of receiving: the stream is done");
     }
 
     #[test]
@@ -419,6 +457,29 @@ mod tests {
         theirs.write_all(b"z").expect("write");
         assert!(c.wants_to_read(), "the guest still receives");
         assert!(c.guest_shutdown(SHUTDOWN_RCV));
+    }
+
+    #[test]
+    fn a_shutdown_behind_bytes_the_host_has_not_taken_reaches_it_after_them() {
+        let (ours, mut theirs) = pair();
+        let mut c = Connection::accepted(ours, 52, 1000, &request(4096));
+        let chunk = vec![3u8; 64 << 10];
+        while !c.wants_to_write() {
+            c.from_guest(&chunk).expect("within credit");
+        }
+        assert!(!c.guest_shutdown(SHUTDOWN_SEND));
+        // Without the end, the read below would wait: make that a failure, not a hang.
+        theirs.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+        let mut sink = vec![0u8; 64 << 10];
+        let mut total = 0;
+        loop {
+            c.flush_to_host().expect("flush");
+            match theirs.read(&mut sink).expect("read") {
+                0 => break,
+                n => total += n,
+            }
+        }
+        assert_eq!(total as u32, c.rx_cnt, "every byte, then the end");
     }
 
     #[test]

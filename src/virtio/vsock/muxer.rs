@@ -54,6 +54,8 @@ type Key = (u32, u32);
 pub enum MuxerError {
     #[error("a program is already listening on '{}'; choose another uds path", .0.display())]
     InUse(PathBuf),
+    #[error("'{}' exists and is not a socket; choose another uds path", .0.display())]
+    NotASocket(PathBuf),
     #[error("cannot listen on '{}': {source}", path.display())]
     Listen { path: PathBuf, source: io::Error },
     #[error("cannot set up the vsock device's epoll: {0}")]
@@ -78,6 +80,11 @@ pub struct Muxer {
     /// Streams that may have a packet for the guest, in turn.
     ready: VecDeque<Key>,
     in_ready: HashSet<Key>,
+    /// Streams whose host program has closed its socket. epoll reports a hang-up whatever it
+    /// is asked to watch, so such a stream leaves the epoll set (or it would wake the worker
+    /// for ever while a guest that posts no receive buffers keeps it from being read); what
+    /// is left in it is read in turn, through `ready`, while the guest has credit.
+    hung_up: HashSet<Key>,
     /// RSTs for packets that named no stream of ours.
     resets: VecDeque<Header>,
     next_host_port: u32,
@@ -85,7 +92,7 @@ pub struct Muxer {
 
 impl Muxer {
     /// Listens on `uds_path` for host programs. A stale socket file there (nobody listening)
-    /// is replaced; a live one is an error.
+    /// is replaced; a live one, or anything that is not a socket, is an error.
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Muxer, MuxerError> {
         let listener = listen(uds_path)?;
         let epoll = Epoll::new().map_err(MuxerError::Epoll)?;
@@ -102,6 +109,7 @@ impl Muxer {
             handshakes: HashMap::new(),
             ready: VecDeque::new(),
             in_ready: HashSet::new(),
+            hung_up: HashSet::new(),
             resets: VecDeque::new(),
             next_host_port: FIRST_HOST_PORT,
         })
@@ -120,6 +128,7 @@ impl Muxer {
         self.by_fd.clear();
         self.ready.clear();
         self.in_ready.clear();
+        self.hung_up.clear();
         self.resets.clear();
     }
 
@@ -187,7 +196,9 @@ impl Muxer {
                 connection.owe_credit_update();
                 Ok(())
             }
-            Op::Shutdown if connection.guest_shutdown(header.flags) => Err(()),
+            // Both ways done: the stream ends with RST, but only once the host program has
+            // had the guest's last bytes (see `stream_event`).
+            Op::Shutdown if connection.guest_shutdown(header.flags) && !connection.wants_to_write() => Err(()),
             Op::Shutdown => Ok(()),
         };
         match outcome {
@@ -265,6 +276,12 @@ impl Muxer {
     /// host program.
     fn watch(&mut self, key: Key) {
         let Some(connection) = self.connections.get(&key) else { return };
+        if self.hung_up.contains(&key) {
+            if connection.wants_to_read() {
+                self.mark_ready(key);
+            }
+            return;
+        }
         let mut events = EventSet::empty();
         if connection.wants_to_read() && !self.in_ready.contains(&key) {
             events |= EventSet::IN;
@@ -279,14 +296,21 @@ impl Muxer {
 
     fn stream_event(&mut self, key: Key, set: EventSet) {
         let Some(connection) = self.connections.get_mut(&key) else { return };
-        if set.contains(EventSet::OUT) && connection.flush_to_host().is_err() {
+        // A host program that hung up with bytes still owed to it: the write fails, and ends it.
+        let flush = set.contains(EventSet::OUT)
+            || (set.intersects(EventSet::HANG_UP | EventSet::ERROR) && connection.wants_to_write());
+        if (flush && connection.flush_to_host().is_err()) || connection.finished() {
             self.remove(key);
             self.owe_reset(key);
             return;
         }
+        let fd = connection.stream.as_raw_fd();
         if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
             // Read (or see the end) when the guest takes its next packet.
             self.mark_ready(key);
+        }
+        if set.intersects(EventSet::HANG_UP | EventSet::ERROR) && self.hung_up.insert(key) {
+            let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
         self.refresh(key);
     }
@@ -298,6 +322,7 @@ impl Muxer {
     }
 
     fn remove(&mut self, key: Key) {
+        self.hung_up.remove(&key);
         if let Some(connection) = self.connections.remove(&key) {
             let fd = connection.stream.as_raw_fd();
             let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
@@ -338,13 +363,13 @@ impl Muxer {
 
     fn accept_host_programs(&mut self) {
         loop {
-            let stream = match self.listener.accept() {
-                Ok((stream, _)) => stream,
+            let stream = match accept_nonblocking(&self.listener) {
+                Ok(stream) => stream,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // WouldBlock: all taken; anything else (EMFILE, ...): try again on the next event.
                 Err(_) => return,
             };
-            if self.handshakes.len() >= MAX_HANDSHAKES || stream.set_nonblocking(true).is_err() {
+            if self.handshakes.len() >= MAX_HANDSHAKES {
                 continue; // dropped: the host program sees its socket close
             }
             let fd = stream.as_raw_fd();
@@ -429,6 +454,11 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
 fn listen(path: &Path) -> Result<UnixListener, MuxerError> {
     let listener = match UnixListener::bind(path) {
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            use std::os::unix::fs::FileTypeExt;
+            // Only a socket is ours to replace: never a user's file that happens to be there.
+            if !std::fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_socket()) {
+                return Err(MuxerError::NotASocket(path.to_path_buf()));
+            }
             if UnixStream::connect(path).is_ok() {
                 return Err(MuxerError::InUse(path.to_path_buf()));
             }
@@ -440,6 +470,20 @@ fn listen(path: &Path) -> Result<UnixListener, MuxerError> {
     let listener = listener.map_err(|source| MuxerError::Listen { path: path.to_path_buf(), source })?;
     listener.set_nonblocking(true).map_err(|source| MuxerError::Listen { path: path.to_path_buf(), source })?;
     Ok(listener)
+}
+
+/// Accepts a host program's connection, non-blocking from the start (one `accept4`, where
+/// std's `accept` and `set_nonblocking` would add an `ioctl` the worker's filter refuses).
+fn accept_nonblocking(listener: &UnixListener) -> io::Result<UnixStream> {
+    // SAFETY: accept4 with null address pointers only returns a new fd (or an error).
+    let fd = unsafe {
+        libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket we own.
+    Ok(UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 /// Connects to a Unix socket without waiting: a host program whose backlog is full refuses

@@ -261,6 +261,46 @@ fn a_full_shutdown_ends_the_stream_with_rst() {
 }
 
 #[test]
+fn a_guest_that_closes_with_bytes_still_owed_to_the_host_has_them_delivered_first() {
+    let mut s = setup();
+    let listener = s.host_listener(52);
+    s.guest_sends(Op::Request, 1000, 52, b"").expect("request");
+    let _ = s.guest_receives();
+    let (mut host, _) = listener.accept().expect("accept");
+    let chunk = vec![9u8; 64 << 10];
+    let mut sent = 0;
+    while !s.muxer.connections.values().any(|c| c.wants_to_write()) {
+        s.guest_sends(Op::Rw, 1000, 52, &chunk).expect("within credit");
+        sent += chunk.len();
+    }
+    let header = Header {
+        src_cid: GUEST,
+        dst_cid: HOST_CID,
+        src_port: 1000,
+        dst_port: 52,
+        kind: TYPE_STREAM,
+        op: Op::Shutdown as u16,
+        flags: SHUTDOWN_RCV | SHUTDOWN_SEND,
+        ..Header::default()
+    };
+    s.muxer.from_guest(&header, b"").expect("shutdown");
+    assert_eq!(s.muxer.connection_count(), 1, "kept until the host program has every byte");
+    host.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut got = 0;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        s.muxer.process_host_events();
+        match host.read(&mut buf).expect("read") {
+            0 => break,
+            n => got += n,
+        }
+    }
+    assert_eq!(got, sent, "nothing lost, then the end");
+    assert_eq!(s.muxer.connection_count(), 0);
+    assert_eq!(ops(&s.guest_receives()), [Op::Rst as u16]);
+}
+
+#[test]
 fn a_host_program_that_closes_tells_the_guest() {
     let mut s = setup();
     let listener = s.host_listener(52);
@@ -270,7 +310,52 @@ fn a_host_program_that_closes_tells_the_guest() {
     drop(host);
     let packets = s.guest_receives();
     assert_eq!(ops(&packets), [Op::Shutdown as u16]);
-    assert_eq!(packets[0].0.flags, SHUTDOWN_RCV | SHUTDOWN_SEND);
+    assert_eq!(packets[0].0.flags, SHUTDOWN_SEND, "the host sends no more");
+}
+
+/// Whether the muxer's epoll set would wake the device's worker now.
+fn muxer_wakes(muxer: &Muxer) -> bool {
+    let mut poll = libc::pollfd { fd: muxer.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, no waiting.
+    unsafe { libc::poll(&mut poll, 1, 0) == 1 }
+}
+
+#[test]
+fn a_closed_host_socket_does_not_wake_the_worker_while_the_guest_takes_nothing() {
+    let mut s = setup();
+    let listener = s.host_listener(52);
+    s.guest_sends(Op::Request, 1000, 52, b"").expect("request");
+    let _ = s.guest_receives();
+    let (mut host, _) = listener.accept().expect("accept");
+    host.write_all(b"last words").expect("write");
+    drop(host);
+    s.muxer.process_host_events();
+    assert!(s.muxer.has_work_for_guest());
+    // The guest posts no buffers: epoll must not keep reporting the hang-up.
+    assert!(!muxer_wakes(&s.muxer), "a hung-up stream would spin the worker");
+    let packets = s.guest_receives();
+    assert_eq!(ops(&packets), [Op::Rw as u16, Op::Shutdown as u16]);
+    assert_eq!(packets[0].1, b"last words");
+}
+
+#[test]
+fn a_hung_up_stream_is_read_to_its_end_as_the_guest_gives_credit() {
+    let mut s = setup();
+    let listener = s.host_listener(52);
+    let mut request = Header { src_cid: GUEST, dst_cid: HOST_CID, src_port: 1000, dst_port: 52, kind: TYPE_STREAM, op: Op::Request as u16, ..Header::default() };
+    request.buf_alloc = 4;
+    s.muxer.from_guest(&request, b"").expect("request");
+    let _ = s.guest_receives();
+    let (mut host, _) = listener.accept().expect("accept");
+    host.write_all(b"12345678").expect("write");
+    drop(host);
+    let first = s.guest_receives();
+    assert_eq!(first.iter().map(|p| p.1.clone()).collect::<Vec<_>>(), [b"1234".to_vec()], "only the credit");
+    let update = Header { op: Op::CreditUpdate as u16, fwd_cnt: 4, ..request };
+    s.muxer.from_guest(&update, b"").expect("credit");
+    let rest = s.guest_receives();
+    assert_eq!(ops(&rest)[0], Op::Rw as u16);
+    assert_eq!(rest[0].1, b"5678");
 }
 
 #[test]
@@ -284,6 +369,15 @@ fn a_live_socket_is_not_taken_over_but_a_stale_one_is() {
     drop(UnixListener::bind(&path).expect("a listener that dies"));
     assert!(path.exists(), "a stale socket file");
     Muxer::new(GUEST, &path).expect("replaces a stale socket");
+}
+
+#[test]
+fn a_file_that_is_not_a_socket_is_never_replaced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, b"keep me").expect("a user's file");
+    assert!(matches!(Muxer::new(GUEST, &path), Err(MuxerError::NotASocket(_))));
+    assert_eq!(std::fs::read(&path).expect("still there"), b"keep me");
 }
 
 #[test]

@@ -1,0 +1,351 @@
+//! vsock-io: moves a known pattern over vsock streams and checks it, from inside a guest
+//! (AF_VSOCK) or from the host side of Firecracker's hybrid vsock (a Unix socket), so that
+//! both ends of lguest's lab tests are the same program.
+//!
+//! ```text
+//! vsock-io listen PORT [OPTS]           guest: accept --count connections on vsock PORT
+//! vsock-io connect CID PORT [OPTS]      guest: connect to CID:PORT (the host is CID 2)
+//! vsock-io uds-connect PATH PORT [OPTS] host: connect to PATH, "CONNECT PORT", expect "OK n"
+//! vsock-io uds-listen PATH [OPTS]       host: accept --count connections on the Unix socket
+//!                                       PATH (lguest's PATH_PORT for guest port PORT)
+//! vsock-io pattern-sum BYTES            the checksum the pattern of BYTES bytes has
+//!
+//! OPTS: --send BYTES (0)     the pattern to send on each connection, then shut down writing
+//!       --recv BYTES         fail unless exactly this many bytes arrive before the end
+//!       --count N (1)        connections a listener serves (at once) before it exits
+//!       --chunk BYTES (64K)  read size
+//!       --slow-ms MS (0)     sleep this long after every read: a slow reader
+//! BYTES may end in K or M.
+//! ```
+//!
+//! A vsock listener first prints `VSOCK-IO listening PORT`. Each connection prints one line,
+//! `VSOCK-IO TAG sent=N sent_sum=X received=M sum=Y ms=T`, once both directions are done (T
+//! from its start, for a rough rate only; sending runs on a thread of its own, so that two
+//! ends sending at once never wait on each other). The checksum is FNV-1a over the bytes, and the pattern
+//! numbers its bytes (`i % 251`), so data at a wrong offset never passes. A connection that
+//! is refused or reset prints `VSOCK-IO TAG failed: why`; the exit status is then 3 (2 for a
+//! bad command line). Built static (bench/run.sh), it runs in the lab and in the guest alike.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+const USAGE: &str = "usage: vsock-io listen PORT | connect CID PORT | uds-connect PATH PORT | uds-listen PATH \
+[--send BYTES] [--recv BYTES] [--count N] [--chunk BYTES] [--slow-ms MS] | pattern-sum BYTES";
+
+/// What one connection does.
+#[derive(Clone, Copy)]
+struct Plan {
+    send: u64,
+    recv: Option<u64>,
+    count: usize,
+    chunk: usize,
+    slow: Duration,
+}
+
+/// A failure of one connection, or of the command line.
+enum Failure {
+    Usage(String),
+    Io(String),
+}
+
+/// The byte at offset `i` of the pattern.
+fn pattern_byte(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+/// FNV-1a, 64 bits.
+struct Sum(u64);
+
+impl Sum {
+    fn new() -> Sum {
+        Sum(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn add(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+fn pattern_sum(bytes: u64) -> u64 {
+    let mut sum = Sum::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut at = 0;
+    while at < bytes {
+        let n = (bytes - at).min(buf.len() as u64) as usize;
+        fill(&mut buf[..n], at);
+        sum.add(&buf[..n]);
+        at += n as u64;
+    }
+    sum.0
+}
+
+fn fill(buf: &mut [u8], from: u64) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = pattern_byte(from + i as u64);
+    }
+}
+
+fn parse_bytes(text: &str) -> Result<u64, Failure> {
+    let (digits, scale) = match text.as_bytes().last() {
+        Some(b'K' | b'k') => (&text[..text.len() - 1], 1 << 10),
+        Some(b'M' | b'm') => (&text[..text.len() - 1], 1 << 20),
+        _ => (text, 1),
+    };
+    let number: u64 = digits.parse().map_err(|_| Failure::Usage(format!("'{text}' is not a byte count")))?;
+    number.checked_mul(scale).ok_or_else(|| Failure::Usage(format!("'{text}' is too large")))
+}
+
+fn parse_plan(options: &[String]) -> Result<Plan, Failure> {
+    let mut plan = Plan { send: 0, recv: None, count: 1, chunk: 64 << 10, slow: Duration::ZERO };
+    let mut rest = options.iter();
+    while let Some(option) = rest.next() {
+        let value = rest.next().ok_or_else(|| Failure::Usage(format!("{option} needs a value")))?;
+        match option.as_str() {
+            "--send" => plan.send = parse_bytes(value)?,
+            "--recv" => plan.recv = Some(parse_bytes(value)?),
+            "--count" => plan.count = parse_bytes(value)?.clamp(1, 4096) as usize,
+            "--chunk" => plan.chunk = parse_bytes(value)?.clamp(1, 16 << 20) as usize,
+            "--slow-ms" => plan.slow = Duration::from_millis(parse_bytes(value)?),
+            _ => return Err(Failure::Usage(format!("unknown option {option}"))),
+        }
+    }
+    Ok(plan)
+}
+
+/// Sends the pattern, then shuts down writing.
+fn send_all(mut stream: impl Write + Shut, bytes: u64) -> Result<(), String> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut at = 0;
+    while at < bytes {
+        let n = (bytes - at).min(buf.len() as u64) as usize;
+        fill(&mut buf[..n], at);
+        stream.write_all(&buf[..n]).map_err(|e| format!("sending at byte {at}: {e}"))?;
+        at += n as u64;
+    }
+    stream.shut_write().map_err(|e| format!("shutting down writing: {e}"))
+}
+
+/// Half-closing a stream, whatever its kind.
+trait Shut {
+    fn shut_write(&self) -> std::io::Result<()>;
+}
+
+impl Shut for UnixStream {
+    fn shut_write(&self) -> std::io::Result<()> {
+        self.shutdown(std::net::Shutdown::Write)
+    }
+}
+
+impl Shut for std::fs::File {
+    fn shut_write(&self) -> std::io::Result<()> {
+        // SAFETY: shutdown takes the fd we own and a constant.
+        if unsafe { libc::shutdown(self.as_raw_fd(), libc::SHUT_WR) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Runs one connection: the pattern out on a thread, everything in here; the report line.
+fn serve<S>(tag: &str, stream: S, writer: S, plan: Plan) -> Result<(), Failure>
+where
+    S: Read + Write + Shut + Send + 'static,
+{
+    let send = plan.send;
+    let start = std::time::Instant::now();
+    let sender = std::thread::spawn(move || send_all(writer, send));
+    let received = receive(stream, plan);
+    let sent = sender.join().unwrap_or_else(|_| Err("the sending thread panicked".into()));
+    let (received, sum) = received.map_err(|e| Failure::Io(format!("VSOCK-IO {tag} failed: {e}")))?;
+    sent.map_err(|e| Failure::Io(format!("VSOCK-IO {tag} failed: {e}")))?;
+    let ms = start.elapsed().as_millis();
+    println!("VSOCK-IO {tag} sent={send} sent_sum={:016x} received={received} sum={sum:016x} ms={ms}", pattern_sum(send));
+    match plan.recv {
+        Some(want) if want != received => Err(Failure::Io(format!("VSOCK-IO {tag} failed: received {received} bytes, not {want}"))),
+        _ => Ok(()),
+    }
+}
+
+fn receive(mut stream: impl Read, plan: Plan) -> Result<(u64, u64), String> {
+    let mut buf = vec![0u8; plan.chunk];
+    let (mut received, mut sum) = (0u64, Sum::new());
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok((received, sum.0)),
+            Ok(n) => {
+                sum.add(&buf[..n]);
+                received += n as u64;
+                if !plan.slow.is_zero() {
+                    std::thread::sleep(plan.slow);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("receiving after {received} bytes: {e}")),
+        }
+    }
+}
+
+fn vsock_socket() -> Result<std::fs::File, String> {
+    // SAFETY: socket takes integers; the fd is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("socket(AF_VSOCK): {} (is vmw_vsock_virtio_transport loaded?)", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh fd of ours.
+    Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+fn vsock_address(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: a zeroed sockaddr_vm is valid; the fields are set below.
+    let mut address: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    address.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    address.svm_cid = cid;
+    address.svm_port = port;
+    address
+}
+
+const VM_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+
+fn vsock_listen(port: u32, plan: Plan) -> Result<(), Failure> {
+    let listener = vsock_socket().map_err(Failure::Io)?;
+    let address = vsock_address(libc::VMADDR_CID_ANY, port);
+    // SAFETY: a valid sockaddr_vm of VM_LEN bytes that outlives the call.
+    if unsafe { libc::bind(listener.as_raw_fd(), (&address as *const libc::sockaddr_vm).cast(), VM_LEN) } < 0 {
+        return Err(Failure::Io(format!("binding vsock port {port}: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: listen on our own socket.
+    if unsafe { libc::listen(listener.as_raw_fd(), 64) } < 0 {
+        return Err(Failure::Io(format!("listening on vsock port {port}: {}", std::io::Error::last_os_error())));
+    }
+    // For a script waiting to connect (a connection to a port nobody listens on is refused).
+    println!("VSOCK-IO listening {port}");
+    let mut workers = Vec::new();
+    for i in 0..plan.count {
+        // SAFETY: accept on our own socket, no address wanted.
+        let fd = unsafe { libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+        if fd < 0 {
+            return Err(Failure::Io(format!("accepting on vsock port {port}: {}", std::io::Error::last_os_error())));
+        }
+        // SAFETY: a fresh fd of ours.
+        let stream = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let writer = stream.try_clone().map_err(|e| Failure::Io(e.to_string()))?;
+        let tag = format!("listen-{port}-{i}");
+        workers.push(std::thread::spawn(move || serve(&tag, stream, writer, plan)));
+    }
+    join_all(workers)
+}
+
+fn vsock_connect(cid: u32, port: u32, plan: Plan) -> Result<(), Failure> {
+    let stream = vsock_socket().map_err(Failure::Io)?;
+    let address = vsock_address(cid, port);
+    // SAFETY: a valid sockaddr_vm of VM_LEN bytes that outlives the call.
+    if unsafe { libc::connect(stream.as_raw_fd(), (&address as *const libc::sockaddr_vm).cast(), VM_LEN) } < 0 {
+        let why = std::io::Error::last_os_error();
+        return Err(Failure::Io(format!("VSOCK-IO connect-{cid}-{port} failed: connect: {why}")));
+    }
+    let writer = stream.try_clone().map_err(|e| Failure::Io(e.to_string()))?;
+    serve(&format!("connect-{cid}-{port}"), stream, writer, plan)
+}
+
+/// The host side of the hybrid vsock: `CONNECT PORT\n`, then `OK <host port>\n` back.
+fn uds_connect(path: &str, port: u32, plan: Plan) -> Result<(), Failure> {
+    let tag = format!("uds-connect-{port}");
+    let failed = |why: String| Failure::Io(format!("VSOCK-IO {tag} failed: {why}"));
+    let mut stream = UnixStream::connect(path).map_err(|e| failed(format!("connecting to {path}: {e}")))?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(|e| failed(format!("CONNECT: {e}")))?;
+    let line = read_line(&mut stream).map_err(failed)?;
+    if !line.starts_with("OK ") {
+        return Err(failed(format!("the answer to CONNECT was '{line}', not OK <port>")));
+    }
+    let writer = stream.try_clone().map_err(|e| failed(e.to_string()))?;
+    serve(&tag, stream, writer, plan)
+}
+
+/// Reads up to a newline, one byte at a time (what follows is the stream's).
+fn read_line(stream: &mut UnixStream) -> Result<String, String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) => return Err(format!("refused: the socket closed after '{}'", String::from_utf8_lossy(&line))),
+            Ok(_) if byte[0] == b'\n' => return Ok(String::from_utf8_lossy(&line).into_owned()),
+            Ok(_) if line.len() > 64 => return Err("an answer line longer than 64 bytes".into()),
+            Ok(_) => line.push(byte[0]),
+            Err(e) => return Err(format!("reading the answer to CONNECT: {e}")),
+        }
+    }
+}
+
+fn uds_listen(path: &str, plan: Plan) -> Result<(), Failure> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(|e| Failure::Io(format!("listening on {path}: {e}")))?;
+    let mut workers = Vec::new();
+    for i in 0..plan.count {
+        let (stream, _) = listener.accept().map_err(|e| Failure::Io(format!("accepting on {path}: {e}")))?;
+        let writer = stream.try_clone().map_err(|e| Failure::Io(e.to_string()))?;
+        let tag = format!("uds-listen-{i}");
+        workers.push(std::thread::spawn(move || serve(&tag, stream, writer, plan)));
+    }
+    join_all(workers)
+}
+
+/// Waits for every connection; the first failure is the result (all are printed).
+fn join_all(workers: Vec<std::thread::JoinHandle<Result<(), Failure>>>) -> Result<(), Failure> {
+    let mut result = Ok(());
+    for worker in workers {
+        let outcome = worker.join().unwrap_or_else(|_| Err(Failure::Io("a connection's thread panicked".into())));
+        if let Err(Failure::Io(why) | Failure::Usage(why)) = &outcome {
+            println!("{why}");
+        }
+        if result.is_ok() {
+            result = outcome;
+        }
+    }
+    result.map_err(|_| Failure::Io(String::new()))
+}
+
+fn number<T: std::str::FromStr>(text: Option<&String>, what: &str) -> Result<T, Failure> {
+    text.and_then(|t| t.parse().ok()).ok_or_else(|| Failure::Usage(format!("expected {what}")))
+}
+
+fn run(args: &[String]) -> Result<(), Failure> {
+    let mode = args.first().map(String::as_str).unwrap_or("");
+    match mode {
+        "listen" => vsock_listen(number(args.get(1), "a port")?, parse_plan(&args[2..])?),
+        "connect" if args.len() >= 3 => {
+            vsock_connect(number(args.get(1), "a CID")?, number(args.get(2), "a port")?, parse_plan(&args[3..])?)
+        }
+        "uds-connect" if args.len() >= 3 => uds_connect(&args[1], number(args.get(2), "a port")?, parse_plan(&args[3..])?),
+        "uds-listen" if args.len() >= 2 => uds_listen(&args[1], parse_plan(&args[2..])?),
+        "pattern-sum" => {
+            let bytes = parse_bytes(args.get(1).map_or("", String::as_str))?;
+            println!("{:016x}", pattern_sum(bytes));
+            Ok(())
+        }
+        _ => Err(Failure::Usage(String::new())),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => {}
+        Err(Failure::Usage(why)) => {
+            if !why.is_empty() {
+                eprintln!("vsock-io: {why}");
+            }
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
+        Err(Failure::Io(why)) => {
+            if !why.is_empty() {
+                println!("{why}");
+            }
+            std::process::exit(3);
+        }
+    }
+}

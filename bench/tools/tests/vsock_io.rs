@@ -1,0 +1,90 @@
+//! vsock-io's host side against a stand-in for lguest's muxer: the test accepts the
+//! `uds-connect` end's connection, checks its `CONNECT` line, answers `OK`, and splices it to
+//! a `uds-listen` end, as lguest does between a host program and a guest. Both ends must
+//! report the other's pattern, byte for byte; a connection the muxer closes is a refusal.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+fn vsock_io(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_vsock-io")).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start vsock-io")
+}
+
+fn pattern_sum(bytes: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_vsock-io")).args(["pattern-sum", bytes]).output().expect("pattern-sum");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The muxer's side of a host program's connection: its CONNECT line.
+fn accept_connect(listener: &UnixListener) -> (UnixStream, String) {
+    let (mut stream, _) = listener.accept().expect("accept");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while stream.read(&mut byte).expect("the CONNECT line") == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    (stream, String::from_utf8_lossy(&line).into_owned())
+}
+
+fn connect_when_listening(path: &Path) -> UnixStream {
+    for _ in 0..500 {
+        if let Ok(stream) = UnixStream::connect(path) {
+            return stream;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("nobody listens on {}", path.display());
+}
+
+/// Copies one way until the end, then passes the end on.
+fn splice(mut from: UnixStream, to: UnixStream) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut to_writer = &to;
+        let _ = std::io::copy(&mut from, &mut to_writer);
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    })
+}
+
+fn line_of(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).lines().find(|l| l.starts_with("VSOCK-IO")).unwrap_or_default().to_string()
+}
+
+#[test]
+fn both_host_ends_move_the_pattern_through_a_connect_handshake() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let muxer = UnixListener::bind(dir.path().join("v.sock")).expect("bind");
+    let guest_side = dir.path().join("v.sock_7");
+    let listen = vsock_io(&["uds-listen", guest_side.to_str().expect("path"), "--send", "1M", "--recv", "300K", "--chunk", "1000"]);
+    let connect = vsock_io(&["uds-connect", dir.path().join("v.sock").to_str().expect("path"), "7", "--send", "300K", "--recv", "1M"]);
+    let (mut host, line) = accept_connect(&muxer);
+    assert_eq!(line, "CONNECT 7");
+    host.write_all(b"OK 1073741824\n").expect("OK");
+    let guest = connect_when_listening(&guest_side);
+    let one = splice(host.try_clone().expect("clone"), guest.try_clone().expect("clone"));
+    let two = splice(guest, host);
+    let (listen, connect) = (listen.wait_with_output().expect("listen"), connect.wait_with_output().expect("connect"));
+    one.join().expect("splice");
+    two.join().expect("splice");
+    assert!(listen.status.success() && connect.status.success(), "{listen:?}\n{connect:?}");
+    let (small, big) = (pattern_sum("300K"), pattern_sum("1M"));
+    let without_time = |line: String| line.rsplit_once(" ms=").map(|(rest, _)| rest.to_string()).unwrap_or(line);
+    assert_eq!(without_time(line_of(&listen)), format!("VSOCK-IO uds-listen-0 sent=1048576 sent_sum={big} received=307200 sum={small}"));
+    assert_eq!(without_time(line_of(&connect)), format!("VSOCK-IO uds-connect-7 sent=307200 sent_sum={small} received=1048576 sum={big}"));
+}
+
+#[test]
+fn a_connection_closed_before_ok_is_reported_as_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let muxer = UnixListener::bind(dir.path().join("v.sock")).expect("bind");
+    let connect = vsock_io(&["uds-connect", dir.path().join("v.sock").to_str().expect("path"), "9"]);
+    let (host, line) = accept_connect(&muxer);
+    assert_eq!(line, "CONNECT 9");
+    drop(host);
+    let out = connect.wait_with_output().expect("connect");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(line_of(&out).starts_with("VSOCK-IO uds-connect-9 failed: refused"), "{out:?}");
+}

@@ -1,0 +1,428 @@
+//! virtio-vsock's tests: the worker driven by hand against real Unix sockets, a hostile
+//! driver's chains, the event queue, and the device on its thread across a reset.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::{Epoll, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::muxer::MAX_CONNECTIONS;
+use super::packet::{Header, Op, HEADER_LEN, HOST_CID, TYPE_STREAM};
+use super::worker::EVENT_TRANSPORT_RESET;
+use super::*;
+use crate::virtio::worker::DeviceWorker;
+use crate::virtio::{wait_until, ActiveQueue, Signals, VirtioDevice};
+
+const MEM_SIZE: usize = 0x100_0000;
+const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+const GUEST: u64 = 3;
+const HDR: u32 = HEADER_LEN as u32;
+
+fn memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory")
+}
+
+/// The driver's side of one queue, in raw memory, so that it can write what a hostile driver
+/// would.
+struct Driver {
+    mem: GuestMemoryMmap,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    next_desc: u16,
+    avail_idx: u16,
+    next_buffer: u64,
+}
+
+impl Driver {
+    /// A queue of [`QUEUE_SIZE`] laid out from `ring_at` (not with `MockSplitQueue`, whose
+    /// layout puts the used ring inside the second half of a 256-entry available ring).
+    fn new(mem: &GuestMemoryMmap, ring_at: u64, buffers_at: u64) -> (Driver, Queue) {
+        let size = u64::from(QUEUE_SIZE);
+        let (desc, avail) = (ring_at, ring_at + 16 * size);
+        let used = (avail + 6 + 2 * size).next_multiple_of(4);
+        let mut queue = Queue::new(QUEUE_SIZE).expect("queue");
+        let split = |at: u64| (Some(at as u32), Some((at >> 32) as u32));
+        let ((dl, dh), (al, ah), (ul, uh)) = (split(desc), split(avail), split(used));
+        queue.set_desc_table_address(dl, dh);
+        queue.set_avail_ring_address(al, ah);
+        queue.set_used_ring_address(ul, uh);
+        queue.set_ready(true);
+        let driver = Driver { mem: mem.clone(), desc, avail, used, next_desc: 0, avail_idx: 0, next_buffer: buffers_at };
+        (driver, queue)
+    }
+
+    fn buffer(&mut self, len: u32) -> u64 {
+        let at = self.next_buffer;
+        self.next_buffer += u64::from(len.max(1)).next_multiple_of(64);
+        at
+    }
+
+    /// Posts one chain of (address, length, flags), linked in order.
+    fn post(&mut self, descriptors: &[(u64, u32, u16)]) -> u16 {
+        let head = self.next_desc;
+        for (i, &(addr, len, flags)) in descriptors.iter().enumerate() {
+            let index = self.next_desc;
+            self.next_desc = (self.next_desc + 1) % QUEUE_SIZE;
+            let (flags, next) = if i + 1 == descriptors.len() { (flags, 0) } else { (flags | NEXT, self.next_desc) };
+            let mut raw = [0u8; 16];
+            raw[..8].copy_from_slice(&addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..].copy_from_slice(&next.to_le_bytes());
+            self.mem.write_slice(&raw, GuestAddress(self.desc + 16 * u64::from(index))).expect("descriptor");
+        }
+        let slot = u64::from(self.avail_idx % QUEUE_SIZE);
+        self.mem.write_obj(head.to_le(), GuestAddress(self.avail + 4 + 2 * slot)).expect("avail entry");
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.set_avail_idx(self.avail_idx);
+        head
+    }
+
+    fn set_avail_idx(&self, idx: u16) {
+        self.mem.write_obj(idx.to_le(), GuestAddress(self.avail + 2)).expect("avail idx");
+    }
+
+    /// A packet as Linux sends it: the header in one buffer, the payload in the next.
+    fn post_packet(&mut self, header: &Header, payload: &[u8]) -> u16 {
+        let at = self.buffer(HDR);
+        self.mem.write_slice(&header.to_bytes(), GuestAddress(at)).expect("header");
+        if payload.is_empty() {
+            return self.post(&[(at, HDR, 0)]);
+        }
+        let len = u32::try_from(payload.len()).expect("small payload");
+        let data = self.buffer(len);
+        self.mem.write_slice(payload, GuestAddress(data)).expect("payload");
+        self.post(&[(at, HDR, 0), (data, len, 0)])
+    }
+
+    /// An empty writable buffer; returns its address.
+    fn post_buffer(&mut self, len: u32) -> u64 {
+        let at = self.buffer(len);
+        self.post(&[(at, len, WRITE)]);
+        at
+    }
+
+    /// The used ring's entries: (head, length).
+    fn used(&self) -> Vec<(u32, u32)> {
+        let idx: u16 = self.mem.read_obj(GuestAddress(self.used + 2)).expect("used idx");
+        (0..idx)
+            .map(|i| {
+                let at = GuestAddress(self.used + 4 + 8 * u64::from(i % QUEUE_SIZE));
+                let element: [u32; 2] = self.mem.read_obj(at).expect("used element");
+                (u32::from_le(element[0]), u32::from_le(element[1]))
+            })
+            .collect()
+    }
+
+    fn read(&self, at: u64, len: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; len];
+        self.mem.read_slice(&mut bytes, GuestAddress(at)).expect("guest bytes");
+        bytes
+    }
+}
+
+/// A header from the guest's `guest_port` to the host's `host_port`.
+fn from_guest(op: Op, guest_port: u32, host_port: u32, len: u32) -> Header {
+    Header {
+        src_cid: GUEST,
+        dst_cid: HOST_CID,
+        src_port: guest_port,
+        dst_port: host_port,
+        len,
+        kind: TYPE_STREAM,
+        op: op as u16,
+        buf_alloc: 1 << 20,
+        ..Header::default()
+    }
+}
+
+/// A worker driven by hand on this thread, its muxer listening in a directory of the test's.
+struct Bench {
+    dir: tempfile::TempDir,
+    rx: Driver,
+    tx: Driver,
+    event: Driver,
+    /// Receive buffers posted, in order, not yet looked at by [`Bench::received`].
+    rx_buffers: std::collections::VecDeque<u64>,
+    worker: VsockWorker,
+    epoll: Epoll,
+    signals: Signals,
+}
+
+impl Bench {
+    fn new() -> Bench {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let muxer = Muxer::new(GUEST, &dir.path().join("v.sock")).expect("muxer");
+        let mem = memory();
+        let (rx, rx_queue) = Driver::new(&mem, 0, 0x10_0000);
+        let (tx, tx_queue) = Driver::new(&mem, 0x1_0000, 0x80_0000);
+        let (event, event_queue) = Driver::new(&mem, 0x2_0000, 0xf0_0000);
+        let active = |queue| ActiveQueue { queue, kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd") };
+        let signals = Signals::standalone(3);
+        let mut worker = VsockWorker::new(mem, [active(rx_queue), active(tx_queue), active(event_queue)], muxer, signals.clone());
+        let epoll = Epoll::new().expect("epoll");
+        worker.register(&epoll).expect("register");
+        Bench { dir, rx, tx, event, rx_buffers: Default::default(), worker, epoll, signals }
+    }
+
+    fn handle(&mut self, token: u64) -> Result<(), VsockError> {
+        self.worker.handle(&self.epoll, token, EventSet::IN)
+    }
+
+    fn send(&mut self, header: &Header, payload: &[u8]) {
+        self.tx.post_packet(header, payload);
+        self.handle(TX_KICK).expect("transmit");
+    }
+
+    fn post_rx(&mut self, count: usize, len: u32) {
+        for _ in 0..count {
+            let at = self.rx.post_buffer(len);
+            self.rx_buffers.push_back(at);
+        }
+        self.handle(RX_KICK).expect("receive");
+    }
+
+    /// The packets delivered into receive buffers since the last call.
+    fn received(&mut self, seen: &mut usize) -> Vec<(Header, Vec<u8>)> {
+        let used = self.rx.used();
+        let mut packets = Vec::new();
+        for &(_, len) in &used[*seen..] {
+            let at = self.rx_buffers.pop_front().expect("a posted buffer");
+            if len == 0 {
+                continue;
+            }
+            let bytes = self.rx.read(at, len as usize);
+            let header = Header::from_bytes(bytes[..HEADER_LEN].try_into().expect("a header"));
+            assert_eq!(header.len as usize, bytes.len() - HEADER_LEN, "the used length is the packet's");
+            packets.push((header, bytes[HEADER_LEN..].to_vec()));
+        }
+        *seen = used.len();
+        packets
+    }
+
+    /// Fills an event buffer with something other than the event we expect in it.
+    fn mem_poison(&self, at: u64) {
+        self.event.mem.write_slice(&[0xff; 4], GuestAddress(at)).expect("poison");
+    }
+
+    fn host_listener(&self, port: u32) -> UnixListener {
+        UnixListener::bind(self.dir.path().join(format!("v.sock_{port}"))).expect("bind")
+    }
+
+    fn host_connect(&self) -> UnixStream {
+        let stream = UnixStream::connect(self.dir.path().join("v.sock")).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        stream
+    }
+}
+
+fn ops(packets: &[(Header, Vec<u8>)]) -> Vec<u16> {
+    packets.iter().map(|(h, _)| h.op).collect()
+}
+
+#[test]
+fn a_guest_connection_reaches_a_host_program_and_data_flows_both_ways() {
+    let mut b = Bench::new();
+    let listener = b.host_listener(52);
+    let mut seen = 0;
+    b.post_rx(8, 4096);
+    b.send(&from_guest(Op::Request, 1000, 52, 0), b"");
+    let answer = b.received(&mut seen);
+    assert_eq!(ops(&answer), [Op::Response as u16]);
+    assert_eq!((answer[0].0.src_cid, answer[0].0.dst_cid, answer[0].0.src_port), (HOST_CID, GUEST, 52));
+    assert!(b.signals.take_queue_interrupts(RX) >= 1);
+    let (mut host, _) = listener.accept().expect("accept");
+    b.send(&from_guest(Op::Rw, 1000, 52, 5), b"hello");
+    let mut got = [0u8; 5];
+    host.read_exact(&mut got).expect("read");
+    assert_eq!(&got, b"hello");
+    assert_eq!(b.tx.used().len(), 2, "every transmit chain comes back");
+    assert!(b.signals.take_queue_interrupts(TX) >= 1);
+    host.write_all(b"world").expect("write");
+    b.handle(MUXER).expect("host events");
+    let packets = b.received(&mut seen);
+    assert_eq!(ops(&packets), [Op::Rw as u16]);
+    assert_eq!(packets[0].1, b"world");
+}
+
+#[test]
+fn a_host_program_reaches_a_guest_listener_with_connect_and_ok() {
+    let mut b = Bench::new();
+    let mut seen = 0;
+    b.post_rx(4, 4096);
+    let mut host = b.host_connect();
+    host.write_all(b"CONNECT 1234\n").expect("connect line");
+    b.handle(MUXER).expect("accept");
+    b.handle(MUXER).expect("the line");
+    let request = b.received(&mut seen);
+    assert_eq!(ops(&request), [Op::Request as u16]);
+    let host_port = request[0].0.src_port;
+    assert_eq!(request[0].0.dst_port, 1234);
+    b.send(&from_guest(Op::Response, 1234, host_port, 0), b"");
+    let mut line = vec![0u8; format!("OK {host_port}\n").len()];
+    host.read_exact(&mut line).expect("ok line");
+    assert_eq!(line, format!("OK {host_port}\n").as_bytes());
+}
+
+#[test]
+fn packets_wait_in_the_muxer_until_the_guest_posts_room() {
+    let mut b = Bench::new();
+    let mut seen = 0;
+    b.send(&from_guest(Op::Request, 1000, 99, 0), b""); // nobody listens: RST owed
+    assert!(b.rx.used().is_empty());
+    // A buffer too small for a header goes back empty; the RST waits for the next one.
+    b.post_rx(1, HDR - 1);
+    assert_eq!(b.rx.used(), [(0, 0)]);
+    b.post_rx(1, HDR);
+    assert_eq!(ops(&b.received(&mut seen)), [Op::Rst as u16]);
+}
+
+#[test]
+fn data_is_cut_to_the_room_of_each_receive_buffer() {
+    let mut b = Bench::new();
+    let listener = b.host_listener(52);
+    let mut seen = 0;
+    b.post_rx(1, 4096);
+    b.send(&from_guest(Op::Request, 1000, 52, 0), b"");
+    let _ = b.received(&mut seen);
+    let (mut host, _) = listener.accept().expect("accept");
+    let data: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+    host.write_all(&data).expect("write");
+    b.post_rx(3, HDR + 100);
+    b.handle(MUXER).expect("host events");
+    let packets = b.received(&mut seen);
+    assert_eq!(packets.iter().map(|p| p.1.len()).collect::<Vec<_>>(), [100, 100, 100]);
+    assert_eq!(packets.iter().flat_map(|p| p.1.clone()).collect::<Vec<_>>(), data);
+}
+
+#[test]
+fn hostile_transmit_chains_are_returned_and_the_device_carries_on() {
+    let mut b = Bench::new();
+    let mut seen = 0;
+    b.post_rx(16, 4096);
+    let at = b.tx.buffer(64);
+    b.tx.post(&[(at, HDR - 1, 0)]); // too short for a header
+    b.tx.post(&[(0xfff_0000_0000, HDR, 0)]); // outside memory
+    b.tx.post(&[(at, HDR, WRITE)]); // write-only
+    b.handle(TX_KICK).expect("the device survives");
+    assert_eq!(b.tx.used().len(), 3);
+    assert!(b.received(&mut seen).is_empty(), "nothing to answer");
+    // Lies in headers: a length beyond the chain, beyond 64 KiB, an unknown op: RST.
+    b.tx.post_packet(&from_guest(Op::Rw, 1000, 52, 10), b"short");
+    b.tx.post_packet(&from_guest(Op::Rw, 1001, 52, u32::MAX), b"x");
+    b.tx.post_packet(&Header { op: 99, ..from_guest(Op::Rw, 1002, 52, 0) }, b"");
+    // A forged source: dropped without a word.
+    b.tx.post_packet(&Header { src_cid: 77, ..from_guest(Op::Request, 1003, 52, 0) }, b"");
+    b.handle(TX_KICK).expect("the device survives");
+    assert_eq!(b.tx.used().len(), 7);
+    let answers = b.received(&mut seen);
+    assert_eq!(ops(&answers), [Op::Rst as u16; 3]);
+    assert_eq!(answers.iter().map(|p| p.0.dst_port).collect::<Vec<_>>(), [1000, 1001, 1002]);
+    assert!(!b.signals.is_broken());
+}
+
+#[test]
+fn thousands_of_connection_requests_stay_within_the_limit() {
+    let mut b = Bench::new();
+    let _listener = b.host_listener(52);
+    for round in 0..12u32 {
+        for port in 0..200 {
+            b.tx.post_packet(&from_guest(Op::Request, round * 1000 + port, 52, 0), b"");
+        }
+        // The ring is 256 long: serve each round before the next.
+        while b.tx.used().len() < ((round + 1) * 200) as usize {
+            b.handle(TX_KICK).expect("transmit");
+        }
+    }
+    assert_eq!(b.worker.connection_count(), MAX_CONNECTIONS);
+}
+
+#[test]
+fn a_ring_that_cannot_be_walked_breaks_the_device() {
+    let mut b = Bench::new();
+    b.tx.set_avail_idx(QUEUE_SIZE + 5); // further ahead than the ring is long
+    assert!(matches!(b.handle(TX_KICK), Err(VsockError::Queue { queue: "transmit", .. })));
+}
+
+#[test]
+fn a_transport_reset_closes_every_stream_and_tells_the_guest() {
+    let mut b = Bench::new();
+    let listener = b.host_listener(52);
+    let mut seen = 0;
+    b.post_rx(4, 4096);
+    b.send(&from_guest(Op::Request, 1000, 52, 0), b"");
+    let _ = b.received(&mut seen);
+    let (mut host, _) = listener.accept().expect("accept");
+    assert!(!b.worker.transport_reset().expect("reset"), "no event buffer posted: not told");
+    let mut byte = [0u8; 1];
+    assert_eq!(host.read(&mut byte).expect("eof"), 0, "the host program sees its socket close");
+
+    let unfit = b.event.buffer(2);
+    b.event.post(&[(unfit, 2, WRITE)]);
+    let at = b.event.buffer(4);
+    b.mem_poison(at);
+    b.event.post(&[(at, 4, WRITE)]);
+    b.handle(EVENT_KICK).expect("event buffers wait");
+    assert!(b.event.used().is_empty(), "kept until there is an event");
+    assert!(b.worker.transport_reset().expect("reset"));
+    assert_eq!(b.event.used(), [(0, 0), (1, 4)], "a buffer too small for the event goes back empty");
+    assert_eq!(b.event.read(at, 4), EVENT_TRANSPORT_RESET.to_le_bytes());
+    assert_eq!(b.signals.take_queue_interrupts(EVENT), 1);
+    assert_eq!(b.worker.connection_count(), 0);
+}
+
+#[test]
+fn the_device_keeps_its_socket_across_resets_and_serves_on_its_thread() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("v.sock");
+    let mut device = Vsock::new(GUEST, &path).expect("device");
+    let mut cid = [0u8; 8];
+    device.read_config(0, &mut cid);
+    assert_eq!(u64::from_le_bytes(cid), GUEST);
+    assert_eq!(device.features(), 0, "streams only: no SEQPACKET");
+
+    for _ in 0..2 {
+        let mem = memory();
+        let (mut rx, rx_queue) = Driver::new(&mem, 0, 0x10_0000);
+        let (_, tx_queue) = Driver::new(&mem, 0x1_0000, 0x80_0000);
+        let (_, event_queue) = Driver::new(&mem, 0x2_0000, 0xf0_0000);
+        let kicks: Vec<EventFd> = (0..3).map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")).collect();
+        let queues = [rx_queue, tx_queue, event_queue]
+            .into_iter()
+            .zip(&kicks)
+            .map(|(queue, kick)| Some(ActiveQueue { queue, kick: kick.try_clone().expect("clone") }))
+            .collect();
+        let signals = Signals::standalone(3);
+        let features = feature::VERSION_1;
+        device.activate(Activation { mem, queues, features, signals: signals.clone() }).expect("activate");
+        rx.post_buffer(4096);
+        kicks[RX].write(1).expect("kick");
+        let mut host = UnixStream::connect(&path).expect("the same socket, every activation");
+        host.write_all(b"CONNECT 5\n").expect("connect line");
+        wait_until(|| rx.used().len() == 1);
+        device.reset();
+        let mut byte = [0u8; 1];
+        host.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        assert_eq!(host.read(&mut byte).unwrap_or(0), 0, "a reset closes the streams");
+        assert_eq!(device.idle_connection_count(), Some(0));
+        assert!(!signals.is_broken());
+    }
+    drop(device);
+    assert!(!path.exists(), "the socket goes with the device");
+}
+
+#[test]
+fn a_refused_activation_keeps_the_muxer_for_the_next() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let device = Vsock::new(GUEST, &dir.path().join("v.sock")).expect("device");
+    let activation = Activation { mem: memory(), queues: vec![None, None, None], features: feature::VERSION_1, signals: Signals::standalone(3) };
+    assert!(matches!(device.handler(activation), Err(ActivateError::QueueNotEnabled(_))));
+    assert_eq!(device.idle_connection_count(), Some(0), "still here");
+}
