@@ -58,14 +58,16 @@ impl Drop for Killed {
     }
 }
 
-/// `lguest firecracker` as nobody, with private temporary directories, serving `socket`.
-fn sandboxed_lguest(work: &Path, socket: &Path) -> Killed {
+/// `lguest firecracker` as nobody, with private temporary directories, serving `work/api.sock`.
+/// The checkout (and so `work` and the binary) may itself live under /tmp, which the fresh
+/// tmpfs hides: so the shell first moves into `work`, which it keeps through the mount, and
+/// runs a copy of lguest from there with a relative socket path.
+fn sandboxed_lguest(work: &Path) -> Killed {
+    std::fs::copy(env!("CARGO_BIN_EXE_lguest"), work.join("lguest")).expect("copy lguest");
     let script = format!(
-        "mount -t tmpfs none /tmp && mount -t tmpfs none /var/tmp && mount -t tmpfs none /dev/shm && cd {work} && \
-         exec setpriv --reuid=65534 --regid=65534 --clear-groups {lguest} firecracker --api-sock {socket}",
+        "cd {work} && mount -t tmpfs none /tmp && mount -t tmpfs none /var/tmp && mount -t tmpfs none /dev/shm && \
+         exec setpriv --reuid=65534 --regid=65534 --clear-groups ./lguest firecracker --api-sock ./api.sock",
         work = work.display(),
-        lguest = env!("CARGO_BIN_EXE_lguest"),
-        socket = socket.display(),
     );
     let child = Command::new("unshare").args(["--mount", "sh", "-c", &script]).stdin(Stdio::null()).spawn().expect("unshare");
     Killed(child)
@@ -96,7 +98,7 @@ fn firecrackers_spec_holds_for_every_operation() {
     let work = tempfile::Builder::new().prefix("contract").tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
     std::fs::set_permissions(work.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
     let socket = work.path().join("api.sock");
-    let _lguest = sandboxed_lguest(work.path(), &socket);
+    let _lguest = sandboxed_lguest(work.path());
     let start = Instant::now();
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         assert!(start.elapsed() < Duration::from_secs(20), "lguest did not serve {}", socket.display());
