@@ -1,0 +1,112 @@
+//! virtio-net on passt's link: the worker driven by hand, with a shell script standing in
+//! for passt (a child of `net::tests`, whose helpers it uses).
+
+use super::*;
+use crate::passt::link::{stand_in, ECHO};
+
+/// What a Linux driver accepts of what we offer with passt.
+const LINUX_ON_PASST: u64 = PASST_FEATURES | feature::VERSION_1 | feature::RING_EVENT_IDX;
+
+struct PasstBench {
+    rx: Driver,
+    tx: Driver,
+    worker: NetWorker,
+    epoll: Epoll,
+    signals: Signals,
+    counters: Arc<Counters>,
+    net: Net,
+    _dir: tempfile::TempDir,
+}
+
+impl PasstBench {
+    fn new(body: &str) -> PasstBench {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let link = Arc::new(stand_in(dir.path(), body));
+        let mem = memory();
+        let (rx, rx_queue) = Driver::new(&mem, 0, 0x10_0000);
+        let (tx, tx_queue) = Driver::new(&mem, 0x1_0000, 0x80_0000);
+        let signals = Signals::standalone(2);
+        let counters = Arc::<Counters>::default();
+        let kick = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let backend = Backend::Passt(Arc::clone(&link));
+        let mut worker = NetWorker::new(
+            mem,
+            ActiveQueue { queue: rx_queue, kick: kick() },
+            ActiveQueue { queue: tx_queue, kick: kick() },
+            backend.clone(),
+            signals.clone(),
+            LINUX_ON_PASST,
+            Arc::clone(&counters),
+        );
+        let epoll = Epoll::new().expect("epoll");
+        worker.register(&epoll).expect("register");
+        let net = Net::with_backend(backend, Some([0x52, 0x54, 0, 1, 2, 3]));
+        PasstBench { rx, tx, worker, epoll, signals, counters, net, _dir: dir }
+    }
+
+    /// Serves events as the worker thread would, until `done` (or 60 s: a hung stand-in).
+    fn serve_until(&mut self, done: impl Fn(&PasstBench) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut events = [vmm_sys_util::epoll::EpollEvent::default(); 8];
+        while !done(self) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the worker never got there: {:?}, link up {}, tx used {:?}, rx used {:?}",
+                self.counters.snapshot(),
+                self.net.backend.is_up(),
+                self.tx.used(),
+                self.rx.used()
+            );
+            let n = self.epoll.wait(1000, &mut events).expect("epoll_wait");
+            for event in &events[..n] {
+                self.worker.handle(&self.epoll, event.data(), event.event_set()).expect("handled");
+            }
+        }
+    }
+
+    fn link_status(&self) -> u16 {
+        let mut status = [0u8; 2];
+        self.net.read_config(6, &mut status);
+        u16::from_le_bytes(status)
+    }
+}
+
+#[test]
+fn offers_no_offloads_only_the_mac_the_status_and_mergeable_buffers() {
+    let bench = PasstBench::new("exec sleep 1000");
+    let offered = bench.net.offered_features();
+    assert_eq!(offered, bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_STATUS) | bit(VIRTIO_NET_F_MRG_RXBUF));
+    assert_eq!(bench.link_status(), VIRTIO_NET_S_LINK_UP as u16);
+}
+
+#[test]
+fn frames_go_without_the_guests_header_and_come_back_behind_a_zeroed_one() {
+    let mut bench = PasstBench::new(ECHO);
+    let buffers = post_linux_rx_buffers(&mut bench.rx, 40);
+    // A header a driver with offloads would write: passt must never see it.
+    let mut sent = frame(1500, 9);
+    sent[..VNET_HDR_LEN].fill(0xee);
+    bench.tx.post_frame(&[&sent[..5], &sent[5..]]);
+    bench.worker.tx.kick.write(1).expect("kick");
+    bench.serve_until(|b| !b.rx.used().is_empty());
+    let (head, at) = buffers[0];
+    assert_eq!(bench.rx.used(), vec![(u32::from(head), sent.len() as u32)]);
+    let landed = bench.rx.read(at, sent.len());
+    assert_eq!(landed[..VNET_HDR_LEN], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0], "a zeroed header, one buffer");
+    assert_eq!(landed[VNET_HDR_LEN..], sent[VNET_HDR_LEN..]);
+    let stats = bench.counters.snapshot();
+    assert_eq!((stats.tx_frames, stats.rx_frames), (1, 1));
+}
+
+#[test]
+fn when_passt_dies_the_link_goes_down_once_and_the_guests_frames_are_dropped() {
+    let mut bench = PasstBench::new("exit 0");
+    post_linux_rx_buffers(&mut bench.rx, 40);
+    bench.serve_until(|b| b.signals.take_config_interrupts() == 1);
+    assert_eq!(bench.link_status(), 0, "VIRTIO_NET_S_LINK_UP cleared");
+    bench.tx.post_frame(&[&frame(60, 1)]);
+    bench.worker.handle(&bench.epoll, TX_KICK, EventSet::IN).expect("transmit");
+    assert_eq!(bench.tx.used().len(), 1, "the frame is returned");
+    assert_eq!(bench.counters.snapshot().tx_dropped, 1);
+    assert_eq!(bench.signals.take_config_interrupts(), 0, "the guest is told once");
+}
