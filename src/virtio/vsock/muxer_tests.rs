@@ -35,18 +35,18 @@ impl Setup {
 
     /// The guest sends a packet on (guest port, host port).
     fn guest_sends(&mut self, op: Op, guest_port: u32, host_port: u32, payload: &[u8]) -> Result<(), BadPacket> {
-        let header = Header {
-            src_cid: GUEST,
-            dst_cid: HOST_CID,
-            src_port: guest_port,
-            dst_port: host_port,
-            len: payload.len() as u32,
-            kind: TYPE_STREAM,
-            op: op as u16,
-            buf_alloc: 1 << 20,
-            ..Header::default()
-        };
+        let header = Header { len: payload.len() as u32, buf_alloc: 1 << 20, ..packet(op, guest_port, host_port) };
         self.muxer.from_guest(&header, payload)
+    }
+
+    /// A guest connection from port 1000 to host port `port`, accepted by a host program:
+    /// its listener (kept open) and its end of the stream.
+    fn guest_connected_to_host_program(&mut self, port: u32) -> (UnixListener, UnixStream) {
+        let listener = self.host_listener(port);
+        self.guest_sends(Op::Request, 1000, port, b"").expect("request");
+        let _ = self.guest_receives();
+        let (host, _) = listener.accept().expect("accept");
+        (listener, host)
     }
 
     /// Every packet the muxer has for the guest now (after looking at the host side).
@@ -65,6 +65,11 @@ impl Setup {
         }
         packets
     }
+}
+
+/// A header from the guest on (guest port, host port), with no credit and no payload.
+fn packet(op: Op, guest_port: u32, host_port: u32) -> Header {
+    Header { src_cid: GUEST, dst_cid: HOST_CID, src_port: guest_port, dst_port: host_port, kind: TYPE_STREAM, op: op as u16, ..Header::default() }
 }
 
 fn ops(packets: &[(Header, Vec<u8>)]) -> Vec<u16> {
@@ -219,10 +224,7 @@ fn resets_owed_to_a_guest_that_never_reads_are_bounded() {
 #[test]
 fn data_beyond_the_credit_resets_the_stream() {
     let mut s = setup();
-    let listener = s.host_listener(52);
-    s.guest_sends(Op::Request, 1000, 52, b"").expect("request");
-    let _ = s.guest_receives();
-    let _host = listener.accept().expect("accept"); // a host program that never reads
+    let (_listener, _host) = s.guest_connected_to_host_program(52); // a host program that never reads
     let chunk = vec![1u8; 64 << 10];
     // The host socket's own buffer takes some; then our credit runs out and the guest, which
     // ignores that, is reset. What we hold never outgrows the credit we gave.
@@ -240,20 +242,8 @@ fn data_beyond_the_credit_resets_the_stream() {
 #[test]
 fn a_full_shutdown_ends_the_stream_with_rst() {
     let mut s = setup();
-    let listener = s.host_listener(52);
-    s.guest_sends(Op::Request, 1000, 52, b"").expect("request");
-    let _ = s.guest_receives();
-    let (mut host, _) = listener.accept().expect("accept");
-    let header = Header {
-        src_cid: GUEST,
-        dst_cid: HOST_CID,
-        src_port: 1000,
-        dst_port: 52,
-        kind: TYPE_STREAM,
-        op: Op::Shutdown as u16,
-        flags: SHUTDOWN_RCV | SHUTDOWN_SEND,
-        ..Header::default()
-    };
+    let (_listener, mut host) = s.guest_connected_to_host_program(52);
+    let header = Header { flags: SHUTDOWN_RCV | SHUTDOWN_SEND, ..packet(Op::Shutdown, 1000, 52) };
     s.muxer.from_guest(&header, b"").expect("shutdown");
     assert_eq!(ops(&s.guest_receives()), [Op::Rst as u16]);
     let mut buf = [0u8; 1];
@@ -263,26 +253,14 @@ fn a_full_shutdown_ends_the_stream_with_rst() {
 #[test]
 fn a_guest_that_closes_with_bytes_still_owed_to_the_host_has_them_delivered_first() {
     let mut s = setup();
-    let listener = s.host_listener(52);
-    s.guest_sends(Op::Request, 1000, 52, b"").expect("request");
-    let _ = s.guest_receives();
-    let (mut host, _) = listener.accept().expect("accept");
+    let (_listener, mut host) = s.guest_connected_to_host_program(52);
     let chunk = vec![9u8; 64 << 10];
     let mut sent = 0;
     while !s.muxer.connections.values().any(|c| c.wants_to_write()) {
         s.guest_sends(Op::Rw, 1000, 52, &chunk).expect("within credit");
         sent += chunk.len();
     }
-    let header = Header {
-        src_cid: GUEST,
-        dst_cid: HOST_CID,
-        src_port: 1000,
-        dst_port: 52,
-        kind: TYPE_STREAM,
-        op: Op::Shutdown as u16,
-        flags: SHUTDOWN_RCV | SHUTDOWN_SEND,
-        ..Header::default()
-    };
+    let header = Header { flags: SHUTDOWN_RCV | SHUTDOWN_SEND, ..packet(Op::Shutdown, 1000, 52) };
     s.muxer.from_guest(&header, b"").expect("shutdown");
     assert_eq!(s.muxer.connection_count(), 1, "kept until the host program has every byte");
     host.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
@@ -303,10 +281,7 @@ fn a_guest_that_closes_with_bytes_still_owed_to_the_host_has_them_delivered_firs
 #[test]
 fn a_host_program_that_closes_tells_the_guest() {
     let mut s = setup();
-    let listener = s.host_listener(52);
-    s.guest_sends(Op::Request, 1000, 52, b"").expect("request");
-    let _ = s.guest_receives();
-    let (host, _) = listener.accept().expect("accept");
+    let (_listener, host) = s.guest_connected_to_host_program(52);
     drop(host);
     let packets = s.guest_receives();
     assert_eq!(ops(&packets), [Op::Shutdown as u16]);
@@ -323,10 +298,7 @@ fn muxer_wakes(muxer: &Muxer) -> bool {
 #[test]
 fn a_closed_host_socket_does_not_wake_the_worker_while_the_guest_takes_nothing() {
     let mut s = setup();
-    let listener = s.host_listener(52);
-    s.guest_sends(Op::Request, 1000, 52, b"").expect("request");
-    let _ = s.guest_receives();
-    let (mut host, _) = listener.accept().expect("accept");
+    let (_listener, mut host) = s.guest_connected_to_host_program(52);
     host.write_all(b"last words").expect("write");
     drop(host);
     s.muxer.process_host_events();
@@ -342,8 +314,7 @@ fn a_closed_host_socket_does_not_wake_the_worker_while_the_guest_takes_nothing()
 fn a_hung_up_stream_is_read_to_its_end_as_the_guest_gives_credit() {
     let mut s = setup();
     let listener = s.host_listener(52);
-    let mut request = Header { src_cid: GUEST, dst_cid: HOST_CID, src_port: 1000, dst_port: 52, kind: TYPE_STREAM, op: Op::Request as u16, ..Header::default() };
-    request.buf_alloc = 4;
+    let request = Header { buf_alloc: 4, ..packet(Op::Request, 1000, 52) };
     s.muxer.from_guest(&request, b"").expect("request");
     let _ = s.guest_receives();
     let (mut host, _) = listener.accept().expect("accept");
@@ -383,10 +354,7 @@ fn a_file_that_is_not_a_socket_is_never_replaced() {
 #[test]
 fn a_driver_reset_ends_every_stream_but_keeps_listening() {
     let mut s = setup();
-    let listener = s.host_listener(52);
-    s.guest_sends(Op::Request, 1000, 52, b"").expect("request");
-    let _ = s.guest_receives();
-    let (mut host, _) = listener.accept().expect("accept");
+    let (_listener, mut host) = s.guest_connected_to_host_program(52);
     s.muxer.reset_streams();
     let mut buf = [0u8; 1];
     assert_eq!(host.read(&mut buf).expect("eof"), 0);
