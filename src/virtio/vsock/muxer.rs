@@ -518,4 +518,4 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
 
 #[cfg(test)]
 #[path = "muxer_tests.rs"]
-mod tests;
+pub(super) mod tests;

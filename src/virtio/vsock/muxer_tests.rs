@@ -22,15 +22,26 @@ fn setup() -> Setup {
     Setup { dir, muxer }
 }
 
+/// A host program listening for the guest's connections to host port `port`, beside the
+/// muxer's `dir/v.sock` (also used by the device's tests).
+pub(in crate::virtio::vsock) fn host_listener(dir: &std::path::Path, port: u32) -> UnixListener {
+    UnixListener::bind(dir.join(format!("v.sock_{port}"))).expect("bind")
+}
+
+/// A host program connected to the muxer's `dir/v.sock`, reads bounded by 5 s.
+pub(in crate::virtio::vsock) fn host_connect(dir: &std::path::Path) -> UnixStream {
+    let stream = UnixStream::connect(dir.join("v.sock")).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    stream
+}
+
 impl Setup {
     fn host_listener(&self, port: u32) -> UnixListener {
-        UnixListener::bind(self.dir.path().join(format!("v.sock_{port}"))).expect("bind")
+        host_listener(self.dir.path(), port)
     }
 
     fn host_connect(&self) -> UnixStream {
-        let stream = UnixStream::connect(self.dir.path().join("v.sock")).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        stream
+        host_connect(self.dir.path())
     }
 
     /// The guest sends a packet on (guest port, host port).

@@ -213,13 +213,11 @@ impl Bench {
     }
 
     fn host_listener(&self, port: u32) -> UnixListener {
-        UnixListener::bind(self.dir.path().join(format!("v.sock_{port}"))).expect("bind")
+        super::muxer::tests::host_listener(self.dir.path(), port)
     }
 
     fn host_connect(&self) -> UnixStream {
-        let stream = UnixStream::connect(self.dir.path().join("v.sock")).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        stream
+        super::muxer::tests::host_connect(self.dir.path())
     }
 }
 
