@@ -1,5 +1,6 @@
-"""bench/summarize.py RAW MD JSON: turns bench/run.sh's raw lines into one Markdown table (MD)
-and the same numbers as JSON (JSON). Raw lines (everything else is ignored):
+"""bench/summarize.py RAW MD JSON: turns bench/run.sh's raw lines into one Markdown table (MD),
+the same numbers as JSON (JSON), and the table's ratios as a bar chart (MD's name with .svg,
+drawn by bench/chart.py). Raw lines (everything else is ignored):
 
     BENCH row=ROW vmm=VMM metric=METRIC value=NUMBER unit=UNIT    one sample
     BENCH-NOTE row=ROW text...                                     listed under the table
@@ -12,9 +13,12 @@ Each table line is one measurement: lguest's median (min–max) over its samples
 lguest/peer. Whether a lower or a higher number is better is said per line. Lines with no
 sample at all are still shown (n/a), so a missing row is visible rather than silently gone."""
 import json
+import os
 import re
 import statistics
 import sys
+
+import chart
 
 # (row number, row id, metric, title, unit, better, peers). Titles may use the BENCH-PARAMs.
 CATALOG = [
@@ -159,6 +163,9 @@ def main():
     with open(json_path, "w", encoding="utf-8") as f:
         json.dump({"schema": 1, "params": params, "rows": lines, "notes": notes}, f, indent=1, ensure_ascii=False)
         f.write("\n")
+    caption = ", ".join(f"{k}={params[k]}" for k in ("date", "commit", "rows") if k in params)
+    with open(os.path.splitext(md_path)[0] + ".svg", "w", encoding="utf-8") as f:
+        f.write(chart.svg(lines, PEER_NAMES, caption))
 
 
 if __name__ == "__main__":

@@ -68,8 +68,9 @@ fn run_sh_prints_a_table_and_writes_json_for_the_host_exit_row() {
     assert!(output.contains(md.lines().nth(2).expect("a first table line")), "the table was not printed:\n{output}");
     assert!(!md.contains("Boot,"), "rows that were not run are listed:\n{md}");
 
-    // The JSON: valid, and with two samples per VMM for both measurements of the row.
-    let check = r#"
+    // The JSON: valid, and with two samples per VMM for both measurements of the row; the SVG
+    // chart drawn from the same lines.
+    let check = r##"
 import json, sys
 data = json.load(open(sys.argv[1]))
 with_lguest = sys.argv[2] == "1"
@@ -82,13 +83,21 @@ for metric in ("unhandled-port", "device-port"):
         assert row["lguest"]["runs"] == 2 and row["ratio"] is not None, row
         assert row["lguest"]["min"] <= row["lguest"]["median"] <= row["lguest"]["max"], row
 assert data["params"]["rows"] == "exits-host", data["params"]
+# The chart beside it: one bar (a filled rect) per line with a ratio, and the 1.0 tick.
+from xml.dom import minidom
+chart = minidom.parse(sys.argv[3])
+bars = [r for r in chart.getElementsByTagName("rect") if r.getAttribute("fill") != "#fff"]
+texts = [t.firstChild.data for t in chart.getElementsByTagName("text") if t.firstChild]
+assert len(bars) == sum(1 for r in data["rows"] if r["ratio"] is not None), (len(bars), texts)
+assert "1×" in texts, texts
 print("json ok")
-"#;
+"##;
     let json = out.join("latest.json");
     let result = Command::new("python3")
         .args(["-c", check])
         .arg(&json)
         .arg(if with_lguest { "1" } else { "0" })
+        .arg(out.join("latest.svg"))
         .output()
         .expect("run python3 (bench/run.sh installs it)");
     assert!(
