@@ -83,9 +83,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub cpus: u32,
     /// After the run, print when the VM was built, first ran, was signalled by the guest's
-    /// boot timer, and stopped, with the count of exits of each kind.
-    #[arg(long)]
-    pub boot_timeline: bool,
+    /// boot timer, and stopped, with the count of exits of each kind. `=FILE.json` also writes
+    /// them as a Chrome trace, which Perfetto (ui.perfetto.dev) and chrome://tracing open.
+    #[arg(long, value_name = "FILE.json", num_args = 0..=1, require_equals = true)]
+    pub boot_timeline: Option<Option<PathBuf>>,
     /// A raw disk image for the guest, as /dev/vda, /dev/vdb, ... in the order given.
     /// `readonly` refuses the guest's writes; `id=NAME` is the serial the guest sees
     /// (/dev/disk/by-id/virtio-NAME). Rate limits: bw_size=BYTES,bw_refill_time=MS and
@@ -218,6 +219,8 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub cpus: u8,
     pub boot_timeline: bool,
+    /// Where `--boot-timeline=FILE.json` writes its Chrome trace.
+    pub boot_trace: Option<PathBuf>,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     pub console: ConsoleKind,
@@ -258,7 +261,8 @@ impl VmConfig {
             cmdline,
             memory_mib,
             cpus,
-            boot_timeline,
+            boot_timeline: boot_timeline.is_some(),
+            boot_trace: boot_timeline.flatten(),
             disks,
             nets,
             console,
@@ -302,6 +306,7 @@ impl VmConfig {
             memory_mib: 512,
             cpus: 1,
             boot_timeline: false,
+            boot_trace: None,
             disks: Vec::new(),
             nets: Vec::new(),
             console: ConsoleKind::Serial,
@@ -622,6 +627,11 @@ mod tests {
         assert_eq!(config.memory_bytes(), 1 << 30);
         assert_eq!(config.cpus, 2);
         assert!(config.boot_timeline);
+        assert_eq!(config.boot_trace, None);
+        let traced = run_args(&["run", "--kernel", FILE, "--boot-timeline=boot.json"]);
+        let config = VmConfig::from_args(traced).expect("valid");
+        assert!(config.boot_timeline);
+        assert_eq!(config.boot_trace, Some(PathBuf::from("boot.json")));
     }
 
     #[test]

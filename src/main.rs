@@ -7,6 +7,8 @@
 //! Run under the name `firecracker` (a symlink), it takes Firecracker's command line, as
 //! `lguest firecracker` does (see [`lguest::firecracker`]).
 
+use std::fs::File;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,7 +18,7 @@ use lguest::api::{self, instance::Instance, server};
 use lguest::bus::lock;
 use lguest::config::{Cli, Command, RunArgs, VmConfig};
 use lguest::docs::{self, DocsError};
-use lguest::error::Result;
+use lguest::error::{Error, Result};
 use lguest::{firecracker, seccomp, session, terminal};
 use lguest::stop::StopReason;
 use lguest::timeline::{Milestone, Timeline};
@@ -39,17 +41,17 @@ fn main() -> ExitCode {
             print!("{}", firecracker::version_text());
             return ExitCode::SUCCESS;
         }
-        Command::Firecracker(args) => firecracker::run(args, timeline.clone()).map(|reason| (reason, false)),
+        Command::Firecracker(args) => {
+            firecracker::run(args, timeline.clone()).map(|reason| (reason, TimelineReport::default()))
+        }
         Command::Completions { .. } | Command::Man { .. } => return ExitCode::SUCCESS, // answered above
     };
     timeline.mark(Milestone::Stopped);
     terminal::restore_terminal();
     match result {
-        Ok((reason, show_timeline)) => {
+        Ok((reason, timeline_report)) => {
             report(&reason);
-            if show_timeline {
-                eprintln!("lguest: {timeline}");
-            }
+            timeline_report.give(&timeline);
             ExitCode::from(reason.exit_code())
         }
         Err(error) => {
@@ -83,14 +85,49 @@ fn parse_command_line() -> std::result::Result<Cli, clap::Error> {
     Cli::try_parse_from(args)
 }
 
+/// What `--boot-timeline` asked for once the VM has stopped: the report on stderr, and the
+/// Chrome trace written to a file that was created before the boot (so a path that can't be
+/// written is a bad request, found before the guest runs, not after).
+#[derive(Default)]
+struct TimelineReport {
+    print: bool,
+    trace: Option<(PathBuf, File)>,
+}
+
+impl TimelineReport {
+    fn for_config(config: &VmConfig) -> Result<TimelineReport> {
+        let trace = match &config.boot_trace {
+            Some(path) => Some((path.clone(), File::create(path).map_err(|e| Error::BadFlag {
+                flag: "--boot-timeline",
+                value: path.display().to_string(),
+                why: format!("cannot create the trace file: {e}"),
+            })?)),
+            None => None,
+        };
+        Ok(TimelineReport { print: config.boot_timeline, trace })
+    }
+
+    fn give(self, timeline: &Timeline) {
+        if self.print {
+            eprintln!("lguest: {timeline}");
+        }
+        if let Some((path, file)) = self.trace {
+            if let Err(e) = timeline.write_chrome_trace(std::io::BufWriter::new(file)) {
+                eprintln!("lguest: cannot write the boot trace '{}': {e}", path.display());
+            }
+        }
+    }
+}
+
 /// `lguest run`: the VM from the flags (or `--config-file`), and the API beside it when
 /// `--api-sock` is given. The API starts after the guest, so it costs the boot nothing.
-fn run(args: RunArgs, timeline: Arc<Timeline>) -> Result<(StopReason, bool)> {
+fn run(args: RunArgs, timeline: Arc<Timeline>) -> Result<(StopReason, TimelineReport)> {
     let api_sock = args.api_sock.clone();
     let config = VmConfig::from_args(args)?;
+    let timeline_report = TimelineReport::for_config(&config)?;
     seccomp::set_mode(config.seccomp);
     let Some(path) = api_sock else {
-        return Ok((session::run(&config, timeline, &mut |_| {})?, config.boot_timeline));
+        return Ok((session::run(&config, timeline, &mut |_| {})?, timeline_report));
     };
     let (listener, _socket) = server::bind(&path)?;
     let instance = Arc::new(std::sync::Mutex::new(Instance::for_run(&config)));
@@ -107,7 +144,7 @@ fn run(args: RunArgs, timeline: Arc<Timeline>) -> Result<(StopReason, bool)> {
     if let Some(e) = serve_error {
         tracing::error!("{e}");
     }
-    Ok((reason, config.boot_timeline))
+    Ok((reason, timeline_report))
 }
 
 /// Help and version go to stdout as clap writes them; a mistake becomes one line on stderr

@@ -5,8 +5,12 @@
 //!
 //! "Process start" is the first instruction of `main`: the dynamic loader's work before it is
 //! not counted (about a millisecond).
+//!
+//! `--boot-timeline=FILE.json` also writes the same as a Chrome trace ([`Timeline::chrome_trace`]):
+//! one span per stretch between milestones, the exits as counters, for Perfetto to draw.
 
 use std::fmt;
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -34,6 +38,18 @@ impl fmt::Display for Milestone {
             Milestone::GuestSignal => "guest signalled the boot timer",
             Milestone::Stopped => "VM stopped",
         })
+    }
+}
+
+impl Milestone {
+    /// The milestone in a few words, for a trace's span names.
+    fn short(self) -> &'static str {
+        match self {
+            Milestone::VmBuilt => "VM built",
+            Milestone::FirstKvmRun => "first KVM_RUN",
+            Milestone::GuestSignal => "guest's boot-timer signal",
+            Milestone::Stopped => "VM stopped",
+        }
     }
 }
 
@@ -107,6 +123,44 @@ impl Timeline {
     }
 }
 
+impl Timeline {
+    /// The timeline in the Chrome trace event format (a JSON object with `traceEvents`): a span
+    /// from process start to the first milestone and from each milestone to the next, an instant
+    /// event at each, and the exit counts (by kind, and the busiest ports) as counters at the
+    /// last one. Times are in microseconds, as the format wants.
+    pub fn chrome_trace(&self) -> serde_json::Value {
+        use serde_json::json;
+        let micros = |at: Duration| at.as_secs_f64() * 1e6;
+        let marks = lock(&self.marks).clone();
+        let mut events = vec![json!({"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "lguest"}})];
+        let mut since = ("process start", Duration::ZERO);
+        for (milestone, at) in &marks {
+            events.push(json!({"name": format!("{} → {}", since.0, milestone.short()), "cat": "boot", "ph": "X",
+                               "ts": micros(since.1), "dur": micros(at.saturating_sub(since.1)), "pid": 1, "tid": 1}));
+            events.push(json!({"name": milestone.to_string(), "cat": "milestone", "ph": "i", "s": "p",
+                               "ts": micros(*at), "pid": 1, "tid": 1}));
+            since = (milestone.short(), *at);
+        }
+        let kinds: serde_json::Map<String, serde_json::Value> = EXIT_KINDS
+            .iter()
+            .map(|(kind, name)| (name.to_string(), self.exits[*kind as usize].load(Ordering::Relaxed).into()))
+            .collect();
+        let ports: serde_json::Map<String, serde_json::Value> =
+            self.busiest_ports(TOP_PORTS).iter().map(|(port, exits)| (format!("{port:#x}"), (*exits).into())).collect();
+        for (name, counts) in [("exits to lguest", kinds), ("port exits, busiest", ports)] {
+            events.push(json!({"name": name, "ph": "C", "ts": micros(since.1), "pid": 1, "args": counts}));
+        }
+        json!({"traceEvents": events, "displayTimeUnit": "ms"})
+    }
+
+    /// Writes [`Timeline::chrome_trace`] to `file`.
+    pub fn write_chrome_trace(&self, mut file: impl Write) -> std::io::Result<()> {
+        serde_json::to_writer_pretty(&mut file, &self.chrome_trace())?;
+        file.write_all(b"\n")?;
+        file.flush()
+    }
+}
+
 impl fmt::Display for Timeline {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "boot timeline (ms since process start):")?;
@@ -163,6 +217,31 @@ mod tests {
         assert!(report.contains("guest signalled the boot timer"), "{report}");
         assert!(report.contains("port out 2, mmio read 0"), "{report}");
         assert!(!report.contains("port exits"), "no port taken, no list: {report}");
+    }
+
+    #[test]
+    fn chrome_trace_has_a_span_per_stretch_between_milestones_and_the_exit_counters() {
+        let timeline = Timeline::new(Instant::now());
+        timeline.mark(Milestone::VmBuilt);
+        timeline.mark(Milestone::FirstKvmRun);
+        timeline.mark(Milestone::Stopped);
+        timeline.count_exit(ExitKind::PortIn);
+        timeline.count_port(0x3f8);
+        let mut written = Vec::new();
+        timeline.write_chrome_trace(&mut written).expect("write to a Vec");
+        let trace: serde_json::Value = serde_json::from_slice(&written).expect("valid JSON");
+        let events = trace["traceEvents"].as_array().expect("traceEvents");
+        let spans: Vec<&str> = events.iter().filter(|e| e["ph"] == "X").filter_map(|e| e["name"].as_str()).collect();
+        assert_eq!(spans, ["process start → VM built", "VM built → first KVM_RUN", "first KVM_RUN → VM stopped"]);
+        let ends: Vec<f64> = events
+            .iter()
+            .filter(|e| e["ph"] == "X")
+            .map(|e| e["ts"].as_f64().unwrap_or(-1.0) + e["dur"].as_f64().unwrap_or(-1.0))
+            .collect();
+        assert!(ends.windows(2).all(|pair| pair[0] <= pair[1]), "spans follow each other: {ends:?}");
+        let counter = |name: &str| events.iter().find(|e| e["ph"] == "C" && e["name"] == name).map(|e| e["args"].clone());
+        assert_eq!(counter("exits to lguest").map(|a| a["port in"].clone()), Some(1.into()));
+        assert_eq!(counter("port exits, busiest").map(|a| a["0x3f8"].clone()), Some(1.into()));
     }
 
     #[test]

@@ -176,3 +176,41 @@ fn boot_timeline_shows_milestones_the_guest_signal_and_exit_counts() {
     assert!(stderr.contains("port in 0, port out 4, mmio read 0, mmio write 1"), "{stderr}");
     assert!(stderr.contains("port exits, busiest 8: 0x3f8 3, 0x64 1"), "{stderr}");
 }
+
+#[test]
+fn boot_timeline_writes_a_chrome_trace_and_refuses_a_path_it_cannot_create() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = tiny_guest(dir.path(), "traced", |a| {
+        a.mov(rbx, 0xfe00_0000u64).expect("mov");
+        a.mov(byte_ptr(rbx), 123u32).expect("boot timer");
+        reset(a);
+    });
+    let trace = dir.path().join("boot.json");
+    let mut command = lguest();
+    command.args(["run", "--memory", "64M"]).arg(format!("--boot-timeline={}", trace.display()));
+    command.arg("--kernel").arg(&kernel);
+    let out = run_with_deadline(command, std::time::Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("first KVM_RUN"), "the report is printed too");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&trace).expect("trace written")).expect("trace is JSON");
+    let names: Vec<&str> = json["traceEvents"]
+        .as_array()
+        .expect("traceEvents")
+        .iter()
+        .filter(|e| e["ph"] == "X")
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["process start → VM built", "VM built → first KVM_RUN", "first KVM_RUN → guest's boot-timer signal",
+         "guest's boot-timer signal → VM stopped"]
+    );
+
+    let mut command = lguest();
+    command.args(["run", "--boot-timeline=/nonexistent-dir/boot.json", "--kernel"]).arg(&kernel);
+    let out = run_with_deadline(command, std::time::Duration::from_secs(60));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--boot-timeline") && stderr.contains("cannot create the trace file"), "{stderr}");
+}
