@@ -248,10 +248,10 @@ fn two_guests_on_net_user_at_once_each_get_their_own_network_and_forwarded_ports
 }
 
 #[test]
-fn virtio_console_carries_a_shell_on_hvc0_and_virtio_rng_feeds_hwrng() {
+fn virtio_console_carries_a_shell_on_hvc0_and_virtio_rng_feeds_hwrng_within_its_rate_limit() {
     run_scenario("virtio-console-rng", |output| {
         expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
-        expect_cases(output, &["hvc-shell", "hvc-command", "hvc-exit", "rng", "rng-exit"])
+        expect_cases(output, &["hvc-shell", "hvc-command", "hvc-exit", "rng", "rng-rate", "rng-exit"])
     });
 }
 
