@@ -1,14 +1,16 @@
 //! The host side of a virtio disk: one raw image, opened, checked and locked once when the VM is
 //! built, then read and written in place by the disk's worker thread.
 //!
-//! Data moves with one `preadv`/`pwritev` per request, straight between the page cache and the
-//! guest's own buffers ([`IoVecs`]): no bounce buffer, no copy of ours. What reaches this
+//! Data moves straight between the page cache and the guest's own buffers ([`IoVecs`]): no
+//! bounce buffer, no copy of ours. The methods here are the plain system calls (one `preadv` or
+//! `pwritev` per request) the sync engine makes; the io_uring engine hands the same file to
+//! its ring ([`super::uring`]). What reaches this
 //! module has been bounds-checked by the request code; the file itself is trusted only to be the
 //! size it was at open (another process truncating it under us turns into I/O errors).
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, ErrorKind, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -117,9 +119,15 @@ impl Disk {
         fallocate(&self.file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
     }
 
+    /// Whether zeroing a range in place (keeping it allocated) is worth trying: true until the
+    /// file system has once said it can't.
+    pub fn zeroes_in_place(&self) -> bool {
+        self.zero_range_works.load(Ordering::Relaxed)
+    }
+
     /// Makes `len` bytes at `offset` read as zeros, keeping them allocated unless `may_unmap`.
     pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        if !may_unmap && self.zero_range_works.load(Ordering::Relaxed) {
+        if !may_unmap && self.zeroes_in_place() {
             let zeroed = fallocate(&self.file, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len);
             match zeroed {
                 Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.zero_range_works.store(false, Ordering::Relaxed),
@@ -127,6 +135,13 @@ impl Disk {
             }
         }
         self.discard(offset, len)
+    }
+}
+
+/// The image, for an engine that hands it to the kernel (io_uring).
+impl AsRawFd for Disk {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
     }
 }
 
