@@ -284,10 +284,14 @@ const API: &[i64] = &[
     libc::SYS_tgkill,
     libc::SYS_getrandom,
     // A new image for a drive (PATCH /drives): opened, locked, measured and probed as the
-    // first one was when the VM was built.
+    // first one was when the VM was built (hole punching, and reads and writes of its first
+    // sector with RWF_NOWAIT).
     libc::SYS_flock,
     libc::SYS_lseek,
     libc::SYS_fallocate,
+    libc::SYS_preadv,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
 ];
 
 fn allowed(role: Role) -> Vec<i64> {

@@ -42,6 +42,10 @@ pub struct Disk {
     pub can_punch_holes: bool,
     /// The host file system's block size in sectors: discards finer than that free nothing.
     pub discard_alignment: u32,
+    /// Which transfers the file can do without blocking when it can (`RWF_NOWAIT`): only those
+    /// does io_uring complete inline; the rest it hands to kernel threads, a detour that costs
+    /// more than it saves for a file in RAM (tmpfs has neither, ext4 reads only).
+    pub nowait: NoWait,
     pub id: [u8; ID_BYTES],
     /// Cleared the first time the file system says it can't zero a range in place, after which
     /// WRITE_ZEROES punches holes instead (tmpfs, for one, only does the latter).
@@ -75,6 +79,7 @@ impl Disk {
         }
         let can_punch_holes = !config.readonly && punch_hole_works(&file, bytes);
         let block_size = file.metadata().map(|m| m.blksize()).unwrap_or(SECTOR_SIZE);
+        let nowait = NoWait::probe(&file, config.readonly);
         Ok(Disk {
             name: path.display().to_string(),
             sectors,
@@ -82,6 +87,7 @@ impl Disk {
             can_punch_holes,
             discard_alignment: u32::try_from(block_size >> SECTOR_SHIFT).unwrap_or(1).max(1),
             id: disk_id(config),
+            nowait,
             zero_range_works: AtomicBool::new(true),
             file,
         })
@@ -143,6 +149,41 @@ impl AsRawFd for Disk {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
+}
+
+/// Whether reads and writes of a file may be tried without blocking (`RWF_NOWAIT`): a file
+/// system that can't answers EOPNOTSUPP at once, whatever the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoWait {
+    pub reads: bool,
+    pub writes: bool,
+}
+
+impl NoWait {
+    /// Reads the first sector with `RWF_NOWAIT` and, unless read-only, writes the same bytes
+    /// back with it (the file is ours alone: it is locked, and the guest isn't running yet).
+    /// EAGAIN ("not now") counts as a yes.
+    fn probe(file: &File, readonly: bool) -> NoWait {
+        let mut sector = [0u8; SECTOR_SIZE as usize];
+        let iovec = libc::iovec { iov_base: sector.as_mut_ptr().cast(), iov_len: sector.len() };
+        let fd = file.as_raw_fd();
+        // SAFETY: the iovec points at `sector`, alive and ours for the call.
+        let read = unsafe { libc::preadv2(fd, &iovec, 1, 0, libc::RWF_NOWAIT) };
+        let reads = read >= 0 || last_error_is(libc::EAGAIN);
+        // The plain read gives the bytes to write back when the first try said "not now".
+        // SAFETY: as above.
+        let have_sector = read == SECTOR_SIZE as isize || unsafe { libc::preadv(fd, &iovec, 1, 0) } == SECTOR_SIZE as isize;
+        let writes = !readonly && have_sector && {
+            // SAFETY: as above; the kernel only reads `sector`, which holds the file's own bytes.
+            let written = unsafe { libc::pwritev2(fd, &iovec, 1, 0, libc::RWF_NOWAIT) };
+            written >= 0 || last_error_is(libc::EAGAIN)
+        };
+        NoWait { reads, writes }
+    }
+}
+
+fn last_error_is(errno: libc::c_int) -> bool {
+    io::Error::last_os_error().raw_os_error() == Some(errno)
 }
 
 /// Runs `op` (a `preadv` or `pwritev`) until every byte of `iovecs` has moved, at most

@@ -372,6 +372,22 @@ fn a_size_that_is_not_whole_sectors_is_rounded_down() {
     assert_eq!(bench.read(3, 1).0, S_IOERR, "the partial sector is not part of the disk");
 }
 
+/// The probe for io_uring's inline transfers writes the first sector's own bytes back: the
+/// image is as it was. A file in RAM (tmpfs) can try neither reads nor writes without blocking.
+#[test]
+fn probing_for_nowait_transfers_leaves_the_image_as_it_was() {
+    let file = image();
+    let before = file_bytes(&file);
+    drop(disk(&file, false));
+    assert_eq!(file_bytes(&file), before);
+    assert!(!disk(&file, true).nowait.writes, "a read-only disk is never written, not even by the probe");
+    if let Ok(in_ram) = tempfile::NamedTempFile::new_in("/dev/shm") {
+        std::fs::write(in_ram.path(), [0u8; 512]).expect("write");
+        let nowait = Disk::open(&DiskConfig::new(in_ram.path())).expect("disk").nowait;
+        assert_eq!((nowait.reads, nowait.writes), (false, false), "tmpfs");
+    }
+}
+
 #[test]
 fn config_space_follows_the_spec() {
     let file = image();

@@ -9,8 +9,11 @@
 //! own filter doesn't already allow. The worker itself may only call `io_uring_enter`.
 //!
 //! A batch goes in as one `io_uring_enter` that submits every operation and waits for all of
-//! them ([`Ring::run`]): reads of cached pages complete inline, the rest on the kernel's
-//! workers side by side. A flush carries `IO_DRAIN`, so it starts only once everything
+//! them ([`Ring::run`]): transfers the file can try without blocking complete inline when the
+//! pages are cached, the rest (a cache miss, a flush, a discard) on the kernel's workers side by
+//! side. A transfer the file can't try that way (see [`super::disk::NoWait`]: tmpfs's, ext4's
+//! buffered writes) would only be handed to a kernel thread, so the worker makes it itself
+//! with a plain system call. A flush carries `IO_DRAIN`, so it starts only once everything
 //! submitted before it is done. Nothing is left in flight when `run` returns.
 
 use std::io;
@@ -60,7 +63,8 @@ impl Ring {
         let mut in_flight = 0;
         for (index, job) in jobs.iter_mut().enumerate() {
             let Some(entry) = entry(disk, &job.op) else {
-                // More pieces than one readv takes: done here, before any flush after it.
+                // Done here and now, before any flush after it: a transfer the ring would only
+                // hand to a kernel thread, or one in more pieces than a readv takes.
                 job.outcome = run_one(disk, &mut job.op);
                 continue;
             };
@@ -127,16 +131,19 @@ fn retry_later(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY))
 }
 
-/// The submission entry for `op`, or `None` for a read or write in more pieces than a `readv`
-/// takes (guest memory in many regions).
+/// The submission entry for `op`, or `None` for a read or write better made with a plain
+/// system call: one the file can't try without blocking (the ring would hand it to a kernel
+/// thread: measured on tmpfs, 16 cached 4 KiB reads took 77 µs that way against 17 µs as 16
+/// `preadv`s; on ext4 the ring's reads took 10 µs against 12, its buffered writes 324 µs
+/// against 171), or one in more pieces than a `readv` takes (guest memory in many regions).
 fn entry(disk: &Disk, op: &Op<'_>) -> Option<squeue::Entry> {
     let fd = Fd(disk.as_raw_fd());
     let fallocate = |offset: u64, len: u64, mode: libc::c_int| opcode::Fallocate::new(fd, len).offset(offset).mode(mode).build();
     Some(match op {
-        Op::Read { buffers, offset } if buffers.len() <= MAX_IOVECS => {
+        Op::Read { buffers, offset } if disk.nowait.reads && buffers.len() <= MAX_IOVECS => {
             opcode::Readv::new(fd, buffers.as_slice().as_ptr(), buffers.len() as u32).offset(*offset).build()
         }
-        Op::Write { buffers, offset } if buffers.len() <= MAX_IOVECS => {
+        Op::Write { buffers, offset } if disk.nowait.writes && buffers.len() <= MAX_IOVECS => {
             opcode::Writev::new(fd, buffers.as_slice().as_ptr(), buffers.len() as u32).offset(*offset).build()
         }
         Op::Read { .. } | Op::Write { .. } => return None,
