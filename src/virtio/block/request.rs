@@ -31,7 +31,7 @@ use crate::bus::lock;
 use crate::rate_limiter::{self, RateLimiter, SharedLimiter};
 use crate::seccomp::Role;
 use crate::virtio::iovec::IoVecs;
-use crate::virtio::queue::{clear_kick, interrupt_if_wanted, next_chain, serve_until_idle, Chain, Pass, QueueError};
+use crate::virtio::queue::{clear_kick, next_chain, serve_until_idle, Chain, Pass, QueueError, UsedBatch};
 use crate::virtio::worker::{watch, DeviceWorker};
 use crate::virtio::{ActiveQueue, Signals};
 
@@ -63,6 +63,8 @@ pub struct RequestQueue {
     limiter: SharedLimiter,
     /// The requests taken in this batch, returned to the guest together.
     taken: Vec<Taken>,
+    /// Their used entries, written as they are reported and published with one index update.
+    used_batch: UsedBatch,
 }
 
 impl RequestQueue {
@@ -86,14 +88,14 @@ impl RequestQueue {
             writable: Vec::new(),
             host_error_reported: false,
         };
-        RequestQueue { active, mem, signals, medium, engine, requests, limiter, taken }
+        RequestQueue { active, mem, signals, medium, engine, requests, limiter, taken, used_batch: UsedBatch::default() }
     }
 
     /// Serves every available request, a batch at a time: each batch's operations go to the
     /// engine together, and its chains come back with one used-index update and at most one
     /// interrupt. Until the driver has added nothing more since we re-enabled its notifications.
     pub(super) fn serve(&mut self) -> Result<(), QueueError> {
-        let Self { active, mem, signals, medium, engine, requests, limiter, taken } = self;
+        let Self { active, mem, signals, medium, engine, requests, limiter, taken, used_batch } = self;
         let current = lock(medium);
         if !Arc::ptr_eq(&current, &requests.disk) {
             requests.disk = Arc::clone(&current);
@@ -120,9 +122,12 @@ impl RequestQueue {
             let served = taken.len();
             for request in taken.drain(..) {
                 let used = requests.report(mem, &request);
-                queue.add_used(&*mem, request.head, used)?;
+                used_batch.add(queue, mem, request.head, used)?;
             }
-            interrupt_if_wanted(queue, mem, signals, REQUESTS, served)?;
+            // The whole batch appears to the driver at once, with at most one interrupt.
+            if used_batch.publish(queue, mem)? {
+                signals.used_queue(REQUESTS);
+            }
             Ok::<_, QueueError>(if throttled { Pass::Yielded(served) } else { Pass::Drained(served) })
         })?;
         Ok(())
