@@ -20,13 +20,24 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Four 64 KiB disks, writable and read-only on each engine, opened once: the image is the
 /// host's, not the guest's, so its bytes need no fuzzing; what the guest asks of it does.
-fn disks() -> &'static [(Block, MemFile); 4] {
-    static DISKS: OnceLock<[(Block, MemFile); 4]> = OnceLock::new();
+/// The sync engine's images are in memory (memfd); io_uring's are files in the temp dir, unlinked
+/// once open, since a memfd (like tmpfs) can't try transfers without blocking and the engine
+/// would make them with plain system calls, leaving the ring's reads and writes unfuzzed.
+fn disks() -> &'static [Block; 4] {
+    static DISKS: OnceLock<[Block; 4]> = OnceLock::new();
     DISKS.get_or_init(|| {
         let open = |readonly, engine| {
-            let image = MemFile::new(&[0x5a; 0x1_0000]);
-            let config = DiskConfig { readonly, engine, id: Some("fuzz".into()), ..DiskConfig::new(image.path.clone()) };
-            (Block::new(&config).expect("disk"), image)
+            let config = |path| DiskConfig { readonly, engine, id: Some("fuzz".into()), ..DiskConfig::new(path) };
+            if engine == DiskEngine::Sync {
+                // The disk opens the memfd anew: its own open file keeps the memory alive.
+                let image = MemFile::new(&[0x5a; 0x1_0000]);
+                return Block::new(&config(image.path.clone())).expect("disk");
+            }
+            let path = std::env::temp_dir().join(format!("lguest-fuzz-{}-{readonly}.img", std::process::id()));
+            std::fs::write(&path, [0x5a; 0x1_0000]).expect("image file");
+            let block = Block::new(&config(path.clone())).expect("disk");
+            let _ = std::fs::remove_file(&path);
+            block
         };
         [
             open(false, DiskEngine::Sync),
@@ -57,7 +68,7 @@ fuzz_target!(|input: Input| {
         features |= 1 << virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
     }
     let activation = Activation { mem, queues: vec![Some(ActiveQueue { queue, kick })], features, signals: Signals::standalone(1) };
-    let (block, _) = &disks()[usize::from(input.readonly) + 2 * usize::from(input.io_uring)];
+    let block = &disks()[usize::from(input.readonly) + 2 * usize::from(input.io_uring)];
     let mut requests = by_hand(block, activation);
     // An Err is the device declaring itself broken (NEEDS_RESET): allowed. A panic is not.
     let _ = requests.handle(REQUESTS as u64);
