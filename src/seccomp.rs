@@ -442,6 +442,27 @@ mod tests {
         }
     }
 
+    /// PATCH /drives on the API thread: the new image is opened, locked, measured and probed
+    /// (hole punching, RWF_NOWAIT transfers) under the API's filter. Trap, as `enforce` does: a
+    /// call missing from the list would end the test process.
+    #[test]
+    fn the_api_thread_can_put_a_new_image_in_a_drive() {
+        use crate::config::DiskConfig;
+        use crate::virtio::{BackendUpdate, VirtioDevice};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (first, second) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        std::fs::write(&first, [1u8; 4096]).expect("first image");
+        std::fs::write(&second, [2u8; 8192]).expect("second image");
+        let mut block = crate::virtio::block::Block::new(&DiskConfig::new(&first)).expect("disk");
+        let changed = std::thread::spawn(move || {
+            apply(Role::Api, SeccompAction::Trap).expect("filter installs");
+            block.update_backend(BackendUpdate::Medium(DiskConfig::new(second))).map_err(|e| e.to_string())
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(changed, Ok(()));
+    }
+
     #[test]
     fn the_vsock_worker_may_make_unix_sockets_only() {
         assert!(allowed_on_thread(Role::VsockWorker, make_a_unix_socket));
