@@ -372,4 +372,22 @@ mod tests {
         let result = transfer_all(&mut iovecs, 0, |_, _| 0);
         assert_eq!(result.map_err(|e| e.kind()), Err(ErrorKind::UnexpectedEof));
     }
+
+    /// The probe for io_uring's inline transfers writes the first sector's own bytes back: the
+    /// image is as it was. A file in RAM (tmpfs) can try neither reads nor writes without blocking.
+    #[test]
+    fn probing_for_nowait_transfers_leaves_the_image_as_it_was() {
+        let image: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), &image).expect("write");
+        let open = |readonly| Disk::open(&DiskConfig { readonly, ..DiskConfig::new(file.path()) }).expect("disk");
+        drop(open(false));
+        assert_eq!(std::fs::read(file.path()).expect("read"), image);
+        assert!(!open(true).nowait.writes, "a read-only disk is never written, not even by the probe");
+        if let Ok(in_ram) = tempfile::NamedTempFile::new_in("/dev/shm") {
+            std::fs::write(in_ram.path(), [0u8; 512]).expect("write");
+            let nowait = Disk::open(&DiskConfig::new(in_ram.path())).expect("disk").nowait;
+            assert_eq!((nowait.reads, nowait.writes), (false, false), "tmpfs");
+        }
+    }
 }
