@@ -188,7 +188,7 @@ if want memory; then
     lab_session memory memory.sh "RUNS=$memory_runs" $((memory_runs * 150)) --file "$here/out/initrd-idle.img:/bench/initrd-idle.img"
 fi
 if want disk; then
-    lab_session disk disk.sh "RUNS=$io_runs SECS=$secs ROUNDS=$rounds PIN=$pin_disk" $((io_runs * 2 * (40 + rounds * 4 * (secs + 4)) + 120)) --file "$here/out/initrd-disk.img:/bench/initrd-disk.img"
+    lab_session disk disk.sh "RUNS=$io_runs SECS=$secs ROUNDS=$rounds PIN=$pin_disk" $((io_runs * 3 * (40 + rounds * 4 * (secs + 4)) + 120)) --file "$here/out/initrd-disk.img:/bench/initrd-disk.img"
 fi
 if want net; then
     lab_session net net.sh "RUNS=$io_runs SECS=$secs ROUNDS=$rounds PIN=$pin_net" $((io_runs * 3 * (30 + rounds * 3 * (secs + 4)) + 120)) --file "$here/out/initrd-net.img:/bench/initrd-net.img" \

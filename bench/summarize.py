@@ -41,10 +41,10 @@ CATALOG = [
     (3, "memory-2g", "overhead", "Memory, idle guest, 2 GiB: RSS − guest RAM touched", "MiB", "lower", ["qemu"]),
     (3, "memory-256m-4dev", "rss", "Memory, 256 MiB + 4 virtio devices: VMM RSS", "MiB", "lower", ["qemu"]),
     (3, "memory-256m-4dev", "overhead", "Memory, 256 MiB + 4 virtio devices: RSS − guest RAM", "MiB", "lower", ["qemu"]),
-    (4, "disk", "seq-read", "Disk: sequential read, 1 MiB × 4", "MiB/s", "higher", ["qemu"]),
-    (4, "disk", "seq-write", "Disk: sequential write, 1 MiB × 4", "MiB/s", "higher", ["qemu"]),
-    (4, "disk", "rand-read", "Disk: random read, 4 KiB × 16", "IOPS", "higher", ["qemu"]),
-    (4, "disk", "rand-write", "Disk: random write, 4 KiB × 16", "IOPS", "higher", ["qemu"]),
+    (4, "disk", "seq-read", "Disk: sequential read, 1 MiB × 4", "MiB/s", "higher", ["qemu", "qemu-uring"]),
+    (4, "disk", "seq-write", "Disk: sequential write, 1 MiB × 4", "MiB/s", "higher", ["qemu", "qemu-uring"]),
+    (4, "disk", "rand-read", "Disk: random read, 4 KiB × 16", "IOPS", "higher", ["qemu", "qemu-uring"]),
+    (4, "disk", "rand-write", "Disk: random write, 4 KiB × 16", "IOPS", "higher", ["qemu", "qemu-uring"]),
     (5, "net", "tcp-tx", "Network: TCP guest → host (iperf3)", "Mbit/s", "higher", ["qemu", "qemu-vhost"]),
     (5, "net", "tcp-rx", "Network: TCP host → guest (iperf3 -R)", "Mbit/s", "higher", ["qemu", "qemu-vhost"]),
     (5, "net", "tcp-rr", "Network: 1-byte TCP request/response", "trans/s", "higher", ["qemu", "qemu-vhost"]),
@@ -55,7 +55,7 @@ CATALOG = [
     (7, "density", "all-init", "Density, {density_vms} × {density_mib} MiB at once: all at /init", "ms", "lower", ["qemu"]),
     (7, "density", "total-rss", "Density, {density_vms} × {density_mib} MiB at once: total RSS at idle", "MiB", "lower", ["qemu"]),
 ]
-PEER_NAMES = {"qemu": "QEMU", "qemu-vhost": "QEMU vhost=on", "bare": "bare KVM_RUN loop"}
+PEER_NAMES = {"qemu": "QEMU", "qemu-vhost": "QEMU vhost=on", "qemu-uring": "QEMU aio=io_uring", "bare": "bare KVM_RUN loop"}
 
 
 def parse(lines):

@@ -92,7 +92,7 @@ pub struct RunArgs {
     /// (/dev/disk/by-id/virtio-NAME). Rate limits: bw_size=BYTES,bw_refill_time=MS and
     /// ops_size=N,ops_refill_time=MS (each with an optional *_one_time_burst). Repeat for more
     /// disks.
-    #[arg(long = "disk", value_name = "PATH[,readonly][,id=NAME][,bw_*=..][,ops_*=..]")]
+    #[arg(long = "disk", value_name = "PATH[,readonly][,id=NAME][,engine=io_uring|sync][,bw_*=..][,ops_*=..]")]
     pub disks: Vec<String>,
     /// A virtio network card on the host tap device NAME (opened if it exists, created if we
     /// may), or on a user-mode network (`user`: passt, no root needed; DHCP, DNS, outbound TCP
@@ -134,13 +134,27 @@ pub struct DiskConfig {
     pub id: Option<String>,
     /// Bandwidth and operations limits (`bw_*`, `ops_*`).
     pub rate_limit: RateLimit,
+    /// How requests reach the image (`engine=`).
+    pub engine: DiskEngine,
 }
 
 impl DiskConfig {
-    /// A writable disk at `path` with no serial and no limits.
+    /// A writable disk at `path` with no serial and no limits, on the host's best engine.
     pub fn new(path: impl Into<PathBuf>) -> DiskConfig {
-        DiskConfig { path: path.into(), readonly: false, id: None, rate_limit: RateLimit::default() }
+        DiskConfig { path: path.into(), readonly: false, id: None, rate_limit: RateLimit::default(), engine: DiskEngine::Auto }
     }
+}
+
+/// A disk's I/O engine: `engine=io_uring|sync`, or the best the host has when not said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DiskEngine {
+    /// io_uring if the host has it, else `Sync` (with a note saying so).
+    #[default]
+    Auto,
+    /// io_uring, or a clear error when the host has none.
+    IoUring,
+    /// One `preadv`/`pwritev`/`fdatasync` at a time on the disk's worker.
+    Sync,
 }
 
 /// One `--net`.
@@ -375,7 +389,7 @@ pub fn parse_memory(value: &str) -> Result<u64> {
 /// The longest disk serial: virtio-blk's ID field is 20 bytes.
 pub const MAX_DISK_ID: usize = 20;
 
-/// `PATH[,readonly][,id=NAME][,bw_size=BYTES,bw_refill_time=MS[,bw_one_time_burst=BYTES]]
+/// `PATH[,readonly][,id=NAME][,engine=io_uring|sync][,bw_size=BYTES,bw_refill_time=MS[,bw_one_time_burst=BYTES]]
 /// [,ops_size=N,ops_refill_time=MS[,ops_one_time_burst=N]]`. The file itself is opened (and
 /// checked) when the disk is built.
 pub fn parse_disk(value: &str) -> Result<DiskConfig> {
@@ -389,8 +403,11 @@ pub fn parse_disk(value: &str) -> Result<DiskConfig> {
             None if option == "readonly" => disk.readonly = true,
             Some(("id", id)) if !id.is_empty() && id.len() <= MAX_DISK_ID && id.is_ascii() => disk.id = Some(id.to_string()),
             Some(("id", _)) => return Err(bad(format!("id must be 1 to {MAX_DISK_ID} ASCII characters"))),
+            Some(("engine", "io_uring")) => disk.engine = DiskEngine::IoUring,
+            Some(("engine", "sync")) => disk.engine = DiskEngine::Sync,
+            Some(("engine", other)) => return Err(bad(format!("unknown engine '{other}' (expected io_uring or sync)"))),
             Some((key, number)) if rate_limiter::set_option(&mut limits, key, number).map_err(|e| bad(e.to_string()))? => {}
-            _ => return Err(bad(format!("unknown option '{option}' (expected readonly, id=NAME, bw_* or ops_*)"))),
+            _ => return Err(bad(format!("unknown option '{option}' (expected readonly, id=NAME, engine=io_uring|sync, bw_* or ops_*)"))),
         }
     }
     disk.rate_limit = limits.build().map_err(|e| bad(e.to_string()))?;
@@ -664,9 +681,11 @@ mod tests {
             Some(DiskConfig { readonly: true, id: Some("data".into()), ..DiskConfig::new("a.img") })
         );
         assert_eq!(parse_disk("b.img").ok(), Some(DiskConfig::new("b.img")));
+        assert_eq!(parse_disk("d.img,engine=sync").map(|d| d.engine).ok(), Some(DiskEngine::Sync));
+        assert_eq!(parse_disk("d.img,engine=io_uring").map(|d| d.engine).ok(), Some(DiskEngine::IoUring));
         let limited = parse_disk("c.img,bw_size=1048576,bw_refill_time=100,ops_size=10,ops_refill_time=1000").expect("valid");
         assert!(limited.rate_limit.bandwidth.is_some() && limited.rate_limit.ops.is_some());
-        for bad in ["", ",readonly", "a.img,ro", "a.img,id=", "a.img,id=123456789012345678901", "a.img,bw_size=5", "a.img,ops_size=x,ops_refill_time=1"] {
+        for bad in ["", ",readonly", "a.img,ro", "a.img,engine=aio", "a.img,engine=", "a.img,id=", "a.img,id=123456789012345678901", "a.img,bw_size=5", "a.img,ops_size=x,ops_refill_time=1"] {
             assert!(matches!(parse_disk(bad), Err(Error::BadFlag { flag: "--disk", .. })), "{bad}");
         }
     }

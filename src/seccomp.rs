@@ -46,6 +46,8 @@ pub enum Role {
     /// Starts device workers for the vCPUs ([`crate::threads::start_spawner`]).
     Spawner,
     VsockWorker,
+    /// A disk's worker on the io_uring engine: a device worker that may enter its ring.
+    UringWorker,
     StdinPump,
     SignalWatcher,
     /// The API server (`--api-sock`): client connections, and the files a client names
@@ -69,6 +71,7 @@ impl Role {
             Role::DeviceWorker => b"device ",
             Role::Spawner => b"spawner",
             Role::VsockWorker => b"vsock  ",
+            Role::UringWorker => b"uring  ",
             Role::StdinPump => b"stdin  ",
             Role::SignalWatcher => b"signals",
             Role::Api => b"api    ",
@@ -98,7 +101,7 @@ pub fn confine(role: Role) -> std::io::Result<()> {
 /// Builds `role`'s filter with `mismatch` as the action for any other call, and installs it
 /// (for the spawner, after the filter that turns `clone3` away; for all but the API thread,
 /// after the one that refuses opening files).
-fn apply(role: Role, mismatch: SeccompAction) -> std::io::Result<()> {
+pub(crate) fn apply(role: Role, mismatch: SeccompAction) -> std::io::Result<()> {
     if role == Role::Spawner {
         install(&no_clone3()?)?;
     }
@@ -225,6 +228,11 @@ const DEVICE_WORKER: &[i64] = &[
 const VSOCK_WORKER: &[i64] =
     &[libc::SYS_accept4, libc::SYS_socket, libc::SYS_connect, libc::SYS_recvfrom, libc::SYS_sendto, libc::SYS_shutdown];
 
+/// A disk's worker on the io_uring engine, on top of [`DEVICE_WORKER`]: submitting to and
+/// waiting on its ring. The ring was set up (and restricted to a disk's operations) on the
+/// main thread, so neither `io_uring_setup` nor `io_uring_register` is needed here.
+const URING_WORKER: &[i64] = &[libc::SYS_io_uring_enter];
+
 /// A vCPU: KVM_RUN and the ioctls of MSI-X routing and fault reports, eventfd reads of queue
 /// resets, and a device's activation (its kick and stop eventfds, its worker's epoll set; the
 /// thread itself comes from the spawner).
@@ -276,10 +284,14 @@ const API: &[i64] = &[
     libc::SYS_tgkill,
     libc::SYS_getrandom,
     // A new image for a drive (PATCH /drives): opened, locked, measured and probed as the
-    // first one was when the VM was built.
+    // first one was when the VM was built (hole punching, and reads and writes of its first
+    // sector with RWF_NOWAIT).
     libc::SYS_flock,
     libc::SYS_lseek,
     libc::SYS_fallocate,
+    libc::SYS_preadv,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
 ];
 
 fn allowed(role: Role) -> Vec<i64> {
@@ -287,8 +299,9 @@ fn allowed(role: Role) -> Vec<i64> {
         Role::Vcpu => &[VCPU],
         Role::DeviceWorker => &[DEVICE_WORKER],
         // Every worker starts with the spawner's filter: it holds what each of them needs.
-        Role::Spawner => &[SPAWNER, DEVICE_WORKER, VSOCK_WORKER],
+        Role::Spawner => &[SPAWNER, DEVICE_WORKER, VSOCK_WORKER, URING_WORKER],
         Role::VsockWorker => &[DEVICE_WORKER, VSOCK_WORKER],
+        Role::UringWorker => &[DEVICE_WORKER, URING_WORKER],
         Role::StdinPump => &[STDIN_PUMP],
         Role::SignalWatcher => &[SIGNAL_WATCHER],
         Role::Api => &[API],
@@ -371,7 +384,7 @@ mod tests {
 
     #[test]
     fn opening_a_file_fails_with_eacces_on_every_role_and_kills_nothing() {
-        for role in [Role::Vcpu, Role::DeviceWorker, Role::VsockWorker, Role::Spawner, Role::StdinPump, Role::SignalWatcher] {
+        for role in [Role::Vcpu, Role::DeviceWorker, Role::VsockWorker, Role::UringWorker, Role::Spawner, Role::StdinPump, Role::SignalWatcher] {
             let errno = std::thread::spawn(move || {
                 // Trap, as `--seccomp enforce` does: a trapped open would kill the test process.
                 apply(role, SeccompAction::Trap).expect("filter installs");
@@ -413,6 +426,41 @@ mod tests {
             unsafe { libc::close(fd) };
         }
         i64::from(fd)
+    }
+
+    fn enter_a_ring() -> i64 {
+        // SAFETY: io_uring_enter on fd -1 touches no memory; it fails with EBADF when allowed.
+        unsafe { libc::syscall(libc::SYS_io_uring_enter, -1, 0, 0, 0, 0usize, 0usize) }
+    }
+
+    #[test]
+    fn only_an_io_uring_disk_worker_may_enter_a_ring() {
+        assert!(allowed_on_thread(Role::UringWorker, enter_a_ring));
+        assert!(allowed_on_thread(Role::Spawner, enter_a_ring), "workers started by the spawner inherit its filter");
+        for role in [Role::DeviceWorker, Role::VsockWorker, Role::Vcpu] {
+            assert!(!allowed_on_thread(role, enter_a_ring), "{role:?}");
+        }
+    }
+
+    /// PATCH /drives on the API thread: the new image is opened, locked, measured and probed
+    /// (hole punching, RWF_NOWAIT transfers) under the API's filter. Trap, as `enforce` does: a
+    /// call missing from the list would end the test process.
+    #[test]
+    fn the_api_thread_can_put_a_new_image_in_a_drive() {
+        use crate::config::DiskConfig;
+        use crate::virtio::{BackendUpdate, VirtioDevice};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (first, second) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        std::fs::write(&first, [1u8; 4096]).expect("first image");
+        std::fs::write(&second, [2u8; 8192]).expect("second image");
+        let mut block = crate::virtio::block::Block::new(&DiskConfig::new(&first)).expect("disk");
+        let changed = std::thread::spawn(move || {
+            apply(Role::Api, SeccompAction::Trap).expect("filter installs");
+            block.update_backend(BackendUpdate::Medium(DiskConfig::new(second))).map_err(|e| e.to_string())
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(changed, Ok(()));
     }
 
     #[test]
@@ -493,7 +541,7 @@ mod tests {
 
     #[test]
     fn every_role_refuses_opening_files_and_sockets() {
-        for role in [Role::Vcpu, Role::DeviceWorker, Role::VsockWorker, Role::Spawner, Role::StdinPump, Role::SignalWatcher] {
+        for role in [Role::Vcpu, Role::DeviceWorker, Role::VsockWorker, Role::UringWorker, Role::Spawner, Role::StdinPump, Role::SignalWatcher] {
             assert!(fails_on_thread(role, open_a_file), "{role:?} may open files");
             assert!(!allowed_on_thread(role, make_a_socket), "{role:?} may make sockets");
         }

@@ -43,7 +43,7 @@ proptest! {
     #[test]
     fn parse_disk_accepts_a_path_and_known_options_only(value in prop_oneof![
         any::<String>(),
-        r"[a-z./]{0,6}(,(readonly|ro|id=[ -~]{0,22}|id|[a-z]{0,3}=?)){0,3}",
+        r"[a-z./]{0,6}(,(readonly|ro|id=[ -~]{0,22}|id|engine=(io_uring|sync|[a-z_]{0,8})|[a-z]{0,3}=?)){0,3}",
     ]) {
         if let Ok(disk) = parse_disk(&value) {
             let path = disk.path.to_str().expect("a path made from a str").to_string();
@@ -51,7 +51,8 @@ proptest! {
             let mut options = value.split(',');
             prop_assert_eq!(options.next(), Some(path.as_str()));
             for option in options {
-                prop_assert!(option == "readonly" || option.starts_with("id="), "{:?} accepted", option);
+                let engine = option == "engine=io_uring" || option == "engine=sync";
+                prop_assert!(option == "readonly" || option.starts_with("id=") || engine, "{:?} accepted", option);
             }
             if let Some(id) = disk.id {
                 prop_assert!(!id.is_empty() && id.len() <= MAX_DISK_ID && id.is_ascii());

@@ -15,7 +15,7 @@ use std::io::{self, Write};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use lguest::config::DiskConfig;
+use lguest::config::{DiskConfig, DiskEngine};
 use lguest::virtio::block::{Block, QUEUE_SIZE, REQUESTS};
 use lguest::virtio::console::{Console, RECEIVE_KICK, TRANSMIT_KICK};
 use lguest::virtio::net::tap::Tap;
@@ -223,6 +223,7 @@ proptest! {
         headers in prop::collection::vec(header(), 1..8),
         readonly in any::<bool>(),
         flush in any::<bool>(),
+        io_uring in any::<bool>(),
     ) {
         let mem = memory();
         // Plausible headers at the buffers the chains point at, so that requests get served.
@@ -232,7 +233,9 @@ proptest! {
             }
         }
         let image = disk_image();
-        let block = Block::new(&DiskConfig { readonly, ..DiskConfig::new(image.path().to_path_buf()) }).expect("disk");
+        // Either engine: the guest's chains must meet the same checks.
+        let engine = if io_uring { DiskEngine::IoUring } else { DiskEngine::Sync };
+        let block = Block::new(&DiskConfig { readonly, engine, ..DiskConfig::new(image.path().to_path_buf()) }).expect("disk");
         let mut activation = activation(&mem, vec![Some(guest.install(&mem, 0, QUEUE_SIZE))], guest.event_idx);
         if flush {
             activation.features |= 1 << virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;

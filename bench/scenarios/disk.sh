@@ -1,7 +1,8 @@
 # Lab side of bench/run.sh's row 4 (disk); bench/run.sh prepends RUNS=N SECS=S ROUNDS=R PIN=0|1.
 # A 256 MiB raw image in the lab's RAM-backed root file system, given to the guest as its
-# only virtio disk (lguest --disk; QEMU virtio-blk-pci with cache=writeback,aio=threads: both
-# go through the lab's page cache). The guest (bench.scenario=disk, 512 MiB: its initramfs
+# only virtio disk (lguest --disk, on its default engine, io_uring; QEMU virtio-blk-pci with
+# cache=writeback and aio=threads, and again with aio=io_uring: all go through the lab's page
+# cache). The guest (bench.scenario=disk, 512 MiB: its initramfs
 # carries fio and ~80 MB of libraries) runs fio on /dev/vda with direct I/O: sequential read
 # and write (1 MiB, 4 in flight), random read and write (4 KiB, 16 in flight), SECS seconds
 # each, ROUNDS times over, and prints every number (each one sample). VMMs alternate, RUNS
@@ -21,7 +22,7 @@ disk_once() {
 }
 
 for run in $(seq 1 "$RUNS"); do
-    for vmm in lguest qemu; do
+    for vmm in lguest qemu qemu-uring; do
         case " $skip " in *" $vmm "*) continue ;; esac
         disk_once $vmm || disk_once $vmm || true
     done

@@ -4,7 +4,8 @@
 # it uses (RUNS=..., SECS=...). Results are printed as lines that bench/summarize.py reads:
 #   BENCH row=ROW vmm=VMM metric=METRIC value=NUMBER unit=UNIT
 #   BENCH-NOTE row=ROW free text (a failed or retried run, a missing device, ...)
-# VMMs: lguest, qemu (QEMU microvm, virtio with vhost=off) and qemu-vhost (vhost=on).
+# VMMs: lguest, qemu (QEMU microvm, virtio with vhost=off, disks aio=threads), qemu-vhost
+# (vhost=on) and qemu-uring (disks aio=io_uring).
 # Every wait is bounded: a VMM run has `timeout` around it or a deadline in a poll loop.
 
 KERNEL=/guest/vmlinux
@@ -23,8 +24,8 @@ note() { row=$1; shift; echo "BENCH-NOTE row=$row $*"; }
 # for eval) that boots $KERNEL with INITRD under VMM. DEVICEs: disk=PATH, net=TAP, rng.
 # The same devices, the same kernel, initramfs and command line for every VMM. QEMU runs
 # as microvm, with PCIe when there are devices (or QEMU_PCIE=1), like lguest's PCI root.
-# lguest's disks do plain pread/pwrite through the host page cache: QEMU gets
-# cache=writeback,aio=threads, the same semantics.
+# lguest's disks go through the host page cache (io_uring, its default engine here): QEMU gets
+# cache=writeback, the same semantics, with aio=threads (qemu) or aio=io_uring (qemu-uring).
 vmm_cmd() {
     _vmm=$1 _mem=$2 _cpus=$3 _initrd=$4 _cmdline=$5
     shift 5
@@ -39,9 +40,10 @@ vmm_cmd() {
                 esac
             done
             ;;
-        qemu | qemu-vhost)
-            _vhost=off
+        qemu | qemu-vhost | qemu-uring)
+            _vhost=off _aio=threads
             [ "$_vmm" = qemu-vhost ] && _vhost=on
+            [ "$_vmm" = qemu-uring ] && _aio=io_uring
             _machine=microvm
             if [ $# -gt 0 ] || [ -n "${QEMU_PCIE:-}" ]; then _machine=microvm,pcie=on; fi
             # debug-threads=on names QEMU's threads ("CPU 0/KVM", "worker", ...): nothing else
@@ -53,7 +55,7 @@ vmm_cmd() {
             for _dev in "$@"; do
                 _n=$((_n + 1))
                 case $_dev in
-                    disk=*) CMD="$CMD -drive file=${_dev#disk=},if=none,id=d$_n,format=raw,cache=writeback,aio=threads -device virtio-blk-pci,drive=d$_n" ;;
+                    disk=*) CMD="$CMD -drive file=${_dev#disk=},if=none,id=d$_n,format=raw,cache=writeback,aio=$_aio -device virtio-blk-pci,drive=d$_n" ;;
                     net=*) CMD="$CMD -netdev tap,id=n$_n,ifname=${_dev#net=},script=no,downscript=no,vhost=$_vhost -device virtio-net-pci,netdev=n$_n,mac=$MAC,romfile=" ;;
                     rng) CMD="$CMD -object rng-random,id=r$_n,filename=/dev/urandom -device virtio-rng-pci,rng=r$_n" ;;
                 esac

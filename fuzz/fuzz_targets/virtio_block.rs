@@ -4,36 +4,54 @@
 //! the device serves the queue once against a real (in-memory) image, as its worker does on a
 //! kick. A guest could otherwise make the VMM panic, read or write outside the image, or
 //! `preadv` into memory that isn't the guest's. Every request must end in a status byte, a
-//! dropped chain or NEEDS_RESET.
+//! dropped chain or NEEDS_RESET. The fuzzer also picks the engine (sync or io_uring): what the
+//! guest forges must meet the same checks whichever engine carries the I/O out.
 #![no_main]
 
 use std::sync::OnceLock;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use lguest::config::DiskConfig;
+use lguest::config::{DiskConfig, DiskEngine};
 use lguest::virtio::block::{Block, REQUESTS};
 use lguest::virtio::{feature, ActiveQueue, Activation, Signals};
 use lguest_fuzz::{by_hand, memory, Guest, MemFile};
 use vmm_sys_util::eventfd::EventFd;
 
-/// Two 64 KiB disks, writable and read-only, opened once: the image is the host's, not the
-/// guest's, so its bytes need no fuzzing; what the guest asks of it does.
-fn disks() -> &'static [(Block, MemFile); 2] {
-    static DISKS: OnceLock<[(Block, MemFile); 2]> = OnceLock::new();
+/// Four 64 KiB disks, writable and read-only on each engine, opened once: the image is the
+/// host's, not the guest's, so its bytes need no fuzzing; what the guest asks of it does.
+/// The sync engine's images are in memory (memfd); io_uring's are files in the temp dir, unlinked
+/// once open, since a memfd (like tmpfs) can't try transfers without blocking and the engine
+/// would make them with plain system calls, leaving the ring's reads and writes unfuzzed.
+fn disks() -> &'static [Block; 4] {
+    static DISKS: OnceLock<[Block; 4]> = OnceLock::new();
     DISKS.get_or_init(|| {
-        let open = |readonly| {
-            let image = MemFile::new(&[0x5a; 0x1_0000]);
-            let config = DiskConfig { readonly, id: Some("fuzz".into()), ..DiskConfig::new(image.path.clone()) };
-            (Block::new(&config).expect("disk"), image)
+        let open = |readonly, engine| {
+            let config = |path| DiskConfig { readonly, engine, id: Some("fuzz".into()), ..DiskConfig::new(path) };
+            if engine == DiskEngine::Sync {
+                // The disk opens the memfd anew: its own open file keeps the memory alive.
+                let image = MemFile::new(&[0x5a; 0x1_0000]);
+                return Block::new(&config(image.path.clone())).expect("disk");
+            }
+            let path = std::env::temp_dir().join(format!("lguest-fuzz-{}-{readonly}.img", std::process::id()));
+            std::fs::write(&path, [0x5a; 0x1_0000]).expect("image file");
+            let block = Block::new(&config(path.clone())).expect("disk");
+            let _ = std::fs::remove_file(&path);
+            block
         };
-        [open(false), open(true)]
+        [
+            open(false, DiskEngine::Sync),
+            open(true, DiskEngine::Sync),
+            open(false, DiskEngine::IoUring),
+            open(true, DiskEngine::IoUring),
+        ]
     })
 }
 
 #[derive(Arbitrary, Debug)]
 struct Input {
     readonly: bool,
+    io_uring: bool,
     flush: bool,
     guest: Guest,
 }
@@ -50,7 +68,7 @@ fuzz_target!(|input: Input| {
         features |= 1 << virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
     }
     let activation = Activation { mem, queues: vec![Some(ActiveQueue { queue, kick })], features, signals: Signals::standalone(1) };
-    let (block, _) = &disks()[usize::from(input.readonly)];
+    let block = &disks()[usize::from(input.readonly) + 2 * usize::from(input.io_uring)];
     let mut requests = by_hand(block, activation);
     // An Err is the device declaring itself broken (NEEDS_RESET): allowed. A panic is not.
     let _ = requests.handle(REQUESTS as u64);

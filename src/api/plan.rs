@@ -10,17 +10,18 @@
 //! What lguest does differently, and says so: `pci=off` and `acpi=off` in `boot_args` are
 //! dropped with a warning (Firecracker's clients add them because Firecracker had neither; a
 //! kernel booted with them here would find no device and one CPU, since lguest's devices are
-//! virtio-pci described by ACPI); fields that change nothing here (`smt`, `track_dirty_pages`,
-//! `cache_type`, `io_engine`) are accepted and kept for `GET /vm/config`; what lguest can't do
+//! virtio-pci described by ACPI); a drive's `io_engine` picks its engine (`Async` is io_uring,
+//! `Sync` plain system calls, as in Firecracker); fields that change nothing here (`smt`,
+//! `track_dirty_pages`, `cache_type`) are accepted and kept for `GET /vm/config`; what lguest can't do
 //! yet (2 MiB huge pages, CPU templates, vhost-user disks, rate limiters on network cards) is
 //! refused with a 400 that names it. Rate limiters on drives and the entropy device become
 //! lguest's own ([`crate::rate_limiter`]).
 
 use std::path::PathBuf;
 
-use super::types::{BootSource, Drive, EntropyDevice, FullVmConfig, HugePages, Logger, MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, RateLimiter, SerialDevice, TokenBucket, VsockDevice};
+use super::types::{BootSource, Drive, EntropyDevice, FullVmConfig, HugePages, IoEngine, Logger, MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, RateLimiter, SerialDevice, TokenBucket, VsockDevice};
 use super::ApiError;
-use crate::config::{self, DiskConfig, NetBackend, NetConfig, VmConfig, MAX_DISK_ID, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+use crate::config::{self, DiskConfig, DiskEngine, NetBackend, NetConfig, VmConfig, MAX_DISK_ID, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use crate::rate_limiter::{BucketConfig, RateLimit};
 
 /// Firecracker's limit on vCPUs per microVM (the spec's `maximum: 32`).
@@ -256,7 +257,10 @@ pub fn plan_of(vm: &VmConfig) -> Plan {
             is_read_only: Some(disk.readonly),
             partuuid: None,
             cache_type: Default::default(),
-            io_engine: Default::default(),
+            io_engine: match disk.engine {
+                DiskEngine::Sync => IoEngine::Sync,
+                DiskEngine::IoUring | DiskEngine::Auto => IoEngine::Async,
+            },
             rate_limiter: None,
             socket: None,
         })
@@ -407,7 +411,12 @@ fn disk_config(drive: &Drive) -> Result<DiskConfig, ApiError> {
     // the 20 bytes virtio-blk has for it, as Firecracker does.
     let serial: String = drive.drive_id.chars().take(MAX_DISK_ID).collect();
     let rate_limit = rate_limit(drive.rate_limiter.as_ref())?;
-    Ok(DiskConfig { readonly: drive.is_read_only.unwrap_or(false), id: Some(serial), rate_limit, ..DiskConfig::new(path) })
+    // Firecracker's `Async` is its io_uring engine, and a host without one fails the drive.
+    let engine = match drive.io_engine {
+        IoEngine::Async => DiskEngine::IoUring,
+        IoEngine::Sync => DiskEngine::Sync,
+    };
+    Ok(DiskConfig { readonly: drive.is_read_only.unwrap_or(false), id: Some(serial), rate_limit, engine, ..DiskConfig::new(path) })
 }
 
 fn net_config(net: &NetworkInterface) -> Result<NetConfig, ApiError> {
@@ -452,7 +461,6 @@ pub fn guest_cmdline(boot_args: Option<&str>, root: Option<&Drive>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::types::IoEngine;
 
     /// Files that exist, for fields that must name a readable file.
     const KERNEL: &str = "Cargo.toml";
@@ -494,6 +502,7 @@ mod tests {
         assert_eq!(vm.cmdline, "console=ttyS0 reboot=k panic=1 root=/dev/vda ro");
         assert_eq!(vm.disks.iter().map(|d| d.id.clone().unwrap_or_default()).collect::<Vec<_>>(), ["rootfs", "data"]);
         assert!(vm.disks[0].readonly);
+        assert_eq!(vm.disks[0].engine, DiskEngine::IoUring, "io_engine Async is io_uring");
         assert_eq!(vm.nets[0].backend, NetBackend::Tap { name: "tap0".into() });
         assert!(vm.rng);
     }

@@ -35,8 +35,10 @@ pub trait DeviceWorker: Send + 'static {
     type Error: std::error::Error + Send + 'static;
 
     /// The seccomp filter the worker thread confines itself with: the common one, unless the
-    /// backend needs more (vsock's sockets).
-    const ROLE: Role = Role::DeviceWorker;
+    /// backend needs more (vsock's sockets, a disk's io_uring).
+    fn role(&self) -> Role {
+        Role::DeviceWorker
+    }
 
     /// Adds the handler's fds to `epoll` (see [`watch`]), each with a token of its choosing.
     fn register(&mut self, epoll: &Epoll) -> io::Result<()>;
@@ -107,7 +109,7 @@ impl<W: DeviceWorker> HandDriven<W> {
 }
 
 fn serve<W: DeviceWorker>(epoll: Epoll, mut handler: W, signals: &Signals, stop: EventFd) -> W {
-    if let Err(e) = seccomp::confine(W::ROLE) {
+    if let Err(e) = seccomp::confine(handler.role()) {
         signals.device_broken(&e);
         wait_for_stop(&stop);
         return handler;

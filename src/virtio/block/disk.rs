@@ -1,14 +1,16 @@
 //! The host side of a virtio disk: one raw image, opened, checked and locked once when the VM is
 //! built, then read and written in place by the disk's worker thread.
 //!
-//! Data moves with one `preadv`/`pwritev` per request, straight between the page cache and the
-//! guest's own buffers ([`IoVecs`]): no bounce buffer, no copy of ours. What reaches this
+//! Data moves straight between the page cache and the guest's own buffers ([`IoVecs`]): no
+//! bounce buffer, no copy of ours. The methods here are the plain system calls (one `preadv` or
+//! `pwritev` per request) the sync engine makes; the io_uring engine hands the same file to
+//! its ring ([`super::uring`]). What reaches this
 //! module has been bounds-checked by the request code; the file itself is trusted only to be the
 //! size it was at open (another process truncating it under us turns into I/O errors).
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, ErrorKind, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +42,10 @@ pub struct Disk {
     pub can_punch_holes: bool,
     /// The host file system's block size in sectors: discards finer than that free nothing.
     pub discard_alignment: u32,
+    /// Which transfers the file can do without blocking when it can (`RWF_NOWAIT`): only those
+    /// does io_uring complete inline; the rest it hands to kernel threads, a detour that costs
+    /// more than it saves for a file in RAM (tmpfs has neither, ext4 reads only).
+    pub nowait: NoWait,
     pub id: [u8; ID_BYTES],
     /// Cleared the first time the file system says it can't zero a range in place, after which
     /// WRITE_ZEROES punches holes instead (tmpfs, for one, only does the latter).
@@ -73,6 +79,7 @@ impl Disk {
         }
         let can_punch_holes = !config.readonly && punch_hole_works(&file, bytes);
         let block_size = file.metadata().map(|m| m.blksize()).unwrap_or(SECTOR_SIZE);
+        let nowait = NoWait::probe(&file, config.readonly);
         Ok(Disk {
             name: path.display().to_string(),
             sectors,
@@ -80,6 +87,7 @@ impl Disk {
             can_punch_holes,
             discard_alignment: u32::try_from(block_size >> SECTOR_SHIFT).unwrap_or(1).max(1),
             id: disk_id(config),
+            nowait,
             zero_range_works: AtomicBool::new(true),
             file,
         })
@@ -117,9 +125,15 @@ impl Disk {
         fallocate(&self.file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
     }
 
+    /// Whether zeroing a range in place (keeping it allocated) is worth trying: true until the
+    /// file system has once said it can't.
+    pub fn zeroes_in_place(&self) -> bool {
+        self.zero_range_works.load(Ordering::Relaxed)
+    }
+
     /// Makes `len` bytes at `offset` read as zeros, keeping them allocated unless `may_unmap`.
     pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        if !may_unmap && self.zero_range_works.load(Ordering::Relaxed) {
+        if !may_unmap && self.zeroes_in_place() {
             let zeroed = fallocate(&self.file, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len);
             match zeroed {
                 Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.zero_range_works.store(false, Ordering::Relaxed),
@@ -128,6 +142,48 @@ impl Disk {
         }
         self.discard(offset, len)
     }
+}
+
+/// The image, for an engine that hands it to the kernel (io_uring).
+impl AsRawFd for Disk {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+/// Whether reads and writes of a file may be tried without blocking (`RWF_NOWAIT`): a file
+/// system that can't answers EOPNOTSUPP at once, whatever the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoWait {
+    pub reads: bool,
+    pub writes: bool,
+}
+
+impl NoWait {
+    /// Reads the first sector with `RWF_NOWAIT` and, unless read-only, writes the same bytes
+    /// back with it (the file is ours alone: it is locked, and the guest isn't running yet).
+    /// EAGAIN ("not now") counts as a yes.
+    fn probe(file: &File, readonly: bool) -> NoWait {
+        let mut sector = [0u8; SECTOR_SIZE as usize];
+        let iovec = libc::iovec { iov_base: sector.as_mut_ptr().cast(), iov_len: sector.len() };
+        let fd = file.as_raw_fd();
+        // SAFETY: the iovec points at `sector`, alive and ours for the call.
+        let read = unsafe { libc::preadv2(fd, &iovec, 1, 0, libc::RWF_NOWAIT) };
+        let reads = read >= 0 || last_error_is(libc::EAGAIN);
+        // The plain read gives the bytes to write back when the first try said "not now".
+        // SAFETY: as above.
+        let have_sector = read == SECTOR_SIZE as isize || unsafe { libc::preadv(fd, &iovec, 1, 0) } == SECTOR_SIZE as isize;
+        let writes = !readonly && have_sector && {
+            // SAFETY: as above; the kernel only reads `sector`, which holds the file's own bytes.
+            let written = unsafe { libc::pwritev2(fd, &iovec, 1, 0, libc::RWF_NOWAIT) };
+            written >= 0 || last_error_is(libc::EAGAIN)
+        };
+        NoWait { reads, writes }
+    }
+}
+
+fn last_error_is(errno: libc::c_int) -> bool {
+    io::Error::last_os_error().raw_os_error() == Some(errno)
 }
 
 /// Runs `op` (a `preadv` or `pwritev`) until every byte of `iovecs` has moved, at most
@@ -315,5 +371,23 @@ mod tests {
         let mut iovecs = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
         let result = transfer_all(&mut iovecs, 0, |_, _| 0);
         assert_eq!(result.map_err(|e| e.kind()), Err(ErrorKind::UnexpectedEof));
+    }
+
+    /// The probe for io_uring's inline transfers writes the first sector's own bytes back: the
+    /// image is as it was. A file in RAM (tmpfs) can try neither reads nor writes without blocking.
+    #[test]
+    fn probing_for_nowait_transfers_leaves_the_image_as_it_was() {
+        let image: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), &image).expect("write");
+        let open = |readonly| Disk::open(&DiskConfig { readonly, ..DiskConfig::new(file.path()) }).expect("disk");
+        drop(open(false));
+        assert_eq!(std::fs::read(file.path()).expect("read"), image);
+        assert!(!open(true).nowait.writes, "a read-only disk is never written, not even by the probe");
+        if let Ok(in_ram) = tempfile::NamedTempFile::new_in("/dev/shm") {
+            std::fs::write(in_ram.path(), [0u8; 512]).expect("write");
+            let nowait = Disk::open(&DiskConfig::new(in_ram.path())).expect("disk").nowait;
+            assert_eq!((nowait.reads, nowait.writes), (false, false), "tmpfs");
+        }
     }
 }

@@ -3,18 +3,22 @@
 //!
 //! The image is opened, locked and measured when the VM is built ([`Block::new`], in
 //! [`disk`]), so that a wrong path or an image another VMM is using stops us before the guest
-//! starts, with one line saying why. Once the driver is ready, one request queue is served on the
-//! device's worker thread ([`request`]): reads and writes go in one vectored syscall between the
-//! image and the guest's own buffers, in batches, with one interrupt per batch (fewer still when
-//! the driver uses event indexes).
+//! starts, with one line saying why; its I/O engine is chosen then too ([`engine`]): io_uring
+//! ([`uring`]) when the host has it, else plain system calls. Once the driver is ready, one
+//! request queue is served on the device's worker thread ([`request`]), in batches: every
+//! request the guest made available is checked and turned into host operations on the guest's
+//! own buffers, the engine carries the whole batch out, and the chains go back with one
+//! interrupt per batch (fewer still when the driver uses event indexes).
 //!
 //! We trust the image to be a disk (any bytes will do) and nothing the guest puts in the queue:
 //! see [`request`] for what a malformed request gets.
 
 mod disk;
+mod engine;
 mod request;
 #[cfg(test)]
 mod tests;
+mod uring;
 
 use std::mem::offset_of;
 use std::sync::{Arc, Mutex};
@@ -25,6 +29,7 @@ use virtio_bindings::bindings::virtio_blk::{
 };
 
 use self::disk::{Disk, SECTOR_SIZE};
+use self::engine::SharedEngine;
 pub use self::request::RequestQueue;
 use super::{device_type, ActivateError, Activation, BackendUpdate, Device, UpdateError, VirtioCommon};
 use crate::bus::lock;
@@ -54,6 +59,8 @@ pub struct Block {
     opened_as: DiskConfig,
     /// `bw_*`/`ops_*` limits, if any: kept here so the budget outlives a driver reset.
     limiter: SharedLimiter,
+    /// How requests reach the image; chosen once, kept across resets and media.
+    engine: SharedEngine,
     features: u64,
     config: [u8; CONFIG_LEN],
     /// Reset stops serving; the image stays open (and locked) for the next activation.
@@ -61,9 +68,11 @@ pub struct Block {
 }
 
 impl Block {
-    /// Opens and locks the image `config` names. Errors are one line naming the file.
+    /// Opens and locks the image `config` names, and sets up its engine. Errors are one line
+    /// naming the file.
     pub fn new(config: &DiskConfig) -> Result<Block> {
         let disk = Disk::open(config)?;
+        let engine = engine::choose(config)?;
         let limiter = SharedLimiter::new(config.rate_limit)
             .map_err(|source| Error::Host { what: "cannot create a disk's rate-limit timer", source })?;
         Ok(Block {
@@ -72,6 +81,7 @@ impl Block {
             medium: Arc::new(Mutex::new(Arc::new(disk))),
             opened_as: config.clone(),
             limiter,
+            engine,
             common: VirtioCommon::default(),
         })
     }
@@ -101,7 +111,8 @@ impl Device for Block {
         let active = activation.take_queue(REQUESTS, "request")?;
         let flush = activation.features & bit(VIRTIO_BLK_F_FLUSH) != 0;
         let limiter = self.limiter.clone();
-        Ok(RequestQueue::new(Arc::clone(&self.medium), activation.mem, active, activation.signals, flush, limiter))
+        let engine = Arc::clone(&self.engine);
+        Ok(RequestQueue::new(Arc::clone(&self.medium), engine, activation.mem, active, activation.signals, flush, limiter))
     }
 
     /// A new image in the drive: opened (and locked) as the old one was, its size in the config

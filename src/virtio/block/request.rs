@@ -4,7 +4,10 @@
 //! The chain is read as the spec's VERSION_1 layout allows: the device-readable bytes come first
 //! (header, then a write's data or the discard ranges), the device-writable bytes last (a read's
 //! data, then the status byte, which is the very last byte), however the driver cut them into
-//! descriptors. Everything in it is the guest's to forge. A request we can't make sense of gets
+//! descriptors. Requests are served in batches: each chain is checked and turned into host
+//! operations ([`Op`]), the disk's engine carries out the batch's operations together, and then
+//! every status byte is written and the chains returned at once. Everything in a chain is the
+//! guest's to forge. A request we can't make sense of gets
 //! IOERR (or UNSUPP for what we don't do) in its status byte; one without a status byte we could
 //! write is handed back with nothing written. Only a queue that can't be walked any more (rings
 //! outside memory, an available index running ahead of the ring) stops the device.
@@ -22,11 +25,13 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{Epoll, EventSet};
 
 use super::disk::{Disk, SECTOR_SHIFT, SECTOR_SIZE};
+use super::engine::{Job, Op, SharedEngine};
 use super::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, REQUESTS};
 use crate::bus::lock;
 use crate::rate_limiter::{self, RateLimiter, SharedLimiter};
+use crate::seccomp::Role;
 use crate::virtio::iovec::IoVecs;
-use crate::virtio::queue::{clear_kick, interrupt_if_wanted, next_chain, serve_until_idle, Chain, Pass, QueueError};
+use crate::virtio::queue::{clear_kick, next_chain, serve_until_idle, Chain, Pass, QueueError, UsedBatch};
 use crate::virtio::worker::{watch, DeviceWorker};
 use crate::virtio::{ActiveQueue, Signals};
 
@@ -51,11 +56,15 @@ pub struct RequestQueue {
     signals: Signals,
     /// The drive's image, which the API may change between two passes (see `Block`).
     medium: Arc<Mutex<Arc<Disk>>>,
+    /// How the batch's operations reach the image: the device's, taken for each batch.
+    engine: SharedEngine,
     requests: Requests,
     /// The disk's rate limiter, shared with the device (it outlives an activation).
     limiter: SharedLimiter,
-    /// (head, bytes written) of the chains served in this pass, returned to the guest together.
-    completed: Vec<(u16, u32)>,
+    /// The requests taken in this batch, returned to the guest together.
+    taken: Vec<Taken>,
+    /// Their used entries, written as they are reported and published with one index update.
+    used_batch: UsedBatch,
 }
 
 impl RequestQueue {
@@ -63,13 +72,14 @@ impl RequestQueue {
     /// (virtio spec 1.2, 5.2.5: no FLUSH means a write-through cache).
     pub fn new(
         medium: Arc<Mutex<Arc<Disk>>>,
+        engine: SharedEngine,
         mem: GuestMemoryMmap,
         active: ActiveQueue,
         signals: Signals,
         flush_negotiated: bool,
         limiter: SharedLimiter,
     ) -> RequestQueue {
-        let completed = Vec::with_capacity(usize::from(active.queue.size()));
+        let taken = Vec::with_capacity(usize::from(active.queue.size()));
         let disk = lock(&medium).clone();
         let requests = Requests {
             disk,
@@ -78,13 +88,14 @@ impl RequestQueue {
             writable: Vec::new(),
             host_error_reported: false,
         };
-        RequestQueue { active, mem, signals, medium, requests, limiter, completed }
+        RequestQueue { active, mem, signals, medium, engine, requests, limiter, taken, used_batch: UsedBatch::default() }
     }
 
-    /// Serves every available request, notifying the guest once per pass, until the driver has
-    /// added nothing more since we re-enabled its notifications.
+    /// Serves every available request, a batch at a time: each batch's operations go to the
+    /// engine together, and its chains come back with one used-index update and at most one
+    /// interrupt. Until the driver has added nothing more since we re-enabled its notifications.
     pub(super) fn serve(&mut self) -> Result<(), QueueError> {
-        let Self { active, mem, signals, medium, requests, limiter, completed } = self;
+        let Self { active, mem, signals, medium, engine, requests, limiter, taken, used_batch } = self;
         let current = lock(medium);
         if !Arc::ptr_eq(&current, &requests.disk) {
             requests.disk = Arc::clone(&current);
@@ -94,26 +105,29 @@ impl RequestQueue {
         if limiter.as_ref().is_some_and(|limiter| limiter.is_blocked()) {
             return Ok(()); // its timer brings us back
         }
+        let batch_size = usize::from(active.queue.size());
         serve_until_idle(&mut active.queue, mem, |queue| {
-            // Every chain is served before any is returned: the guest sees the pass at once.
+            let mut jobs = Vec::new();
             let mut throttled = false;
-            while let Some(chain) = next_chain(queue, mem)? {
-                let head = chain.head_index();
-                match requests.serve(mem, chain, limiter.as_deref_mut()) {
-                    Some(written) => completed.push((head, written)),
-                    None => {
-                        // Over the rate: the chain goes back to the ring until the timer fires.
-                        queue.go_to_previous_position();
-                        throttled = true;
-                        break;
-                    }
+            while taken.len() < batch_size {
+                let Some(chain) = next_chain(queue, mem)? else { break };
+                if !requests.take(mem, chain, limiter.as_deref_mut(), taken, &mut jobs) {
+                    // Over the rate: the chain goes back to the ring until the timer fires.
+                    queue.go_to_previous_position();
+                    throttled = true;
+                    break;
                 }
             }
-            let served = completed.len();
-            for (head, written) in completed.drain(..) {
-                queue.add_used(&*mem, head, written)?;
+            requests.carry_out(taken, &mut jobs, engine);
+            let served = taken.len();
+            for request in taken.drain(..) {
+                let used = requests.report(mem, &request);
+                used_batch.add(queue, mem, request.head, used)?;
             }
-            interrupt_if_wanted(queue, mem, signals, REQUESTS, served)?;
+            // The whole batch appears to the driver at once, with at most one interrupt.
+            if used_batch.publish(queue, mem)? {
+                signals.used_queue(REQUESTS);
+            }
             Ok::<_, QueueError>(if throttled { Pass::Yielded(served) } else { Pass::Drained(served) })
         })?;
         Ok(())
@@ -122,6 +136,10 @@ impl RequestQueue {
 
 impl DeviceWorker for RequestQueue {
     type Error = QueueError;
+
+    fn role(&self) -> Role {
+        lock(&self.engine).worker_role()
+    }
 
     fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
         watch(epoll, &self.active.kick, REQUESTS as u64)?;
@@ -135,6 +153,16 @@ impl DeviceWorker for RequestQueue {
         }
         self.serve()
     }
+}
+
+/// A request taken from the ring in this batch.
+struct Taken {
+    head: u16,
+    /// Where its status byte goes; `None` for a chain handed back with nothing written.
+    status: Option<GuestAddress>,
+    /// The bytes it put in the guest's buffers, or why it failed: as planned, until one of its
+    /// operations fails.
+    outcome: Result<u32, Failed>,
 }
 
 /// A guest buffer: one descriptor's worth of guest memory.
@@ -196,33 +224,63 @@ struct Requests {
 }
 
 impl Requests {
-    /// Serves the request in `chain`; returns how many bytes went into its writable buffers,
-    /// or `None` when the rate limiter holds it back (nothing was done).
-    fn serve(&mut self, mem: &GuestMemoryMmap, chain: Chain<'_>, limiter: Option<&mut RateLimiter>) -> Option<u32> {
+    /// Takes the request in `chain` into the batch: checks it, and queues in `jobs` the
+    /// operations it needs (none for a request that fails its checks, or needs no host I/O).
+    /// False when the rate limiter holds it back (nothing was taken).
+    fn take<'m>(
+        &mut self,
+        mem: &'m GuestMemoryMmap,
+        chain: Chain<'_>,
+        limiter: Option<&mut RateLimiter>,
+        taken: &mut Vec<Taken>,
+        jobs: &mut Vec<Job<'m>>,
+    ) -> bool {
+        let head = chain.head_index();
         let layout = match self.walk(chain) {
             Ok(layout) => layout,
             Err(why) => {
                 tracing::debug!(disk = %self.disk.name, "virtio-blk chain dropped: {why}");
-                return Some(0);
+                taken.push(Taken { head, status: None, outcome: Ok(0) });
+                return true;
             }
         };
         // The data either way: a write's readable bytes past the header, a read's writable.
         let bytes = layout.readable.saturating_sub(HEADER_LEN) + layout.writable;
         if !rate_limiter::admit(limiter, bytes, &self.disk.name) {
-            return None;
+            return false;
         }
-        Some(self.execute_and_report(mem, &layout))
+        let outcome = self.plan(mem, &layout, taken.len(), jobs);
+        taken.push(Taken { head, status: Some(layout.status), outcome });
+        true
     }
 
-    /// Carries out a walked request and writes its status byte; returns the bytes written.
-    fn execute_and_report(&mut self, mem: &GuestMemoryMmap, layout: &Layout) -> u32 {
-        let (status, written) = match self.execute(mem, layout) {
+    /// Has the engine carry out the batch's operations; a failed one fails its request.
+    fn carry_out(&mut self, taken: &mut [Taken], jobs: &mut [Job<'_>], engine: &SharedEngine) {
+        if jobs.is_empty() {
+            return;
+        }
+        lock(engine).run(&self.disk, jobs);
+        for job in jobs.iter() {
+            if let Err(e) = &job.outcome {
+                let failed = self.host_failed(job.op.name(), e);
+                if let Some(request) = taken.get_mut(job.request) {
+                    request.outcome = Err(failed);
+                }
+            }
+        }
+    }
+
+    /// Writes a carried-out request's status byte; returns the used length to report: the
+    /// bytes written into its buffers and the status, or 0 for a chain handed back untouched.
+    fn report(&self, mem: &GuestMemoryMmap, request: &Taken) -> u32 {
+        let Some(status_addr) = request.status else { return 0 };
+        let (status, written) = match request.outcome {
             Ok(written) => (VIRTIO_BLK_S_OK, written),
             Err(Failed::IoErr) => (VIRTIO_BLK_S_IOERR, 0),
             Err(Failed::Unsupported) => (VIRTIO_BLK_S_UNSUPP, 0),
         };
         // The status is u8 in the spec; the bindings spell it u32.
-        if mem.write_obj(status as u8, layout.status).is_err() {
+        if mem.write_obj(status as u8, status_addr).is_err() {
             tracing::debug!(disk = %self.disk.name, "virtio-blk chain dropped: its status byte is outside memory");
             return 0;
         }
@@ -265,21 +323,34 @@ impl Requests {
         Ok(Layout { readable: total(&self.readable), writable: total(&self.writable) - 1, status })
     }
 
-    /// Carries out a walked request; returns the bytes written into its data buffers.
-    fn execute(&mut self, mem: &GuestMemoryMmap, layout: &Layout) -> Result<u32, Failed> {
+    /// Checks a walked request and queues its operations in `jobs` as request number `request`;
+    /// returns the bytes it will write into its data buffers if they succeed.
+    fn plan<'m>(
+        &mut self,
+        mem: &'m GuestMemoryMmap,
+        layout: &Layout,
+        request: usize,
+        jobs: &mut Vec<Job<'m>>,
+    ) -> Result<u32, Failed> {
         let mut header = [0u8; HEADER_LEN as usize];
         if layout.readable < HEADER_LEN || !read_stream(mem, &self.readable, 0, &mut header) {
             return Err(refuse(&self.disk, "the header is short or outside guest memory"));
         }
         let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
         let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+        let mut queue = |op| jobs.push(Job::new(op, request));
         match u32::from_le_bytes([t0, t1, t2, t3]) {
-            VIRTIO_BLK_T_IN => self.read(mem, sector, layout.writable),
-            VIRTIO_BLK_T_OUT => self.write(mem, sector, layout.readable - HEADER_LEN),
-            VIRTIO_BLK_T_FLUSH => self.flush().map(|()| 0),
+            VIRTIO_BLK_T_IN => self.read(mem, sector, layout.writable, &mut queue),
+            VIRTIO_BLK_T_OUT => self.write(mem, sector, layout.readable - HEADER_LEN, &mut queue).map(|()| 0),
+            VIRTIO_BLK_T_FLUSH => {
+                queue(Op::Flush);
+                Ok(0)
+            }
             VIRTIO_BLK_T_GET_ID => self.get_id(mem, layout.writable),
-            VIRTIO_BLK_T_DISCARD => self.discard_or_zero(mem, false, layout.readable - HEADER_LEN).map(|()| 0),
-            VIRTIO_BLK_T_WRITE_ZEROES => self.discard_or_zero(mem, true, layout.readable - HEADER_LEN).map(|()| 0),
+            VIRTIO_BLK_T_DISCARD => self.discard_or_zero(mem, false, layout.readable - HEADER_LEN, &mut queue).map(|()| 0),
+            VIRTIO_BLK_T_WRITE_ZEROES => {
+                self.discard_or_zero(mem, true, layout.readable - HEADER_LEN, &mut queue).map(|()| 0)
+            }
             other => {
                 tracing::debug!(disk = %self.disk.name, "virtio-blk request type {other} is not supported");
                 Err(Failed::Unsupported)
@@ -287,29 +358,25 @@ impl Requests {
         }
     }
 
-    fn read(&mut self, mem: &GuestMemoryMmap, sector: u64, len: u64) -> Result<u32, Failed> {
+    fn read<'m>(&self, mem: &'m GuestMemoryMmap, sector: u64, len: u64, queue: &mut impl FnMut(Op<'m>)) -> Result<u32, Failed> {
         let offset = self.data_offset(sector, len)?;
-        let mut buffers = self.map(mem, Direction::IntoGuest, len)?;
-        self.disk.read_into(&mut buffers, offset).map_err(|e| self.host_failed("read", &e))?;
+        let buffers = self.map(mem, Direction::IntoGuest, len)?;
+        queue(Op::Read { buffers, offset });
         // `data_offset` bounded `len` by MAX_REQUEST_BYTES.
         Ok(u32::try_from(len).unwrap_or(u32::MAX))
     }
 
-    fn write(&mut self, mem: &GuestMemoryMmap, sector: u64, len: u64) -> Result<u32, Failed> {
+    fn write<'m>(&self, mem: &'m GuestMemoryMmap, sector: u64, len: u64, queue: &mut impl FnMut(Op<'m>)) -> Result<(), Failed> {
         if self.disk.readonly {
             return Err(refuse(&self.disk, "a write to a read-only disk"));
         }
         let offset = self.data_offset(sector, len)?;
-        let mut buffers = self.map(mem, Direction::FromGuest, len)?;
-        self.disk.write_from(&mut buffers, offset).map_err(|e| self.host_failed("write", &e))?;
+        let buffers = self.map(mem, Direction::FromGuest, len)?;
+        queue(Op::Write { buffers, offset });
         if self.write_through {
-            self.flush()?;
+            queue(Op::Flush);
         }
-        Ok(0)
-    }
-
-    fn flush(&mut self) -> Result<(), Failed> {
-        self.disk.flush().map_err(|e| self.host_failed("flush", &e))
+        Ok(())
     }
 
     /// The serial, cut to the room the driver gave (Linux gives exactly 20 bytes).
@@ -321,9 +388,15 @@ impl Requests {
         Ok(id.len() as u32)
     }
 
-    /// DISCARD or WRITE_ZEROES: every range is checked before any is carried out, so that a
-    /// request the guest got wrong changes nothing.
-    fn discard_or_zero(&mut self, mem: &GuestMemoryMmap, zero: bool, payload: u64) -> Result<(), Failed> {
+    /// DISCARD or WRITE_ZEROES: every range is checked before any is queued, so that a request
+    /// the guest got wrong changes nothing.
+    fn discard_or_zero<'m>(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        zero: bool,
+        payload: u64,
+        queue: &mut impl FnMut(Op<'m>),
+    ) -> Result<(), Failed> {
         if self.disk.readonly {
             return Err(refuse(&self.disk, "a discard or write-zeroes on a read-only disk"));
         }
@@ -338,13 +411,8 @@ impl Requests {
         for (index, range) in ranges.iter_mut().enumerate().take(count as usize) {
             *range = self.discard_range(mem, zero, HEADER_LEN + index as u64 * RANGE_LEN)?;
         }
-        for &(offset, len, may_unmap) in &ranges[..count as usize] {
-            let done = match (len, zero) {
-                (0, _) => Ok(()),
-                (_, true) => self.disk.write_zeroes(offset, len, may_unmap),
-                (_, false) => self.disk.discard(offset, len),
-            };
-            done.map_err(|e| self.host_failed(if zero { "write-zeroes" } else { "discard" }, &e))?;
+        for &(offset, len, may_unmap) in ranges[..count as usize].iter().filter(|range| range.1 > 0) {
+            queue(if zero { Op::WriteZeroes { offset, len, may_unmap } } else { Op::Discard { offset, len } });
         }
         Ok(())
     }

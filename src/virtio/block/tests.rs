@@ -1,5 +1,7 @@
 //! The block device against a scripted driver: requests are laid out in guest memory by hand,
 //! served synchronously (or, for activation, on the real worker), and the image file checked.
+//! Every test that serves requests runs once per engine ([`on_both_engines`]): the guest's
+//! hostile chains must meet the same answers whichever engine carries out the rest.
 
 use crate::virtio::wait_until;
 use std::io::Write;
@@ -19,9 +21,37 @@ use vmm_sys_util::eventfd::EventFd;
 use super::disk::Disk;
 use super::request::{RequestQueue, MAX_DESCRIPTORS};
 use super::*;
+use crate::config::DiskEngine;
 use crate::error::Error;
 use crate::rate_limiter::{BucketConfig, RateLimit, SharedLimiter};
 use crate::virtio::{feature, ActiveQueue, Signals, VirtioDevice};
+
+thread_local! {
+    /// The engine this test thread's disks get (each test runs on its own thread).
+    static ENGINE: std::cell::Cell<DiskEngine> = const { std::cell::Cell::new(DiskEngine::Sync) };
+}
+
+/// Makes each named function a module with one test per engine, `NAME::sync` and
+/// `NAME::io_uring`, so that `cargo test NAME` runs both and a failure names the engine.
+macro_rules! on_both_engines {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+
+            #[test]
+            fn sync() {
+                ENGINE.set(DiskEngine::Sync);
+                super::$name();
+            }
+
+            #[test]
+            fn io_uring() {
+                ENGINE.set(DiskEngine::IoUring);
+                super::$name();
+            }
+        }
+    )*};
+}
 
 const MEM_SIZE: u64 = 0x40_0000;
 /// Where the test driver's buffers start, well past the rings.
@@ -47,8 +77,9 @@ fn image() -> tempfile::NamedTempFile {
     image_with(&pattern(SECTORS as usize * 512))
 }
 
+/// The image as a disk on this test's engine.
 fn config(file: &tempfile::NamedTempFile, readonly: bool) -> DiskConfig {
-    DiskConfig { readonly, ..DiskConfig::new(file.path().to_path_buf()) }
+    DiskConfig { readonly, engine: ENGINE.get(), ..DiskConfig::new(file.path().to_path_buf()) }
 }
 
 fn disk(file: &tempfile::NamedTempFile, readonly: bool) -> Arc<Disk> {
@@ -233,7 +264,9 @@ impl Bench {
         queue.set_event_idx(event_idx);
         let signals = Signals::standalone(1);
         let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        let queue = RequestQueue::new(medium, driver.mem.clone(), ActiveQueue { queue, kick }, signals.clone(), true, limiter);
+        let engine = engine::choose(&DiskConfig { engine: ENGINE.get(), ..DiskConfig::new("test.img") }).expect("the engine");
+        let active = ActiveQueue { queue, kick };
+        let queue = RequestQueue::new(medium, engine, driver.mem.clone(), active, signals.clone(), true, limiter);
         Bench { driver, queue, signals }
     }
 
@@ -281,7 +314,6 @@ fn file_bytes(file: &tempfile::NamedTempFile) -> Vec<u8> {
     std::fs::read(file.path()).expect("read image")
 }
 
-#[test]
 fn a_read_returns_the_files_bytes() {
     let file = image();
     let mut bench = Bench::new(disk(&file, false));
@@ -290,7 +322,6 @@ fn a_read_returns_the_files_bytes() {
     assert_eq!(data, file_bytes(&file)[2 * 512..5 * 512]);
 }
 
-#[test]
 fn a_read_scattered_over_many_descriptors_and_an_indirect_table() {
     let file = image();
     let expected = file_bytes(&file)[512..3 * 512].to_vec();
@@ -306,7 +337,6 @@ fn a_read_scattered_over_many_descriptors_and_an_indirect_table() {
     assert_eq!(bench.driver.bytes(addrs[1], 1024), expected);
 }
 
-#[test]
 fn any_layout_split_header_and_status_sharing_the_data_buffer() {
     let file = image();
     let mut bench = Bench::new(disk(&file, false));
@@ -316,7 +346,6 @@ fn any_layout_split_header_and_status_sharing_the_data_buffer() {
     assert_eq!(bench.driver.bytes(addrs[2], 512), file_bytes(&file)[4 * 512..5 * 512]);
 }
 
-#[test]
 fn a_write_reaches_the_file() {
     let file = image();
     let mut bench = Bench::new(disk(&file, false));
@@ -333,7 +362,6 @@ fn a_write_reaches_the_file() {
     assert_eq!(file_bytes(&file), expected);
 }
 
-#[test]
 fn flush_succeeds() {
     let file = image();
     let mut bench = Bench::new(disk(&file, false));
@@ -342,7 +370,6 @@ fn flush_succeeds() {
     assert_eq!(file_bytes(&file)[..512], [1; 512]);
 }
 
-#[test]
 fn a_read_only_disk_refuses_every_change_and_leaves_the_file_alone() {
     let file = image();
     let block = Block::new(&config(&file, true)).expect("read-only disk");
@@ -357,7 +384,6 @@ fn a_read_only_disk_refuses_every_change_and_leaves_the_file_alone() {
     assert_eq!(file_bytes(&file), pattern(SECTORS as usize * 512));
 }
 
-#[test]
 fn get_id_returns_the_configured_serial_zero_padded() {
     let file = image();
     let disk = Disk::open(&DiskConfig { id: Some("data-disk".into()), ..config(&file, false) }).expect("disk");
@@ -373,7 +399,6 @@ fn get_id_returns_the_configured_serial_zero_padded() {
     assert_eq!(bench.driver.bytes(addrs[1], 4), b"data");
 }
 
-#[test]
 fn without_a_configured_serial_the_id_is_the_file_name() {
     let file = image();
     let mut bench = Bench::new(disk(&file, false));
@@ -385,7 +410,6 @@ fn without_a_configured_serial_the_id_is_the_file_name() {
     assert_eq!(bench.driver.bytes(addrs[1], 20), expected);
 }
 
-#[test]
 fn sectors_past_the_end_fail_and_the_last_sector_does_not() {
     let file = image();
     let mut bench = Bench::new(disk(&file, false));
@@ -400,7 +424,6 @@ fn sectors_past_the_end_fail_and_the_last_sector_does_not() {
     assert_eq!(file_bytes(&file), pattern(SECTORS as usize * 512));
 }
 
-#[test]
 fn data_that_is_not_whole_sectors_fails() {
     let file = image();
     let mut bench = Bench::new(disk(&file, false));
@@ -410,7 +433,6 @@ fn data_that_is_not_whole_sectors_fails() {
     assert_eq!(file_bytes(&file), pattern(SECTORS as usize * 512));
 }
 
-#[test]
 fn a_short_header_fails() {
     let file = image();
     let mut bench = Bench::new(disk(&file, false));
@@ -418,7 +440,6 @@ fn a_short_header_fails() {
     assert_eq!((status, len), (S_IOERR, 1));
 }
 
-#[test]
 fn an_unknown_request_type_is_unsupported() {
     let file = image();
     let mut bench = Bench::new(disk(&file, false));
@@ -426,7 +447,6 @@ fn an_unknown_request_type_is_unsupported() {
     assert_eq!(bench.simple(2, vec![]), S_UNSUPP, "SCSI commands are legacy only");
 }
 
-#[test]
 fn a_chain_without_a_writable_status_byte_is_returned_untouched() {
     let file = image();
     let mut bench = Bench::new(disk(&file, false));
@@ -443,7 +463,6 @@ fn a_chain_without_a_writable_status_byte_is_returned_untouched() {
     assert_eq!(bench.read(0, 1).0, S_OK);
 }
 
-#[test]
 fn buffers_outside_guest_memory_fail_the_request_alone() {
     let file = image();
     let mut bench = Bench::new(disk(&file, false));
@@ -466,7 +485,6 @@ fn buffers_outside_guest_memory_fail_the_request_alone() {
     assert_eq!(file_bytes(&file), pattern(SECTORS as usize * 512));
 }
 
-#[test]
 fn a_looping_chain_is_dropped_and_the_next_request_served() {
     let file = image();
     let mut bench = Bench::new(disk(&file, false));
@@ -487,7 +505,6 @@ fn a_looping_chain_is_dropped_and_the_next_request_served() {
     assert_eq!(bench.read(0, 1).0, S_OK);
 }
 
-#[test]
 fn an_over_long_indirect_chain_is_dropped() {
     let file = image();
     let mut bench = Bench::new(disk(&file, false));
@@ -500,7 +517,6 @@ fn an_over_long_indirect_chain_is_dropped() {
     assert_eq!(bench.read(0, 1).0, S_OK);
 }
 
-#[test]
 fn an_available_index_running_ahead_of_the_ring_breaks_the_queue() {
     let file = image();
     let mut bench = Bench::new(disk(&file, false));
@@ -508,7 +524,6 @@ fn an_available_index_running_ahead_of_the_ring_breaks_the_queue() {
     assert!(bench.queue.serve().is_err());
 }
 
-#[test]
 fn a_batch_gets_one_interrupt_and_event_idx_is_honoured() {
     let file = image();
     let mut bench = Bench::with(disk(&file, false), true);
@@ -528,7 +543,6 @@ fn a_batch_gets_one_interrupt_and_event_idx_is_honoured() {
     assert_eq!(bench.signals.take_queue_interrupts(0), 0);
 }
 
-#[test]
 fn without_event_idx_every_pass_interrupts() {
     let file = image();
     let mut bench = Bench::new(disk(&file, false));
@@ -537,7 +551,6 @@ fn without_event_idx_every_pass_interrupts() {
     assert_eq!(bench.signals.take_queue_interrupts(0), 2);
 }
 
-#[test]
 fn discard_and_write_zeroes_when_the_file_system_can() {
     let file = image();
     let disk = disk(&file, false);
@@ -629,7 +642,6 @@ fn a_size_that_is_not_whole_sectors_is_rounded_down() {
     assert_eq!(bench.read(3, 1).0, S_IOERR, "the partial sector is not part of the disk");
 }
 
-#[test]
 fn an_image_truncated_under_us_gives_io_errors() {
     let file = image();
     let mut bench = Bench::new(disk(&file, false));
@@ -676,7 +688,6 @@ fn activation(driver: &Driver, queue: Queue, kick: EventFd, signals: &Signals) -
     }
 }
 
-#[test]
 fn activate_reset_and_activate_again() {
     let file = image();
     let mut block = Block::new(&config(&file, false)).expect("disk");
@@ -707,7 +718,6 @@ fn activation_without_the_request_queue_fails() {
     assert!(block.activate(activation).is_err());
 }
 
-#[test]
 fn the_rate_limiter_holds_requests_back_in_the_ring_until_its_timer_fires() {
     use crate::virtio::worker::DeviceWorker;
     use vmm_sys_util::epoll::{Epoll, EventSet};
@@ -741,7 +751,6 @@ fn the_rate_limiter_holds_requests_back_in_the_ring_until_its_timer_fires() {
     }
 }
 
-#[test]
 fn a_new_medium_in_a_running_drive_is_read_from_the_next_request_on() {
     let first = image();
     let second = image_with(&vec![0x5a; 32 * 512]);
@@ -763,3 +772,21 @@ fn a_new_medium_in_a_running_drive_is_read_from_the_next_request_on() {
     assert_eq!(bench.write(0, vec![1; 512]).0, S_IOERR, "still read-only, as the drive was opened");
     assert_eq!(&lock(&block.medium).id[..4], b"swap", "and still the same serial");
 }
+
+// Every test that serves requests runs on both engines.
+on_both_engines!(
+    a_read_returns_the_files_bytes, a_read_scattered_over_many_descriptors_and_an_indirect_table,
+    any_layout_split_header_and_status_sharing_the_data_buffer, a_write_reaches_the_file, flush_succeeds,
+    a_read_only_disk_refuses_every_change_and_leaves_the_file_alone,
+    get_id_returns_the_configured_serial_zero_padded, without_a_configured_serial_the_id_is_the_file_name,
+    sectors_past_the_end_fail_and_the_last_sector_does_not, data_that_is_not_whole_sectors_fails,
+    a_short_header_fails, an_unknown_request_type_is_unsupported,
+    a_chain_without_a_writable_status_byte_is_returned_untouched,
+    buffers_outside_guest_memory_fail_the_request_alone,
+    a_looping_chain_is_dropped_and_the_next_request_served, an_over_long_indirect_chain_is_dropped,
+    an_available_index_running_ahead_of_the_ring_breaks_the_queue,
+    a_batch_gets_one_interrupt_and_event_idx_is_honoured, without_event_idx_every_pass_interrupts,
+    discard_and_write_zeroes_when_the_file_system_can, an_image_truncated_under_us_gives_io_errors,
+    activate_reset_and_activate_again, the_rate_limiter_holds_requests_back_in_the_ring_until_its_timer_fires,
+    a_new_medium_in_a_running_drive_is_read_from_the_next_request_on,
+);

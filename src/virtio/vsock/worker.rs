@@ -166,7 +166,10 @@ impl VsockWorker {
 
 impl DeviceWorker for VsockWorker {
     type Error = VsockError;
-    const ROLE: Role = Role::VsockWorker;
+
+    fn role(&self) -> Role {
+        Role::VsockWorker
+    }
 
     fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
         watch(epoll, &self.rx.kick, RX_KICK)?;
