@@ -45,6 +45,9 @@ const NEEDED_FROM_VHOST: u64 =
 /// A virtio network card whose datapath is the kernel's vhost-net, on a tap.
 pub struct VhostNet {
     vhost: Arc<KernelNet<Arc<GuestMemoryMmap>>>,
+    /// The features vhost itself implements (the ring's and the header's; the offloads are
+    /// the tap's business): vhost refuses to be told of any other.
+    vhost_features: u64,
     tap: Arc<Tap>,
     config: [u8; 10],
     common: VirtioCommon<VhostRings>,
@@ -77,13 +80,20 @@ impl VhostNet {
     /// its owner. Done while the VM is built, on the main thread: workers may not open files.
     pub fn new(config: &NetConfig, name: &str, mem: &GuestMemoryMmap) -> crate::error::Result<VhostNet> {
         let tap = Tap::open(name)?;
-        let vhost = open(mem).map_err(|e| crate::error::Error::Vhost { name: name.to_string(), source: e })?;
+        let (vhost, vhost_features) = open(mem).map_err(|e| crate::error::Error::Vhost { name: name.to_string(), source: e })?;
         let mac = config.mac.unwrap_or_else(random_mac);
-        Ok(VhostNet { vhost: Arc::new(vhost), tap: Arc::new(tap), config: config_space(mac, true), common: VirtioCommon::default() })
+        Ok(VhostNet {
+            vhost: Arc::new(vhost),
+            vhost_features,
+            tap: Arc::new(tap),
+            config: config_space(mac, true),
+            common: VirtioCommon::default(),
+        })
     }
 }
 
-fn open(mem: &GuestMemoryMmap) -> Result<KernelNet<Arc<GuestMemoryMmap>>, VhostOpenError> {
+/// A vhost-net instance owned by this process, and the features it implements.
+fn open(mem: &GuestMemoryMmap) -> Result<(KernelNet<Arc<GuestMemoryMmap>>, u64), VhostOpenError> {
     let vhost = KernelNet::new(Arc::new(mem.clone())).map_err(|e| match e {
         vhost::Error::VhostOpen(e) if e.kind() == io::ErrorKind::NotFound => VhostOpenError::Missing,
         vhost::Error::VhostOpen(e) if e.kind() == io::ErrorKind::PermissionDenied => VhostOpenError::Permission,
@@ -95,7 +105,7 @@ fn open(mem: &GuestMemoryMmap) -> Result<KernelNet<Arc<GuestMemoryMmap>>, VhostO
     if has & NEEDED_FROM_VHOST != NEEDED_FROM_VHOST {
         return Err(VhostOpenError::Features { has, needs: NEEDED_FROM_VHOST });
     }
-    Ok(vhost)
+    Ok((vhost, has))
 }
 
 impl Device for VhostNet {
@@ -120,17 +130,18 @@ impl Device for VhostNet {
         let what = "the tap refused the offloads the driver accepted";
         self.tap.set_offloads(tap_offloads(activation.features)).map_err(|source| ActivateError::Backend { what, source })?;
         let errors = [error_eventfd()?, error_eventfd()?];
-        let rings = VhostRings { vhost: Arc::clone(&self.vhost), errors, _queues: queues };
-        // From here on, dropping `rings` takes the tap back from vhost, whatever failed.
+        let mut rings = VhostRings { vhost: Arc::clone(&self.vhost), errors, attached: [false; 2], _queues: queues };
         let vhost = &*self.vhost;
         let refused = |what: &'static str| move |source| ActivateError::Vhost { what, source };
-        vhost.set_features(activation.features).map_err(refused("the driver's features"))?;
+        vhost.set_features(activation.features & self.vhost_features).map_err(refused("the driver's features"))?;
         vhost.set_mem_table(&memory_table(&activation.mem)).map_err(refused("the memory table"))?;
         for (index, active) in rings._queues.iter().enumerate() {
             start_ring(vhost, index, active, &rings.errors[index], &activation.signals)?;
         }
         for index in [RX, TX] {
             vhost.set_backend(index, Some(self.tap.file())).map_err(refused("the tap"))?;
+            // From here on, dropping `rings` takes the tap back from this queue, whatever fails.
+            rings.attached[index] = true;
         }
         Ok(rings)
     }
@@ -191,6 +202,8 @@ fn start_ring(
 pub struct VhostRings {
     vhost: Arc<KernelNet<Arc<GuestMemoryMmap>>>,
     errors: [EventFd; 2],
+    /// Which queues vhost has the tap on.
+    attached: [bool; 2],
     _queues: [ActiveQueue; 2],
 }
 
@@ -211,7 +224,7 @@ impl DeviceWorker for VhostRings {
 
 impl Drop for VhostRings {
     fn drop(&mut self) {
-        for index in [RX, TX] {
+        for index in [RX, TX].into_iter().filter(|&index| self.attached[index]) {
             if let Err(e) = self.vhost.set_backend(index, None) {
                 tracing::warn!("vhost-net would not give the tap back from queue {index}: {e}");
             }
