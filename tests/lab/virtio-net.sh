@@ -25,7 +25,7 @@ vhost_ticks() {
     for comm in /proc/[0-9]*/comm; do
         case $(cat "$comm" 2>/dev/null) in vhost-*) ;; *) continue ;; esac
         set -- $(cat "${comm%/comm}/stat" 2>/dev/null | sed 's/.*) //')
-        [ $# -ge 13 ] && [ $(($12 + $13)) -gt $most ] && most=$(($12 + $13))
+        [ $# -ge 13 ] && [ $((${12} + ${13})) -gt $most ] && most=$((${12} + ${13}))
     done
     echo $most
 }
