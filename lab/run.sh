@@ -90,7 +90,7 @@ if stale "$pieces/base.cpio" "$here/init" "$here/run.sh" "$here/lib.sh" \
     copy_with_libs "$mkfs_ext4" "$s" usr/sbin/mkfs.ext4
     [[ ! -f /etc/mke2fs.conf ]] || install -m 644 /etc/mke2fs.conf "$s/etc/mke2fs.conf"
     ver=$(cat "$kdir/version")
-    mod_deps "$kdir/modules" kvm-amd tun bridge >"$s/etc/lab-modules"
+    mod_deps "$kdir/modules" kvm-amd tun bridge vhost_net >"$s/etc/lab-modules"
     while read -r m; do
         install -D -m 644 "$kdir/modules/$m" "$s/lib/modules/$ver/$m"
     done <"$s/etc/lab-modules"

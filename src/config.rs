@@ -167,8 +167,8 @@ pub struct NetConfig {
 /// What is at the other end of a network card.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetBackend {
-    /// The host tap device of this name.
-    Tap { name: String },
+    /// The host tap device of this name; with `vhost`, the kernel's vhost-net moves the frames.
+    Tap { name: String, vhost: bool },
     /// A passt process of ours, with these host ports forwarded to the guest.
     User { forwards: Vec<Forward> },
 }
@@ -430,22 +430,28 @@ fn parse_rng_limits(value: &str) -> Result<RateLimit> {
     limits.build().map_err(|e| bad(e.to_string()))
 }
 
-/// `tap=NAME[,mac=MAC]` or `user[,hostfwd=FORWARD]...[,mac=MAC]`.
+/// `tap=NAME[,vhost=on|off][,mac=MAC]` or `user[,hostfwd=FORWARD]...[,mac=MAC]`.
 pub fn parse_net(value: &str) -> Result<NetConfig> {
     let bad = |why: String| Error::BadFlag { flag: "--net", value: value.to_string(), why };
-    let (mut tap, mut user, mut forwards, mut mac) = (None, false, Vec::new(), None);
+    let (mut tap, mut user, mut forwards, mut mac, mut vhost) = (None, false, Vec::new(), None, None);
     for option in value.split(',') {
         match option.split_once('=') {
             None if option == "user" => user = true,
+            Some(("vhost", "on")) => vhost = Some(true),
+            Some(("vhost", "off")) => vhost = Some(false),
+            Some(("vhost", other)) => return Err(bad(format!("vhost={other}: expected vhost=on or vhost=off"))),
             Some(("tap", name)) if !name.is_empty() && name.len() < libc::IFNAMSIZ => tap = Some(name.to_string()),
             Some(("tap", _)) => return Err(bad(format!("a tap name has 1 to {} characters", libc::IFNAMSIZ - 1))),
             Some(("mac", text)) => mac = Some(parse_mac(text).ok_or_else(|| bad(format!("'{text}' is not a MAC such as 52:54:00:12:34:56")))?),
             Some(("hostfwd", text)) => forwards.push(parse_forward(text).ok_or_else(|| bad(format!("'{text}' is not a forward such as tcp:8080-:80 or udp:127.0.0.1:5353-:53")))?),
-            _ => return Err(bad(format!("unknown option '{option}' (expected tap=NAME, user, hostfwd=FORWARD or mac=MAC)"))),
+            _ => return Err(bad(format!("unknown option '{option}' (expected tap=NAME, vhost=on, user, hostfwd=FORWARD or mac=MAC)"))),
         }
     }
+    if user && vhost.is_some() {
+        return Err(bad("vhost= goes with a tap: passt's frames don't go through the kernel".into()));
+    }
     let backend = match (tap, user) {
-        (Some(name), false) if forwards.is_empty() => NetBackend::Tap { name },
+        (Some(name), false) if forwards.is_empty() => NetBackend::Tap { name, vhost: vhost.unwrap_or(false) },
         (Some(_), false) => return Err(bad("hostfwd= goes with user, not with a tap".into())),
         (None, true) => NetBackend::User { forwards: check_forwards(forwards).map_err(bad)? },
         (Some(_), true) => return Err(bad("a card is on a tap or on user, not both".into())),
@@ -693,9 +699,20 @@ mod tests {
     #[test]
     fn nets_with_options() {
         let net = parse_net("tap=tap0,mac=52:54:00:12:34:56").expect("valid");
-        assert_eq!(net, NetConfig { backend: NetBackend::Tap { name: "tap0".into() }, mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]) });
+        assert_eq!(net, NetConfig { backend: NetBackend::Tap { name: "tap0".into(), vhost: false }, mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]) });
         for bad in ["", "tap0", "tap=", "tap=x,mac=52:54:00:12:34", "tap=x,mac=01:00:00:00:00:00", "tap=averyveryverylongname"] {
             assert!(matches!(parse_net(bad), Err(Error::BadFlag { flag: "--net", .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn net_vhost_goes_with_a_tap_only() {
+        let vhost = |value: &str| parse_net(value).map(|net| net.backend);
+        assert_eq!(vhost("tap=tap0,vhost=on").ok(), Some(NetBackend::Tap { name: "tap0".into(), vhost: true }));
+        assert_eq!(vhost("vhost=off,tap=tap0").ok(), Some(NetBackend::Tap { name: "tap0".into(), vhost: false }));
+        for bad in ["tap=tap0,vhost=yes", "user,vhost=on", "user,vhost=off", "vhost=on"] {
+            let error = parse_net(bad).expect_err(bad).to_string();
+            assert!(error.contains("vhost") || error.contains("expected tap=NAME"), "{bad}: {error}");
         }
     }
 
@@ -751,7 +768,7 @@ mod tests {
         let config = VmConfig::from_args(args).expect("valid");
         assert_eq!(config.disks.len(), 2);
         assert!(config.disks[1].readonly);
-        assert_eq!(config.nets[0].backend, NetBackend::Tap { name: "t0".into() });
+        assert_eq!(config.nets[0].backend, NetBackend::Tap { name: "t0".into(), vhost: false });
         assert_eq!(config.console, ConsoleKind::Virtio);
         assert!(config.cmdline.contains("console=hvc0"));
         assert!(config.rng);

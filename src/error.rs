@@ -43,6 +43,8 @@ pub enum Error {
 
     #[error(transparent)]
     Passt(#[from] crate::passt::PasstError),
+    #[error("--net tap={name},vhost=on: {source}")]
+    Vhost { name: String, source: crate::virtio::net::vhost::VhostOpenError },
     #[error("cannot set up --vsock: {0}")]
     Vsock(#[from] crate::virtio::vsock::muxer::MuxerError),
 
@@ -115,6 +117,7 @@ impl Error {
             | Error::Kvm { .. }
             | Error::Memory(_)
             | Error::Passt(_)
+            | Error::Vhost { .. }
             | Error::GuestWrite { .. }
             | Error::Internal { .. }
             | Error::Host { .. } => 1,

@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{acpi, boot, cpu};
 use crate::bus::{lock, Bus, SharedDevice};
-use crate::config::VmConfig;
+use crate::config::{NetBackend, VmConfig};
 use crate::control::{PauseGate, VmControls};
 use crate::terminal::ConsoleRoute;
 use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_ADDR, BOOT_TIMER_LEN};
@@ -33,6 +33,7 @@ use crate::pci::{PciRoot, CONFIG_PORT, CONFIG_PORT_LEN};
 use crate::config::ConsoleKind;
 use crate::virtio::block::Block;
 use crate::virtio::console::{Console, ConsoleInput};
+use crate::virtio::net::vhost::VhostNet;
 use crate::virtio::net::Net;
 use crate::virtio::rng::Rng;
 use crate::virtio::transport::{DriveHandle, VirtioPci, BAR_SIZE};
@@ -186,7 +187,7 @@ fn furnish(
 
     let (mut pio, serial, keyboard) = legacy_devices(vm, stopper)?;
     let mut mmio = mmio_devices(timeline)?;
-    let (devices, virtio_console) = virtio_devices(config)?;
+    let (devices, virtio_console) = virtio_devices(config, mem)?;
     let drives = plug_pci_devices(vm, mem, devices, &mut pio, &mut mmio)?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
@@ -344,7 +345,9 @@ const BLOCK: &str = "virtio-blk";
 /// The virtio devices the configuration asks for, each with the name it is reported by, and
 /// the virtio console's input if there is one. The UART stays either way: early boot messages
 /// go there.
-fn virtio_devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Option<ConsoleInput>)> {
+/// Every virtio device the configuration asks for. `mem` is for vhost-net, which is told where
+/// guest memory lies when its card is made (the open happens here, on the main thread).
+fn virtio_devices(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<(Vec<NamedDevice>, Option<ConsoleInput>)> {
     let mut devices: Vec<NamedDevice> = Vec::new();
     let mut console_input = None;
     if config.console == ConsoleKind::Virtio {
@@ -357,7 +360,10 @@ fn virtio_devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Option<Console
         devices.push((BLOCK, Box::new(Block::new(disk)?)));
     }
     for net in &config.nets {
-        devices.push(("virtio-net", Box::new(Net::new(net)?)));
+        match &net.backend {
+            NetBackend::Tap { name, vhost: true } => devices.push(("vhost-net", Box::new(VhostNet::new(net, name, mem)?))),
+            _ => devices.push(("virtio-net", Box::new(Net::new(net)?))),
+        }
     }
     if config.rng {
         let rng = Rng::limited(config.rng_rate_limit)

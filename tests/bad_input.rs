@@ -213,6 +213,28 @@ fn no_dev_kvm_at_all() {
 }
 
 #[test]
+fn vhost_without_dev_vhost_net_says_how_to_load_it() {
+    assert!(running_as_root(), "this test makes a /dev and a network of its own in namespaces, so it must run as root");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = hello(dir.path());
+    // A /dev with only KVM and the tun device in it (their numbers copied from the host's),
+    // and a network namespace for the tap lguest creates.
+    let node = |path: &str| {
+        let rdev = std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(path).expect(path));
+        format!("mknod {path} c {} {}", libc::major(rdev), libc::minor(rdev))
+    };
+    let script = format!(
+        "mount -t tmpfs none /dev && mkdir /dev/net && {} && {} && exec {} run --kernel {kernel} --net tap=lgvhost0,vhost=on",
+        node("/dev/kvm"),
+        node("/dev/net/tun"),
+        env!("CARGO_BIN_EXE_lguest"),
+    );
+    let mut command = Command::new("unshare");
+    command.args(["--mount", "--net", "--propagation", "private", "sh", "-c", &script]);
+    host_cannot(command, "--net tap=lgvhost0,vhost=on: /dev/vhost-net does not exist: load the kernel's vhost_net module");
+}
+
+#[test]
 fn reboot_and_shutdown_timeout_mistakes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kernel = hello(dir.path());

@@ -190,21 +190,16 @@ fn virtio_disks_read_write_refuse_writes_when_readonly_mount_ext4_survive_kill_9
 }
 
 #[test]
-fn virtio_net_on_a_tap_pings_and_carries_tcp_both_ways() {
+fn virtio_net_on_a_tap_pings_and_carries_tcp_both_ways_in_lguest_and_through_vhost_net() {
     run_scenario("virtio-net", |output| {
         expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
-        expect_cases(
-            output,
-            &[
-                "net-tap",
-                "net-exit",
-                "net-done",
-                "net-ping",
-                "net-guest-to-host",
-                "net-guest-to-host-guest-side",
-                "net-host-to-guest",
-            ],
-        )
+        let mut cases = vec!["net-tap".to_string(), "net-no-vhost".into(), "vhost-dev".into(), "vhost-thread".into()];
+        for datapath in ["net", "vhost"] {
+            for case in ["exit", "done", "ping", "guest-to-host", "guest-to-host-guest-side", "host-to-guest"] {
+                cases.push(format!("{datapath}-{case}"));
+            }
+        }
+        expect_cases(output, &cases.iter().map(String::as_str).collect::<Vec<_>>())
     });
 }
 

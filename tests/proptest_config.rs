@@ -84,7 +84,7 @@ proptest! {
     ]) {
         if let Ok(net) = parse_net(&value) {
             match &net.backend {
-                NetBackend::Tap { name } => prop_assert!(!name.is_empty() && name.len() < libc::IFNAMSIZ, "tap {:?}", name),
+                NetBackend::Tap { name, .. } => prop_assert!(!name.is_empty() && name.len() < libc::IFNAMSIZ, "tap {:?}", name),
                 NetBackend::User { forwards } => {
                     prop_assert!(value.split(',').any(|o| o == "user"), "user without 'user' in {:?}", value);
                     for f in forwards {
@@ -106,8 +106,8 @@ proptest! {
             value.push_str(&format!(",mac={}", text.join(":")));
         }
         match (parse_net(&value), mac) {
-            (Ok(net), Some(mac)) if mac[0] & 1 == 0 => prop_assert_eq!((net.backend, net.mac), (NetBackend::Tap { name: tap }, Some(mac))),
-            (Ok(net), None) => prop_assert_eq!((net.backend, net.mac), (NetBackend::Tap { name: tap }, None)),
+            (Ok(net), Some(mac)) if mac[0] & 1 == 0 => prop_assert_eq!((net.backend, net.mac), (NetBackend::Tap { name: tap, vhost: false }, Some(mac))),
+            (Ok(net), None) => prop_assert_eq!((net.backend, net.mac), (NetBackend::Tap { name: tap, vhost: false }, None)),
             (Err(_), Some(mac)) => prop_assert_eq!(mac[0] & 1, 1, "a unicast MAC was refused"),
             (result, mac) => prop_assert!(false, "{:?} for {:?} ({:?})", result, value, mac),
         }

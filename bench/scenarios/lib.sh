@@ -30,12 +30,14 @@ vmm_cmd() {
     _vmm=$1 _mem=$2 _cpus=$3 _initrd=$4 _cmdline=$5
     shift 5
     case $_vmm in
-        lguest)
+        lguest | lguest-vhost)
+            _vhost=
+            [ "$_vmm" = lguest-vhost ] && _vhost=,vhost=on
             CMD="lguest run --kernel $KERNEL --initrd $_initrd --memory ${_mem}M --cpus $_cpus --cmdline '$_cmdline'"
             for _dev in "$@"; do
                 case $_dev in
                     disk=*) CMD="$CMD --disk ${_dev#disk=}" ;;
-                    net=*) CMD="$CMD --net tap=${_dev#net=},mac=$MAC" ;;
+                    net=*) CMD="$CMD --net tap=${_dev#net=}$_vhost,mac=$MAC" ;;
                     rng) CMD="$CMD --rng" ;;
                 esac
             done

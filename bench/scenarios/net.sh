@@ -3,9 +3,10 @@
 # the lab machine), an iperf3 server and a tcp-rr server on it. The guest (bench.scenario=net,
 # 256 MiB) takes 169.254.100.2 on its virtio NIC and runs iperf3 guest → host, host → guest
 # (-R) and tcp-rr's 1-byte round trips, SECS seconds each, ROUNDS times over (every number is
-# a sample). VMMs: lguest (--net tap=tap0),
-# QEMU with vhost=off (virtio-net in QEMU's own process, like lguest) and, when the lab's
-# kernel has vhost_net (/bench/lab-mods), QEMU with vhost=on. RUNS runs each, alternating;
+# a sample). VMMs: lguest (--net tap=tap0) against QEMU with vhost=off (virtio-net in the
+# VMM's own process, both) as row `net`, and, when the lab's kernel has vhost_net
+# (/bench/lab-mods), lguest with vhost=on against QEMU with vhost=on (the kernel's datapath
+# under both) as row `net-vhost`, whose lguest line says vmm=lguest. RUNS runs each, alternating;
 # a run whose guest died is noted and retried once; a VMM whose guest has no NIC is noted
 # and not run again. PIN=1: the VMM's vCPU thread on lab CPU 0, all else (its other threads,
 # the vhost kernel thread, the iperf3 and tcp-rr servers) on CPU 1 (lib.sh).
@@ -15,9 +16,9 @@ initrd=/bench/initrd-net.img
 while read -r m; do insmod "/bench/lab-mods/$m" 2>/dev/null; done </bench/lab-mods/order
 vmms="lguest qemu"
 if [ -c /dev/vhost-net ]; then
-    vmms="$vmms qemu-vhost"
+    vmms="$vmms lguest-vhost qemu-vhost"
 else
-    note net "no /dev/vhost-net in the lab (vhost_net did not load): QEMU vhost=on not measured"
+    note net "no /dev/vhost-net in the lab (vhost_net did not load): vhost=on not measured"
 fi
 tunctl -t $TAP >/dev/null || note net "cannot make $TAP"
 ip addr add $HOST_IP/24 dev $TAP
@@ -50,7 +51,12 @@ net_once() {
 net_boot() {
     vmm_cmd "$1" 256 1 $initrd "$CMDLINE bench.scenario=net bench.secs=$SECS bench.rounds=$ROUNDS bench.host=$HOST_IP" net=$TAP
     # A boot takes ~10-20 s, a test SECS + ~2 s (iperf3 also runs a first second it leaves out).
-    io_boot net "$1" $((ROUNDS * 3 * (SECS + 5) + 80)) "no eth0"
+    _limit=$((ROUNDS * 3 * (SECS + 5) + 80))
+    case $1 in
+        lguest-vhost) io_boot net-vhost lguest $_limit "no eth0" ;;
+        qemu-vhost) io_boot net-vhost qemu-vhost $_limit "no eth0" ;;
+        *) io_boot net "$1" $_limit "no eth0" ;;
+    esac
 }
 
 for run in $(seq 1 "$RUNS"); do

@@ -50,7 +50,7 @@ fuzz_target!(|input: Input| match input {
     Input::Net(value) => {
         if let Ok(net) = parse_net(&value) {
             match &net.backend {
-                NetBackend::Tap { name } => assert!(!name.is_empty() && name.len() < libc::IFNAMSIZ, "--net {value:?} gave tap {name:?}"),
+                NetBackend::Tap { name, .. } => assert!(!name.is_empty() && name.len() < libc::IFNAMSIZ, "--net {value:?} gave tap {name:?}"),
                 NetBackend::User { forwards } => {
                     assert!(value.split(',').any(|o| o == "user"), "--net {value:?} is user without saying so");
                     assert!(forwards.iter().all(|f| f.host_port != 0 && f.guest_port != 0), "--net {value:?} forwards port 0");

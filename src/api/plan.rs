@@ -270,7 +270,7 @@ pub fn plan_of(vm: &VmConfig) -> Plan {
         .nets
         .iter()
         .filter_map(|net| match &net.backend {
-            NetBackend::Tap { name } => Some((name, net.mac)),
+            NetBackend::Tap { name, .. } => Some((name, net.mac)),
             NetBackend::User { .. } => None,
         })
         .enumerate()
@@ -431,7 +431,7 @@ fn net_config(net: &NetworkInterface) -> Result<NetConfig, ApiError> {
             why: format!("'{text}' is not a unicast MAC such as 06:00:ac:10:00:02"),
         })?),
     };
-    Ok(NetConfig { backend: NetBackend::Tap { name: net.host_dev_name.clone() }, mac })
+    Ok(NetConfig { backend: NetBackend::Tap { name: net.host_dev_name.clone(), vhost: false }, mac })
 }
 
 /// The guest's command line: the client's `boot_args` (or lguest's default) without the words
@@ -503,7 +503,7 @@ mod tests {
         assert_eq!(vm.disks.iter().map(|d| d.id.clone().unwrap_or_default()).collect::<Vec<_>>(), ["rootfs", "data"]);
         assert!(vm.disks[0].readonly);
         assert_eq!(vm.disks[0].engine, DiskEngine::IoUring, "io_engine Async is io_uring");
-        assert_eq!(vm.nets[0].backend, NetBackend::Tap { name: "tap0".into() });
+        assert_eq!(vm.nets[0].backend, NetBackend::Tap { name: "tap0".into(), vhost: false });
         assert!(vm.rng);
     }
 

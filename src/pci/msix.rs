@@ -109,6 +109,11 @@ impl MsixVectors {
         self.vectors.get(vector).is_some_and(|v| v.pending.load(Ordering::SeqCst))
     }
 
+    /// The eventfd behind `vector` (KVM's irqfd for it, in a VM).
+    pub fn eventfd(&self, vector: u16) -> Option<&EventFd> {
+        self.vectors.get(usize::from(vector)).map(|v| &v.irq)
+    }
+
     /// Reads and clears a vector's eventfd count: how often it fired with no irqfd attached.
     pub fn take_count(&self, vector: u16) -> u64 {
         self.vectors.get(usize::from(vector)).and_then(|v| v.irq.read().ok()).unwrap_or(0)

@@ -253,6 +253,12 @@ pub enum ActivateError {
     /// The device's backend refused what the driver asked for.
     #[error("{what}: {source}")]
     Backend { what: &'static str, source: io::Error },
+    /// The kernel's vhost refused part of the driver's set-up (a ring outside memory, say).
+    #[error("vhost refused {what}: {source}")]
+    Vhost { what: &'static str, source: vhost::Error },
+    /// A device whose interrupts the kernel raises (vhost) needs an MSI-X vector per queue.
+    #[error("the driver gave a queue no MSI-X vector; this device needs MSI-X")]
+    NoVector,
 }
 
 /// Everything a device needs to serve its queues once the driver is ready.
@@ -319,6 +325,12 @@ impl Signals {
     pub fn used_queue(&self, index: usize) {
         self.isr.fetch_or(ISR_QUEUE, Ordering::SeqCst);
         self.vectors.trigger(self.queue_vectors.get(index).copied().unwrap_or(NO_VECTOR));
+    }
+
+    /// The eventfd that interrupts the guest through queue `index`'s MSI-X vector (an irqfd),
+    /// for a datapath in the kernel (vhost) to signal directly; `None` without a vector.
+    pub fn queue_irqfd(&self, index: usize) -> Option<&EventFd> {
+        self.vectors.eventfd(*self.queue_vectors.get(index)?)
     }
 
     /// Tells the guest the device's config space changed (a resized disk, a link going down).

@@ -33,6 +33,7 @@ mod rx_buffers;
 pub mod tap;
 #[cfg(test)]
 mod tests;
+pub mod vhost;
 mod worker;
 
 use std::io;
@@ -137,7 +138,7 @@ impl Net {
     /// locally administered one.
     pub fn new(config: &NetConfig) -> Result<Net> {
         let backend = match &config.backend {
-            NetBackend::Tap { name } => Backend::Tap(Arc::new(Tap::open(name)?)),
+            NetBackend::Tap { name, .. } => Backend::Tap(Arc::new(Tap::open(name)?)),
             NetBackend::User { forwards } => Backend::Passt(Arc::new(PasstLink::start(forwards)?)),
         };
         Ok(Net::with_backend(backend, config.mac))

@@ -73,6 +73,11 @@ impl Tap {
     /// Tells the tap which offloads (`TUN_F_*`) we can take in frames read from it, which are
     /// the ones the guest's driver accepted. Without them the host's kernel checksums and
     /// segments each frame before handing it over.
+    /// The tap's fd, for handing to the kernel's vhost-net.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     pub fn set_offloads(&self, offloads: u32) -> io::Result<()> {
         #[cfg(any(test, feature = "test-utils"))]
         if !self.is_tap {
