@@ -137,3 +137,45 @@ fn a_connection_closed_before_ok_is_reported_as_refused() {
     assert_eq!(out.status.code(), Some(3));
     assert!(line_of(&out).starts_with("VSOCK-IO uds-connect-9 failed: refused"), "{out:?}");
 }
+
+/// A `tcp-listen` end on a free port of 127.0.0.1, once it says it is listening; its port.
+fn tcp_listener(opts: &[&str]) -> (Child, std::io::BufReader<std::process::ChildStdout>, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("its address").port();
+    let mut child = vsock_io(&[&["tcp-listen", &port.to_string()], opts].concat());
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).expect("the listening line");
+    assert_eq!(first.trim(), format!("VSOCK-IO listening {port}"));
+    (child, stdout, port)
+}
+
+/// The rest of a listener's output, once it has exited successfully.
+fn rest_of(mut child: Child, mut stdout: std::io::BufReader<std::process::ChildStdout>) -> String {
+    let mut text = String::new();
+    stdout.read_to_string(&mut text).expect("stdout");
+    assert!(child.wait().expect("wait").success(), "{text}");
+    text
+}
+
+#[test]
+fn over_tcp_the_pattern_moves_both_ways_with_its_checksums() {
+    let (listener, stdout, port) = tcp_listener(&["--send", "200K", "--recv", "100K"]);
+    let address = format!("127.0.0.1:{port}");
+    let connect = vsock_io(&["tcp-connect", &address, "--send", "100K", "--recv", "200K"]).wait_with_output().expect("connect");
+    assert!(connect.status.success(), "{connect:?}");
+    let listen = rest_of(listener, stdout);
+    let (small, big) = (pattern_sum("100K"), pattern_sum("200K"));
+    let listen_line = listen.lines().next().unwrap_or_default();
+    assert!(listen_line.starts_with(&format!("VSOCK-IO tcp-listen-{port}-0 sent=204800 sent_sum={big} received=102400 sum={small} ms=")), "{listen}");
+    assert!(line_of(&connect).starts_with(&format!("VSOCK-IO tcp-connect-{address} sent=102400 sent_sum={small} received=204800 sum={big} ms=")));
+}
+
+#[test]
+fn over_tcp_rr_counts_round_trips_against_an_echo_listener() {
+    let (listener, stdout, port) = tcp_listener(&["--echo"]);
+    let rr = vsock_io(&["tcp-connect", &format!("127.0.0.1:{port}"), "--rr", "0.2"]).wait_with_output().expect("rr");
+    assert!(rr.status.success(), "{rr:?}");
+    let trips = field(&line_of(&rr), "trips");
+    assert!(trips.parse::<u64>().is_ok_and(|n| n > 0), "{rr:?}");
+    assert_eq!(rest_of(listener, stdout).trim(), format!("VSOCK-IO tcp-listen-{port}-0 echoed={trips}"));
+}

@@ -1,6 +1,7 @@
 //! vsock-io: moves a known pattern over vsock streams and checks it, from inside a guest
 //! (AF_VSOCK) or from the host side of Firecracker's hybrid vsock (a Unix socket), so that
-//! both ends of lguest's lab tests are the same program.
+//! both ends of lguest's lab tests are the same program. It also times 1-byte round trips,
+//! and speaks TCP too, so the user network's bench row checks every byte it times.
 //!
 //! ```text
 //! vsock-io listen PORT [OPTS]           guest: accept --count connections on vsock PORT
@@ -8,6 +9,8 @@
 //! vsock-io uds-connect PATH PORT [OPTS] host: connect to PATH, "CONNECT PORT", expect "OK n"
 //! vsock-io uds-listen PATH [OPTS]       host: accept --count connections on the Unix socket
 //!                                       PATH (lguest's PATH_PORT for guest port PORT)
+//! vsock-io tcp-listen PORT [OPTS]       TCP (the user network's bench row): accept on PORT
+//! vsock-io tcp-connect ADDR:PORT [OPTS] TCP: connect to ADDR:PORT
 //! vsock-io pattern-sum BYTES            the checksum the pattern of BYTES bytes has
 //!
 //! OPTS: --send BYTES (0)     the pattern to send on each connection, then shut down writing
@@ -22,7 +25,7 @@
 //! BYTES may end in K or M.
 //! ```
 //!
-//! A vsock listener first prints `VSOCK-IO listening PORT`. Each connection prints one line,
+//! A vsock or TCP listener first prints `VSOCK-IO listening PORT`. Each connection prints one line,
 //! `VSOCK-IO TAG sent=N sent_sum=X received=M sum=Y ms=T`, once both directions are done (T
 //! from its start, for a rough rate only; sending runs on a thread of its own, so that two
 //! ends sending at once never wait on each other). The checksum is FNV-1a over the bytes, and the pattern
@@ -35,11 +38,12 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
 const USAGE: &str = "usage: vsock-io listen PORT | connect CID PORT | uds-connect PATH PORT | uds-listen PATH \
-[--send BYTES | --send-secs SECS | --echo | --rr SECS] [--recv BYTES] [--count N] [--chunk BYTES] [--slow-ms MS] \
+| tcp-listen PORT | tcp-connect ADDR:PORT [--send BYTES | --send-secs SECS | --echo | --rr SECS] [--recv BYTES] [--count N] [--chunk BYTES] [--slow-ms MS] \
 | pattern-sum BYTES";
 
 /// How much of the pattern a connection sends.
@@ -190,6 +194,12 @@ impl Shut for UnixStream {
     }
 }
 
+impl Shut for TcpStream {
+    fn shut_write(&self) -> std::io::Result<()> {
+        self.shutdown(std::net::Shutdown::Write)
+    }
+}
+
 impl Shut for std::fs::File {
     fn shut_write(&self) -> std::io::Result<()> {
         // SAFETY: shutdown takes the fd we own and a constant.
@@ -333,8 +343,7 @@ fn vsock_listen(port: u32, plan: Plan) -> Result<(), Failure> {
     }
     // For a script waiting to connect (a connection to a port nobody listens on is refused).
     println!("VSOCK-IO listening {port}");
-    let mut workers = Vec::new();
-    for i in 0..plan.count {
+    serve_accepted(&format!("listen-{port}"), plan, || {
         // SAFETY: accept on our own socket, no address wanted.
         let fd = unsafe { libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
         if fd < 0 {
@@ -343,10 +352,8 @@ fn vsock_listen(port: u32, plan: Plan) -> Result<(), Failure> {
         // SAFETY: a fresh fd of ours.
         let stream = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
         let writer = stream.try_clone().map_err(|e| Failure::Io(e.to_string()))?;
-        let tag = format!("listen-{port}-{i}");
-        workers.push(std::thread::spawn(move || serve(&tag, stream, writer, plan)));
-    }
-    join_all(workers)
+        Ok((stream, writer))
+    })
 }
 
 fn vsock_connect(cid: u32, port: u32, plan: Plan) -> Result<(), Failure> {
@@ -393,11 +400,46 @@ fn read_line(stream: &mut UnixStream) -> Result<String, String> {
 fn uds_listen(path: &str, plan: Plan) -> Result<(), Failure> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(|e| Failure::Io(format!("listening on {path}: {e}")))?;
-    let mut workers = Vec::new();
-    for i in 0..plan.count {
+    serve_accepted("uds-listen", plan, || {
         let (stream, _) = listener.accept().map_err(|e| Failure::Io(format!("accepting on {path}: {e}")))?;
         let writer = stream.try_clone().map_err(|e| Failure::Io(e.to_string()))?;
-        let tag = format!("uds-listen-{i}");
+        Ok((stream, writer))
+    })
+}
+
+/// TCP, for the user network's bench row: the same patterns, round trips and report lines.
+fn tcp_listen(port: u16, plan: Plan) -> Result<(), Failure> {
+    let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| Failure::Io(format!("listening on TCP port {port}: {e}")))?;
+    println!("VSOCK-IO listening {port}");
+    serve_accepted(&format!("tcp-listen-{port}"), plan, || {
+        let (stream, _) = listener.accept().map_err(|e| Failure::Io(format!("accepting on TCP port {port}: {e}")))?;
+        tcp_pair(stream)
+    })
+}
+
+fn tcp_connect(address: &str, plan: Plan) -> Result<(), Failure> {
+    let tag = format!("tcp-connect-{address}");
+    let stream = TcpStream::connect(address).map_err(|e| Failure::Io(format!("VSOCK-IO {tag} failed: connect: {e}")))?;
+    let (stream, writer) = tcp_pair(stream)?;
+    serve(&tag, stream, writer, plan)
+}
+
+/// A TCP stream and its writing handle, with Nagle off: every round trip's byte leaves at once.
+fn tcp_pair(stream: TcpStream) -> Result<(TcpStream, TcpStream), Failure> {
+    stream.set_nodelay(true).map_err(|e| Failure::Io(format!("TCP_NODELAY: {e}")))?;
+    let writer = stream.try_clone().map_err(|e| Failure::Io(e.to_string()))?;
+    Ok((stream, writer))
+}
+
+/// Serves `plan.count` connections from `accept`, each on a thread of its own (TAG-i).
+fn serve_accepted<S>(tag: &str, plan: Plan, mut accept: impl FnMut() -> Result<(S, S), Failure>) -> Result<(), Failure>
+where
+    S: Read + Write + Shut + Send + 'static,
+{
+    let mut workers = Vec::new();
+    for i in 0..plan.count {
+        let (stream, writer) = accept()?;
+        let tag = format!("{tag}-{i}");
         workers.push(std::thread::spawn(move || serve(&tag, stream, writer, plan)));
     }
     join_all(workers)
@@ -431,6 +473,8 @@ fn run(args: &[String]) -> Result<(), Failure> {
         }
         "uds-connect" if args.len() >= 3 => uds_connect(&args[1], number(args.get(2), "a port")?, parse_plan(&args[3..])?),
         "uds-listen" if args.len() >= 2 => uds_listen(&args[1], parse_plan(&args[2..])?),
+        "tcp-listen" => tcp_listen(number(args.get(1), "a port")?, parse_plan(args.get(2..).unwrap_or_default())?),
+        "tcp-connect" if args.len() >= 2 => tcp_connect(&args[1], parse_plan(&args[2..])?),
         "pattern-sum" => {
             let bytes = parse_bytes(args.get(1).map_or("", String::as_str))?;
             println!("{:016x}", pattern_sum(bytes));
