@@ -160,22 +160,39 @@ fn rest_of(mut child: Child, mut stdout: std::io::BufReader<std::process::ChildS
 #[test]
 fn over_tcp_the_pattern_moves_both_ways_with_its_checksums() {
     let (listener, stdout, port) = tcp_listener(&["--send", "200K", "--recv", "100K"]);
-    let address = format!("127.0.0.1:{port}");
-    let connect = vsock_io(&["tcp-connect", &address, "--send", "100K", "--recv", "200K"]).wait_with_output().expect("connect");
+    let connect = vsock_io(&["tcp-connect", "127.0.0.1", &port.to_string(), "--send", "100K", "--recv", "200K"]).wait_with_output().expect("connect");
     assert!(connect.status.success(), "{connect:?}");
     let listen = rest_of(listener, stdout);
     let (small, big) = (pattern_sum("100K"), pattern_sum("200K"));
     let listen_line = listen.lines().next().unwrap_or_default();
     assert!(listen_line.starts_with(&format!("VSOCK-IO tcp-listen-{port}-0 sent=204800 sent_sum={big} received=102400 sum={small} ms=")), "{listen}");
-    assert!(line_of(&connect).starts_with(&format!("VSOCK-IO tcp-connect-{address} sent=102400 sent_sum={small} received=204800 sum={big} ms=")));
+    assert!(line_of(&connect).starts_with(&format!("VSOCK-IO tcp-connect-127.0.0.1-{port} sent=102400 sent_sum={small} received=204800 sum={big} ms=")));
 }
 
 #[test]
 fn over_tcp_rr_counts_round_trips_against_an_echo_listener() {
     let (listener, stdout, port) = tcp_listener(&["--echo"]);
-    let rr = vsock_io(&["tcp-connect", &format!("127.0.0.1:{port}"), "--rr", "0.2"]).wait_with_output().expect("rr");
+    let rr = vsock_io(&["tcp-connect", "127.0.0.1", &port.to_string(), "--rr", "0.2"]).wait_with_output().expect("rr");
     assert!(rr.status.success(), "{rr:?}");
     let trips = field(&line_of(&rr), "trips");
     assert!(trips.parse::<u64>().is_ok_and(|n| n > 0), "{rr:?}");
     assert_eq!(rest_of(listener, stdout).trim(), format!("VSOCK-IO tcp-listen-{port}-0 echoed={trips}"));
+}
+
+#[test]
+fn rate_times_only_intact_transfers_and_says_why_not_for_the_rest() {
+    let rate = |line: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vsock-io")).args(["rate", line]).output().expect("rate");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let sum = pattern_sum("2M");
+    // 2 MiB in 500 ms, with the serial console's \r at the end.
+    assert_eq!(rate(&format!("VSOCK-IO listen-5000-0 sent=0 sent_sum=cbf29ce484222325 received=2097152 sum={sum} ms=500\r")), (Some(0), "4.0".into()));
+    let (status, why) = rate(&format!("VSOCK-IO listen-5000-0 sent=0 sent_sum=0 received=2097151 sum={sum} ms=500"));
+    assert_eq!((status, why.contains("corrupted")), (Some(3), true), "{why}");
+    let (status, why) = rate("VSOCK-IO listen-5000-0 failed: receiving after 7 bytes: Connection reset by peer");
+    assert_eq!((status, why.contains("the transfer failed")), (Some(3), true), "{why}");
+    for hostile in ["", "received=", "received=1 sum=zz ms=1", "received=99999999999999999999 sum=0 ms=1", "received=1000000000000000000 sum=0 ms=1", "received=0 sum=cbf29ce484222325 ms=0"] {
+        assert_eq!(rate(hostile).0, Some(3), "{hostile:?}");
+    }
 }

@@ -10,8 +10,10 @@
 //! vsock-io uds-listen PATH [OPTS]       host: accept --count connections on the Unix socket
 //!                                       PATH (lguest's PATH_PORT for guest port PORT)
 //! vsock-io tcp-listen PORT [OPTS]       TCP (the user network's bench row): accept on PORT
-//! vsock-io tcp-connect ADDR:PORT [OPTS] TCP: connect to ADDR:PORT
+//! vsock-io tcp-connect ADDR PORT [OPTS] TCP: connect to ADDR's PORT
 //! vsock-io pattern-sum BYTES            the checksum the pattern of BYTES bytes has
+//! vsock-io rate LINE                    a receiver's report LINE → its MiB/s, if the bytes
+//!                                       were the pattern (else status 3 and why not)
 //!
 //! OPTS: --send BYTES (0)     the pattern to send on each connection, then shut down writing
 //!       --send-secs SECS     instead: send the pattern for SECS seconds (a throughput test)
@@ -43,8 +45,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
 const USAGE: &str = "usage: vsock-io listen PORT | connect CID PORT | uds-connect PATH PORT | uds-listen PATH \
-| tcp-listen PORT | tcp-connect ADDR:PORT [--send BYTES | --send-secs SECS | --echo | --rr SECS] [--recv BYTES] [--count N] [--chunk BYTES] [--slow-ms MS] \
-| pattern-sum BYTES";
+| tcp-listen PORT | tcp-connect ADDR PORT [--send BYTES | --send-secs SECS | --echo | --rr SECS] [--recv BYTES] [--count N] [--chunk BYTES] [--slow-ms MS] \
+| pattern-sum BYTES | rate LINE";
 
 /// How much of the pattern a connection sends.
 #[derive(Clone, Copy)]
@@ -417,9 +419,9 @@ fn tcp_listen(port: u16, plan: Plan) -> Result<(), Failure> {
     })
 }
 
-fn tcp_connect(address: &str, plan: Plan) -> Result<(), Failure> {
-    let tag = format!("tcp-connect-{address}");
-    let stream = TcpStream::connect(address).map_err(|e| Failure::Io(format!("VSOCK-IO {tag} failed: connect: {e}")))?;
+fn tcp_connect(host: &str, port: u16, plan: Plan) -> Result<(), Failure> {
+    let tag = format!("tcp-connect-{host}-{port}");
+    let stream = TcpStream::connect((host, port)).map_err(|e| Failure::Io(format!("VSOCK-IO {tag} failed: connect: {e}")))?;
     let (stream, writer) = tcp_pair(stream)?;
     serve(&tag, stream, writer, plan)
 }
@@ -440,9 +442,18 @@ where
     for i in 0..plan.count {
         let (stream, writer) = accept()?;
         let tag = format!("{tag}-{i}");
-        workers.push(std::thread::spawn(move || serve(&tag, stream, writer, plan)));
+        // A failure is said at once (a script waits for each connection's line), not at the end.
+        workers.push(std::thread::spawn(move || serve(&tag, stream, writer, plan).map_err(said)));
     }
     join_all(workers)
+}
+
+/// Prints a connection's failure now; what is left for join_all is only that it failed.
+fn said(failure: Failure) -> Failure {
+    if let Failure::Io(why) | Failure::Usage(why) = &failure {
+        println!("{why}");
+    }
+    Failure::Io(String::new())
 }
 
 /// Waits for every connection; the first failure is the result (all are printed).
@@ -451,7 +462,9 @@ fn join_all(workers: Vec<std::thread::JoinHandle<Result<(), Failure>>>) -> Resul
     for worker in workers {
         let outcome = worker.join().unwrap_or_else(|_| Err(Failure::Io("a connection's thread panicked".into())));
         if let Err(Failure::Io(why) | Failure::Usage(why)) = &outcome {
-            println!("{why}");
+            if !why.is_empty() {
+                println!("{why}");
+            }
         }
         if result.is_ok() {
             result = outcome;
@@ -474,14 +487,42 @@ fn run(args: &[String]) -> Result<(), Failure> {
         "uds-connect" if args.len() >= 3 => uds_connect(&args[1], number(args.get(2), "a port")?, parse_plan(&args[3..])?),
         "uds-listen" if args.len() >= 2 => uds_listen(&args[1], parse_plan(&args[2..])?),
         "tcp-listen" => tcp_listen(number(args.get(1), "a port")?, parse_plan(args.get(2..).unwrap_or_default())?),
-        "tcp-connect" if args.len() >= 2 => tcp_connect(&args[1], parse_plan(&args[2..])?),
+        "tcp-connect" if args.len() >= 3 => tcp_connect(&args[1], number(args.get(2), "a port")?, parse_plan(&args[3..])?),
         "pattern-sum" => {
             let bytes = parse_bytes(args.get(1).map_or("", String::as_str))?;
             println!("{:016x}", pattern_sum(bytes));
             Ok(())
         }
+        "rate" if args.len() == 2 => {
+            println!("{}", rate(&args[1]).map_err(Failure::Io)?);
+            Ok(())
+        }
         _ => Err(Failure::Usage(String::new())),
     }
+}
+
+/// The MiB/s of a receiver's report line (`... received=N sum=X ms=T`), one decimal, if
+/// what it received was the pattern: a corrupted or failed transfer is said, never timed.
+fn rate(line: &str) -> Result<String, String> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    let field = |key: &str| line.split(' ').find_map(|word| word.strip_prefix(key)?.strip_prefix('='));
+    let (Some(received), Some(sum), Some(ms)) = (field("received"), field("sum"), field("ms")) else {
+        return Err(format!("the transfer failed: {line}"));
+    };
+    let (Ok(received), Ok(sum), Ok(ms)) = (received.parse::<u64>(), u64::from_str_radix(sum, 16), ms.parse::<u64>()) else {
+        return Err(format!("not a report line: {line}"));
+    };
+    // The checksum is redone over every byte: a report claiming more than a run can move is not.
+    if received > 64 << 30 {
+        return Err(format!("{received} bytes is more than any run moves: not a report line"));
+    }
+    if sum != pattern_sum(received) {
+        return Err(format!("{received} bytes arrived corrupted (not the pattern that was sent)"));
+    }
+    if received == 0 || ms == 0 {
+        return Err(format!("nothing to time: {received} bytes in {ms} ms"));
+    }
+    Ok(format!("{:.1}", received as f64 / 1_048_576.0 / (ms as f64 / 1000.0)))
 }
 
 fn main() {
