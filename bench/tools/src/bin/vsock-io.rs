@@ -450,9 +450,8 @@ where
 
 /// Prints a connection's failure now; what is left for join_all is only that it failed.
 fn said(failure: Failure) -> Failure {
-    if let Failure::Io(why) | Failure::Usage(why) = &failure {
-        println!("{why}");
-    }
+    let (Failure::Io(why) | Failure::Usage(why)) = failure;
+    println!("{why}");
     Failure::Io(String::new())
 }
 
