@@ -278,7 +278,7 @@ host_listeners() {
 host_results() {
     stop_pid $rx_pid
     stop_pid $echo_pid
-    grep '^VSOCK-IO [a-z/_.-]*5000' /tmp/host-5000.out | while IFS= read -r _line; do
+    grep '^VSOCK-IO ' /tmp/host-5000.out | grep -v '^VSOCK-IO listening' | while IFS= read -r _line; do
         if _rate=$(vsock-io rate "$_line" 2>&1); then
             emit "$1" "$2" "$3" "$_rate" MiB/s
         else
