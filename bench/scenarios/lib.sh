@@ -297,8 +297,8 @@ host_sends() {
     _r=1
     while [ $_r -le "$ROUNDS" ]; do
         wait_said "$_hs_out" "BENCH-SERVING $_r of" $((SECS * 3 + 200)) "$_hs_pid" || return 0
-        timeout $((SECS + 60)) vsock-io "$@" --send-secs "$SECS" >/tmp/host-send.out 2>&1 ||
-            note "$_hs_row" "$vmm: host → guest, round $_r: $(printable </tmp/host-send.out)"
+        timeout $((SECS + 30)) vsock-io "$@" --send-secs "$SECS" >/tmp/host-send.out 2>&1 ||
+            note "$_hs_row" "$vmm: host → guest, round $_r: the sender failed (status $?; 124: still sending $((SECS + 30)) s on) $(printable </tmp/host-send.out)"
         _r=$((_r + 1))
     done
 }

@@ -35,7 +35,7 @@ usernet_host() { host_sends "$1" "$2" usernet tcp-connect 127.0.0.1 $FWD; }
 usernet_once() {
     host_listeners "tcp-listen "
     vmm_cmd "$1" 256 1 $initrd "$CMDLINE bench.scenario=usernet bench.secs=$SECS bench.rounds=$ROUNDS" user=$FWD:5001
-    HOST_SIDE=usernet_host io_boot usernet "$1" $((ROUNDS * 3 * (SECS + 5) + 100)) "no eth0"
+    HOST_SIDE=usernet_host io_boot usernet "$1" $((ROUNDS * (3 * SECS + 50) + 100)) "no eth0"
     _status=$?
     host_results usernet "$1" tcp-tx
     grep -a '^BENCH-LEASE' /tmp/usernet.out | head -1 | sed "s/^/BENCH-NOTE row=usernet $1: /"
