@@ -213,6 +213,20 @@ watch_vmm() {
     rm -f "$_log"
 }
 
+# alternate ONCE VMM...: RUNS rounds of `ONCE VMM` for each VMM in turn (the VMMs' samples
+# interleaved in time, so a slow spell of the lab hits both), each retried once when it fails
+# (its guest died); a VMM on $skip (no such device) is not run again.
+alternate() {
+    _once=$1
+    shift
+    for _run in $(seq 1 "$RUNS"); do
+        for vmm in "$@"; do
+            case " $skip " in *" $vmm "*) continue ;; esac
+            $_once $vmm || $_once $vmm || true
+        done
+    done
+}
+
 # printable: stdin on one line, without control characters (a guest console's tail, for a note).
 printable() { tr '\r\n\t' '   ' | tr -cd ' -~'; }
 

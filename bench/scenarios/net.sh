@@ -53,10 +53,5 @@ net_boot() {
     io_boot net "$1" $((ROUNDS * 3 * (SECS + 5) + 80)) "no eth0"
 }
 
-for run in $(seq 1 "$RUNS"); do
-    for vmm in $vmms; do
-        case " $skip " in *" $vmm "*) continue ;; esac
-        net_once $vmm || net_once $vmm || true
-    done
-done
+alternate net_once $vmms
 drain

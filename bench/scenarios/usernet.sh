@@ -42,10 +42,5 @@ usernet_once() {
     return $_status
 }
 
-for run in $(seq 1 "$RUNS"); do
-    for vmm in $vmms; do
-        case " $skip " in *" $vmm "*) continue ;; esac
-        usernet_once $vmm || usernet_once $vmm || true
-    done
-done
+alternate usernet_once $vmms
 drain

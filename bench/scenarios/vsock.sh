@@ -45,10 +45,5 @@ vsock_once() {
     return $_status
 }
 
-for run in $(seq 1 "$RUNS"); do
-    for vmm in $vmms; do
-        case " $skip " in *" $vmm "*) continue ;; esac
-        vsock_once $vmm || vsock_once $vmm || true
-    done
-done
+alternate vsock_once $vmms
 drain
