@@ -206,7 +206,7 @@ if want vsock; then
 fi
 if want usernet; then
     # A host → guest stream that stalls (Debian 12's passt, bench/README.md) costs secs + 30 s.
-    lab_session usernet usernet.sh "RUNS=$io_runs SECS=$secs ROUNDS=$rounds" $((io_runs * 2 * (40 + rounds * (3 * secs + 50)) + 120)) \
+    lab_session usernet usernet.sh "RUNS=$io_runs SECS=$secs ROUNDS=$rounds" $((io_runs * 2 * (40 + rounds * (4 * secs + 90)) + 120)) \
         --file "$here/out/initrd-usernet.img:/bench/initrd-usernet.img" --bin "$vsock_io" --bin "$(command -v passt)"
 fi
 if want exits; then

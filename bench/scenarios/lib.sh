@@ -301,18 +301,18 @@ host_results() {
     done
 }
 
-# host_sends CONSOLE PID ROW TO...: for each round, once the guest's console says
-# `BENCH-SERVING R of N`, sends for SECS seconds with `vsock-io TO...` (TO: the mode and the
-# address that reach the guest's port 5001; the guest times and checks what arrives); a send
-# that fails is a note. Ends when the VMM (PID) does.
+# host_sends CONSOLE PID ROW TO...: each time the guest's console says `BENCH-SERVING K OPTS`
+# (K counting from 1), sends with `vsock-io TO... OPTS` (TO: the mode and the address that
+# reach the guest's port 5001; OPTS: --send-secs or --send; the guest times and checks what
+# arrives); a send that fails is a note. Ends when the VMM (PID) does.
 host_sends() {
     _hs_out=$1 _hs_pid=$2 _hs_row=$3
     shift 3
-    _r=1
-    while [ $_r -le "$ROUNDS" ]; do
-        wait_said "$_hs_out" "BENCH-SERVING $_r of" $((SECS * 3 + 200)) "$_hs_pid" || return 0
-        timeout $((SECS + 30)) vsock-io "$@" --send-secs "$SECS" >/tmp/host-send.out 2>&1 ||
-            note "$_hs_row" "$vmm: host → guest, round $_r: the sender failed (status $?; 124: still sending $((SECS + 30)) s on) $(printable </tmp/host-send.out)"
-        _r=$((_r + 1))
+    _k=1
+    while wait_said "$_hs_out" "BENCH-SERVING $_k " $((SECS * 3 + 200)) "$_hs_pid"; do
+        _opts=$(tr -d '\r' <"$_hs_out" | sed -n "s/^BENCH-SERVING $_k //p" | head -n 1)
+        timeout $((SECS + 30)) vsock-io "$@" $_opts >/tmp/host-send.out 2>&1 ||
+            note "$_hs_row" "$vmm: host → guest, stream $_k ($_opts): the sender failed (status $?; 124: still sending $((SECS + 30)) s on) $(printable </tmp/host-send.out)"
+        _k=$((_k + 1))
     done
 }

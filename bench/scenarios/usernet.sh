@@ -3,7 +3,9 @@
 # of bench/guest/init's stream_rounds over TCP: a stream to the gateway's port 5000 (the
 # user network takes it to the lab's own port 5000, whose receiver times it), a stream from
 # the lab's 127.0.0.1:5301, forwarded to the guest's 5001 (the guest times it), and 1-byte
-# round trips with the lab's echo on 5002 through the gateway. Every timed stream is checked
+# round trips with the lab's echo on 5002 through the gateway; and one stream of 32 KiB from
+# the lab into the guest, which works where a bulk one stalls (Debian 12's passt, see
+# bench/README.md). Every timed stream is checked
 # byte for byte: a transfer the user network corrupted or reset is a note, never a number.
 # VMMs: lguest --net user,hostfwd=tcp:127.0.0.1:5301-:5001 (passt) against QEMU -netdev
 # user,hostfwd=... (slirp, on 169.254.3.0/24). RUNS runs each, alternating; a run whose
@@ -35,7 +37,7 @@ usernet_host() { host_sends "$1" "$2" usernet tcp-connect 127.0.0.1 $FWD; }
 usernet_once() {
     host_listeners "tcp-listen "
     vmm_cmd "$1" 256 1 $initrd "$CMDLINE bench.scenario=usernet bench.secs=$SECS bench.rounds=$ROUNDS" user=$FWD:5001
-    HOST_SIDE=usernet_host io_boot usernet "$1" $((ROUNDS * (3 * SECS + 50) + 100)) "no eth0"
+    HOST_SIDE=usernet_host io_boot usernet "$1" $((ROUNDS * (4 * SECS + 90) + 100)) "no eth0"
     _status=$?
     host_results usernet "$1" tcp-tx
     grep -a '^BENCH-LEASE' /tmp/usernet.out | head -1 | sed "s/^/BENCH-NOTE row=usernet $1: /"
