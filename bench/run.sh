@@ -14,8 +14,8 @@
 #   vsock    row 8     vsock streams both ways, 1-byte round trips; QEMU vhost-vsock  (lab)
 #   usernet  row 9     TCP on a user-mode network: lguest's passt against QEMU's slirp (lab)
 # Lab rows run one lab session each (lab/run.sh), one after the other. Installs what it
-# needs with apt (python3, fio, iperf3, QEMU, ...). On 2 cores the whole run takes 11-20 min
-# (more when the lab machine dies and a session is run again).
+# needs with apt (python3, fio, iperf3, QEMU, passt, ...). On 2 cores rows 1-7 take 11-20 min
+# (more when the lab machine dies and a session is run again), rows 8-9 ~15 min more.
 # The whole script is one { ... } block: bash reads it all before running any of it, so
 # editing this file during a (long) run can't change what that run does.
 {
