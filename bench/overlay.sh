@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# bench/overlay.sh OUTDIR TCP_RR: the benchmark guest's initramfs images and the lab's extra
-# modules, built from the reference guest (guest/build.sh) without touching it.
+# bench/overlay.sh OUTDIR TCP_RR VSOCK_IO: the benchmark guest's initramfs images and the
+# lab's extra modules, built from the reference guest (guest/build.sh) without touching it.
 #   OUTDIR/initrd-idle.img  the reference initramfs + the overlay: bench/guest/init as /init,
 #                           the virtio modules (pci, blk, net, rng) and their load order
 #   OUTDIR/initrd-disk.img  the same + fio with its shared libraries (Debian's fio links
 #                           ~80 MB of them: this image is for guests of 512 MiB or more)
 #   OUTDIR/initrd-net.img   the same + iperf3 with its libraries + TCP_RR (a static binary)
-#   OUTDIR/lab-mods/        vhost_net and its dependencies for the lab machine (QEMU vhost=on),
-#                           with their load order in lab-mods/order
+#   OUTDIR/initrd-usernet.img  initrd-idle + VSOCK_IO (static)
+#   OUTDIR/initrd-vsock.img the same + the vsock modules (vsock, the virtio transport), with
+#                           a module load order that has them
+#   OUTDIR/lab-mods/        vhost_net, vhost_vsock and their dependencies for the lab machine
+#                           (QEMU vhost=on, vhost-vsock-pci), with their load order in lab-mods/order
 # Each image is the reference cpio.gz, zero-padded to a 512-byte boundary (the kernel only
 # looks for the next archive at 4-byte alignment), then uncompressed cpio archives: the
 # kernel unpacks them in turn, later files replacing earlier ones. Installs fio and iperf3
@@ -17,9 +20,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 source "$repo/lab/lib.sh"
 
-(($# == 2)) || die "usage: bench/overlay.sh OUTDIR TCP_RR"
-out=$1 tcp_rr=$2
-[[ -x $tcp_rr ]] || die "$tcp_rr: not an executable (build bench-tools first)"
+(($# == 3)) || die "usage: bench/overlay.sh OUTDIR TCP_RR VSOCK_IO"
+out=$1 tcp_rr=$2 vsock_io=$3
+for b in "$tcp_rr" "$vsock_io"; do [[ -x $b ]] || die "$b: not an executable (build bench-tools first)"; done
 ensure_cmds fio:fio iperf3:iperf3 cpio:cpio ldd:libc-bin
 kdir=$LGUEST_CACHE/kernel
 # The reference initramfs: guest/build.sh's third line (it lives in a folder named after
@@ -31,17 +34,28 @@ mkdir -p "$out"
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 
-# The overlay every image has: /init and the virtio modules.
-base=$out/overlay-base.cpio
-if stale "$base" "$here/guest/init" "$here/overlay.sh" "$kdir/.from"; then
-    s=$stage/base
+# modules_cpio CPIO MODULE...: the modules (with their dependencies) and their load order
+# as /etc/bench-modules.order (a later archive's order replaces an earlier one's).
+modules_cpio() {
+    local cpio=$1 s=$stage/${1##*/} m; shift
     mkdir -p "$s/etc"
-    install -m 755 "$here/guest/init" "$s/init"
-    mod_deps "$kdir/modules" virtio_pci virtio_blk virtio_net virtio-rng >"$s/etc/bench-modules.order"
+    mod_deps "$kdir/modules" "$@" >"$s/etc/bench-modules.order"
     while read -r m; do
         install -D -m 644 "$kdir/modules/$m" "$s/lib/modules/$ver/$m"
     done <"$s/etc/bench-modules.order"
-    mkcpio "$s" "$base"
+    mkcpio "$s" "$cpio"
+}
+
+# The overlay every image has: /init and the virtio modules.
+base=$out/overlay-base.cpio
+virtio_mods=(virtio_pci virtio_blk virtio_net virtio-rng)
+if stale "$base" "$here/guest/init" "$here/overlay.sh" "$kdir/.from"; then
+    install -D -m 755 "$here/guest/init" "$stage/${base##*/}/init"
+    modules_cpio "$base" "${virtio_mods[@]}"
+fi
+# The vsock row's guest: the same modules and the vsock ones.
+if stale "$out/overlay-vsock-mods.cpio" "$here/overlay.sh" "$kdir/.from"; then
+    modules_cpio "$out/overlay-vsock-mods.cpio" "${virtio_mods[@]}" vmw_vsock_virtio_transport
 fi
 
 # tools_cpio NAME BINARY...: the binaries at /usr/bin with their libraries.
@@ -56,6 +70,7 @@ tools_cpio() {
 }
 tools_cpio disk "$(command -v fio)"
 tools_cpio net "$(command -v iperf3)" "$tcp_rr"
+tools_cpio vsock-io "$vsock_io"
 
 # image NAME PIECE...: the reference initramfs, padded, then the pieces.
 image() {
@@ -72,12 +87,14 @@ image() {
 image idle "$base"
 image disk "$base" "$out/overlay-disk.cpio"
 image net "$base" "$out/overlay-net.cpio"
+image usernet "$base" "$out/overlay-vsock-io.cpio"
+image vsock "$base" "$out/overlay-vsock-io.cpio" "$out/overlay-vsock-mods.cpio"
 
-# The lab's vhost_net (its kernel is the same Debian kernel as the guest's).
+# The lab's vhost_net and vhost_vsock (its kernel is the same Debian kernel as the guest's).
 if stale "$out/lab-mods/order" "$kdir/.from" "$here/overlay.sh"; then
     rm -rf "$out/lab-mods"
     mkdir -p "$out/lab-mods"
-    mod_deps "$kdir/modules" vhost_net >"$out/lab-mods/order"
+    mod_deps "$kdir/modules" vhost_net vhost_vsock >"$out/lab-mods/order"
     while read -r m; do
         install -D -m 644 "$kdir/modules/$m" "$out/lab-mods/$m"
     done <"$out/lab-mods/order"

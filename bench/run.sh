@@ -11,9 +11,11 @@
 #   net      row 5     iperf3 and tcp-rr over virtio-net on a tap; QEMU vhost off/on  (lab)
 #   exits    row 6     ns per exit, lguest against a bare KVM_RUN loop (this host, then lab)
 #   density  row 7     8 VMs of 96 MiB at once: time to all at /init, total RSS      (lab)
+#   vsock    row 8     vsock streams both ways, 1-byte round trips; QEMU vhost-vsock  (lab)
+#   usernet  row 9     TCP on a user-mode network: lguest's passt against QEMU's slirp (lab)
 # Lab rows run one lab session each (lab/run.sh), one after the other. Installs what it
-# needs with apt (python3, fio, iperf3, QEMU, ...). On 2 cores the whole run takes 11-20 min
-# (more when the lab machine dies and a session is run again).
+# needs with apt (python3, fio, iperf3, QEMU, passt, ...). On 2 cores rows 1-7 take 11-20 min
+# (more when the lab machine dies and a session is run again), rows 8-9 ~15 min more.
 # The whole script is one { ... } block: bash reads it all before running any of it, so
 # editing this file during a (long) run can't change what that run does.
 {
@@ -25,13 +27,13 @@ source "$repo/lab/lib.sh"
 usage() {
     cat <<'EOF'
 usage: bench/run.sh [--rows LIST] [--runs N] [--quick] [--out DIR] [--bin-dir DIR]
-  --rows LIST   comma-separated, from: boot memory disk net exits exits-host density
-                (default: all; exits-host is row 6 on this host only, no lab)
-  --runs N      runs per VMM and configuration (default 3; disk and net: 2 boots of 2 rounds;
+  --rows LIST   comma-separated, from: boot memory disk net exits exits-host density vsock
+                usernet (default: all; exits-host is row 6 on this host only, no lab)
+  --runs N      runs per VMM and configuration (default 3; disk, net, vsock, usernet: 2 boots of 2 rounds;
                 memory and density: 1)
-  --quick       one run each, 2 s per disk/network test, fewer exits: checks the harness
+  --quick       one run each, 2 s per disk/network/vsock test, fewer exits: checks the harness
   --out DIR     where the results go (default bench/results)
-  --bin-dir DIR take lguest, stopwatch, exit-cost and tcp-rr from DIR instead of building
+  --bin-dir DIR take lguest, stopwatch, exit-cost, tcp-rr and vsock-io from DIR instead of building
                 them (a missing lguest leaves its column empty)
 Environment: LGUEST_CACHE, LAB_OUT as for lab/run.sh; BENCH_PIN=0|1: the disk and network rows'
 thread placement (default 0: left to the lab's scheduler; see bench/README.md).
@@ -39,7 +41,7 @@ EOF
     exit 2
 }
 
-rows=boot,memory,disk,net,exits,density runs='' quick=0 out=$here/results bin_dir=''
+rows=boot,memory,disk,net,exits,density,vsock,usernet runs='' quick=0 out=$here/results bin_dir=''
 while (($#)); do
     case $1 in
         --rows) rows=${2:?--rows needs a LIST}; shift ;;
@@ -53,13 +55,13 @@ while (($#)); do
     shift
 done
 for row in ${rows//,/ }; do
-    case $row in boot | memory | disk | net | exits | exits-host | density) ;;
-        *) die "unknown row '$row' (want boot, memory, disk, net, exits, exits-host, density)" ;; esac
+    case $row in boot | memory | disk | net | exits | exits-host | density | vsock | usernet) ;;
+        *) die "unknown row '$row' (want boot, memory, disk, net, exits, exits-host, density, vsock, usernet)" ;; esac
 done
 [[ -z $runs || $runs =~ ^[1-9][0-9]*$ ]] || die "--runs wants a positive number, not '$runs'"
 want() { [[ ,$rows, == *,$1,* ]]; }
 lab_rows=0
-for row in boot memory disk net exits density; do want $row && lab_rows=1; done
+for row in boot memory disk net exits density vsock usernet; do want $row && lab_rows=1; done
 
 # The numbers of a run. --quick: enough to see every row work, not to compare.
 if ((quick)); then
@@ -82,6 +84,8 @@ memory_runs=1 density_runs=1 io_runs=$((runs < 2 ? runs : 2))
 density_vms=8 density_mib=96
 
 ensure_cmds python3:python3 timeout:coreutils
+# The usernet row's lguest side (its peer, QEMU's slirp, comes with QEMU).
+if want usernet; then ensure_cmds passt:passt; fi
 start=$SECONDS
 # A lab session whose machine died is run again only if another try as long as the failed
 # one would still end within this many seconds of the run's start: 18 minutes, so that a
@@ -90,6 +94,7 @@ retry_budget=${BENCH_RETRY_BUDGET:-1080}
 note "building"
 if [[ -n $bin_dir ]]; then
     lguest=$bin_dir/lguest stopwatch=$bin_dir/stopwatch exit_cost=$bin_dir/exit-cost tcp_rr=$bin_dir/tcp-rr
+    vsock_io=$bin_dir/vsock-io
 else
     (cd "$repo" && cargo build --release --locked --quiet -p lguest -p stopwatch)
     # Static, so the same binaries run on this host, in the lab and inside the guest.
@@ -98,13 +103,14 @@ else
     lguest=$repo/target/release/lguest stopwatch=$repo/target/release/stopwatch
     exit_cost=$repo/target/x86_64-unknown-linux-gnu/release/exit-cost
     tcp_rr=$repo/target/x86_64-unknown-linux-gnu/release/tcp-rr
+    vsock_io=$repo/target/x86_64-unknown-linux-gnu/release/vsock-io
 fi
 [[ -x $exit_cost ]] || die "no exit-cost at $exit_cost"
 if ((lab_rows)); then
-    for b in "$lguest" "$stopwatch" "$tcp_rr"; do [[ -x $b ]] || die "no $b (build it, or drop --bin-dir)"; done
+    for b in "$lguest" "$stopwatch" "$tcp_rr" "$vsock_io"; do [[ -x $b ]] || die "no $b (build it, or drop --bin-dir)"; done
     note "preparing the lab and the benchmark guest"
     "$repo/lab/fetch.sh" >/dev/null
-    "$here/overlay.sh" "$here/out" "$tcp_rr"
+    "$here/overlay.sh" "$here/out" "$tcp_rr" "$vsock_io"
 fi
 
 mkdir -p "$out/logs"
@@ -193,6 +199,15 @@ fi
 if want net; then
     lab_session net net.sh "RUNS=$io_runs SECS=$secs ROUNDS=$rounds PIN=$pin_net" $((io_runs * 4 * (30 + rounds * 3 * (secs + 4)) + 120)) --file "$here/out/initrd-net.img:/bench/initrd-net.img" \
         --file "$here/out/lab-mods:/bench/lab-mods" --bin "$tcp_rr" --bin "$(command -v iperf3)"
+fi
+if want vsock; then
+    lab_session vsock vsock.sh "RUNS=$io_runs SECS=$secs ROUNDS=$rounds" $((io_runs * 2 * (40 + rounds * 3 * (secs + 6)) + 120)) \
+        --file "$here/out/initrd-vsock.img:/bench/initrd-vsock.img" --file "$here/out/lab-mods:/bench/lab-mods" --bin "$vsock_io"
+fi
+if want usernet; then
+    # A host → guest stream that stalls (Debian 12's passt, bench/README.md) costs secs + 30 s.
+    lab_session usernet usernet.sh "RUNS=$io_runs SECS=$secs ROUNDS=$rounds" $((io_runs * 2 * (40 + rounds * (4 * secs + 90)) + 120)) \
+        --file "$here/out/initrd-usernet.img:/bench/initrd-usernet.img" --bin "$vsock_io" --bin "$(command -v passt)"
 fi
 if want exits; then
     lab_session exits-lab exits.sh "RUNS=$runs EXITS=$lab_exits" $((runs * 40 + 60)) --bin "$exit_cost"

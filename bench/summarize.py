@@ -57,6 +57,13 @@ CATALOG = [
     (6, "exits-lab", "device-port", "Exit cost, lab KVM: write to a device port (UART)", "ns", "lower", ["bare"]),
     (7, "density", "all-init", "Density, {density_vms} × {density_mib} MiB at once: all at /init", "ms", "lower", ["qemu"]),
     (7, "density", "total-rss", "Density, {density_vms} × {density_mib} MiB at once: total RSS at idle", "MiB", "lower", ["qemu"]),
+    (8, "vsock", "stream-tx", "vsock: stream guest → host (QEMU: vhost-vsock)", "MiB/s", "higher", ["qemu"]),
+    (8, "vsock", "stream-rx", "vsock: stream host → guest (QEMU: vhost-vsock)", "MiB/s", "higher", ["qemu"]),
+    (8, "vsock", "stream-rr", "vsock: 1-byte request/response (QEMU: vhost-vsock)", "trans/s", "higher", ["qemu"]),
+    (9, "usernet", "tcp-tx", "User network: TCP guest → host (lguest: passt; QEMU: slirp)", "MiB/s", "higher", ["qemu"]),
+    (9, "usernet", "tcp-rx", "User network: TCP host → guest, forwarded port", "MiB/s", "higher", ["qemu"]),
+    (9, "usernet", "tcp-rx-short", "User network: TCP host → guest, one 32 KiB stream (latency-bound)", "MiB/s", "higher", ["qemu"]),
+    (9, "usernet", "tcp-rr", "User network: 1-byte TCP request/response", "trans/s", "higher", ["qemu"]),
 ]
 PEER_NAMES = {"qemu": "QEMU", "qemu-vhost": "QEMU vhost=on", "qemu-uring": "QEMU aio=io_uring", "bare": "bare KVM_RUN loop"}
 
@@ -108,7 +115,7 @@ def cell(s):
 # bench/run.sh's row names → the row ids of the catalog they fill.
 GROUPS = {"boot": ["boot-1cpu", "boot-2cpu", "startup"], "memory": ["memory-256m", "memory-2g", "memory-256m-4dev"],
           "disk": ["disk"], "net": ["net", "net-vhost"], "exits": ["exits-host", "exits-lab"], "exits-host": ["exits-host"],
-          "density": ["density"]}
+          "density": ["density"], "vsock": ["vsock"], "usernet": ["usernet"]}
 
 
 def build(samples, units, params):

@@ -228,6 +228,8 @@ fn virtio_net_user_gets_dhcp_and_dns_fetches_serves_a_forwarded_port_and_survive
                 "net-user-fetch-169.254.2.1",
                 "net-user-dns",
                 "net-user-fetch-lab.test",
+                "net-user-ipv6",
+                "net-user-fetch6",
                 "net-user-killed-reported",
                 "net-user-link-down",
                 "net-user-no-passt-left",

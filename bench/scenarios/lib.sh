@@ -15,13 +15,18 @@ CMDLINE="console=ttyS0 panic=-1 reboot=t quiet"
 MAC=52:54:00:12:34:56     # both VMMs' NIC, so the lab's neighbour cache never goes stale
 TAP=tap0
 HOST_IP=169.254.100.1
+# QEMU's user network (slirp): its gateway (the lab machine) and the guest's DHCP address.
+SLIRP_NET=169.254.3.0/24 SLIRP_HOST=169.254.3.2 SLIRP_GUEST=169.254.3.15
 CR=$(printf "\r")
 
 emit() { echo "BENCH row=$1 vmm=$2 metric=$3 value=$4 unit=$5"; }
 note() { row=$1; shift; echo "BENCH-NOTE row=$row $*"; }
 
 # vmm_cmd VMM MEM_MIB CPUS INITRD CMDLINE [DEVICE...]: sets CMD to the command (a string
-# for eval) that boots $KERNEL with INITRD under VMM. DEVICEs: disk=PATH, net=TAP, rng.
+# for eval) that boots $KERNEL with INITRD under VMM. DEVICEs: disk=PATH, net=TAP, rng,
+# vsock=CID:PATH (lguest's hybrid vsock on the Unix socket PATH; QEMU's vhost-vsock-pci, whose
+# host side is the lab kernel's AF_VSOCK), user=HOSTPORT:GUESTPORT (a user-mode network, the
+# lab's 127.0.0.1:HOSTPORT forwarded to the guest's GUESTPORT: lguest's passt, QEMU's slirp).
 # The same devices, the same kernel, initramfs and command line for every VMM. QEMU runs
 # as microvm, with PCIe when there are devices (or QEMU_PCIE=1), like lguest's PCI root.
 # lguest's disks go through the host page cache (io_uring, its default engine here): QEMU gets
@@ -39,6 +44,8 @@ vmm_cmd() {
                     disk=*) CMD="$CMD --disk ${_dev#disk=}" ;;
                     net=*) CMD="$CMD --net tap=${_dev#net=}$_vhost,mac=$MAC" ;;
                     rng) CMD="$CMD --rng" ;;
+                    vsock=*) _v=${_dev#vsock=}; CMD="$CMD --vsock cid=${_v%%:*},uds=${_v#*:}" ;;
+                    user=*) _f=${_dev#user=}; CMD="$CMD --net user,hostfwd=tcp:127.0.0.1:${_f%%:*}-:${_f#*:},mac=$MAC" ;;
                 esac
             done
             ;;
@@ -60,6 +67,9 @@ vmm_cmd() {
                     disk=*) CMD="$CMD -drive file=${_dev#disk=},if=none,id=d$_n,format=raw,cache=writeback,aio=$_aio -device virtio-blk-pci,drive=d$_n" ;;
                     net=*) CMD="$CMD -netdev tap,id=n$_n,ifname=${_dev#net=},script=no,downscript=no,vhost=$_vhost -device virtio-net-pci,netdev=n$_n,mac=$MAC,romfile=" ;;
                     rng) CMD="$CMD -object rng-random,id=r$_n,filename=/dev/urandom -device virtio-rng-pci,rng=r$_n" ;;
+                    vsock=*) _v=${_dev#vsock=}; CMD="$CMD -device vhost-vsock-pci,guest-cid=${_v%%:*}" ;;
+                    # slirp's network made link-local like everything here (its default is 10.0.2.0/24).
+                    user=*) _f=${_dev#user=}; CMD="$CMD -netdev user,id=n$_n,net=$SLIRP_NET,host=$SLIRP_HOST,dhcpstart=$SLIRP_GUEST,hostfwd=tcp:127.0.0.1:${_f%%:*}-:${_f#*:} -device virtio-net-pci,netdev=n$_n,mac=$MAC,romfile=" ;;
                 esac
             done
             ;;
@@ -207,6 +217,20 @@ watch_vmm() {
     rm -f "$_log"
 }
 
+# alternate ONCE VMM...: RUNS rounds of `ONCE VMM` for each VMM in turn (the VMMs' samples
+# interleaved in time, so a slow spell of the lab hits both), each retried once when it fails
+# (its guest died); a VMM on $skip (no such device) is not run again.
+alternate() {
+    _once=$1
+    shift
+    for _run in $(seq 1 "$RUNS"); do
+        for vmm in "$@"; do
+            case " $skip " in *" $vmm "*) continue ;; esac
+            $_once $vmm || $_once $vmm || true
+        done
+    done
+}
+
 # printable: stdin on one line, without control characters (a guest console's tail, for a note).
 printable() { tr '\r\n\t' '   ' | tr -cd ' -~'; }
 
@@ -222,15 +246,23 @@ kib_to_mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 # eat the session) with watch_vmm beside it, its console in /tmp/ROW.out, and turns the
 # guest's results into BENCH lines. Fails (for a retry) only when the guest died before any
 # result; a guest whose BENCH-ERROR says NODEV has no such device: VMM goes on $skip.
+# With HOST_SIDE set, `$HOST_SIDE CONSOLE PID` runs beside the VMM too: the host's part of
+# the tests (ended with the VMM if it is still going).
 io_boot() {
     _io_out=/tmp/$1.out
     eval "timeout $3 $CMD" </dev/null >"$_io_out" 2>&1 &
     _io_pid=$!
     watch_vmm $_io_pid "$1 $2" &
     _io_watcher=$!
+    _io_host=""
+    if [ -n "${HOST_SIDE:-}" ]; then
+        $HOST_SIDE "$_io_out" $_io_pid &
+        _io_host=$!
+    fi
     wait $_io_pid
     _io_status=$?
     wait $_io_watcher   # it ends within a second of the VMM
+    [ -z "$_io_host" ] || stop_pid $_io_host
     if results "$1" "$2" "$_io_out"; then
         # Some numbers, not all: the guest died after them (they count; say so).
         guest_said "$_io_out" BENCH-DONE ||
@@ -243,4 +275,48 @@ io_boot() {
     fi
     note "$1" "$2 run failed (status $_io_status): $(tail -c 300 "$_io_out" | printable)"
     return 1
+}
+
+# The vsock and usernet rows (bench/guest/init's stream_rounds): the host's ends of a boot.
+# A receiver on port 5000 (the guest's stream, timed and checked here) and an echo on 5002,
+# ROUNDS connections each, started by host_listeners LISTEN (vsock-io's listen mode and its
+# argument's start: "listen " for AF_VSOCK, "uds-listen /tmp/v.sock_" for lguest's hybrid
+# vsock, "tcp-listen " for TCP); host_sends sends to the guest's 5001 when it asks.
+
+# host_listeners LISTEN: starts both; their output in /tmp/host-5000.out and /tmp/host-5002.out.
+host_listeners() {
+    vsock-io ${1}5000 --count "$ROUNDS" >/tmp/host-5000.out 2>&1 &
+    rx_pid=$!
+    vsock-io ${1}5002 --count "$ROUNDS" --echo >/tmp/host-5002.out 2>&1 &
+    echo_pid=$!
+}
+
+# host_results ROW VMM METRIC: after a boot, the receiver's connections as METRIC (MiB/s) or,
+# for a failed or corrupted one, a note; then both listeners end.
+host_results() {
+    stop_pid $rx_pid
+    stop_pid $echo_pid
+    grep '^VSOCK-IO ' /tmp/host-5000.out | grep -v '^VSOCK-IO listening' | while IFS= read -r _line; do
+        if _rate=$(vsock-io rate "$_line" 2>&1); then
+            emit "$1" "$2" "$3" "$_rate" MiB/s
+        else
+            note "$1" "$2: $3: $_rate"
+        fi
+    done
+}
+
+# host_sends CONSOLE PID ROW TO...: each time the guest's console says `BENCH-SERVING K OPTS`
+# (K counting from 1), sends with `vsock-io TO... OPTS` (TO: the mode and the address that
+# reach the guest's port 5001; OPTS: --send-secs or --send; the guest times and checks what
+# arrives); a send that fails is a note. Ends when the VMM (PID) does.
+host_sends() {
+    _hs_out=$1 _hs_pid=$2 _hs_row=$3
+    shift 3
+    _k=1
+    while wait_said "$_hs_out" "BENCH-SERVING $_k " $((SECS * 3 + 200)) "$_hs_pid"; do
+        _opts=$(tr -d '\r' <"$_hs_out" | sed -n "s/^BENCH-SERVING $_k //p" | head -n 1)
+        timeout $((SECS + 30)) vsock-io "$@" $_opts >/tmp/host-send.out 2>&1 ||
+            note "$_hs_row" "$vmm: host → guest, stream $_k ($_opts): the sender failed (status $?; 124: still sending $((SECS + 30)) s on) $(printable </tmp/host-send.out)"
+        _k=$((_k + 1))
+    done
 }

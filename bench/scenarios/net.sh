@@ -59,10 +59,5 @@ net_boot() {
     esac
 }
 
-for run in $(seq 1 "$RUNS"); do
-    for vmm in $vmms; do
-        case " $skip " in *" $vmm "*) continue ;; esac
-        net_once $vmm || net_once $vmm || true
-    done
-done
+alternate net_once $vmms
 drain
