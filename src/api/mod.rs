@@ -20,6 +20,7 @@
 //! in number and time, and the API thread has its own seccomp filter.
 
 pub mod instance;
+pub mod limits;
 pub mod logger;
 pub mod metrics;
 pub mod plan;

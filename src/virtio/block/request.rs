@@ -24,7 +24,9 @@ use vmm_sys_util::epoll::{Epoll, EventSet};
 use super::disk::{Disk, SECTOR_SHIFT, SECTOR_SIZE};
 use super::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, REQUESTS};
 use crate::bus::lock;
-use crate::rate_limiter::{self, RateLimiter, SharedLimiter};
+use crate::control::DiskHandle;
+use crate::rate_limiter::{self, RateLimiter};
+use crate::virtio::metrics::BlockMetrics;
 use crate::virtio::iovec::IoVecs;
 use crate::virtio::queue::{clear_kick, interrupt_if_wanted, next_chain, serve_until_idle, Chain, Pass, QueueError};
 use crate::virtio::worker::{watch, DeviceWorker};
@@ -52,8 +54,9 @@ pub struct RequestQueue {
     /// The drive's image, which the API may change between two passes (see `Block`).
     medium: Arc<Mutex<Arc<Disk>>>,
     requests: Requests,
-    /// The disk's rate limiter, shared with the device (it outlives an activation).
-    limiter: SharedLimiter,
+    /// The disk's rate limiter and counters, shared with the device (they outlive an
+    /// activation) and the API.
+    live: DiskHandle,
     /// (head, bytes written) of the chains served in this pass, returned to the guest together.
     completed: Vec<(u16, u32)>,
 }
@@ -67,7 +70,7 @@ impl RequestQueue {
         active: ActiveQueue,
         signals: Signals,
         flush_negotiated: bool,
-        limiter: SharedLimiter,
+        live: DiskHandle,
     ) -> RequestQueue {
         let completed = Vec::with_capacity(usize::from(active.queue.size()));
         let disk = lock(&medium).clone();
@@ -77,20 +80,21 @@ impl RequestQueue {
             readable: Vec::new(),
             writable: Vec::new(),
             host_error_reported: false,
+            metrics: Arc::clone(&live.metrics),
         };
-        RequestQueue { active, mem, signals, medium, requests, limiter, completed }
+        RequestQueue { active, mem, signals, medium, requests, live, completed }
     }
 
     /// Serves every available request, notifying the guest once per pass, until the driver has
     /// added nothing more since we re-enabled its notifications.
     pub(super) fn serve(&mut self) -> Result<(), QueueError> {
-        let Self { active, mem, signals, medium, requests, limiter, completed } = self;
+        let Self { active, mem, signals, medium, requests, live, completed } = self;
         let current = lock(medium);
         if !Arc::ptr_eq(&current, &requests.disk) {
             requests.disk = Arc::clone(&current);
         }
         drop(current);
-        let mut limiter = limiter.lock();
+        let mut limiter = live.limiter.lock();
         if limiter.as_ref().is_some_and(|limiter| limiter.is_blocked()) {
             return Ok(()); // its timer brings us back
         }
@@ -104,6 +108,7 @@ impl RequestQueue {
                     None => {
                         // Over the rate: the chain goes back to the ring until the timer fires.
                         queue.go_to_previous_position();
+                        live.metrics.rate_limiter_throttled_events.inc();
                         throttled = true;
                         break;
                     }
@@ -125,13 +130,16 @@ impl DeviceWorker for RequestQueue {
 
     fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
         watch(epoll, &self.active.kick, REQUESTS as u64)?;
-        self.limiter.watch(epoll, RATE_LIMIT_TIMER)
+        self.live.limiter.watch(epoll, RATE_LIMIT_TIMER)
     }
 
     fn handle(&mut self, _: &Epoll, token: u64, _: EventSet) -> Result<(), QueueError> {
-        if !self.limiter.timer_event(token, RATE_LIMIT_TIMER) {
+        if self.live.limiter.timer_event(token, RATE_LIMIT_TIMER) {
+            self.live.metrics.rate_limiter_event_count.inc();
+        } else {
             // Only the count is consumed; what was kicked is whatever the ring says.
             clear_kick(&self.active.kick);
+            self.live.metrics.queue_event_count.inc();
         }
         self.serve()
     }
@@ -153,11 +161,12 @@ struct Layout {
     status: GuestAddress,
 }
 
-/// The status a failed request reports.
+/// Why a request failed: the guest's doing (IOERR, UNSUPP), or the host's file (IOERR too).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Failed {
     IoErr,
     Unsupported,
+    HostErr,
 }
 
 /// Why a chain can't be a request at all: it is handed back with nothing written. Logged at
@@ -193,6 +202,7 @@ struct Requests {
     readable: Vec<Segment>,
     writable: Vec<Segment>,
     host_error_reported: bool,
+    metrics: Arc<BlockMetrics>,
 }
 
 impl Requests {
@@ -203,6 +213,7 @@ impl Requests {
             Ok(layout) => layout,
             Err(why) => {
                 tracing::debug!(disk = %self.disk.name, "virtio-blk chain dropped: {why}");
+                self.metrics.invalid_reqs_count.inc();
                 return Some(0);
             }
         };
@@ -218,8 +229,14 @@ impl Requests {
     fn execute_and_report(&mut self, mem: &GuestMemoryMmap, layout: &Layout) -> u32 {
         let (status, written) = match self.execute(mem, layout) {
             Ok(written) => (VIRTIO_BLK_S_OK, written),
-            Err(Failed::IoErr) => (VIRTIO_BLK_S_IOERR, 0),
-            Err(Failed::Unsupported) => (VIRTIO_BLK_S_UNSUPP, 0),
+            Err(Failed::HostErr) => {
+                self.metrics.execute_fails.inc();
+                (VIRTIO_BLK_S_IOERR, 0)
+            }
+            Err(failed) => {
+                self.metrics.invalid_reqs_count.inc();
+                (if failed == Failed::Unsupported { VIRTIO_BLK_S_UNSUPP } else { VIRTIO_BLK_S_IOERR }, 0)
+            }
         };
         // The status is u8 in the spec; the bindings spell it u32.
         if mem.write_obj(status as u8, layout.status).is_err() {
@@ -276,7 +293,10 @@ impl Requests {
         match u32::from_le_bytes([t0, t1, t2, t3]) {
             VIRTIO_BLK_T_IN => self.read(mem, sector, layout.writable),
             VIRTIO_BLK_T_OUT => self.write(mem, sector, layout.readable - HEADER_LEN),
-            VIRTIO_BLK_T_FLUSH => self.flush().map(|()| 0),
+            VIRTIO_BLK_T_FLUSH => {
+                self.metrics.flush_count.inc();
+                self.flush().map(|()| 0)
+            }
             VIRTIO_BLK_T_GET_ID => self.get_id(mem, layout.writable),
             VIRTIO_BLK_T_DISCARD => self.discard_or_zero(mem, false, layout.readable - HEADER_LEN).map(|()| 0),
             VIRTIO_BLK_T_WRITE_ZEROES => self.discard_or_zero(mem, true, layout.readable - HEADER_LEN).map(|()| 0),
@@ -291,6 +311,8 @@ impl Requests {
         let offset = self.data_offset(sector, len)?;
         let mut buffers = self.map(mem, Direction::IntoGuest, len)?;
         self.disk.read_into(&mut buffers, offset).map_err(|e| self.host_failed("read", &e))?;
+        self.metrics.read_count.inc();
+        self.metrics.read_bytes.add(len);
         // `data_offset` bounded `len` by MAX_REQUEST_BYTES.
         Ok(u32::try_from(len).unwrap_or(u32::MAX))
     }
@@ -302,6 +324,8 @@ impl Requests {
         let offset = self.data_offset(sector, len)?;
         let mut buffers = self.map(mem, Direction::FromGuest, len)?;
         self.disk.write_from(&mut buffers, offset).map_err(|e| self.host_failed("write", &e))?;
+        self.metrics.write_count.inc();
+        self.metrics.write_bytes.add(len);
         if self.write_through {
             self.flush()?;
         }
@@ -416,7 +440,7 @@ impl Requests {
         } else {
             tracing::debug!(disk = %self.disk.name, "{what} failed: {e}");
         }
-        Failed::IoErr
+        Failed::HostErr
     }
 }
 
