@@ -10,6 +10,8 @@ pattern() {  # pattern TAG BYTES
 md5() { md5sum | cut -d' ' -f1; }
 # said OUT MARKER: the rest of the guest's first line that starts with "MARKER " (no \r).
 said() { tr -d '\r' <"$1" | sed -n "s/^$2 //p" | head -n1; }
+# field LINE NAME: the value of NAME=VALUE in LINE.
+field() { echo " $1 " | sed -n "s/.* $2=\([^ ]*\) .*/\1/p"; }
 # check NAME WHY CONDITION...: CASE NAME status=0 if the condition holds, else status=1
 # and the why.
 check() {

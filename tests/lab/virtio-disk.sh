@@ -16,8 +16,6 @@ guest="--kernel /guest/vmlinux --initrd /guest/initramfs.cpio.gz --memory 256M"
 cmdline="console=ttyS0 reboot=k panic=-1 quiet lguest.scenario=disk"
 MiB=1048576
 
-# field LINE KEY: the value of KEY=VALUE in LINE.
-field() { echo " $1 " | sed -n "s/.* $2=\([^ ]*\) .*/\1/p"; }
 # boot NAME FLAGS...: one guest boot, its console on stdout and in NAME.out.
 boot() {
     name=$1
