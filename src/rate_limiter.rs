@@ -9,6 +9,12 @@
 //! when the tokens will be there. A request larger than the whole bucket is not refused
 //! forever: it may go once the bucket is full, and the debt it leaves is paid from the refill
 //! before anything else goes (Firecracker does the same), so the average rate still holds.
+//! A request whose size is only known once it is done (a received frame) is
+//! [`RateLimiter::charge`]d after, into debt if need be, and the queue asks
+//! [`RateLimiter::ready`] before the next one.
+//!
+//! A device's limiter is shared ([`SharedLimiter`]) by the device, its worker thread and the
+//! API, whose `PATCH` replaces buckets while the guest runs ([`RateLimiter::update`]).
 //!
 //! The numbers come from the user (or an API client) and are checked once, in
 //! [`BucketConfig::new`]; nothing here trusts the guest, which only asks for amounts.
