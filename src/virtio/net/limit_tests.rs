@@ -31,14 +31,21 @@ fn ops(size: u64, refill_ms: u64) -> RateLimit {
     RateLimit { bandwidth: None, ops: BucketConfig::new(size, 0, refill_ms).ok() }
 }
 
+/// A card whose transmit queue may send `ops` frames every `refill_ms`, with `frames` frames
+/// of `len` bytes posted and a transmit kick served.
+fn sending(ops_size: u64, refill_ms: u64, frames: u8, len: usize) -> Bench {
+    let mut bench = Bench::limited(RateLimit::default(), ops(ops_size, refill_ms));
+    for seed in 0..frames {
+        bench.tx.post_frame(&[&frame(len, seed)]);
+    }
+    bench.transmit();
+    bench
+}
+
 #[test]
 fn frames_over_the_transmit_budget_wait_in_the_ring_for_the_timer() {
     // Two frames, then one more every 10 ms.
-    let mut bench = Bench::limited(RateLimit::default(), ops(2, 20));
-    for seed in 0..5 {
-        bench.tx.post_frame(&[&frame(100, seed)]);
-    }
-    bench.transmit();
+    let mut bench = sending(2, 20, 5, 100);
     assert_eq!(bench.tx.used().len(), 2, "two frames within the budget, three held back");
     assert_eq!(bench.host_receives().len(), 2);
     bench.transmit();
@@ -74,11 +81,7 @@ fn received_frames_are_charged_after_reading_and_the_tap_waits_out_the_debt() {
 
 #[test]
 fn a_limiter_changed_while_frames_wait_lets_them_go_at_once() {
-    let mut bench = Bench::limited(RateLimit::default(), ops(1, 86_400_000));
-    for seed in 0..3 {
-        bench.tx.post_frame(&[&frame(60, seed)]);
-    }
-    bench.transmit();
+    let mut bench = sending(1, 86_400_000, 3, 60);
     assert_eq!(bench.tx.used().len(), 1, "one frame a day");
     bench.live.tx.update(BucketUpdate::Keep, BucketUpdate::Remove).expect("update");
     bench.serve_until(|b| b.tx.used().len() == 3);
