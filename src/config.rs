@@ -97,8 +97,10 @@ pub struct RunArgs {
     /// A virtio network card on the host tap device NAME (opened if it exists, created if we
     /// may), or on a user-mode network (`user`: passt, no root needed; DHCP, DNS, outbound TCP
     /// and UDP, and `hostfwd=tcp:[ADDR:]HOSTPORT-:GUESTPORT` (or udp) forwards host ports to
-    /// the guest). Repeat for more cards.
-    #[arg(long = "net", value_name = "tap=NAME|user[,hostfwd=...][,mac=MAC]")]
+    /// the guest). Rate limits each way, named as --disk's with rx_ or tx_ in front:
+    /// rx_bw_size=BYTES,rx_bw_refill_time=MS, tx_ops_size=N,tx_ops_refill_time=MS, ... Repeat
+    /// for more cards.
+    #[arg(long = "net", value_name = "tap=NAME|user[,hostfwd=...][,mac=MAC][,rx_*=..][,tx_*=..]")]
     pub nets: Vec<String>,
     /// Where the guest's console goes.
     #[arg(long, value_name = "KIND", value_enum, default_value_t = ConsoleKind::Serial)]
@@ -162,6 +164,16 @@ pub enum DiskEngine {
 pub struct NetConfig {
     pub backend: NetBackend,
     pub mac: Option<[u8; 6]>,
+    /// How fast frames may reach the guest (`rx_bw_*`, `rx_ops_*`) and leave it (`tx_*`).
+    pub rx_rate_limit: RateLimit,
+    pub tx_rate_limit: RateLimit,
+}
+
+impl NetConfig {
+    /// A card on `backend` with a random MAC and no limits.
+    pub fn new(backend: NetBackend) -> NetConfig {
+        NetConfig { backend, mac: None, rx_rate_limit: RateLimit::default(), tx_rate_limit: RateLimit::default() }
+    }
 }
 
 /// What is at the other end of a network card.
@@ -434,6 +446,14 @@ fn parse_rng_limits(value: &str) -> Result<RateLimit> {
 pub fn parse_net(value: &str) -> Result<NetConfig> {
     let bad = |why: String| Error::BadFlag { flag: "--net", value: value.to_string(), why };
     let (mut tap, mut user, mut forwards, mut mac, mut vhost) = (None, false, Vec::new(), None, None);
+    let (mut rx, mut tx) = (RateLimitBuilder::default(), RateLimitBuilder::default());
+    let mut rate_option = |key: &str, number: &str| -> std::result::Result<bool, rate_limiter::RateOptionError> {
+        match (key.strip_prefix("rx_"), key.strip_prefix("tx_")) {
+            (Some(key), _) => rate_limiter::set_option(&mut rx, key, number),
+            (_, Some(key)) => rate_limiter::set_option(&mut tx, key, number),
+            _ => Ok(false),
+        }
+    };
     for option in value.split(',') {
         match option.split_once('=') {
             None if option == "user" => user = true,
@@ -444,7 +464,8 @@ pub fn parse_net(value: &str) -> Result<NetConfig> {
             Some(("tap", _)) => return Err(bad(format!("a tap name has 1 to {} characters", libc::IFNAMSIZ - 1))),
             Some(("mac", text)) => mac = Some(parse_mac(text).ok_or_else(|| bad(format!("'{text}' is not a MAC such as 52:54:00:12:34:56")))?),
             Some(("hostfwd", text)) => forwards.push(parse_forward(text).ok_or_else(|| bad(format!("'{text}' is not a forward such as tcp:8080-:80 or udp:127.0.0.1:5353-:53")))?),
-            _ => return Err(bad(format!("unknown option '{option}' (expected tap=NAME, vhost=on, user, hostfwd=FORWARD or mac=MAC)"))),
+            Some((key, number)) if rate_option(key, number).map_err(|e| bad(format!("{}{e}", &key[..3])))? => {}
+            _ => return Err(bad(format!("unknown option '{option}' (expected tap=NAME, vhost=on, user, hostfwd=FORWARD, mac=MAC, rx_bw_*, rx_ops_*, tx_bw_* or tx_ops_*)"))),
         }
     }
     if user && vhost.is_some() {
@@ -457,7 +478,12 @@ pub fn parse_net(value: &str) -> Result<NetConfig> {
         (Some(_), true) => return Err(bad("a card is on a tap or on user, not both".into())),
         (None, false) => return Err(bad("expected tap=NAME or user".into())),
     };
-    Ok(NetConfig { backend, mac })
+    let limit = |builder: RateLimitBuilder, prefix: &str| builder.build().map_err(|e| bad(format!("{prefix}{e}")));
+    let (rx_rate_limit, tx_rate_limit) = (limit(rx, "rx_")?, limit(tx, "tx_")?);
+    if vhost == Some(true) && (rx_rate_limit != RateLimit::default() || tx_rate_limit != RateLimit::default()) {
+        return Err(bad("rate limits need lguest's own datapath: vhost-net's frames never pass through lguest; drop vhost=on or the limits".into()));
+    }
+    Ok(NetConfig { mac, rx_rate_limit, tx_rate_limit, ..NetConfig::new(backend) })
 }
 
 /// `tcp:HOSTPORT-:GUESTPORT`, as QEMU spells it: `tcp::HOSTPORT-:GUESTPORT`, or with the host
@@ -699,7 +725,7 @@ mod tests {
     #[test]
     fn nets_with_options() {
         let net = parse_net("tap=tap0,mac=52:54:00:12:34:56").expect("valid");
-        assert_eq!(net, NetConfig { backend: NetBackend::Tap { name: "tap0".into(), vhost: false }, mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]) });
+        assert_eq!(net, NetConfig { mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]), ..NetConfig::new(NetBackend::Tap { name: "tap0".into(), vhost: false }) });
         for bad in ["", "tap0", "tap=", "tap=x,mac=52:54:00:12:34", "tap=x,mac=01:00:00:00:00:00", "tap=averyveryverylongname"] {
             assert!(matches!(parse_net(bad), Err(Error::BadFlag { flag: "--net", .. })), "{bad}");
         }
@@ -714,6 +740,26 @@ mod tests {
             let error = parse_net(bad).expect_err(bad).to_string();
             assert!(error.contains("vhost") || error.contains("expected tap=NAME"), "{bad}: {error}");
         }
+        let limited = parse_net("tap=tap0,vhost=on,rx_bw_size=1000,rx_bw_refill_time=100").expect_err("vhost with a limit");
+        assert!(limited.to_string().contains("rate limits need lguest's own datapath"), "{limited}");
+    }
+
+    #[test]
+    fn nets_with_rate_limits_each_way() {
+        let net = parse_net("user,rx_bw_size=1048576,rx_bw_refill_time=100,tx_ops_size=1000,tx_ops_refill_time=1000,tx_ops_one_time_burst=50").expect("valid");
+        assert_eq!(net.rx_rate_limit.bandwidth.map(|b| (b.size(), b.refill_time_ms())), Some((1 << 20, 100)));
+        assert_eq!(net.rx_rate_limit.ops, None);
+        assert_eq!(net.tx_rate_limit.ops.map(|b| (b.size(), b.one_time_burst())), Some((1000, 50)));
+        for (bad, says) in [
+            ("tap=t,rx_bw_size=1", "rx_bw_size and"),
+            ("tap=t,tx_ops_size=lots,tx_ops_refill_time=1", "tx_ops_size=lots is not a whole number"),
+            ("tap=t,rx_bw_size=0,rx_bw_refill_time=1", "rx_bw: "),
+            ("tap=t,bw_size=1,bw_refill_time=1", "unknown option 'bw_size=1'"),
+            ("tap=t,rx_bw_colour=1", "unknown option"),
+        ] {
+            let error = parse_net(bad).expect_err(bad).to_string();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
     }
 
     fn forward(protocol: Protocol, host_addr: Option<&str>, host_port: u16, guest_port: u16) -> Forward {
@@ -722,7 +768,7 @@ mod tests {
 
     #[test]
     fn user_nets_with_forwards() {
-        assert_eq!(parse_net("user").ok(), Some(NetConfig { backend: NetBackend::User { forwards: vec![] }, mac: None }));
+        assert_eq!(parse_net("user").ok(), Some(NetConfig::new(NetBackend::User { forwards: vec![] })));
         let net = parse_net("user,hostfwd=tcp:8080-:80,hostfwd=tcp::2222-:22,hostfwd=udp:127.0.0.1:5353-:53,hostfwd=tcp:[::1]:8443-443,mac=52:54:00:00:00:01")
             .expect("valid");
         let forwards = vec![
@@ -731,7 +777,7 @@ mod tests {
             forward(Protocol::Udp, Some("127.0.0.1"), 5353, 53),
             forward(Protocol::Tcp, Some("::1"), 8443, 443),
         ];
-        assert_eq!(net, NetConfig { backend: NetBackend::User { forwards }, mac: Some([0x52, 0x54, 0, 0, 0, 1]) });
+        assert_eq!(net, NetConfig { mac: Some([0x52, 0x54, 0, 0, 0, 1]), ..NetConfig::new(NetBackend::User { forwards }) });
         // The same port for TCP and for UDP is two forwards, not one twice.
         assert!(parse_net("user,hostfwd=tcp:53-:53,hostfwd=udp:53-:53").is_ok());
     }

@@ -1,6 +1,8 @@
 //! What may be done to a running guest from outside it: pause and resume its vCPUs, press
-//! Ctrl-Alt-Del on its keyboard, and put a new image in one of its drives. The API thread (`PATCH /vm`, `PUT /actions`) holds a
-//! [`VmControls`] for as long as the VM runs; the VM itself knows nothing of the API.
+//! Ctrl-Alt-Del on its keyboard, put a new image in one of its drives, change a disk's or a
+//! network card's rate limiter, and read the devices' counters. The API thread (`PATCH /vm`,
+//! `PUT /actions`, `PATCH /drives`, ...) holds a [`VmControls`] for as long as the VM runs;
+//! the VM itself knows nothing of the API.
 //!
 //! Pausing follows the vCPU loop's own rule (see [`crate::vcpu`]): a vCPU thread leaves KVM_RUN
 //! only when kicked. [`PauseGate::pause`] marks the gate closed and kicks every vCPU thread
@@ -18,6 +20,8 @@ use vmm_sys_util::signal::Killable;
 
 use crate::bus::lock;
 use crate::devices::i8042::I8042;
+use crate::rate_limiter::SharedLimiter;
+use crate::virtio::metrics::{BlockMetrics, NetMetrics};
 use crate::virtio::transport::DriveHandle;
 use crate::virtio::UpdateError;
 
@@ -155,6 +159,31 @@ impl Drop for Seat {
     }
 }
 
+/// A disk's rate limiter and counters, shared by the device, its worker and the API.
+#[derive(Clone, Default)]
+pub struct DiskHandle {
+    pub limiter: SharedLimiter,
+    pub metrics: Arc<BlockMetrics>,
+}
+
+/// A network card's rate limiters and counters, shared by the device, its worker and the API.
+#[derive(Clone)]
+pub struct NetHandle {
+    /// The host tap the card is on (`None`: passt), which tells the API's cards apart.
+    pub tap: Option<String>,
+    pub rx: SharedLimiter,
+    pub tx: SharedLimiter,
+    pub metrics: Arc<NetMetrics>,
+}
+
+/// The handles of a VM's disks and network cards, in the order of `VmConfig::disks` and
+/// `VmConfig::nets`. They hold no guest memory: the API may keep them after the VM is gone.
+#[derive(Clone, Default)]
+pub struct LiveDevices {
+    pub disks: Vec<DiskHandle>,
+    pub nets: Vec<NetHandle>,
+}
+
 /// A running VM's handles for the API.
 #[derive(Clone)]
 pub struct VmControls {
@@ -163,6 +192,7 @@ pub struct VmControls {
     /// The disks, in the order of `VmConfig::disks`: what `PATCH /drives` changes. Emptied
     /// when the VM is taken apart, so that the API holds no device of a VM that is gone.
     pub drives: Arc<Mutex<Vec<DriveHandle>>>,
+    pub devices: Arc<LiveDevices>,
 }
 
 impl VmControls {
@@ -175,7 +205,12 @@ impl VmControls {
     /// interrupt and rereads its size. `None` when the VM has no such disk (any more).
     pub fn change_medium(&self, index: usize, path: PathBuf) -> Option<Result<(), UpdateError>> {
         let drives = lock(&self.drives);
-        drives.get(index).map(|drive| drive.change_medium(path))
+        let changed = drives.get(index).map(|drive| drive.change_medium(path))?;
+        if let Some(disk) = self.devices.disks.get(index) {
+            let counter = if changed.is_ok() { &disk.metrics.update_count } else { &disk.metrics.update_fails };
+            counter.inc();
+        }
+        Some(changed)
     }
 }
 

@@ -9,6 +9,12 @@
 //! when the tokens will be there. A request larger than the whole bucket is not refused
 //! forever: it may go once the bucket is full, and the debt it leaves is paid from the refill
 //! before anything else goes (Firecracker does the same), so the average rate still holds.
+//! A request whose size is only known once it is done (a received frame) is
+//! [`RateLimiter::charge`]d after, into debt if need be, and the queue asks
+//! [`RateLimiter::ready`] before the next one.
+//!
+//! A device's limiter is shared ([`SharedLimiter`]) by the device, its worker thread and the
+//! API, whose `PATCH` replaces buckets while the guest runs ([`RateLimiter::update`]).
 //!
 //! The numbers come from the user (or an API client) and are checked once, in
 //! [`BucketConfig::new`]; nothing here trusts the guest, which only asks for amounts.
@@ -81,6 +87,25 @@ pub struct RateLimit {
 impl RateLimit {
     pub fn limits_anything(&self) -> bool {
         self.bandwidth.is_some() || self.ops.is_some()
+    }
+}
+
+/// What a change to a running limiter does to one of its buckets (Firecracker's PATCH: a
+/// bucket left out stays as it is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketUpdate {
+    Keep,
+    Remove,
+    Set(BucketConfig),
+}
+
+impl BucketUpdate {
+    fn apply(self, bucket: &mut Option<TokenBucket>, now: Instant) {
+        match self {
+            BucketUpdate::Keep => {}
+            BucketUpdate::Remove => *bucket = None,
+            BucketUpdate::Set(config) => *bucket = Some(TokenBucket::new(config, now)),
+        }
     }
 }
 
@@ -216,6 +241,18 @@ impl TokenBucket {
         false
     }
 
+    /// Takes `tokens` for something already done (a received frame, whose size was unknown
+    /// before it was read): what the bucket can't pay becomes debt.
+    fn charge(&mut self, tokens: u64, now: Instant) {
+        self.refill(now);
+        let from_burst = tokens.min(self.burst);
+        self.burst -= from_burst;
+        let rest = tokens - from_burst;
+        let paid = rest.min(self.budget);
+        self.budget -= paid;
+        self.debt = self.debt.saturating_add(rest - paid);
+    }
+
     /// Gives back tokens a request took but could not use (the other bucket refused it).
     fn give_back(&mut self, tokens: u64) {
         let repaid = tokens.min(self.debt);
@@ -266,9 +303,7 @@ impl RateLimiter {
         if self.take(bytes, Instant::now()) {
             return Ok(true);
         }
-        let wait = self.wait_for(bytes).max(Duration::from_micros(100));
-        self.timer.reset(wait, None)?;
-        self.blocked = true;
+        self.block_for(self.wait_for(bytes))?;
         Ok(false)
     }
 
@@ -295,6 +330,61 @@ impl RateLimiter {
         ops.max(bandwidth)
     }
 
+    /// Charges one operation of `bytes` already done: what the buckets can't pay is owed, and
+    /// [`RateLimiter::ready`] says no until it is paid.
+    pub fn charge(&mut self, bytes: u64) {
+        let now = Instant::now();
+        if let Some(ops) = &mut self.ops {
+            ops.charge(1, now);
+        }
+        if let Some(bandwidth) = &mut self.bandwidth {
+            bandwidth.charge(bytes, now);
+        }
+    }
+
+    /// Whether the queue may go on (nothing owed). If not, the timer is armed for when the
+    /// debt is paid, and the caller stops until [`RateLimiter::timer_fired`].
+    pub fn ready(&mut self) -> io::Result<bool> {
+        if self.blocked {
+            return Ok(false);
+        }
+        let now = Instant::now();
+        let mut wait = Duration::ZERO;
+        for bucket in [&mut self.bandwidth, &mut self.ops].into_iter().flatten() {
+            bucket.refill(now);
+            wait = wait.max(bucket.wait_for(0));
+        }
+        if wait.is_zero() {
+            return Ok(true);
+        }
+        self.block_for(wait)?;
+        Ok(false)
+    }
+
+    fn block_for(&mut self, wait: Duration) -> io::Result<()> {
+        self.timer.reset(wait.max(Duration::from_micros(100)), None)?;
+        self.blocked = true;
+        Ok(())
+    }
+
+    /// Changes the buckets of a limiter at work (the API's PATCH): a bucket that is set starts
+    /// afresh, full, as Firecracker's do. A queue waiting for the old buckets is woken at once
+    /// to ask the new ones.
+    pub fn update(&mut self, bandwidth: BucketUpdate, ops: BucketUpdate) -> io::Result<()> {
+        let now = Instant::now();
+        bandwidth.apply(&mut self.bandwidth, now);
+        ops.apply(&mut self.ops, now);
+        if self.blocked {
+            self.timer.reset(Duration::from_micros(1), None)?;
+        }
+        Ok(())
+    }
+
+    /// The buckets' settings now.
+    pub fn limit(&self) -> RateLimit {
+        RateLimit { bandwidth: self.bandwidth.as_ref().map(|b| b.config), ops: self.ops.as_ref().map(|b| b.config) }
+    }
+
     /// The worker saw the timer fire: the queue may be served again.
     pub fn timer_fired(&mut self) {
         // Reading clears the expiry count so the level-triggered epoll stops reporting it.
@@ -308,19 +398,17 @@ impl RateLimiter {
     }
 }
 
-/// A device's limiter as the device and its worker share it: the budget outlives a driver
-/// reset, and the timer sits in the worker's epoll set. The default limits nothing.
+/// A device's limiter as the device, its worker and the API share it: the budget outlives a
+/// driver reset, the timer sits in the worker's epoll set, and the API can change the buckets
+/// while the guest runs. The default is no limiter at all, which nothing can change.
 #[derive(Clone, Default)]
 pub struct SharedLimiter(Option<Arc<Mutex<RateLimiter>>>);
 
 impl SharedLimiter {
-    /// A limiter for `limit`, or none when it limits nothing. Fails only when the host gives
-    /// us no timerfd.
+    /// A limiter with `limit`'s buckets (perhaps none yet: the API may add them later). Fails
+    /// only when the host gives us no timerfd.
     pub fn new(limit: RateLimit) -> io::Result<SharedLimiter> {
-        match limit.limits_anything() {
-            true => Ok(SharedLimiter(Some(Arc::new(Mutex::new(RateLimiter::new(limit)?))))),
-            false => Ok(SharedLimiter(None)),
-        }
+        Ok(SharedLimiter(Some(Arc::new(Mutex::new(RateLimiter::new(limit)?)))))
     }
 
     /// Watches the timer under `token` in a worker's epoll set.
@@ -347,21 +435,43 @@ impl SharedLimiter {
     pub fn lock(&self) -> Option<MutexGuard<'_, RateLimiter>> {
         self.0.as_deref().map(lock)
     }
+
+    /// Changes the buckets while the device runs; false for a device made without a limiter.
+    pub fn update(&self, bandwidth: BucketUpdate, ops: BucketUpdate) -> io::Result<bool> {
+        match self.lock() {
+            Some(mut limiter) => limiter.update(bandwidth, ops).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// The buckets' settings now.
+    pub fn limit(&self) -> RateLimit {
+        self.lock().map(|limiter| limiter.limit()).unwrap_or_default()
+    }
 }
 
 /// A device queue's question before serving one request of `bytes`: may it go now? Always
 /// yes without a limiter; no when the limiter is over its budget (its timer then brings the
-/// worker back). A timer that can't be armed lets everything through: better unlimited than
-/// a queue stuck forever.
+/// worker back).
 pub fn admit(limiter: Option<&mut RateLimiter>, bytes: u64, device: &str) -> bool {
     let Some(limiter) = limiter else { return true };
-    match limiter.consume(bytes) {
-        Ok(admitted) => admitted,
-        Err(e) => {
-            tracing::warn!(device, "the rate limiter's timer failed ({e}); not limiting");
-            true
-        }
-    }
+    unlimited_if_broken(limiter.consume(bytes), device)
+}
+
+/// A receive queue's question before reading the next frame, whose size it can't know: is
+/// nothing owed for the frames already read ([`RateLimiter::charge`])? No limiter: yes.
+pub fn paid_up(limiter: Option<&mut RateLimiter>, device: &str) -> bool {
+    let Some(limiter) = limiter else { return true };
+    unlimited_if_broken(limiter.ready(), device)
+}
+
+/// A timer that can't be armed lets everything through: better unlimited than a queue stuck
+/// forever.
+fn unlimited_if_broken(answer: io::Result<bool>, device: &str) -> bool {
+    answer.unwrap_or_else(|e| {
+        tracing::warn!(device, "the rate limiter's timer failed ({e}); not limiting");
+        true
+    })
 }
 
 impl AsRawFd for RateLimiter {
@@ -519,5 +629,55 @@ mod tests {
         for _ in 0..1000 {
             assert!(limiter.consume(u64::MAX).expect("consume"));
         }
+    }
+
+    #[test]
+    fn a_charge_beyond_the_budget_is_owed_and_the_queue_waits_until_it_is_paid() {
+        let limit = RateLimit { bandwidth: Some(BucketConfig::new(1000, 0, 20).expect("valid")), ops: None };
+        let mut limiter = RateLimiter::new(limit).expect("timerfd");
+        assert!(limiter.ready().expect("ready"), "nothing owed yet");
+        limiter.charge(1500);
+        assert_eq!(limiter.bandwidth.as_ref().map(|b| (b.budget, b.debt)), Some((0, 500)));
+        assert!(!limiter.ready().expect("ready"), "500 bytes owed");
+        assert!(limiter.is_blocked());
+        limiter.timer_fired(); // blocks until the debt is paid (about 10 ms)
+        assert!(limiter.ready().expect("ready"));
+    }
+
+    #[test]
+    fn a_charge_spends_the_burst_first() {
+        let mut b = bucket(100, 300, 1000);
+        let now = b.refilled_at;
+        b.charge(350, now);
+        assert_eq!((b.burst, b.budget, b.debt), (0, 50, 0));
+        b.charge(80, now);
+        assert_eq!((b.budget, b.debt), (0, 30));
+    }
+
+    #[test]
+    fn an_update_replaces_the_buckets_it_names_and_wakes_a_waiting_queue() {
+        let ops = BucketConfig::new(1, 0, 86_400_000).expect("valid");
+        let bandwidth = BucketConfig::new(1000, 0, 1000).expect("valid");
+        let mut limiter = RateLimiter::new(RateLimit { bandwidth: Some(bandwidth), ops: Some(ops) }).expect("timerfd");
+        assert!(limiter.consume(1).expect("consume"));
+        assert!(!limiter.consume(1).expect("consume"), "one op a day");
+        let faster = BucketConfig::new(1000, 0, 1000).expect("valid");
+        limiter.update(BucketUpdate::Keep, BucketUpdate::Set(faster)).expect("update");
+        assert_eq!(limiter.limit(), RateLimit { bandwidth: Some(bandwidth), ops: Some(faster) });
+        limiter.timer_fired(); // re-armed to fire at once, not in a day
+        assert!(limiter.consume(1).expect("consume"));
+        limiter.update(BucketUpdate::Remove, BucketUpdate::Remove).expect("update");
+        assert!(!limiter.limit().limits_anything());
+        assert!(limiter.consume(u64::MAX).expect("consume"));
+    }
+
+    #[test]
+    fn a_device_without_a_limiter_can_not_be_given_one() {
+        let none = SharedLimiter::default();
+        let set = BucketUpdate::Set(BucketConfig::new(1, 0, 1).expect("valid"));
+        assert!(!none.update(set, BucketUpdate::Keep).expect("update"));
+        let some = SharedLimiter::new(RateLimit::default()).expect("timerfd");
+        assert!(some.update(set, BucketUpdate::Keep).expect("update"));
+        assert!(some.limit().bandwidth.is_some());
     }
 }

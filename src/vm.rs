@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::{acpi, boot, cpu};
 use crate::bus::{lock, Bus, SharedDevice};
 use crate::config::{NetBackend, VmConfig};
-use crate::control::{PauseGate, VmControls};
+use crate::control::{LiveDevices, PauseGate, VmControls};
 use crate::terminal::ConsoleRoute;
 use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_ADDR, BOOT_TIMER_LEN};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT, KEYBOARD_IRQ};
@@ -58,6 +58,8 @@ pub struct Vm {
     keyboard: Arc<Mutex<I8042>>,
     /// The disks, in the configuration's order, for a new image while the guest runs.
     drives: Vec<DriveHandle>,
+    /// The disks' and network cards' limiters and counters, for the API.
+    devices: Arc<LiveDevices>,
     /// Where the vCPUs park while the guest is paused.
     gate: Arc<PauseGate>,
     stopper: Arc<Stopper>,
@@ -86,17 +88,17 @@ impl Vm {
         // interleaved runs each on a loaded PVM host (tiny guest, 256 MiB).
         let mem = memory::create_guest_memory(config.memory_bytes())?;
         register_memory(&vm, &mem)?;
-        let Furnished { vcpus, pio, serial, virtio_console, keyboard, drives, gate } =
+        let Furnished { vcpus, pio, serial, virtio_console, keyboard, drives, devices, gate } =
             furnish(config, &kvm_handle, &vm, &mem, &timeline, &stopper)?;
         // Asked now, not at the first fault: a vCPU thread may not read files.
         crate::fault::warn_if_host_kvm_is_pvm();
         timeline.mark(Milestone::VmBuilt);
-        Ok(Vm { kvm: kvm_handle, vm, vcpus, pio, serial, virtio_console, keyboard, drives, gate, stopper, ram: mem })
+        Ok(Vm { kvm: kvm_handle, vm, vcpus, pio, serial, virtio_console, keyboard, drives, devices, gate, stopper, ram: mem })
     }
 
     /// Starts the guest: one thread per vCPU, and what is typed routed to its console.
     pub fn start(self, console: &ConsoleRoute) -> Result<RunningVm> {
-        let Vm { kvm, vm, vcpus, pio, serial, virtio_console, keyboard, drives, gate, stopper, ram } = self;
+        let Vm { kvm, vm, vcpus, pio, serial, virtio_console, keyboard, drives, devices, gate, stopper, ram } = self;
         vcpu::install_kick_handler().map_err(|source| Error::Host { what: "cannot install the vCPU kick handler", source })?;
         match virtio_console {
             Some(input) => console.connect(Box::new(input)),
@@ -104,7 +106,7 @@ impl Vm {
         }
         let threads = start_vcpus(vcpus, &stopper);
         let drives = Arc::new(Mutex::new(drives));
-        Ok(RunningVm { kvm, vm, threads, pio, keyboard, drives, gate, stopper, ram })
+        Ok(RunningVm { kvm, vm, threads, pio, keyboard, drives, devices, gate, stopper, ram })
     }
 }
 
@@ -117,6 +119,7 @@ pub struct RunningVm {
     keyboard: Arc<Mutex<I8042>>,
     /// Shared with the API's [`VmControls`], emptied when the VM is taken apart.
     drives: Arc<Mutex<Vec<DriveHandle>>>,
+    devices: Arc<LiveDevices>,
     gate: Arc<PauseGate>,
     stopper: Arc<Stopper>,
     /// Unmapped last, once nothing else of the VM is left.
@@ -125,16 +128,17 @@ pub struct RunningVm {
 
 impl RunningVm {
     /// What the API may do to the running guest: pause it, press its Ctrl-Alt-Del, change a
-    /// drive's image.
+    /// drive's image or a device's rate limiter, read the devices' counters.
     pub fn controls(&self) -> VmControls {
-        VmControls { gate: self.gate.clone(), keyboard: self.keyboard.clone(), drives: self.drives.clone() }
+        let (gate, keyboard, drives, devices) = (self.gate.clone(), self.keyboard.clone(), self.drives.clone(), self.devices.clone());
+        VmControls { gate, keyboard, drives, devices }
     }
 
     /// Returns when the guest has stopped, for whatever reason, and takes the VM apart: every
     /// vCPU thread kicked out of KVM_RUN and joined, the devices' workers stopped, the VM
     /// closed and its memory unmapped.
     pub fn wait(self, console: &ConsoleRoute) -> StopReason {
-        let RunningVm { kvm, vm, threads, pio, keyboard, drives, gate, stopper, ram } = self;
+        let RunningVm { kvm, vm, threads, pio, keyboard, drives, gate, stopper, ram, .. } = self;
         let mut reason = wait_for_stop(&stopper, &keyboard);
         gate.end(); // a paused guest's vCPUs leave the gate, to be stopped
         lock(&drives).clear(); // the API keeps no device of this VM alive
@@ -164,6 +168,7 @@ struct Furnished {
     serial: Arc<Mutex<SerialPort>>,
     virtio_console: Option<ConsoleInput>,
     keyboard: Arc<Mutex<I8042>>,
+    devices: Arc<LiveDevices>,
     gate: Arc<PauseGate>,
 }
 
@@ -187,7 +192,7 @@ fn furnish(
 
     let (mut pio, serial, keyboard) = legacy_devices(vm, stopper)?;
     let mut mmio = mmio_devices(timeline)?;
-    let (devices, virtio_console) = virtio_devices(config, mem)?;
+    let (devices, virtio_console, live) = virtio_devices(config, mem)?;
     let drives = plug_pci_devices(vm, mem, devices, &mut pio, &mut mmio)?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
@@ -204,7 +209,7 @@ fn furnish(
             (pio.clone(), mmio.clone(), GuestMemoryMmap::clone(mem), stopper.clone(), timeline.clone());
         vcpus.push(Vcpu { id, fd, pio, mmio, mem, stopper, timeline, gate: gate.clone() });
     }
-    Ok(Furnished { vcpus, pio, serial, virtio_console, keyboard, drives, gate })
+    Ok(Furnished { vcpus, pio, serial, virtio_console, keyboard, drives, devices: Arc::new(live), gate })
 }
 
 /// One thread per vCPU. A thread that can't be started stops the VM; those already running
@@ -342,14 +347,15 @@ type NamedDevice = (&'static str, Box<dyn VirtioDevice>);
 /// The name a disk is reported by (and recognised by, for its [`DriveHandle`]).
 const BLOCK: &str = "virtio-blk";
 
-/// The virtio devices the configuration asks for, each with the name it is reported by, and
-/// the virtio console's input if there is one. The UART stays either way: early boot messages
-/// go there.
-/// Every virtio device the configuration asks for. `mem` is for vhost-net, which is told where
-/// guest memory lies when its card is made (the open happens here, on the main thread).
-fn virtio_devices(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<(Vec<NamedDevice>, Option<ConsoleInput>)> {
+/// Every virtio device the configuration asks for, each with the name it is reported by, the
+/// virtio console's input if there is one, and the disks' and cards' handles for the API (a
+/// vhost-net card has none: its frames never pass through us to be limited or counted). The
+/// UART stays either way: early boot messages go there. `mem` is for vhost-net, which is told
+/// where guest memory lies when its card is made (the open happens here, on the main thread).
+fn virtio_devices(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<(Vec<NamedDevice>, Option<ConsoleInput>, LiveDevices)> {
     let mut devices: Vec<NamedDevice> = Vec::new();
     let mut console_input = None;
+    let mut live = LiveDevices::default();
     if config.console == ConsoleKind::Virtio {
         let console = Console::new(Box::new(Stdout))
             .map_err(|source| Error::Host { what: "cannot create the virtio console", source })?;
@@ -357,13 +363,18 @@ fn virtio_devices(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<(Vec<Named
         devices.push(("virtio-console", Box::new(console)));
     }
     for disk in &config.disks {
-        devices.push((BLOCK, Box::new(Block::new(disk)?)));
+        let block = Block::new(disk)?;
+        live.disks.push(block.handle());
+        devices.push((BLOCK, Box::new(block)));
     }
     for net in &config.nets {
-        match &net.backend {
-            NetBackend::Tap { name, vhost: true } => devices.push(("vhost-net", Box::new(VhostNet::new(net, name, mem)?))),
-            _ => devices.push(("virtio-net", Box::new(Net::new(net)?))),
+        if let NetBackend::Tap { name, vhost: true } = &net.backend {
+            devices.push(("vhost-net", Box::new(VhostNet::new(net, name, mem)?)));
+            continue;
         }
+        let net = Net::new(net)?;
+        live.nets.push(net.handle());
+        devices.push(("virtio-net", Box::new(net)));
     }
     if config.rng {
         let rng = Rng::limited(config.rng_rate_limit)
@@ -374,7 +385,7 @@ fn virtio_devices(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<(Vec<Named
         // Bound here, on the main thread: the device's worker may not touch the file system.
         devices.push(("virtio-vsock", Box::new(Vsock::new(vsock.cid, &vsock.uds_path)?)));
     }
-    Ok((devices, console_input))
+    Ok((devices, console_input, live))
 }
 
 /// The PCI root on the configuration ports, and each virtio device in a slot of its own: its

@@ -195,6 +195,22 @@ fn a_guest_configured_and_started_only_through_the_api() {
     assert_eq!(code, 400);
     assert!(body.contains("/no/such.img"), "{body}");
     assert_eq!(call(&socket, "PATCH", "/drives/other", Some(r#"{"drive_id": "other", "path_on_host": "x"}"#)).0, 400);
+    // The running drive's limiter: its bandwidth bucket set, its ops bucket kept.
+    let limit = r#"{"drive_id": "data", "rate_limiter": {"bandwidth": {"size": 1048576, "refill_time": 100}}}"#;
+    assert_eq!(call(&socket, "PATCH", "/drives/data", Some(limit)).0, 204);
+    let (_, body) = call(&socket, "GET", "/vm/config", None);
+    let limiter = &json(&body)["drives"][0]["rate_limiter"];
+    assert_eq!((limiter["bandwidth"]["size"].as_u64(), limiter["ops"]["size"].as_u64()), (Some(1 << 20), Some(100)), "{body}");
+    let (code, body) = call(&socket, "PATCH", "/drives/data", Some(r#"{"drive_id": "data", "rate_limiter": {"ops": {"size": 1, "refill_time": 0.5}}}"#));
+    assert_eq!(code, 400, "{body}");
+    // The drive's counters in the metrics file: the swap, and the refused one.
+    let metrics = dir.path().join("metrics.json");
+    assert_eq!(call(&socket, "PUT", "/metrics", Some(&format!(r#"{{"metrics_path": "{}"}}"#, metrics.display()))).0, 204);
+    assert_eq!(call(&socket, "PUT", "/actions", Some(r#"{"action_type": "FlushMetrics"}"#)).0, 204);
+    let line = json(std::fs::read_to_string(&metrics).expect("metrics").lines().next().expect("a line"));
+    assert_eq!((line["block_data"]["update_count"].as_u64(), line["block_data"]["update_fails"].as_u64()), (Some(1), Some(1)), "{line}");
+    assert_eq!(line["block"]["update_count"], 1, "and summed over the drives");
+    assert_eq!(line["net"]["rx_bytes_count"], 0, "no card: zeros");
 
     let (_, body) = call(&socket, "GET", "/", None);
     assert_eq!(json(&body)["state"], "Running");

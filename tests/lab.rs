@@ -318,13 +318,33 @@ fn a_guest_configured_through_firecrackers_api_runs_pauses_resumes_and_powers_of
 }
 
 #[test]
-fn a_drive_swapped_through_the_api_is_read_by_the_running_guest() {
+fn through_the_api_a_drive_is_swapped_and_rate_limited_and_a_card_rate_limited_while_the_guest_runs() {
     let curl = host_curl();
     run_scenario_with("api-drive", &[&curl], |output| {
         expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
         expect_cases(
             output,
-            &["drive-boot-source", "drive-machine", "drive-put", "drive-start", "drive-patch", "drive-guest-sees-new-image", "drive-exit"],
+            &[
+                "drive-boot-source",
+                "drive-machine",
+                "drive-put",
+                "drive-put-rated",
+                "net-put-limited",
+                "metrics-put",
+                "drive-start",
+                "drive-patch",
+                "drive-patch-rate",
+                "net-patch-tx",
+                "metrics-flush",
+                "drive-guest-sees-new-image",
+                "drive-exit",
+                "api-disk-rate",
+                "api-net-rate",
+                "net-received-all",
+                "net-patch-shows",
+                "metrics-disk",
+                "metrics-net",
+            ],
         )
     });
 }

@@ -2,8 +2,8 @@
 //! argument lists through clap. These are the user's bytes, not the guest's, but a launcher
 //! that panics on a typo instead of saying what to change is a bug, and what each parser
 //! accepts must be exactly what its documentation says (a size in range, a non-empty path and
-//! a short ASCII serial, a tap name that fits IFNAMSIZ or `user` with forwards of real ports, and a
-//! unicast MAC).
+//! a short ASCII serial, a tap name that fits IFNAMSIZ or `user` with forwards of real ports, a
+//! unicast MAC, and rate limits only where rx_/tx_ options asked for them).
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -58,6 +58,12 @@ fuzz_target!(|input: Input| match input {
             }
             if let Some(mac) = net.mac {
                 assert_eq!(mac[0] & 1, 0, "--net {value:?} gave a multicast MAC");
+            }
+            for (limit, prefix) in [(net.rx_rate_limit, "rx_"), (net.tx_rate_limit, "tx_")] {
+                let buckets = [limit.bandwidth, limit.ops].into_iter().flatten();
+                assert!(buckets.clone().all(|b| b.size() > 0 && b.refill_time_ms() > 0), "--net {value:?} gave an empty bucket");
+                let said = value.split(',').any(|o| o.starts_with(prefix));
+                assert!(said || buckets.count() == 0, "--net {value:?} limits {prefix} without saying so");
             }
         }
     }

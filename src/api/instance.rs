@@ -9,13 +9,15 @@
 use std::path::PathBuf;
 use std::sync::mpsc;
 
+use super::limits::{self, LimiterPatch};
 use super::metrics::Metrics;
 use super::plan::{self, Plan};
 use super::request::Request;
-use super::types::{ActionType, FirecrackerVersion, InstanceInfo, PartialDrive, PartialNetworkInterface, RateLimiter, VmStateRequest};
+use super::types::{ActionType, FirecrackerVersion, InstanceInfo, PartialDrive, PartialNetworkInterface, VmStateRequest};
 use super::{logger, ApiError, FIRECRACKER_VERSION};
 use crate::config::VmConfig;
-use crate::control::VmControls;
+use crate::control::{LiveDevices, VmControls};
+use crate::virtio::metrics::{self as device_metrics, BlockMetrics, NetMetrics};
 
 /// `InstanceStart`, as the main thread receives it.
 pub struct StartRequest {
@@ -113,7 +115,7 @@ impl Instance {
             Request::PutAction(ActionType::InstanceStart) => self.start(),
             Request::PutAction(ActionType::SendCtrlAltDel) => self.ctrl_alt_del(),
             Request::PutAction(ActionType::FlushMetrics) => {
-                self.metrics.flush()?;
+                self.flush_metrics()?;
                 Ok(Reply::NoContent)
             }
             Request::PatchVm(state) => self.pause_or_resume(state),
@@ -154,40 +156,76 @@ impl Instance {
 
     /// `PATCH /drives/{id}`: after the start only. A new `path_on_host` puts that image in the
     /// drive (Kata's way of hot-plugging disks): opened as the old one was, and the guest told
-    /// by a config-change interrupt. Changing a rate limiter at run time is not possible yet.
+    /// by a config-change interrupt. A `rate_limiter` changes the running limiter's buckets
+    /// ([`LimiterPatch`]); it is checked before anything changes.
     fn patch_drive(&mut self, id: &str, patch: PartialDrive) -> Result<Reply, ApiError> {
         let controls = self.running("PATCH /drives")?.clone();
         plan::check_id("drive_id", id)?;
         if id != patch.drive_id {
             return Err(ApiError::BadValue { field: "drive_id", why: format!("the path says '{id}' but the body says '{}'", patch.drive_id) });
         }
-        let index = self.plan.drive_index(id).ok_or_else(|| ApiError::NoSuchDevice { what: "drive", id: id.into() })?;
-        if patch.rate_limiter.as_ref().is_some_and(RateLimiter::limits_anything) {
-            return Err(ApiError::NotYetAtRuntime { what: "changing a drive's rate limiter" });
-        }
+        let no_such_drive = || ApiError::NoSuchDevice { what: "drive", id: id.into() };
+        let index = self.plan.drive_index(id).ok_or_else(no_such_drive)?;
+        let limiter = patch.rate_limiter.as_ref().map(|limiter| LimiterPatch::new("rate_limiter", Some(limiter))).transpose()?;
         if let Some(path) = patch.path_on_host {
             match controls.change_medium(index, PathBuf::from(&path)) {
-                None => return Err(ApiError::NoSuchDevice { what: "drive", id: id.into() }),
+                None => return Err(no_such_drive()),
                 Some(Err(error)) => return Err(ApiError::Medium(error)),
                 Some(Ok(())) => self.plan.set_drive_path(id, &path),
             }
         }
+        if let Some(limiter) = limiter {
+            let disk = controls.devices.disks.get(index).ok_or_else(no_such_drive)?;
+            let now = limiter.apply("rate_limiter", &disk.limiter)?;
+            self.plan.set_drive_limiter(id, now);
+        }
         Ok(Reply::NoContent)
     }
 
-    /// `PATCH /network-interfaces/{id}`: only rate limiters can change, and lguest has none yet.
+    /// `PATCH /network-interfaces/{id}`: the card's receive and transmit limiters change while
+    /// the guest runs ([`LimiterPatch`]).
     fn patch_net(&mut self, id: &str, patch: PartialNetworkInterface) -> Result<Reply, ApiError> {
-        self.running("PATCH /network-interfaces")?;
+        let controls = self.running("PATCH /network-interfaces")?.clone();
         plan::check_id("iface_id", id)?;
         if id != patch.iface_id {
             return Err(ApiError::BadValue { field: "iface_id", why: format!("the path says '{id}' but the body says '{}'", patch.iface_id) });
         }
-        if !self.plan.has_net(id) {
-            return Err(ApiError::NoSuchDevice { what: "network interface", id: id.into() });
-        }
-        refuse_limiter(patch.rx_rate_limiter.as_ref())?;
-        refuse_limiter(patch.tx_rate_limiter.as_ref())?;
+        let no_such_net = || ApiError::NoSuchDevice { what: "network interface", id: id.into() };
+        let tap = self.plan.net(id).ok_or_else(no_such_net)?.host_dev_name.clone();
+        let net = controls.devices.nets.iter().find(|net| net.tap.as_deref() == Some(tap.as_str())).ok_or_else(no_such_net)?;
+        let (rx, tx) = limits::patch_net(net, patch.rx_rate_limiter.as_ref(), patch.tx_rate_limiter.as_ref())?;
+        self.plan.set_net_limiters(id, rx, tx);
         Ok(Reply::NoContent)
+    }
+
+    /// Writes a metrics line: the API's counters and the devices' (`FlushMetrics`, and every
+    /// minute).
+    pub fn flush_metrics(&mut self) -> Result<(), ApiError> {
+        if !self.metrics.is_open() {
+            return Err(ApiError::NoMetrics);
+        }
+        let no_devices = LiveDevices::default();
+        let devices = self.controls.as_ref().map_or(&no_devices, |controls| &controls.devices);
+        let drive_ids = self.plan.drive_ids();
+        let disks: Vec<_> = devices
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(n, disk)| (drive_ids.get(n).map_or_else(|| format!("disk{n}"), |id| id.to_string()), disk.metrics.take()))
+            .collect();
+        let nets: Vec<_> = devices
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(n, net)| {
+                // A card the API doesn't know (`lguest run --net user`) goes by its place.
+                let id = net.tap.as_deref().and_then(|tap| self.plan.net_id_of_tap(tap));
+                (id.map_or_else(|| format!("user{n}"), str::to_string), net.metrics.take())
+            })
+            .collect();
+        let mut sections = device_metrics::sections("block", &disks, BlockMetrics::default().take());
+        sections.extend(device_metrics::sections("net", &nets, NetMetrics::default().take()));
+        self.metrics.flush(sections)
     }
 
     /// `InstanceStart`: the main thread builds and starts the VM; we wait for its answer.
@@ -224,13 +262,6 @@ impl Instance {
             VmStateRequest::Resumed => controls.gate.resume(),
         }
         Ok(Reply::NoContent)
-    }
-}
-
-fn refuse_limiter(limiter: Option<&RateLimiter>) -> Result<(), ApiError> {
-    match limiter {
-        Some(limiter) if limiter.limits_anything() => Err(ApiError::NotImplemented { what: "rate limiters" }),
-        _ => Ok(()),
     }
 }
 

@@ -3,8 +3,9 @@
 //!
 //! Counters are per interval (reset after each line, like Firecracker's), under Firecracker's
 //! names where they mean the same: `get_api_requests.instance_info_count`,
-//! `put_api_requests.drive_fails`, ... Per-device counters (Firecracker's `block`, `net`) are
-//! not written yet: they need counters in the virtio devices.
+//! `put_api_requests.drive_fails`, ... The devices' counters come in the same line, per device
+//! and summed over devices of a kind (`block_rootfs`, `block`, `net_eth0`, `net`), from
+//! [`crate::virtio::metrics`].
 //!
 //! The file is usually a named pipe a client reads. It is opened non-blocking, as Firecracker
 //! does, so that a client that stops reading can't stop the API thread: a line that doesn't
@@ -102,17 +103,20 @@ impl Metrics {
         self.file.is_some()
     }
 
-    /// Writes one line with the counts since the last, and starts a new interval.
-    pub fn flush(&mut self) -> Result<(), ApiError> {
+    /// Writes one line with the counts since the last and the `devices`' sections, and
+    /// starts a new interval.
+    pub fn flush(&mut self, devices: serde_json::Map<String, serde_json::Value>) -> Result<(), ApiError> {
         let file = self.file.as_mut().ok_or(ApiError::NoMetrics)?;
-        let mut line = serde_json::to_vec(&snapshot(&self.counts))?;
+        let mut snapshot = snapshot(&self.counts);
+        snapshot.extend(devices);
+        let mut line = serde_json::to_vec(&snapshot)?;
         line.push(b'\n');
         self.counts.clear();
         file.write_all(&line).map_err(ApiError::WriteMetrics)
     }
 }
 
-fn snapshot(counts: &BTreeMap<Names, (u64, u64)>) -> serde_json::Value {
+fn snapshot(counts: &BTreeMap<Names, (u64, u64)>) -> serde_json::Map<String, serde_json::Value> {
     let millis = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
     let mut line = serde_json::Map::new();
     line.insert("utc_timestamp_ms".into(), serde_json::Value::from(u64::try_from(millis).unwrap_or(u64::MAX)));
@@ -125,7 +129,7 @@ fn snapshot(counts: &BTreeMap<Names, (u64, u64)>) -> serde_json::Value {
             group.insert(format!("{name}_fails"), fails.into());
         }
     }
-    line.into()
+    line
 }
 
 #[cfg(test)]
@@ -137,11 +141,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("m");
         let mut metrics = Metrics::default();
-        assert!(matches!(metrics.flush(), Err(ApiError::NoMetrics)));
+        assert!(matches!(metrics.flush(Default::default()), Err(ApiError::NoMetrics)));
         metrics.open(path.to_str().expect("utf-8")).expect("open");
         metrics.count(("put_api_requests", "drive"), false);
-        metrics.flush().expect("flush");
-        metrics.flush().expect("flush");
+        metrics.flush(Default::default()).expect("flush");
+        metrics.flush(Default::default()).expect("flush");
         let text = std::fs::read_to_string(&path).expect("read");
         let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
         assert_eq!(lines.len(), 2);

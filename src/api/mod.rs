@@ -20,6 +20,7 @@
 //! in number and time, and the API thread has its own seccomp filter.
 
 pub mod instance;
+pub mod limits;
 pub mod logger;
 pub mod metrics;
 pub mod plan;
@@ -71,9 +72,6 @@ pub enum ApiError {
 
     #[error("{what} needs a running microVM (PUT /actions InstanceStart first)")]
     NotStarted { what: &'static str },
-
-    #[error("{what} is not possible yet on a running microVM in lguest")]
-    NotYetAtRuntime { what: &'static str },
 
     #[error("no {what} with id '{id}' (PUT it before the start)")]
     NoSuchDevice { what: &'static str, id: String },

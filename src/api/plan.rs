@@ -12,17 +12,17 @@
 //! kernel booted with them here would find no device and one CPU, since lguest's devices are
 //! virtio-pci described by ACPI); a drive's `io_engine` picks its engine (`Async` is io_uring,
 //! `Sync` plain system calls, as in Firecracker); fields that change nothing here (`smt`,
-//! `track_dirty_pages`, `cache_type`) are accepted and kept for `GET /vm/config`; what lguest can't do
-//! yet (2 MiB huge pages, CPU templates, vhost-user disks, rate limiters on network cards) is
-//! refused with a 400 that names it. Rate limiters on drives and the entropy device become
-//! lguest's own ([`crate::rate_limiter`]).
+//! `track_dirty_pages`, `cache_type`) are accepted and kept for `GET /vm/config`; what lguest
+//! can't do yet (2 MiB huge pages, CPU templates, vhost-user disks) is refused with a 400 that
+//! names it. Rate limiters on drives, network interfaces and the entropy device become
+//! lguest's own ([`super::limits`]).
 
 use std::path::PathBuf;
 
-use super::types::{BootSource, Drive, EntropyDevice, FullVmConfig, HugePages, IoEngine, Logger, MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, RateLimiter, SerialDevice, TokenBucket, VsockDevice};
+use super::limits::{limiter_of, rate_limit};
+use super::types::{BootSource, Drive, EntropyDevice, FullVmConfig, HugePages, IoEngine, Logger, MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, RateLimiter, SerialDevice, VsockDevice};
 use super::ApiError;
 use crate::config::{self, DiskConfig, DiskEngine, NetBackend, NetConfig, VmConfig, MAX_DISK_ID, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
-use crate::rate_limiter::{BucketConfig, RateLimit};
 
 /// Firecracker's limit on vCPUs per microVM (the spec's `maximum: 32`).
 pub const MAX_VCPUS: u8 = 32;
@@ -131,7 +131,7 @@ impl Plan {
         }
         let path = drive.path_on_host.as_deref().ok_or(ApiError::BadValue { field: "path_on_host", why: "a drive needs its image's path".into() })?;
         check_image(path)?;
-        rate_limit(drive.rate_limiter.as_ref())?;
+        rate_limit("rate_limiter", drive.rate_limiter.as_ref())?;
         if drive.is_root_device {
             if let Some(other) = self.drives.iter().find(|d| d.is_root_device && d.drive_id != drive.drive_id) {
                 let why = format!("drive '{}' is the root device already; a VM has one", other.drive_id);
@@ -150,8 +150,6 @@ impl Plan {
         check_id("iface_id", path_id)?;
         same_id("iface_id", path_id, &net.iface_id)?;
         net_config(&net)?;
-        refuse_rate_limiter(net.rx_rate_limiter.as_ref())?;
-        refuse_rate_limiter(net.tx_rate_limiter.as_ref())?;
         if let Some(other) = self.nets.iter().find(|n| n.host_dev_name == net.host_dev_name && n.iface_id != net.iface_id) {
             let why = format!("tap '{}' is used by interface '{}' already", net.host_dev_name, other.iface_id);
             return Err(ApiError::BadValue { field: "host_dev_name", why });
@@ -165,7 +163,7 @@ impl Plan {
 
     /// `PUT /entropy`.
     pub fn set_entropy(&mut self, entropy: EntropyDevice) -> Result<(), ApiError> {
-        rate_limit(entropy.rate_limiter.as_ref())?;
+        rate_limit("rate_limiter", entropy.rate_limiter.as_ref())?;
         self.entropy = Some(entropy);
         Ok(())
     }
@@ -185,8 +183,7 @@ impl Plan {
     /// Where the drive `id` is among the VM's disks (the root device first, as
     /// [`Plan::to_vm_config`] orders them).
     pub fn drive_index(&self, id: &str) -> Option<usize> {
-        let (roots, others): (Vec<&Drive>, Vec<&Drive>) = self.drives.iter().partition(|d| d.is_root_device);
-        roots.into_iter().chain(others).position(|d| d.drive_id == id)
+        self.drive_ids().iter().position(|&drive| drive == id)
     }
 
     /// After `PATCH /drives/{id}` swapped the medium: `GET /vm/config` shows the new image.
@@ -196,8 +193,35 @@ impl Plan {
         }
     }
 
-    pub fn has_net(&self, id: &str) -> bool {
-        self.nets.iter().any(|n| n.iface_id == id)
+    /// After `PATCH /drives/{id}` changed the limiter: `GET /vm/config` shows it.
+    pub fn set_drive_limiter(&mut self, id: &str, limiter: Option<RateLimiter>) {
+        if let Some(drive) = self.drives.iter_mut().find(|d| d.drive_id == id) {
+            drive.rate_limiter = limiter;
+        }
+    }
+
+    /// The interface `id`, if it was put.
+    pub fn net(&self, id: &str) -> Option<&NetworkInterface> {
+        self.nets.iter().find(|n| n.iface_id == id)
+    }
+
+    /// The id under which the card on tap `tap` was put (`None`: a card the API doesn't know,
+    /// such as `lguest run`'s `--net user`).
+    pub fn net_id_of_tap(&self, tap: &str) -> Option<&str> {
+        self.nets.iter().find(|n| n.host_dev_name == tap).map(|n| n.iface_id.as_str())
+    }
+
+    /// The drive ids in the VM's order of disks.
+    pub fn drive_ids(&self) -> Vec<&str> {
+        let (roots, others): (Vec<&Drive>, Vec<&Drive>) = self.drives.iter().partition(|d| d.is_root_device);
+        roots.into_iter().chain(others).map(|d| d.drive_id.as_str()).collect()
+    }
+
+    /// After `PATCH /network-interfaces/{id}` changed the limiters: `GET /vm/config` shows them.
+    pub fn set_net_limiters(&mut self, id: &str, rx: Option<RateLimiter>, tx: Option<RateLimiter>) {
+        if let Some(net) = self.nets.iter_mut().find(|n| n.iface_id == id) {
+            (net.rx_rate_limiter, net.tx_rate_limiter) = (rx, tx);
+        }
     }
 
     /// The plan as `GET /vm/config` shows it.
@@ -231,7 +255,7 @@ impl Plan {
         vm.disks = roots.into_iter().chain(others).map(disk_config).collect::<Result<_, _>>()?;
         vm.nets = self.nets.iter().map(net_config).collect::<Result<_, _>>()?;
         vm.rng = self.entropy.is_some();
-        vm.rng_rate_limit = rate_limit(self.entropy.as_ref().and_then(|e| e.rate_limiter.as_ref()))?;
+        vm.rng_rate_limit = rate_limit("rate_limiter", self.entropy.as_ref().and_then(|e| e.rate_limiter.as_ref()))?;
         vm.vsock = self.vsock.as_ref().map(vsock_config).transpose()?;
         vm.check_limits()?;
         Ok(vm)
@@ -261,7 +285,7 @@ pub fn plan_of(vm: &VmConfig) -> Plan {
                 DiskEngine::Sync => IoEngine::Sync,
                 DiskEngine::IoUring | DiskEngine::Auto => IoEngine::Async,
             },
-            rate_limiter: None,
+            rate_limiter: limiter_of(disk.rate_limit),
             socket: None,
         })
         .collect();
@@ -270,16 +294,16 @@ pub fn plan_of(vm: &VmConfig) -> Plan {
         .nets
         .iter()
         .filter_map(|net| match &net.backend {
-            NetBackend::Tap { name, .. } => Some((name, net.mac)),
+            NetBackend::Tap { name, .. } => Some((name, net)),
             NetBackend::User { .. } => None,
         })
         .enumerate()
-        .map(|(n, (name, mac))| NetworkInterface {
+        .map(|(n, (name, net))| NetworkInterface {
             iface_id: format!("net{n}"),
             host_dev_name: name.clone(),
-            guest_mac: mac.map(format_mac),
-            rx_rate_limiter: None,
-            tx_rate_limiter: None,
+            guest_mac: net.mac.map(format_mac),
+            rx_rate_limiter: limiter_of(net.rx_rate_limit),
+            tx_rate_limiter: limiter_of(net.tx_rate_limit),
         })
         .collect();
     Plan {
@@ -384,33 +408,12 @@ fn check_file(field: &'static str, path: &str, what: &'static str) -> Result<(),
     Ok(())
 }
 
-/// Network cards have no rate limiter yet.
-fn refuse_rate_limiter(limiter: Option<&RateLimiter>) -> Result<(), ApiError> {
-    match limiter {
-        Some(limiter) if limiter.limits_anything() => Err(ApiError::NotImplemented { what: "rate limiters on network interfaces" }),
-        _ => Ok(()),
-    }
-}
-
-/// Firecracker's token buckets as lguest's limiter settings (for disks and the entropy
-/// device): sizes in bytes or operations, `refill_time` in ms, `one_time_burst` on top.
-pub fn rate_limit(limiter: Option<&RateLimiter>) -> Result<RateLimit, ApiError> {
-    let bucket = |bucket: Option<&TokenBucket>| -> Result<Option<BucketConfig>, ApiError> {
-        let Some(bucket) = bucket else { return Ok(None) };
-        BucketConfig::new(bucket.size, bucket.one_time_burst.unwrap_or(0), bucket.refill_time)
-            .map(Some)
-            .map_err(|e| ApiError::BadValue { field: "rate_limiter", why: e.to_string() })
-    };
-    let Some(limiter) = limiter else { return Ok(RateLimit::default()) };
-    Ok(RateLimit { bandwidth: bucket(limiter.bandwidth.as_ref())?, ops: bucket(limiter.ops.as_ref())? })
-}
-
 fn disk_config(drive: &Drive) -> Result<DiskConfig, ApiError> {
     let path = drive.path_on_host.as_ref().ok_or(ApiError::BadValue { field: "path_on_host", why: "a drive needs its image's path".into() })?;
     // The guest sees the drive's id as the disk's serial (/dev/disk/by-id/virtio-ID), cut to
     // the 20 bytes virtio-blk has for it, as Firecracker does.
     let serial: String = drive.drive_id.chars().take(MAX_DISK_ID).collect();
-    let rate_limit = rate_limit(drive.rate_limiter.as_ref())?;
+    let rate_limit = rate_limit("rate_limiter", drive.rate_limiter.as_ref())?;
     // Firecracker's `Async` is its io_uring engine, and a host without one fails the drive.
     let engine = match drive.io_engine {
         IoEngine::Async => DiskEngine::IoUring,
@@ -431,7 +434,12 @@ fn net_config(net: &NetworkInterface) -> Result<NetConfig, ApiError> {
             why: format!("'{text}' is not a unicast MAC such as 06:00:ac:10:00:02"),
         })?),
     };
-    Ok(NetConfig { backend: NetBackend::Tap { name: net.host_dev_name.clone(), vhost: false }, mac })
+    Ok(NetConfig {
+        mac,
+        rx_rate_limit: rate_limit("rx_rate_limiter", net.rx_rate_limiter.as_ref())?,
+        tx_rate_limit: rate_limit("tx_rate_limiter", net.tx_rate_limiter.as_ref())?,
+        ..NetConfig::new(NetBackend::Tap { name: net.host_dev_name.clone(), vhost: false })
+    })
 }
 
 /// The guest's command line: the client's `boot_args` (or lguest's default) without the words
@@ -461,6 +469,7 @@ pub fn guest_cmdline(boot_args: Option<&str>, root: Option<&Drive>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::types::{IoEngine, TokenBucket};
 
     /// Files that exist, for fields that must name a readable file.
     const KERNEL: &str = "Cargo.toml";
@@ -612,7 +621,25 @@ mod tests {
         assert!(matches!(plan.put_net("eth0", net("eth0", "")), Err(ApiError::BadValue { field: "host_dev_name", .. })));
         plan.put_net("eth0", net("eth0", "tap0")).expect("net");
         assert!(matches!(plan.put_net("eth1", net("eth1", "tap0")), Err(ApiError::BadValue { field: "host_dev_name", .. })));
-        assert!(plan.has_net("eth0"));
+        assert!(plan.net("eth0").is_some());
+    }
+
+    #[test]
+    fn a_net_with_rate_limiters_each_way() {
+        let mut plan = Plan::default();
+        let mut limited = net("eth0", "tap0");
+        limited.tx_rate_limiter = Some(RateLimiter { bandwidth: None, ops: Some(TokenBucket { size: 0, refill_time: 1, one_time_burst: None }) });
+        assert!(matches!(plan.put_net("eth0", limited.clone()), Err(ApiError::BadValue { field: "tx_rate_limiter", .. })));
+        limited.tx_rate_limiter = Some(RateLimiter { bandwidth: None, ops: Some(TokenBucket { size: 100, refill_time: 1000, one_time_burst: None }) });
+        limited.rx_rate_limiter = Some(RateLimiter { bandwidth: Some(TokenBucket { size: 1 << 20, refill_time: 100, one_time_burst: None }), ops: None });
+        plan.put_net("eth0", limited).expect("limited both ways");
+        plan.set_boot_source(boot(None)).expect("boot");
+        let vm = plan.to_vm_config().expect("config");
+        assert_eq!(vm.nets[0].rx_rate_limit.bandwidth.map(|b| (b.size(), b.refill_time_ms())), Some((1 << 20, 100)));
+        assert_eq!(vm.nets[0].tx_rate_limit.ops.map(|b| b.size()), Some(100));
+        let back = plan_of(&vm);
+        assert_eq!(back.nets[0].rx_rate_limiter, plan.nets[0].rx_rate_limiter, "GET /vm/config shows them");
+        assert_eq!(plan.net_id_of_tap("tap0"), Some("eth0"));
     }
 
     #[test]

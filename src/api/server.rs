@@ -162,7 +162,7 @@ async fn flush_metrics_every_minute(instance: Arc<Mutex<Instance>>) {
         ticks.tick().await;
         let mut instance = lock(&instance);
         if instance.metrics.is_open() {
-            if let Err(e) = instance.metrics.flush() {
+            if let Err(e) = instance.flush_metrics() {
                 tracing::warn!("{e}");
             }
         }

@@ -19,6 +19,7 @@
 pub mod block;
 pub mod console;
 pub mod iovec;
+pub mod metrics;
 pub mod net;
 pub mod queue;
 pub mod rng;

@@ -34,6 +34,7 @@ pub use self::request::RequestQueue;
 use super::{device_type, ActivateError, Activation, BackendUpdate, Device, UpdateError, VirtioCommon};
 use crate::bus::lock;
 use crate::config::DiskConfig;
+use crate::control::DiskHandle;
 use crate::error::{Error, Result};
 use crate::rate_limiter::SharedLimiter;
 
@@ -57,8 +58,9 @@ pub struct Block {
     medium: Arc<Mutex<Arc<Disk>>>,
     /// What the drive was opened as: a new medium keeps its read-only flag and serial.
     opened_as: DiskConfig,
-    /// `bw_*`/`ops_*` limits, if any: kept here so the budget outlives a driver reset.
-    limiter: SharedLimiter,
+    /// The `bw_*`/`ops_*` limiter (which the API may change) and the counters: kept here so
+    /// that they outlive a driver reset.
+    live: DiskHandle,
     /// How requests reach the image; chosen once, kept across resets and media.
     engine: SharedEngine,
     features: u64,
@@ -80,10 +82,15 @@ impl Block {
             config: config_space(&disk),
             medium: Arc::new(Mutex::new(Arc::new(disk))),
             opened_as: config.clone(),
-            limiter,
+            live: DiskHandle { limiter, metrics: Arc::default() },
             engine,
             common: VirtioCommon::default(),
         })
+    }
+
+    /// What the API reaches of the disk while it runs.
+    pub fn handle(&self) -> DiskHandle {
+        self.live.clone()
     }
 
     /// The disk's size in 512-byte sectors.
@@ -110,9 +117,9 @@ impl Device for Block {
     fn handler(&self, mut activation: Activation) -> std::result::Result<RequestQueue, ActivateError> {
         let active = activation.take_queue(REQUESTS, "request")?;
         let flush = activation.features & bit(VIRTIO_BLK_F_FLUSH) != 0;
-        let limiter = self.limiter.clone();
+        let live = self.live.clone();
         let engine = Arc::clone(&self.engine);
-        Ok(RequestQueue::new(Arc::clone(&self.medium), engine, activation.mem, active, activation.signals, flush, limiter))
+        Ok(RequestQueue::new(Arc::clone(&self.medium), engine, activation.mem, active, activation.signals, flush, live))
     }
 
     /// A new image in the drive: opened (and locked) as the old one was, its size in the config

@@ -28,8 +28,10 @@ use super::disk::{Disk, SECTOR_SHIFT, SECTOR_SIZE};
 use super::engine::{Job, Op, SharedEngine};
 use super::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, REQUESTS};
 use crate::bus::lock;
-use crate::rate_limiter::{self, RateLimiter, SharedLimiter};
+use crate::control::DiskHandle;
+use crate::rate_limiter::{self, RateLimiter};
 use crate::seccomp::Role;
+use crate::virtio::metrics::BlockMetrics;
 use crate::virtio::iovec::IoVecs;
 use crate::virtio::queue::{clear_kick, next_chain, serve_until_idle, Chain, Pass, QueueError, UsedBatch};
 use crate::virtio::worker::{watch, DeviceWorker};
@@ -59,8 +61,9 @@ pub struct RequestQueue {
     /// How the batch's operations reach the image: the device's, taken for each batch.
     engine: SharedEngine,
     requests: Requests,
-    /// The disk's rate limiter, shared with the device (it outlives an activation).
-    limiter: SharedLimiter,
+    /// The disk's rate limiter and counters, shared with the device (they outlive an
+    /// activation) and the API.
+    live: DiskHandle,
     /// The requests taken in this batch, returned to the guest together.
     taken: Vec<Taken>,
     /// Their used entries, written as they are reported and published with one index update.
@@ -77,7 +80,7 @@ impl RequestQueue {
         active: ActiveQueue,
         signals: Signals,
         flush_negotiated: bool,
-        limiter: SharedLimiter,
+        live: DiskHandle,
     ) -> RequestQueue {
         let taken = Vec::with_capacity(usize::from(active.queue.size()));
         let disk = lock(&medium).clone();
@@ -87,21 +90,22 @@ impl RequestQueue {
             readable: Vec::new(),
             writable: Vec::new(),
             host_error_reported: false,
+            metrics: Arc::clone(&live.metrics),
         };
-        RequestQueue { active, mem, signals, medium, engine, requests, limiter, taken, used_batch: UsedBatch::default() }
+        RequestQueue { active, mem, signals, medium, engine, requests, live, taken, used_batch: UsedBatch::default() }
     }
 
     /// Serves every available request, a batch at a time: each batch's operations go to the
     /// engine together, and its chains come back with one used-index update and at most one
     /// interrupt. Until the driver has added nothing more since we re-enabled its notifications.
     pub(super) fn serve(&mut self) -> Result<(), QueueError> {
-        let Self { active, mem, signals, medium, engine, requests, limiter, taken, used_batch } = self;
+        let Self { active, mem, signals, medium, engine, requests, live, taken, used_batch } = self;
         let current = lock(medium);
         if !Arc::ptr_eq(&current, &requests.disk) {
             requests.disk = Arc::clone(&current);
         }
         drop(current);
-        let mut limiter = limiter.lock();
+        let mut limiter = live.limiter.lock();
         if limiter.as_ref().is_some_and(|limiter| limiter.is_blocked()) {
             return Ok(()); // its timer brings us back
         }
@@ -114,6 +118,7 @@ impl RequestQueue {
                 if !requests.take(mem, chain, limiter.as_deref_mut(), taken, &mut jobs) {
                     // Over the rate: the chain goes back to the ring until the timer fires.
                     queue.go_to_previous_position();
+                    live.metrics.rate_limiter_throttled_events.inc();
                     throttled = true;
                     break;
                 }
@@ -143,13 +148,16 @@ impl DeviceWorker for RequestQueue {
 
     fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
         watch(epoll, &self.active.kick, REQUESTS as u64)?;
-        self.limiter.watch(epoll, RATE_LIMIT_TIMER)
+        self.live.limiter.watch(epoll, RATE_LIMIT_TIMER)
     }
 
     fn handle(&mut self, _: &Epoll, token: u64, _: EventSet) -> Result<(), QueueError> {
-        if !self.limiter.timer_event(token, RATE_LIMIT_TIMER) {
+        if self.live.limiter.timer_event(token, RATE_LIMIT_TIMER) {
+            self.live.metrics.rate_limiter_event_count.inc();
+        } else {
             // Only the count is consumed; what was kicked is whatever the ring says.
             clear_kick(&self.active.kick);
+            self.live.metrics.queue_event_count.inc();
         }
         self.serve()
     }
@@ -181,11 +189,12 @@ struct Layout {
     status: GuestAddress,
 }
 
-/// The status a failed request reports.
+/// Why a request failed: the guest's doing (IOERR, UNSUPP), or the host's file (IOERR too).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Failed {
     IoErr,
     Unsupported,
+    HostErr,
 }
 
 /// Why a chain can't be a request at all: it is handed back with nothing written. Logged at
@@ -221,6 +230,7 @@ struct Requests {
     readable: Vec<Segment>,
     writable: Vec<Segment>,
     host_error_reported: bool,
+    metrics: Arc<BlockMetrics>,
 }
 
 impl Requests {
@@ -240,6 +250,7 @@ impl Requests {
             Ok(layout) => layout,
             Err(why) => {
                 tracing::debug!(disk = %self.disk.name, "virtio-blk chain dropped: {why}");
+                self.metrics.invalid_reqs_count.inc();
                 taken.push(Taken { head, status: None, outcome: Ok(0) });
                 return true;
             }
@@ -276,8 +287,14 @@ impl Requests {
         let Some(status_addr) = request.status else { return 0 };
         let (status, written) = match request.outcome {
             Ok(written) => (VIRTIO_BLK_S_OK, written),
-            Err(Failed::IoErr) => (VIRTIO_BLK_S_IOERR, 0),
-            Err(Failed::Unsupported) => (VIRTIO_BLK_S_UNSUPP, 0),
+            Err(Failed::HostErr) => {
+                self.metrics.execute_fails.inc();
+                (VIRTIO_BLK_S_IOERR, 0)
+            }
+            Err(failed) => {
+                self.metrics.invalid_reqs_count.inc();
+                (if failed == Failed::Unsupported { VIRTIO_BLK_S_UNSUPP } else { VIRTIO_BLK_S_IOERR }, 0)
+            }
         };
         // The status is u8 in the spec; the bindings spell it u32.
         if mem.write_obj(status as u8, status_addr).is_err() {
@@ -343,6 +360,7 @@ impl Requests {
             VIRTIO_BLK_T_IN => self.read(mem, sector, layout.writable, &mut queue),
             VIRTIO_BLK_T_OUT => self.write(mem, sector, layout.readable - HEADER_LEN, &mut queue).map(|()| 0),
             VIRTIO_BLK_T_FLUSH => {
+                self.metrics.flush_count.inc();
                 queue(Op::Flush);
                 Ok(0)
             }
@@ -362,6 +380,8 @@ impl Requests {
         let offset = self.data_offset(sector, len)?;
         let buffers = self.map(mem, Direction::IntoGuest, len)?;
         queue(Op::Read { buffers, offset });
+        self.metrics.read_count.inc();
+        self.metrics.read_bytes.add(len);
         // `data_offset` bounded `len` by MAX_REQUEST_BYTES.
         Ok(u32::try_from(len).unwrap_or(u32::MAX))
     }
@@ -373,6 +393,8 @@ impl Requests {
         let offset = self.data_offset(sector, len)?;
         let buffers = self.map(mem, Direction::FromGuest, len)?;
         queue(Op::Write { buffers, offset });
+        self.metrics.write_count.inc();
+        self.metrics.write_bytes.add(len);
         if self.write_through {
             queue(Op::Flush);
         }
@@ -484,7 +506,7 @@ impl Requests {
         } else {
             tracing::debug!(disk = %self.disk.name, "{what} failed: {e}");
         }
-        Failed::IoErr
+        Failed::HostErr
     }
 }
 

@@ -23,6 +23,7 @@ use super::request::{RequestQueue, MAX_DESCRIPTORS};
 use super::*;
 use crate::config::DiskEngine;
 use crate::error::Error;
+use crate::control::DiskHandle;
 use crate::rate_limiter::{BucketConfig, RateLimit, SharedLimiter};
 use crate::virtio::{feature, ActiveQueue, Signals, VirtioDevice};
 
@@ -252,14 +253,14 @@ impl Bench {
     }
 
     fn with(disk: Arc<Disk>, event_idx: bool) -> Bench {
-        Bench::limited(disk, event_idx, SharedLimiter::default())
+        Bench::limited(disk, event_idx, DiskHandle::default())
     }
 
-    fn limited(disk: Arc<Disk>, event_idx: bool, limiter: SharedLimiter) -> Bench {
+    fn limited(disk: Arc<Disk>, event_idx: bool, limiter: DiskHandle) -> Bench {
         Bench::on_medium(Arc::new(std::sync::Mutex::new(disk)), event_idx, limiter)
     }
 
-    fn on_medium(medium: Arc<std::sync::Mutex<Arc<Disk>>>, event_idx: bool, limiter: SharedLimiter) -> Bench {
+    fn on_medium(medium: Arc<std::sync::Mutex<Arc<Disk>>>, event_idx: bool, limiter: DiskHandle) -> Bench {
         let (driver, mut queue) = Driver::new();
         queue.set_event_idx(event_idx);
         let signals = Signals::standalone(1);
@@ -725,6 +726,7 @@ fn the_rate_limiter_holds_requests_back_in_the_ring_until_its_timer_fires() {
     // Two operations, then one more every 20 ms.
     let ops = BucketConfig::new(2, 0, 40).expect("valid");
     let limiter = SharedLimiter::new(RateLimit { bandwidth: None, ops: Some(ops) }).expect("timerfd");
+    let limiter = DiskHandle { limiter, ..DiskHandle::default() };
     let mut bench = Bench::limited(disk(&file, false), false, limiter);
     for sector in 0..5 {
         bench.driver.submit(&[Part::Out(header(VIRTIO_BLK_T_IN, sector)), Part::In(512), Part::In(1)]);
@@ -755,7 +757,7 @@ fn a_new_medium_in_a_running_drive_is_read_from_the_next_request_on() {
     let first = image();
     let second = image_with(&vec![0x5a; 32 * 512]);
     let mut block = Block::new(&DiskConfig { id: Some("swap".into()), ..config(&first, true) }).expect("block");
-    let mut bench = Bench::on_medium(Arc::clone(&block.medium), false, SharedLimiter::default());
+    let mut bench = Bench::on_medium(Arc::clone(&block.medium), false, block.handle());
     let (status, _, data) = bench.read(0, 1);
     assert_eq!((status, data), (S_OK, pattern(512)));
 
@@ -790,3 +792,17 @@ on_both_engines!(
     activate_reset_and_activate_again, the_rate_limiter_holds_requests_back_in_the_ring_until_its_timer_fires,
     a_new_medium_in_a_running_drive_is_read_from_the_next_request_on,
 );
+#[test]
+fn the_counters_see_reads_writes_flushes_and_bad_requests() {
+    let file = image();
+    let live = DiskHandle::default();
+    let mut bench = Bench::limited(disk(&file, false), false, live.clone());
+    assert_eq!(bench.read(0, 2).0, S_OK);
+    assert_eq!(bench.write(4, vec![7; 512]).0, S_OK);
+    assert_eq!(bench.simple(VIRTIO_BLK_T_FLUSH, vec![]), S_OK);
+    assert_eq!(bench.read(1 << 40, 1).0, S_IOERR, "past the end");
+    let taken: std::collections::HashMap<_, _> = live.metrics.take().into_iter().collect();
+    assert_eq!((taken["read_count"], taken["read_bytes"]), (1, 1024), "the refused read is not counted as one");
+    assert_eq!((taken["write_count"], taken["write_bytes"], taken["flush_count"]), (1, 512, 1));
+    assert_eq!((taken["invalid_reqs_count"], taken["execute_fails"]), (1, 0));
+}

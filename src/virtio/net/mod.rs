@@ -16,6 +16,14 @@
 //! watching the tap (frames wait in the tap's own queue, nothing is lost by us) and ask for a
 //! receive kick instead. Used entries are published, and the guest interrupted, once per batch.
 //!
+//! Each direction may have a rate limiter (`rx_rate_limiter`/`tx_rate_limiter` in Firecracker's
+//! API, `rx_bw_*`/`tx_ops_*` on `--net`): a frame to send is charged before it goes, and
+//! waits in the ring while the budget is spent; a received frame's size is only known once
+//! it is read, so it is charged after, and the backend is not read again while that leaves
+//! a debt (Firecracker does the same). The limiters' timers wake the worker; the API can
+//! change the buckets while the guest runs ([`crate::control::NetHandle`]), and reads the
+//! card's counters ([`crate::virtio::metrics::NetMetrics`]) for the metrics file.
+//!
 //! Nothing the guest wrote is trusted. A transmit chain with a writable part, no room for a
 //! header, more than 64 KiB of frame, a buffer outside memory, or a loop, is dropped and
 //! counted; a receive chain unfit to take a frame goes back unused. A ring we can no longer
@@ -37,8 +45,6 @@ pub mod vhost;
 mod worker;
 
 use std::io;
-#[cfg(any(test, feature = "test-utils"))]
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_net::*;
@@ -50,8 +56,10 @@ pub use self::worker::NetWorker;
 use super::queue::QueueError;
 use super::{device_type, feature, ActivateError, Activation, Device, VirtioCommon};
 use crate::config::{NetBackend, NetConfig};
-use crate::error::Result;
+use crate::control::NetHandle;
+use crate::error::{Error, Result};
 use crate::passt::link::PasstLink;
+use crate::rate_limiter::{RateLimit, SharedLimiter};
 
 /// Queue sizes: enough buffers in flight for a 64 KiB segment several times over.
 pub const QUEUE_SIZE: u16 = 256;
@@ -78,6 +86,9 @@ pub const TX_KICK: u64 = TX as u64;
 pub const TAP: u64 = 2;
 /// passt's socket has room again, or hung up (edge-triggered, on a second fd of the socket).
 pub const BACKEND_OUT: u64 = 3;
+/// The rate limiters' timers: the debt of received frames is paid, a frame to send may go.
+pub const RX_RATE_TIMER: u64 = 4;
+pub const TX_RATE_TIMER: u64 = 5;
 
 const fn bit(feature: u32) -> u64 {
     1 << feature
@@ -127,7 +138,8 @@ pub struct Net {
     /// `virtio_net_config` up to `max_virtqueue_pairs`: the MAC, the link, and one queue pair;
     /// as it reads with the link up (`[1]`: a tap's always is, passt's while it runs) and down.
     config: [[u8; 10]; 2],
-    counters: Arc<Counters>,
+    /// The limiters and counters, shared with the worker and the API; they outlive resets.
+    live: NetHandle,
     /// Reset stops the worker; the held receive buffers and the queues go with its handler,
     /// the tap stays ours.
     common: VirtioCommon<NetWorker>,
@@ -141,7 +153,22 @@ impl Net {
             NetBackend::Tap { name, .. } => Backend::Tap(Arc::new(Tap::open(name)?)),
             NetBackend::User { forwards } => Backend::Passt(Arc::new(PasstLink::start(forwards)?)),
         };
-        Ok(Net::with_backend(backend, config.mac))
+        Net::with_backend(backend, config.mac)
+            .limited(config.rx_rate_limit, config.tx_rate_limit)
+            .map_err(|source| Error::Host { what: "cannot create a network card's rate-limit timers", source })
+    }
+
+    /// The card with limiters on receive and transmit (which the API may change later, even
+    /// when they limit nothing yet). Fails only when the host gives us no timerfd.
+    pub fn limited(mut self, rx: RateLimit, tx: RateLimit) -> io::Result<Net> {
+        self.live.rx = SharedLimiter::new(rx)?;
+        self.live.tx = SharedLimiter::new(tx)?;
+        Ok(self)
+    }
+
+    /// What the API reaches of the card while it runs.
+    pub fn handle(&self) -> NetHandle {
+        self.live.clone()
     }
 
     /// A card on a tap that is already open.
@@ -151,13 +178,18 @@ impl Net {
 
     pub fn with_backend(backend: Backend, mac: Option<[u8; 6]>) -> Net {
         let mac = mac.unwrap_or_else(random_mac);
-        Net { backend, config: [config_space(mac, false), config_space(mac, true)], counters: Arc::default(), common: VirtioCommon::default() }
+        let tap = match &backend {
+            Backend::Tap(tap) => Some(tap.name().to_string()),
+            Backend::Passt(_) => None,
+        };
+        let live = NetHandle { tap, rx: SharedLimiter::default(), tx: SharedLimiter::default(), metrics: Arc::default() };
+        Net { backend, config: [config_space(mac, false), config_space(mac, true)], live, common: VirtioCommon::default() }
     }
 
     /// What the card has seen since it was made.
     #[cfg(any(test, feature = "test-utils"))]
     pub fn stats(&self) -> NetStats {
-        self.counters.snapshot()
+        NetStats::of(&self.live.metrics)
     }
 }
 
@@ -190,7 +222,7 @@ impl Device for Net {
             tap.set_offloads(tap_offloads(activation.features)).map_err(|source| ActivateError::Backend { what, source })?;
         }
         let Activation { mem, features, signals, .. } = activation;
-        Ok(NetWorker::new(mem, rx, tx, self.backend.clone(), signals, features, Arc::clone(&self.counters)))
+        Ok(NetWorker::new(mem, rx, tx, self.backend.clone(), signals, features, self.live.clone()))
     }
 
     fn common(&mut self) -> &mut VirtioCommon<NetWorker> {
@@ -240,7 +272,7 @@ pub enum NetError {
     Rekick { queue: &'static str, source: io::Error },
 }
 
-/// What the card has seen since it was made, for tests (production builds count nothing).
+/// What the card has seen since it was made, for tests: its counters in short.
 #[cfg(any(test, feature = "test-utils"))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NetStats {
@@ -256,40 +288,15 @@ pub struct NetStats {
     pub tx_dropped: u64,
 }
 
-/// What [`Counters`] counts.
-#[derive(Clone, Copy)]
-enum Seen {
-    RxFrame,
-    RxDropped,
-    RxBadBuffer,
-    TxFrame,
-    TxDropped,
-}
-
-/// The worker's counts of what it saw; nothing in a production build, where nobody reads them.
-#[derive(Default)]
-struct Counters {
-    #[cfg(any(test, feature = "test-utils"))]
-    seen: [AtomicU64; 5],
-}
-
-impl Counters {
-    fn count(&self, what: Seen) {
-        #[cfg(any(test, feature = "test-utils"))]
-        self.seen[what as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        #[cfg(not(any(test, feature = "test-utils")))]
-        let _ = what;
-    }
-
-    #[cfg(any(test, feature = "test-utils"))]
-    fn snapshot(&self) -> NetStats {
-        let get = |what: Seen| self.seen[what as usize].load(std::sync::atomic::Ordering::Relaxed);
+#[cfg(any(test, feature = "test-utils"))]
+impl NetStats {
+    fn of(metrics: &crate::virtio::metrics::NetMetrics) -> NetStats {
         NetStats {
-            rx_frames: get(Seen::RxFrame),
-            rx_dropped: get(Seen::RxDropped),
-            rx_bad_buffers: get(Seen::RxBadBuffer),
-            tx_frames: get(Seen::TxFrame),
-            tx_dropped: get(Seen::TxDropped),
+            rx_frames: metrics.rx_packets_count.get(),
+            rx_dropped: metrics.rx_fails.get(),
+            rx_bad_buffers: metrics.rx_bad_buffers.get(),
+            tx_frames: metrics.tx_packets_count.get(),
+            tx_dropped: metrics.tx_malformed_frames.get() + metrics.tx_fails.get(),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::passt::link::{stand_in, ECHO};
+use crate::rate_limiter::BucketConfig;
 
 /// What a Linux driver accepts of what we offer with passt.
 const LINUX_ON_PASST: u64 = PASST_FEATURES | feature::VERSION_1 | feature::RING_EVENT_IDX;
@@ -13,20 +14,23 @@ struct PasstBench {
     worker: NetWorker,
     epoll: Epoll,
     signals: Signals,
-    counters: Arc<Counters>,
+    live: NetHandle,
     net: Net,
     _dir: tempfile::TempDir,
 }
 
 impl PasstBench {
     fn new(body: &str) -> PasstBench {
+        PasstBench::limited(body, limits(RateLimit::default(), RateLimit::default()))
+    }
+
+    fn limited(body: &str, live: NetHandle) -> PasstBench {
         let dir = tempfile::tempdir().expect("tempdir");
         let link = Arc::new(stand_in(dir.path(), body));
         let mem = memory();
         let (rx, rx_queue) = Driver::new(&mem, 0, 0x10_0000);
         let (tx, tx_queue) = Driver::new(&mem, 0x1_0000, 0x80_0000);
         let signals = Signals::standalone(2);
-        let counters = Arc::<Counters>::default();
         let kick = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
         let backend = Backend::Passt(Arc::clone(&link));
         let mut worker = NetWorker::new(
@@ -36,12 +40,12 @@ impl PasstBench {
             backend.clone(),
             signals.clone(),
             LINUX_ON_PASST,
-            Arc::clone(&counters),
+            live.clone(),
         );
         let epoll = Epoll::new().expect("epoll");
         worker.register(&epoll).expect("register");
         let net = Net::with_backend(backend, Some([0x52, 0x54, 0, 1, 2, 3]));
-        PasstBench { rx, tx, worker, epoll, signals, counters, net, _dir: dir }
+        PasstBench { rx, tx, worker, epoll, signals, live, net, _dir: dir }
     }
 
     /// Serves events as the worker thread would, until `done` (or 60 s: a hung stand-in).
@@ -52,7 +56,7 @@ impl PasstBench {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the worker never got there: {:?}, link up {}, tx used {:?}, rx used {:?}",
-                self.counters.snapshot(),
+                NetStats::of(&self.live.metrics),
                 self.net.backend.is_up(),
                 self.tx.used(),
                 self.rx.used()
@@ -94,7 +98,7 @@ fn frames_go_without_the_guests_header_and_come_back_behind_a_zeroed_one() {
     let landed = bench.rx.read(at, sent.len());
     assert_eq!(landed[..VNET_HDR_LEN], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0], "a zeroed header, one buffer");
     assert_eq!(landed[VNET_HDR_LEN..], sent[VNET_HDR_LEN..]);
-    let stats = bench.counters.snapshot();
+    let stats = NetStats::of(&bench.live.metrics);
     assert_eq!((stats.tx_frames, stats.rx_frames), (1, 1));
 }
 
@@ -107,6 +111,25 @@ fn when_passt_dies_the_link_goes_down_once_and_the_guests_frames_are_dropped() {
     bench.tx.post_frame(&[&frame(60, 1)]);
     bench.worker.handle(&bench.epoll, TX_KICK, EventSet::IN).expect("transmit");
     assert_eq!(bench.tx.used().len(), 1, "the frame is returned");
-    assert_eq!(bench.counters.snapshot().tx_dropped, 1);
+    assert_eq!(NetStats::of(&bench.live.metrics).tx_dropped, 1);
     assert_eq!(bench.signals.take_config_interrupts(), 0, "the guest is told once");
+}
+
+#[test]
+fn on_passt_too_the_limiters_hold_frames_back_and_let_them_all_through_in_time() {
+    // 2000 bytes every 20 ms each way: three 1500-byte frames need two waits either way.
+    let bucket = || RateLimit { bandwidth: BucketConfig::new(2000, 0, 20).ok(), ops: None };
+    let mut bench = PasstBench::limited(ECHO, limits(bucket(), bucket()));
+    post_linux_rx_buffers(&mut bench.rx, 40);
+    let sent: Vec<Vec<u8>> = (0..3).map(|seed| frame(1500, seed)).collect();
+    for frame in &sent {
+        bench.tx.post_frame(&[frame]);
+    }
+    bench.worker.tx.kick.write(1).expect("kick");
+    bench.serve_until(|b| b.rx.used().len() == 3);
+    let metrics = &bench.live.metrics;
+    assert_eq!((metrics.tx_packets_count.get(), metrics.rx_packets_count.get()), (3, 3));
+    assert_eq!((metrics.tx_bytes_count.get(), metrics.rx_bytes_count.get()), (4500, 4500), "the frames' own bytes");
+    assert!(metrics.tx_rate_limiter_throttled.get() > 0 && metrics.tx_rate_limiter_event_count.get() > 0);
+    assert!(metrics.rx_rate_limiter_throttled.get() > 0 && metrics.rx_event_rate_limiter_count.get() > 0);
 }

@@ -143,6 +143,12 @@ impl Driver {
 }
 
 /// A header (no offloads) and an Ethernet frame of `len` bytes with a recognisable body.
+/// A card's handle with limiters (which may limit nothing) each way, as `Net::new` makes them.
+fn limits(rx: RateLimit, tx: RateLimit) -> NetHandle {
+    let (rx, tx) = (SharedLimiter::new(rx).expect("timerfd"), SharedLimiter::new(tx).expect("timerfd"));
+    NetHandle { tap: None, rx, tx, metrics: Arc::default() }
+}
+
 fn frame(len: usize, seed: u8) -> Vec<u8> {
     let mut bytes = vec![0u8; VNET_HDR_LEN];
     bytes.extend((0..len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)));
@@ -157,7 +163,7 @@ struct Bench {
     epoll: Epoll,
     host: File,
     signals: Signals,
-    counters: Arc<Counters>,
+    live: NetHandle,
 }
 
 impl Bench {
@@ -166,13 +172,16 @@ impl Bench {
     }
 
     fn with_queues(features: u64, adjust: impl FnOnce(&mut Queue, &mut Queue)) -> Bench {
+        Bench::build(features, adjust, limits(RateLimit::default(), RateLimit::default()))
+    }
+
+    fn build(features: u64, adjust: impl FnOnce(&mut Queue, &mut Queue), live: NetHandle) -> Bench {
         let mem = memory();
         let (rx, mut rx_queue) = Driver::new(&mem, 0, 0x10_0000);
         let (tx, mut tx_queue) = Driver::new(&mem, 0x1_0000, 0x80_0000);
         adjust(&mut rx_queue, &mut tx_queue);
         let (tap, host) = Tap::socket_pair().expect("socketpair");
         let signals = Signals::standalone(2);
-        let counters = Arc::<Counters>::default();
         let kick = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
         let mut worker = NetWorker::new(
             mem,
@@ -181,11 +190,11 @@ impl Bench {
             super::Backend::Tap(Arc::new(tap)),
             signals.clone(),
             features,
-            Arc::clone(&counters),
+            live.clone(),
         );
         let epoll = Epoll::new().expect("epoll");
         worker.register(&epoll).expect("register");
-        Bench { rx, tx, worker, epoll, host: File::from(host), signals, counters }
+        Bench { rx, tx, worker, epoll, host: File::from(host), signals, live }
     }
 
     fn handle(&mut self, token: u64) -> std::result::Result<(), NetError> {
@@ -201,8 +210,9 @@ impl Bench {
     }
 
     fn stats(&self) -> NetStats {
-        self.counters.snapshot()
+        NetStats::of(&self.live.metrics)
     }
+
 
     /// The host sends a frame into the tap.
     fn host_sends(&self, frame: &[u8]) {
@@ -776,6 +786,10 @@ mod real_tap {
     }
 }
 
+/// The rate limiters each way, on the worker driven by hand.
+#[path = "limit_tests.rs"]
+mod limits_each_way;
 /// The worker on passt's link, driven by hand, with a shell script standing in for passt.
+#[cfg(test)]
 #[path = "passt_tests.rs"]
 mod on_passt;

@@ -9,10 +9,11 @@
 //! guest memory; a malformed chain is dropped and counted, never sent. The tap becoming readable
 //! delivers frames into receive buffers held from the ring ([`HeldBuffers`]) and publishes
 //! their used entries together ([`UsedBatch`]). While the guest has posted too little room for
-//! the next frame, the tap is not watched and a receive kick is asked for instead.
+//! the next frame, the tap is not watched and a receive kick is asked for instead; the same
+//! while the receive rate limiter is owed for frames already delivered (its timer brings the
+//! tap back). A frame over the transmit limiter's budget waits in the ring for its timer.
 
 use std::io;
-use std::sync::Arc;
 
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -22,9 +23,11 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use super::rx_buffers::{HeldBuffers, Hold};
 use super::tap::VNET_HDR_LEN;
 use super::{
-    bit, tap_offloads, Backend, Counters, NetError, Seen, BACKEND_OUT, BATCH, HDR_FLAGS, HDR_NUM_BUFFERS,
-    MAX_FRAME_LEN, MAX_UNSEGMENTED_FRAME_LEN, RX, RX_KICK, TAP, TX, TX_KICK,
+    bit, tap_offloads, Backend, NetError, BACKEND_OUT, BATCH, HDR_FLAGS, HDR_NUM_BUFFERS, MAX_FRAME_LEN,
+    MAX_UNSEGMENTED_FRAME_LEN, RX, RX_KICK, RX_RATE_TIMER, TAP, TX, TX_KICK, TX_RATE_TIMER,
 };
+use crate::control::NetHandle;
+use crate::rate_limiter::{self, RateLimiter};
 use crate::virtio::iovec::{IoVecs, MAX_IOVECS};
 use crate::virtio::queue::{
     clear_kick, interrupt_if_wanted, next_chain, serve_until_idle, Chain, Pass, QueueError, UsedBatch,
@@ -40,7 +43,8 @@ pub struct NetWorker {
     pub(super) tx: ActiveQueue,
     backend: Backend,
     signals: Signals,
-    counters: Arc<Counters>,
+    /// The limiters and counters, shared with the device and the API.
+    live: NetHandle,
     /// MRG_RXBUF: a frame may fill several receive chains.
     mergeable: bool,
     /// GUEST_CSUM: the driver takes frames with partial checksums and their header flags.
@@ -64,7 +68,7 @@ impl NetWorker {
         backend: Backend,
         signals: Signals,
         features: u64,
-        counters: Arc<Counters>,
+        live: NetHandle,
     ) -> NetWorker {
         // passt sends frames as large as the MTU it offers (65520) to a guest that took it.
         let segmented = matches!(backend, Backend::Passt(_))
@@ -75,7 +79,7 @@ impl NetWorker {
             tx,
             backend,
             signals,
-            counters,
+            live,
             mergeable: features & bit(VIRTIO_NET_F_MRG_RXBUF) != 0,
             guest_csum: features & bit(VIRTIO_NET_F_GUEST_CSUM) != 0,
             rx_room_needed: if segmented { MAX_FRAME_LEN } else { MAX_UNSEGMENTED_FRAME_LEN },
@@ -90,7 +94,11 @@ impl NetWorker {
     /// Sends every frame waiting in the transmit queue (up to a batch), then interrupts the
     /// guest once if it wants to hear.
     fn transmit(&mut self) -> Result<(), NetError> {
-        let (mem, backend, counters) = (&self.mem, &self.backend, &self.counters);
+        let (mem, backend, live) = (&self.mem, &self.backend, &self.live);
+        let mut limiter = live.tx.lock();
+        if limiter.as_ref().is_some_and(|limiter| limiter.is_blocked()) {
+            return Ok(()); // its timer brings us back
+        }
         let tx_error_reported = &mut self.tx_error_reported;
         let mut sent = 0;
         let pass = serve_until_idle(&mut self.tx.queue, mem, |queue| {
@@ -102,7 +110,12 @@ impl NetWorker {
                 }
                 let Some(chain) = next_chain(queue, mem)? else { break };
                 let head = chain.head_index();
-                send(mem, backend, counters, tx_error_reported, chain);
+                if let Sent::Throttled = send(mem, backend, live, limiter.as_deref_mut(), tx_error_reported, chain) {
+                    // Over the rate: back to the ring until the limiter's timer fires.
+                    queue.go_to_previous_position();
+                    live.metrics.tx_rate_limiter_throttled.inc();
+                    return Ok(Pass::Yielded(sent - sent_before));
+                }
                 queue.add_used(mem, head, 0)?;
                 sent += 1;
                 if sent == BATCH {
@@ -123,6 +136,12 @@ impl NetWorker {
     fn receive(&mut self, epoll: &Epoll) -> Result<(), NetError> {
         let mut whole_batch = true;
         for _ in 0..BATCH {
+            if !self.rx_paid_up() {
+                // The limiter's timer brings the backend back once the debt is paid.
+                self.poll_tap(epoll, false).map_err(NetError::Watch)?;
+                whole_batch = false;
+                break;
+            }
             if !self.rx_room_ready()? {
                 self.poll_tap(epoll, false).map_err(NetError::Watch)?;
                 whole_batch = false;
@@ -140,13 +159,23 @@ impl NetWorker {
         self.publish_received()
     }
 
-    /// The guest posted receive buffers: take them, and watch the backend again if they make
-    /// room (and deliver what already waits on our side of it).
+    /// Whether frames may be read from the backend: nothing is owed to the receive limiter.
+    fn rx_paid_up(&mut self) -> bool {
+        let paid_up = rate_limiter::paid_up(self.live.rx.lock().as_deref_mut(), "virtio-net receive");
+        if !paid_up {
+            self.live.metrics.rx_rate_limiter_throttled.inc();
+        }
+        paid_up
+    }
+
+    /// The guest posted receive buffers (or the receive limiter's debt is paid): take them,
+    /// and watch the backend again if they make room (and deliver what already waits on our
+    /// side of it).
     fn on_rx_kick(&mut self, epoll: &Epoll) -> Result<(), NetError> {
         let ready = self.rx_room_ready()?;
         // Chains unfit for frames go back at once.
         self.publish_received()?;
-        if ready && self.backend.is_up() {
+        if ready && self.backend.is_up() && !self.live.rx.lock().is_some_and(|limiter| limiter.is_blocked()) {
             self.poll_tap(epoll, true).map_err(NetError::Watch)?;
             if self.backend.has_frame() {
                 return self.receive(epoll);
@@ -193,7 +222,7 @@ impl NetWorker {
                 }
                 Err(why) => {
                     tracing::debug!(backend = self.backend.name(), "returned a receive chain unused: {why}");
-                    self.counters.count(Seen::RxBadBuffer);
+                    self.live.metrics.rx_bad_buffers.inc();
                     self.rx_used.add(&self.rx.queue, &self.mem, head, 0).map_err(receive_queue)?;
                 }
             }
@@ -243,7 +272,7 @@ impl NetWorker {
 
     fn drop_received(&self, room: usize) {
         tracing::debug!(backend = self.backend.name(), "dropped a received frame larger than the {room} bytes of buffers the guest posted");
-        self.counters.count(Seen::RxDropped);
+        self.live.metrics.rx_fails.inc();
     }
 
     /// The frame of `len` bytes is in the held buffers: finish its header and give the chains
@@ -266,7 +295,12 @@ impl NetWorker {
             let used = u32::try_from(used).unwrap_or(u32::MAX);
             self.rx_used.add(&self.rx.queue, &self.mem, chain.head, used).map_err(receive_queue)?;
         }
-        self.counters.count(Seen::RxFrame);
+        let bytes = (len - VNET_HDR_LEN) as u64;
+        self.live.metrics.rx_packets_count.inc();
+        self.live.metrics.rx_bytes_count.add(bytes);
+        if let Some(mut limiter) = self.live.rx.lock() {
+            limiter.charge(bytes);
+        }
         Ok(())
     }
 
@@ -309,10 +343,20 @@ impl NetWorker {
         match token {
             RX_KICK => {
                 clear_kick(&self.rx.kick);
+                self.live.metrics.rx_queue_event_count.inc();
                 self.on_rx_kick(epoll)
             }
             TX_KICK => {
                 clear_kick(&self.tx.kick);
+                self.live.metrics.tx_queue_event_count.inc();
+                self.transmit()
+            }
+            RX_RATE_TIMER if self.live.rx.timer_event(token, RX_RATE_TIMER) => {
+                self.live.metrics.rx_event_rate_limiter_count.inc();
+                self.on_rx_kick(epoll)
+            }
+            TX_RATE_TIMER if self.live.tx.timer_event(token, TX_RATE_TIMER) => {
+                self.live.metrics.tx_rate_limiter_event_count.inc();
                 self.transmit()
             }
             // An event from before we stopped watching it.
@@ -323,7 +367,10 @@ impl NetWorker {
                 Ok(())
             }
             TAP if hung_up => Err(NetError::TapGone),
-            TAP => self.receive(epoll),
+            TAP => {
+                self.live.metrics.rx_tap_event_count.inc();
+                self.receive(epoll)
+            }
             BACKEND_OUT => self.transmit(),
             _ => Ok(()),
         }
@@ -336,6 +383,8 @@ impl DeviceWorker for NetWorker {
     fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
         watch(epoll, &self.rx.kick, RX_KICK)?;
         watch(epoll, &self.tx.kick, TX_KICK)?;
+        self.live.rx.watch(epoll, RX_RATE_TIMER)?;
+        self.live.tx.watch(epoll, TX_RATE_TIMER)?;
         self.poll_tap(epoll, true)?;
         if let Backend::Passt(link) = &self.backend {
             // Always watched: it says when a full socket has room, and when passt hangs up.
@@ -361,46 +410,69 @@ fn receive_queue(source: QueueError) -> NetError {
     NetError::Queue { queue: "receive", source }
 }
 
-/// One frame from the guest to the backend, or dropped and counted.
-fn send(mem: &GuestMemoryMmap, backend: &Backend, counters: &Counters, error_reported: &mut bool, chain: Chain<'_>) {
+/// What became of a transmit chain.
+enum Sent {
+    /// Sent, or dropped and counted: the chain goes back to the guest.
+    Done,
+    /// Over the transmit limiter's budget: the chain stays in the ring.
+    Throttled,
+}
+
+/// One frame from the guest to the backend (once the limiter admits it), or dropped and
+/// counted.
+fn send(
+    mem: &GuestMemoryMmap,
+    backend: &Backend,
+    live: &NetHandle,
+    limiter: Option<&mut RateLimiter>,
+    error_reported: &mut bool,
+    chain: Chain<'_>,
+) -> Sent {
+    let metrics = &live.metrics;
     let iovecs = match gather_frame(mem, chain) {
         Ok(iovecs) => iovecs,
         Err(why) => {
             tracing::debug!(backend = backend.name(), "dropped a transmitted frame: {why}");
-            counters.count(Seen::TxDropped);
-            return;
+            metrics.tx_malformed_frames.inc();
+            return Sent::Done;
         }
     };
-    let tap = match backend {
-        Backend::Tap(tap) => tap,
-        Backend::Passt(link) => {
-            let seen = match link.is_up().then(|| link.write_frame(&iovecs)) {
-                Some(Ok(_)) => Seen::TxFrame,
-                // Not a frame passt can take, or (can_send said otherwise) no room: this one is lost.
-                Some(Err(e)) if matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::WouldBlock) => Seen::TxDropped,
-                Some(Err(e)) => {
-                    link.take_down(&e);
-                    Seen::TxDropped
-                }
-                // The link is down: the frame goes nowhere, as on a cut wire.
-                None => Seen::TxDropped,
-            };
-            counters.count(seen);
-            return;
-        }
-    };
-    match tap.write_frame(&iovecs) {
-        Ok(_) => counters.count(Seen::TxFrame),
-        Err(e) => {
-            // A tap that is down, a header the host's kernel finds invalid: the frame is lost
-            // as on a real wire, and the guest's TCP sends it again.
-            if !*error_reported {
-                *error_reported = true;
-                tracing::warn!("tap {} refused a frame from the guest ({e}); is it up? (ip link set {} up)", tap.name(), tap.name());
-            }
-            counters.count(Seen::TxDropped);
-        }
+    let bytes = (iovecs.bytes() - VNET_HDR_LEN) as u64;
+    if !rate_limiter::admit(limiter, bytes, "virtio-net transmit") {
+        return Sent::Throttled;
     }
+    let sent = match backend {
+        Backend::Passt(link) => match link.is_up().then(|| link.write_frame(&iovecs)) {
+            Some(Ok(_)) => true,
+            // Not a frame passt can take, or (can_send said otherwise) no room: this one is lost.
+            Some(Err(e)) if matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::WouldBlock) => false,
+            Some(Err(e)) => {
+                link.take_down(&e);
+                false
+            }
+            // The link is down: the frame goes nowhere, as on a cut wire.
+            None => false,
+        },
+        Backend::Tap(tap) => match tap.write_frame(&iovecs) {
+            Ok(_) => true,
+            Err(e) => {
+                // A tap that is down, a header the host's kernel finds invalid: the frame is
+                // lost as on a real wire, and the guest's TCP sends it again.
+                if !*error_reported {
+                    *error_reported = true;
+                    tracing::warn!("tap {} refused a frame from the guest ({e}); is it up? (ip link set {} up)", tap.name(), tap.name());
+                }
+                false
+            }
+        },
+    };
+    if sent {
+        metrics.tx_packets_count.inc();
+        metrics.tx_bytes_count.add(bytes);
+    } else {
+        metrics.tx_fails.inc();
+    }
+    Sent::Done
 }
 
 /// Why a transmit chain is dropped rather than sent.
