@@ -112,6 +112,11 @@ pub struct RunArgs {
     /// hybrid vsock.
     #[arg(long, value_name = "cid=N,uds=PATH")]
     pub vsock: Option<String>,
+    /// Share the host directory HOSTDIR with the guest (virtio-fs), which mounts it with
+    /// `mount -t virtiofs TAG /mnt`. Files the guest creates belong to the user running lguest;
+    /// `readonly` refuses every change, whatever the guest mounts with. Repeat for more.
+    #[arg(long = "share", value_name = "HOSTDIR:TAG[,readonly]")]
+    pub shares: Vec<String>,
     /// System-call filters on the threads that handle guest data.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = crate::seccomp::Mode::Enforce)]
     pub seccomp: crate::seccomp::Mode,
@@ -184,6 +189,19 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// One `--share`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareConfig {
+    /// The shared directory, absolute and with symlinks resolved.
+    pub dir: PathBuf,
+    /// What the guest mounts: 1 to [`MAX_SHARE_TAG`] bytes.
+    pub tag: String,
+    pub readonly: bool,
+}
+
+/// The longest tag: virtio-fs's config space holds 36 bytes.
+pub const MAX_SHARE_TAG: usize = 36;
+
 /// Which device carries the guest's console.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ConsoleKind {
@@ -225,6 +243,7 @@ pub struct VmConfig {
     /// How fast the entropy source may give (`--rng=bw_*,ops_*`, the API's entropy limiter).
     pub rng_rate_limit: RateLimit,
     pub vsock: Option<VsockConfig>,
+    pub shares: Vec<ShareConfig>,
     pub seccomp: crate::seccomp::Mode,
     pub on_reboot: OnReboot,
     pub shutdown_timeout: Duration,
@@ -240,6 +259,7 @@ impl VmConfig {
         let mut disks = args.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
         let mut nets = args.nets.iter().map(|n| parse_net(n)).collect::<Result<Vec<_>>>()?;
         let vsock = args.vsock.as_deref().map(parse_vsock).transpose()?;
+        let shares = parse_shares(&args.shares)?;
         let shutdown_timeout = validate_shutdown_timeout(args.shutdown_timeout)?;
         let rng_rate_limit = args.rng.as_deref().map(parse_rng_limits).transpose()?.unwrap_or_default();
         let RunArgs { boot_timeline, rng, console, seccomp, reboot: on_reboot, .. } = args;
@@ -265,6 +285,7 @@ impl VmConfig {
             rng,
             rng_rate_limit,
             vsock,
+            shares,
             on_reboot,
             shutdown_timeout,
             seccomp,
@@ -283,9 +304,10 @@ impl VmConfig {
     }
 
     /// How many PCI slots the devices take: one per disk, network card, entropy source,
-    /// virtio console and vsock device.
+    /// virtio console, vsock device and shared directory.
     pub fn pci_devices(&self) -> usize {
         self.disks.len()
+            + self.shares.len()
             + self.nets.len()
             + usize::from(self.rng)
             + usize::from(self.console == ConsoleKind::Virtio)
@@ -308,6 +330,7 @@ impl VmConfig {
             rng: false,
             rng_rate_limit: RateLimit::default(),
             vsock: None,
+            shares: Vec::new(),
             on_reboot: OnReboot::Exit,
             shutdown_timeout: Duration::from_secs(10),
             seccomp: crate::seccomp::Mode::Enforce,
@@ -390,6 +413,39 @@ pub fn parse_disk(value: &str) -> Result<DiskConfig> {
     }
     disk.rate_limit = limits.build().map_err(|e| bad(e.to_string()))?;
     Ok(disk)
+}
+
+/// Every `--share`, with their tags checked against each other.
+fn parse_shares(values: &[String]) -> Result<Vec<ShareConfig>> {
+    let mut shares: Vec<ShareConfig> = Vec::new();
+    for value in values {
+        let share = parse_share(value)?;
+        if shares.iter().any(|earlier| earlier.tag == share.tag) {
+            let why = format!("the tag '{}' is already used by another --share: give each a tag of its own", share.tag);
+            return Err(Error::BadFlag { flag: "--share", value: value.clone(), why });
+        }
+        shares.push(share);
+    }
+    Ok(shares)
+}
+
+/// One `--share HOSTDIR:TAG[,readonly]`. The directory may contain `:` (the tag is after the
+/// last one) but not end in `,readonly`.
+pub fn parse_share(value: &str) -> Result<ShareConfig> {
+    let bad = |why: String| Error::BadFlag { flag: "--share", value: value.to_string(), why };
+    let (rest, readonly) = match value.strip_suffix(",readonly") {
+        Some(rest) => (rest, true),
+        None => (value, false),
+    };
+    let (dir, tag) = rest.rsplit_once(':').ok_or_else(|| bad("expected HOSTDIR:TAG[,readonly]".into()))?;
+    if tag.is_empty() || tag.len() > MAX_SHARE_TAG || tag.contains(['\0', ',']) {
+        return Err(bad(format!("the tag must be 1 to {MAX_SHARE_TAG} bytes, without ',' (readonly is the only option)")));
+    }
+    let dir = std::fs::canonicalize(dir).map_err(|e| bad(format!("cannot use '{dir}': {e}")))?;
+    if !dir.is_dir() {
+        return Err(bad(format!("'{}' is not a directory", dir.display())));
+    }
+    Ok(ShareConfig { dir, tag: tag.to_string(), readonly })
 }
 
 /// `--rng`'s optional limits: `bw_size=BYTES,bw_refill_time=MS,...` (empty: none).

@@ -43,6 +43,8 @@ pub enum Error {
 
     #[error(transparent)]
     Passt(#[from] crate::passt::PasstError),
+    #[error("cannot share '{}' (--share): {source}; check that it is a directory you can read", dir.display())]
+    Share { dir: PathBuf, source: std::io::Error },
     #[error("cannot set up --vsock: {0}")]
     Vsock(#[from] crate::virtio::vsock::muxer::MuxerError),
 
@@ -58,7 +60,7 @@ pub enum Error {
     #[error("KVM refused {what}: {source}")]
     Kvm { what: &'static str, source: kvm_ioctls::Error },
 
-    #[error("{asked} PCI devices asked for (--disk, --net, --rng, --console virtio, --vsock), but the PCI bus has room for {max}; ask for fewer")]
+    #[error("{asked} PCI devices asked for (--disk, --net, --rng, --console virtio, --vsock, --share), but the PCI bus has room for {max}; ask for fewer")]
     TooManyDevices { asked: usize, max: usize },
 
     #[error("cannot set up guest memory: {0}")]
@@ -98,6 +100,7 @@ impl Error {
             | Error::BadFlag { .. }
             | Error::TooManyDevices { .. }
             | Error::Disk { .. }
+            | Error::Share { .. }
             | Error::Tap { .. }
             | Error::ConfigFile { .. }
             | Error::Api(_) => 2,

@@ -46,6 +46,8 @@ pub enum Role {
     /// Starts device workers for the vCPUs ([`crate::threads::start_spawner`]).
     Spawner,
     VsockWorker,
+    /// The virtio-fs worker: the one that opens files, relative to its shared directory.
+    FsWorker,
     StdinPump,
     SignalWatcher,
     /// The API server (`--api-sock`): client connections, and the files a client names
@@ -69,6 +71,7 @@ impl Role {
             Role::DeviceWorker => b"device ",
             Role::Spawner => b"spawner",
             Role::VsockWorker => b"vsock  ",
+            Role::FsWorker => b"fs     ",
             Role::StdinPump => b"stdin  ",
             Role::SignalWatcher => b"signals",
             Role::Api => b"api    ",
@@ -102,8 +105,11 @@ fn apply(role: Role, mismatch: SeccompAction) -> std::io::Result<()> {
     if role == Role::Spawner {
         install(&no_clone3()?)?;
     }
-    // The API thread opens the files a client names (a drive's new image); nothing else may.
-    if role != Role::Api {
+    // The API thread opens the files a client names (a drive's new image), and the fs worker
+    // those the guest looks up in its shared directory; nothing else may. The spawner opens
+    // none either, but the fs worker inherits its filters, so each other worker refuses
+    // opening for itself.
+    if !matches!(role, Role::Api | Role::FsWorker | Role::Spawner) {
         install(&no_open()?)?;
     }
     let program = filter(role, mismatch)?;
@@ -225,6 +231,37 @@ const DEVICE_WORKER: &[i64] = &[
 const VSOCK_WORKER: &[i64] =
     &[libc::SYS_accept4, libc::SYS_socket, libc::SYS_connect, libc::SYS_recvfrom, libc::SYS_sendto, libc::SYS_shutdown];
 
+/// The virtio-fs worker, on top of [`DEVICE_WORKER`]: fuse-backend-rs's passthrough file
+/// system. It opens by name relative to a directory fd (`openat`, `O_NOFOLLOW`), reopens
+/// through /proc/self/fd, and makes, renames, links and removes entries, all with `*at` calls
+/// relative to fds inside the share. No `open_by_handle_at` (file handles are off), no
+/// credential changes (every request runs as lguest's user), no sockets, no exec.
+const FS_WORKER: &[i64] = &[
+    libc::SYS_openat,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_fstatfs,
+    libc::SYS_lseek,
+    libc::SYS_getdents64,
+    libc::SYS_readlinkat,
+    libc::SYS_mkdirat,
+    libc::SYS_mknodat,
+    libc::SYS_symlinkat,
+    libc::SYS_linkat,
+    libc::SYS_unlinkat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_fchownat,
+    libc::SYS_ftruncate,
+    libc::SYS_utimensat,
+    libc::SYS_fcntl,
+    libc::SYS_flock,
+    libc::SYS_dup,
+];
+
 /// A vCPU: KVM_RUN and the ioctls of MSI-X routing and fault reports, eventfd reads of queue
 /// resets, and a device's activation (its kick and stop eventfds, its worker's epoll set; the
 /// thread itself comes from the spawner).
@@ -287,8 +324,9 @@ fn allowed(role: Role) -> Vec<i64> {
         Role::Vcpu => &[VCPU],
         Role::DeviceWorker => &[DEVICE_WORKER],
         // Every worker starts with the spawner's filter: it holds what each of them needs.
-        Role::Spawner => &[SPAWNER, DEVICE_WORKER, VSOCK_WORKER],
+        Role::Spawner => &[SPAWNER, DEVICE_WORKER, VSOCK_WORKER, FS_WORKER],
         Role::VsockWorker => &[DEVICE_WORKER, VSOCK_WORKER],
+        Role::FsWorker => &[DEVICE_WORKER, FS_WORKER],
         Role::StdinPump => &[STDIN_PUMP],
         Role::SignalWatcher => &[SIGNAL_WATCHER],
         Role::Api => &[API],

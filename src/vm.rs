@@ -33,6 +33,7 @@ use crate::pci::{PciRoot, CONFIG_PORT, CONFIG_PORT_LEN};
 use crate::config::ConsoleKind;
 use crate::virtio::block::Block;
 use crate::virtio::console::{Console, ConsoleInput};
+use crate::virtio::fs::Fs;
 use crate::virtio::net::Net;
 use crate::virtio::rng::Rng;
 use crate::virtio::transport::{DriveHandle, VirtioPci, BAR_SIZE};
@@ -367,6 +368,11 @@ fn virtio_devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Option<Console
     if let Some(vsock) = &config.vsock {
         // Bound here, on the main thread: the device's worker may not touch the file system.
         devices.push(("virtio-vsock", Box::new(Vsock::new(vsock.cid, &vsock.uds_path)?)));
+    }
+    for share in &config.shares {
+        // Opened here, on the main thread: a directory that can't be served fails the start.
+        let fs = Fs::new(share).map_err(|source| Error::Share { dir: share.dir.clone(), source })?;
+        devices.push(("virtio-fs", Box::new(fs)));
     }
     Ok((devices, console_input))
 }
