@@ -1,1 +1,215 @@
-//! The fs device's tests: a real shared directory under a temporary folder.
+//! The fs device's tests: FUSE requests laid in guest memory as the Linux driver lays them
+//! ([`super::driver`]), served by the real passthrough over a temporary directory.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use fuse_backend_rs::abi::fuse_abi::{Attr, CreateIn, EntryOut, InitIn, MkdirIn, MknodIn, OpenIn, OpenOut, Opcode, ReadIn, SetattrIn};
+use fuse_backend_rs::api::filesystem::ROOT_ID;
+use fuse_backend_rs::api::server::Server;
+use vm_memory_fs::ByteValued;
+
+use super::driver::{request, FuseDriver, Reply};
+use super::share::Share;
+
+const FATTR_MODE: u32 = 1;
+
+/// A driver mounted (FUSE_INIT done) on `dir`.
+fn mounted(dir: &Path, readonly: bool) -> FuseDriver {
+    let share = Share::open(dir, readonly).expect("a readable directory");
+    let mut driver = FuseDriver::new(Arc::new(Server::new(share)));
+    let init = InitIn { major: 7, minor: 31, max_readahead: 1 << 17, flags: 0 };
+    assert_eq!(driver.call(Opcode::Init as u32, 0, init.as_slice()).errno(), Some(0));
+    driver
+}
+
+fn named(body: &[u8], name: &str) -> Vec<u8> {
+    let mut bytes = body.to_vec();
+    bytes.extend_from_slice(name.as_bytes());
+    bytes.push(0);
+    bytes
+}
+
+fn lookup(driver: &mut FuseDriver, parent: u64, name: &str) -> Reply {
+    driver.call(Opcode::Lookup as u32, parent, &named(&[], name))
+}
+
+fn entry(reply: &Reply) -> EntryOut {
+    assert_eq!(reply.errno(), Some(0), "{reply:?}");
+    reply.body::<EntryOut>().expect("an entry")
+}
+
+fn attr_of(reply: &Reply) -> Attr {
+    entry(reply).attr
+}
+
+fn open(driver: &mut FuseDriver, inode: u64, flags: i32) -> Reply {
+    driver.call(Opcode::Open as u32, inode, OpenIn { flags: flags as u32, fuse_flags: 0 }.as_slice())
+}
+
+fn read(driver: &mut FuseDriver, inode: u64, fh: u64, size: u32) -> Reply {
+    let read = ReadIn { fh, offset: 0, size, ..ReadIn::default() };
+    driver.call(Opcode::Read as u32, inode, read.as_slice())
+}
+
+fn create(driver: &mut FuseDriver, parent: u64, name: &str, mode: u32) -> Reply {
+    let args = CreateIn { flags: (libc::O_CREAT | libc::O_RDWR) as u32, mode, umask: 0, fuse_flags: 0 };
+    driver.call(Opcode::Create as u32, parent, &named(args.as_slice(), name))
+}
+
+fn reply_body(reply: &Reply) -> &[u8] {
+    &reply.bytes[std::mem::size_of::<fuse_backend_rs::abi::fuse_abi::OutHeader>()..]
+}
+
+#[test]
+fn a_guest_reads_a_host_file_through_lookup_open_and_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::write(dir.path().join("hello"), b"hello from the host").expect("file");
+    let mut driver = mounted(dir.path(), false);
+
+    let inode = entry(&lookup(&mut driver, ROOT_ID, "hello")).nodeid;
+    let opened = open(&mut driver, inode, libc::O_RDONLY);
+    let fh = opened.body::<OpenOut>().expect("a handle").fh;
+    let data = read(&mut driver, inode, fh, 4096);
+
+    assert_eq!(data.errno(), Some(0));
+    assert_eq!(reply_body(&data), b"hello from the host");
+}
+
+#[test]
+fn files_the_guest_creates_belong_to_the_user_running_lguest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut driver = mounted(dir.path(), false);
+
+    let made = create(&mut driver, ROOT_ID, "new", 0o644);
+
+    assert_eq!(made.errno(), Some(0), "{made:?}");
+    let meta = fs::metadata(dir.path().join("new")).expect("created on the host");
+    // SAFETY: geteuid and getegid only read the calling process's credentials.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    assert_eq!((meta.uid(), meta.gid()), (uid, gid), "the request said uid 1000, but we own it");
+}
+
+#[test]
+fn a_readonly_share_refuses_every_change_and_still_reads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::write(dir.path().join("kept"), b"unchanged").expect("file");
+    fs::create_dir(dir.path().join("sub")).expect("dir");
+    let mut driver = mounted(dir.path(), true);
+    let kept = entry(&lookup(&mut driver, ROOT_ID, "kept")).nodeid;
+    let erofs = Some(libc::EROFS);
+
+    assert_eq!(create(&mut driver, ROOT_ID, "new", 0o644).errno(), erofs);
+    let mkdir = MkdirIn { mode: 0o755, umask: 0 };
+    assert_eq!(driver.call(Opcode::Mkdir as u32, ROOT_ID, &named(mkdir.as_slice(), "d")).errno(), erofs);
+    assert_eq!(driver.call(Opcode::Unlink as u32, ROOT_ID, &named(&[], "kept")).errno(), erofs);
+    assert_eq!(driver.call(Opcode::Rmdir as u32, ROOT_ID, &named(&[], "sub")).errno(), erofs);
+    assert_eq!(open(&mut driver, kept, libc::O_WRONLY).errno(), erofs);
+    assert_eq!(open(&mut driver, kept, libc::O_RDONLY | libc::O_TRUNC).errno(), erofs);
+    let chmod = SetattrIn { valid: FATTR_MODE, mode: 0o777, ..SetattrIn::default() };
+    assert_eq!(driver.call(Opcode::Setattr as u32, kept, chmod.as_slice()).errno(), erofs);
+    assert_eq!(driver.call(Opcode::Symlink as u32, ROOT_ID, &named(&named(&[], "l"), "kept")).errno(), erofs);
+
+    assert_eq!(open(&mut driver, kept, libc::O_RDONLY).errno(), Some(0), "reading is fine");
+    assert_eq!(fs::read(dir.path().join("kept")).expect("still there"), b"unchanged");
+    assert!(!dir.path().join("new").exists() && !dir.path().join("d").exists());
+}
+
+#[test]
+fn dot_dot_and_dot_are_refused_even_at_the_root() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut driver = mounted(dir.path(), false);
+
+    assert_eq!(lookup(&mut driver, ROOT_ID, "..").errno(), Some(libc::EPERM));
+    assert_eq!(lookup(&mut driver, ROOT_ID, ".").errno(), Some(libc::EPERM));
+    assert_eq!(lookup(&mut driver, ROOT_ID, "../etc").errno(), Some(libc::EINVAL), "no slashes in a name");
+}
+
+#[test]
+fn a_symlink_out_of_the_share_is_never_followed_on_the_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink("/etc", dir.path().join("out")).expect("symlink");
+    let mut driver = mounted(dir.path(), false);
+
+    let link = lookup(&mut driver, ROOT_ID, "out");
+    let attr = attr_of(&link);
+    let inode = entry(&link).nodeid;
+
+    assert_eq!(attr.mode & libc::S_IFMT, libc::S_IFLNK, "the guest sees the link itself");
+    let target = driver.call(Opcode::Readlink as u32, inode, &[]);
+    assert_eq!(reply_body(&target), b"/etc", "for the guest to resolve in its own tree");
+    assert_ne!(lookup(&mut driver, inode, "passwd").errno(), Some(0), "a link is not a directory to look in");
+    assert_ne!(open(&mut driver, inode, libc::O_RDONLY).errno(), Some(0), "nor a file to open");
+}
+
+#[test]
+fn a_directory_swapped_for_a_symlink_after_lookup_leads_nowhere_outside() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::create_dir(dir.path().join("d")).expect("dir");
+    let mut driver = mounted(dir.path(), false);
+    let before = entry(&lookup(&mut driver, ROOT_ID, "d")).nodeid;
+
+    fs::remove_dir(dir.path().join("d")).expect("rmdir");
+    std::os::unix::fs::symlink("/etc", dir.path().join("d")).expect("swap");
+
+    assert_ne!(lookup(&mut driver, before, "passwd").errno(), Some(0), "the old inode is the old, gone directory");
+    let after = entry(&lookup(&mut driver, ROOT_ID, "d")).nodeid;
+    assert_ne!(lookup(&mut driver, after, "passwd").errno(), Some(0), "the new one is a link, not /etc");
+}
+
+#[test]
+fn device_nodes_are_refused_and_privilege_bits_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::write(dir.path().join("tool"), b"#!/bin/sh").expect("file");
+    let mut driver = mounted(dir.path(), false);
+    let tool = entry(&lookup(&mut driver, ROOT_ID, "tool")).nodeid;
+
+    let disk = MknodIn { mode: libc::S_IFBLK | 0o600, rdev: 8 << 8, umask: 0, padding: 0 };
+    assert_eq!(driver.call(Opcode::Mknod as u32, ROOT_ID, &named(disk.as_slice(), "sda")).errno(), Some(libc::EPERM));
+    let setuid = SetattrIn { valid: FATTR_MODE, mode: libc::S_ISUID | libc::S_ISGID | 0o755, ..SetattrIn::default() };
+    assert_eq!(driver.call(Opcode::Setattr as u32, tool, setuid.as_slice()).errno(), Some(0));
+
+    assert!(!dir.path().join("sda").exists());
+    assert_eq!(fs::metadata(dir.path().join("tool")).expect("file").permissions().mode() & 0o7777, 0o755);
+}
+
+#[test]
+fn hostile_requests_fail_alone_and_the_device_carries_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::write(dir.path().join("f"), vec![7u8; 8192]).expect("file");
+    let mut driver = mounted(dir.path(), false);
+    let f = entry(&lookup(&mut driver, ROOT_ID, "f")).nodeid;
+    let fh = open(&mut driver, f, libc::O_RDONLY).body::<OpenOut>().expect("handle").fh;
+
+    let unknown = driver.call(4242, ROOT_ID, &[]);
+    assert_eq!(unknown.errno(), Some(libc::ENOSYS));
+    let retired = driver.send(&request(7, 99, ROOT_ID, &[]), 4096).expect("carries on");
+    assert_eq!(retired.written, 0, "an opcode the crate's enum skips never reaches it");
+    let short = driver.send(&[1, 2, 3], 4096).expect("carries on");
+    assert_eq!(short.written, 0, "a header cut short gets nothing");
+    let mut lying = request(Opcode::Lookup as u32, 100, ROOT_ID, b"f\0");
+    lying[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert_ne!(driver.send(&lying, 4096).expect("carries on").errno(), Some(0), "a length beyond any buffer");
+    let huge = read(&mut driver, f, fh, u32::MAX);
+    assert_ne!(huge.errno(), Some(0), "a 4 GiB read is refused, not allocated");
+    let no_room = driver.send(&request(Opcode::Getattr as u32, 101, ROOT_ID, &[0; 16]), 0).expect("carries on");
+    assert_eq!(no_room.written, 0, "no reply buffer: nothing written");
+
+    assert_eq!(reply_body(&read(&mut driver, f, fh, 8192)), &vec![7u8; 8192][..], "and it still serves");
+}
+
+#[test]
+fn a_read_fills_at_most_the_reply_buffer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::write(dir.path().join("f"), vec![1u8; 1 << 20]).expect("file");
+    let mut driver = mounted(dir.path(), false);
+    let f = entry(&lookup(&mut driver, ROOT_ID, "f")).nodeid;
+    let fh = open(&mut driver, f, libc::O_RDONLY).body::<OpenOut>().expect("handle").fh;
+
+    let request = request(Opcode::Read as u32, 50, f, ReadIn { fh, size: 1 << 20, ..ReadIn::default() }.as_slice());
+    let reply = driver.send(&request, 4096).expect("carries on");
+
+    assert!(reply.written <= 4096, "wrote {} into 4096 bytes", reply.written);
+}
