@@ -718,6 +718,21 @@ mod tests {
     }
 
     #[test]
+    fn shares_take_a_directory_a_tag_and_readonly() {
+        let here = std::fs::canonicalize("src").expect("src");
+        assert_eq!(parse_share("src:code").ok(), Some(ShareConfig { dir: here.clone(), tag: "code".into(), readonly: false }));
+        assert_eq!(parse_share("src:code,readonly").ok(), Some(ShareConfig { dir: here, tag: "code".into(), readonly: true }));
+        let long_tag = format!("src:{}", "t".repeat(MAX_SHARE_TAG + 1));
+        for bad in ["", "src", "src:", "no/such/dir:t", "Cargo.toml:t", "src:t,ro", long_tag.as_str()] {
+            assert!(matches!(parse_share(bad), Err(Error::BadFlag { flag: "--share", .. })), "{bad}");
+        }
+        let config = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--share", "src:a", "--share", "docs:b"])).expect("valid");
+        assert_eq!(config.pci_devices(), 2, "each share takes a PCI slot");
+        let twice = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--share", "src:a", "--share", "docs:a"]));
+        assert!(matches!(twice, Err(Error::BadFlag { flag: "--share", .. })), "one tag per share");
+    }
+
+    #[test]
     fn nets_with_options() {
         let net = parse_net("tap=tap0,mac=52:54:00:12:34:56").expect("valid");
         assert_eq!(net, NetConfig { backend: NetBackend::Tap { name: "tap0".into() }, mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]) });

@@ -17,6 +17,12 @@
 //! `clone` only with `CLONE_THREAD` in its flags, and `clone3` (whose flags sit in memory, out
 //! of a filter's sight) answers ENOSYS, which makes the C library fall back to `clone`.
 //!
+//! Opening files is refused on every thread but two: the API thread (the files a client
+//! names) and the virtio-fs worker ([`Role::FsWorker`]), which opens what the guest looks up
+//! in its shared directory, always relative to a directory fd inside it. Because that worker
+//! inherits the spawner's filters, the spawner does not refuse opening itself; each other
+//! worker it starts does, as its own filter goes on.
+//!
 //! `--seccomp enforce` (the default) kills the process on a forbidden call, after saying which
 //! one on stderr; `log` lets it through but has the kernel log it (audit); `off` installs nothing.
 
@@ -115,6 +121,13 @@ fn apply(role: Role, mismatch: SeccompAction) -> std::io::Result<()> {
     let program = filter(role, mismatch)?;
     ROLE_NAME.with(|name| name.set(role.label()));
     install(&program)
+}
+
+/// Installs `role`'s filter on the calling thread with `mismatch` for other calls, for a
+/// module's tests to run its real work under its thread's real filter.
+#[cfg(test)]
+pub(crate) fn apply_for_test(role: Role, mismatch: SeccompAction) {
+    apply(role, mismatch).expect("the filter installs");
 }
 
 fn install(program: &BpfProgram) -> std::io::Result<()> {
@@ -409,7 +422,7 @@ mod tests {
 
     #[test]
     fn opening_a_file_fails_with_eacces_on_every_role_and_kills_nothing() {
-        for role in [Role::Vcpu, Role::DeviceWorker, Role::VsockWorker, Role::Spawner, Role::StdinPump, Role::SignalWatcher] {
+        for role in [Role::Vcpu, Role::DeviceWorker, Role::VsockWorker, Role::StdinPump, Role::SignalWatcher] {
             let errno = std::thread::spawn(move || {
                 // Trap, as `--seccomp enforce` does: a trapped open would kill the test process.
                 apply(role, SeccompAction::Trap).expect("filter installs");
@@ -531,11 +544,32 @@ mod tests {
 
     #[test]
     fn every_role_refuses_opening_files_and_sockets() {
-        for role in [Role::Vcpu, Role::DeviceWorker, Role::VsockWorker, Role::Spawner, Role::StdinPump, Role::SignalWatcher] {
+        for role in [Role::Vcpu, Role::DeviceWorker, Role::VsockWorker, Role::StdinPump, Role::SignalWatcher] {
             assert!(fails_on_thread(role, open_a_file), "{role:?} may open files");
             assert!(!allowed_on_thread(role, make_a_socket), "{role:?} may make sockets");
         }
         assert!(!allowed_on_thread(Role::Api, make_a_socket), "the API thread may make sockets");
+    }
+
+    #[test]
+    fn only_the_fs_worker_opens_files_and_it_makes_no_sockets() {
+        assert!(allowed_on_thread(Role::FsWorker, open_a_file));
+        assert!(!allowed_on_thread(Role::FsWorker, make_a_socket));
+        assert!(!allowed_on_thread(Role::FsWorker, make_a_unix_socket));
+        // The spawner lets opens through for the fs worker it starts; every other worker it
+        // starts refuses them for itself.
+        let opened_by_a_device_worker = std::thread::spawn(|| {
+            apply(Role::Spawner, SeccompAction::Errno(libc::EPERM as u32)).expect("spawner filter");
+            std::thread::spawn(|| {
+                apply(Role::DeviceWorker, SeccompAction::Errno(libc::EPERM as u32)).expect("worker filter");
+                open_a_file() >= 0
+            })
+            .join()
+            .expect("worker thread")
+        })
+        .join()
+        .expect("spawner thread");
+        assert!(!opened_by_a_device_worker);
     }
 
     #[test]

@@ -53,7 +53,12 @@ impl Reply {
 
     /// The reply's body, after its header, read as `T`.
     pub fn body<T: ByteValued>(&self) -> Option<T> {
-        let start = std::mem::size_of::<OutHeader>();
+        self.body_at(0)
+    }
+
+    /// What is `offset` bytes into the reply's body, read as `T`.
+    pub fn body_at<T: ByteValued>(&self, offset: usize) -> Option<T> {
+        let start = std::mem::size_of::<OutHeader>() + offset;
         T::from_slice(self.bytes.get(start..start + std::mem::size_of::<T>())?).copied()
     }
 }

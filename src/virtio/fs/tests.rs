@@ -6,7 +6,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
-use fuse_backend_rs::abi::fuse_abi::{Attr, CreateIn, EntryOut, InitIn, MkdirIn, MknodIn, OpenIn, OpenOut, Opcode, ReadIn, SetattrIn};
+use fuse_backend_rs::abi::fuse_abi::{
+    Attr, CreateIn, EntryOut, FsyncIn, InitIn, LinkIn, MkdirIn, MknodIn, OpenIn, OpenOut, Opcode, ReadIn, RenameIn, SetattrIn, WriteIn,
+};
 use fuse_backend_rs::api::filesystem::ROOT_ID;
 use fuse_backend_rs::api::server::Server;
 use vm_memory_fs::ByteValued;
@@ -15,14 +17,26 @@ use super::driver::{request, FuseDriver, Reply};
 use super::share::Share;
 
 const FATTR_MODE: u32 = 1;
+const FATTR_SIZE: u32 = 8;
+const FATTR_ATIME: u32 = 0x10;
+const FATTR_MTIME: u32 = 0x20;
 
 /// A driver mounted (FUSE_INIT done) on `dir`.
 fn mounted(dir: &Path, readonly: bool) -> FuseDriver {
+    let mut driver = activated(dir, readonly);
+    mount(&mut driver);
+    driver
+}
+
+/// A driver whose device is activated on `dir`, not yet mounted.
+fn activated(dir: &Path, readonly: bool) -> FuseDriver {
     let share = Share::open(dir, readonly).expect("a readable directory");
-    let mut driver = FuseDriver::new(Arc::new(Server::new(share)));
+    FuseDriver::new(Arc::new(Server::new(share)))
+}
+
+fn mount(driver: &mut FuseDriver) {
     let init = InitIn { major: 7, minor: 31, max_readahead: 1 << 17, flags: 0 };
     assert_eq!(driver.call(Opcode::Init as u32, 0, init.as_slice()).errno(), Some(0));
-    driver
 }
 
 fn named(body: &[u8], name: &str) -> Vec<u8> {
@@ -212,4 +226,63 @@ fn a_read_fills_at_most_the_reply_buffer() {
     let reply = driver.send(&request, 4096).expect("carries on");
 
     assert!(reply.written <= 4096, "wrote {} into 4096 bytes", reply.written);
+}
+
+/// Everything a build in a shared directory does, served under the fs worker's own seccomp
+/// filter (a call it lacks fails with EPERM here; in lguest it would end the VM).
+#[test]
+fn posix_work_runs_under_the_fs_workers_seccomp_filter() {
+    use seccompiler::SeccompAction;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut driver = activated(dir.path(), false);
+    let failures = std::thread::spawn(move || {
+        crate::seccomp::apply_for_test(crate::seccomp::Role::FsWorker, SeccompAction::Errno(libc::EPERM as u32));
+        posix_work(&mut driver)
+    })
+    .join()
+    .expect("worker thread");
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(fs::read(dir.path().join("renamed")).expect("file"), b"hello, wo");
+    assert_eq!(fs::read_link(dir.path().join("sym")).expect("link"), Path::new("renamed"));
+    assert!(!dir.path().join("gone").exists() && !dir.path().join("sub").exists());
+}
+
+/// Mounts and does one of each operation; returns the ones that failed, with their errno.
+fn posix_work(driver: &mut FuseDriver) -> Vec<(&'static str, Option<i32>)> {
+    let mut failures = Vec::new();
+    let mut check = |what: &'static str, reply: &Reply| {
+        if reply.errno() != Some(0) {
+            failures.push((what, reply.errno()));
+        }
+    };
+    mount(driver);
+    let made = create(driver, ROOT_ID, "file", 0o644);
+    check("create", &made);
+    let (file, fh) = (made.body::<EntryOut>().map_or(0, |e| e.nodeid), made.body_at::<OpenOut>(std::mem::size_of::<EntryOut>()).map_or(0, |o| o.fh));
+    let mut write = WriteIn { fh, offset: 0, size: 12, ..WriteIn::default() }.as_slice().to_vec();
+    write.extend_from_slice(b"hello, world");
+    check("write", &driver.call(Opcode::Write as u32, file, &write));
+    check("read", &read(driver, file, fh, 64));
+    check("fsync", &driver.call(Opcode::Fsync as u32, file, FsyncIn { fh, ..FsyncIn::default() }.as_slice()));
+    let truncate = SetattrIn { valid: FATTR_SIZE, size: 9, ..SetattrIn::default() };
+    check("truncate", &driver.call(Opcode::Setattr as u32, file, truncate.as_slice()));
+    let chmod = SetattrIn { valid: FATTR_MODE, mode: 0o600, ..SetattrIn::default() };
+    check("chmod", &driver.call(Opcode::Setattr as u32, file, chmod.as_slice()));
+    let utimes = SetattrIn { valid: FATTR_ATIME | FATTR_MTIME, atime: 1, mtime: 2, ..SetattrIn::default() };
+    check("utimes", &driver.call(Opcode::Setattr as u32, file, utimes.as_slice()));
+    check("getattr", &driver.call(Opcode::Getattr as u32, file, &[0; 16]));
+    check("rename", &driver.call(Opcode::Rename as u32, ROOT_ID, &named(&named(RenameIn { newdir: ROOT_ID }.as_slice(), "file"), "renamed")));
+    check("link", &driver.call(Opcode::Link as u32, ROOT_ID, &named(LinkIn { oldnodeid: file }.as_slice(), "gone")));
+    check("unlink", &driver.call(Opcode::Unlink as u32, ROOT_ID, &named(&[], "gone")));
+    check("symlink", &driver.call(Opcode::Symlink as u32, ROOT_ID, &named(&named(&[], "sym"), "renamed")));
+    let mkdir = MkdirIn { mode: 0o755, umask: 0 };
+    check("mkdir", &driver.call(Opcode::Mkdir as u32, ROOT_ID, &named(mkdir.as_slice(), "sub")));
+    check("rmdir", &driver.call(Opcode::Rmdir as u32, ROOT_ID, &named(&[], "sub")));
+    let opened = driver.call(Opcode::Opendir as u32, ROOT_ID, OpenIn::default().as_slice());
+    check("opendir", &opened);
+    let dir_fh = opened.body::<OpenOut>().map_or(0, |o| o.fh);
+    let list = ReadIn { fh: dir_fh, size: 4096, ..ReadIn::default() };
+    check("readdirplus", &driver.call(Opcode::Readdirplus as u32, ROOT_ID, list.as_slice()));
+    check("statfs", &driver.call(Opcode::Statfs as u32, ROOT_ID, &[]));
+    failures
 }
