@@ -273,6 +273,8 @@ const FS_WORKER: &[i64] = &[
     libc::SYS_fcntl,
     libc::SYS_flock,
     libc::SYS_dup,
+    // Around each create, mkdir and mknod, so that the guest's own umask alone applies.
+    libc::SYS_umask,
 ];
 
 /// A vCPU: KVM_RUN and the ioctls of MSI-X routing and fault reports, eventfd reads of queue
