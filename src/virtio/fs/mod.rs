@@ -57,6 +57,11 @@ pub const REQUESTS: usize = 1;
 /// The FUSE server of one shared directory: shared by the device and its worker.
 pub type FsServer = Arc<Server<Share>>;
 
+/// The FUSE server of `share`.
+pub fn server_for(share: Share) -> FsServer {
+    Arc::new(Server::new(share))
+}
+
 /// A virtio-fs device serving one shared directory.
 pub struct Fs {
     /// `tag[36]` (NUL-padded) and `num_request_queues` (le32): the whole config space.
@@ -68,8 +73,7 @@ pub struct Fs {
 impl Fs {
     /// Opens the shared directory; fails if it can't be opened.
     pub fn new(share: &ShareConfig) -> io::Result<Fs> {
-        let server = Arc::new(Server::new(Share::open(&share.dir, share.readonly)?));
-        Ok(Fs::with_server(&share.tag, server))
+        Ok(Fs::with_server(&share.tag, server_for(Share::open(&share.dir, share.readonly)?)))
     }
 
     /// A device around a server that is ready (the tag is cut at 36 bytes).

@@ -4,16 +4,15 @@
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::{
     AccessIn, Attr, CreateIn, EntryOut, FallocateIn, FlushIn, FsyncIn, InitIn, LinkIn, LseekIn, ReleaseIn, MkdirIn, MknodIn, OpenIn, OpenOut, Opcode, ReadIn, RenameIn, SetattrIn, WriteIn,
 };
 use fuse_backend_rs::api::filesystem::ROOT_ID;
-use fuse_backend_rs::api::server::Server;
 use vm_memory_fs::ByteValued;
 
 use super::driver::{request, FuseDriver, Reply};
+use super::server_for;
 use super::share::Share;
 
 const FATTR_MODE: u32 = 1;
@@ -31,7 +30,7 @@ fn mounted(dir: &Path, readonly: bool) -> FuseDriver {
 /// A driver whose device is activated on `dir`, not yet mounted.
 fn activated(dir: &Path, readonly: bool) -> FuseDriver {
     let share = Share::open(dir, readonly).expect("a readable directory");
-    FuseDriver::new(Arc::new(Server::new(share)))
+    FuseDriver::new(server_for(share))
 }
 
 fn mount(driver: &mut FuseDriver) {
