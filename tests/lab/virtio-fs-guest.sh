@@ -9,6 +9,9 @@ fscase() {
 # fails CMD...: the command must fail (its error printed, for the log).
 fails() { ! "$@"; }
 MiB=1048576
+# uptime_cs: the guest's uptime in hundredths of a second, for the timings printed (for the
+# log, not checked: the lab is emulated and noisy).
+uptime_cs() { sed 's/^\([0-9]*\)\.\([0-9]*\) .*/\1\2/' /proc/uptime; }
 
 echo "LGUEST-STEP fs: create, read, truncate, rename, links, chmod, utimes"
 echo "hello from the guest" >created.txt
@@ -36,20 +39,28 @@ fscase mmap-exec ./busybox true
 fscase owner-seen-by-guest [ "$(stat -c %u dir/renamed.txt)" = "$(stat -c %u busybox)" ]
 
 echo "LGUEST-STEP fs: a large file"
-dd if=/dev/urandom of=big.bin bs=$MiB count=16 2>/dev/null
+dd if=/dev/urandom of=/tmp/big.bin bs=$MiB count=16 2>/dev/null
+t0=$(uptime_cs)
+cp /tmp/big.bin big.bin && sync
+t1=$(uptime_cs)
 echo "LGUEST-FS-BIG $(md5sum <big.bin | cut -d' ' -f1)"
-sync
 echo 3 >/proc/sys/vm/drop_caches
+t2=$(uptime_cs)
 echo "LGUEST-FS-BIG-REREAD $(md5sum <big.bin | cut -d' ' -f1)"
+t3=$(uptime_cs)
+echo "LGUEST-FS-TIMING write-16MiB=$(((t1 - t0) * 10))ms read-16MiB=$(((t3 - t2) * 10))ms"
 
 echo "LGUEST-STEP fs: many small files, a deep tree"
 mkdir many
+t0=$(uptime_cs)
 i=0
 while [ $i -lt 1000 ]; do
     echo "$i" >many/f$i
     i=$((i + 1))
 done
+t1=$(uptime_cs)
 fscase many-files [ "$(ls many | wc -l)" = 1000 ]
+echo "LGUEST-FS-TIMING create-1000-files=$(((t1 - t0) * 10))ms"
 d=deep
 for i in $(seq 1 30); do d=$d/d$i; done
 mkdir -p $d && echo bottom >$d/file
