@@ -448,6 +448,20 @@ mod tests {
         i64::from(fd)
     }
 
+    /// `open_by_handle_at` with a forged handle: it opens by inode number, past any
+    /// directory (the passthrough's file handles are off; the filter refuses it anyway).
+    fn open_by_a_file_handle() -> i64 {
+        let mut handle = [0u8; 16];
+        handle[..4].copy_from_slice(&8u32.to_le_bytes()); // handle_bytes
+        // SAFETY: a valid `struct file_handle` of 8 payload bytes; a returned fd is closed at once.
+        let fd = unsafe { libc::syscall(libc::SYS_open_by_handle_at, libc::AT_FDCWD, handle.as_mut_ptr(), libc::O_RDONLY) };
+        if fd >= 0 {
+            // SAFETY: we own the fd we just opened.
+            unsafe { libc::close(fd as i32) };
+        }
+        fd
+    }
+
     fn make_a_socket() -> i64 {
         // SAFETY: socket takes integers; a returned fd is closed at once.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
@@ -556,6 +570,7 @@ mod tests {
     #[test]
     fn only_the_fs_worker_opens_files_and_it_makes_no_sockets() {
         assert!(allowed_on_thread(Role::FsWorker, open_a_file));
+        assert!(!allowed_on_thread(Role::FsWorker, open_by_a_file_handle), "file handles reach past any directory");
         assert!(!allowed_on_thread(Role::FsWorker, make_a_socket));
         assert!(!allowed_on_thread(Role::FsWorker, make_a_unix_socket));
         // The spawner lets opens through for the fs worker it starts; every other worker it
