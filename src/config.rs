@@ -12,6 +12,10 @@ use clap::{Parser, Subcommand};
 use crate::error::{Error, Result};
 use crate::rate_limiter::{self, RateLimit, RateLimitBuilder};
 
+mod share;
+use self::share::parse_shares;
+pub use self::share::{parse_share, ShareConfig, MAX_SHARE_TAG};
+
 /// The smallest guest we agree to build: a stock kernel with an initramfs needs more than this
 /// anyway, and below it the fixed boot structures would crowd out the kernel.
 pub const MIN_MEMORY_MIB: u64 = 32;
@@ -188,19 +192,6 @@ pub struct VsockConfig {
     /// Where host programs connect; `<uds_path>_<port>` is where guest connections go.
     pub uds_path: PathBuf,
 }
-
-/// One `--share`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShareConfig {
-    /// The shared directory, absolute and with symlinks resolved.
-    pub dir: PathBuf,
-    /// What the guest mounts: 1 to [`MAX_SHARE_TAG`] bytes.
-    pub tag: String,
-    pub readonly: bool,
-}
-
-/// The longest tag: virtio-fs's config space holds 36 bytes.
-pub const MAX_SHARE_TAG: usize = 36;
 
 /// Which device carries the guest's console.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -415,39 +406,6 @@ pub fn parse_disk(value: &str) -> Result<DiskConfig> {
     Ok(disk)
 }
 
-/// Every `--share`, with their tags checked against each other.
-fn parse_shares(values: &[String]) -> Result<Vec<ShareConfig>> {
-    let mut shares: Vec<ShareConfig> = Vec::new();
-    for value in values {
-        let share = parse_share(value)?;
-        if shares.iter().any(|earlier| earlier.tag == share.tag) {
-            let why = format!("the tag '{}' is already used by another --share: give each a tag of its own", share.tag);
-            return Err(Error::BadFlag { flag: "--share", value: value.clone(), why });
-        }
-        shares.push(share);
-    }
-    Ok(shares)
-}
-
-/// One `--share HOSTDIR:TAG[,readonly]`. The directory may contain `:` (the tag is after the
-/// last one) but not end in `,readonly`.
-pub fn parse_share(value: &str) -> Result<ShareConfig> {
-    let bad = |why: String| Error::BadFlag { flag: "--share", value: value.to_string(), why };
-    let (rest, readonly) = match value.strip_suffix(",readonly") {
-        Some(rest) => (rest, true),
-        None => (value, false),
-    };
-    let (dir, tag) = rest.rsplit_once(':').ok_or_else(|| bad("expected HOSTDIR:TAG[,readonly]".into()))?;
-    if tag.is_empty() || tag.len() > MAX_SHARE_TAG || tag.contains(['\0', ',']) {
-        return Err(bad(format!("the tag must be 1 to {MAX_SHARE_TAG} bytes, without ',' (readonly is the only option)")));
-    }
-    let dir = std::fs::canonicalize(dir).map_err(|e| bad(format!("cannot use '{dir}': {e}")))?;
-    if !dir.is_dir() {
-        return Err(bad(format!("'{}' is not a directory", dir.display())));
-    }
-    Ok(ShareConfig { dir, tag: tag.to_string(), readonly })
-}
-
 /// `--rng`'s optional limits: `bw_size=BYTES,bw_refill_time=MS,...` (empty: none).
 fn parse_rng_limits(value: &str) -> Result<RateLimit> {
     let bad = |why: String| Error::BadFlag { flag: "--rng", value: value.to_string(), why };
@@ -608,7 +566,7 @@ fn validate_cpus(cpus: u32) -> Result<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> std::result::Result<Cli, clap::Error> {
@@ -616,9 +574,9 @@ mod tests {
     }
 
     /// A path that exists, for flags that must name a readable file.
-    const FILE: &str = "Cargo.toml";
+    pub(crate) const FILE: &str = "Cargo.toml";
 
-    fn run_args(args: &[&str]) -> RunArgs {
+    pub(crate) fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).expect("valid command line").command {
             Command::Run(run) => run,
             other => panic!("not a run: {other:?}"),
@@ -715,21 +673,6 @@ mod tests {
         for bad in ["", ",readonly", "a.img,ro", "a.img,id=", "a.img,id=123456789012345678901", "a.img,bw_size=5", "a.img,ops_size=x,ops_refill_time=1"] {
             assert!(matches!(parse_disk(bad), Err(Error::BadFlag { flag: "--disk", .. })), "{bad}");
         }
-    }
-
-    #[test]
-    fn shares_take_a_directory_a_tag_and_readonly() {
-        let here = std::fs::canonicalize("src").expect("src");
-        assert_eq!(parse_share("src:code").ok(), Some(ShareConfig { dir: here.clone(), tag: "code".into(), readonly: false }));
-        assert_eq!(parse_share("src:code,readonly").ok(), Some(ShareConfig { dir: here, tag: "code".into(), readonly: true }));
-        let long_tag = format!("src:{}", "t".repeat(MAX_SHARE_TAG + 1));
-        for bad in ["", "src", "src:", "no/such/dir:t", "Cargo.toml:t", "src:t,ro", long_tag.as_str()] {
-            assert!(matches!(parse_share(bad), Err(Error::BadFlag { flag: "--share", .. })), "{bad}");
-        }
-        let config = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--share", "src:a", "--share", "docs:b"])).expect("valid");
-        assert_eq!(config.pci_devices(), 2, "each share takes a PCI slot");
-        let twice = VmConfig::from_args(run_args(&["run", "--kernel", FILE, "--share", "src:a", "--share", "docs:a"]));
-        assert!(matches!(twice, Err(Error::BadFlag { flag: "--share", .. })), "one tag per share");
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub type Chain<'m> = DescriptorChain<&'m Memory>;
 pub enum BridgeError {
     #[error("guest memory region at {start:#x} cannot be viewed: {why}")]
     Region { start: u64, why: String },
+    #[error("the driver's available index moved backwards (its rings overlap)")]
+    IndexMovedBackwards,
     #[error("queue is unusable: {0}")]
     Queue(#[from] virtio_queue_fs::Error),
 }
@@ -99,11 +101,17 @@ pub fn serve(
     mut serve_one: impl FnMut(Chain<'_>) -> u32,
 ) -> Result<usize, BridgeError> {
     let mut served = 0;
+    let mut more_promised = false;
     loop {
         queue.disable_notification(mem)?;
         // `iter` checks that the driver made at most a ring's worth available: an index
-        // that ran ahead (rings laid over each other) is an error, not an endless loop.
+        // that ran ahead is an error, not an endless loop.
         let chains: Vec<Chain<'_>> = queue.iter(mem)?.collect();
+        if more_promised && chains.is_empty() {
+            // The index said "more" and then took it back: it lies on a ring we write
+            // (rings laid over each other), and would say so forever.
+            return Err(BridgeError::IndexMovedBackwards);
+        }
         for chain in chains {
             let head = chain.head_index();
             let written = serve_one(chain);
@@ -113,6 +121,7 @@ pub fn serve(
         if !queue.enable_notification(mem)? {
             break;
         }
+        more_promised = true;
     }
     if served > 0 && queue.needs_notification(mem)? {
         signals.used_queue(index);
