@@ -251,6 +251,8 @@ const VSOCK_WORKER: &[i64] =
 /// credential changes (every request runs as lguest's user), no sockets, no exec.
 const FS_WORKER: &[i64] = &[
     libc::SYS_openat,
+    // Only beneath the share's root, for hard links (virtio::fs::beneath).
+    libc::SYS_openat2,
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,

@@ -13,7 +13,6 @@ cd /tmp
 share=/tmp/share ro=/tmp/ro
 mkdir -p $share $ro
 cp /tests/virtio-fs-guest.sh $share/guest.sh
-cp "$(command -v busybox)" $share/busybox
 echo lab-secret >/tmp/lab-secret
 ln -s /tmp/lab-secret $share/abs-link
 ln -s ../../../../../../tmp/lab-secret $share/rel-link

@@ -23,6 +23,7 @@
 //! against the chain, and answers an unknown opcode with ENOSYS; a request it can't decode gets
 //! its chain back with nothing written.
 
+mod beneath;
 pub mod bridge;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod driver;
@@ -62,6 +63,20 @@ pub fn server_for(share: Share) -> FsServer {
     Arc::new(Server::new(share))
 }
 
+/// The passthrough keeps an fd open for every inode the guest's kernel holds (a build tree's
+/// worth), far past the usual soft limit of 1024: raise it to the hard limit, as virtiofsd does.
+/// Past that, the guest's requests fail with EMFILE ([`share`] says so once).
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write the one rlimit we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 /// A virtio-fs device serving one shared directory.
 pub struct Fs {
     /// `tag[36]` (NUL-padded) and `num_request_queues` (le32): the whole config space.
@@ -73,6 +88,7 @@ pub struct Fs {
 impl Fs {
     /// Opens the shared directory; fails if it can't be opened.
     pub fn new(share: &ShareConfig) -> io::Result<Fs> {
+        raise_open_file_limit();
         Ok(Fs::with_server(&share.tag, server_for(Share::open(&share.dir, share.readonly)?)))
     }
 

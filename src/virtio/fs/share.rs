@@ -30,6 +30,8 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::passthrough::{Config, PassthroughFs};
 
+use super::beneath::{link_fd, Beneath};
+
 type Inode = u64;
 type Handle = u64;
 
@@ -37,6 +39,8 @@ type Handle = u64;
 pub struct Share {
     fs: PassthroughFs,
     readonly: bool,
+    /// The root again, for hard links the passthrough can't make ([`super::beneath`]).
+    beneath: Beneath,
 }
 
 /// Mode bits the guest may not set on host files: privileges for whoever runs them.
@@ -63,7 +67,15 @@ impl Share {
         // Once now, on the main thread: a missing or unreadable directory is the user's error
         // to hear at start, not the guest's at mount time.
         fs.import()?;
-        Ok(Share { fs, readonly })
+        Ok(Share { fs, readonly, beneath: Beneath::new(dir)? })
+    }
+
+    /// Links `inode` as `newname` in `newparent` through /proc/self/fd, which needs no
+    /// capability, with both resolved beneath the share ([`super::beneath`]).
+    fn link_without_capability(&self, inode: Inode, newparent: Inode, newname: &CStr) -> io::Result<()> {
+        let source = self.beneath.reopen(&self.fs.readlinkat_proc_file(inode)?)?;
+        let dir = self.beneath.reopen(&self.fs.readlinkat_proc_file(newparent)?)?;
+        link_fd(&source, &dir, newname)
     }
 
     fn writable(&self) -> io::Result<()> {
@@ -78,6 +90,16 @@ impl Share {
     fn opens_for_change(flags: u32) -> bool {
         let flags = flags as i32;
         flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
+    }
+}
+
+/// Says once that the share ran out of file descriptors: the guest only sees EMFILE.
+fn warn_if_out_of_fds(error: &io::Error) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    if error.raw_os_error() == Some(libc::EMFILE) {
+        SAID.call_once(|| {
+            tracing::warn!("virtio-fs: out of file descriptors (one per file the guest holds): raise `ulimit -Hn` for lguest")
+        });
     }
 }
 
@@ -121,7 +143,7 @@ impl FileSystem for Share {
 
     fn lookup(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
         plain_name(name)?;
-        self.fs.lookup(ctx, parent, name)
+        self.fs.lookup(ctx, parent, name).inspect_err(warn_if_out_of_fds)
     }
 
     fn forget(&self, ctx: &Context, inode: Inode, count: u64) {
@@ -194,7 +216,14 @@ impl FileSystem for Share {
     fn link(&self, ctx: &Context, inode: Inode, newparent: Inode, newname: &CStr) -> io::Result<Entry> {
         self.writable()?;
         plain_name(newname)?;
-        self.fs.link(ctx, inode, newparent, newname)
+        match self.fs.link(ctx, inode, newparent, newname) {
+            // linkat(AT_EMPTY_PATH) without CAP_DAC_READ_SEARCH: ENOENT.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                self.link_without_capability(inode, newparent, newname)?;
+                self.fs.lookup(ctx, newparent, newname)
+            }
+            linked => linked,
+        }
     }
 
     fn open(

@@ -293,3 +293,30 @@ fn posix_work(driver: &mut FuseDriver) -> Vec<(&'static str, Option<i32>)> {
     check("statfs", &driver.call(Opcode::Statfs as u32, ROOT_ID, &[]));
     failures
 }
+
+/// An lguest that is not root can't use the passthrough's own `linkat(AT_EMPTY_PATH)`; the
+/// link is made through /proc/self/fd instead (virtio::fs::beneath). The test thread drops
+/// to nobody for itself (a raw setresuid changes only the calling thread).
+#[test]
+fn hard_links_work_for_a_user_without_capabilities() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).expect("chmod");
+    fs::write(dir.path().join("file"), b"linked").expect("file");
+    fs::set_permissions(dir.path().join("file"), fs::Permissions::from_mode(0o666)).expect("chmod");
+    let mut driver = activated(dir.path(), false);
+    let linked = std::thread::spawn(move || {
+        // SAFETY: setresuid and setresgid take integers and change this thread's credentials only.
+        unsafe {
+            libc::syscall(libc::SYS_setresgid, 65534, 65534, 65534);
+            libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534);
+        }
+        mount(&mut driver);
+        let file = entry(&lookup(&mut driver, ROOT_ID, "file")).nodeid;
+        driver.call(Opcode::Link as u32, ROOT_ID, &named(LinkIn { oldnodeid: file }.as_slice(), "hard")).errno()
+    })
+    .join()
+    .expect("thread");
+
+    assert_eq!(linked, Some(0));
+    assert_eq!(fs::metadata(dir.path().join("hard")).expect("the link").nlink(), 2);
+}
