@@ -45,7 +45,7 @@ use self::bridge::{queue_view, serve, BridgeError, Bridged, Chain, Memory};
 use self::share::Share;
 use super::queue::clear_kick;
 use super::worker::{watch, DeviceWorker};
-use super::{device_type, ActivateError, Activation, Device, Signals, VirtioCommon};
+use super::{device_type, feature, ActivateError, Activation, Device, Signals, VirtioCommon};
 use crate::config::{ShareConfig, MAX_SHARE_TAG};
 use crate::seccomp::Role;
 
@@ -113,6 +113,10 @@ impl Device for Fs {
     }
 
     fn handler(&self, mut activation: Activation) -> Result<FsWorker, ActivateError> {
+        // virtio-fs came after virtio 1.0: there is no legacy driver to serve.
+        if activation.features & feature::VERSION_1 == 0 {
+            return Err(ActivateError::LegacyDriver);
+        }
         let hiprio = activation.take_queue(HIPRIO, "hiprio")?;
         let requests = activation.take_queue(REQUESTS, "request")?;
         let backend = |e: BridgeError| ActivateError::Backend { what: "cannot view the guest's memory", source: io::Error::other(e) };
