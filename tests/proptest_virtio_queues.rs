@@ -124,6 +124,21 @@ impl GuestQueue {
         ActiveQueue { queue, kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd") }
     }
 
+    /// A ring of 16 with nothing posted.
+    fn empty() -> GuestQueue {
+        GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] }
+    }
+
+    /// Puts `payloads` (one after another, round and round) at the start of every buffer
+    /// the chains point at inside memory: plausible requests, so that they get served.
+    fn fill_buffers(&self, mem: &GuestMemoryMmap, payloads: &[Vec<u8>]) {
+        for (i, d) in self.descs.iter().chain(self.tables.iter().flatten()).enumerate() {
+            if (BUFFERS..MEM_END).contains(&d.addr) {
+                let _ = mem.write_slice(&payloads[i % payloads.len()], GuestAddress(d.addr));
+            }
+        }
+    }
+
     fn has_bad_head(&self) -> bool {
         self.heads.iter().any(|&h| h >= self.size)
     }
@@ -227,11 +242,7 @@ proptest! {
     ) {
         let mem = memory();
         // Plausible headers at the buffers the chains point at, so that requests get served.
-        for (i, d) in guest.descs.iter().chain(guest.tables.iter().flatten()).enumerate() {
-            if (BUFFERS..MEM_END).contains(&d.addr) {
-                let _ = mem.write_slice(&headers[i % headers.len()], GuestAddress(d.addr));
-            }
-        }
+        guest.fill_buffers(&mem, &headers);
         let image = disk_image();
         let block = Block::new(&DiskConfig { readonly, ..DiskConfig::new(image.path().to_path_buf()) }).expect("disk");
         let mut activation = activation(&mem, vec![Some(guest.install(&mem, 0, QUEUE_SIZE))], guest.event_idx);
@@ -285,7 +296,7 @@ proptest! {
     #[test]
     fn net_any_transmit_chain_yields_a_used_entry_or_needs_reset(tx in guest_queue(256), features in any::<u32>()) {
         let mem = memory();
-        let rx = GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] };
+        let rx = GuestQueue::empty();
         let (mut worker, _host) = net_worker(&mem, rx.install(&mem, 0, 256), tx.install(&mem, 0x8000, 256), u64::from(features));
         let served = worker.handle(TX_KICK);
         check_served(served, &tx, &used(&mem, 0x8000))?;
@@ -298,7 +309,7 @@ proptest! {
         frames in prop::collection::vec(prop_oneof![0..200usize, 0..70_000usize], 0..4),
     ) {
         let mem = memory();
-        let tx = GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] };
+        let tx = GuestQueue::empty();
         let (mut worker, mut host) = net_worker(&mem, rx.install(&mem, 0, 256), tx.install(&mem, 0x8000, 256), u64::from(features));
         let mut served = worker.handle(RX_KICK);
         for len in frames {
@@ -345,7 +356,7 @@ fn vsock_worker(
 ) -> (HandDriven<VsockWorker>, std::os::unix::net::UnixListener) {
     let device = Vsock::new(3, &dir.join("v.sock")).expect("vsock socket");
     let listener = std::os::unix::net::UnixListener::bind(dir.join("v.sock_1")).expect("host listener");
-    let event = GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] };
+    let event = GuestQueue::empty();
     // An event queue with nothing posted, at the end of memory: never read without a reset.
     let queues = vec![Some(rx), Some(tx), Some(event.install(mem, MEM_END - 0x8000, 256))];
     (by_hand(&device, activation(mem, queues, false)), listener)
@@ -360,13 +371,9 @@ proptest! {
         headers in prop::collection::vec(vsock_header(), 1..8),
     ) {
         let mem = memory();
-        for (i, d) in tx.descs.iter().chain(tx.tables.iter().flatten()).enumerate() {
-            if (BUFFERS..MEM_END).contains(&d.addr) {
-                let _ = mem.write_slice(&headers[i % headers.len()], GuestAddress(d.addr));
-            }
-        }
+        tx.fill_buffers(&mem, &headers);
         let dir = tempfile::tempdir().expect("tempdir");
-        let rx = GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] };
+        let rx = GuestQueue::empty();
         let (mut worker, _listener) = vsock_worker(&mem, dir.path(), rx.install(&mem, 0, 256), tx.install(&mem, 0x8000, 256));
         let served = worker.handle(vsock::TX_KICK);
         check_served(served, &tx, &used(&mem, 0x8000))?;
@@ -383,7 +390,7 @@ proptest! {
         let dir = tempfile::tempdir().expect("tempdir");
         // Requests from the guest, each owed an answer (RESPONSE or RST), from a transmit queue
         // laid out by hand.
-        let mut tx = GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] };
+        let mut tx = GuestQueue::empty();
         for (i, header) in requests.iter().enumerate() {
             let at = BUFFERS + 0x8_0000 + 64 * i as u64;
             mem.write_slice(header, GuestAddress(at)).expect("header");
@@ -432,7 +439,7 @@ fn fuse_request() -> impl Strategy<Value = Vec<u8>> {
 fn fs_worker(mem: &GuestMemoryMmap, dir: &std::path::Path, requests: ActiveQueue, event_idx: bool) -> HandDriven<virtio_fs::FsWorker> {
     std::fs::write(dir.join("file"), [7u8; 4096]).expect("a file to read");
     let device = Fs::new(&ShareConfig { dir: dir.to_path_buf(), tag: "proptest".into(), readonly: false }).expect("share");
-    let hiprio = GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] };
+    let hiprio = GuestQueue::empty();
     let queues = vec![Some(hiprio.install(mem, MEM_END - 0x8000, 256)), Some(requests)];
     by_hand(&device, activation(mem, queues, event_idx))
 }
@@ -446,11 +453,7 @@ proptest! {
         requests in prop::collection::vec(fuse_request(), 1..8),
     ) {
         let mem = memory();
-        for (i, d) in guest.descs.iter().chain(guest.tables.iter().flatten()).enumerate() {
-            if (BUFFERS..MEM_END).contains(&d.addr) {
-                let _ = mem.write_slice(&requests[i % requests.len()], GuestAddress(d.addr));
-            }
-        }
+        guest.fill_buffers(&mem, &requests);
         let dir = tempfile::tempdir().expect("tempdir");
         let mut worker = fs_worker(&mem, dir.path(), guest.install(&mem, 0x8000, 256), guest.event_idx);
         let served = worker.handle(virtio_fs::REQUESTS as u64);
@@ -518,7 +521,7 @@ fn net_rings_laid_over_each_other_break_the_device_instead_of_spinning() {
         assert!(queue.is_valid(&mem), "the transport accepts these rings");
         ActiveQueue { queue, kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd") }
     };
-    let rx = GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] };
+    let rx = GuestQueue::empty();
     let (mut worker, host) = net_worker(&mem, rx.install(&mem, 0x8000, 256), overlapping, 0);
     let served = within_seconds(move || {
         let _host = host;
