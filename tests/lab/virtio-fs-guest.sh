@@ -35,8 +35,9 @@ fscase unlink [ ! -e gone.txt ]
 mkdir empty && rmdir empty
 fscase rmdir [ ! -e empty ]
 # Running a program the guest wrote into the share maps it (mmap of a file read page by page).
-cp /bin/busybox bb
-fscase mmap-exec ./bb true
+# (Named busybox: it picks its applet by the name it runs as.)
+cp /bin/busybox busybox
+fscase mmap-exec ./busybox true
 # The host gave guest.sh to nobody, who runs lguest: the guest's own files are nobody's too.
 fscase owner-seen-by-guest [ "$(stat -c %u dir/renamed.txt)" = "$(stat -c %u guest.sh)" ]
 
