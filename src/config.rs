@@ -12,6 +12,10 @@ use clap::{Parser, Subcommand};
 use crate::error::{Error, Result};
 use crate::rate_limiter::{self, RateLimit, RateLimitBuilder};
 
+mod share;
+use self::share::parse_shares;
+pub use self::share::{parse_share, ShareConfig, MAX_SHARE_TAG};
+
 /// The smallest guest we agree to build: a stock kernel with an initramfs needs more than this
 /// anyway, and below it the fixed boot structures would crowd out the kernel.
 pub const MIN_MEMORY_MIB: u64 = 32;
@@ -115,6 +119,11 @@ pub struct RunArgs {
     /// hybrid vsock.
     #[arg(long, value_name = "cid=N,uds=PATH")]
     pub vsock: Option<String>,
+    /// Share the host directory HOSTDIR with the guest (virtio-fs), which mounts it with
+    /// `mount -t virtiofs TAG /mnt`. Files the guest creates belong to the user running lguest;
+    /// `readonly` refuses every change, whatever the guest mounts with. Repeat for more.
+    #[arg(long = "share", value_name = "HOSTDIR:TAG[,readonly]")]
+    pub shares: Vec<String>,
     /// System-call filters on the threads that handle guest data.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = crate::seccomp::Mode::Enforce)]
     pub seccomp: crate::seccomp::Mode,
@@ -254,6 +263,7 @@ pub struct VmConfig {
     /// How fast the entropy source may give (`--rng=bw_*,ops_*`, the API's entropy limiter).
     pub rng_rate_limit: RateLimit,
     pub vsock: Option<VsockConfig>,
+    pub shares: Vec<ShareConfig>,
     pub seccomp: crate::seccomp::Mode,
     pub on_reboot: OnReboot,
     pub shutdown_timeout: Duration,
@@ -269,6 +279,7 @@ impl VmConfig {
         let mut disks = args.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
         let mut nets = args.nets.iter().map(|n| parse_net(n)).collect::<Result<Vec<_>>>()?;
         let vsock = args.vsock.as_deref().map(parse_vsock).transpose()?;
+        let shares = parse_shares(&args.shares)?;
         let shutdown_timeout = validate_shutdown_timeout(args.shutdown_timeout)?;
         let rng_rate_limit = args.rng.as_deref().map(parse_rng_limits).transpose()?.unwrap_or_default();
         let RunArgs { boot_timeline, rng, console, seccomp, reboot: on_reboot, .. } = args;
@@ -295,6 +306,7 @@ impl VmConfig {
             rng,
             rng_rate_limit,
             vsock,
+            shares,
             on_reboot,
             shutdown_timeout,
             seccomp,
@@ -313,9 +325,10 @@ impl VmConfig {
     }
 
     /// How many PCI slots the devices take: one per disk, network card, entropy source,
-    /// virtio console and vsock device.
+    /// virtio console, vsock device and shared directory.
     pub fn pci_devices(&self) -> usize {
         self.disks.len()
+            + self.shares.len()
             + self.nets.len()
             + usize::from(self.rng)
             + usize::from(self.console == ConsoleKind::Virtio)
@@ -339,6 +352,7 @@ impl VmConfig {
             rng: false,
             rng_rate_limit: RateLimit::default(),
             vsock: None,
+            shares: Vec::new(),
             on_reboot: OnReboot::Exit,
             shutdown_timeout: Duration::from_secs(10),
             seccomp: crate::seccomp::Mode::Enforce,
@@ -606,7 +620,7 @@ fn validate_cpus(cpus: u32) -> Result<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> std::result::Result<Cli, clap::Error> {
@@ -614,9 +628,9 @@ mod tests {
     }
 
     /// A path that exists, for flags that must name a readable file.
-    const FILE: &str = "Cargo.toml";
+    pub(crate) const FILE: &str = "Cargo.toml";
 
-    fn run_args(args: &[&str]) -> RunArgs {
+    pub(crate) fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).expect("valid command line").command {
             Command::Run(run) => run,
             other => panic!("not a run: {other:?}"),

@@ -45,6 +45,8 @@ pub enum Error {
     Passt(#[from] crate::passt::PasstError),
     #[error("--net tap={name},vhost=on: {source}")]
     Vhost { name: String, source: crate::virtio::net::vhost::VhostOpenError },
+    #[error("cannot share '{}' (--share): {source}; check that it is a directory you can read", dir.display())]
+    Share { dir: PathBuf, source: std::io::Error },
     #[error("cannot set up --vsock: {0}")]
     Vsock(#[from] crate::virtio::vsock::muxer::MuxerError),
 
@@ -60,7 +62,7 @@ pub enum Error {
     #[error("KVM refused {what}: {source}")]
     Kvm { what: &'static str, source: kvm_ioctls::Error },
 
-    #[error("{asked} PCI devices asked for (--disk, --net, --rng, --console virtio, --vsock), but the PCI bus has room for {max}; ask for fewer")]
+    #[error("{asked} PCI devices asked for (--disk, --net, --rng, --console virtio, --vsock, --share), but the PCI bus has room for {max}; ask for fewer")]
     TooManyDevices { asked: usize, max: usize },
 
     #[error("cannot set up guest memory: {0}")]
@@ -100,6 +102,7 @@ impl Error {
             | Error::BadFlag { .. }
             | Error::TooManyDevices { .. }
             | Error::Disk { .. }
+            | Error::Share { .. }
             | Error::Tap { .. }
             | Error::ConfigFile { .. }
             | Error::Api(_) => 2,

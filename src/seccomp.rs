@@ -17,6 +17,12 @@
 //! `clone` only with `CLONE_THREAD` in its flags, and `clone3` (whose flags sit in memory, out
 //! of a filter's sight) answers ENOSYS, which makes the C library fall back to `clone`.
 //!
+//! Opening files is refused on every thread but two: the API thread (the files a client
+//! names) and the virtio-fs worker ([`Role::FsWorker`]), which opens what the guest looks up
+//! in its shared directory, always relative to a directory fd inside it. Because that worker
+//! inherits the spawner's filters, the spawner does not refuse opening itself; each other
+//! worker it starts does, as its own filter goes on.
+//!
 //! `--seccomp enforce` (the default) kills the process on a forbidden call, after saying which
 //! one on stderr; `log` lets it through but has the kernel log it (audit); `off` installs nothing.
 
@@ -48,6 +54,8 @@ pub enum Role {
     VsockWorker,
     /// A disk's worker on the io_uring engine: a device worker that may enter its ring.
     UringWorker,
+    /// The virtio-fs worker: the one that opens files, relative to its shared directory.
+    FsWorker,
     StdinPump,
     SignalWatcher,
     /// The API server (`--api-sock`): client connections, and the files a client names
@@ -72,6 +80,7 @@ impl Role {
             Role::Spawner => b"spawner",
             Role::VsockWorker => b"vsock  ",
             Role::UringWorker => b"uring  ",
+            Role::FsWorker => b"fs     ",
             Role::StdinPump => b"stdin  ",
             Role::SignalWatcher => b"signals",
             Role::Api => b"api    ",
@@ -105,13 +114,23 @@ pub(crate) fn apply(role: Role, mismatch: SeccompAction) -> std::io::Result<()> 
     if role == Role::Spawner {
         install(&no_clone3()?)?;
     }
-    // The API thread opens the files a client names (a drive's new image); nothing else may.
-    if role != Role::Api {
+    // The API thread opens the files a client names (a drive's new image), and the fs worker
+    // those the guest looks up in its shared directory; nothing else may. The spawner opens
+    // none either, but the fs worker inherits its filters, so each other worker refuses
+    // opening for itself.
+    if !matches!(role, Role::Api | Role::FsWorker | Role::Spawner) {
         install(&no_open()?)?;
     }
     let program = filter(role, mismatch)?;
     ROLE_NAME.with(|name| name.set(role.label()));
     install(&program)
+}
+
+/// Installs `role`'s filter on the calling thread with `mismatch` for other calls, for a
+/// module's tests to run its real work under its thread's real filter.
+#[cfg(test)]
+pub(crate) fn apply_for_test(role: Role, mismatch: SeccompAction) {
+    apply(role, mismatch).expect("the filter installs");
 }
 
 fn install(program: &BpfProgram) -> std::io::Result<()> {
@@ -232,6 +251,40 @@ const VSOCK_WORKER: &[i64] =
 /// waiting on its ring. The ring was set up (and restricted to a disk's operations) on the
 /// main thread, so neither `io_uring_setup` nor `io_uring_register` is needed here.
 const URING_WORKER: &[i64] = &[libc::SYS_io_uring_enter];
+/// The virtio-fs worker, on top of [`DEVICE_WORKER`]: fuse-backend-rs's passthrough file
+/// system. It opens by name relative to a directory fd (`openat`, `O_NOFOLLOW`), reopens
+/// through /proc/self/fd, and makes, renames, links and removes entries, all with `*at` calls
+/// relative to fds inside the share. No `open_by_handle_at` (file handles are off), no
+/// credential changes (every request runs as lguest's user), no sockets, no exec.
+const FS_WORKER: &[i64] = &[
+    libc::SYS_openat,
+    // Only beneath the share's root, for hard links (virtio::fs::beneath).
+    libc::SYS_openat2,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_fstatfs,
+    libc::SYS_lseek,
+    libc::SYS_getdents64,
+    libc::SYS_readlinkat,
+    libc::SYS_mkdirat,
+    libc::SYS_mknodat,
+    libc::SYS_symlinkat,
+    libc::SYS_linkat,
+    libc::SYS_unlinkat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_fchownat,
+    libc::SYS_ftruncate,
+    libc::SYS_utimensat,
+    libc::SYS_fcntl,
+    libc::SYS_flock,
+    libc::SYS_dup,
+    // Around each create, mkdir and mknod, so that the guest's own umask alone applies.
+    libc::SYS_umask,
+];
 
 /// A vCPU: KVM_RUN and the ioctls of MSI-X routing and fault reports, eventfd reads of queue
 /// resets, and a device's activation (its kick and stop eventfds, its worker's epoll set; the
@@ -299,9 +352,10 @@ fn allowed(role: Role) -> Vec<i64> {
         Role::Vcpu => &[VCPU],
         Role::DeviceWorker => &[DEVICE_WORKER],
         // Every worker starts with the spawner's filter: it holds what each of them needs.
-        Role::Spawner => &[SPAWNER, DEVICE_WORKER, VSOCK_WORKER, URING_WORKER],
+        Role::Spawner => &[SPAWNER, DEVICE_WORKER, VSOCK_WORKER, URING_WORKER, FS_WORKER],
         Role::VsockWorker => &[DEVICE_WORKER, VSOCK_WORKER],
         Role::UringWorker => &[DEVICE_WORKER, URING_WORKER],
+        Role::FsWorker => &[DEVICE_WORKER, FS_WORKER],
         Role::StdinPump => &[STDIN_PUMP],
         Role::SignalWatcher => &[SIGNAL_WATCHER],
         Role::Api => &[API],
@@ -384,7 +438,7 @@ mod tests {
 
     #[test]
     fn opening_a_file_fails_with_eacces_on_every_role_and_kills_nothing() {
-        for role in [Role::Vcpu, Role::DeviceWorker, Role::VsockWorker, Role::UringWorker, Role::Spawner, Role::StdinPump, Role::SignalWatcher] {
+        for role in [Role::Vcpu, Role::DeviceWorker, Role::VsockWorker, Role::UringWorker, Role::StdinPump, Role::SignalWatcher] {
             let errno = std::thread::spawn(move || {
                 // Trap, as `--seccomp enforce` does: a trapped open would kill the test process.
                 apply(role, SeccompAction::Trap).expect("filter installs");
@@ -406,6 +460,20 @@ mod tests {
             unsafe { libc::close(fd) };
         }
         i64::from(fd)
+    }
+
+    /// `open_by_handle_at` with a forged handle: it opens by inode number, past any
+    /// directory (the passthrough's file handles are off; the filter refuses it anyway).
+    fn open_by_a_file_handle() -> i64 {
+        let mut handle = [0u8; 16];
+        handle[..4].copy_from_slice(&8u32.to_le_bytes()); // handle_bytes
+        // SAFETY: a valid `struct file_handle` of 8 payload bytes; a returned fd is closed at once.
+        let fd = unsafe { libc::syscall(libc::SYS_open_by_handle_at, libc::AT_FDCWD, handle.as_mut_ptr(), libc::O_RDONLY) };
+        if fd >= 0 {
+            // SAFETY: we own the fd we just opened.
+            unsafe { libc::close(fd as i32) };
+        }
+        fd
     }
 
     fn make_a_socket() -> i64 {
@@ -541,11 +609,33 @@ mod tests {
 
     #[test]
     fn every_role_refuses_opening_files_and_sockets() {
-        for role in [Role::Vcpu, Role::DeviceWorker, Role::VsockWorker, Role::UringWorker, Role::Spawner, Role::StdinPump, Role::SignalWatcher] {
+        for role in [Role::Vcpu, Role::DeviceWorker, Role::VsockWorker, Role::UringWorker, Role::StdinPump, Role::SignalWatcher] {
             assert!(fails_on_thread(role, open_a_file), "{role:?} may open files");
             assert!(!allowed_on_thread(role, make_a_socket), "{role:?} may make sockets");
         }
         assert!(!allowed_on_thread(Role::Api, make_a_socket), "the API thread may make sockets");
+    }
+
+    #[test]
+    fn only_the_fs_worker_opens_files_and_it_makes_no_sockets() {
+        assert!(allowed_on_thread(Role::FsWorker, open_a_file));
+        assert!(!allowed_on_thread(Role::FsWorker, open_by_a_file_handle), "file handles reach past any directory");
+        assert!(!allowed_on_thread(Role::FsWorker, make_a_socket));
+        assert!(!allowed_on_thread(Role::FsWorker, make_a_unix_socket));
+        // The spawner lets opens through for the fs worker it starts; every other worker it
+        // starts refuses them for itself.
+        let opened_by_a_device_worker = std::thread::spawn(|| {
+            apply(Role::Spawner, SeccompAction::Errno(libc::EPERM as u32)).expect("spawner filter");
+            std::thread::spawn(|| {
+                apply(Role::DeviceWorker, SeccompAction::Errno(libc::EPERM as u32)).expect("worker filter");
+                open_a_file() >= 0
+            })
+            .join()
+            .expect("worker thread")
+        })
+        .join()
+        .expect("spawner thread");
+        assert!(!opened_by_a_device_worker);
     }
 
     #[test]

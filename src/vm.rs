@@ -34,6 +34,7 @@ use crate::config::ConsoleKind;
 use crate::virtio::block::Block;
 use crate::virtio::console::{Console, ConsoleInput};
 use crate::virtio::net::vhost::VhostNet;
+use crate::virtio::fs::Fs;
 use crate::virtio::net::Net;
 use crate::virtio::rng::Rng;
 use crate::virtio::transport::{DriveHandle, VirtioPci, BAR_SIZE};
@@ -384,6 +385,11 @@ fn virtio_devices(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<(Vec<Named
     if let Some(vsock) = &config.vsock {
         // Bound here, on the main thread: the device's worker may not touch the file system.
         devices.push(("virtio-vsock", Box::new(Vsock::new(vsock.cid, &vsock.uds_path)?)));
+    }
+    for share in &config.shares {
+        // Opened here, on the main thread: a directory that can't be served fails the start.
+        let fs = Fs::new(share).map_err(|source| Error::Share { dir: share.dir.clone(), source })?;
+        devices.push(("virtio-fs", Box::new(fs)));
     }
     Ok((devices, console_input, live))
 }

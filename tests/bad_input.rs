@@ -120,7 +120,20 @@ fn more_devices_than_pci_slots() {
     let kernel = hello(dir.path());
     let mut args = vec!["--kernel", kernel.as_str(), "--rng"];
     args.extend(std::iter::repeat_n(["--disk", "x.img"], 31).flatten());
-    refused(run_args(&args), "32 PCI devices asked for (--disk, --net, --rng, --console virtio, --vsock), but the PCI bus has room for 31");
+    refused(run_args(&args), "32 PCI devices asked for (--disk, --net, --rng, --console virtio, --vsock, --share), but the PCI bus has room for 31");
+}
+
+#[test]
+fn bad_shares_are_refused_in_one_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kernel = hello(dir.path());
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").expect("file");
+    refused(run_args(&["--kernel", &kernel, "--share", "/no/such/dir:t"]), "invalid --share '/no/such/dir:t': cannot use '/no/such/dir'");
+    refused(run_args(&["--kernel", &kernel, "--share", &format!("{}:t", file.display())]), "is not a directory");
+    refused(run_args(&["--kernel", &kernel, "--share", "/tmp"]), "expected HOSTDIR:TAG[,readonly]");
+    let (a, b) = (format!("{}:same", dir.path().display()), "/tmp:same".to_string());
+    refused(run_args(&["--kernel", &kernel, "--share", &a, "--share", &b]), "the tag 'same' is already used by another --share");
 }
 
 #[test]

@@ -401,3 +401,31 @@ fn vsock_carries_streams_both_ways_in_parallel_with_flow_control_and_refuses_clo
         )
     });
 }
+
+/// `--share`: one boot, run as nobody, with a read-write and a readonly share; the guest's side
+/// comes from the share itself (tests/lab/virtio-fs-guest.sh).
+#[test]
+fn virtio_fs_shares_a_directory_posix_enough_owned_by_the_caller_readonly_and_escape_proof() {
+    let guest_side = format!("{}:/tests/virtio-fs-guest.sh", repo().join("tests/lab/virtio-fs-guest.sh").display());
+    run_scenario_with_files("virtio-fs", &[], &[&guest_side], |output| {
+        // How long the guest's file work took, for the log (the lab's numbers are noisy).
+        for line in output.lines().filter(|l| l.starts_with("LGUEST-FS-TIMING")) {
+            eprintln!("{}", line.trim_end());
+        }
+        expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its modules")?;
+        let guest_cases = [
+            "create", "truncate", "mkdir", "rename", "symlink", "link", "chmod", "utimes", "unlink", "rmdir", "mmap-exec",
+            "owner-seen-by-guest", "many-files", "deep-tree", "rm-r", "escape-absolute-symlink", "escape-relative-symlink",
+            "escape-dotdot", "readonly-read", "readonly-create", "readonly-append", "readonly-rm", "readonly-mkdir",
+            "readonly-chmod",
+        ]
+        .map(|name| format!("fs-guest-{name}"));
+        let host_cases = [
+            "fs-exit", "fs-done", "fs-guest-done", "fs-host-owner", "fs-host-content", "fs-host-mode", "fs-host-mtime",
+            "fs-host-links", "fs-host-symlink", "fs-host-big", "fs-host-many", "fs-host-deep", "fs-host-readonly",
+            "fs-host-secret", "fs-no-leftovers",
+        ];
+        let cases: Vec<&str> = host_cases.into_iter().chain(guest_cases.iter().map(String::as_str)).collect();
+        expect_cases(output, &cases)
+    });
+}

@@ -1,5 +1,5 @@
 //! Property tests of the virtio devices' request handling, the ordinary suite's half of
-//! `fuzz/fuzz_targets/virtio_{rng,console,block,net,vsock}.rs`: a malicious guest lays out descriptor
+//! `fuzz/fuzz_targets/virtio_{rng,console,block,net,vsock,fs}.rs`: a malicious guest lays out descriptor
 //! chains however it likes (loops, next indices past the table, indirect tables, buffers
 //! outside memory or of absurd length, head indices past the ring) and the device serves the
 //! queue once, synchronously, through the same handler its worker thread runs
@@ -15,9 +15,10 @@ use std::io::{self, Write};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use lguest::config::{DiskConfig, DiskEngine};
+use lguest::config::{DiskConfig, DiskEngine, ShareConfig};
 use lguest::virtio::block::{Block, QUEUE_SIZE, REQUESTS};
 use lguest::virtio::console::{Console, RECEIVE_KICK, TRANSMIT_KICK};
+use lguest::virtio::fs::{self as virtio_fs, Fs};
 use lguest::virtio::net::tap::Tap;
 use lguest::virtio::net::{Net, NetWorker, RX_KICK, TAP, TX_KICK};
 use lguest::virtio::rng::{self, Rng, MAX_BYTES_PER_REQUEST};
@@ -121,6 +122,21 @@ impl GuestQueue {
         queue.set_ready(true);
         assert!(queue.is_valid(mem));
         ActiveQueue { queue, kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd") }
+    }
+
+    /// A ring of 16 with nothing posted.
+    fn empty() -> GuestQueue {
+        GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] }
+    }
+
+    /// Puts `payloads` (one after another, round and round) at the start of every buffer
+    /// the chains point at inside memory: plausible requests, so that they get served.
+    fn fill_buffers(&self, mem: &GuestMemoryMmap, payloads: &[Vec<u8>]) {
+        for (i, d) in self.descs.iter().chain(self.tables.iter().flatten()).enumerate() {
+            if (BUFFERS..MEM_END).contains(&d.addr) {
+                let _ = mem.write_slice(&payloads[i % payloads.len()], GuestAddress(d.addr));
+            }
+        }
     }
 
     fn has_bad_head(&self) -> bool {
@@ -227,11 +243,7 @@ proptest! {
     ) {
         let mem = memory();
         // Plausible headers at the buffers the chains point at, so that requests get served.
-        for (i, d) in guest.descs.iter().chain(guest.tables.iter().flatten()).enumerate() {
-            if (BUFFERS..MEM_END).contains(&d.addr) {
-                let _ = mem.write_slice(&headers[i % headers.len()], GuestAddress(d.addr));
-            }
-        }
+        guest.fill_buffers(&mem, &headers);
         let image = disk_image();
         // Either engine: the guest's chains must meet the same checks.
         let engine = if io_uring { DiskEngine::IoUring } else { DiskEngine::Sync };
@@ -287,7 +299,7 @@ proptest! {
     #[test]
     fn net_any_transmit_chain_yields_a_used_entry_or_needs_reset(tx in guest_queue(256), features in any::<u32>()) {
         let mem = memory();
-        let rx = GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] };
+        let rx = GuestQueue::empty();
         let (mut worker, _host) = net_worker(&mem, rx.install(&mem, 0, 256), tx.install(&mem, 0x8000, 256), u64::from(features));
         let served = worker.handle(TX_KICK);
         check_served(served, &tx, &used(&mem, 0x8000))?;
@@ -300,7 +312,7 @@ proptest! {
         frames in prop::collection::vec(prop_oneof![0..200usize, 0..70_000usize], 0..4),
     ) {
         let mem = memory();
-        let tx = GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] };
+        let tx = GuestQueue::empty();
         let (mut worker, mut host) = net_worker(&mem, rx.install(&mem, 0, 256), tx.install(&mem, 0x8000, 256), u64::from(features));
         let mut served = worker.handle(RX_KICK);
         for len in frames {
@@ -347,7 +359,7 @@ fn vsock_worker(
 ) -> (HandDriven<VsockWorker>, std::os::unix::net::UnixListener) {
     let device = Vsock::new(3, &dir.join("v.sock")).expect("vsock socket");
     let listener = std::os::unix::net::UnixListener::bind(dir.join("v.sock_1")).expect("host listener");
-    let event = GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] };
+    let event = GuestQueue::empty();
     // An event queue with nothing posted, at the end of memory: never read without a reset.
     let queues = vec![Some(rx), Some(tx), Some(event.install(mem, MEM_END - 0x8000, 256))];
     (by_hand(&device, activation(mem, queues, false)), listener)
@@ -362,13 +374,9 @@ proptest! {
         headers in prop::collection::vec(vsock_header(), 1..8),
     ) {
         let mem = memory();
-        for (i, d) in tx.descs.iter().chain(tx.tables.iter().flatten()).enumerate() {
-            if (BUFFERS..MEM_END).contains(&d.addr) {
-                let _ = mem.write_slice(&headers[i % headers.len()], GuestAddress(d.addr));
-            }
-        }
+        tx.fill_buffers(&mem, &headers);
         let dir = tempfile::tempdir().expect("tempdir");
-        let rx = GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] };
+        let rx = GuestQueue::empty();
         let (mut worker, _listener) = vsock_worker(&mem, dir.path(), rx.install(&mem, 0, 256), tx.install(&mem, 0x8000, 256));
         let served = worker.handle(vsock::TX_KICK);
         check_served(served, &tx, &used(&mem, 0x8000))?;
@@ -385,7 +393,7 @@ proptest! {
         let dir = tempfile::tempdir().expect("tempdir");
         // Requests from the guest, each owed an answer (RESPONSE or RST), from a transmit queue
         // laid out by hand.
-        let mut tx = GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] };
+        let mut tx = GuestQueue::empty();
         for (i, header) in requests.iter().enumerate() {
             let at = BUFFERS + 0x8_0000 + 64 * i as u64;
             mem.write_slice(header, GuestAddress(at)).expect("header");
@@ -420,6 +428,42 @@ proptest! {
     }
 }
 
+/// A FUSE request for a chain's first buffer: a header for an opcode the server knows (now
+/// and then any number) on the root or a nearby inode, and whatever body. Never FALLOCATE:
+/// it would reserve what it names on the test machine's disk.
+fn fuse_request() -> impl Strategy<Value = Vec<u8>> {
+    let opcode = prop_oneof![4 => 1..50u32, 1 => any::<u32>()].prop_map(|op| if op == 43 { 44 } else { op });
+    let body = prop::collection::vec(any::<u8>(), 0..96);
+    (opcode, 1..4u64, body).prop_map(|(opcode, nodeid, body)| virtio_fs::driver::request(opcode, 1, nodeid, &body))
+}
+
+/// A virtio-fs device over a fresh directory (with one file), with nothing on its hiprio
+/// queue and `requests` at 0x8000.
+fn fs_worker(mem: &GuestMemoryMmap, dir: &std::path::Path, requests: ActiveQueue, event_idx: bool) -> HandDriven<virtio_fs::FsWorker> {
+    std::fs::write(dir.join("file"), [7u8; 4096]).expect("a file to read");
+    let device = Fs::new(&ShareConfig { dir: dir.to_path_buf(), tag: "proptest".into(), readonly: false }).expect("share");
+    let hiprio = GuestQueue::empty();
+    let queues = vec![Some(hiprio.install(mem, MEM_END - 0x8000, 256)), Some(requests)];
+    by_hand(&device, activation(mem, queues, event_idx))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn fs_any_request_chain_yields_a_used_entry_or_needs_reset(
+        guest in guest_queue(256),
+        requests in prop::collection::vec(fuse_request(), 1..8),
+    ) {
+        let mem = memory();
+        guest.fill_buffers(&mem, &requests);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut worker = fs_worker(&mem, dir.path(), guest.install(&mem, 0x8000, 256), guest.event_idx);
+        let served = worker.handle(virtio_fs::REQUESTS as u64);
+        check_served(served, &guest, &used(&mem, 0x8000))?;
+    }
+}
+
 /// Runs `serve` on a thread and fails the test if it has not returned within 20 s: the bugs
 /// kept here were endless loops.
 fn within_seconds<E: Send + 'static>(serve: impl FnOnce() -> Result<(), E> + Send + 'static) -> Result<(), E> {
@@ -430,20 +474,25 @@ fn within_seconds<E: Send + 'static>(serve: impl FnOnce() -> Result<(), E> + Sen
     result.recv_timeout(Duration::from_secs(20)).expect("the device kept serving a queue that goes nowhere")
 }
 
-/// Found by `cargo fuzz` (virtio_rng): the available ring's index lies on the used ring's
-/// flags, so every notification change we write moves the index back and forth, and the
-/// "anything new since I re-enabled notifications?" loop never ended.
-#[test]
-fn rng_rings_laid_over_each_other_break_the_device_instead_of_spinning() {
-    let mem = memory();
+/// The rng fuzzer's find: a ring of 2 whose available index lies on the used ring's flags.
+fn avail_index_on_used_flags(mem: &GuestMemoryMmap) -> ActiveQueue {
     let mut queue = Queue::new(256).expect("queue");
     queue.try_set_size(2).expect("size");
     queue.try_set_desc_table_address(GuestAddress(0xffe0)).expect("desc");
     queue.try_set_avail_ring_address(GuestAddress(0xfe)).expect("avail");
     queue.try_set_used_ring_address(GuestAddress(0x100)).expect("used");
     queue.set_ready(true);
-    assert!(queue.is_valid(&mem), "the transport accepts these rings");
-    let active = ActiveQueue { queue, kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd") };
+    assert!(queue.is_valid(mem), "the transport accepts these rings");
+    ActiveQueue { queue, kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd") }
+}
+
+/// Found by `cargo fuzz` (virtio_rng): the available ring's index lies on the used ring's
+/// flags, so every notification change we write moves the index back and forth, and the
+/// "anything new since I re-enabled notifications?" loop never ended.
+#[test]
+fn rng_rings_laid_over_each_other_break_the_device_instead_of_spinning() {
+    let mem = memory();
+    let active = avail_index_on_used_flags(&mem);
     let mut worker = by_hand(&Rng::new(), activation(&mem, vec![Some(active)], false));
     assert!(within_seconds(move || worker.handle(rng::REQUESTS as u64)).is_err(), "the device says it is broken");
 }
@@ -480,11 +529,22 @@ fn net_rings_laid_over_each_other_break_the_device_instead_of_spinning() {
         assert!(queue.is_valid(&mem), "the transport accepts these rings");
         ActiveQueue { queue, kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd") }
     };
-    let rx = GuestQueue { size: 16, event_idx: false, descs: vec![], tables: vec![], heads: vec![] };
+    let rx = GuestQueue::empty();
     let (mut worker, host) = net_worker(&mem, rx.install(&mem, 0x8000, 256), overlapping, 0);
     let served = within_seconds(move || {
         let _host = host;
         worker.handle(TX_KICK)
     });
     assert!(served.is_err(), "the device says it is broken");
+}
+
+/// The same overlap on virtio-fs's request queue, whose loop over its queue (in the FUSE
+/// crate's queue version, virtio::fs::bridge) has the same guard.
+#[test]
+fn fs_rings_laid_over_each_other_break_the_device_instead_of_spinning() {
+    let mem = memory();
+    let active = avail_index_on_used_flags(&mem);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut worker = fs_worker(&mem, dir.path(), active, false);
+    assert!(within_seconds(move || worker.handle(virtio_fs::REQUESTS as u64)).is_err(), "the device says it is broken");
 }

@@ -17,6 +17,7 @@ use lguest::bus::BusDevice;
 use lguest::pci::msix::{MsiRoutes, NO_VECTOR};
 use lguest::pci::PciDevice;
 use lguest::virtio::console::Console;
+use lguest::virtio::fs::Fs;
 use lguest::virtio::net::Net;
 use lguest::virtio::net::tap::Tap;
 use lguest::virtio::rng::Rng;
@@ -36,6 +37,7 @@ enum Device {
     Console,
     Net,
     Vsock,
+    Fs,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -95,6 +97,7 @@ fuzz_target!(|input: Input| {
         Device::Console => Box::new(Console::new(Box::new(std::io::sink())).expect("console")),
         Device::Net => Box::new(Net::with_tap(Tap::socket_pair().expect("socket pair").0, None)),
         Device::Vsock => Box::new(Vsock::new(3, &lguest_fuzz::vsock_path()).expect("vsock socket")),
+        Device::Fs => Box::new(Fs::new(&lguest_fuzz::fs_share()).expect("shared directory")),
     };
     let queues = device.queue_max_sizes().len();
     let vectors = queues as u64 + 1;

@@ -34,6 +34,14 @@ pub fn vsock_path() -> PathBuf {
     std::env::temp_dir().join(format!("lguest-fuzz-vsock-{}.sock", std::process::id()))
 }
 
+/// The directory a fuzz target's virtio-fs device shares: one per process, made on first use
+/// (a forged request may change what is in it, never what is outside).
+pub fn fs_share() -> lguest::config::ShareConfig {
+    let dir = std::env::temp_dir().join(format!("lguest-fuzz-share-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("the fuzz share");
+    lguest::config::ShareConfig { dir, tag: "fuzz".into(), readonly: false }
+}
+
 /// A fresh guest memory, all zeros.
 pub fn memory() -> GuestMemoryMmap {
     let ranges: Vec<(GuestAddress, usize)> = REGIONS.iter().map(|&(at, len)| (GuestAddress(at), len)).collect();

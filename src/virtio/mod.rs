@@ -18,6 +18,7 @@
 
 pub mod block;
 pub mod console;
+pub mod fs;
 pub mod iovec;
 pub mod metrics;
 pub mod net;
@@ -46,6 +47,7 @@ pub mod device_type {
     pub const CONSOLE: u32 = 3;
     pub const RNG: u32 = 4;
     pub const VSOCK: u32 = 19;
+    pub const FS: u32 = 26;
 }
 
 /// Feature bits every device gets from the transport; devices offer only their own.

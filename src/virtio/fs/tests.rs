@@ -1,0 +1,334 @@
+//! The fs device's tests: FUSE requests laid in guest memory as the Linux driver lays them
+//! ([`super::driver`]), served by the real passthrough over a temporary directory.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use fuse_backend_rs::abi::fuse_abi::{
+    AccessIn, Attr, CreateIn, EntryOut, FallocateIn, FlushIn, FsyncIn, InitIn, LinkIn, LseekIn, ReleaseIn, MkdirIn, MknodIn, OpenIn, OpenOut, Opcode, ReadIn, RenameIn, SetattrIn, WriteIn,
+};
+use fuse_backend_rs::api::filesystem::ROOT_ID;
+use vm_memory_fs::ByteValued;
+
+use super::driver::{request, FuseDriver, Reply};
+use super::server_for;
+use super::share::Share;
+
+const FATTR_MODE: u32 = 1;
+const FATTR_SIZE: u32 = 8;
+const FATTR_ATIME: u32 = 0x10;
+const FATTR_MTIME: u32 = 0x20;
+
+/// A driver mounted (FUSE_INIT done) on `dir`.
+fn mounted(dir: &Path, readonly: bool) -> FuseDriver {
+    let mut driver = activated(dir, readonly);
+    mount(&mut driver);
+    driver
+}
+
+/// A driver whose device is activated on `dir`, not yet mounted.
+fn activated(dir: &Path, readonly: bool) -> FuseDriver {
+    let share = Share::open(dir, readonly).expect("a readable directory");
+    FuseDriver::new(server_for(share))
+}
+
+fn mount(driver: &mut FuseDriver) {
+    let init = InitIn { major: 7, minor: 31, max_readahead: 1 << 17, flags: 0 };
+    assert_eq!(driver.call(Opcode::Init as u32, 0, init.as_slice()).errno(), Some(0));
+}
+
+fn named(body: &[u8], name: &str) -> Vec<u8> {
+    let mut bytes = body.to_vec();
+    bytes.extend_from_slice(name.as_bytes());
+    bytes.push(0);
+    bytes
+}
+
+fn lookup(driver: &mut FuseDriver, parent: u64, name: &str) -> Reply {
+    driver.call(Opcode::Lookup as u32, parent, &named(&[], name))
+}
+
+fn entry(reply: &Reply) -> EntryOut {
+    assert_eq!(reply.errno(), Some(0), "{reply:?}");
+    reply.body::<EntryOut>().expect("an entry")
+}
+
+fn attr_of(reply: &Reply) -> Attr {
+    entry(reply).attr
+}
+
+fn open(driver: &mut FuseDriver, inode: u64, flags: i32) -> Reply {
+    driver.call(Opcode::Open as u32, inode, OpenIn { flags: flags as u32, fuse_flags: 0 }.as_slice())
+}
+
+fn read(driver: &mut FuseDriver, inode: u64, fh: u64, size: u32) -> Reply {
+    let read = ReadIn { fh, offset: 0, size, ..ReadIn::default() };
+    driver.call(Opcode::Read as u32, inode, read.as_slice())
+}
+
+fn create(driver: &mut FuseDriver, parent: u64, name: &str, mode: u32) -> Reply {
+    let args = CreateIn { flags: (libc::O_CREAT | libc::O_RDWR) as u32, mode, umask: 0, fuse_flags: 0 };
+    driver.call(Opcode::Create as u32, parent, &named(args.as_slice(), name))
+}
+
+fn reply_body(reply: &Reply) -> &[u8] {
+    &reply.bytes[std::mem::size_of::<fuse_backend_rs::abi::fuse_abi::OutHeader>()..]
+}
+
+#[test]
+fn a_guest_reads_a_host_file_through_lookup_open_and_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::write(dir.path().join("hello"), b"hello from the host").expect("file");
+    let mut driver = mounted(dir.path(), false);
+
+    let inode = entry(&lookup(&mut driver, ROOT_ID, "hello")).nodeid;
+    let opened = open(&mut driver, inode, libc::O_RDONLY);
+    let fh = opened.body::<OpenOut>().expect("a handle").fh;
+    let data = read(&mut driver, inode, fh, 4096);
+
+    assert_eq!(data.errno(), Some(0));
+    assert_eq!(reply_body(&data), b"hello from the host");
+}
+
+#[test]
+fn files_the_guest_creates_belong_to_the_user_running_lguest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut driver = mounted(dir.path(), false);
+
+    let made = create(&mut driver, ROOT_ID, "new", 0o644);
+
+    assert_eq!(made.errno(), Some(0), "{made:?}");
+    let meta = fs::metadata(dir.path().join("new")).expect("created on the host");
+    // SAFETY: geteuid and getegid only read the calling process's credentials.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    assert_eq!((meta.uid(), meta.gid()), (uid, gid), "the request said uid 1000, but we own it");
+}
+
+#[test]
+fn a_readonly_share_refuses_every_change_and_still_reads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::write(dir.path().join("kept"), b"unchanged").expect("file");
+    fs::create_dir(dir.path().join("sub")).expect("dir");
+    let mut driver = mounted(dir.path(), true);
+    let kept = entry(&lookup(&mut driver, ROOT_ID, "kept")).nodeid;
+    let erofs = Some(libc::EROFS);
+
+    assert_eq!(create(&mut driver, ROOT_ID, "new", 0o644).errno(), erofs);
+    let mkdir = MkdirIn { mode: 0o755, umask: 0 };
+    assert_eq!(driver.call(Opcode::Mkdir as u32, ROOT_ID, &named(mkdir.as_slice(), "d")).errno(), erofs);
+    assert_eq!(driver.call(Opcode::Unlink as u32, ROOT_ID, &named(&[], "kept")).errno(), erofs);
+    assert_eq!(driver.call(Opcode::Rmdir as u32, ROOT_ID, &named(&[], "sub")).errno(), erofs);
+    assert_eq!(open(&mut driver, kept, libc::O_WRONLY).errno(), erofs);
+    assert_eq!(open(&mut driver, kept, libc::O_RDONLY | libc::O_TRUNC).errno(), erofs);
+    let chmod = SetattrIn { valid: FATTR_MODE, mode: 0o777, ..SetattrIn::default() };
+    assert_eq!(driver.call(Opcode::Setattr as u32, kept, chmod.as_slice()).errno(), erofs);
+    assert_eq!(driver.call(Opcode::Symlink as u32, ROOT_ID, &named(&named(&[], "l"), "kept")).errno(), erofs);
+
+    assert_eq!(open(&mut driver, kept, libc::O_RDONLY).errno(), Some(0), "reading is fine");
+    assert_eq!(fs::read(dir.path().join("kept")).expect("still there"), b"unchanged");
+    assert!(!dir.path().join("new").exists() && !dir.path().join("d").exists());
+}
+
+#[test]
+fn dot_dot_and_dot_are_refused_even_at_the_root() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut driver = mounted(dir.path(), false);
+
+    assert_eq!(lookup(&mut driver, ROOT_ID, "..").errno(), Some(libc::EPERM));
+    assert_eq!(lookup(&mut driver, ROOT_ID, ".").errno(), Some(libc::EPERM));
+    assert_eq!(lookup(&mut driver, ROOT_ID, "../etc").errno(), Some(libc::EINVAL), "no slashes in a name");
+}
+
+#[test]
+fn a_symlink_out_of_the_share_is_never_followed_on_the_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink("/etc", dir.path().join("out")).expect("symlink");
+    let mut driver = mounted(dir.path(), false);
+
+    let link = lookup(&mut driver, ROOT_ID, "out");
+    let attr = attr_of(&link);
+    let inode = entry(&link).nodeid;
+
+    assert_eq!(attr.mode & libc::S_IFMT, libc::S_IFLNK, "the guest sees the link itself");
+    let target = driver.call(Opcode::Readlink as u32, inode, &[]);
+    assert_eq!(reply_body(&target), b"/etc", "for the guest to resolve in its own tree");
+    assert_ne!(lookup(&mut driver, inode, "passwd").errno(), Some(0), "a link is not a directory to look in");
+    assert_ne!(open(&mut driver, inode, libc::O_RDONLY).errno(), Some(0), "nor a file to open");
+}
+
+#[test]
+fn a_directory_swapped_for_a_symlink_after_lookup_leads_nowhere_outside() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::create_dir(dir.path().join("d")).expect("dir");
+    let mut driver = mounted(dir.path(), false);
+    let before = entry(&lookup(&mut driver, ROOT_ID, "d")).nodeid;
+
+    fs::remove_dir(dir.path().join("d")).expect("rmdir");
+    std::os::unix::fs::symlink("/etc", dir.path().join("d")).expect("swap");
+
+    assert_ne!(lookup(&mut driver, before, "passwd").errno(), Some(0), "the old inode is the old, gone directory");
+    let after = entry(&lookup(&mut driver, ROOT_ID, "d")).nodeid;
+    assert_ne!(lookup(&mut driver, after, "passwd").errno(), Some(0), "the new one is a link, not /etc");
+}
+
+#[test]
+fn device_nodes_are_refused_and_privilege_bits_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::write(dir.path().join("tool"), b"#!/bin/sh").expect("file");
+    let mut driver = mounted(dir.path(), false);
+    let tool = entry(&lookup(&mut driver, ROOT_ID, "tool")).nodeid;
+
+    let disk = MknodIn { mode: libc::S_IFBLK | 0o600, rdev: 8 << 8, umask: 0, padding: 0 };
+    assert_eq!(driver.call(Opcode::Mknod as u32, ROOT_ID, &named(disk.as_slice(), "sda")).errno(), Some(libc::EPERM));
+    let setuid = SetattrIn { valid: FATTR_MODE, mode: libc::S_ISUID | libc::S_ISGID | 0o755, ..SetattrIn::default() };
+    assert_eq!(driver.call(Opcode::Setattr as u32, tool, setuid.as_slice()).errno(), Some(0));
+
+    assert!(!dir.path().join("sda").exists());
+    assert_eq!(fs::metadata(dir.path().join("tool")).expect("file").permissions().mode() & 0o7777, 0o755);
+}
+
+#[test]
+fn hostile_requests_fail_alone_and_the_device_carries_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::write(dir.path().join("f"), vec![7u8; 8192]).expect("file");
+    let mut driver = mounted(dir.path(), false);
+    let f = entry(&lookup(&mut driver, ROOT_ID, "f")).nodeid;
+    let fh = open(&mut driver, f, libc::O_RDONLY).body::<OpenOut>().expect("handle").fh;
+
+    let unknown = driver.call(4242, ROOT_ID, &[]);
+    assert_eq!(unknown.errno(), Some(libc::ENOSYS));
+    let retired = driver.send(&request(7, 99, ROOT_ID, &[]), 4096).expect("carries on");
+    assert_eq!(retired.written, 0, "an opcode the crate's enum skips never reaches it");
+    let short = driver.send(&[1, 2, 3], 4096).expect("carries on");
+    assert_eq!(short.written, 0, "a header cut short gets nothing");
+    let mut lying = request(Opcode::Lookup as u32, 100, ROOT_ID, b"f\0");
+    lying[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert_ne!(driver.send(&lying, 4096).expect("carries on").errno(), Some(0), "a length beyond any buffer");
+    let huge = read(&mut driver, f, fh, u32::MAX);
+    assert_ne!(huge.errno(), Some(0), "a 4 GiB read is refused, not allocated");
+    let no_room = driver.send(&request(Opcode::Getattr as u32, 101, ROOT_ID, &[0; 16]), 0).expect("carries on");
+    assert_eq!(no_room.written, 0, "no reply buffer: nothing written");
+
+    assert_eq!(reply_body(&read(&mut driver, f, fh, 8192)), &vec![7u8; 8192][..], "and it still serves");
+}
+
+#[test]
+fn a_read_fills_at_most_the_reply_buffer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::write(dir.path().join("f"), vec![1u8; 1 << 20]).expect("file");
+    let mut driver = mounted(dir.path(), false);
+    let f = entry(&lookup(&mut driver, ROOT_ID, "f")).nodeid;
+    let fh = open(&mut driver, f, libc::O_RDONLY).body::<OpenOut>().expect("handle").fh;
+
+    let request = request(Opcode::Read as u32, 50, f, ReadIn { fh, size: 1 << 20, ..ReadIn::default() }.as_slice());
+    let reply = driver.send(&request, 4096).expect("carries on");
+
+    assert!(reply.written <= 4096, "wrote {} into 4096 bytes", reply.written);
+}
+
+/// Everything a build in a shared directory does, served under the fs worker's own seccomp
+/// filter, which traps any other call as `--seccomp enforce` does: a call it lacks ends this
+/// test process with SIGSYS ("Bad system call"), as it would end lguest.
+#[test]
+fn posix_work_runs_under_the_fs_workers_seccomp_filter() {
+    use seccompiler::SeccompAction;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut driver = activated(dir.path(), false);
+    let failures = std::thread::spawn(move || {
+        crate::seccomp::apply_for_test(crate::seccomp::Role::FsWorker, SeccompAction::Trap);
+        posix_work(&mut driver)
+    })
+    .join()
+    .expect("worker thread");
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(fs::read(dir.path().join("renamed")).expect("file"), b"hello, wo");
+    assert_eq!(fs::read_link(dir.path().join("sym")).expect("link"), Path::new("renamed"));
+    assert!(!dir.path().join("gone").exists() && !dir.path().join("sub").exists());
+}
+
+/// Mounts and does one of each operation; returns the ones that failed, with their errno.
+fn posix_work(driver: &mut FuseDriver) -> Vec<(&'static str, Option<i32>)> {
+    let mut failures = Vec::new();
+    let mut check = |what: &'static str, reply: &Reply| {
+        if reply.errno() != Some(0) {
+            failures.push((what, reply.errno()));
+        }
+    };
+    mount(driver);
+    let made = create(driver, ROOT_ID, "file", 0o644);
+    check("create", &made);
+    let (file, fh) = (made.body::<EntryOut>().map_or(0, |e| e.nodeid), made.body_at::<OpenOut>(std::mem::size_of::<EntryOut>()).map_or(0, |o| o.fh));
+    let mut write = WriteIn { fh, offset: 0, size: 12, ..WriteIn::default() }.as_slice().to_vec();
+    write.extend_from_slice(b"hello, world");
+    check("write", &driver.call(Opcode::Write as u32, file, &write));
+    check("read", &read(driver, file, fh, 64));
+    check("fsync", &driver.call(Opcode::Fsync as u32, file, FsyncIn { fh, ..FsyncIn::default() }.as_slice()));
+    let allocate = FallocateIn { fh, offset: 0, length: 4096, mode: 0, padding: 0 };
+    check("fallocate", &driver.call(Opcode::Fallocate as u32, file, allocate.as_slice()));
+    let seek = LseekIn { fh, offset: 0, whence: libc::SEEK_DATA as u32, padding: 0 };
+    check("lseek", &driver.call(Opcode::Lseek as u32, file, seek.as_slice()));
+    check("access", &driver.call(Opcode::Access as u32, file, AccessIn { mask: libc::R_OK as u32, padding: 0 }.as_slice()));
+    check("flush", &driver.call(Opcode::Flush as u32, file, FlushIn { fh, ..FlushIn::default() }.as_slice()));
+    check("release", &driver.call(Opcode::Release as u32, file, ReleaseIn { fh, ..ReleaseIn::default() }.as_slice()));
+    let truncate = SetattrIn { valid: FATTR_SIZE, size: 9, ..SetattrIn::default() };
+    check("truncate", &driver.call(Opcode::Setattr as u32, file, truncate.as_slice()));
+    let chmod = SetattrIn { valid: FATTR_MODE, mode: 0o600, ..SetattrIn::default() };
+    check("chmod", &driver.call(Opcode::Setattr as u32, file, chmod.as_slice()));
+    let utimes = SetattrIn { valid: FATTR_ATIME | FATTR_MTIME, atime: 1, mtime: 2, ..SetattrIn::default() };
+    check("utimes", &driver.call(Opcode::Setattr as u32, file, utimes.as_slice()));
+    check("getattr", &driver.call(Opcode::Getattr as u32, file, &[0; 16]));
+    check("rename", &driver.call(Opcode::Rename as u32, ROOT_ID, &named(&named(RenameIn { newdir: ROOT_ID }.as_slice(), "file"), "renamed")));
+    check("link", &driver.call(Opcode::Link as u32, ROOT_ID, &named(LinkIn { oldnodeid: file }.as_slice(), "gone")));
+    check("unlink", &driver.call(Opcode::Unlink as u32, ROOT_ID, &named(&[], "gone")));
+    check("symlink", &driver.call(Opcode::Symlink as u32, ROOT_ID, &named(&named(&[], "sym"), "renamed")));
+    let mkdir = MkdirIn { mode: 0o755, umask: 0 };
+    check("mkdir", &driver.call(Opcode::Mkdir as u32, ROOT_ID, &named(mkdir.as_slice(), "sub")));
+    check("rmdir", &driver.call(Opcode::Rmdir as u32, ROOT_ID, &named(&[], "sub")));
+    let opened = driver.call(Opcode::Opendir as u32, ROOT_ID, OpenIn::default().as_slice());
+    check("opendir", &opened);
+    let dir_fh = opened.body::<OpenOut>().map_or(0, |o| o.fh);
+    let list = ReadIn { fh: dir_fh, size: 4096, ..ReadIn::default() };
+    check("readdirplus", &driver.call(Opcode::Readdirplus as u32, ROOT_ID, list.as_slice()));
+    check("statfs", &driver.call(Opcode::Statfs as u32, ROOT_ID, &[]));
+    failures
+}
+
+/// An lguest that is not root can't use the passthrough's own `linkat(AT_EMPTY_PATH)`; the
+/// link is made through /proc/self/fd instead (virtio::fs::beneath). The test thread drops
+/// to nobody for itself (a raw setresuid changes only the calling thread).
+#[test]
+fn hard_links_work_for_a_user_without_capabilities() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).expect("chmod");
+    fs::write(dir.path().join("file"), b"linked").expect("file");
+    fs::set_permissions(dir.path().join("file"), fs::Permissions::from_mode(0o666)).expect("chmod");
+    let mut driver = activated(dir.path(), false);
+    let linked = std::thread::spawn(move || {
+        // SAFETY: setresuid and setresgid take integers and change this thread's credentials only.
+        unsafe {
+            libc::syscall(libc::SYS_setresgid, 65534, 65534, 65534);
+            libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534);
+        }
+        mount(&mut driver);
+        let file = entry(&lookup(&mut driver, ROOT_ID, "file")).nodeid;
+        driver.call(Opcode::Link as u32, ROOT_ID, &named(LinkIn { oldnodeid: file }.as_slice(), "hard")).errno()
+    })
+    .join()
+    .expect("thread");
+
+    assert_eq!(linked, Some(0));
+    assert_eq!(fs::metadata(dir.path().join("hard")).expect("the link").nlink(), 2);
+}
+
+#[test]
+fn activation_needs_a_modern_driver_and_both_queues() {
+    use crate::virtio::{ActivateError, Activation, Device, Signals};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let device = super::Fs::with_server("t", server_for(Share::open(dir.path(), false).expect("share")));
+    let mem = vm_memory::GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).expect("memory");
+    let legacy = Activation { mem: mem.clone(), queues: vec![None, None], features: 0, signals: Signals::standalone(2) };
+    assert!(matches!(device.handler(legacy), Err(ActivateError::LegacyDriver)));
+    let modern = Activation { mem, queues: vec![None, None], features: crate::virtio::feature::VERSION_1, signals: Signals::standalone(2) };
+    assert!(matches!(device.handler(modern), Err(ActivateError::QueueNotEnabled("hiprio"))));
+}
