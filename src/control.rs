@@ -7,8 +7,9 @@
 //! until each has come to the gate and parked there; [`PauseGate::resume`] opens it. A vCPU
 //! that starts while the gate is closed parks before its first KVM_RUN. When the VM is taken
 //! apart the gate is ended, which releases every parked thread for good, so a paused guest can
-//! still be stopped. Device workers are not paused (yet): a paused guest's queues are not
-//! served, since only its vCPUs could add to them, but requests already queued complete.
+//! still be stopped. [`VmControls::pause`] then stops every device's worker too (between two
+//! events; each keeps its handler), so that nothing of the guest moves while it is paused and a
+//! snapshot ([`crate::snapshot`]) sees it still; [`VmControls::resume`] restarts them first.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -18,7 +19,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::bus::lock;
 use crate::devices::i8042::I8042;
-use crate::virtio::transport::DriveHandle;
+use crate::virtio::transport::{DriveHandle, SharedVirtio};
 use crate::virtio::UpdateError;
 
 /// How long a pause waits for the vCPUs to park. Leaving KVM_RUN takes microseconds; only a
@@ -163,9 +164,26 @@ pub struct VmControls {
     /// The disks, in the order of `VmConfig::disks`: what `PATCH /drives` changes. Emptied
     /// when the VM is taken apart, so that the API holds no device of a VM that is gone.
     pub drives: Arc<Mutex<Vec<DriveHandle>>>,
+    /// Every virtio device, emptied with `drives`.
+    pub devices: Arc<Mutex<Vec<SharedVirtio>>>,
+    /// Where a snapshot request goes: the main thread takes it (see [`crate::snapshot`]).
+    pub stopper: Arc<crate::stop::Stopper>,
 }
 
 impl VmControls {
+    /// Parks every vCPU, then stops every device's worker.
+    pub fn pause(&self) -> Result<(), PauseError> {
+        self.gate.pause()?;
+        lock(&self.devices).iter().for_each(|device| lock(device).pause());
+        Ok(())
+    }
+
+    /// Restarts the devices' workers, then lets the vCPUs run.
+    pub fn resume(&self) {
+        lock(&self.devices).iter().for_each(|device| lock(device).resume());
+        self.gate.resume();
+    }
+
     /// Presses Ctrl-Alt-Del; false when the guest has its keyboard disabled.
     pub fn press_ctrl_alt_del(&self) -> bool {
         lock(&self.keyboard).press_ctrl_alt_del()

@@ -35,7 +35,7 @@ use crate::virtio::block::Block;
 use crate::virtio::console::{Console, ConsoleInput};
 use crate::virtio::net::Net;
 use crate::virtio::rng::Rng;
-use crate::virtio::transport::{DriveHandle, VirtioPci, BAR_SIZE};
+use crate::virtio::transport::{DriveHandle, SharedVirtio, VirtioPci, BAR_SIZE};
 use crate::virtio::vsock::Vsock;
 use crate::virtio::VirtioDevice;
 use crate::stop::{Event, StopReason, Stopper};
@@ -57,6 +57,8 @@ pub struct Vm {
     keyboard: Arc<Mutex<I8042>>,
     /// The disks, in the configuration's order, for a new image while the guest runs.
     drives: Vec<DriveHandle>,
+    /// Every virtio device, in PCI slot order: what a pause stops and a snapshot saves.
+    devices: Vec<SharedVirtio>,
     /// Where the vCPUs park while the guest is paused.
     gate: Arc<PauseGate>,
     stopper: Arc<Stopper>,
@@ -85,25 +87,25 @@ impl Vm {
         // interleaved runs each on a loaded PVM host (tiny guest, 256 MiB).
         let mem = memory::create_guest_memory(config.memory_bytes())?;
         register_memory(&vm, &mem)?;
-        let Furnished { vcpus, pio, serial, virtio_console, keyboard, drives, gate } =
+        let Furnished { vcpus, pio, serial, virtio_console, keyboard, drives, devices, gate } =
             furnish(config, &kvm_handle, &vm, &mem, &timeline, &stopper)?;
         // Asked now, not at the first fault: a vCPU thread may not read files.
         crate::fault::warn_if_host_kvm_is_pvm();
         timeline.mark(Milestone::VmBuilt);
-        Ok(Vm { kvm: kvm_handle, vm, vcpus, pio, serial, virtio_console, keyboard, drives, gate, stopper, ram: mem })
+        Ok(Vm { kvm: kvm_handle, vm, vcpus, pio, serial, virtio_console, keyboard, drives, devices, gate, stopper, ram: mem })
     }
 
     /// Starts the guest: one thread per vCPU, and what is typed routed to its console.
     pub fn start(self, console: &ConsoleRoute) -> Result<RunningVm> {
-        let Vm { kvm, vm, vcpus, pio, serial, virtio_console, keyboard, drives, gate, stopper, ram } = self;
+        let Vm { kvm, vm, vcpus, pio, serial, virtio_console, keyboard, drives, devices, gate, stopper, ram } = self;
         vcpu::install_kick_handler().map_err(|source| Error::Host { what: "cannot install the vCPU kick handler", source })?;
         match virtio_console {
             Some(input) => console.connect(Box::new(input)),
             None => console.connect(Box::new(serial)),
         }
         let threads = start_vcpus(vcpus, &stopper);
-        let drives = Arc::new(Mutex::new(drives));
-        Ok(RunningVm { kvm, vm, threads, pio, keyboard, drives, gate, stopper, ram })
+        let (drives, devices) = (Arc::new(Mutex::new(drives)), Arc::new(Mutex::new(devices)));
+        Ok(RunningVm { kvm, vm, threads, pio, keyboard, drives, devices, gate, stopper, ram })
     }
 }
 
@@ -116,6 +118,7 @@ pub struct RunningVm {
     keyboard: Arc<Mutex<I8042>>,
     /// Shared with the API's [`VmControls`], emptied when the VM is taken apart.
     drives: Arc<Mutex<Vec<DriveHandle>>>,
+    devices: Arc<Mutex<Vec<SharedVirtio>>>,
     gate: Arc<PauseGate>,
     stopper: Arc<Stopper>,
     /// Unmapped last, once nothing else of the VM is left.
@@ -126,17 +129,24 @@ impl RunningVm {
     /// What the API may do to the running guest: pause it, press its Ctrl-Alt-Del, change a
     /// drive's image.
     pub fn controls(&self) -> VmControls {
-        VmControls { gate: self.gate.clone(), keyboard: self.keyboard.clone(), drives: self.drives.clone() }
+        VmControls {
+            gate: self.gate.clone(),
+            keyboard: self.keyboard.clone(),
+            drives: self.drives.clone(),
+            devices: self.devices.clone(),
+            stopper: self.stopper.clone(),
+        }
     }
 
     /// Returns when the guest has stopped, for whatever reason, and takes the VM apart: every
     /// vCPU thread kicked out of KVM_RUN and joined, the devices' workers stopped, the VM
     /// closed and its memory unmapped.
     pub fn wait(self, console: &ConsoleRoute) -> StopReason {
-        let RunningVm { kvm, vm, threads, pio, keyboard, drives, gate, stopper, ram } = self;
+        let RunningVm { kvm, vm, threads, pio, keyboard, drives, devices, gate, stopper, ram } = self;
         let mut reason = wait_for_stop(&stopper, &keyboard);
         gate.end(); // a paused guest's vCPUs leave the gate, to be stopped
         lock(&drives).clear(); // the API keeps no device of this VM alive
+        lock(&devices).clear();
         console.disconnect();
         let (reads, writes) = pio.absent_accesses();
         tracing::debug!(reads, writes, "port I/O to absent devices during the run");
@@ -159,6 +169,7 @@ impl RunningVm {
 struct Furnished {
     vcpus: Vec<Vcpu>,
     drives: Vec<DriveHandle>,
+    devices: Vec<SharedVirtio>,
     pio: Arc<Bus>,
     serial: Arc<Mutex<SerialPort>>,
     virtio_console: Option<ConsoleInput>,
@@ -187,7 +198,7 @@ fn furnish(
     let (mut pio, serial, keyboard) = legacy_devices(vm, stopper)?;
     let mut mmio = mmio_devices(timeline)?;
     let (devices, virtio_console) = virtio_devices(config)?;
-    let drives = plug_pci_devices(vm, mem, devices, &mut pio, &mut mmio)?;
+    let (drives, devices) = plug_pci_devices(vm, mem, devices, &mut pio, &mut mmio)?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
     let base_cpuid = cpu::base_cpuid(kvm_handle)?;
@@ -203,7 +214,7 @@ fn furnish(
             (pio.clone(), mmio.clone(), GuestMemoryMmap::clone(mem), stopper.clone(), timeline.clone());
         vcpus.push(Vcpu { id, fd, pio, mmio, mem, stopper, timeline, gate: gate.clone() });
     }
-    Ok(Furnished { vcpus, pio, serial, virtio_console, keyboard, drives, gate })
+    Ok(Furnished { vcpus, pio, serial, virtio_console, keyboard, drives, devices, gate })
 }
 
 /// One thread per vCPU. A thread that can't be started stops the VM; those already running
@@ -372,17 +383,19 @@ fn virtio_devices(config: &VmConfig) -> Result<(Vec<NamedDevice>, Option<Console
 }
 
 /// The PCI root on the configuration ports, and each virtio device in a slot of its own: its
-/// BAR on the MMIO bus, its queues' notify addresses given to KVM as ioeventfds.
+/// BAR on the MMIO bus, its queues' notify addresses given to KVM as ioeventfds. Returns the
+/// disks, and every device.
 fn plug_pci_devices(
     vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
     devices: Vec<NamedDevice>,
     pio: &mut Bus,
     mmio: &mut Bus,
-) -> Result<Vec<DriveHandle>> {
+) -> Result<(Vec<DriveHandle>, Vec<SharedVirtio>)> {
     let routes = Arc::new(MsiRoutes::new(vm.clone()));
     let mut root = PciRoot::new();
     let mut drives = Vec::new();
+    let mut plugged = Vec::new();
     for (kind, device) in devices {
         // VmConfig has checked the count against MAX_PCI_DEVICES already.
         let slot = root.next_slot().ok_or(Error::Internal { what: "the PCI bus", why: "more devices than slots".into() })?;
@@ -399,10 +412,11 @@ fn plug_pci_devices(
         if kind == BLOCK {
             drives.push(DriveHandle::new(pci.clone()));
         }
+        plugged.push(pci.clone());
         root.plug(pci);
     }
     claim(pio, CONFIG_PORT, CONFIG_PORT_LEN, Arc::new(Mutex::new(root)))?;
-    Ok(drives)
+    Ok((drives, plugged))
 }
 
 /// Places a device on a bus; an overlap is our own bug in the device map, reported as such.

@@ -220,8 +220,8 @@ impl Instance {
     fn pause_or_resume(&self, state: VmStateRequest) -> Result<Reply, ApiError> {
         let controls = self.running("PATCH /vm")?;
         match state {
-            VmStateRequest::Paused => controls.gate.pause()?,
-            VmStateRequest::Resumed => controls.gate.resume(),
+            VmStateRequest::Paused => controls.pause()?,
+            VmStateRequest::Resumed => controls.resume(),
         }
         Ok(Reply::NoContent)
     }

@@ -87,6 +87,15 @@ pub trait VirtioDevice: Send {
     /// The driver has reset the device (status 0) or the VM is going away: stop the worker,
     /// forget the queues, and be ready for another activation. Calling it twice is harmless.
     fn reset(&mut self);
+
+    /// The VM is being paused: stop serving the queues (the worker stops between two events,
+    /// keeping its handler), so that nothing of the device moves while a snapshot is taken.
+    fn pause(&mut self) {}
+
+    /// The VM resumes: serve the queues again, from where the worker stopped.
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        Ok(())
+    }
 }
 
 /// A virtio device as its author writes it: its type, queues, features and config space, and
@@ -193,6 +202,14 @@ impl<D: Device> VirtioDevice for D {
             self.stopped(handler);
         }
     }
+
+    fn pause(&mut self) {
+        self.common().park();
+    }
+
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        self.common().unpark(D::WORKER_NAME)
+    }
 }
 
 /// Copies the bytes of `config` at `offset` into `data`; bytes past its end read as zero.
@@ -204,15 +221,17 @@ fn copy_config(config: &[u8], offset: u64, data: &mut [u8]) {
 }
 
 /// What every device keeps the same way: the worker thread serving its queues while the driver
-/// has it activated. Dropping it stops the thread, so that no device outlives its VM's memory
-/// on a thread of its own.
+/// has it activated, or, while the VM is paused, the handler that worker gave back. Dropping it
+/// stops the thread, so that no device outlives its VM's memory on a thread of its own.
 pub struct VirtioCommon<H: DeviceWorker> {
     worker: Option<Worker<H>>,
+    /// The handler of a paused device, and the signals its worker had, until it resumes.
+    parked: Option<(H, Signals)>,
 }
 
 impl<H: DeviceWorker> Default for VirtioCommon<H> {
     fn default() -> Self {
-        VirtioCommon { worker: None }
+        VirtioCommon { worker: None, parked: None }
     }
 }
 
@@ -222,9 +241,37 @@ impl<H: DeviceWorker> VirtioCommon<H> {
         Ok(())
     }
 
-    /// Stops the worker, if one runs, and gives back its handler (with the queues).
+    /// Stops the worker, if one runs (or is parked), and gives back its handler (with the queues).
     fn stop(&mut self) -> Option<H> {
-        self.worker.take().and_then(Worker::stop)
+        let parked = self.parked.take().map(|(handler, _)| handler);
+        parked.or_else(|| self.worker.take().and_then(Worker::stop))
+    }
+
+    /// Stops the worker between two events and keeps its handler for [`VirtioCommon::unpark`].
+    /// The worker's epoll is dropped with its thread; a kick that comes meanwhile stays in its
+    /// eventfd and is seen by the next worker.
+    fn park(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            let signals = worker.signals().clone();
+            self.parked = worker.stop().map(|handler| (handler, signals));
+        }
+    }
+
+    /// Starts a worker again on the parked handler, which registers its fds afresh. A device
+    /// the guest broke stays parked: it serves nothing until the driver resets it.
+    fn unpark(&mut self, name: &str) -> Result<(), ActivateError> {
+        match self.parked.take() {
+            Some((handler, signals)) if !signals.is_broken() => self.start(name, handler, signals),
+            parked => {
+                self.parked = parked;
+                Ok(())
+            }
+        }
+    }
+
+    /// The handler while the device is paused: what a snapshot reads a device's queues from.
+    pub fn parked(&mut self) -> Option<&mut H> {
+        self.parked.as_mut().map(|(handler, _)| handler)
     }
 }
 

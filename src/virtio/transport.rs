@@ -112,6 +112,9 @@ pub struct VirtioPci {
     broken: Arc<AtomicBool>,
 }
 
+/// A virtio device of a running VM, shared by its bus slot and the VM's controls.
+pub type SharedVirtio = Arc<std::sync::Mutex<VirtioPci>>;
+
 /// A drive of a running VM, as the API holds it to put another image in (`PATCH /drives`).
 #[derive(Clone)]
 pub struct DriveHandle(Arc<std::sync::Mutex<VirtioPci>>);
@@ -130,6 +133,19 @@ impl DriveHandle {
 }
 
 impl VirtioPci {
+    /// The VM is paused: the device's worker stops serving its queues (see [`VirtioDevice::pause`]).
+    pub fn pause(&mut self) {
+        self.device.pause();
+    }
+
+    /// The VM resumes: the worker serves the queues again. A worker that can't be restarted
+    /// leaves the device NEEDS_RESET, as a failed activation does.
+    pub fn resume(&mut self) {
+        if let Err(e) = self.device.resume() {
+            self.signals().device_broken(&format_args!("cannot resume: {e}"));
+        }
+    }
+
     /// Changes the device's backend from outside the guest, and tells a running driver that
     /// the config space changed (a config-change interrupt).
     pub fn update_backend(&mut self, update: BackendUpdate) -> Result<(), UpdateError> {
@@ -630,6 +646,25 @@ mod tests {
         assert_eq!(vq.used().ring().ref_at(0).expect("used").load().len(), 32);
         write(&mut dev, 0x14, 0, 1); // reset stops the worker
         assert_eq!(status(&mut dev), 0);
+    }
+
+    #[test]
+    fn a_paused_device_serves_nothing_until_it_resumes() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut dev = rng_device(&mem);
+        start(&mut dev, &vq);
+        dev.pause();
+        let desc = virtio_queue::desc::split::Descriptor::new(0x10_0000, 32, virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16, 0);
+        vq.add_desc_chains(&[desc.into()], 0).expect("chain");
+        write(&mut dev, NOTIFY, 0, 2);
+        // Paused, the device has no worker thread at all: nothing can serve the kick.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(vq.used().idx().load(), 0, "a paused device served its queue");
+        dev.resume();
+        crate::virtio::wait_until(|| vq.used().idx().load() == 1);
+        assert_eq!(status(&mut dev) & status::NEEDS_RESET, 0);
+        write(&mut dev, 0x14, 0, 1); // a reset stops the resumed worker
     }
 
     #[test]
