@@ -15,6 +15,9 @@ use clap::Parser;
 use lguest::api::{self, instance::Instance, server};
 use lguest::bus::lock;
 use lguest::config::{Cli, Command, RunArgs, VmConfig};
+use lguest::snapshot::restore::RestoreArgs;
+use lguest::vm::Origin;
+use std::path::PathBuf;
 use lguest::docs::{self, DocsError};
 use lguest::error::Result;
 use lguest::{firecracker, seccomp, session, terminal};
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
     };
     let result = match command {
         Command::Run(args) => run(args, timeline.clone()),
+        Command::Restore(args) => restore(&args, timeline.clone()),
         Command::Firecracker(args) if args.version => {
             print!("{}", firecracker::version_text());
             return ExitCode::SUCCESS;
@@ -88,15 +92,26 @@ fn parse_command_line() -> std::result::Result<Cli, clap::Error> {
 fn run(args: RunArgs, timeline: Arc<Timeline>) -> Result<(StopReason, bool)> {
     let api_sock = args.api_sock.clone();
     let config = VmConfig::from_args(args)?;
+    serve(&config, Origin::Boot, api_sock, timeline)
+}
+
+/// `lguest restore`: the saved guest, run as `lguest run` runs one.
+fn restore(args: &RestoreArgs, timeline: Arc<Timeline>) -> Result<(StopReason, bool)> {
+    let restore = args.load()?;
+    serve(&restore.snapshot.config, restore.origin(), args.api_sock.clone(), timeline)
+}
+
+/// Runs the guest `origin` gives, with the API on `api_sock` if there is one.
+fn serve(config: &VmConfig, origin: Origin<'_>, api_sock: Option<PathBuf>, timeline: Arc<Timeline>) -> Result<(StopReason, bool)> {
     seccomp::set_mode(config.seccomp);
     let Some(path) = api_sock else {
-        return Ok((session::run(&config, timeline, &mut |_| {})?, config.boot_timeline));
+        return Ok((session::run_from(config, origin, timeline, &mut |_| {})?, config.boot_timeline));
     };
     let (listener, _socket) = server::bind(&path)?;
-    let instance = Arc::new(std::sync::Mutex::new(Instance::for_run(&config)));
+    let instance = Arc::new(std::sync::Mutex::new(Instance::for_run(config)));
     let mut listener = Some(listener);
     let mut serve_error = None;
-    let reason = session::run(&config, timeline, &mut |vm| {
+    let reason = session::run_from(config, origin, timeline, &mut |vm| {
         lock(&instance).attach(vm.controls());
         if let Some(listener) = listener.take() {
             if let Err(e) = server::spawn(listener, instance.clone(), api::DEFAULT_MAX_PAYLOAD) {

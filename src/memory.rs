@@ -141,6 +141,36 @@ pub fn create_guest_memory(memory_bytes: u64) -> Result<GuestRam> {
     Ok(GuestRam { mem, _mappings: mappings })
 }
 
+/// Maps a snapshot's memory file as the guest's RAM (its ranges one after the other, as
+/// [`ram_ranges`] lays them out), privately: pages are read from the file when the guest first
+/// touches them, and its writes stay in our copy. So a restore costs the same for any size of
+/// guest, and many guests can be restored from one file at once.
+pub fn map_guest_memory_file(file: &std::fs::File, memory_bytes: u64) -> Result<GuestRam> {
+    use std::os::fd::AsRawFd;
+    let mut mappings = Vec::new();
+    let mut regions = Vec::new();
+    let mut offset = 0i64;
+    for (start, len) in ram_ranges(memory_bytes) {
+        let len = usize::try_from(len).map_err(|_| too_large())?;
+        let mut mapping = map_aligned(len)?;
+        // SAFETY: MAP_FIXED over the anonymous mapping we just made and own, at its start and of
+        // its length: nothing else of ours is there. The file's length was checked by the caller.
+        let placed = unsafe {
+            libc::mmap(mapping.addr as *mut libc::c_void, len, PROT, libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE, file.as_raw_fd(), offset)
+        };
+        if placed == libc::MAP_FAILED {
+            return Err(Error::Memory(format!("cannot map the memory file: {}", std::io::Error::last_os_error())));
+        }
+        offset += len as i64;
+        let region = Arc::new(mapping.region()?);
+        mapping.region = Arc::downgrade(&region);
+        mappings.push(mapping);
+        regions.push(GuestRegionMmap::with_arc(region, start).ok_or_else(too_large)?);
+    }
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Memory(e.to_string()))?;
+    Ok(GuestRam { mem, _mappings: mappings })
+}
+
 fn too_large() -> Error {
     Error::Memory("guest memory does not fit this host's address space; try a smaller --memory".into())
 }

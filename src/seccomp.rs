@@ -28,7 +28,7 @@ use seccompiler::{
 };
 
 /// What a user can ask for with `--seccomp`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 pub enum Mode {
     /// End lguest, with a line naming the call, on any call a thread's filter doesn't allow.
     Enforce,

@@ -13,17 +13,25 @@ use super::metrics::Metrics;
 use super::plan::{self, Plan};
 use super::request::Request;
 use super::types::{ActionType, FirecrackerVersion, InstanceInfo, PartialDrive, PartialNetworkInterface, RateLimiter, VmStateRequest};
+use super::types::{MemoryBackend, MemoryBackendType, SnapshotCreateParams, SnapshotLoadParams, SnapshotType};
 use super::{logger, ApiError, FIRECRACKER_VERSION};
 use crate::config::VmConfig;
 use crate::control::VmControls;
+use crate::snapshot::restore::Restore;
+use crate::snapshot::CreateRequest;
 
 /// `InstanceStart`, as the main thread receives it.
 pub struct StartRequest {
     pub config: VmConfig,
+    /// `PUT /snapshot/load`: the guest comes from this snapshot (whose configuration `config` is).
+    pub restore: Option<Restore>,
     /// `PUT /serial`'s file, which takes the guest console's output instead of our stdout.
     pub serial_out: Option<PathBuf>,
-    pub reply: mpsc::Sender<Result<VmControls, crate::error::Error>>,
+    pub reply: mpsc::Sender<StartAnswer>,
 }
+
+/// The main thread's answer to a start: the running VM's controls, or why it did not start.
+pub type StartAnswer = Result<VmControls, crate::error::Error>;
 
 /// A successful answer.
 #[derive(Debug, PartialEq, Eq)]
@@ -117,6 +125,8 @@ impl Instance {
                 Ok(Reply::NoContent)
             }
             Request::PatchVm(state) => self.pause_or_resume(state),
+            Request::PutSnapshotCreate(params) => self.create_snapshot(params),
+            Request::PutSnapshotLoad(params) => self.load_snapshot(params),
             Request::PutLogger(config) => {
                 logger::configure(&config)?;
                 self.plan.logger = Some(config);
@@ -190,16 +200,26 @@ impl Instance {
         Ok(Reply::NoContent)
     }
 
+    /// The channel to the main thread, while the VM has not started.
+    fn starter(&self, what: &'static str) -> Result<mpsc::Sender<StartRequest>, ApiError> {
+        match (&self.starter, &self.controls) {
+            (Some(starter), None) => Ok(starter.clone()),
+            _ => Err(ApiError::PreBootOnly { what }),
+        }
+    }
+
     /// `InstanceStart`: the main thread builds and starts the VM; we wait for its answer.
     fn start(&mut self) -> Result<Reply, ApiError> {
-        let starter = match (&self.starter, &self.controls) {
-            (Some(starter), None) => starter.clone(),
-            _ => return Err(ApiError::PreBootOnly { what: "InstanceStart" }),
-        };
+        let starter = self.starter("InstanceStart")?;
         let config = self.plan.to_vm_config()?;
         let serial_out = self.plan.serial.as_ref().and_then(|s| s.serial_out_path.as_ref()).map(PathBuf::from);
         let (reply, answer) = mpsc::channel();
-        starter.send(StartRequest { config, serial_out, reply }).map_err(|_| ApiError::Stopping)?;
+        self.send_start(starter, StartRequest { config, restore: None, serial_out, reply }, answer)
+    }
+
+    /// Hands a start to the main thread and attaches to the VM it answers with.
+    fn send_start(&mut self, starter: mpsc::Sender<StartRequest>, request: StartRequest, answer: mpsc::Receiver<StartAnswer>) -> Result<Reply, ApiError> {
+        starter.send(request).map_err(|_| ApiError::Stopping)?;
         match answer.recv() {
             Ok(Ok(controls)) => {
                 self.attach(controls);
@@ -208,6 +228,47 @@ impl Instance {
             Ok(Err(error)) => Err(ApiError::StartFailed(error)),
             Err(_) => Err(ApiError::Stopping),
         }
+    }
+
+    /// `PUT /snapshot/create`: the main thread saves the paused VM.
+    fn create_snapshot(&self, params: SnapshotCreateParams) -> Result<Reply, ApiError> {
+        let controls = self.running("PUT /snapshot/create")?;
+        if params.snapshot_type == SnapshotType::Diff {
+            return Err(ApiError::NotImplemented { what: "Diff snapshots (snapshot_type Diff)" });
+        }
+        let request = CreateRequest {
+            snapshot_path: PathBuf::from(params.snapshot_path),
+            mem_file_path: PathBuf::from(params.mem_file_path),
+            net_ids: self.plan.net_ids(),
+        };
+        controls.snapshot(request)?;
+        Ok(Reply::NoContent)
+    }
+
+    /// `PUT /snapshot/load`, on a process whose VM has not started: the snapshot is read and
+    /// checked here, then started by the main thread as `InstanceStart` is.
+    fn load_snapshot(&mut self, params: SnapshotLoadParams) -> Result<Reply, ApiError> {
+        let starter = self.starter("PUT /snapshot/load")?;
+        let memory_file = match (params.mem_backend, params.mem_file_path) {
+            (Some(MemoryBackend { backend_type: MemoryBackendType::File, backend_path }), None) | (None, Some(backend_path)) => backend_path,
+            (Some(MemoryBackend { backend_type: MemoryBackendType::Uffd, .. }), None) => {
+                return Err(ApiError::NotImplemented { what: "memory from a userfaultfd handler (backend_type Uffd)" })
+            }
+            _ => return Err(ApiError::BadValue { field: "mem_backend", why: "give exactly one of mem_backend and mem_file_path".into() }),
+        };
+        if params.track_dirty_pages || params.enable_diff_snapshots {
+            return Err(ApiError::NotImplemented { what: "dirty page tracking (track_dirty_pages)" });
+        }
+        let overrides: Vec<(String, String)> = params.network_overrides.into_iter().map(|o| (o.iface_id, o.host_dev_name)).collect();
+        let restore = Restore::load(std::path::Path::new(&params.snapshot_path), PathBuf::from(memory_file), &overrides, !params.resume_vm)?;
+        let config = restore.snapshot.config.clone();
+        let ids = restore.snapshot.net_ids.clone();
+        let (reply, answer) = mpsc::channel();
+        let request = StartRequest { config: config.clone(), restore: Some(restore), serial_out: None, reply };
+        self.send_start(starter, request, answer)?;
+        self.plan = plan::plan_of(&config);
+        self.plan.rename_nets(&ids);
+        Ok(Reply::NoContent)
     }
 
     fn ctrl_alt_del(&self) -> Result<Reply, ApiError> {

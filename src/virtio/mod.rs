@@ -36,6 +36,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use self::worker::{DeviceWorker, Worker};
+pub use crate::snapshot::state::DeviceState;
 use crate::pci::msix::{MsixVectors, NO_VECTOR};
 
 /// The device types we implement (virtio spec 5: "Device Types").
@@ -96,6 +97,34 @@ pub trait VirtioDevice: Send {
     fn resume(&mut self) -> Result<(), ActivateError> {
         Ok(())
     }
+
+    /// What the device keeps for a snapshot beyond its configuration and its transport.
+    fn save_state(&self) -> DeviceState {
+        DeviceState::None
+    }
+
+    /// Takes back what [`VirtioDevice::save_state`] gave, before the restored driver's
+    /// activation; refuses a state that isn't this device's.
+    fn restore_state(&mut self, saved: &DeviceState) -> Result<(), StateMismatch> {
+        stateless(saved)
+    }
+}
+
+/// The restore of a device that saves nothing: only "nothing" fits it.
+pub fn stateless(saved: &DeviceState) -> Result<(), StateMismatch> {
+    match saved {
+        DeviceState::None => Ok(()),
+        other => Err(StateMismatch::Kind { saved: other.clone() }),
+    }
+}
+
+/// Why a device refuses the state a snapshot saved for it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StateMismatch {
+    #[error("the snapshot saved {saved:?} for a device of another kind")]
+    Kind { saved: DeviceState },
+    #[error("{0}")]
+    Changed(String),
 }
 
 /// A virtio device as its author writes it: its type, queues, features and config space, and
@@ -141,6 +170,17 @@ pub trait Device: Send {
     /// whose backend must outlive activations (vsock's listening socket) takes it back here.
     /// By default the handler, with its queues, is dropped.
     fn stopped(&mut self, _handler: Self::Handler) {}
+
+    /// What a snapshot keeps of the device beyond its configuration (see [`DeviceState`]).
+    fn save_state(&self) -> DeviceState {
+        DeviceState::None
+    }
+
+    /// Takes a snapshot's [`DeviceState`] back, or says why it doesn't fit this device (an
+    /// image whose size changed since). Called before the restored driver's activation.
+    fn restore_state(&mut self, saved: &DeviceState) -> Result<(), StateMismatch> {
+        stateless(saved)
+    }
 }
 
 /// A change to a device's backend that the guest didn't ask for: a new disk image in the
@@ -209,6 +249,14 @@ impl<D: Device> VirtioDevice for D {
 
     fn resume(&mut self) -> Result<(), ActivateError> {
         self.common().unpark(D::WORKER_NAME)
+    }
+
+    fn save_state(&self) -> DeviceState {
+        Device::save_state(self)
+    }
+
+    fn restore_state(&mut self, saved: &DeviceState) -> Result<(), StateMismatch> {
+        Device::restore_state(self, saved)
     }
 }
 

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod api;
+
 use bench_tools::elf64;
 use iced_x86::code_asm::CodeAssembler;
 
