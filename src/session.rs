@@ -37,8 +37,16 @@ pub fn run_from(config: &VmConfig, origin: Origin<'_>, timeline: Arc<Timeline>, 
     // Device workers come from the spawner (started just below, after the vCPUs, which is
     // still long before any guest driver activates a device; an early one waits for it).
     threads::expect_spawner();
+    // A restored guest's devices are started while its VM is built: their spawner comes first.
+    let restoring = matches!(origin, Origin::Snapshot { .. });
+    let start_spawner = || threads::start_spawner().map_err(host("cannot start the device workers' spawner thread"));
+    if restoring {
+        start_spawner()?;
+    }
     let mut running = Vm::build_from(config, origin, timeline.clone(), stopper.clone())?.start(&route)?;
-    threads::start_spawner().map_err(host("cannot start the device workers' spawner thread"))?;
+    if !restoring {
+        start_spawner()?;
+    }
     on_start(&running);
     let interactive = terminal::stdin_is_terminal();
     terminal::watch_signals(stopper.clone(), config.shutdown_timeout, interactive).map_err(host("cannot watch signals"))?;

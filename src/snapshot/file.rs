@@ -85,7 +85,11 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, FileError> {
     if crc32fast::hash(body) != crc {
         return Err(FileError::Corrupt);
     }
-    postcard::from_bytes(body).map_err(|e| FileError::Undecodable(e.to_string()))
+    match postcard::take_from_bytes(body) {
+        Ok((snapshot, [])) => Ok(snapshot),
+        Ok((_, rest)) => Err(FileError::Undecodable(format!("{} bytes are left over", rest.len()))),
+        Err(e) => Err(FileError::Undecodable(e.to_string())),
+    }
 }
 
 /// The `N` bytes of `header` at `at` (the header's length is checked by the caller).

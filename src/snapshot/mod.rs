@@ -122,3 +122,6 @@ pub fn validate(snapshot: &Snapshot) -> Result<(), SnapshotError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -3,12 +3,14 @@
 //! code that owns it (a vCPU by [`super::vcpu`], a device by its own `save_state`) and checked
 //! again when it is restored: these values come from a file, and a file can say anything.
 //!
-//! The KVM structures are kvm-bindings' own, serialised as their bytes (its `serde` feature).
-//! The FPU is in the XSAVE area (its legacy region is the FXSAVE image), as Firecracker saves it.
+//! The KVM structures are kvm-bindings' own, serialised as their bytes (its `serde` feature),
+//! through [`exact`], which refuses a byte string of another length (kvm-bindings would pad a
+//! short one with zeros). The FPU is in the XSAVE area (its legacy region is the FXSAVE
+//! image), as Firecracker saves it.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_pit_state2, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use serde::{Deserialize, Serialize};
 
@@ -34,25 +36,39 @@ pub struct Snapshot {
 /// The VM-wide state in KVM: the interrupt controllers, the PIT and kvmclock.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmState {
+    #[serde(with = "exact")]
     pub pic_master: kvm_irqchip,
+    #[serde(with = "exact")]
     pub pic_slave: kvm_irqchip,
+    #[serde(with = "exact")]
     pub ioapic: kvm_irqchip,
+    #[serde(with = "exact")]
     pub pit: kvm_pit_state2,
+    #[serde(with = "exact")]
     pub clock: kvm_clock_data,
 }
 
 /// One vCPU, as KVM keeps it.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuState {
+    #[serde(with = "exact")]
     pub regs: kvm_regs,
+    #[serde(with = "exact")]
     pub sregs: kvm_sregs,
+    #[serde(with = "exact")]
     pub xsave: kvm_xsave,
+    #[serde(with = "exact")]
     pub xcrs: kvm_xcrs,
-    /// Every MSR of KVM's index list that could be read (the TSC and kvmclock's among them).
-    pub msrs: Vec<kvm_msr_entry>,
+    /// Every MSR of KVM's index list that could be read (the TSC and kvmclock's among them),
+    /// as (index, value).
+    pub msrs: Vec<(u32, u64)>,
+    #[serde(with = "exact")]
     pub lapic: kvm_lapic_state,
+    #[serde(with = "exact")]
     pub mp_state: kvm_mp_state,
+    #[serde(with = "exact")]
     pub events: kvm_vcpu_events,
+    #[serde(with = "exact")]
     pub debugregs: kvm_debugregs,
     /// The guest's TSC frequency: a restore on a host whose TSC runs at another rate asks KVM to
     /// scale it.
@@ -142,4 +158,29 @@ pub enum DeviceState {
     Net { mac: [u8; 6] },
     /// The guest's CID; its connections are not saved (they are reset on restore).
     Vsock { cid: u64 },
+}
+
+/// A KVM structure as exactly its own bytes: serialised by kvm-bindings, deserialised only
+/// from a byte string of its very size.
+mod exact {
+    use serde::de::{DeserializeOwned, Error};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(value: &T, serializer: S) -> Result<S::Ok, S::Error> {
+        value.serialize(serializer)
+    }
+
+    pub fn deserialize<'de, T: DeserializeOwned, D: Deserializer<'de>>(deserializer: D) -> Result<T, D::Error> {
+        let bytes = serde_bytes_of(deserializer)?;
+        let size = std::mem::size_of::<T>();
+        if bytes.len() != size {
+            return Err(D::Error::invalid_length(bytes.len(), &format!("{size} bytes").as_str()));
+        }
+        T::deserialize(serde::de::value::BytesDeserializer::<D::Error>::new(&bytes))
+    }
+
+    /// A byte string (postcard writes one as its length, then the bytes: as a `Vec<u8>`).
+    fn serde_bytes_of<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        Vec::<u8>::deserialize(deserializer)
+    }
 }

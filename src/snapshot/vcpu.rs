@@ -43,14 +43,14 @@ pub fn save_vcpu(fd: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, Snapshot
 /// Reads every MSR of `indices` that this vCPU has. KVM_GET_MSRS stops at the first one it
 /// can't read (an MSR of a feature the guest's CPUID doesn't have): that one is skipped and the
 /// rest read on.
-fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, SnapshotError> {
+fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, SnapshotError> {
     let mut saved = Vec::with_capacity(indices.len());
     let mut rest = indices;
     while !rest.is_empty() {
         let entries: Vec<kvm_msr_entry> = rest.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
         let mut msrs = msrs_of(&entries)?;
         let read = fd.get_msrs(&mut msrs).map_err(kvm_error("read a vCPU's MSRs"))?;
-        saved.extend_from_slice(&msrs.as_slice()[..read]);
+        saved.extend(msrs.as_slice()[..read].iter().map(|entry| (entry.index, entry.data)));
         rest = rest.get(read + 1..).unwrap_or_default();
     }
     Ok(saved)
@@ -89,8 +89,8 @@ fn set_tsc_rate(fd: &VcpuFd, khz: u32) -> Result<(), SnapshotError> {
 
 /// Writes the saved MSRs back, the TSC first (its deadline is relative to it). All of them
 /// must go back: one KVM refuses is named.
-fn write_msrs(fd: &VcpuFd, saved: &[kvm_msr_entry]) -> Result<(), SnapshotError> {
-    let mut entries = saved.to_vec();
+fn write_msrs(fd: &VcpuFd, saved: &[(u32, u64)]) -> Result<(), SnapshotError> {
+    let mut entries: Vec<kvm_msr_entry> = saved.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
     entries.sort_by_key(|entry| entry.index);
     let written = fd.set_msrs(&msrs_of(&entries)?).map_err(kvm_error("restore a vCPU's MSRs"))?;
     match entries.get(written) {

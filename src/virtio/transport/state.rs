@@ -138,3 +138,135 @@ impl VirtioPci {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestMemoryMmap;
+
+    use super::*;
+    use crate::pci::msix::MsiRoutes;
+    use crate::virtio::rng::Rng;
+    use crate::virtio::{feature, wait_until, DeviceState, VirtioDevice};
+
+    const BAR: u32 = 0xc000_0000;
+    const DRIVER_OK: u64 = 1 | 2 | 8 | 4;
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).expect("memory")
+    }
+
+    fn function(device: Box<dyn VirtioDevice>, mem: &GuestMemoryMmap) -> VirtioPci {
+        VirtioPci::new("test".into(), device, mem.clone(), BAR, Arc::new(MsiRoutes::detached())).expect("device")
+    }
+
+    fn write(dev: &mut VirtioPci, offset: u64, value: u64, len: usize) {
+        dev.write(offset, &value.to_le_bytes()[..len]);
+    }
+
+    /// The driver's path to DRIVER_OK with queue 0 on `vq`, MSI-X on and vector 0 unmasked.
+    fn drive(dev: &mut VirtioPci, vq: &MockSplitQueue<GuestMemoryMmap>) {
+        write(dev, MSIX_TABLE + 12, 0, 4);
+        dev.config_write(dev.msix_cap + 3, &[0x80]);
+        write(dev, 0x14, 3, 1);
+        write(dev, 0x08, 1, 4);
+        write(dev, 0x0c, feature::VERSION_1 >> 32, 4);
+        write(dev, 0x14, 3 | 8, 1);
+        write(dev, 0x18, 16, 2);
+        write(dev, 0x1a, 0, 2);
+        write(dev, 0x20, vq.desc_table_addr().0, 8);
+        write(dev, 0x28, vq.avail_addr().0, 8);
+        write(dev, 0x30, vq.used_addr().0, 8);
+        write(dev, 0x1c, 1, 2);
+        write(dev, 0x14, DRIVER_OK, 1);
+    }
+
+    /// Offers one 32-byte buffer as descriptor `index` and waits until the device used it.
+    fn request(dev: &mut VirtioPci, vq: &MockSplitQueue<GuestMemoryMmap>, index: u16) {
+        let flags = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+        let desc = Descriptor::new(0x10_0000 + u64::from(index) * 64, 32, flags, 0);
+        vq.add_desc_chains(&[desc.into()], index).expect("chain");
+        write(dev, NOTIFY_AT, 0, 2);
+        wait_until(|| vq.used().idx().load() == index + 1);
+    }
+
+    const NOTIFY_AT: u64 = super::super::NOTIFY;
+
+    #[test]
+    fn a_restored_function_goes_on_serving_its_queue_where_it_stopped() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut dev = function(Box::new(Rng::new()), &mem);
+        drive(&mut dev, &vq);
+        request(&mut dev, &vq, 0);
+        dev.pause();
+        let saved = dev.save_state();
+        assert_eq!(saved.transport.queues[0].next_used, 1);
+        drop(dev);
+
+        let mut back = function(Box::new(Rng::new()), &mem);
+        back.restore_state(&saved).expect("restored");
+        assert_eq!(back.save_state(), saved, "everything saved comes back");
+        request(&mut back, &vq, 1);
+        assert_eq!(back.status & status::NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn a_saved_function_that_does_not_fit_is_refused() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut dev = function(Box::new(Rng::new()), &mem);
+        drive(&mut dev, &vq);
+        dev.pause();
+        let saved = dev.save_state();
+        let refused = |change: &dyn Fn(&mut VirtioState)| {
+            let mut state = saved.clone();
+            change(&mut state);
+            function(Box::new(Rng::new()), &mem).restore_state(&state).is_err()
+        };
+        assert!(refused(&|s| s.device_type = 2), "a disk's state for an entropy source");
+        assert!(refused(&|s| s.pci_config.truncate(100)));
+        assert!(refused(&|s| s.msix.push([0; 4])));
+        assert!(refused(&|s| s.transport.queues.push(QueueState::default())));
+        assert!(refused(&|s| s.transport.queues[0].size = 3), "not a power of two");
+        assert!(refused(&|s| s.transport.queues[0].size = 4096), "larger than the queue may be");
+        assert!(refused(&|s| s.transport.queues[0].vector = 9), "a vector that does not exist");
+        assert!(refused(&|s| s.transport.config_vector = 77));
+        assert!(refused(&|s| s.transport.queues[0].desc = 0x1_0000_0000), "a ring outside guest memory");
+        assert!(refused(&|s| s.transport.queues[0].device = u64::MAX - 1), "a ring that wraps");
+        assert!(refused(&|s| s.transport.driver_features = 1 << 50), "a feature never offered");
+        assert!(refused(&|s| s.device = DeviceState::Vsock { cid: 3 }));
+        assert!(!refused(&|_| ()), "the state as saved fits");
+    }
+
+    #[test]
+    fn devices_check_and_keep_their_own_state() {
+        use crate::config::DiskConfig;
+        use crate::virtio::block::Block;
+        let image = tempfile::NamedTempFile::new().expect("image");
+        image.as_file().set_len(1 << 20).expect("size");
+        let mut disk = Block::new(&DiskConfig::new(image.path())).expect("disk");
+        let saved = VirtioDevice::save_state(&disk);
+        assert_eq!(saved, DeviceState::Block { sectors: 2048 });
+        assert!(VirtioDevice::restore_state(&mut disk, &saved).is_ok());
+        let grown = DeviceState::Block { sectors: 4096 };
+        assert!(VirtioDevice::restore_state(&mut disk, &grown).is_err(), "an image whose size changed");
+        assert!(VirtioDevice::restore_state(&mut disk, &DeviceState::None).is_err(), "another device's state");
+
+        let (tap, _host) = crate::virtio::net::tap::Tap::socket_pair().expect("socketpair");
+        let mut card = crate::virtio::net::Net::with_tap(tap, None);
+        let mac = [6, 1, 2, 3, 4, 5];
+        VirtioDevice::restore_state(&mut card, &DeviceState::Net { mac }).expect("restored");
+        assert_eq!(VirtioDevice::save_state(&card), DeviceState::Net { mac });
+        let mut config = [0u8; 6];
+        card.read_config(0, &mut config);
+        assert_eq!(config, mac, "the guest reads the saved MAC");
+
+        let mut rng = Rng::new();
+        assert_eq!(VirtioDevice::save_state(&rng), DeviceState::None);
+        assert!(VirtioDevice::restore_state(&mut rng, &DeviceState::Net { mac }).is_err());
+    }
+}
