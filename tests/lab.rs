@@ -377,3 +377,30 @@ fn vsock_carries_streams_both_ways_in_parallel_with_flow_control_and_refuses_clo
         )
     });
 }
+
+#[test]
+fn a_paused_guest_saved_and_killed_goes_on_counting_and_writing_in_a_restore_and_two_clones_at_once() {
+    let curl = host_curl();
+    run_scenario_with("snapshot", &[&curl], |output| {
+        expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
+        expect_cases(
+            output,
+            &[
+                "snap-booted",
+                "snap-pause",
+                "snap-pause-stops",
+                "snap-create",
+                "snap-restore-continues",
+                "snap-restore-disk",
+                "snap-restore-exit",
+                "snap-restore-ctrl-alt-del",
+                "snap-load",
+                "snap-clone-drive",
+                "snap-clone-resume",
+                "snap-clone-api",
+                "snap-clone-cli",
+                "snap-clones-together",
+            ],
+        )
+    });
+}

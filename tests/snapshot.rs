@@ -56,7 +56,7 @@ const LIMIT: Duration = Duration::from_secs(30);
 /// Returns the last letter it printed, and the two files.
 fn boot_pause_and_save(dir: &Path) -> (u8, PathBuf, PathBuf) {
     let (kernel, socket) = (alphabet_guest(dir), dir.join("api.sock"));
-    let mut vm = Running::start(&["run", "--memory", "64M", "--kernel", path(&kernel), "--api-sock", path(&socket)]);
+    let vm = Running::start(&["run", "--memory", "64M", "--kernel", path(&kernel), "--api-sock", path(&socket)]);
     wait_for_socket(&socket, &vm);
     wait_for("letters", LIMIT, || letters(&vm.output()).len() > 30);
     let (snapshot, memory) = (dir.join("vm.snap"), dir.join("vm.mem"));

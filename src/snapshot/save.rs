@@ -49,11 +49,14 @@ pub fn save(parts: &VmParts<'_>, request: &CreateRequest) -> Result<(), Snapshot
     memory::save(parts.mem, &request.mem_file_path)
 }
 
+/// What one vCPU thread's errand gives back.
+type SavedVcpu = Result<VcpuState, SnapshotError>;
+
 /// Each vCPU's state, read by its own parked thread.
 fn save_vcpus(parts: &VmParts<'_>) -> Result<Vec<VcpuState>, SnapshotError> {
     let indices = vcpu::msr_indices(parts.kvm)?;
     let count = usize::from(parts.config.cpus);
-    let saved: Arc<Mutex<Vec<Option<Result<VcpuState, SnapshotError>>>>> = Arc::new(Mutex::new((0..count).map(|_| None).collect()));
+    let saved: Arc<Mutex<Vec<Option<SavedVcpu>>>> = Arc::new(Mutex::new((0..count).map(|_| None).collect()));
     let into = saved.clone();
     parts.gate.run_errand(Arc::new(move |id: u8, fd: &VcpuFd| {
         if let Some(slot) = lock(&into).get_mut(usize::from(id)) {
