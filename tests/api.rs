@@ -13,28 +13,15 @@ use std::time::Duration;
 
 use common::api::*;
 use common::*;
-use iced_x86::code_asm::*;
 
 /// Prints `t` every few thousand instructions until the keyboard has a byte for it
 /// (Ctrl-Alt-Del), then says so and resets.
 fn ticking_guest(dir: &Path) -> PathBuf {
     tiny_guest(dir, "ticks", |a| {
         let mut top = a.create_label();
-        let mut delay = a.create_label();
-        let mut keyed = a.create_label();
         a.set_label(&mut top).expect("label");
         print(a, "t");
-        a.in_(al, 0x64).expect("in");
-        a.test(al, 1).expect("test");
-        a.jnz(keyed).expect("jnz");
-        a.mov(ecx, 20_000u32).expect("mov");
-        a.set_label(&mut delay).expect("label");
-        a.dec(ecx).expect("dec");
-        a.jnz(delay).expect("jnz");
-        a.jmp(top).expect("jmp");
-        a.set_label(&mut keyed).expect("label");
-        print(a, "\nCTRL-ALT-DEL\n");
-        reset(a);
+        delay_until_ctrl_alt_del(a, top);
     })
 }
 

@@ -17,7 +17,7 @@ use iced_x86::code_asm::*;
 /// for it (Ctrl-Alt-Del): then it says so and resets.
 fn alphabet_guest(dir: &Path) -> PathBuf {
     tiny_guest(dir, "alphabet", |a| {
-        let (mut top, mut delay, mut keyed, mut next) = (a.create_label(), a.create_label(), a.create_label(), a.create_label());
+        let (mut top, mut next) = (a.create_label(), a.create_label());
         a.mov(r12d, u32::from(b'A')).expect("mov");
         a.set_label(&mut top).expect("label");
         a.mov(dx, 0x3f8u32).expect("mov");
@@ -28,17 +28,7 @@ fn alphabet_guest(dir: &Path) -> PathBuf {
         a.jne(next).expect("jne");
         a.mov(r12d, u32::from(b'A')).expect("mov");
         a.set_label(&mut next).expect("label");
-        a.in_(al, 0x64).expect("in");
-        a.test(al, 1).expect("test");
-        a.jnz(keyed).expect("jnz");
-        a.mov(ecx, 20_000u32).expect("mov");
-        a.set_label(&mut delay).expect("label");
-        a.dec(ecx).expect("dec");
-        a.jnz(delay).expect("jnz");
-        a.jmp(top).expect("jmp");
-        a.set_label(&mut keyed).expect("label");
-        print(a, "\nCTRL-ALT-DEL\n");
-        reset(a);
+        delay_until_ctrl_alt_del(a, top);
     })
 }
 

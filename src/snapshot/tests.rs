@@ -1,6 +1,6 @@
 //! The snapshot file's round trip and refusals, and the checks on what it decodes to.
 
-use super::file::{decode, encode, FileError, MAGIC, VERSION};
+use super::file::{decode, encode, frame, FileError, MAGIC, VERSION};
 use super::state::*;
 use super::{validate, SnapshotError};
 use crate::config::VmConfig;
@@ -105,12 +105,7 @@ fn wrong_version_truncated_corrupt_and_foreign_files_are_refused() {
 /// A file with a right header and checksum around a body that is not a snapshot: what a
 /// hostile file would be, since the checksum only catches accidents.
 fn forged(body: &[u8]) -> Vec<u8> {
-    let mut bytes = MAGIC.to_vec();
-    bytes.extend_from_slice(&VERSION.to_le_bytes());
-    bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
-    bytes.extend_from_slice(body);
-    bytes
+    frame(body)
 }
 
 #[test]

@@ -141,47 +141,20 @@ impl VirtioPci {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestMemoryMmap;
 
+    use super::super::tests::{memory, rng_device, start, write};
     use super::*;
-    use crate::pci::msix::MsiRoutes;
     use crate::virtio::rng::Rng;
-    use crate::virtio::{feature, wait_until, DeviceState, VirtioDevice};
-
-    const BAR: u32 = 0xc000_0000;
-    const DRIVER_OK: u64 = 1 | 2 | 8 | 4;
-
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).expect("memory")
-    }
-
-    fn function(device: Box<dyn VirtioDevice>, mem: &GuestMemoryMmap) -> VirtioPci {
-        VirtioPci::new("test".into(), device, mem.clone(), BAR, Arc::new(MsiRoutes::detached())).expect("device")
-    }
-
-    fn write(dev: &mut VirtioPci, offset: u64, value: u64, len: usize) {
-        dev.write(offset, &value.to_le_bytes()[..len]);
-    }
+    use crate::virtio::{wait_until, DeviceState, VirtioDevice};
 
     /// The driver's path to DRIVER_OK with queue 0 on `vq`, MSI-X on and vector 0 unmasked.
     fn drive(dev: &mut VirtioPci, vq: &MockSplitQueue<GuestMemoryMmap>) {
         write(dev, MSIX_TABLE + 12, 0, 4);
         dev.config_write(dev.msix_cap + 3, &[0x80]);
-        write(dev, 0x14, 3, 1);
-        write(dev, 0x08, 1, 4);
-        write(dev, 0x0c, feature::VERSION_1 >> 32, 4);
-        write(dev, 0x14, 3 | 8, 1);
-        write(dev, 0x18, 16, 2);
-        write(dev, 0x1a, 0, 2);
-        write(dev, 0x20, vq.desc_table_addr().0, 8);
-        write(dev, 0x28, vq.avail_addr().0, 8);
-        write(dev, 0x30, vq.used_addr().0, 8);
-        write(dev, 0x1c, 1, 2);
-        write(dev, 0x14, DRIVER_OK, 1);
+        start(dev, vq);
     }
 
     /// Offers one 32-byte buffer as descriptor `index` and waits until the device used it.
@@ -199,7 +172,7 @@ mod tests {
     fn a_restored_function_goes_on_serving_its_queue_where_it_stopped() {
         let mem = memory();
         let vq = MockSplitQueue::new(&mem, 16);
-        let mut dev = function(Box::new(Rng::new()), &mem);
+        let mut dev = rng_device(&mem);
         drive(&mut dev, &vq);
         request(&mut dev, &vq, 0);
         dev.pause();
@@ -207,7 +180,7 @@ mod tests {
         assert_eq!(saved.transport.queues[0].next_used, 1);
         drop(dev);
 
-        let mut back = function(Box::new(Rng::new()), &mem);
+        let mut back = rng_device(&mem);
         back.restore_state(&saved).expect("restored");
         assert_eq!(back.save_state(), saved, "everything saved comes back");
         request(&mut back, &vq, 1);
@@ -218,14 +191,14 @@ mod tests {
     fn a_saved_function_that_does_not_fit_is_refused() {
         let mem = memory();
         let vq = MockSplitQueue::new(&mem, 16);
-        let mut dev = function(Box::new(Rng::new()), &mem);
+        let mut dev = rng_device(&mem);
         drive(&mut dev, &vq);
         dev.pause();
         let saved = dev.save_state();
         let refused = |change: &dyn Fn(&mut VirtioState)| {
             let mut state = saved.clone();
             change(&mut state);
-            function(Box::new(Rng::new()), &mem).restore_state(&state).is_err()
+            rng_device(&mem).restore_state(&state).is_err()
         };
         assert!(refused(&|s| s.device_type = 2), "a disk's state for an entropy source");
         assert!(refused(&|s| s.pci_config.truncate(100)));

@@ -6,16 +6,16 @@ use virtio_queue::mock::MockSplitQueue;
 
 const ACKNOWLEDGE_DRIVER: u8 = 1 | 2;
 
-fn memory() -> GuestMemoryMmap {
+pub(super) fn memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).expect("memory")
 }
 
-fn rng_device(mem: &GuestMemoryMmap) -> VirtioPci {
+pub(super) fn rng_device(mem: &GuestMemoryMmap) -> VirtioPci {
     VirtioPci::new("rng".into(), Box::new(Rng::new()), mem.clone(), 0xc000_0000, Arc::new(MsiRoutes::detached()))
         .expect("device")
 }
 
-fn write(dev: &mut VirtioPci, offset: u64, value: u64, len: usize) {
+pub(super) fn write(dev: &mut VirtioPci, offset: u64, value: u64, len: usize) {
     dev.write(offset, &value.to_le_bytes()[..len]);
 }
 
@@ -39,7 +39,7 @@ fn negotiate(dev: &mut VirtioPci, features: u64) {
 }
 
 /// Points queue 0 at the mock queue's rings, enables it, and says DRIVER_OK.
-fn start(dev: &mut VirtioPci, vq: &MockSplitQueue<GuestMemoryMmap>) {
+pub(super) fn start(dev: &mut VirtioPci, vq: &MockSplitQueue<GuestMemoryMmap>) {
     negotiate(dev, feature::VERSION_1);
     write(dev, 0x16, 0, 2);
     write(dev, 0x18, 16, 2);
