@@ -108,7 +108,11 @@ fn serve(config: &VmConfig, origin: Origin<'_>, api_sock: Option<PathBuf>, timel
         return Ok((session::run_from(config, origin, timeline, &mut |_| {})?, config.boot_timeline));
     };
     let (listener, _socket) = server::bind(&path)?;
-    let instance = Arc::new(std::sync::Mutex::new(Instance::for_run(config)));
+    let instance = match origin {
+        Origin::Boot => Instance::for_run(config),
+        Origin::Snapshot { saved, .. } => Instance::for_restore(config, &saved.net_ids),
+    };
+    let instance = Arc::new(std::sync::Mutex::new(instance));
     let mut listener = Some(listener);
     let mut serve_error = None;
     let reason = session::run_from(config, origin, timeline, &mut |vm| {

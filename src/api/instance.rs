@@ -68,6 +68,13 @@ impl Instance {
         Instance::configured("lguest".into(), plan::plan_of(config))
     }
 
+    /// The plan of a VM restored by `lguest restore`: its cards keep the ids they were saved with.
+    pub fn for_restore(config: &VmConfig, net_ids: &[String]) -> Instance {
+        let mut instance = Instance::for_run(config);
+        instance.plan.rename_nets(net_ids);
+        instance
+    }
+
     pub fn plan(&self) -> &Plan {
         &self.plan
     }
