@@ -151,7 +151,7 @@ fn command_line_error(error: clap::Error) -> ExitCode {
         .map(str::trim)
         .filter(|line| !line.is_empty() && !line.starts_with("tip:") && !line.starts_with("For more information"))
         .collect();
-    let command = if text.contains("Usage: lguest firecracker") { "firecracker" } else { "run" };
+    let command = ["firecracker", "restore"].into_iter().find(|name| text.contains(&format!("Usage: lguest {name}"))).unwrap_or("run");
     eprintln!("lguest: {}; see 'lguest {command} --help'", message.join(" ").trim_start_matches("error: "));
     ExitCode::from(2)
 }
