@@ -17,21 +17,32 @@ use super::types::{MemoryBackend, MemoryBackendType, SnapshotCreateParams, Snaps
 use super::{logger, ApiError, FIRECRACKER_VERSION};
 use crate::config::VmConfig;
 use crate::control::VmControls;
-use crate::snapshot::restore::Restore;
+use crate::snapshot::restore::LoadRequest;
 use crate::snapshot::CreateRequest;
 
 /// `InstanceStart`, as the main thread receives it.
 pub struct StartRequest {
-    pub config: VmConfig,
-    /// `PUT /snapshot/load`: the guest comes from this snapshot (whose configuration `config` is).
-    pub restore: Option<Restore>,
+    pub start: Start,
     /// `PUT /serial`'s file, which takes the guest console's output instead of our stdout.
     pub serial_out: Option<PathBuf>,
     pub reply: mpsc::Sender<StartAnswer>,
 }
 
-/// The main thread's answer to a start: the running VM's controls, or why it did not start.
-pub type StartAnswer = Result<VmControls, crate::error::Error>;
+/// What to start: a VM from a configuration (`InstanceStart`), or a snapshot (`PUT /snapshot/load`).
+pub enum Start {
+    Boot(VmConfig),
+    Snapshot(LoadRequest),
+}
+
+/// The main thread's answer to a start: the running VM, or why it did not start.
+pub type StartAnswer = Result<Started, crate::error::Error>;
+
+/// A VM the main thread started: its controls, and for a restored one the configuration and
+/// network interface ids it was saved with (the API's plan of it from then on).
+pub struct Started {
+    pub controls: VmControls,
+    pub restored: Option<(VmConfig, Vec<String>)>,
+}
 
 /// A successful answer.
 #[derive(Debug, PartialEq, Eq)]
@@ -221,14 +232,18 @@ impl Instance {
         let config = self.plan.to_vm_config()?;
         let serial_out = self.plan.serial.as_ref().and_then(|s| s.serial_out_path.as_ref()).map(PathBuf::from);
         let (reply, answer) = mpsc::channel();
-        self.send_start(starter, StartRequest { config, restore: None, serial_out, reply }, answer)
+        self.send_start(starter, StartRequest { start: Start::Boot(config), serial_out, reply }, answer)
     }
 
     /// Hands a start to the main thread and attaches to the VM it answers with.
     fn send_start(&mut self, starter: mpsc::Sender<StartRequest>, request: StartRequest, answer: mpsc::Receiver<StartAnswer>) -> Result<Reply, ApiError> {
         starter.send(request).map_err(|_| ApiError::Stopping)?;
         match answer.recv() {
-            Ok(Ok(controls)) => {
+            Ok(Ok(Started { controls, restored })) => {
+                if let Some((config, net_ids)) = restored {
+                    self.plan = plan::plan_of(&config);
+                    self.plan.rename_nets(&net_ids);
+                }
                 self.attach(controls);
                 Ok(Reply::NoContent)
             }
@@ -252,8 +267,8 @@ impl Instance {
         Ok(Reply::NoContent)
     }
 
-    /// `PUT /snapshot/load`, on a process whose VM has not started: the snapshot is read and
-    /// checked here, then started by the main thread as `InstanceStart` is.
+    /// `PUT /snapshot/load`, on a process whose VM has not started: the main thread reads and
+    /// checks the snapshot and starts it, as it starts a VM for `InstanceStart`.
     fn load_snapshot(&mut self, params: SnapshotLoadParams) -> Result<Reply, ApiError> {
         let starter = self.starter("PUT /snapshot/load")?;
         let memory_file = match (params.mem_backend, params.mem_file_path) {
@@ -266,16 +281,14 @@ impl Instance {
         if params.track_dirty_pages || params.enable_diff_snapshots {
             return Err(ApiError::NotImplemented { what: "dirty page tracking (track_dirty_pages)" });
         }
-        let overrides: Vec<(String, String)> = params.network_overrides.into_iter().map(|o| (o.iface_id, o.host_dev_name)).collect();
-        let restore = Restore::load(std::path::Path::new(&params.snapshot_path), PathBuf::from(memory_file), &overrides, !params.resume_vm)?;
-        let config = restore.snapshot.config.clone();
-        let ids = restore.snapshot.net_ids.clone();
+        let load = LoadRequest {
+            snapshot_path: PathBuf::from(params.snapshot_path),
+            memory_file: PathBuf::from(memory_file),
+            net_overrides: params.network_overrides.into_iter().map(|o| (o.iface_id, o.host_dev_name)).collect(),
+            paused: !params.resume_vm,
+        };
         let (reply, answer) = mpsc::channel();
-        let request = StartRequest { config: config.clone(), restore: Some(restore), serial_out: None, reply };
-        self.send_start(starter, request, answer)?;
-        self.plan = plan::plan_of(&config);
-        self.plan.rename_nets(&ids);
-        Ok(Reply::NoContent)
+        self.send_start(starter, StartRequest { start: Start::Snapshot(load), serial_out: None, reply }, answer)
     }
 
     fn ctrl_alt_del(&self) -> Result<Reply, ApiError> {
@@ -363,7 +376,7 @@ mod tests {
         call(&mut vm, "PUT", "/boot-source", r#"{"kernel_image_path": "Cargo.toml"}"#).expect("boot source");
         let main = std::thread::spawn(move || {
             let request = requests.recv().expect("a start request");
-            assert_eq!(request.config.kernel, PathBuf::from("Cargo.toml"));
+            assert!(matches!(&request.start, Start::Boot(config) if config.kernel == std::path::Path::new("Cargo.toml")));
             let _ = request.reply.send(Err(crate::error::Error::NoKvm));
         });
         let error = call(&mut vm, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).expect_err("refused");

@@ -2,7 +2,7 @@
 //! ([`crate::vm::Vm::build_from`] calls these), and the overrides a restore may make to the
 //! saved configuration.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use kvm_ioctls::{VcpuFd, VmFd};
 
@@ -53,8 +53,39 @@ pub struct RestoreArgs {
 impl RestoreArgs {
     /// The snapshot and its overrides, read and checked.
     pub fn load(&self) -> Result<Restore, SnapshotError> {
-        let overrides = self.nets.iter().map(|text| parse_override(text)).collect::<Result<Vec<_>, _>>()?;
-        Restore::load(&self.snapshot, self.memory_file.clone(), &overrides, false)
+        let net_overrides = self.nets.iter().map(|text| parse_override(text)).collect::<Result<Vec<_>, _>>()?;
+        let request = LoadRequest { snapshot_path: self.snapshot.clone(), memory_file: self.memory_file.clone(), net_overrides, paused: false };
+        request.load()
+    }
+}
+
+/// What `lguest restore` and `PUT /snapshot/load` ask for: read by the main thread, whose
+/// stack (unlike the API thread's small one) has room for decoding a snapshot.
+#[derive(Debug, Clone)]
+pub struct LoadRequest {
+    pub snapshot_path: PathBuf,
+    pub memory_file: PathBuf,
+    /// (`iface_id`, tap) pairs: the cards put on other taps.
+    pub net_overrides: Vec<(String, String)>,
+    /// Keep the guest paused until a `PATCH /vm Resumed`.
+    pub paused: bool,
+}
+
+impl LoadRequest {
+    /// Reads and checks the snapshot, and makes its configuration, with each network card
+    /// named in the overrides put on its tap.
+    pub fn load(&self) -> Result<Restore, SnapshotError> {
+        let mut snapshot = super::load(&self.snapshot_path)?;
+        for (iface_id, tap) in &self.net_overrides {
+            let index = snapshot.net_ids.iter().position(|id| id == iface_id).ok_or_else(|| {
+                SnapshotError::Invalid(format!("it has no network interface '{iface_id}' (it has: {})", snapshot.net_ids.join(", ")))
+            })?;
+            if tap.is_empty() || tap.len() >= libc::IFNAMSIZ {
+                return Err(SnapshotError::Invalid(format!("'{tap}' is not a tap name (1 to {} characters)", libc::IFNAMSIZ - 1)));
+            }
+            snapshot.config.nets[index].backend = NetBackend::Tap { name: tap.clone() };
+        }
+        Ok(Restore { snapshot, memory_file: self.memory_file.clone(), paused: self.paused })
     }
 }
 
@@ -75,22 +106,6 @@ pub struct Restore {
 }
 
 impl Restore {
-    /// Reads and checks the snapshot, and makes its configuration, with each network card
-    /// named in `net_overrides` (`iface_id`, tap) put on that tap.
-    pub fn load(snapshot_path: &Path, memory_file: PathBuf, net_overrides: &[(String, String)], paused: bool) -> Result<Restore, SnapshotError> {
-        let mut snapshot = super::load(snapshot_path)?;
-        for (iface_id, tap) in net_overrides {
-            let index = snapshot.net_ids.iter().position(|id| id == iface_id).ok_or_else(|| {
-                SnapshotError::Invalid(format!("it has no network interface '{iface_id}' (it has: {})", snapshot.net_ids.join(", ")))
-            })?;
-            if tap.is_empty() || tap.len() >= libc::IFNAMSIZ {
-                return Err(SnapshotError::Invalid(format!("'{tap}' is not a tap name (1 to {} characters)", libc::IFNAMSIZ - 1)));
-            }
-            snapshot.config.nets[index].backend = NetBackend::Tap { name: tap.clone() };
-        }
-        Ok(Restore { snapshot, memory_file, paused })
-    }
-
     pub fn origin(&self) -> Origin<'_> {
         Origin::Snapshot { saved: &self.snapshot, memory_file: &self.memory_file, paused: self.paused }
     }
