@@ -156,3 +156,22 @@ fn impossible_counts_and_sizes_are_refused() {
     assert!(invalid(&|s| s.net_ids.clear()), "a card without an id");
     assert!(invalid(&|s| s.config.disks = vec![crate::config::DiskConfig::new("d"); 40]), "more devices than PCI slots");
 }
+
+#[test]
+fn network_overrides_put_a_named_card_on_another_tap_and_refuse_the_rest() {
+    use super::restore::LoadRequest;
+    use crate::config::NetBackend;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let snapshot_path = dir.path().join("vm.snap");
+    std::fs::write(&snapshot_path, encode(&sample()).expect("encode")).expect("write");
+    let load = |overrides: &[(&str, &str)]| {
+        let net_overrides = overrides.iter().map(|(id, tap)| (id.to_string(), tap.to_string())).collect();
+        LoadRequest { snapshot_path: snapshot_path.clone(), memory_file: dir.path().join("vm.mem"), net_overrides, paused: true }.load()
+    };
+    let restore = load(&[("eth0", "tap7")]).expect("an override of a saved card");
+    assert_eq!(restore.snapshot.config.nets[0].backend, NetBackend::Tap { name: "tap7".into() });
+    assert!(restore.paused);
+    for bad in [[("eth1", "tap7")], [("eth0", "")], [("eth0", "a-name-longer-than-ifnamsiz")]] {
+        assert!(matches!(load(&bad), Err(SnapshotError::Invalid(_))), "{bad:?}");
+    }
+}
