@@ -379,7 +379,7 @@ fn vsock_carries_streams_both_ways_in_parallel_with_flow_control_and_refuses_clo
 }
 
 #[test]
-fn a_paused_guest_saved_and_killed_goes_on_counting_and_writing_in_a_restore_and_two_clones_at_once() {
+fn a_paused_guest_saved_and_killed_goes_on_counting_and_writing_in_a_restore_and_a_clone() {
     let curl = host_curl();
     run_scenario_with("snapshot", &[&curl], |output| {
         expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
@@ -398,8 +398,7 @@ fn a_paused_guest_saved_and_killed_goes_on_counting_and_writing_in_a_restore_and
                 "snap-clone-drive",
                 "snap-clone-resume",
                 "snap-clone-api",
-                "snap-clone-cli",
-                "snap-clones-together",
+                "snap-clone-disk",
             ],
         )
     });

