@@ -44,6 +44,10 @@ pub enum Command {
     /// Boot a kernel and connect its serial console to this terminal.
     #[command(after_help = ESCAPE_HELP)]
     Run(RunArgs),
+    /// Run a guest saved by `PUT /snapshot/create` from where it was paused, in the foreground
+    /// as `run` does.
+    #[command(after_help = ESCAPE_HELP)]
+    Restore(crate::snapshot::restore::RestoreArgs),
     /// Print the shell completion script for SHELL (scripts/install.sh installs them).
     Completions {
         #[arg(value_enum)]
@@ -137,7 +141,7 @@ pub struct RunArgs {
 }
 
 /// One `--disk`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub readonly: bool,
@@ -157,7 +161,7 @@ impl DiskConfig {
 }
 
 /// A disk's I/O engine: `engine=io_uring|sync`, or the best the host has when not said.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum DiskEngine {
     /// io_uring if the host has it, else `Sync` (with a note saying so).
     #[default]
@@ -169,7 +173,7 @@ pub enum DiskEngine {
 }
 
 /// One `--net`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     pub backend: NetBackend,
     pub mac: Option<[u8; 6]>,
@@ -186,7 +190,7 @@ impl NetConfig {
 }
 
 /// What is at the other end of a network card.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum NetBackend {
     /// The host tap device of this name; with `vhost`, the kernel's vhost-net moves the frames.
     Tap { name: String, vhost: bool },
@@ -196,7 +200,7 @@ pub enum NetBackend {
 
 /// One `hostfwd=`: connections to the host's `host_port` (on `host_addr`, or every address)
 /// go to the guest's `guest_port`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Forward {
     pub protocol: Protocol,
     pub host_addr: Option<std::net::IpAddr>,
@@ -204,14 +208,14 @@ pub struct Forward {
     pub guest_port: u16,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Protocol {
     Tcp,
     Udp,
 }
 
 /// The `--vsock` device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     /// The guest's context ID: 3 or more (0-2 are reserved), and below `u32::MAX` (reserved
     /// too; Firecracker refuses it as well).
@@ -221,7 +225,7 @@ pub struct VsockConfig {
 }
 
 /// Which device carries the guest's console.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 pub enum ConsoleKind {
     /// ttyS0, the 16550A UART.
     Serial,
@@ -231,7 +235,7 @@ pub enum ConsoleKind {
 }
 
 /// What a guest's reboot does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 pub enum OnReboot {
     /// lguest exits with status 0.
     Exit,
@@ -246,7 +250,7 @@ pub const MAX_PCI_DEVICES: usize = crate::pci::SLOTS - 1;
 pub const MAX_SHUTDOWN_TIMEOUT_SECS: u64 = 24 * 60 * 60;
 
 /// A validated description of one VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,

@@ -9,20 +9,22 @@
 //! until each has come to the gate and parked there; [`PauseGate::resume`] opens it. A vCPU
 //! that starts while the gate is closed parks before its first KVM_RUN. When the VM is taken
 //! apart the gate is ended, which releases every parked thread for good, so a paused guest can
-//! still be stopped. Device workers are not paused (yet): a paused guest's queues are not
-//! served, since only its vCPUs could add to them, but requests already queued complete.
+//! still be stopped. [`VmControls::pause`] then stops every device's worker too (between two
+//! events; each keeps its handler), so that nothing of the guest moves while it is paused and a
+//! snapshot ([`crate::snapshot`]) sees it still; [`VmControls::resume`] restarts them first.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use kvm_ioctls::VcpuFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::bus::lock;
 use crate::devices::i8042::I8042;
 use crate::rate_limiter::SharedLimiter;
 use crate::virtio::metrics::{BlockMetrics, NetMetrics};
-use crate::virtio::transport::DriveHandle;
+use crate::virtio::transport::{DriveHandle, SharedVirtio};
 use crate::virtio::UpdateError;
 
 /// How long a pause waits for the vCPUs to park. Leaving KVM_RUN takes microseconds; only a
@@ -35,7 +37,24 @@ pub enum PauseError {
     Ended,
     #[error("{running} of the guest's vCPUs did not stop within {} s", PARK_TIMEOUT.as_secs())]
     Stuck { running: usize },
+    #[error("the guest is not paused")]
+    NotPaused,
 }
+
+/// Work a parked vCPU thread does on its own vCPU, given its id.
+pub type Errand = Arc<dyn Fn(u8, &VcpuFd) + Send + Sync>;
+
+/// The errand being run, if any (a closure has no `Debug` of its own).
+struct ErrandSlot(Option<Errand>);
+
+impl std::fmt::Debug for ErrandSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "an errand" } else { "no errand" })
+    }
+}
+
+/// A parked vCPU thread's vCPU, on which it runs errands.
+pub type ParkedVcpu<'a> = (u8, &'a VcpuFd);
 
 /// The gate every vCPU thread passes between two KVM_RUNs.
 #[derive(Debug)]
@@ -48,6 +67,11 @@ pub struct PauseGate {
 struct GateState {
     closed: bool,
     ended: bool,
+    /// Work for the parked vCPU threads ([`PauseGate::run_errand`]), numbered so that each
+    /// thread does each errand once, and how many have done the current one.
+    errand: ErrandSlot,
+    errand_round: u64,
+    errands_done: usize,
     /// How many vCPU threads the VM has, started or not.
     vcpus: usize,
     parked: usize,
@@ -76,7 +100,17 @@ unsafe impl Killable for LiveThread {
 
 impl PauseGate {
     pub fn new(vcpus: usize) -> Arc<PauseGate> {
-        let state = GateState { closed: false, ended: false, vcpus, parked: 0, gone: 0, threads: Vec::new() };
+        let state = GateState {
+            closed: false,
+            ended: false,
+            errand: ErrandSlot(None),
+            errand_round: 0,
+            errands_done: 0,
+            vcpus,
+            parked: 0,
+            gone: 0,
+            threads: Vec::new(),
+        };
         Arc::new(PauseGate { state: Mutex::new(state), changed: Condvar::new() })
     }
 
@@ -86,26 +120,66 @@ impl PauseGate {
 
     /// Called by a vCPU thread as it starts: it becomes kickable, and waits here if the guest
     /// was paused before it ever ran.
-    pub fn enter(self: &Arc<PauseGate>) -> Seat {
+    pub fn enter(self: &Arc<PauseGate>, vcpu: Option<ParkedVcpu<'_>>) -> Seat {
         // SAFETY: pthread_self has no preconditions.
         let thread = unsafe { libc::pthread_self() };
         self.state().threads.push(thread);
-        self.wait_while_closed();
+        self.wait_while_closed(vcpu);
         Seat { gate: self.clone(), thread }
     }
 
-    /// Called by a vCPU thread out of KVM_RUN after a kick: parks while the gate is closed.
-    pub fn wait_while_closed(&self) {
+    /// Called by a vCPU thread out of KVM_RUN after a kick: parks while the gate is closed,
+    /// doing each errand it is given on `vcpu` meanwhile.
+    pub fn wait_while_closed(&self, vcpu: Option<ParkedVcpu<'_>>) {
         let mut state = self.state();
         if !state.closed || state.ended {
             return;
         }
         state.parked += 1;
         self.changed.notify_all();
+        let mut round = state.errand_round;
         while state.closed && !state.ended {
+            if state.errand_round != round {
+                round = state.errand_round;
+                if let (Some(errand), Some((id, fd))) = (state.errand.0.clone(), vcpu) {
+                    drop(state);
+                    errand(id, fd);
+                    state = self.state();
+                }
+                state.errands_done += 1;
+                self.changed.notify_all();
+                continue;
+            }
             state = self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
         }
         state.parked -= 1;
+    }
+
+    /// Has every parked vCPU thread run `errand` on its own vCPU (KVM reads a vCPU's state
+    /// best on the thread that runs it), and returns once all have. The guest must be paused.
+    pub fn run_errand(&self, errand: Errand) -> Result<(), PauseError> {
+        let deadline = Instant::now() + PARK_TIMEOUT;
+        let mut state = self.state();
+        if !state.closed {
+            return Err(PauseError::NotPaused);
+        }
+        (state.errand, state.errands_done) = (ErrandSlot(Some(errand)), 0);
+        state.errand_round += 1;
+        self.changed.notify_all();
+        let result = loop {
+            if state.ended {
+                break Err(PauseError::Ended);
+            }
+            if state.errands_done >= state.parked {
+                break Ok(());
+            }
+            if Instant::now() > deadline {
+                break Err(PauseError::Stuck { running: state.parked - state.errands_done });
+            }
+            state = self.changed.wait_timeout(state, Duration::from_millis(1)).unwrap_or_else(|p| p.into_inner()).0;
+        };
+        state.errand = ErrandSlot(None);
+        result
     }
 
     /// Stops every vCPU: returns once each is parked (or has finished).
@@ -130,6 +204,12 @@ impl PauseGate {
             }
             state = self.changed.wait_timeout(state, Duration::from_millis(1)).unwrap_or_else(|p| p.into_inner()).0;
         }
+    }
+
+    /// Closes the gate before any vCPU thread has started (a restored guest kept paused): each
+    /// parks as it enters.
+    pub fn close(&self) {
+        self.state().closed = true;
     }
 
     /// Lets the vCPUs run again.
@@ -192,10 +272,35 @@ pub struct VmControls {
     /// The disks, in the order of `VmConfig::disks`: what `PATCH /drives` changes. Emptied
     /// when the VM is taken apart, so that the API holds no device of a VM that is gone.
     pub drives: Arc<Mutex<Vec<DriveHandle>>>,
+    /// The disks' and cards' limiters and counters.
     pub devices: Arc<LiveDevices>,
+    /// Every virtio device, emptied with `drives`: what a pause stops.
+    pub virtio: Arc<Mutex<Vec<SharedVirtio>>>,
+    /// Where a snapshot request goes: the main thread takes it (see [`crate::snapshot`]).
+    pub stopper: Arc<crate::stop::Stopper>,
 }
 
 impl VmControls {
+    /// Parks every vCPU, then stops every device's worker.
+    pub fn pause(&self) -> Result<(), PauseError> {
+        self.gate.pause()?;
+        lock(&self.virtio).iter().for_each(|device| lock(device).pause());
+        Ok(())
+    }
+
+    /// Has the main thread save the paused VM into the request's files, and waits for it.
+    pub fn snapshot(&self, request: crate::snapshot::CreateRequest) -> Result<(), crate::snapshot::SnapshotError> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.stopper.request_snapshot(crate::snapshot::SnapshotJob { request, reply });
+        answer.recv().unwrap_or(Err(crate::snapshot::SnapshotError::Stopping))
+    }
+
+    /// Restarts the devices' workers, then lets the vCPUs run.
+    pub fn resume(&self) {
+        lock(&self.virtio).iter().for_each(|device| lock(device).resume());
+        self.gate.resume();
+    }
+
     /// Presses Ctrl-Alt-Del; false when the guest has its keyboard disabled.
     pub fn press_ctrl_alt_del(&self) -> bool {
         lock(&self.keyboard).press_ctrl_alt_del()
@@ -224,10 +329,10 @@ mod tests {
     fn spin(gate: Arc<PauseGate>, count: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
         crate::vcpu::install_kick_handler().expect("kick handler");
         std::thread::spawn(move || {
-            let _seat = gate.enter();
+            let _seat = gate.enter(None);
             while !gate.state().ended {
                 count.fetch_add(1, Ordering::Relaxed);
-                gate.wait_while_closed();
+                gate.wait_while_closed(None);
                 std::thread::yield_now();
             }
         })

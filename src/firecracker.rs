@@ -9,8 +9,8 @@
 //! Firecracker, whose clients rely on it.
 //!
 //! Every Firecracker flag is accepted. Those that mean nothing here say so in `--help`
-//! ([`AFTER_HELP`]); those that ask for what lguest does not implement (MMDS, snapshots) are
-//! refused with the reason.
+//! ([`AFTER_HELP`]); those that ask for what lguest does not implement (MMDS,
+//! `--describe-snapshot`) are refused with the reason.
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use crate::api::instance::{Instance, StartRequest};
+use crate::api::instance::{Instance, Start, StartRequest, Started};
 use crate::api::plan::Plan;
 use crate::api::types::{LogLevel, Logger};
 use crate::api::{logger, server, ApiError};
@@ -90,7 +90,7 @@ pub struct FirecrackerArgs {
     /// Refused: lguest has no MMDS yet.
     #[arg(long, value_name = "FILE")]
     pub metadata: Option<PathBuf>,
-    /// Refused: lguest has no snapshots yet.
+    /// Refused: lguest does not describe snapshots (yet).
     #[arg(long, value_name = "FILE")]
     pub describe_snapshot: Option<PathBuf>,
     /// Accepted; no effect.
@@ -154,7 +154,7 @@ pub fn run(args: FirecrackerArgs, timeline: Arc<Timeline>) -> Result<StopReason>
 /// Waits for `InstanceStart`s until one gives a running guest, then runs it to its end.
 fn serve_starts(starts: &mpsc::Receiver<StartRequest>, instance: &Arc<Mutex<Instance>>, timeline: Arc<Timeline>, no_seccomp: bool) -> Result<StopReason> {
     loop {
-        let StartRequest { config, serial_out, reply } = match starts.recv_timeout(Duration::from_millis(200)) {
+        let StartRequest { start, serial_out, reply } = match starts.recv_timeout(Duration::from_millis(200)) {
             Ok(request) => request,
             Err(mpsc::RecvTimeoutError::Timeout) => match pending_stop_signal() {
                 Some(signal) => return Ok(StopReason::Signal(signal)),
@@ -162,6 +162,17 @@ fn serve_starts(starts: &mpsc::Receiver<StartRequest>, instance: &Arc<Mutex<Inst
             },
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(StopReason::HostError("the API thread stopped".into())),
         };
+        let (config, restore) = match start {
+            Start::Boot(config) => (*config, None),
+            Start::Snapshot(load) => match load.load() {
+                Ok(restore) => (restore.snapshot.config.clone(), Some(restore)),
+                Err(error) => {
+                    let _ = reply.send(Err(error.into()));
+                    continue;
+                }
+            },
+        };
+        let restored = restore.as_ref().map(|r| (r.snapshot.config.clone(), r.snapshot.net_ids.clone()));
         let config = process_config(config, no_seccomp);
         if let Err(error) = redirect_serial(serial_out.as_deref()) {
             let _ = reply.send(Err(error));
@@ -170,11 +181,12 @@ fn serve_starts(starts: &mpsc::Receiver<StartRequest>, instance: &Arc<Mutex<Inst
         let mut reply = Some(reply);
         let mut started = |vm: &crate::vm::RunningVm| match reply.take() {
             Some(reply) => {
-                let _ = reply.send(Ok(vm.controls()));
+                let _ = reply.send(Ok(Started { controls: vm.controls(), restored: restored.clone() }));
             }
             None => lock(instance).attach(vm.controls()),
         };
-        match crate::session::run(&config, timeline.clone(), &mut started) {
+        let origin = restore.as_ref().map_or(crate::vm::Origin::Boot, |restore| restore.origin());
+        match crate::session::run_from(&config, origin, timeline.clone(), &mut started) {
             Err(error) if reply.is_some() => {
                 if let Some(reply) = reply.take() {
                     let _ = reply.send(Err(error));
@@ -201,7 +213,7 @@ fn refuse_unimplemented(args: &FirecrackerArgs) -> Result<()> {
         return refuse("the microVM metadata service (--metadata)");
     }
     if args.describe_snapshot.is_some() {
-        return refuse("snapshots (--describe-snapshot)");
+        return refuse("describing snapshots (--describe-snapshot)");
     }
     Ok(())
 }

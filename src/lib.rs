@@ -29,6 +29,8 @@
 //! 14. [`api`] and [`firecracker`]: Firecracker's REST API and command line, for the programs
 //!     that drive microVMs: a plan of the machine before the start, the same `VmConfig` at
 //!     it, and [`control`] (pause, resume, Ctrl-Alt-Del, a new drive image) while it runs.
+//! 15. [`snapshot`]: a paused guest saved to a file and its memory, and restored from them in
+//!     another process (`lguest restore`, `PUT /snapshot/load`).
 
 pub mod api;
 pub mod arch;
@@ -46,6 +48,7 @@ pub mod pci;
 pub mod rate_limiter;
 pub mod seccomp;
 pub mod session;
+pub mod snapshot;
 pub mod stop;
 pub mod terminal;
 pub mod threads;

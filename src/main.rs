@@ -17,6 +17,8 @@ use clap::Parser;
 use lguest::api::{self, instance::Instance, server};
 use lguest::bus::lock;
 use lguest::config::{Cli, Command, RunArgs, VmConfig};
+use lguest::snapshot::restore::RestoreArgs;
+use lguest::vm::Origin;
 use lguest::docs::{self, DocsError};
 use lguest::error::{Error, Result};
 use lguest::{firecracker, seccomp, session, terminal};
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
     };
     let result = match command {
         Command::Run(args) => run(args, timeline.clone()),
+        Command::Restore(args) => restore(&args, timeline.clone()),
         Command::Firecracker(args) if args.version => {
             print!("{}", firecracker::version_text());
             return ExitCode::SUCCESS;
@@ -124,16 +127,31 @@ impl TimelineReport {
 fn run(args: RunArgs, timeline: Arc<Timeline>) -> Result<(StopReason, TimelineReport)> {
     let api_sock = args.api_sock.clone();
     let config = VmConfig::from_args(args)?;
-    let timeline_report = TimelineReport::for_config(&config)?;
+    serve(&config, Origin::Boot, api_sock, timeline)
+}
+
+/// `lguest restore`: the saved guest, run as `lguest run` runs one.
+fn restore(args: &RestoreArgs, timeline: Arc<Timeline>) -> Result<(StopReason, TimelineReport)> {
+    let restore = args.load()?;
+    serve(&restore.snapshot.config, restore.origin(), args.api_sock.clone(), timeline)
+}
+
+/// Runs the guest `origin` gives, with the API on `api_sock` if there is one.
+fn serve(config: &VmConfig, origin: Origin<'_>, api_sock: Option<PathBuf>, timeline: Arc<Timeline>) -> Result<(StopReason, TimelineReport)> {
+    let timeline_report = TimelineReport::for_config(config)?;
     seccomp::set_mode(config.seccomp);
     let Some(path) = api_sock else {
-        return Ok((session::run(&config, timeline, &mut |_| {})?, timeline_report));
+        return Ok((session::run_from(config, origin, timeline, &mut |_| {})?, timeline_report));
     };
     let (listener, _socket) = server::bind(&path)?;
-    let instance = Arc::new(std::sync::Mutex::new(Instance::for_run(&config)));
+    let instance = match origin {
+        Origin::Boot => Instance::for_run(config),
+        Origin::Snapshot { saved, .. } => Instance::for_restore(config, &saved.net_ids),
+    };
+    let instance = Arc::new(std::sync::Mutex::new(instance));
     let mut listener = Some(listener);
     let mut serve_error = None;
-    let reason = session::run(&config, timeline, &mut |vm| {
+    let reason = session::run_from(config, origin, timeline, &mut |vm| {
         lock(&instance).attach(vm.controls());
         if let Some(listener) = listener.take() {
             if let Err(e) = server::spawn(listener, instance.clone(), api::DEFAULT_MAX_PAYLOAD) {
@@ -169,7 +187,7 @@ fn command_line_error(error: clap::Error) -> ExitCode {
         .map(str::trim)
         .filter(|line| !line.is_empty() && !line.starts_with("tip:") && !line.starts_with("For more information"))
         .collect();
-    let command = if text.contains("Usage: lguest firecracker") { "firecracker" } else { "run" };
+    let command = ["firecracker", "restore"].into_iter().find(|name| text.contains(&format!("Usage: lguest {name}"))).unwrap_or("run");
     eprintln!("lguest: {}; see 'lguest {command} --help'", message.join(" ").trim_start_matches("error: "));
     ExitCode::from(2)
 }

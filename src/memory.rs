@@ -127,11 +127,41 @@ impl std::ops::Deref for GuestRam {
 /// Maps the guest's RAM into our address space. Pages are not touched here: the kernel only
 /// hands us memory as the guest first writes it, which keeps an idle VM's footprint small.
 pub fn create_guest_memory(memory_bytes: u64) -> Result<GuestRam> {
+    map_ram(memory_bytes, |_, _| Ok(()))
+}
+
+/// Maps a snapshot's memory file as the guest's RAM (its ranges one after the other, as
+/// [`ram_ranges`] lays them out), privately: pages are read from the file when the guest first
+/// touches them, and its writes stay in our copy. So a restore costs the same for any size of
+/// guest, and many guests can be restored from one file at once.
+pub fn map_guest_memory_file(file: &std::fs::File, memory_bytes: u64) -> Result<GuestRam> {
+    use std::os::fd::AsRawFd;
+    let mut offset = 0i64;
+    map_ram(memory_bytes, |mapping, len| {
+        // SAFETY: MAP_FIXED over the anonymous mapping `map_ram` just made and owns, at its
+        // start and of its length: nothing else is there. The file's length was checked by the
+        // caller.
+        let placed = unsafe {
+            let flags = libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE;
+            libc::mmap(mapping.addr as *mut libc::c_void, len, PROT, flags, file.as_raw_fd(), offset)
+        };
+        if placed == libc::MAP_FAILED {
+            return Err(Error::Memory(format!("cannot map the memory file: {}", std::io::Error::last_os_error())));
+        }
+        offset += len as i64;
+        Ok(())
+    })
+}
+
+/// Maps each RAM range on a 2 MiB boundary, lets `fill` put something there (a file) first,
+/// and makes the `vm-memory` view over them.
+fn map_ram(memory_bytes: u64, mut fill: impl FnMut(&AlignedMapping, usize) -> Result<()>) -> Result<GuestRam> {
     let mut mappings = Vec::new();
     let mut regions = Vec::new();
     for (start, len) in ram_ranges(memory_bytes) {
         let len = usize::try_from(len).map_err(|_| too_large())?;
         let mut mapping = map_aligned(len)?;
+        fill(&mapping, len)?;
         let region = Arc::new(mapping.region()?);
         mapping.region = Arc::downgrade(&region);
         mappings.push(mapping);

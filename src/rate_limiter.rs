@@ -34,7 +34,7 @@ use crate::bus::lock;
 pub const MAX_REFILL_TIME: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// A bucket's settings, checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BucketConfig {
     size: u64,
     one_time_burst: u64,
@@ -78,7 +78,7 @@ impl BucketConfig {
 }
 
 /// A device's limits: either bucket may be absent (no limit of that kind).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RateLimit {
     pub bandwidth: Option<BucketConfig>,
     pub ops: Option<BucketConfig>,

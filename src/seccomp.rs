@@ -34,7 +34,7 @@ use seccompiler::{
 };
 
 /// What a user can ask for with `--seccomp`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 pub enum Mode {
     /// End lguest, with a line naming the call, on any call a thread's filter doesn't allow.
     Enforce,
@@ -345,6 +345,10 @@ const API: &[i64] = &[
     libc::SYS_preadv,
     libc::SYS_preadv2,
     libc::SYS_pwritev2,
+    // PATCH /vm Resumed restarts the device workers that a pause stopped: each worker's stop
+    // eventfd and epoll set are made here (the thread itself comes from the spawner).
+    libc::SYS_eventfd2,
+    libc::SYS_epoll_create1,
 ];
 
 fn allowed(role: Role) -> Vec<i64> {

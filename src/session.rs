@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::stop::{StopReason, Stopper};
 use crate::threads;
 use crate::timeline::Timeline;
-use crate::vm::{RunningVm, Vm};
+use crate::vm::{Origin, RunningVm, Vm};
 
 /// Runs the guest `config` describes until it is done, and says why it ended.
 ///
@@ -24,6 +24,12 @@ use crate::vm::{RunningVm, Vm};
 /// boot's running VM (the API takes its controls from there); an `Err` from the first build is
 /// returned before any of the process's threads exist, so the caller may try again.
 pub fn run(config: &VmConfig, timeline: Arc<Timeline>, on_start: &mut dyn FnMut(&RunningVm)) -> Result<StopReason> {
+    run_from(config, Origin::Boot, timeline, on_start)
+}
+
+/// [`run`], with the first boot's guest from `origin` (a snapshot, for `lguest restore` and
+/// `PUT /snapshot/load`); a reboot after it boots the configuration's kernel afresh.
+pub fn run_from(config: &VmConfig, origin: Origin<'_>, timeline: Arc<Timeline>, on_start: &mut dyn FnMut(&RunningVm)) -> Result<StopReason> {
     let host = |what| move |source| Error::Host { what, source };
     terminal::block_stop_signals().map_err(host("cannot block the stop signals"))?;
     let stopper = Arc::new(Stopper::default());
@@ -31,8 +37,16 @@ pub fn run(config: &VmConfig, timeline: Arc<Timeline>, on_start: &mut dyn FnMut(
     // Device workers come from the spawner (started just below, after the vCPUs, which is
     // still long before any guest driver activates a device; an early one waits for it).
     threads::expect_spawner();
-    let mut running = Vm::build(config, timeline.clone(), stopper.clone())?.start(&route)?;
-    threads::start_spawner().map_err(host("cannot start the device workers' spawner thread"))?;
+    // A restored guest's devices are started while its VM is built: their spawner comes first.
+    let restoring = matches!(origin, Origin::Snapshot { .. });
+    let start_spawner = || threads::start_spawner().map_err(host("cannot start the device workers' spawner thread"));
+    if restoring {
+        start_spawner()?;
+    }
+    let mut running = Vm::build_from(config, origin, timeline.clone(), stopper.clone())?.start(&route)?;
+    if !restoring {
+        start_spawner()?;
+    }
     on_start(&running);
     let interactive = terminal::stdin_is_terminal();
     terminal::watch_signals(stopper.clone(), config.shutdown_timeout, interactive).map_err(host("cannot watch signals"))?;

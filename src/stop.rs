@@ -68,6 +68,8 @@ pub enum Event {
     Stopped(StopReason),
     /// Someone asked for a clean shutdown: ask the guest (once); its time is running.
     ShutdownRequested,
+    /// The API asks for a snapshot of the (paused) VM, which the main thread takes.
+    Snapshot(crate::snapshot::SnapshotJob),
 }
 
 /// The one place a stop is recorded and waited for.
@@ -86,6 +88,8 @@ struct State {
     /// The user's quit or signal that came after this boot had stopped (see [`Stopper::rearm`]).
     late: Option<StopReason>,
     shutdown: Option<ShutdownRequest>,
+    /// Snapshots asked for and not yet taken; dropped (their askers told so) when the VM stops.
+    snapshots: std::collections::VecDeque<crate::snapshot::SnapshotJob>,
 }
 
 #[derive(Debug)]
@@ -141,6 +145,16 @@ impl Stopper {
         self.changed.notify_all();
     }
 
+    /// Hands a snapshot job to the main thread. If the VM is stopping, the job is dropped, and
+    /// with it its reply channel: the asker learns it that way.
+    pub fn request_snapshot(&self, job: crate::snapshot::SnapshotJob) {
+        let mut state = self.state();
+        if !self.is_stopped() {
+            state.snapshots.push_back(job);
+            self.changed.notify_all();
+        }
+    }
+
     /// Blocks until the VM stops (and takes the reason) or a shutdown request needs acting on.
     /// A request whose deadline passes stops the VM here, with [`StopReason::ShutdownTimedOut`].
     pub fn next_event(&self) -> Event {
@@ -148,7 +162,11 @@ impl Stopper {
         loop {
             // Later `stop` calls see the flag and leave the emptied slot alone.
             if let Some(reason) = state.reason.take() {
+                state.snapshots.clear();
                 return Event::Stopped(reason);
+            }
+            if let Some(job) = state.snapshots.pop_front() {
+                return Event::Snapshot(job);
             }
             let wait = match &mut state.shutdown {
                 Some(request) if !request.told && !self.is_stopped() => {

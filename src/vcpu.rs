@@ -106,7 +106,7 @@ impl Vcpu {
         if let Err(e) = seccomp::confine(Role::Vcpu) {
             return self.stopper.stop(StopReason::HostError(e.to_string()));
         }
-        let _seat = self.gate.enter();
+        let _seat = self.gate.enter(Some((self.id, &self.fd)));
         // Dropped before `self` (and with it the run area's mapping): locals go before arguments.
         let _kickable = Kickable::arm(self.fd.get_kvm_run());
         if self.id == 0 {
@@ -124,7 +124,7 @@ impl Vcpu {
                     if self.stopper.is_stopped() {
                         return;
                     }
-                    self.gate.wait_while_closed();
+                    self.gate.wait_while_closed(Some((self.id, &self.fd)));
                     continue;
                 }
                 Next::Stop(reason) => reason,

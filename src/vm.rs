@@ -7,6 +7,7 @@
 //! ([`RunningVm::wait`]). Then the VM is taken apart again, completely, so that a rebooted
 //! guest can be started afresh in the same process (see [`crate::session`]).
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -20,6 +21,7 @@ use crate::arch::x86_64::{acpi, boot, cpu};
 use crate::bus::{lock, Bus, SharedDevice};
 use crate::config::{NetBackend, VmConfig};
 use crate::control::{LiveDevices, PauseGate, VmControls};
+use crate::snapshot::{self, state::Snapshot};
 use crate::terminal::ConsoleRoute;
 use crate::devices::boot_timer::{BootTimer, BOOT_TIMER_ADDR, BOOT_TIMER_LEN};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT, KEYBOARD_IRQ};
@@ -37,7 +39,7 @@ use crate::virtio::net::vhost::VhostNet;
 use crate::virtio::fs::Fs;
 use crate::virtio::net::Net;
 use crate::virtio::rng::Rng;
-use crate::virtio::transport::{DriveHandle, VirtioPci, BAR_SIZE};
+use crate::virtio::transport::{DriveHandle, SharedVirtio, VirtioPci, BAR_SIZE};
 use crate::virtio::vsock::Vsock;
 use crate::virtio::VirtioDevice;
 use crate::stop::{Event, StopReason, Stopper};
@@ -45,8 +47,19 @@ use crate::threads;
 use crate::timeline::{Milestone, Timeline};
 use crate::vcpu::{self, Vcpu};
 
+/// Where a VM's guest comes from: a kernel to boot, or a snapshot to take up.
+#[derive(Clone, Copy)]
+pub enum Origin<'a> {
+    Boot,
+    /// Everything from `saved`, the RAM from `memory_file`; `paused` keeps the vCPUs and
+    /// devices stopped until a resume (`PUT /snapshot/load` without `resume_vm`).
+    Snapshot { saved: &'a Snapshot, memory_file: &'a Path, paused: bool },
+}
+
 /// A VM ready to run: everything built, no guest instruction executed yet.
 pub struct Vm {
+    /// What it was built from, for a snapshot.
+    config: VmConfig,
     // Kept open for the VM's lifetime: the vCPUs and memory slots belong to it.
     kvm: Kvm,
     vm: Arc<VmFd>,
@@ -60,7 +73,9 @@ pub struct Vm {
     /// The disks, in the configuration's order, for a new image while the guest runs.
     drives: Vec<DriveHandle>,
     /// The disks' and network cards' limiters and counters, for the API.
-    devices: Arc<LiveDevices>,
+    live: Arc<LiveDevices>,
+    /// Every virtio device, in PCI slot order: what a pause stops and a snapshot saves.
+    devices: Vec<SharedVirtio>,
     /// Where the vCPUs park while the guest is paused.
     gate: Arc<PauseGate>,
     stopper: Arc<Stopper>,
@@ -77,6 +92,11 @@ impl Vm {
     /// Builds a VM from `config`. Everything in it that can stop the guest reports to `stopper`,
     /// which outlives the VM when a rebooted guest is restarted.
     pub fn build(config: &VmConfig, timeline: Arc<Timeline>, stopper: Arc<Stopper>) -> Result<Vm> {
+        Vm::build_from(config, Origin::Boot, timeline, stopper)
+    }
+
+    /// Builds a VM from `config` whose guest comes from `origin`.
+    pub fn build_from(config: &VmConfig, origin: Origin<'_>, timeline: Arc<Timeline>, stopper: Arc<Stopper>) -> Result<Vm> {
         let kvm_handle = open_kvm()?;
         let max_cpus = kvm_handle.get_max_vcpus();
         if usize::from(config.cpus) > max_cpus {
@@ -87,40 +107,49 @@ impl Vm {
         // slots or I/O buses, and the slot goes in far quicker before the irqchip and the PIT
         // (with its worker thread) exist: main → first KVM_RUN 3.6 vs 10.7 ms median over 30
         // interleaved runs each on a loaded PVM host (tiny guest, 256 MiB).
-        let mem = memory::create_guest_memory(config.memory_bytes())?;
+        let mem = match origin {
+            Origin::Boot => memory::create_guest_memory(config.memory_bytes())?,
+            Origin::Snapshot { memory_file, .. } => snapshot::memory::restore(memory_file, config.memory_bytes())?,
+        };
         register_memory(&vm, &mem)?;
-        let Furnished { vcpus, pio, serial, virtio_console, keyboard, drives, devices, gate } =
-            furnish(config, &kvm_handle, &vm, &mem, &timeline, &stopper)?;
+        let Furnished { vcpus, pio, serial, virtio_console, keyboard, drives, live, devices, gate } =
+            furnish(config, origin, &kvm_handle, &vm, &mem, &timeline, &stopper)?;
         // Asked now, not at the first fault: a vCPU thread may not read files.
         crate::fault::warn_if_host_kvm_is_pvm();
         timeline.mark(Milestone::VmBuilt);
-        Ok(Vm { kvm: kvm_handle, vm, vcpus, pio, serial, virtio_console, keyboard, drives, devices, gate, stopper, ram: mem })
+        let config = config.clone();
+        Ok(Vm { config, kvm: kvm_handle, vm, vcpus, pio, serial, virtio_console, keyboard, drives, live, devices, gate, stopper, ram: mem })
     }
 
     /// Starts the guest: one thread per vCPU, and what is typed routed to its console.
     pub fn start(self, console: &ConsoleRoute) -> Result<RunningVm> {
-        let Vm { kvm, vm, vcpus, pio, serial, virtio_console, keyboard, drives, devices, gate, stopper, ram } = self;
+        let Vm { config, kvm, vm, vcpus, pio, serial, virtio_console, keyboard, drives, live, devices, gate, stopper, ram } = self;
         vcpu::install_kick_handler().map_err(|source| Error::Host { what: "cannot install the vCPU kick handler", source })?;
         match virtio_console {
             Some(input) => console.connect(Box::new(input)),
-            None => console.connect(Box::new(serial)),
+            None => console.connect(Box::new(serial.clone())),
         }
         let threads = start_vcpus(vcpus, &stopper);
-        let drives = Arc::new(Mutex::new(drives));
-        Ok(RunningVm { kvm, vm, threads, pio, keyboard, drives, devices, gate, stopper, ram })
+        let (drives, devices) = (Arc::new(Mutex::new(drives)), Arc::new(Mutex::new(devices)));
+        Ok(RunningVm { config, kvm, vm, threads, pio, serial, keyboard, drives, live, devices, gate, stopper, ram })
     }
 }
 
 /// A guest that is running: its vCPU threads, and what they need taken apart after them.
 pub struct RunningVm {
+    config: VmConfig,
     kvm: Kvm,
     vm: Arc<VmFd>,
     threads: Vec<JoinHandle<()>>,
     pio: Arc<Bus>,
+    serial: Arc<Mutex<SerialPort>>,
     keyboard: Arc<Mutex<I8042>>,
     /// Shared with the API's [`VmControls`], emptied when the VM is taken apart.
     drives: Arc<Mutex<Vec<DriveHandle>>>,
-    devices: Arc<LiveDevices>,
+    /// The disks' and network cards' limiters and counters, for the API.
+    live: Arc<LiveDevices>,
+    /// Every virtio device, in PCI slot order; emptied with `drives`.
+    devices: Arc<Mutex<Vec<SharedVirtio>>>,
     gate: Arc<PauseGate>,
     stopper: Arc<Stopper>,
     /// Unmapped last, once nothing else of the VM is left.
@@ -131,18 +160,25 @@ impl RunningVm {
     /// What the API may do to the running guest: pause it, press its Ctrl-Alt-Del, change a
     /// drive's image or a device's rate limiter, read the devices' counters.
     pub fn controls(&self) -> VmControls {
-        let (gate, keyboard, drives, devices) = (self.gate.clone(), self.keyboard.clone(), self.drives.clone(), self.devices.clone());
-        VmControls { gate, keyboard, drives, devices }
+        VmControls {
+            gate: self.gate.clone(),
+            keyboard: self.keyboard.clone(),
+            drives: self.drives.clone(),
+            devices: self.live.clone(),
+            virtio: self.devices.clone(),
+            stopper: self.stopper.clone(),
+        }
     }
 
     /// Returns when the guest has stopped, for whatever reason, and takes the VM apart: every
     /// vCPU thread kicked out of KVM_RUN and joined, the devices' workers stopped, the VM
     /// closed and its memory unmapped.
     pub fn wait(self, console: &ConsoleRoute) -> StopReason {
-        let RunningVm { kvm, vm, threads, pio, keyboard, drives, gate, stopper, ram, .. } = self;
-        let mut reason = wait_for_stop(&stopper, &keyboard);
+        let mut reason = self.wait_for_stop();
+        let RunningVm { kvm, vm, threads, pio, keyboard, drives, devices, gate, stopper: _, ram, serial, config: _, live: _ } = self;
         gate.end(); // a paused guest's vCPUs leave the gate, to be stopped
         lock(&drives).clear(); // the API keeps no device of this VM alive
+        lock(&devices).clear();
         console.disconnect();
         let (reads, writes) = pio.absent_accesses();
         tracing::debug!(reads, writes, "port I/O to absent devices during the run");
@@ -154,10 +190,46 @@ impl RunningVm {
             }
         }
         // Devices first (their workers hold the memory), then the VM and KVM, the memory last.
-        drop((pio, keyboard));
+        drop((pio, keyboard, serial));
         drop((vm, kvm));
         drop(ram);
         reason
+    }
+}
+
+impl RunningVm {
+    /// Waits for the VM to stop, taking the snapshots asked for meanwhile. A shutdown request
+    /// becomes Ctrl-Alt-Del on the guest's keyboard; the stopper's deadline takes care of a
+    /// guest that ignores it.
+    fn wait_for_stop(&self) -> StopReason {
+        loop {
+            match self.stopper.next_event() {
+                Event::Stopped(reason) => return reason,
+                Event::ShutdownRequested => {
+                    if !lock(&self.keyboard).press_ctrl_alt_del() {
+                        tracing::info!("the guest's keyboard is disabled: it will not see Ctrl-Alt-Del");
+                    }
+                }
+                Event::Snapshot(job) => {
+                    let _ = job.reply.send(self.save(&job.request));
+                }
+            }
+        }
+    }
+
+    fn save(&self, request: &snapshot::CreateRequest) -> std::result::Result<(), snapshot::SnapshotError> {
+        let devices = lock(&self.devices).clone();
+        let parts = snapshot::save::VmParts {
+            config: &self.config,
+            kvm: &self.kvm,
+            vm: &self.vm,
+            gate: &self.gate,
+            serial: &self.serial,
+            keyboard: &self.keyboard,
+            devices: &devices,
+            mem: &self.ram,
+        };
+        snapshot::save::save(&parts, request)
     }
 }
 
@@ -165,11 +237,12 @@ impl RunningVm {
 struct Furnished {
     vcpus: Vec<Vcpu>,
     drives: Vec<DriveHandle>,
+    devices: Vec<SharedVirtio>,
     pio: Arc<Bus>,
     serial: Arc<Mutex<SerialPort>>,
     virtio_console: Option<ConsoleInput>,
     keyboard: Arc<Mutex<I8042>>,
-    devices: Arc<LiveDevices>,
+    live: Arc<LiveDevices>,
     gate: Arc<PauseGate>,
 }
 
@@ -177,6 +250,7 @@ struct Furnished {
 /// tables and the kernel, the devices, the vCPUs with their boot registers.
 fn furnish(
     config: &VmConfig,
+    origin: Origin<'_>,
     kvm_handle: &Kvm,
     vm: &Arc<VmFd>,
     mem: &GuestRam,
@@ -188,13 +262,16 @@ fn furnish(
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(kvm("creating the in-kernel PIT"))?;
 
-    let rsdp = acpi::write(mem, config.cpus)?;
-    let entry = boot::load_guest(mem, config, rsdp)?;
+    // A snapshot's memory has the kernel, its tables and everything else in it already.
+    let entry = match origin {
+        Origin::Boot => Some(boot::load_guest(mem, config, acpi::write(mem, config.cpus)?)?),
+        Origin::Snapshot { .. } => None,
+    };
 
-    let (mut pio, serial, keyboard) = legacy_devices(vm, stopper)?;
+    let (mut pio, serial, keyboard) = legacy_devices(vm, stopper, origin)?;
     let mut mmio = mmio_devices(timeline)?;
     let (devices, virtio_console, live) = virtio_devices(config, mem)?;
-    let drives = plug_pci_devices(vm, mem, devices, &mut pio, &mut mmio)?;
+    let (drives, devices) = plug_pci_devices(vm, mem, devices, &mut pio, &mut mmio)?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
     let base_cpuid = cpu::base_cpuid(kvm_handle)?;
@@ -203,14 +280,23 @@ fn furnish(
     for id in 0..config.cpus {
         let fd = vm.create_vcpu(u64::from(id)).map_err(kvm("creating a vCPU"))?;
         cpu::setup_common(&fd, &base_cpuid, id, config.cpus)?;
-        if id == 0 {
-            cpu::setup_boot_vcpu(&fd, mem, entry)?;
+        match (origin, entry) {
+            (Origin::Snapshot { saved, .. }, _) => snapshot::restore::vcpu(&fd, saved, id)?,
+            (Origin::Boot, Some(entry)) if id == 0 => cpu::setup_boot_vcpu(&fd, mem, entry)?,
+            (Origin::Boot, _) => {}
         }
         let (pio, mmio, mem, stopper, timeline) =
             (pio.clone(), mmio.clone(), GuestMemoryMmap::clone(mem), stopper.clone(), timeline.clone());
         vcpus.push(Vcpu { id, fd, pio, mmio, mem, stopper, timeline, gate: gate.clone() });
     }
-    Ok(Furnished { vcpus, pio, serial, virtio_console, keyboard, drives, devices: Arc::new(live), gate })
+    if let Origin::Snapshot { saved, paused, .. } = origin {
+        snapshot::restore::machine(vm, &devices, saved)?;
+        if paused {
+            gate.close();
+            devices.iter().for_each(|device| lock(device).pause());
+        }
+    }
+    Ok(Furnished { vcpus, pio, serial, virtio_console, keyboard, drives, live: Arc::new(live), devices, gate })
 }
 
 /// One thread per vCPU. A thread that can't be started stops the VM; those already running
@@ -228,21 +314,6 @@ fn start_vcpus(vcpus: Vec<Vcpu>, stopper: &Stopper) -> Vec<JoinHandle<()>> {
         }
     }
     threads
-}
-
-/// Waits for the VM to stop. A shutdown request meanwhile becomes Ctrl-Alt-Del on the guest's
-/// keyboard; the stopper's deadline takes care of a guest that ignores it.
-fn wait_for_stop(stopper: &Stopper, keyboard: &Mutex<I8042>) -> StopReason {
-    loop {
-        match stopper.next_event() {
-            Event::Stopped(reason) => return reason,
-            Event::ShutdownRequested => {
-                if !lock(keyboard).press_ctrl_alt_del() {
-                    tracing::info!("the guest's keyboard is disabled: it will not see Ctrl-Alt-Del");
-                }
-            }
-        }
-    }
 }
 
 /// How long vCPU threads get to leave KVM_RUN once kicked. Leaving takes microseconds; only a
@@ -310,11 +381,19 @@ type LegacyDevices = (Bus, Arc<Mutex<SerialPort>>, Arc<Mutex<I8042>>);
 
 /// The PC devices on the port I/O bus: COM1, the keyboard controller, the ACPI power register,
 /// pvpanic.
-fn legacy_devices(vm: &VmFd, stopper: &Arc<Stopper>) -> Result<LegacyDevices> {
-    let serial_irq = irq_line(vm, COM1_IRQ, "wiring the serial port's interrupt")?;
-    let serial = Arc::new(Mutex::new(SerialPort::new(IrqLine(serial_irq), Box::new(Stdout))));
+/// A snapshot's UART and keyboard controller come back as they were saved.
+fn legacy_devices(vm: &VmFd, stopper: &Arc<Stopper>, origin: Origin<'_>) -> Result<LegacyDevices> {
+    let serial_irq = IrqLine(irq_line(vm, COM1_IRQ, "wiring the serial port's interrupt")?);
     let keyboard_irq = irq_line(vm, KEYBOARD_IRQ, "wiring the keyboard's interrupt")?;
-    let keyboard = Arc::new(Mutex::new(I8042::new(stopper.clone(), keyboard_irq)));
+    let mut keyboard = I8042::new(stopper.clone(), keyboard_irq);
+    let serial = match origin {
+        Origin::Boot => SerialPort::new(serial_irq, Box::new(Stdout)),
+        Origin::Snapshot { saved, .. } => {
+            keyboard.restore_state(&saved.keyboard).map_err(snapshot::SnapshotError::Invalid)?;
+            SerialPort::restored(serial_irq, Box::new(Stdout), &saved.serial).map_err(snapshot::SnapshotError::Invalid)?
+        }
+    };
+    let (serial, keyboard) = (Arc::new(Mutex::new(serial)), Arc::new(Mutex::new(keyboard)));
     let mut pio = Bus::new("pio");
     let devices: [(u64, u64, SharedDevice); 4] = [
         (COM1_PORT, COM1_LEN, serial.clone()),
@@ -395,17 +474,19 @@ fn virtio_devices(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<(Vec<Named
 }
 
 /// The PCI root on the configuration ports, and each virtio device in a slot of its own: its
-/// BAR on the MMIO bus, its queues' notify addresses given to KVM as ioeventfds.
+/// BAR on the MMIO bus, its queues' notify addresses given to KVM as ioeventfds. Returns the
+/// disks, and every device.
 fn plug_pci_devices(
     vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
     devices: Vec<NamedDevice>,
     pio: &mut Bus,
     mmio: &mut Bus,
-) -> Result<Vec<DriveHandle>> {
+) -> Result<(Vec<DriveHandle>, Vec<SharedVirtio>)> {
     let routes = Arc::new(MsiRoutes::new(vm.clone()));
     let mut root = PciRoot::new();
     let mut drives = Vec::new();
+    let mut plugged = Vec::new();
     for (kind, device) in devices {
         // VmConfig has checked the count against MAX_PCI_DEVICES already.
         let slot = root.next_slot().ok_or(Error::Internal { what: "the PCI bus", why: "more devices than slots".into() })?;
@@ -422,10 +503,11 @@ fn plug_pci_devices(
         if kind == BLOCK {
             drives.push(DriveHandle::new(pci.clone()));
         }
+        plugged.push(pci.clone());
         root.plug(pci);
     }
     claim(pio, CONFIG_PORT, CONFIG_PORT_LEN, Arc::new(Mutex::new(root)))?;
-    Ok(drives)
+    Ok((drives, plugged))
 }
 
 /// Places a device on a bus; an overlap is our own bug in the device map, reported as such.

@@ -429,3 +429,29 @@ fn virtio_fs_shares_a_directory_posix_enough_owned_by_the_caller_readonly_and_es
         expect_cases(output, &cases)
     });
 }
+
+#[test]
+fn a_paused_guest_saved_and_killed_goes_on_counting_and_writing_in_a_restore_and_a_clone() {
+    let curl = host_curl();
+    run_scenario_with("snapshot", &[&curl], |output| {
+        expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
+        expect_cases(
+            output,
+            &[
+                "snap-booted",
+                "snap-pause",
+                "snap-pause-stops",
+                "snap-create",
+                "snap-restore-continues",
+                "snap-restore-disk",
+                "snap-restore-exit",
+                "snap-restore-ctrl-alt-del",
+                "snap-load",
+                "snap-clone-drive",
+                "snap-clone-resume",
+                "snap-clone-api",
+                "snap-clone-disk",
+            ],
+        )
+    });
+}

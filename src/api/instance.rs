@@ -14,17 +14,36 @@ use super::metrics::Metrics;
 use super::plan::{self, Plan};
 use super::request::Request;
 use super::types::{ActionType, FirecrackerVersion, InstanceInfo, PartialDrive, PartialNetworkInterface, VmStateRequest};
+use super::types::{MemoryBackend, MemoryBackendType, SnapshotCreateParams, SnapshotLoadParams, SnapshotType};
 use super::{logger, ApiError, FIRECRACKER_VERSION};
 use crate::config::VmConfig;
 use crate::control::{LiveDevices, VmControls};
+use crate::snapshot::restore::LoadRequest;
+use crate::snapshot::CreateRequest;
 use crate::virtio::metrics::{self as device_metrics, BlockMetrics, NetMetrics};
 
 /// `InstanceStart`, as the main thread receives it.
 pub struct StartRequest {
-    pub config: VmConfig,
+    pub start: Start,
     /// `PUT /serial`'s file, which takes the guest console's output instead of our stdout.
     pub serial_out: Option<PathBuf>,
-    pub reply: mpsc::Sender<Result<VmControls, crate::error::Error>>,
+    pub reply: mpsc::Sender<StartAnswer>,
+}
+
+/// What to start: a VM from a configuration (`InstanceStart`), or a snapshot (`PUT /snapshot/load`).
+pub enum Start {
+    Boot(Box<VmConfig>),
+    Snapshot(LoadRequest),
+}
+
+/// The main thread's answer to a start: the running VM, or why it did not start.
+pub type StartAnswer = Result<Started, crate::error::Error>;
+
+/// A VM the main thread started: its controls, and for a restored one the configuration and
+/// network interface ids it was saved with (the API's plan of it from then on).
+pub struct Started {
+    pub controls: VmControls,
+    pub restored: Option<(VmConfig, Vec<String>)>,
 }
 
 /// A successful answer.
@@ -60,6 +79,13 @@ impl Instance {
     /// The plan of a VM `lguest run` built from its flags.
     pub fn for_run(config: &VmConfig) -> Instance {
         Instance::configured("lguest".into(), plan::plan_of(config))
+    }
+
+    /// The plan of a VM restored by `lguest restore`: its cards keep the ids they were saved with.
+    pub fn for_restore(config: &VmConfig, net_ids: &[String]) -> Instance {
+        let mut instance = Instance::for_run(config);
+        instance.plan.rename_nets(net_ids);
+        instance
     }
 
     pub fn plan(&self) -> &Plan {
@@ -119,6 +145,8 @@ impl Instance {
                 Ok(Reply::NoContent)
             }
             Request::PatchVm(state) => self.pause_or_resume(state),
+            Request::PutSnapshotCreate(params) => self.create_snapshot(params),
+            Request::PutSnapshotLoad(params) => self.load_snapshot(params),
             Request::PutLogger(config) => {
                 logger::configure(&config)?;
                 self.plan.logger = Some(config);
@@ -228,24 +256,77 @@ impl Instance {
         self.metrics.flush(sections)
     }
 
+    /// The channel to the main thread, while the VM has not started.
+    fn starter(&self, what: &'static str) -> Result<mpsc::Sender<StartRequest>, ApiError> {
+        match (&self.starter, &self.controls) {
+            (Some(starter), None) => Ok(starter.clone()),
+            _ => Err(ApiError::PreBootOnly { what }),
+        }
+    }
+
     /// `InstanceStart`: the main thread builds and starts the VM; we wait for its answer.
     fn start(&mut self) -> Result<Reply, ApiError> {
-        let starter = match (&self.starter, &self.controls) {
-            (Some(starter), None) => starter.clone(),
-            _ => return Err(ApiError::PreBootOnly { what: "InstanceStart" }),
-        };
+        let starter = self.starter("InstanceStart")?;
         let config = self.plan.to_vm_config()?;
         let serial_out = self.plan.serial.as_ref().and_then(|s| s.serial_out_path.as_ref()).map(PathBuf::from);
         let (reply, answer) = mpsc::channel();
-        starter.send(StartRequest { config, serial_out, reply }).map_err(|_| ApiError::Stopping)?;
+        self.send_start(starter, StartRequest { start: Start::Boot(Box::new(config)), serial_out, reply }, answer)
+    }
+
+    /// Hands a start to the main thread and attaches to the VM it answers with.
+    fn send_start(&mut self, starter: mpsc::Sender<StartRequest>, request: StartRequest, answer: mpsc::Receiver<StartAnswer>) -> Result<Reply, ApiError> {
+        starter.send(request).map_err(|_| ApiError::Stopping)?;
         match answer.recv() {
-            Ok(Ok(controls)) => {
+            Ok(Ok(Started { controls, restored })) => {
+                if let Some((config, net_ids)) = restored {
+                    self.plan = plan::plan_of(&config);
+                    self.plan.rename_nets(&net_ids);
+                }
                 self.attach(controls);
                 Ok(Reply::NoContent)
             }
             Ok(Err(error)) => Err(ApiError::StartFailed(error)),
             Err(_) => Err(ApiError::Stopping),
         }
+    }
+
+    /// `PUT /snapshot/create`: the main thread saves the paused VM.
+    fn create_snapshot(&self, params: SnapshotCreateParams) -> Result<Reply, ApiError> {
+        let controls = self.running("PUT /snapshot/create")?;
+        if params.snapshot_type == SnapshotType::Diff {
+            return Err(ApiError::NotImplemented { what: "Diff snapshots (snapshot_type Diff)" });
+        }
+        let request = CreateRequest {
+            snapshot_path: PathBuf::from(params.snapshot_path),
+            mem_file_path: PathBuf::from(params.mem_file_path),
+            net_ids: self.plan.net_ids(),
+        };
+        controls.snapshot(request)?;
+        Ok(Reply::NoContent)
+    }
+
+    /// `PUT /snapshot/load`, on a process whose VM has not started: the main thread reads and
+    /// checks the snapshot and starts it, as it starts a VM for `InstanceStart`.
+    fn load_snapshot(&mut self, params: SnapshotLoadParams) -> Result<Reply, ApiError> {
+        let starter = self.starter("PUT /snapshot/load")?;
+        let memory_file = match (params.mem_backend, params.mem_file_path) {
+            (Some(MemoryBackend { backend_type: MemoryBackendType::File, backend_path }), None) | (None, Some(backend_path)) => backend_path,
+            (Some(MemoryBackend { backend_type: MemoryBackendType::Uffd, .. }), None) => {
+                return Err(ApiError::NotImplemented { what: "memory from a userfaultfd handler (backend_type Uffd)" })
+            }
+            _ => return Err(ApiError::BadValue { field: "mem_backend", why: "give exactly one of mem_backend and mem_file_path".into() }),
+        };
+        if params.track_dirty_pages || params.enable_diff_snapshots {
+            return Err(ApiError::NotImplemented { what: "dirty page tracking (track_dirty_pages)" });
+        }
+        let load = LoadRequest {
+            snapshot_path: PathBuf::from(params.snapshot_path),
+            memory_file: PathBuf::from(memory_file),
+            net_overrides: params.network_overrides.into_iter().map(|o| (o.iface_id, o.host_dev_name)).collect(),
+            paused: !params.resume_vm,
+        };
+        let (reply, answer) = mpsc::channel();
+        self.send_start(starter, StartRequest { start: Start::Snapshot(load), serial_out: None, reply }, answer)
     }
 
     fn ctrl_alt_del(&self) -> Result<Reply, ApiError> {
@@ -258,8 +339,8 @@ impl Instance {
     fn pause_or_resume(&self, state: VmStateRequest) -> Result<Reply, ApiError> {
         let controls = self.running("PATCH /vm")?;
         match state {
-            VmStateRequest::Paused => controls.gate.pause()?,
-            VmStateRequest::Resumed => controls.gate.resume(),
+            VmStateRequest::Paused => controls.pause()?,
+            VmStateRequest::Resumed => controls.resume(),
         }
         Ok(Reply::NoContent)
     }
@@ -326,7 +407,7 @@ mod tests {
         call(&mut vm, "PUT", "/boot-source", r#"{"kernel_image_path": "Cargo.toml"}"#).expect("boot source");
         let main = std::thread::spawn(move || {
             let request = requests.recv().expect("a start request");
-            assert_eq!(request.config.kernel, PathBuf::from("Cargo.toml"));
+            assert!(matches!(&request.start, Start::Boot(config) if config.kernel == std::path::Path::new("Cargo.toml")));
             let _ = request.reply.send(Err(crate::error::Error::NoKvm));
         });
         let error = call(&mut vm, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).expect_err("refused");

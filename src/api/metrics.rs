@@ -65,6 +65,8 @@ pub fn names(request: &Request) -> Names {
         Request::PatchMachineConfig(_) => ALL[15],
         Request::PutVsock(_) => ALL[16],
         Request::PatchVm(_) => ("patch_api_requests", "vm"),
+        Request::PutSnapshotCreate(_) => ("put_api_requests", "snapshot_create"),
+        Request::PutSnapshotLoad(_) => ("put_api_requests", "snapshot_load"),
     }
 }
 

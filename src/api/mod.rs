@@ -85,6 +85,9 @@ pub enum ApiError {
     #[error("cannot change the drive's image: {0}")]
     Medium(crate::virtio::UpdateError),
 
+    #[error("{0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+
     #[error("cannot pause the microVM: {0}")]
     Pause(#[from] crate::control::PauseError),
 

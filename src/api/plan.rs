@@ -224,6 +224,22 @@ impl Plan {
         }
     }
 
+    /// The network interfaces' ids, in the order the VM's cards are made in.
+    pub fn net_ids(&self) -> Vec<String> {
+        self.nets.iter().map(|n| n.iface_id.clone()).collect()
+    }
+
+    /// Gives the network interfaces these ids, in order (a restored VM keeps its cards' ids).
+    pub fn rename_nets(&mut self, ids: &[String]) {
+        for (net, id) in self.nets.iter_mut().zip(ids) {
+            net.iface_id = id.clone();
+        }
+    }
+
+    pub fn has_net(&self, id: &str) -> bool {
+        self.nets.iter().any(|n| n.iface_id == id)
+    }
+
     /// The plan as `GET /vm/config` shows it.
     pub fn to_full(&self) -> FullVmConfig {
         FullVmConfig {

@@ -8,7 +8,7 @@
 
 use serde::de::DeserializeOwned;
 
-use super::types::{ActionType, BootSource, Drive, EntropyDevice, InstanceActionInfo, Logger, MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface, SerialDevice, VmState, VmStateRequest, VsockDevice};
+use super::types::{ActionType, BootSource, Drive, EntropyDevice, InstanceActionInfo, Logger, MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface, SerialDevice, SnapshotCreateParams, SnapshotLoadParams, VmState, VmStateRequest, VsockDevice};
 use super::ApiError;
 
 /// One API call, parsed.
@@ -32,16 +32,17 @@ pub enum Request {
     PutLogger(Logger),
     PutMetrics(Metrics),
     PutSerial(SerialDevice),
+    PutSnapshotCreate(SnapshotCreateParams),
+    PutSnapshotLoad(SnapshotLoadParams),
 }
 
 /// Firecracker's endpoints lguest knows but does not implement, by their path's first segment.
-const NOT_IMPLEMENTED: [(&str, &str); 7] = [
+const NOT_IMPLEMENTED: [(&str, &str); 6] = [
     ("balloon", "the balloon device (/balloon)"),
     ("mmds", "the microVM metadata service (/mmds)"),
     ("hotplug", "memory hotplug (/hotplug/memory)"),
     ("pmem", "pmem devices (/pmem)"),
     ("cpu-config", "CPU configuration (/cpu-config)"),
-    ("snapshot", "snapshots (/snapshot)"),
     ("machine-config-templates", "CPU templates"),
 ];
 
@@ -71,6 +72,8 @@ pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<Request, ApiError>
         ("PUT", ["logger"]) => Request::PutLogger(body_of(body)?),
         ("PUT", ["metrics"]) => Request::PutMetrics(body_of(body)?),
         ("PUT", ["serial"]) => Request::PutSerial(body_of(body)?),
+        ("PUT", ["snapshot", "create"]) => Request::PutSnapshotCreate(body_of(body)?),
+        ("PUT", ["snapshot", "load"]) => Request::PutSnapshotLoad(body_of(body)?),
         _ => return Err(no_such()),
     };
     Ok(request)
@@ -143,7 +146,7 @@ mod tests {
     #[test]
     fn unimplemented_endpoints_are_named() {
         for (method, path) in [("PUT", "/balloon"), ("GET", "/balloon/statistics"), ("PUT", "/mmds"), ("PUT", "/mmds/config"),
-            ("PUT", "/hotplug/memory"), ("PUT", "/pmem/p0"), ("PUT", "/cpu-config"), ("PUT", "/snapshot/create"), ("PUT", "/snapshot/load")]
+            ("PUT", "/hotplug/memory"), ("PUT", "/pmem/p0"), ("PUT", "/cpu-config")]
         {
             let error = err(method, path, "{}");
             assert!(matches!(error, ApiError::NotImplemented { .. }), "{method} {path}: {error}");

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
+use crate::snapshot::state::KeyboardState;
 use crate::stop::{StopReason, Stopper};
 
 /// The controller spans the data port (0x60) to the command/status port (0x64).
@@ -133,6 +134,36 @@ impl I8042 {
             keyboard: VecDeque::new(),
             head_signalled: false,
         }
+    }
+
+    /// The controller's registers and buffers, for a snapshot.
+    pub fn save_state(&self) -> KeyboardState {
+        KeyboardState {
+            ctr: self.ctr,
+            last_write_was_command: self.last_write_was_command,
+            controller_param: self.controller_param,
+            keyboard_param: self.keyboard_param,
+            scanning: self.scanning,
+            replies: self.replies.iter().copied().collect(),
+            keyboard: self.keyboard.iter().copied().collect(),
+            head_signalled: self.head_signalled,
+        }
+    }
+
+    /// Takes a snapshot's state back; buffers longer than a real controller's are refused.
+    pub fn restore_state(&mut self, saved: &KeyboardState) -> Result<(), String> {
+        if saved.replies.len() > KEYBOARD_BUFFER || saved.keyboard.len() > KEYBOARD_BUFFER {
+            return Err(format!("the keyboard controller's buffers hold at most {KEYBOARD_BUFFER} bytes"));
+        }
+        self.ctr = saved.ctr;
+        self.last_write_was_command = saved.last_write_was_command;
+        self.controller_param = saved.controller_param;
+        self.keyboard_param = saved.keyboard_param;
+        self.scanning = saved.scanning;
+        self.replies = saved.replies.iter().copied().collect();
+        self.keyboard = saved.keyboard.iter().copied().collect();
+        self.head_signalled = saved.head_signalled;
+        Ok(())
     }
 
     /// Presses and releases Ctrl-Alt-Del. Returns false if the keyboard is not scanning (no
@@ -345,6 +376,20 @@ mod tests {
 
     fn interrupts(irq: &EventFd) -> u64 {
         irq.read().unwrap_or(0)
+    }
+
+    #[test]
+    fn a_saved_controller_comes_back_with_its_registers_and_buffers() {
+        let (mut i8042, _, _) = controller();
+        i8042.write(COMMAND, &[cmd::SELF_TEST]); // leaves a reply waiting
+        i8042.press_ctrl_alt_del();
+        let saved = i8042.save_state();
+        let (mut back, _, _) = controller();
+        back.restore_state(&saved).expect("restored");
+        assert_eq!(back.save_state(), saved);
+        assert_eq!(drain(&mut back), drain(&mut i8042));
+        let hostile = KeyboardState { keyboard: vec![0; 1000], ..saved };
+        assert!(back.restore_state(&hostile).is_err(), "a buffer larger than the controller's");
     }
 
     #[test]

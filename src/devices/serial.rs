@@ -12,6 +12,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
+use crate::snapshot::state::SerialState;
 
 pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_LEN: u64 = 8;
@@ -49,6 +50,41 @@ pub struct SerialPort {
 impl SerialPort {
     pub fn new(irq: IrqLine, output: Box<dyn Write + Send>) -> SerialPort {
         SerialPort { uart: Serial::new(irq, output) }
+    }
+
+    /// A UART as a snapshot saved it; a receive FIFO longer than the chip's is refused.
+    pub fn restored(irq: IrqLine, output: Box<dyn Write + Send>, saved: &SerialState) -> Result<SerialPort, String> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: saved.baud_divisor_low,
+            baud_divisor_high: saved.baud_divisor_high,
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&state, irq, NoEvents, output).map_err(|e| format!("the serial port: {e:?}"))?;
+        Ok(SerialPort { uart })
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn save_state(&self) -> SerialState {
+        let state = self.uart.state();
+        SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer,
+        }
     }
 
     /// Queues as much of `input` as the receive FIFO has room for; returns how much that was.
@@ -139,6 +175,26 @@ mod tests {
         let taken = port.receive(&flood);
         assert!(taken > 0 && taken < flood.len());
         assert_eq!(port.receive(&flood), 0);
+    }
+
+    #[test]
+    fn a_saved_port_comes_back_with_its_registers_and_input() {
+        let (mut port, _, _) = port();
+        port.write(3, &[0x83]); // LCR: 8 bits, divisor latch
+        port.write(0, &[0x0c]); // 9600 baud
+        port.write(3, &[0x03]);
+        port.write(7, &[0x5a]); // scratch
+        port.receive(b"ok");
+        let saved = port.save_state();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let mut back = SerialPort::restored(IrqLine(irq), Box::new(io::sink()), &saved).expect("restored");
+        assert_eq!(back.save_state(), saved);
+        let mut data = [0u8; 1];
+        back.read(0, &mut data);
+        assert_eq!(data[0], b'o');
+        let hostile = SerialState { in_buffer: vec![0; 4096], ..saved };
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        assert!(SerialPort::restored(IrqLine(irq), Box::new(io::sink()), &hostile).is_err(), "a FIFO larger than the chip's");
     }
 
     #[test]

@@ -149,6 +149,11 @@ impl MsixTable {
         &self.vectors
     }
 
+    /// The table as the guest wrote it: address low, address high, data, vector control.
+    pub fn entries(&self) -> &[[u32; 4]] {
+        &self.entries
+    }
+
     /// Bytes the table occupies in its BAR.
     pub fn table_len(&self) -> u64 {
         self.entries.len() as u64 * ENTRY_SIZE

@@ -38,6 +38,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use self::worker::{DeviceWorker, Worker};
+pub use crate::snapshot::state::DeviceState;
 use crate::pci::msix::{MsixVectors, NO_VECTOR};
 
 /// The device types we implement (virtio spec 5: "Device Types").
@@ -90,6 +91,43 @@ pub trait VirtioDevice: Send {
     /// The driver has reset the device (status 0) or the VM is going away: stop the worker,
     /// forget the queues, and be ready for another activation. Calling it twice is harmless.
     fn reset(&mut self);
+
+    /// The VM is being paused: stop serving the queues (the worker stops between two events,
+    /// keeping its handler), so that nothing of the device moves while a snapshot is taken.
+    fn pause(&mut self) {}
+
+    /// The VM resumes: serve the queues again, from where the worker stopped.
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        Ok(())
+    }
+
+    /// What the device keeps for a snapshot beyond its configuration and its transport.
+    fn save_state(&self) -> DeviceState {
+        DeviceState::None
+    }
+
+    /// Takes back what [`VirtioDevice::save_state`] gave, before the restored driver's
+    /// activation; refuses a state that isn't this device's.
+    fn restore_state(&mut self, saved: &DeviceState) -> Result<(), StateMismatch> {
+        stateless(saved)
+    }
+}
+
+/// The restore of a device that saves nothing: only "nothing" fits it.
+pub fn stateless(saved: &DeviceState) -> Result<(), StateMismatch> {
+    match saved {
+        DeviceState::None => Ok(()),
+        other => Err(StateMismatch::Kind { saved: other.clone() }),
+    }
+}
+
+/// Why a device refuses the state a snapshot saved for it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StateMismatch {
+    #[error("the snapshot saved {saved:?} for a device of another kind")]
+    Kind { saved: DeviceState },
+    #[error("{0}")]
+    Changed(String),
 }
 
 /// A virtio device as its author writes it: its type, queues, features and config space, and
@@ -135,6 +173,17 @@ pub trait Device: Send {
     /// whose backend must outlive activations (vsock's listening socket) takes it back here.
     /// By default the handler, with its queues, is dropped.
     fn stopped(&mut self, _handler: Self::Handler) {}
+
+    /// What a snapshot keeps of the device beyond its configuration (see [`DeviceState`]).
+    fn save_state(&self) -> DeviceState {
+        DeviceState::None
+    }
+
+    /// Takes a snapshot's [`DeviceState`] back, or says why it doesn't fit this device (an
+    /// image whose size changed since). Called before the restored driver's activation.
+    fn restore_state(&mut self, saved: &DeviceState) -> Result<(), StateMismatch> {
+        stateless(saved)
+    }
 }
 
 /// A change to a device's backend that the guest didn't ask for: a new disk image in the
@@ -196,6 +245,22 @@ impl<D: Device> VirtioDevice for D {
             self.stopped(handler);
         }
     }
+
+    fn pause(&mut self) {
+        self.common().park();
+    }
+
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        self.common().unpark(D::WORKER_NAME)
+    }
+
+    fn save_state(&self) -> DeviceState {
+        Device::save_state(self)
+    }
+
+    fn restore_state(&mut self, saved: &DeviceState) -> Result<(), StateMismatch> {
+        Device::restore_state(self, saved)
+    }
 }
 
 /// Copies the bytes of `config` at `offset` into `data`; bytes past its end read as zero.
@@ -207,15 +272,17 @@ fn copy_config(config: &[u8], offset: u64, data: &mut [u8]) {
 }
 
 /// What every device keeps the same way: the worker thread serving its queues while the driver
-/// has it activated. Dropping it stops the thread, so that no device outlives its VM's memory
-/// on a thread of its own.
+/// has it activated, or, while the VM is paused, the handler that worker gave back. Dropping it
+/// stops the thread, so that no device outlives its VM's memory on a thread of its own.
 pub struct VirtioCommon<H: DeviceWorker> {
     worker: Option<Worker<H>>,
+    /// The handler of a paused device, and the signals its worker had, until it resumes.
+    parked: Option<(H, Signals)>,
 }
 
 impl<H: DeviceWorker> Default for VirtioCommon<H> {
     fn default() -> Self {
-        VirtioCommon { worker: None }
+        VirtioCommon { worker: None, parked: None }
     }
 }
 
@@ -225,9 +292,37 @@ impl<H: DeviceWorker> VirtioCommon<H> {
         Ok(())
     }
 
-    /// Stops the worker, if one runs, and gives back its handler (with the queues).
+    /// Stops the worker, if one runs (or is parked), and gives back its handler (with the queues).
     fn stop(&mut self) -> Option<H> {
-        self.worker.take().and_then(Worker::stop)
+        let parked = self.parked.take().map(|(handler, _)| handler);
+        parked.or_else(|| self.worker.take().and_then(Worker::stop))
+    }
+
+    /// Stops the worker between two events and keeps its handler for [`VirtioCommon::unpark`].
+    /// The worker's epoll is dropped with its thread; a kick that comes meanwhile stays in its
+    /// eventfd and is seen by the next worker.
+    fn park(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            let signals = worker.signals().clone();
+            self.parked = worker.stop().map(|handler| (handler, signals));
+        }
+    }
+
+    /// Starts a worker again on the parked handler, which registers its fds afresh. A device
+    /// the guest broke stays parked: it serves nothing until the driver resets it.
+    fn unpark(&mut self, name: &str) -> Result<(), ActivateError> {
+        match self.parked.take() {
+            Some((handler, signals)) if !signals.is_broken() => self.start(name, handler, signals),
+            parked => {
+                self.parked = parked;
+                Ok(())
+            }
+        }
+    }
+
+    /// The handler while the device is paused: what a snapshot reads a device's queues from.
+    pub fn parked(&mut self) -> Option<&mut H> {
+        self.parked.as_mut().map(|(handler, _)| handler)
     }
 }
 

@@ -58,6 +58,8 @@ pub fn watch(epoll: &Epoll, fd: &impl AsRawFd, token: u64) -> io::Result<()> {
 pub struct Worker<W> {
     stop: EventFd,
     thread: JoinHandle<W>,
+    /// How the worker reaches the guest, kept to start another worker on the same handler.
+    signals: Signals,
 }
 
 impl<W: DeviceWorker> Worker<W> {
@@ -68,8 +70,13 @@ impl<W: DeviceWorker> Worker<W> {
         watch(&epoll, &stop, STOP_TOKEN)?;
         handler.register(&epoll)?;
         let stop_seen = stop.try_clone()?;
-        let thread = crate::threads::spawn_worker(name, move || serve(epoll, handler, &signals, stop_seen))?;
-        Ok(Worker { stop, thread })
+        let worker_signals = signals.clone();
+        let thread = crate::threads::spawn_worker(name, move || serve(epoll, handler, &worker_signals, stop_seen))?;
+        Ok(Worker { stop, thread, signals })
+    }
+
+    pub fn signals(&self) -> &Signals {
+        &self.signals
     }
 
     /// Stops the thread and gives back its handler. `None` only if the thread panicked, which

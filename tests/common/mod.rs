@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod api;
+
 use bench_tools::elf64;
 use iced_x86::code_asm::CodeAssembler;
 
@@ -50,6 +52,24 @@ pub fn report_and_reset(asm: &mut CodeAssembler, mut failed: iced_x86::code_asm:
     reset(asm);
     asm.set_label(&mut failed).expect("label");
     print(asm, fail);
+    reset(asm);
+}
+
+/// Ends a loop that starts at `top`: waits a few thousand instructions and goes back to `top`,
+/// until the keyboard has a byte (Ctrl-Alt-Del, lguest's SIGTERM): then says so and resets.
+pub fn delay_until_ctrl_alt_del(asm: &mut CodeAssembler, top: iced_x86::code_asm::CodeLabel) {
+    use iced_x86::code_asm::*;
+    let (mut delay, mut keyed) = (asm.create_label(), asm.create_label());
+    asm.in_(al, 0x64).expect("in");
+    asm.test(al, 1).expect("test");
+    asm.jnz(keyed).expect("jnz");
+    asm.mov(ecx, 20_000u32).expect("mov");
+    asm.set_label(&mut delay).expect("label");
+    asm.dec(ecx).expect("dec");
+    asm.jnz(delay).expect("jnz");
+    asm.jmp(top).expect("jmp");
+    asm.set_label(&mut keyed).expect("label");
+    print(asm, "\nCTRL-ALT-DEL\n");
     reset(asm);
 }
 

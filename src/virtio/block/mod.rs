@@ -31,7 +31,7 @@ use virtio_bindings::bindings::virtio_blk::{
 use self::disk::{Disk, SECTOR_SIZE};
 use self::engine::SharedEngine;
 pub use self::request::RequestQueue;
-use super::{device_type, ActivateError, Activation, BackendUpdate, Device, UpdateError, VirtioCommon};
+use super::{DeviceState, StateMismatch, device_type, ActivateError, Activation, BackendUpdate, Device, UpdateError, VirtioCommon};
 use crate::bus::lock;
 use crate::config::DiskConfig;
 use crate::control::DiskHandle;
@@ -126,6 +126,23 @@ impl Device for Block {
     /// space. Requests already taken finish on the old image; the next pass uses the new one.
     /// The offered features stay (the driver has accepted them): a new image that can't punch
     /// holes answers discards with UNSUPP.
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Block { sectors: lock(&self.medium).sectors }
+    }
+
+    /// The image is opened again from the configuration; the guest's file system on it only
+    /// makes sense if it is the same size (a different image of the same size is the user's
+    /// business, as with any disk swapped under a sleeping machine).
+    fn restore_state(&mut self, saved: &DeviceState) -> std::result::Result<(), StateMismatch> {
+        let DeviceState::Block { sectors } = saved else { return Err(StateMismatch::Kind { saved: saved.clone() }) };
+        let here = lock(&self.medium).sectors;
+        if *sectors != here {
+            let path = self.opened_as.path.display();
+            return Err(StateMismatch::Changed(format!("disk image '{path}' has {here} sectors, but {sectors} when the snapshot was taken")));
+        }
+        Ok(())
+    }
+
     fn change_backend(&mut self, update: BackendUpdate) -> std::result::Result<(), UpdateError> {
         let BackendUpdate::Medium(config) = update;
         let config = DiskConfig { path: config.path, ..self.opened_as.clone() };

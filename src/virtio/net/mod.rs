@@ -54,7 +54,7 @@ pub use self::backend::Backend;
 use self::tap::{Tap, VNET_HDR_LEN};
 pub use self::worker::NetWorker;
 use super::queue::QueueError;
-use super::{device_type, feature, ActivateError, Activation, Device, VirtioCommon};
+use super::{DeviceState, StateMismatch, device_type, feature, ActivateError, Activation, Device, VirtioCommon};
 use crate::config::{NetBackend, NetConfig};
 use crate::control::NetHandle;
 use crate::error::{Error, Result};
@@ -227,6 +227,19 @@ impl Device for Net {
 
     fn common(&mut self) -> &mut VirtioCommon<NetWorker> {
         &mut self.common
+    }
+
+    fn save_state(&self) -> DeviceState {
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&self.config[0][..6]);
+        DeviceState::Net { mac }
+    }
+
+    /// The guest keeps the MAC it had, which may have been made up at random.
+    fn restore_state(&mut self, saved: &DeviceState) -> std::result::Result<(), StateMismatch> {
+        let DeviceState::Net { mac } = saved else { return Err(StateMismatch::Kind { saved: saved.clone() }) };
+        self.config = [config_space(*mac, false), config_space(*mac, true)];
+        Ok(())
     }
 }
 

@@ -23,12 +23,13 @@ mod worker;
 
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use self::muxer::{Muxer, MuxerError};
 pub use self::worker::VsockWorker;
 use super::queue::QueueError;
-use super::{device_type, feature, ActivateError, Activation, Device, VirtioCommon};
+use super::{DeviceState, StateMismatch, device_type, feature, ActivateError, Activation, Device, VirtioCommon};
 
 /// Queue sizes, as Firecracker's: enough receive buffers for a burst of 64 KiB packets.
 pub const QUEUE_SIZE: u16 = 256;
@@ -52,6 +53,9 @@ pub struct Vsock {
     /// Here between activations; in the worker while one runs. A `Mutex` only because
     /// [`Device::handler`] takes `&self`: nothing else ever holds it.
     muxer: Mutex<Option<Muxer>>,
+    /// Set by a restore: the restored driver's next activation tells it its transport was reset
+    /// (its connections were not saved), so that it drops them and rereads its CID.
+    reset_on_activation: AtomicBool,
     common: VirtioCommon<VsockWorker>,
 }
 
@@ -66,6 +70,7 @@ impl Vsock {
         Vsock {
             config: muxer.guest_cid().to_le_bytes(),
             muxer: Mutex::new(Some(muxer)),
+            reset_on_activation: AtomicBool::new(false),
             common: VirtioCommon::default(),
         }
     }
@@ -100,11 +105,32 @@ impl Device for Vsock {
             what: "the vsock device's host side was lost with an earlier worker",
             source: io::Error::from(io::ErrorKind::NotFound),
         })?;
-        Ok(VsockWorker::new(activation.mem, [rx, tx, event], muxer, activation.signals))
+        let mut worker = VsockWorker::new(activation.mem, [rx, tx, event], muxer, activation.signals);
+        if self.reset_on_activation.swap(false, Ordering::SeqCst) {
+            let told = worker.transport_reset().map_err(|e| ActivateError::Backend { what: "cannot reset the restored transport", source: io::Error::other(e.to_string()) })?;
+            if !told {
+                tracing::warn!("the restored guest posted no vsock event buffer: it was not told its connections are gone");
+            }
+        }
+        Ok(worker)
     }
 
     fn common(&mut self) -> &mut VirtioCommon<VsockWorker> {
         &mut self.common
+    }
+
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Vsock { cid: u64::from_le_bytes(self.config) }
+    }
+
+    fn restore_state(&mut self, saved: &DeviceState) -> Result<(), StateMismatch> {
+        let DeviceState::Vsock { cid } = saved else { return Err(StateMismatch::Kind { saved: saved.clone() }) };
+        let here = u64::from_le_bytes(self.config);
+        if *cid != here {
+            return Err(StateMismatch::Changed(format!("the guest was CID {cid} and is configured as CID {here} now")));
+        }
+        self.reset_on_activation.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
     /// The muxer comes back with every stream closed: the guest's driver starts afresh.

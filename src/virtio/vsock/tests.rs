@@ -16,7 +16,7 @@ use super::packet::{Header, Op, HEADER_LEN, HOST_CID, TYPE_STREAM};
 use super::worker::EVENT_TRANSPORT_RESET;
 use super::*;
 use crate::virtio::worker::DeviceWorker;
-use crate::virtio::{wait_until, ActiveQueue, Signals, VirtioDevice};
+use crate::virtio::{wait_until, ActiveQueue, DeviceState, Signals, VirtioDevice};
 
 const MEM_SIZE: usize = 0x100_0000;
 const NEXT: u16 = VRING_DESC_F_NEXT as u16;
@@ -423,4 +423,29 @@ fn a_refused_activation_keeps_the_muxer_for_the_next() {
     let activation = Activation { mem: memory(), queues: vec![None, None, None], features: feature::VERSION_1, signals: Signals::standalone(3) };
     assert!(matches!(device.handler(activation), Err(ActivateError::QueueNotEnabled(_))));
     assert_eq!(device.idle_connection_count(), Some(0), "still here");
+}
+
+#[test]
+fn a_restored_device_tells_its_guest_at_activation_that_its_connections_are_gone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut device = Vsock::new(GUEST, &dir.path().join("v.sock")).expect("device");
+    let other = DeviceState::Vsock { cid: GUEST + 1 };
+    assert!(Device::restore_state(&mut device, &other).is_err(), "a guest saved with another CID");
+    let saved = Device::save_state(&device);
+    assert_eq!(saved, DeviceState::Vsock { cid: GUEST });
+    Device::restore_state(&mut device, &saved).expect("restored");
+
+    let mem = memory();
+    let (rx, rx_queue) = Driver::new(&mem, 0, 0x10_0000);
+    let (_tx, tx_queue) = Driver::new(&mem, 0x1_0000, 0x80_0000);
+    let (mut event, event_queue) = Driver::new(&mem, 0x2_0000, 0xf0_0000);
+    let at = event.buffer(4);
+    event.post(&[(at, 4, WRITE)]); // the event buffer the restored driver had posted
+    let active = |queue| Some(ActiveQueue { queue, kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd") });
+    let queues = vec![active(rx_queue), active(tx_queue), active(event_queue)];
+    let activation = Activation { mem: mem.clone(), queues, features: feature::VERSION_1, signals: Signals::standalone(3) };
+    let _worker = device.handler(activation).expect("activated");
+    assert_eq!(event.used(), [(0, 4)]);
+    assert_eq!(event.read(at, 4), EVENT_TRANSPORT_RESET.to_le_bytes());
+    assert!(rx.used().is_empty());
 }
