@@ -1,13 +1,15 @@
-# Inside the lab: snapshots of a stock kernel. One guest (count scenario, a virtio disk it
-# writes each count into) is booted with the API, paused (its counter stops), saved, and
-# killed; then restored:
-#  1. by `lguest restore`: the counter goes on from where it stopped (not from 0), and a
-#     count written after the restore reaches the disk image;
-#  2. as a clone by PUT /snapshot/load on `lguest firecracker` (paused, its drive moved to a
-#     copy of the image with PATCH /drives, then resumed): it goes on counting. (Two clones at
-#     once are tests/snapshot.rs's, on tiny guests: two Debian guests on the lab's one emulated
-#     CPU outran the lab's 600 s.)
-# Each check prints "CASE NAME status=0" (or status=1 and "FAIL NAME: why").
+# Inside the lab: snapshots of a stock kernel. One small guest (128 MiB; count scenario, a
+# virtio disk it writes each count into, a network card on tap0 with 169.254.1.2/16) is
+# booted with the API, paused (its counter stops), saved, and killed; then restored:
+#  1. by `lguest restore`: the counter goes on from where it stopped (not from 0), a count
+#     written after the restore reaches the disk image, and the lab pings the guest over tap0;
+#  2. as two clones at once from the same files, each on a tap of its own: one by PUT
+#     /snapshot/load on `lguest firecracker` (network_overrides: tap1; paused, its drive moved
+#     to a copy of the image with PATCH /drives, then resumed), one by `lguest restore --net
+#     net0=tap2`. The lab pings each through its own tap (`ping -I`: both clones have the
+#     same address and MAC), and both keep counting.
+# Addresses are link-local; nothing leaves the lab machine. Every wait re-asks its condition
+# and is bounded; each check prints "CASE NAME status=0" (or status=1 and "FAIL NAME: why").
 set -o pipefail
 . /tests/lib.sh
 cd /tmp
@@ -29,20 +31,36 @@ first_count_in() { tr -d '\r' <"$1" | sed -n 's/^LGUEST-COUNT \([0-9]*\)$/\1/p' 
 counts() { tr -d '\r' <"$1" | grep -c '^LGUEST-COUNT '; }
 # counted OUT N: OUT has more than N counts (a function, so until_true asks again each time).
 counted() { [ "$(counts "$1")" -gt "$2" ]; }
+# until_true SECS CONDITION...: asks again every 0.2 s until it holds or SECS have passed (a
+# deadline, not a count of tries: a try may itself take seconds, as a ping that goes unanswered).
 until_true() {
-    limit=$(($1 * 5)); shift
-    n=0
-    until "$@" || [ $n -ge $limit ]; do sleep 0.2; n=$((n + 1)); done
+    deadline=$(($(date +%s) + $1)); shift
+    until "$@" || [ "$(date +%s)" -ge $deadline ]; do sleep 0.2; done
 }
 disk_count() { head -c 64 "$1" | tr -d '\0' | sed -n 's/^LGUEST-COUNT \([0-9]*\).*/\1/p' | head -n1; }
 
+# pings TAP: the lab reaches the guest (169.254.1.2) through TAP, whose address is its own.
+pings() { ping -c 1 -W 2 -I "$1" 169.254.1.2 >/dev/null 2>&1; }
+# stop PID: SIGTERM (the guest sees Ctrl-Alt-Del), then wait for it; its exit status.
+stop_vmm() {
+    kill "$1"
+    wait "$1"
+}
+# One tap per running guest, each with an address of its own in 169.254.0.0/16.
+for n in 0 1 2; do
+    tunctl -t tap$n >/dev/null && ip addr add 169.254.$((n + 1)).1/16 dev tap$n && ip link set tap$n up ||
+        echo "FAIL snap-taps: cannot set up tap$n"
+done
+
 dd if=/dev/zero of=disk.img bs=$MiB count=4 2>/dev/null
-timeout 600 lguest run --memory 256M --kernel /guest/vmlinux --initrd /guest/initramfs.cpio.gz \
-    --cmdline "console=ttyS0 reboot=k panic=1 quiet lguest.scenario=count lguest.count.disk=vda" \
-    --disk /tmp/disk.img --api-sock /tmp/boot.sock </dev/null >boot.out 2>&1 &
+timeout 600 lguest run --memory 128M --kernel /guest/vmlinux --initrd /guest/initramfs.cpio.gz \
+    --cmdline "console=ttyS0 reboot=k panic=1 quiet lguest.scenario=count lguest.count.disk=vda lguest.net.addr=169.254.1.2/16" \
+    --disk /tmp/disk.img --net tap=tap0 --api-sock /tmp/boot.sock </dev/null >boot.out 2>&1 &
 boot=$!
 until_true 180 grep -q '^LGUEST-COUNT 5' boot.out
 check snap-booted "the guest did not count to 5" grep -q '^LGUEST-COUNT 5' boot.out
+until_true 10 pings tap0
+check snap-boot-ping "the booted guest does not answer a ping on tap0" pings tap0
 call snap-pause /tmp/boot.sock PATCH /vm '{"state": "Paused"}'
 before=$(counts boot.out)
 sleep 2
@@ -61,25 +79,43 @@ first=$(first_count_in a.out)
 check snap-restore-continues "the restored guest counted from '$first' (paused at $last): $(head -c 600 a.out)" [ "$first" = $((last + 1)) ]
 on_disk=$(disk_count disk.img)
 check snap-restore-disk "the image's count is '$on_disk', the guest's $(count_in a.out) (paused at $last)" [ "${on_disk:-0}" -gt "$last" ]
-kill $a
-wait $a
+until_true 10 pings tap0
+check snap-restore-ping "the restored guest does not answer a ping on tap0" pings tap0
+stop_vmm $a
 status=$?
 check snap-restore-exit "lguest restore exited with $status after SIGTERM" [ "$status" = 0 ]
 check snap-restore-ctrl-alt-del "the restored guest did not see Ctrl-Alt-Del" grep -q LGUEST-CTRL-ALT-DEL a.out
 
-# 2. A clone through the API, which takes its own copy of the disk before it runs.
+# 2. Two clones at once. The API's clone takes its own copy of the disk and tap1 before it
+# runs; the command line's keeps disk.img (nothing else writes it now) and goes on tap2.
 cp disk.img clone.img
 timeout 300 lguest firecracker --api-sock /tmp/b.sock </dev/null >b.out 2>&1 &
 b=$!
 until_true 20 [ -S /tmp/b.sock ]
-call snap-load /tmp/b.sock PUT /snapshot/load '{"snapshot_path": "/tmp/vm.snap", "mem_backend": {"backend_type": "File", "backend_path": "/tmp/vm.mem"}, "resume_vm": false}'
+call snap-load /tmp/b.sock PUT /snapshot/load '{"snapshot_path": "/tmp/vm.snap", "mem_backend": {"backend_type": "File", "backend_path": "/tmp/vm.mem"}, "resume_vm": false, "network_overrides": [{"iface_id": "net0", "host_dev_name": "tap1"}]}'
 drive=$(api /tmp/b.sock GET /vm/config | head -n1 | sed -n 's/.*"drive_id":"\([^"]*\)".*/\1/p')
 call snap-clone-drive /tmp/b.sock PATCH "/drives/$drive" "{\"drive_id\": \"$drive\", \"path_on_host\": \"/tmp/clone.img\"}"
 call snap-clone-resume /tmp/b.sock PATCH /vm '{"state": "Resumed"}'
-until_true 60 counted b.out 3
+timeout 300 lguest restore --snapshot /tmp/vm.snap --memory-file /tmp/vm.mem --net net0=tap2 </dev/null >c.out 2>&1 &
+c=$!
+# both_counted N: each clone has more than N counts.
+both_counted() { counted b.out "$1" && counted c.out "$1"; }
+until_true 90 both_counted 3
 check snap-clone-api "the API's clone counted from '$(first_count_in b.out)' (paused at $last): $(head -c 600 b.out)" [ "$(first_count_in b.out)" = $((last + 1)) ]
+check snap-clone-cli "the second clone counted from '$(first_count_in c.out)' (paused at $last): $(head -c 600 c.out)" [ "$(first_count_in c.out)" = $((last + 1)) ]
+until_true 10 pings tap1
+check snap-clone-api-ping "the API's clone does not answer a ping on tap1" pings tap1
+until_true 10 pings tap2
+check snap-clone-cli-ping "the second clone does not answer a ping on tap2" pings tap2
+# Both go on counting after the pings, side by side.
+b_then=$(counts b.out) c_then=$(counts c.out)
+goes_on() { counted b.out $((b_then + 2)) && counted c.out $((c_then + 2)); }
+until_true 60 goes_on
+check snap-clones-together "in the same minute the clones counted from $b_then to $(counts b.out) and from $c_then to $(counts c.out)" goes_on
 on_clone=$(disk_count clone.img)
 check snap-clone-disk "the clone's image has count '$on_clone' (paused at $last)" [ "${on_clone:-0}" -gt "$last" ]
-kill $b
-wait $b
-cat boot.out a.out b.out | grep -v '^LGUEST-COUNT ' | head -n 80
+stop_vmm $b
+stop_vmm $c
+s=/sys/class/net
+echo "taps: tap1 rx_packets=$(cat $s/tap1/statistics/rx_packets) tap2 rx_packets=$(cat $s/tap2/statistics/rx_packets)"
+cat boot.out a.out b.out c.out | grep -v '^LGUEST-COUNT ' | head -n 100

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::epoll::{Epoll, EventSet};
+use vmm_sys_util::epoll::{Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::{Tap, VNET_HDR_LEN};
@@ -389,6 +389,20 @@ fn frames_wait_in_the_tap_until_the_guest_posts_room_for_them() {
     assert_eq!(bench.rx.used(), vec![(u32::from(first[0].0), 512)]);
     assert_eq!(bench.rx.read(first[0].1 + VNET_HDR_LEN as u64, 500), sent[VNET_HDR_LEN..]);
     assert_eq!(bench.stats().rx_dropped, 0, "nothing was lost while waiting");
+}
+
+#[test]
+fn a_handler_registered_on_a_new_epoll_watches_its_tap_there() {
+    // What a resume after a pause does: the parked handler, with the tap watched by the old
+    // worker's epoll, is registered on the new worker's.
+    let mut bench = Bench::new(LINUX);
+    post_linux_rx_buffers(&mut bench.rx, 40);
+    let resumed = Epoll::new().expect("epoll");
+    bench.worker.register(&resumed).expect("register again");
+    bench.host_sends(&frame(100, 3));
+    let mut events = vec![EpollEvent::default(); 8];
+    let ready = resumed.wait(0, &mut events).expect("epoll wait");
+    assert!(events[..ready].iter().any(|event| event.data() == TAP), "the new epoll does not hear the tap");
 }
 
 #[test]

@@ -385,6 +385,9 @@ impl DeviceWorker for NetWorker {
         watch(epoll, &self.tx.kick, TX_KICK)?;
         self.live.rx.watch(epoll, RX_RATE_TIMER)?;
         self.live.tx.watch(epoll, TX_RATE_TIMER)?;
+        // A new epoll watches nothing yet, whatever the last one did: a resumed worker (its
+        // handler parked by a pause) would otherwise never hear its tap again.
+        self.tap_polled = false;
         self.poll_tap(epoll, true)?;
         if let Backend::Passt(link) = &self.backend {
             // Always watched: it says when a full socket has room, and when passt hangs up.
