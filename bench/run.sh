@@ -13,6 +13,8 @@
 #   density  row 7     8 VMs of 96 MiB at once: time to all at /init, total RSS      (lab)
 #   vsock    row 8     vsock streams both ways, 1-byte round trips; QEMU vhost-vsock  (lab)
 #   usernet  row 9     TCP on a user-mode network: lguest's passt against QEMU's slirp (lab)
+#   snapshot row 10    save a guest and restore it to its first answer, 256 MiB and 2 GiB;
+#                      QEMU: migrate to a file, -incoming                             (lab)
 # Lab rows run one lab session each (lab/run.sh), one after the other. Installs what it
 # needs with apt (python3, fio, iperf3, QEMU, passt, ...). On 2 cores rows 1-7 take 11-20 min
 # (more when the lab machine dies and a session is run again), rows 8-9 ~15 min more.
@@ -28,7 +30,7 @@ usage() {
     cat <<'EOF'
 usage: bench/run.sh [--rows LIST] [--runs N] [--quick] [--out DIR] [--bin-dir DIR]
   --rows LIST   comma-separated, from: boot memory disk net exits exits-host density vsock
-                usernet (default: all; exits-host is row 6 on this host only, no lab)
+                usernet snapshot (default: all; exits-host is row 6 on this host only, no lab)
   --runs N      runs per VMM and configuration (default 3; disk, net, vsock, usernet: 2 boots of 2 rounds;
                 memory and density: 1)
   --quick       one run each, 2 s per disk/network/vsock test, fewer exits: checks the harness
@@ -41,7 +43,7 @@ EOF
     exit 2
 }
 
-rows=boot,memory,disk,net,exits,density,vsock,usernet runs='' quick=0 out=$here/results bin_dir=''
+rows=boot,memory,disk,net,exits,density,vsock,usernet,snapshot runs='' quick=0 out=$here/results bin_dir=''
 while (($#)); do
     case $1 in
         --rows) rows=${2:?--rows needs a LIST}; shift ;;
@@ -55,13 +57,13 @@ while (($#)); do
     shift
 done
 for row in ${rows//,/ }; do
-    case $row in boot | memory | disk | net | exits | exits-host | density | vsock | usernet) ;;
-        *) die "unknown row '$row' (want boot, memory, disk, net, exits, exits-host, density, vsock, usernet)" ;; esac
+    case $row in boot | memory | disk | net | exits | exits-host | density | vsock | usernet | snapshot) ;;
+        *) die "unknown row '$row' (want boot, memory, disk, net, exits, exits-host, density, vsock, usernet, snapshot)" ;; esac
 done
 [[ -z $runs || $runs =~ ^[1-9][0-9]*$ ]] || die "--runs wants a positive number, not '$runs'"
 want() { [[ ,$rows, == *,$1,* ]]; }
 lab_rows=0
-for row in boot memory disk net exits density vsock usernet; do want $row && lab_rows=1; done
+for row in boot memory disk net exits density vsock usernet snapshot; do want $row && lab_rows=1; done
 
 # The numbers of a run. --quick: enough to see every row work, not to compare.
 if ((quick)); then
@@ -86,6 +88,8 @@ density_vms=8 density_mib=96
 ensure_cmds python3:python3 timeout:coreutils
 # The usernet row's lguest side (its peer, QEMU's slirp, comes with QEMU).
 if want usernet; then ensure_cmds passt:passt; fi
+# The snapshot row's API calls to lguest.
+if want snapshot; then ensure_cmds curl:curl; fi
 start=$SECONDS
 # A lab session whose machine died is run again only if another try as long as the failed
 # one would still end within this many seconds of the run's start: 18 minutes, so that a
@@ -208,6 +212,10 @@ if want usernet; then
     # A host → guest stream that stalls (Debian 12's passt, bench/README.md) costs secs + 30 s.
     lab_session usernet usernet.sh "RUNS=$io_runs SECS=$secs ROUNDS=$rounds" $((io_runs * 2 * (40 + rounds * (4 * secs + 90)) + 120)) \
         --file "$here/out/initrd-usernet.img:/bench/initrd-usernet.img" --bin "$vsock_io" --bin "$(command -v passt)"
+fi
+if want snapshot; then
+    # Per run and VMM: two boots (256 MiB, 2 GiB), each saved and restored.
+    lab_session snapshot snapshot.sh "RUNS=$runs" $((runs * 2 * 2 * 90 + 120)) --bin "$(command -v curl)"
 fi
 if want exits; then
     lab_session exits-lab exits.sh "RUNS=$runs EXITS=$lab_exits" $((runs * 40 + 60)) --bin "$exit_cost"

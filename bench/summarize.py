@@ -64,6 +64,14 @@ CATALOG = [
     (9, "usernet", "tcp-rx", "User network: TCP host → guest, forwarded port", "MiB/s", "higher", ["qemu"]),
     (9, "usernet", "tcp-rx-short", "User network: TCP host → guest, one 32 KiB stream (latency-bound)", "MiB/s", "higher", ["qemu"]),
     (9, "usernet", "tcp-rr", "User network: 1-byte TCP request/response", "trans/s", "higher", ["qemu"]),
+    (10, "snapshot-256m", "save", "Snapshot, 256 MiB: pause + save (QEMU: migrate to a file)", "ms", "lower", ["qemu"]),
+    (10, "snapshot-256m", "restore-answer", "Snapshot, 256 MiB: restore, process start → the guest answers", "ms", "lower", ["qemu"]),
+    (10, "snapshot-256m", "files-on-disk", "Snapshot, 256 MiB: the files' space on disk", "MiB", "lower", ["qemu"]),
+    (10, "snapshot-256m", "state-file", "Snapshot, 256 MiB: lguest's state file", "KiB", "lower", []),
+    (10, "snapshot-2g", "save", "Snapshot, 2 GiB: pause + save (QEMU: migrate to a file)", "ms", "lower", ["qemu"]),
+    (10, "snapshot-2g", "restore-answer", "Snapshot, 2 GiB: restore, process start → the guest answers", "ms", "lower", ["qemu"]),
+    (10, "snapshot-2g", "files-on-disk", "Snapshot, 2 GiB: the files' space on disk", "MiB", "lower", ["qemu"]),
+    (10, "snapshot-2g", "memory-file-length", "Snapshot, 2 GiB: lguest's memory file, length (sparse)", "MiB", "lower", []),
 ]
 PEER_NAMES = {"qemu": "QEMU", "qemu-vhost": "QEMU vhost=on", "qemu-uring": "QEMU aio=io_uring", "bare": "bare KVM_RUN loop"}
 
@@ -115,7 +123,8 @@ def cell(s):
 # bench/run.sh's row names → the row ids of the catalog they fill.
 GROUPS = {"boot": ["boot-1cpu", "boot-2cpu", "startup"], "memory": ["memory-256m", "memory-2g", "memory-256m-4dev"],
           "disk": ["disk"], "net": ["net", "net-vhost"], "exits": ["exits-host", "exits-lab"], "exits-host": ["exits-host"],
-          "density": ["density"], "vsock": ["vsock"], "usernet": ["usernet"]}
+          "density": ["density"], "vsock": ["vsock"], "usernet": ["usernet"],
+          "snapshot": ["snapshot-256m", "snapshot-2g"]}
 
 
 def build(samples, units, params):

@@ -431,7 +431,7 @@ fn virtio_fs_shares_a_directory_posix_enough_owned_by_the_caller_readonly_and_es
 }
 
 #[test]
-fn a_paused_guest_saved_and_killed_goes_on_counting_and_writing_in_a_restore_and_a_clone() {
+fn a_paused_guest_saved_and_killed_counts_writes_and_answers_pings_in_a_restore_and_two_clones_at_once() {
     let curl = host_curl();
     run_scenario_with("snapshot", &[&curl], |output| {
         expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
