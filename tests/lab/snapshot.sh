@@ -67,7 +67,7 @@ sleep 2
 check snap-pause-stops "the counter went from $before to $(counts boot.out) while paused" [ "$before" = "$(counts boot.out)" ]
 last=$(count_in boot.out)
 call snap-create /tmp/boot.sock PUT /snapshot/create '{"snapshot_path": "/tmp/vm.snap", "mem_file_path": "/tmp/vm.mem"}'
-echo "SNAPSHOT-SIZES state_bytes=$(wc -c <vm.snap) memory_bytes=$(wc -c <vm.mem)"
+echo "SNAPSHOT-SIZES state_bytes=$(wc -c <vm.snap) memory_bytes=$(wc -c <vm.mem) memory_on_disk_kib=$(du -k vm.mem | cut -f1)"
 kill -9 $boot
 wait $boot 2>/dev/null
 
