@@ -68,9 +68,11 @@ CATALOG = [
     (10, "snapshot-256m", "restore-answer", "Snapshot, 256 MiB: restore, process start → the guest answers", "ms", "lower", ["qemu"]),
     (10, "snapshot-256m", "files-on-disk", "Snapshot, 256 MiB: the files' space on disk", "MiB", "lower", ["qemu"]),
     (10, "snapshot-256m", "state-file", "Snapshot, 256 MiB: lguest's state file", "KiB", "lower", []),
+    (10, "snapshot-256m", "memory-file-length", "Snapshot, 256 MiB: lguest's memory file, length (sparse)", "MiB", "lower", []),
     (10, "snapshot-2g", "save", "Snapshot, 2 GiB: pause + save (QEMU: migrate to a file)", "ms", "lower", ["qemu"]),
     (10, "snapshot-2g", "restore-answer", "Snapshot, 2 GiB: restore, process start → the guest answers", "ms", "lower", ["qemu"]),
     (10, "snapshot-2g", "files-on-disk", "Snapshot, 2 GiB: the files' space on disk", "MiB", "lower", ["qemu"]),
+    (10, "snapshot-2g", "state-file", "Snapshot, 2 GiB: lguest's state file", "KiB", "lower", []),
     (10, "snapshot-2g", "memory-file-length", "Snapshot, 2 GiB: lguest's memory file, length (sparse)", "MiB", "lower", []),
 ]
 PEER_NAMES = {"qemu": "QEMU", "qemu-vhost": "QEMU vhost=on", "qemu-uring": "QEMU aio=io_uring", "bare": "bare KVM_RUN loop"}
