@@ -85,7 +85,8 @@ density_vms=8 density_mib=96
 
 ensure_cmds python3:python3 timeout:coreutils
 # The usernet row's lguest side (its peer, QEMU's slirp, comes with QEMU).
-if want usernet; then ensure_cmds passt:passt; fi
+# passt: trixie's, built from Debian's source (lab/passt.sh says why not Debian 12's).
+if want usernet; then passt_dir=$("$repo/lab/passt.sh"); fi
 start=$SECONDS
 # A lab session whose machine died is run again only if another try as long as the failed
 # one would still end within this many seconds of the run's start: 18 minutes, so that a
@@ -205,9 +206,9 @@ if want vsock; then
         --file "$here/out/initrd-vsock.img:/bench/initrd-vsock.img" --file "$here/out/lab-mods:/bench/lab-mods" --bin "$vsock_io"
 fi
 if want usernet; then
-    # A host → guest stream that stalls (Debian 12's passt, bench/README.md) costs secs + 30 s.
-    lab_session usernet usernet.sh "RUNS=$io_runs SECS=$secs ROUNDS=$rounds" $((io_runs * 2 * (40 + rounds * (4 * secs + 90)) + 120)) \
-        --file "$here/out/initrd-usernet.img:/bench/initrd-usernet.img" --bin "$vsock_io" --bin "$(command -v passt)"
+    # A host → guest stream that stalls (passt, bench/README.md) costs secs + 30 s.
+    lab_session usernet usernet.sh "RUNS=$io_runs SECS=$secs ROUNDS=$rounds USERNET_VMMS='${USERNET_VMMS:-lguest qemu qemu-passt}'" $((io_runs * 3 * (40 + rounds * (4 * secs + 90)) + 120)) \
+        --file "$here/out/initrd-usernet.img:/bench/initrd-usernet.img" --bin "$vsock_io" --bin "$passt_dir/passt" --bin "$passt_dir/passt.avx2"
 fi
 if want exits; then
     lab_session exits-lab exits.sh "RUNS=$runs EXITS=$lab_exits" $((runs * 40 + 60)) --bin "$exit_cost"

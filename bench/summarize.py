@@ -60,10 +60,10 @@ CATALOG = [
     (8, "vsock", "stream-tx", "vsock: stream guest → host (QEMU: vhost-vsock)", "MiB/s", "higher", ["qemu"]),
     (8, "vsock", "stream-rx", "vsock: stream host → guest (QEMU: vhost-vsock)", "MiB/s", "higher", ["qemu"]),
     (8, "vsock", "stream-rr", "vsock: 1-byte request/response (QEMU: vhost-vsock)", "trans/s", "higher", ["qemu"]),
-    (9, "usernet", "tcp-tx", "User network: TCP guest → host (lguest: passt; QEMU: slirp)", "MiB/s", "higher", ["qemu"]),
-    (9, "usernet", "tcp-rx", "User network: TCP host → guest, forwarded port", "MiB/s", "higher", ["qemu"]),
-    (9, "usernet", "tcp-rx-short", "User network: TCP host → guest, one 32 KiB stream (latency-bound)", "MiB/s", "higher", ["qemu"]),
-    (9, "usernet", "tcp-rr", "User network: 1-byte TCP request/response", "trans/s", "higher", ["qemu"]),
+    (9, "usernet", "tcp-tx", "User network: TCP guest → host (lguest: passt; QEMU: slirp, or the same passt)", "MiB/s", "higher", ["qemu", "qemu-passt"]),
+    (9, "usernet", "tcp-rx", "User network: TCP host → guest, forwarded port", "MiB/s", "higher", ["qemu", "qemu-passt"]),
+    (9, "usernet", "tcp-rx-short", "User network: TCP host → guest, one 32 KiB stream (latency-bound)", "MiB/s", "higher", ["qemu", "qemu-passt"]),
+    (9, "usernet", "tcp-rr", "User network: 1-byte TCP request/response", "trans/s", "higher", ["qemu", "qemu-passt"]),
 ]
 PEER_NAMES = {"qemu": "QEMU", "qemu-vhost": "QEMU vhost=on", "qemu-uring": "QEMU aio=io_uring", "bare": "bare KVM_RUN loop"}
 
