@@ -13,6 +13,8 @@
 #   density  row 7     8 VMs of 96 MiB at once: time to all at /init, total RSS      (lab)
 #   vsock    row 8     vsock streams both ways, 1-byte round trips; QEMU vhost-vsock  (lab)
 #   usernet  row 9     TCP on a user-mode network: lguest's passt against QEMU's slirp (lab)
+#   fs       row 10    a shared directory: untar, find, read, rm -rf of 5 000 files;
+#                      lguest's virtio-fs against QEMU's 9p (lab)
 # Lab rows run one lab session each (lab/run.sh), one after the other. Installs what it
 # needs with apt (python3, fio, iperf3, QEMU, passt, ...). On 2 cores rows 1-7 take 11-20 min
 # (more when the lab machine dies and a session is run again), rows 8-9 ~15 min more.
@@ -28,7 +30,7 @@ usage() {
     cat <<'EOF'
 usage: bench/run.sh [--rows LIST] [--runs N] [--quick] [--out DIR] [--bin-dir DIR]
   --rows LIST   comma-separated, from: boot memory disk net exits exits-host density vsock
-                usernet (default: all; exits-host is row 6 on this host only, no lab)
+                usernet fs (default: all; exits-host is row 6 on this host only, no lab)
   --runs N      runs per VMM and configuration (default 3; disk, net, vsock, usernet: 2 boots of 2 rounds;
                 memory and density: 1)
   --quick       one run each, 2 s per disk/network/vsock test, fewer exits: checks the harness
@@ -41,7 +43,7 @@ EOF
     exit 2
 }
 
-rows=boot,memory,disk,net,exits,density,vsock,usernet runs='' quick=0 out=$here/results bin_dir=''
+rows=boot,memory,disk,net,exits,density,vsock,usernet,fs runs='' quick=0 out=$here/results bin_dir=''
 while (($#)); do
     case $1 in
         --rows) rows=${2:?--rows needs a LIST}; shift ;;
@@ -55,13 +57,13 @@ while (($#)); do
     shift
 done
 for row in ${rows//,/ }; do
-    case $row in boot | memory | disk | net | exits | exits-host | density | vsock | usernet) ;;
-        *) die "unknown row '$row' (want boot, memory, disk, net, exits, exits-host, density, vsock, usernet)" ;; esac
+    case $row in boot | memory | disk | net | exits | exits-host | density | vsock | usernet | fs) ;;
+        *) die "unknown row '$row' (want boot, memory, disk, net, exits, exits-host, density, vsock, usernet, fs)" ;; esac
 done
 [[ -z $runs || $runs =~ ^[1-9][0-9]*$ ]] || die "--runs wants a positive number, not '$runs'"
 want() { [[ ,$rows, == *,$1,* ]]; }
 lab_rows=0
-for row in boot memory disk net exits density vsock usernet; do want $row && lab_rows=1; done
+for row in boot memory disk net exits density vsock usernet fs; do want $row && lab_rows=1; done
 
 # The numbers of a run. --quick: enough to see every row work, not to compare.
 if ((quick)); then
@@ -209,6 +211,12 @@ if want usernet; then
     # A host → guest stream that stalls (passt, bench/README.md) costs secs + 30 s.
     lab_session usernet usernet.sh "RUNS=$io_runs SECS=$secs ROUNDS=$rounds USERNET_VMMS='${USERNET_VMMS:-lguest qemu qemu-passt}'" $((io_runs * 3 * (40 + rounds * (4 * secs + 90)) + 120)) \
         --file "$here/out/initrd-usernet.img:/bench/initrd-usernet.img" --bin "$vsock_io" --bin "$passt_dir/passt" --bin "$passt_dir/passt.avx2"
+fi
+if want fs; then
+    # Its own guest: Debian's generic kernel (the cloud kernel has no 9p) and bench/fs/init.
+    read -r fs_entries fs_md5 < <("$here/fs/build.sh" "$here/out")
+    lab_session fs fs.sh "RUNS=$runs ENTRIES=$fs_entries MD5=$fs_md5" $((runs * 2 * 400 + 120)) \
+        --file "$here/out/initrd-fs.img:/bench/initrd-fs.img" --file "$here/out/bzImage-generic:/bench/bzImage-generic"
 fi
 if want exits; then
     lab_session exits-lab exits.sh "RUNS=$runs EXITS=$lab_exits" $((runs * 40 + 60)) --bin "$exit_cost"

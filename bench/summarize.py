@@ -64,6 +64,11 @@ CATALOG = [
     (9, "usernet", "tcp-rx", "User network: TCP host → guest, forwarded port", "MiB/s", "higher", ["qemu", "qemu-passt"]),
     (9, "usernet", "tcp-rx-short", "User network: TCP host → guest, one 32 KiB stream (latency-bound)", "MiB/s", "higher", ["qemu", "qemu-passt"]),
     (9, "usernet", "tcp-rr", "User network: 1-byte TCP request/response", "trans/s", "higher", ["qemu", "qemu-passt"]),
+    (10, "fs", "untar", "Shared directory: untar 5 000 files (lguest: virtio-fs; QEMU: 9p)", "ms", "lower", ["qemu"]),
+    (10, "fs", "find", "Shared directory: find the 5 051 entries", "ms", "lower", ["qemu"]),
+    (10, "fs", "read", "Shared directory: read every file (24 MB)", "ms", "lower", ["qemu"]),
+    (10, "fs", "rm", "Shared directory: rm -rf the tree", "ms", "lower", ["qemu"]),
+    (10, "fs", "total", "Shared directory: the four phases in all", "ms", "lower", ["qemu"]),
 ]
 PEER_NAMES = {"qemu": "QEMU", "qemu-vhost": "QEMU vhost=on", "qemu-uring": "QEMU aio=io_uring", "bare": "bare KVM_RUN loop"}
 
@@ -115,7 +120,7 @@ def cell(s):
 # bench/run.sh's row names → the row ids of the catalog they fill.
 GROUPS = {"boot": ["boot-1cpu", "boot-2cpu", "startup"], "memory": ["memory-256m", "memory-2g", "memory-256m-4dev"],
           "disk": ["disk"], "net": ["net", "net-vhost"], "exits": ["exits-host", "exits-lab"], "exits-host": ["exits-host"],
-          "density": ["density"], "vsock": ["vsock"], "usernet": ["usernet"]}
+          "density": ["density"], "vsock": ["vsock"], "usernet": ["usernet"], "fs": ["fs"]}
 
 
 def build(samples, units, params):

@@ -38,7 +38,8 @@ emit_cpu_per_gib() {
 # for eval) that boots $KERNEL with INITRD under VMM. DEVICEs: disk=PATH, net=TAP, rng,
 # vsock=CID:PATH (lguest's hybrid vsock on the Unix socket PATH; QEMU's vhost-vsock-pci, whose
 # host side is the lab kernel's AF_VSOCK), user=HOSTPORT:GUESTPORT (a user-mode network, the
-# lab's 127.0.0.1:HOSTPORT forwarded to the guest's GUESTPORT: lguest's passt, QEMU's slirp).
+# lab's 127.0.0.1:HOSTPORT forwarded to the guest's GUESTPORT: lguest's passt, QEMU's slirp),
+# share=DIR:TAG (a host directory: lguest's virtio-fs, QEMU's 9p).
 # The same devices, the same kernel, initramfs and command line for every VMM. QEMU runs
 # as microvm, with PCIe when there are devices (or QEMU_PCIE=1), like lguest's PCI root.
 # lguest's disks go through the host page cache (io_uring, its default engine here): QEMU gets
@@ -58,6 +59,7 @@ vmm_cmd() {
                     rng) CMD="$CMD --rng" ;;
                     vsock=*) _v=${_dev#vsock=}; CMD="$CMD --vsock cid=${_v%%:*},uds=${_v#*:}" ;;
                     user=*) _f=${_dev#user=}; CMD="$CMD --net user,hostfwd=tcp:127.0.0.1:${_f%%:*}-:${_f#*:},mac=$MAC" ;;
+                    share=*) CMD="$CMD --share ${_dev#share=}" ;;
                 esac
             done
             ;;
@@ -80,6 +82,8 @@ vmm_cmd() {
                     net=*) CMD="$CMD -netdev tap,id=n$_n,ifname=${_dev#net=},script=no,downscript=no,vhost=$_vhost -device virtio-net-pci,netdev=n$_n,mac=$MAC,romfile=" ;;
                     rng) CMD="$CMD -object rng-random,id=r$_n,filename=/dev/urandom -device virtio-rng-pci,rng=r$_n" ;;
                     vsock=*) _v=${_dev#vsock=}; CMD="$CMD -device vhost-vsock-pci,guest-cid=${_v%%:*}" ;;
+                    # QEMU's built-in 9p (what -virtfs local,...,security_model=none makes).
+                    share=*) _s=${_dev#share=}; CMD="$CMD -fsdev local,id=f$_n,path=${_s%%:*},security_model=none -device virtio-9p-pci,fsdev=f$_n,mount_tag=${_s#*:}" ;;
                     # slirp's network made link-local like everything here (its default is 10.0.2.0/24).
                     # qemu-passt: the same passt lguest starts, behind QEMU's stream netdev
                     # (passt's own way of serving QEMU): whose bug is it when both stall.
