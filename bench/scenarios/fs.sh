@@ -21,7 +21,7 @@ fs_once() {
     rm -rf $share && mkdir -p $share
     case $1 in lguest) _fs=virtiofs ;; *) _fs=9p ;; esac
     vmm_cmd "$1" 512 1 /bench/initrd-fs.img "$CMDLINE fsbench.fs=$_fs fsbench.entries=$ENTRIES fsbench.md5=$MD5" share=$share:fsbench
-    io_boot fs "$1" 400 "cannot mount"
+    io_boot fs "$1" 900 "cannot mount"
     _status=$?
     [ -z "$(ls -A $share)" ] || note fs "$1: the host's directory is not empty after the guest's rm -rf: $(ls -A $share | head -3 | printable)"
     return $_status
