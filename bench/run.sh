@@ -215,7 +215,7 @@ fi
 if want fs; then
     # Its own guest: Debian's generic kernel (the cloud kernel has no 9p) and bench/fs/init.
     read -r fs_entries fs_md5 < <("$here/fs/build.sh" "$here/out")
-    lab_session fs fs.sh "RUNS=$runs ENTRIES=$fs_entries MD5=$fs_md5" $((runs * 2 * 900 + 120)) \
+    lab_session fs fs.sh "RUNS=$io_runs ENTRIES=$fs_entries MD5=$fs_md5" $((io_runs * 2 * 900 + 120)) \
         --file "$here/out/initrd-fs.img:/bench/initrd-fs.img" --file "$here/out/bzImage-generic:/bench/bzImage-generic"
 fi
 if want exits; then
