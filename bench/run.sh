@@ -31,7 +31,7 @@ usage() {
 usage: bench/run.sh [--rows LIST] [--runs N] [--quick] [--out DIR] [--bin-dir DIR]
   --rows LIST   comma-separated, from: boot memory disk net exits exits-host density vsock
                 usernet fs (default: all; exits-host is row 6 on this host only, no lab)
-  --runs N      runs per VMM and configuration (default 3; disk, net, vsock, usernet: 2 boots of 2 rounds;
+  --runs N      runs per VMM and configuration (default 3; disk, net, vsock, usernet: 2 boots of 2 rounds; fs: 2 boots;
                 memory and density: 1)
   --quick       one run each, 2 s per disk/network/vsock test, fewer exits: checks the harness
   --out DIR     where the results go (default bench/results)
