@@ -15,6 +15,8 @@
 #   usernet  row 9     TCP on a user-mode network: lguest's passt against QEMU's slirp (lab)
 #   snapshot row 10    save a guest and restore it to its first answer, 256 MiB and 2 GiB;
 #                      QEMU: migrate to a file, -incoming                             (lab)
+#   fs       row 11    a shared directory: untar, find, read, rm -rf of 5 000 files;
+#                      lguest's virtio-fs against QEMU's 9p (lab)
 # Lab rows run one lab session each (lab/run.sh), one after the other. Installs what it
 # needs with apt (python3, fio, iperf3, QEMU, passt, ...). On 2 cores rows 1-7 take 11-20 min
 # (more when the lab machine dies and a session is run again), rows 8-9 ~15 min more.
@@ -30,8 +32,8 @@ usage() {
     cat <<'EOF'
 usage: bench/run.sh [--rows LIST] [--runs N] [--quick] [--out DIR] [--bin-dir DIR]
   --rows LIST   comma-separated, from: boot memory disk net exits exits-host density vsock
-                usernet snapshot (default: all; exits-host is row 6 on this host only, no lab)
-  --runs N      runs per VMM and configuration (default 3; disk, net, vsock, usernet: 2 boots of 2 rounds;
+                usernet snapshot fs (default: all; exits-host is row 6 on this host only, no lab)
+  --runs N      runs per VMM and configuration (default 3; disk, net, vsock, usernet: 2 boots of 2 rounds; fs: 2 boots;
                 memory and density: 1)
   --quick       one run each, 2 s per disk/network/vsock test, fewer exits: checks the harness
   --out DIR     where the results go (default bench/results)
@@ -43,7 +45,7 @@ EOF
     exit 2
 }
 
-rows=boot,memory,disk,net,exits,density,vsock,usernet,snapshot runs='' quick=0 out=$here/results bin_dir=''
+rows=boot,memory,disk,net,exits,density,vsock,usernet,snapshot,fs runs='' quick=0 out=$here/results bin_dir=''
 while (($#)); do
     case $1 in
         --rows) rows=${2:?--rows needs a LIST}; shift ;;
@@ -57,13 +59,13 @@ while (($#)); do
     shift
 done
 for row in ${rows//,/ }; do
-    case $row in boot | memory | disk | net | exits | exits-host | density | vsock | usernet | snapshot) ;;
-        *) die "unknown row '$row' (want boot, memory, disk, net, exits, exits-host, density, vsock, usernet, snapshot)" ;; esac
+    case $row in boot | memory | disk | net | exits | exits-host | density | vsock | usernet | snapshot | fs) ;;
+        *) die "unknown row '$row' (want boot, memory, disk, net, exits, exits-host, density, vsock, usernet, snapshot, fs)" ;; esac
 done
 [[ -z $runs || $runs =~ ^[1-9][0-9]*$ ]] || die "--runs wants a positive number, not '$runs'"
 want() { [[ ,$rows, == *,$1,* ]]; }
 lab_rows=0
-for row in boot memory disk net exits density vsock usernet snapshot; do want $row && lab_rows=1; done
+for row in boot memory disk net exits density vsock usernet snapshot fs; do want $row && lab_rows=1; done
 
 # The numbers of a run. --quick: enough to see every row work, not to compare.
 if ((quick)); then
@@ -87,7 +89,8 @@ density_vms=8 density_mib=96
 
 ensure_cmds python3:python3 timeout:coreutils
 # The usernet row's lguest side (its peer, QEMU's slirp, comes with QEMU).
-if want usernet; then ensure_cmds passt:passt; fi
+# passt: trixie's, built from Debian's source (lab/passt.sh says why not Debian 12's).
+if want usernet; then passt_dir=$("$repo/lab/passt.sh"); fi
 # The snapshot row's API calls to lguest.
 if want snapshot; then ensure_cmds curl:curl; fi
 start=$SECONDS
@@ -209,9 +212,15 @@ if want vsock; then
         --file "$here/out/initrd-vsock.img:/bench/initrd-vsock.img" --file "$here/out/lab-mods:/bench/lab-mods" --bin "$vsock_io"
 fi
 if want usernet; then
-    # A host → guest stream that stalls (Debian 12's passt, bench/README.md) costs secs + 30 s.
-    lab_session usernet usernet.sh "RUNS=$io_runs SECS=$secs ROUNDS=$rounds" $((io_runs * 2 * (40 + rounds * (4 * secs + 90)) + 120)) \
-        --file "$here/out/initrd-usernet.img:/bench/initrd-usernet.img" --bin "$vsock_io" --bin "$(command -v passt)"
+    # A host → guest stream that stalls (passt, bench/README.md) costs secs + 30 s.
+    lab_session usernet usernet.sh "RUNS=$io_runs SECS=$secs ROUNDS=$rounds USERNET_VMMS='${USERNET_VMMS:-lguest qemu qemu-passt}'" $((io_runs * 3 * (40 + rounds * (4 * secs + 90)) + 120)) \
+        --file "$here/out/initrd-usernet.img:/bench/initrd-usernet.img" --bin "$vsock_io" --bin "$passt_dir/passt" --bin "$passt_dir/passt.avx2"
+fi
+if want fs; then
+    # Its own guest: Debian's generic kernel (the cloud kernel has no 9p) and bench/fs/init.
+    read -r fs_entries fs_md5 < <("$here/fs/build.sh" "$here/out")
+    lab_session fs fs.sh "RUNS=$io_runs ENTRIES=$fs_entries MD5=$fs_md5" $((io_runs * 2 * 900 + 120)) \
+        --file "$here/out/initrd-fs.img:/bench/initrd-fs.img" --file "$here/out/bzImage-generic:/bench/bzImage-generic"
 fi
 if want snapshot; then
     # Per run and VMM: two boots (256 MiB, 2 GiB), each saved and restored.

@@ -60,10 +60,10 @@ CATALOG = [
     (8, "vsock", "stream-tx", "vsock: stream guest → host (QEMU: vhost-vsock)", "MiB/s", "higher", ["qemu"]),
     (8, "vsock", "stream-rx", "vsock: stream host → guest (QEMU: vhost-vsock)", "MiB/s", "higher", ["qemu"]),
     (8, "vsock", "stream-rr", "vsock: 1-byte request/response (QEMU: vhost-vsock)", "trans/s", "higher", ["qemu"]),
-    (9, "usernet", "tcp-tx", "User network: TCP guest → host (lguest: passt; QEMU: slirp)", "MiB/s", "higher", ["qemu"]),
-    (9, "usernet", "tcp-rx", "User network: TCP host → guest, forwarded port", "MiB/s", "higher", ["qemu"]),
-    (9, "usernet", "tcp-rx-short", "User network: TCP host → guest, one 32 KiB stream (latency-bound)", "MiB/s", "higher", ["qemu"]),
-    (9, "usernet", "tcp-rr", "User network: 1-byte TCP request/response", "trans/s", "higher", ["qemu"]),
+    (9, "usernet", "tcp-tx", "User network: TCP guest → host (lguest: passt; QEMU: slirp, or the same passt)", "MiB/s", "higher", ["qemu", "qemu-passt"]),
+    (9, "usernet", "tcp-rx", "User network: TCP host → guest, forwarded port", "MiB/s", "higher", ["qemu", "qemu-passt"]),
+    (9, "usernet", "tcp-rx-short", "User network: TCP host → guest, one 32 KiB stream (latency-bound)", "MiB/s", "higher", ["qemu", "qemu-passt"]),
+    (9, "usernet", "tcp-rr", "User network: 1-byte TCP request/response", "trans/s", "higher", ["qemu", "qemu-passt"]),
     (10, "snapshot-256m", "save", "Snapshot, 256 MiB: pause + save (QEMU: migrate to a file)", "ms", "lower", ["qemu"]),
     (10, "snapshot-256m", "restore-answer", "Snapshot, 256 MiB: restore, process start → the guest answers", "ms", "lower", ["qemu"]),
     (10, "snapshot-256m", "files-on-disk", "Snapshot, 256 MiB: the files' space on disk", "MiB", "lower", ["qemu"]),
@@ -74,6 +74,11 @@ CATALOG = [
     (10, "snapshot-2g", "files-on-disk", "Snapshot, 2 GiB: the files' space on disk", "MiB", "lower", ["qemu"]),
     (10, "snapshot-2g", "state-file", "Snapshot, 2 GiB: lguest's state file", "KiB", "lower", []),
     (10, "snapshot-2g", "memory-file-length", "Snapshot, 2 GiB: lguest's memory file, length (sparse)", "MiB", "lower", []),
+    (11, "fs", "untar", "Shared directory: untar 5 000 files (lguest: virtio-fs; QEMU: 9p)", "ms", "lower", ["qemu"]),
+    (11, "fs", "find", "Shared directory: find the 5 051 entries", "ms", "lower", ["qemu"]),
+    (11, "fs", "read", "Shared directory: read every file (24 MB)", "ms", "lower", ["qemu"]),
+    (11, "fs", "rm", "Shared directory: rm -rf the tree", "ms", "lower", ["qemu"]),
+    (11, "fs", "total", "Shared directory: the four phases in all", "ms", "lower", ["qemu"]),
 ]
 PEER_NAMES = {"qemu": "QEMU", "qemu-vhost": "QEMU vhost=on", "qemu-uring": "QEMU aio=io_uring", "bare": "bare KVM_RUN loop"}
 
@@ -126,7 +131,7 @@ def cell(s):
 GROUPS = {"boot": ["boot-1cpu", "boot-2cpu", "startup"], "memory": ["memory-256m", "memory-2g", "memory-256m-4dev"],
           "disk": ["disk"], "net": ["net", "net-vhost"], "exits": ["exits-host", "exits-lab"], "exits-host": ["exits-host"],
           "density": ["density"], "vsock": ["vsock"], "usernet": ["usernet"],
-          "snapshot": ["snapshot-256m", "snapshot-2g"]}
+          "snapshot": ["snapshot-256m", "snapshot-2g"], "fs": ["fs"]}
 
 
 def build(samples, units, params):

@@ -14,6 +14,8 @@ command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustu
 # dnsmasq as the lab's resolver).
 ensure_cmds setpriv:util-linux unshare:util-linux strip:binutils passt:passt dnsmasq:dnsmasq-base
 lab/fetch.sh >/dev/null
+# The lab's --net user tests run trixie's passt, built from Debian's source (lab/passt.sh says why).
+lab/passt.sh >/dev/null
 guest/build.sh >/dev/null
 # The API's contract test: schemathesis, socat and Firecracker's spec (scripts/contract-deps.sh).
 eval "$(scripts/contract-deps.sh | sed 's/^/export /')"

@@ -211,10 +211,19 @@ fn on_path(program: &str) -> String {
     found.to_string_lossy().into_owned()
 }
 
+/// The passt the user-network tests run: trixie's, built by lab/passt.sh (why not Debian 12's:
+/// that script says), with the AVX2 build it re-executes itself as where it can.
+fn lab_passt() -> [String; 2] {
+    let out = Command::new(repo().join("lab/passt.sh")).output().expect("run lab/passt.sh");
+    assert!(out.status.success(), "lab/passt.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    [format!("{dir}/passt"), format!("{dir}/passt.avx2")]
+}
+
 #[test]
 fn virtio_net_user_gets_dhcp_and_dns_fetches_serves_a_forwarded_port_and_survives_the_backends_death_unprivileged() {
-    let (passt, dnsmasq) = (on_path("passt"), on_path("dnsmasq"));
-    run_scenario_with("virtio-net-user", &[passt.as_str(), dnsmasq.as_str()], |output| {
+    let ([passt, passt_avx2], dnsmasq) = (lab_passt(), on_path("dnsmasq"));
+    run_scenario_with("virtio-net-user", &[passt.as_str(), passt_avx2.as_str(), dnsmasq.as_str()], |output| {
         expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
         expect_cases(
             output,
@@ -228,8 +237,6 @@ fn virtio_net_user_gets_dhcp_and_dns_fetches_serves_a_forwarded_port_and_survive
                 "net-user-fetch-169.254.2.1",
                 "net-user-dns",
                 "net-user-fetch-lab.test",
-                "net-user-ipv6",
-                "net-user-fetch6",
                 "net-user-killed-reported",
                 "net-user-link-down",
                 "net-user-no-passt-left",
@@ -240,8 +247,8 @@ fn virtio_net_user_gets_dhcp_and_dns_fetches_serves_a_forwarded_port_and_survive
 
 #[test]
 fn two_guests_on_net_user_at_once_each_get_their_own_network_and_forwarded_ports() {
-    let passt = on_path("passt");
-    run_scenario_with("virtio-net-user-two", &[passt.as_str()], |output| {
+    let [passt, passt_avx2] = lab_passt();
+    run_scenario_with("virtio-net-user-two", &[passt.as_str(), passt_avx2.as_str()], |output| {
         expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
         let mut cases = vec!["net-two-setup".to_string(), "net-two-no-passt-left".to_string()];
         for i in 1..=2 {

@@ -38,7 +38,8 @@ emit_cpu_per_gib() {
 # for eval) that boots $KERNEL with INITRD under VMM. DEVICEs: disk=PATH, net=TAP, rng,
 # vsock=CID:PATH (lguest's hybrid vsock on the Unix socket PATH; QEMU's vhost-vsock-pci, whose
 # host side is the lab kernel's AF_VSOCK), user=HOSTPORT:GUESTPORT (a user-mode network, the
-# lab's 127.0.0.1:HOSTPORT forwarded to the guest's GUESTPORT: lguest's passt, QEMU's slirp).
+# lab's 127.0.0.1:HOSTPORT forwarded to the guest's GUESTPORT: lguest's passt, QEMU's slirp),
+# share=DIR:TAG (a host directory: lguest's virtio-fs, QEMU's 9p).
 # The same devices, the same kernel, initramfs and command line for every VMM. QEMU runs
 # as microvm, with PCIe when there are devices (or QEMU_PCIE=1), like lguest's PCI root.
 # lguest's disks go through the host page cache (io_uring, its default engine here): QEMU gets
@@ -58,11 +59,12 @@ vmm_cmd() {
                     rng) CMD="$CMD --rng" ;;
                     vsock=*) _v=${_dev#vsock=}; CMD="$CMD --vsock cid=${_v%%:*},uds=${_v#*:}" ;;
                     user=*) _f=${_dev#user=}; CMD="$CMD --net user,hostfwd=tcp:127.0.0.1:${_f%%:*}-:${_f#*:},mac=$MAC" ;;
+                    share=*) CMD="$CMD --share ${_dev#share=}" ;;
                 esac
             done
             ;;
-        qemu | qemu-vhost | qemu-uring)
-            _vhost=off _aio=threads
+        qemu | qemu-vhost | qemu-uring | qemu-passt)
+            _vhost=off _aio=threads _passt=
             [ "$_vmm" = qemu-vhost ] && _vhost=on
             [ "$_vmm" = qemu-uring ] && _aio=io_uring
             _machine=microvm
@@ -80,16 +82,42 @@ vmm_cmd() {
                     net=*) CMD="$CMD -netdev tap,id=n$_n,ifname=${_dev#net=},script=no,downscript=no,vhost=$_vhost -device virtio-net-pci,netdev=n$_n,mac=$MAC,romfile=" ;;
                     rng) CMD="$CMD -object rng-random,id=r$_n,filename=/dev/urandom -device virtio-rng-pci,rng=r$_n" ;;
                     vsock=*) _v=${_dev#vsock=}; CMD="$CMD -device vhost-vsock-pci,guest-cid=${_v%%:*}" ;;
+                    # QEMU's built-in 9p (what -virtfs local,...,security_model=none makes).
+                    share=*) _s=${_dev#share=}; CMD="$CMD -fsdev local,id=f$_n,path=${_s%%:*},security_model=none -device virtio-9p-pci,fsdev=f$_n,mount_tag=${_s#*:}" ;;
                     # slirp's network made link-local like everything here (its default is 10.0.2.0/24).
+                    # qemu-passt: the same passt lguest starts, behind QEMU's stream netdev
+                    # (passt's own way of serving QEMU): whose bug is it when both stall.
+                    user=*) if [ "$_vmm" = qemu-passt ]; then
+                        _f=${_dev#user=}; _passt="passt -f -q -1 -s /tmp/passt-qemu.sock -t 127.0.0.1/${_f%%:*}:${_f#*:}"
+                        CMD="$CMD -netdev stream,id=n$_n,server=off,addr.type=unix,addr.path=/tmp/passt-qemu.sock -device virtio-net-pci,netdev=n$_n,mac=$MAC,romfile="
+                        continue
+                    fi ;;
+                esac
+                case $_dev in
                     user=*) _f=${_dev#user=}; CMD="$CMD -netdev user,id=n$_n,net=$SLIRP_NET,host=$SLIRP_HOST,dhcpstart=$SLIRP_GUEST,hostfwd=tcp:127.0.0.1:${_f%%:*}-:${_f#*:} -device virtio-net-pci,netdev=n$_n,mac=$MAC,romfile=" ;;
                 esac
             done
+            [ -z "$_passt" ] || with_passt "$_passt" /tmp/passt-qemu.sock
             ;;
         *)
             echo "lib.sh: unknown VMM $_vmm" >&2
             return 1
             ;;
     esac
+}
+
+# with_passt PASST SOCK: $CMD becomes a script that starts PASST (one-off: it ends when the
+# VMM closes SOCK), waits up to 10 s for SOCK, then execs the VMM, so that the VMM's pid is the
+# one timed and watched.
+with_passt() {
+    cat >/tmp/with-passt.sh <<EOF
+rm -f $2
+$1 &
+i=0
+while [ ! -S $2 ] && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i + 1)); done
+exec $CMD
+EOF
+    CMD="sh /tmp/with-passt.sh"
 }
 
 # guest_said FILE TEXT: the guest's console in FILE has a line starting with TEXT.

@@ -4,12 +4,14 @@
 # user network takes it to the lab's own port 5000, whose receiver times it), a stream from
 # the lab's 127.0.0.1:5301, forwarded to the guest's 5001 (the guest times it), and 1-byte
 # round trips with the lab's echo on 5002 through the gateway; and one stream of 32 KiB from
-# the lab into the guest, which works where a bulk one stalls (Debian 12's passt, see
+# the lab into the guest, which arrives intact where a bulk one does not (passt, see
 # bench/README.md). Every timed stream is checked
 # byte for byte: a transfer the user network corrupted or reset is a note, never a number.
 # VMMs: lguest --net user,hostfwd=tcp:127.0.0.1:5301-:5001 (passt) against QEMU -netdev
-# user,hostfwd=... (slirp, on 169.254.3.0/24). RUNS runs each, alternating; a run whose
-# guest died is noted and retried once.
+# user,hostfwd=... (slirp, on 169.254.3.0/24), and against QEMU on the same passt
+# (qemu-passt: -netdev stream to passt's socket), which tells passt's share from the VMM's.
+# USERNET_VMMS picks others. RUNS runs each, alternating; a run whose guest died is noted
+# and retried once.
 # passt needs what tests/lab/virtio-net-user.sh gives it: an interface with an address and
 # a default route (br0, 169.254.1.1/16, via 169.254.1.254: link-local, no wire), and a root
 # it can pivot_root from, which the initramfs is not: the scenario runs itself again in a
@@ -21,7 +23,7 @@ fi
 . /bench/lib.sh
 initrd=/bench/initrd-usernet.img
 FWD=5301
-vmms="lguest qemu"
+vmms=${USERNET_VMMS:-lguest qemu qemu-passt}
 ip link add br0 type bridge && ip addr add 169.254.1.1/16 dev br0 && ip link set br0 up &&
     ip route add default via 169.254.1.254 dev br0 || note usernet "cannot set up br0 and its default route"
 grep -q '^root:' /etc/passwd 2>/dev/null || echo 'root:x:0:0:root:/root:/bin/sh' >>/etc/passwd

@@ -133,3 +133,68 @@ fn on_passt_too_the_limiters_hold_frames_back_and_let_them_all_through_in_time()
     assert!(metrics.tx_rate_limiter_throttled.get() > 0 && metrics.tx_rate_limiter_event_count.get() > 0);
     assert!(metrics.rx_rate_limiter_throttled.get() > 0 && metrics.rx_event_rate_limiter_count.get() > 0);
 }
+
+impl PasstBench {
+    /// Serves whatever is ready, round after round, until nothing is; returns the rounds that
+    /// took. A worker that spins (an fd it watches stays ready while it makes no progress)
+    /// never gets there: past 1000 rounds that is what this says, with the counters.
+    fn serve_ready(&mut self) -> usize {
+        let mut events = [vmm_sys_util::epoll::EpollEvent::default(); 8];
+        let mut rounds = 0;
+        loop {
+            let n = self.epoll.wait(0, &mut events).expect("epoll_wait");
+            if n == 0 {
+                return rounds;
+            }
+            rounds += 1;
+            assert!(rounds <= 1000, "the worker is woken again and again: {:?}", NetStats::of(&self.live.metrics));
+            for event in &events[..n] {
+                self.worker.handle(&self.epoll, event.data(), event.event_set()).expect("handled");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_passt_that_stops_reading_leaves_the_guests_frames_queued_and_the_worker_idle() {
+    // Alive, holding its end, never reading: its socket and our buffer fill, then nothing moves.
+    let mut bench = PasstBench::new("exec sleep 1000");
+    for seed in 0..100 {
+        bench.tx.post_frame(&[&frame(30_000, seed)]);
+    }
+    bench.worker.tx.kick.write(1).expect("kick");
+    bench.serve_ready();
+    let taken = bench.tx.used().len();
+    assert!(taken > 0 && taken < 100, "{taken} of 100 frames taken: the socket and our buffer hold some, not all");
+    assert_eq!(NetStats::of(&bench.live.metrics).tx_dropped, 0, "the rest wait in the ring, none is dropped");
+    // The guest kicks again: nothing more is taken, and nothing is left ready to wake us.
+    bench.worker.tx.kick.write(1).expect("kick");
+    assert_eq!(bench.serve_ready(), 1, "one round: the kick itself");
+    assert_eq!(bench.tx.used().len(), taken);
+    assert!(bench.net.backend.is_up(), "a slow passt is not a dead one");
+}
+
+#[test]
+fn a_passt_that_floods_a_guest_without_room_leaves_its_frames_in_the_socket_and_the_worker_idle() {
+    // 512 frames of 1500 bytes, as fast as the socket takes them: more than it holds. (cat
+    // is the stand-in itself, so that stopping it stops the writer.)
+    let flood = r#"f=$(mktemp); { printf '\000\000\005\334'; head -c 1500 /dev/zero; } >$f
+        for i in 1 2 3; do cat $f $f $f $f $f $f $f $f >$f.8; mv $f.8 $f; done
+        exec 3<$f; rm $f; exec cat <&3 >&$fd"#;
+    let mut bench = PasstBench::new(flood);
+    // Room for a few frames, not for the largest one passt may send: none is read.
+    post_linux_rx_buffers(&mut bench.rx, 4);
+    bench.serve_until(|b| !b.worker.tap_polled);
+    assert_eq!(bench.serve_ready(), 0, "nothing stays ready while the guest has no room");
+    assert!(bench.rx.used().is_empty());
+    // Room for 80 KiB: frames are delivered until the room left could not take a largest one,
+    // then the socket is left alone again.
+    post_linux_rx_buffers(&mut bench.rx, 36);
+    bench.worker.handle(&bench.epoll, RX_KICK, EventSet::IN).expect("receive kick");
+    bench.serve_until(|b| !b.rx.used().is_empty());
+    bench.serve_ready();
+    let delivered = bench.rx.used().len();
+    assert!(!bench.worker.tap_polled);
+    assert_eq!(bench.serve_ready(), 0);
+    assert_eq!(bench.rx.used().len(), delivered);
+}

@@ -1,0 +1,31 @@
+# Lab side of bench/run.sh's fs row; bench/run.sh prepends RUNS=N ENTRIES=E MD5=M.
+# Both VMMs boot Debian's generic kernel (/bench/bzImage-generic: the cloud kernel has no 9p)
+# with bench/fs/init (/bench/initrd-fs.img), 512 MiB, 1 vCPU, and one host directory, empty
+# at each boot: lguest --share DIR:fsbench (virtio-fs, served in lguest) against QEMU's
+# built-in 9p (-fsdev local,security_model=none + virtio-9p-pci; the guest mounts it
+# trans=virtio,version=9p2000.L). The guest times untar, find, read and rm -rf of the same
+# ~5 000-file tree, each checked (bench/fs/init). RUNS boots each, alternating; a run whose
+# guest died is noted and retried once. Afterwards the directory must be empty again.
+. /bench/lib.sh
+# lguest holds one host fd per file the guest's kernel keeps an inode of, and raises its own
+# limit to the hard one: the lab's init leaves the kernel's 4096, under this tree's 5 051
+# entries (the untar then fails with EMFILE at ~4 070). Distributions' logins give 524288.
+ulimit -n 1048576 || note fs "cannot raise the open-file limit: $(ulimit -Hn)"
+KERNEL=/bench/bzImage-generic
+share=/tmp/fsbench
+vmms="lguest qemu"
+skip=""
+
+# fs_once VMM: one boot, the four phases. Fails (for a retry) only when the guest died.
+fs_once() {
+    rm -rf $share && mkdir -p $share
+    case $1 in lguest) _fs=virtiofs ;; *) _fs=9p ;; esac
+    vmm_cmd "$1" 512 1 /bench/initrd-fs.img "$CMDLINE fsbench.fs=$_fs fsbench.entries=$ENTRIES fsbench.md5=$MD5" share=$share:fsbench
+    io_boot fs "$1" 900 "cannot mount"
+    _status=$?
+    [ -z "$(ls -A $share)" ] || note fs "$1: the host's directory is not empty after the guest's rm -rf: $(ls -A $share | head -3 | printable)"
+    return $_status
+}
+
+alternate fs_once $vmms
+drain
