@@ -452,7 +452,7 @@ fn virtio_devices(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<(Vec<Named
             devices.push(("vhost-net", Box::new(VhostNet::new(net, name, mem)?)));
             continue;
         }
-        let net = Net::new(net)?;
+        let net = Net::new(net, config.cpus)?;
         live.nets.push(net.handle());
         devices.push(("virtio-net", Box::new(net)));
     }
