@@ -51,6 +51,20 @@ CATALOG = [
     (5, "net-vhost", "tcp-tx", "Network, both vhost=on: TCP guest → host (iperf3)", "Mbit/s", "higher", ["qemu-vhost"]),
     (5, "net-vhost", "tcp-rx", "Network, both vhost=on: TCP host → guest (iperf3 -R)", "Mbit/s", "higher", ["qemu-vhost"]),
     (5, "net-vhost", "tcp-rr", "Network, both vhost=on: 1-byte TCP request/response", "trans/s", "higher", ["qemu-vhost"]),
+    (5, "net", "cpu-tx", "Network: lab CPU per GiB, guest → host", "s/GiB", "lower", ["qemu"]),
+    (5, "net", "cpu-rx", "Network: lab CPU per GiB, host → guest", "s/GiB", "lower", ["qemu"]),
+    (5, "net-vhost", "cpu-tx", "Network, both vhost=on: lab CPU per GiB, guest → host", "s/GiB", "lower", ["qemu-vhost"]),
+    (5, "net-vhost", "cpu-rx", "Network, both vhost=on: lab CPU per GiB, host → guest", "s/GiB", "lower", ["qemu-vhost"]),
+    (5, "net-2cpu", "tcp-tx", "Network, 2 vCPUs, 2 queue pairs: TCP guest → host (iperf3)", "Mbit/s", "higher", ["qemu"]),
+    (5, "net-2cpu", "tcp-rx", "Network, 2 vCPUs, 2 queue pairs: TCP host → guest (iperf3 -R)", "Mbit/s", "higher", ["qemu"]),
+    (5, "net-2cpu", "tcp-rr", "Network, 2 vCPUs, 2 queue pairs: 1-byte TCP request/response", "trans/s", "higher", ["qemu"]),
+    (5, "net-2cpu", "cpu-tx", "Network, 2 vCPUs, 2 queue pairs: lab CPU per GiB, guest → host", "s/GiB", "lower", ["qemu"]),
+    (5, "net-2cpu", "cpu-rx", "Network, 2 vCPUs, 2 queue pairs: lab CPU per GiB, host → guest", "s/GiB", "lower", ["qemu"]),
+    (5, "net-vhost-2cpu", "tcp-tx", "Network, both vhost=on, 2 vCPUs, 2 queue pairs: TCP guest → host (iperf3)", "Mbit/s", "higher", ["qemu-vhost"]),
+    (5, "net-vhost-2cpu", "tcp-rx", "Network, both vhost=on, 2 vCPUs, 2 queue pairs: TCP host → guest (iperf3 -R)", "Mbit/s", "higher", ["qemu-vhost"]),
+    (5, "net-vhost-2cpu", "tcp-rr", "Network, both vhost=on, 2 vCPUs, 2 queue pairs: 1-byte TCP request/response", "trans/s", "higher", ["qemu-vhost"]),
+    (5, "net-vhost-2cpu", "cpu-tx", "Network, both vhost=on, 2 vCPUs, 2 queue pairs: lab CPU per GiB, guest → host", "s/GiB", "lower", ["qemu-vhost"]),
+    (5, "net-vhost-2cpu", "cpu-rx", "Network, both vhost=on, 2 vCPUs, 2 queue pairs: lab CPU per GiB, host → guest", "s/GiB", "lower", ["qemu-vhost"]),
     (6, "exits-host", "unhandled-port", "Exit cost, this host's KVM: write to an unhandled port", "ns", "lower", ["bare"]),
     (6, "exits-host", "device-port", "Exit cost, this host's KVM: write to a device port (UART)", "ns", "lower", ["bare"]),
     (6, "exits-lab", "unhandled-port", "Exit cost, lab KVM: write to an unhandled port", "ns", "lower", ["bare"]),
@@ -114,7 +128,7 @@ def cell(s):
 
 # bench/run.sh's row names → the row ids of the catalog they fill.
 GROUPS = {"boot": ["boot-1cpu", "boot-2cpu", "startup"], "memory": ["memory-256m", "memory-2g", "memory-256m-4dev"],
-          "disk": ["disk"], "net": ["net", "net-vhost"], "exits": ["exits-host", "exits-lab"], "exits-host": ["exits-host"],
+          "disk": ["disk"], "net": ["net", "net-vhost", "net-2cpu", "net-vhost-2cpu"], "exits": ["exits-host", "exits-lab"], "exits-host": ["exits-host"],
           "density": ["density"], "vsock": ["vsock"], "usernet": ["usernet"]}
 
 

@@ -449,7 +449,7 @@ fn virtio_devices(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<(Vec<Named
     }
     for net in &config.nets {
         if let NetBackend::Tap { name, vhost: true } = &net.backend {
-            devices.push(("vhost-net", Box::new(VhostNet::new(net, name, mem)?)));
+            devices.push(("vhost-net", Box::new(VhostNet::new(net, name, mem, config.cpus)?)));
             continue;
         }
         let net = Net::new(net, config.cpus)?;

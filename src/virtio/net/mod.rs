@@ -256,7 +256,7 @@ impl Net {
         let wake = queues.iter().map(|(rx, _)| rx.kick.try_clone()).collect::<io::Result<_>>().map_err(ActivateError::WorkerThread)?;
         let backends = std::iter::once(self.backend.clone()).chain(self.more_taps.iter().cloned().map(Backend::Tap));
         let (mem, signals) = (&activation.mem, &activation.signals);
-        let mut workers = queues
+        let workers = queues
             .into_iter()
             .zip(backends)
             .map(|((rx, tx), backend)| NetWorker::new(mem.clone(), rx, tx, backend, signals.clone(), features, self.live.clone()));
