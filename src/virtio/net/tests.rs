@@ -761,7 +761,7 @@ mod real_tap {
 
     /// Runs `test` on a thread of its own (the namespace is per thread), skipping it with a
     /// printed reason only when this host gives us no namespace or no /dev/net/tun.
-    fn in_private_network(name: &str, test: fn()) {
+    pub(super) fn in_private_network(name: &str, test: fn()) {
         let ran = std::thread::spawn(move || private_network().map(|()| test()));
         match ran.join() {
             Ok(Ok(())) => {}
@@ -793,3 +793,6 @@ mod limits_each_way;
 #[cfg(test)]
 #[path = "passt_tests.rs"]
 mod on_passt;
+/// Multi-queue cards: one worker per pair, the control queue, hostile commands.
+#[path = "mq_tests.rs"]
+mod multiqueue;
