@@ -4,7 +4,11 @@
 # what it got against what the other sent (the guest's pattern, or the md5 of ours, which
 # the guest is given on its command line). Link-local addresses: nothing leaves the
 # lab machine. Two boots: lguest's own datapath (cases net-*), then the kernel's vhost-net
-# (`vhost=on`, cases vhost-*), where a vhost kernel thread must have carried the frames. Each check prints "CASE NAME status=0" (or status=1 and "FAIL NAME: why");
+# (`vhost=on`, cases vhost-*), where a vhost kernel thread must have carried the frames. Then
+# a multi-queue card (cases mq-*): 2 vCPUs, `queues=2` on a tap lguest makes itself
+# (multi-queue): the guest's driver must have switched the second pair on through the control
+# queue (the tap then has two queues attached), each pair with its own worker thread.
+# Each check prints "CASE NAME status=0" (or status=1 and "FAIL NAME: why");
 # the guest's console is always printed. Every wait is bounded.
 set -o pipefail
 . /tests/lib.sh
@@ -79,3 +83,25 @@ ticks=$(sort -n vhost-ticks | tail -n 1)
 echo "== vhost: the vhost kernel thread used $ticks ticks of CPU"
 check vhost-thread "no vhost kernel thread did any work (its CPU time stayed $ticks ticks): the frames did not go through vhost-net" \
     [ "$ticks" -gt 0 ]
+
+# The multi-queue card: tap0 made again by lguest, multi-queue; the lab's end gets its address
+# once it exists. Every 0.2 s: how many queues the tap has attached (its sysfs queues/rx-*)
+# and how many virtio-net worker threads lguest runs; the most of each is kept.
+tunctl -d tap0 >/dev/null
+(i=0; until [ -e /sys/class/net/tap0 ] || [ $i -ge 600 ]; do sleep 0.1; i=$((i + 1)); done
+ ip addr add 169.254.1.1/16 dev tap0 && ip link set tap0 up) &
+echo 0 >mq-samples
+(while sleep 0.2; do
+    queues=$(ls -d /sys/class/net/tap0/queues/rx-* 2>/dev/null | wc -l)
+    workers=0
+    for comm in /proc/$(pidof lguest)/task/*/comm; do [ "$(cat "$comm" 2>/dev/null)" = virtio-net ] && workers=$((workers + 1)); done
+    echo "$queues $workers" >>mq-samples
+done) &
+sampler=$!
+session mq --cpus 2 --net tap=tap0,queues=2
+kill $sampler 2>/dev/null
+queues=$(awk '$1 > most { most = $1 } END { print most + 0 }' mq-samples)
+workers=$(awk '$2 > most { most = $2 } END { print most + 0 }' mq-samples)
+echo "== mq: the tap had at most $queues queues attached; lguest ran at most $workers virtio-net workers"
+check mq-pairs-set "the tap never had 2 queues attached (at most $queues): the driver did not set 2 queue pairs through the control queue" [ "$queues" = 2 ]
+check mq-workers "lguest ran at most $workers virtio-net worker threads, not one per pair (2)" [ "$workers" = 2 ]
