@@ -438,6 +438,9 @@ impl DeviceWorker for NetWorker {
         }
         self.live.rx.watch(epoll, RX_RATE_TIMER)?;
         self.live.tx.watch(epoll, TX_RATE_TIMER)?;
+        // A new epoll watches nothing yet, whatever the last one did: a resumed worker (its
+        // handler parked by a pause) would otherwise never hear its tap again.
+        self.tap_polled = false;
         if self.pair_active() {
             self.poll_tap(epoll, true)?;
         }
