@@ -173,7 +173,7 @@ fn unix_sockets_only() -> std::io::Result<SeccompRule> {
 /// `ioctl(fd, TUNSETQUEUE, ...)`: a network card's control queue attaches and detaches its
 /// tap's queues, and reaches no other ioctl.
 fn tun_set_queue_only() -> std::io::Result<SeccompRule> {
-    let condition = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::TUNSETQUEUE as u64)
+    let condition = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::TUNSETQUEUE)
         .map_err(|e| invalid_filter(&e))?;
     SeccompRule::new(vec![condition]).map_err(|e| invalid_filter(&e))
 }
