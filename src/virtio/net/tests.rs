@@ -796,3 +796,6 @@ mod on_passt;
 /// Multi-queue cards: one worker per pair, the control queue, hostile commands.
 #[path = "mq_tests.rs"]
 mod multiqueue;
+/// How the worker paces itself (looking again, publishing as frames land).
+#[path = "pace_tests.rs"]
+mod pacing;

@@ -6,9 +6,13 @@
 //! still sends are dropped).
 //!
 //! A transmit kick sends every waiting frame, up to [`BATCH`], each in one writev straight from
-//! guest memory; a malformed chain is dropped and counted, never sent. The tap becoming readable
-//! delivers frames into receive buffers held from the ring ([`HeldBuffers`]) and publishes
-//! their used entries together ([`UsedBatch`]). While the guest has posted too little room for
+//! guest memory; a malformed chain is dropped and counted, never sent. While a look finds
+//! frames, the worker looks again after its other events with the driver's kicks still off
+//! (a kick is an exit of the guest's vCPU); only a look that finds nothing turns them back on.
+//! The tap becoming readable delivers frames into receive buffers held from the ring
+//! ([`HeldBuffers`]) and publishes their used entries ([`UsedBatch`]): each frame's as it
+//! lands when the driver has EVENT_IDX (its used_event then keeps it to one interrupt a
+//! poll), else the batch's together, with one interrupt. While the guest has posted too little room for
 //! the next frame, the tap is not watched and a receive kick is asked for instead; the same
 //! while the receive rate limiter is owed for frames already delivered (its timer brings the
 //! tap back). A frame over the transmit limiter's budget waits in the ring for its timer.
@@ -17,7 +21,7 @@ use std::io;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_net::*;
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -135,7 +139,7 @@ impl NetWorker {
         }
         let tx_error_reported = &mut self.tx_error_reported;
         let mut sent = 0;
-        let pass = serve_until_idle(&mut self.tx.queue, mem, |queue| {
+        let mut pass_over_ring = |queue: &mut Queue| {
             let sent_before = sent;
             loop {
                 if !backend.can_send() {
@@ -157,13 +161,26 @@ impl NetWorker {
                 }
             }
             Ok(Pass::Drained(sent - sent_before))
-        })
-        .map_err(transmit_queue)?;
-        if let (Pass::Yielded(_), true) = (&pass, sent == BATCH) {
-            // Come back for the rest after the other work: our own kick says when.
+        };
+        // While the last look found frames, the driver is likely still sending: look again
+        // after the worker's other events, its kicks still off (each kick costs the guest's
+        // vCPU an exit), as QEMU's transmit bottom half does. Only a look that finds nothing
+        // turns them back on, and sleeps until the next kick.
+        self.tx.queue.disable_notification(mem).map_err(|e| transmit_queue(e.into()))?;
+        let pass = match pass_over_ring(&mut self.tx.queue).map_err(transmit_queue)? {
+            Pass::Drained(0) => serve_until_idle(&mut self.tx.queue, mem, &mut pass_over_ring).map_err(transmit_queue)?,
+            pass => pass,
+        };
+        let look_again = match pass {
+            Pass::Drained(served) => served > 0,
+            // A batch is done: come back for the rest after the other work. (Otherwise the
+            // limiter's timer or passt's room brings us back.)
+            Pass::Yielded(_) => sent == BATCH,
+        };
+        if look_again {
             self.tx.kick.write(1).map_err(|source| NetError::Rekick { queue: "transmit", source })?;
         }
-        interrupt_if_wanted(&mut self.tx.queue, mem, &self.signals, self.tx_index, pass.served()).map_err(transmit_queue)
+        interrupt_if_wanted(&mut self.tx.queue, mem, &self.signals, self.tx_index, sent).map_err(transmit_queue)
     }
 
     /// The backend has frames: deliver them while the guest has room, then publish the batch.
@@ -184,6 +201,11 @@ impl NetWorker {
             if !self.receive_frame()? {
                 whole_batch = false;
                 break;
+            }
+            if self.rx.queue.event_idx_enabled() {
+                // The driver sees each frame as it lands (its poll may be running now), and is
+                // interrupted only when its used_event says so: at most once a poll.
+                self.publish_received()?;
             }
         }
         if whole_batch && self.backend.has_frame() {
