@@ -11,7 +11,9 @@
 # pairs (rows net-2cpu, net-vhost-2cpu): there each VMM makes tap0 itself, multi-queue, and
 # tap_when_made gives it the lab's address. CPU cost: beside every boot, cpu_watch reads the
 # lab's busy ticks when each iperf3 test begins and when its result comes, and emits cpu-tx
-# and cpu-rx, the lab's CPU-seconds per GiB moved. RUNS runs each, alternating;
+# and cpu-rx, the lab's CPU-seconds per GiB moved, and from the lab kernel's KVM counters
+# (debugfs) the guest's exits and injected interrupts per MiB (exits-tx, irqs-tx, ...), which
+# say where a datapath's time goes. RUNS runs each, alternating;
 # a run whose guest died is noted and retried once; a VMM whose guest has no NIC is noted
 # and not run again. PIN=1: the VMM's vCPU thread on lab CPU 0, all else (its other threads,
 # the vhost kernel thread, the iperf3 and tcp-rr servers) on CPU 1 (lib.sh).
@@ -26,6 +28,9 @@ else
     note net "no /dev/vhost-net in the lab (vhost_net did not load): vhost=on not measured"
 fi
 skip=""
+# KVM's counters, summed over every VM and vCPU: /sys/kernel/debug/kvm/exits, irq_injections.
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+kvm_stat() { cat /sys/kernel/debug/kvm/$1 2>/dev/null || echo 0; }
 
 # tap_when_made: the VMM makes tap0 (multi-queue); the lab's end gets its address once it exists.
 tap_when_made() {
@@ -47,12 +52,16 @@ cpu_watch() {
         while read -r _tag _what _value _; do
             _seen=$((_seen + 1))
             case "$_tag $_what" in
-                "BENCH-BEGIN tcp-tx" | "BENCH-BEGIN tcp-rx") _start=$(lab_busy_ticks) ;;
+                "BENCH-BEGIN tcp-tx" | "BENCH-BEGIN tcp-rx")
+                    _start=$(lab_busy_ticks) _exits=$(kvm_stat exits) _irqs=$(kvm_stat irq_injections)
+                    ;;
                 "BENCH-RESULT metric=tcp-tx" | "BENCH-RESULT metric=tcp-rx")
                     [ -n "$_start" ] || continue
                     _m=${_what#metric=tcp-}
                     _bytes=$(awk -v v="${_value#value=}" -v s="$SECS" 'BEGIN { printf "%.0f", v * 1e6 / 8 * (s + 1) }')
                     emit_cpu_per_gib "$cw_row" "$cw_vmm" "$_start" "$_bytes" "cpu-$_m"
+                    per_mib "exits-$_m" $(($(kvm_stat exits) - _exits)) exits/MiB
+                    per_mib "irqs-$_m" $(($(kvm_stat irq_injections) - _irqs)) irqs/MiB
                     _start=""
                     ;;
             esac
@@ -61,6 +70,8 @@ cpu_watch() {
     done
 }
 HOST_SIDE=cpu_watch
+# per_mib METRIC COUNT UNIT: COUNT over cpu_watch's $_bytes, per MiB.
+per_mib() { emit "$cw_row" "$cw_vmm" "$1" "$(awk -v c="$2" -v b="$_bytes" 'BEGIN { printf "%.1f", c / (b / 1048576) }')" "$3"; }
 
 # Fresh servers for every boot: a guest that dies in the middle of a test leaves iperf3's
 # server busy with it ("the server is busy running a test") for every boot after.
