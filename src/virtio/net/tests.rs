@@ -213,7 +213,6 @@ impl Bench {
         NetStats::of(&self.live.metrics)
     }
 
-
     /// The host sends a frame into the tap.
     fn host_sends(&self, frame: &[u8]) {
         assert_eq!(io::Write::write(&mut &self.host, frame).expect("host send"), frame.len());
@@ -790,7 +789,6 @@ mod real_tap {
 #[path = "limit_tests.rs"]
 mod limits_each_way;
 /// The worker on passt's link, driven by hand, with a shell script standing in for passt.
-#[cfg(test)]
 #[path = "passt_tests.rs"]
 mod on_passt;
 /// Multi-queue cards: one worker per pair, the control queue, hostile commands.
