@@ -215,10 +215,16 @@ impl Control {
 /// Whether the command was carried out; a tap that refuses is the host's failure, logged.
 fn carry_out(command: Command, pairs: &QueuePairs) -> bool {
     match command {
-        Command::SetQueuePairs(count) => pairs
-            .set_active(usize::from(count))
-            .map_err(|e| tracing::warn!("the tap would not switch to {count} queue pairs: {e}"))
-            .is_ok(),
+        Command::SetQueuePairs(count) => match pairs.set_active(usize::from(count)) {
+            Ok(()) => {
+                tracing::debug!("the driver uses {count} queue pairs");
+                true
+            }
+            Err(e) => {
+                tracing::warn!("the tap would not switch to {count} queue pairs: {e}");
+                false
+            }
+        },
     }
 }
 
