@@ -60,11 +60,6 @@ CATALOG = [
     (5, "net-2cpu", "tcp-rr", "Network, 2 vCPUs, 2 queue pairs: 1-byte TCP request/response", "trans/s", "higher", ["qemu"]),
     (5, "net-2cpu", "cpu-tx", "Network, 2 vCPUs, 2 queue pairs: lab CPU per GiB, guest → host", "s/GiB", "lower", ["qemu"]),
     (5, "net-2cpu", "cpu-rx", "Network, 2 vCPUs, 2 queue pairs: lab CPU per GiB, host → guest", "s/GiB", "lower", ["qemu"]),
-    (5, "net-vhost-2cpu", "tcp-tx", "Network, both vhost=on, 2 vCPUs, 2 queue pairs: TCP guest → host (iperf3)", "Mbit/s", "higher", ["qemu-vhost"]),
-    (5, "net-vhost-2cpu", "tcp-rx", "Network, both vhost=on, 2 vCPUs, 2 queue pairs: TCP host → guest (iperf3 -R)", "Mbit/s", "higher", ["qemu-vhost"]),
-    (5, "net-vhost-2cpu", "tcp-rr", "Network, both vhost=on, 2 vCPUs, 2 queue pairs: 1-byte TCP request/response", "trans/s", "higher", ["qemu-vhost"]),
-    (5, "net-vhost-2cpu", "cpu-tx", "Network, both vhost=on, 2 vCPUs, 2 queue pairs: lab CPU per GiB, guest → host", "s/GiB", "lower", ["qemu-vhost"]),
-    (5, "net-vhost-2cpu", "cpu-rx", "Network, both vhost=on, 2 vCPUs, 2 queue pairs: lab CPU per GiB, host → guest", "s/GiB", "lower", ["qemu-vhost"]),
     (5, "net", "exits-tx", "Network: guest exits per MiB, guest → host", "exits/MiB", "lower", ["qemu"]),
     (5, "net", "irqs-tx", "Network: interrupts injected per MiB, guest → host", "irqs/MiB", "lower", ["qemu"]),
     (5, "net", "exits-rx", "Network: guest exits per MiB, host → guest", "exits/MiB", "lower", ["qemu"]),
@@ -77,10 +72,6 @@ CATALOG = [
     (5, "net-2cpu", "irqs-tx", "Network, 2 vCPUs, 2 queue pairs: interrupts injected per MiB, guest → host", "irqs/MiB", "lower", ["qemu"]),
     (5, "net-2cpu", "exits-rx", "Network, 2 vCPUs, 2 queue pairs: guest exits per MiB, host → guest", "exits/MiB", "lower", ["qemu"]),
     (5, "net-2cpu", "irqs-rx", "Network, 2 vCPUs, 2 queue pairs: interrupts injected per MiB, host → guest", "irqs/MiB", "lower", ["qemu"]),
-    (5, "net-vhost-2cpu", "exits-tx", "Network, both vhost=on, 2 vCPUs, 2 queue pairs: guest exits per MiB, guest → host", "exits/MiB", "lower", ["qemu-vhost"]),
-    (5, "net-vhost-2cpu", "irqs-tx", "Network, both vhost=on, 2 vCPUs, 2 queue pairs: interrupts injected per MiB, guest → host", "irqs/MiB", "lower", ["qemu-vhost"]),
-    (5, "net-vhost-2cpu", "exits-rx", "Network, both vhost=on, 2 vCPUs, 2 queue pairs: guest exits per MiB, host → guest", "exits/MiB", "lower", ["qemu-vhost"]),
-    (5, "net-vhost-2cpu", "irqs-rx", "Network, both vhost=on, 2 vCPUs, 2 queue pairs: interrupts injected per MiB, host → guest", "irqs/MiB", "lower", ["qemu-vhost"]),
     (6, "exits-host", "unhandled-port", "Exit cost, this host's KVM: write to an unhandled port", "ns", "lower", ["bare"]),
     (6, "exits-host", "device-port", "Exit cost, this host's KVM: write to a device port (UART)", "ns", "lower", ["bare"]),
     (6, "exits-lab", "unhandled-port", "Exit cost, lab KVM: write to an unhandled port", "ns", "lower", ["bare"]),
@@ -144,7 +135,6 @@ def cell(s):
 
 # bench/run.sh's row names → the row ids of the catalog they fill.
 GROUPS = {"boot": ["boot-1cpu", "boot-2cpu", "startup"], "memory": ["memory-256m", "memory-2g", "memory-256m-4dev"],
-          "disk": ["disk"], "net": ["net", "net-vhost", "net-2cpu", "net-vhost-2cpu"], "exits": ["exits-host", "exits-lab"], "exits-host": ["exits-host"],
           "density": ["density"], "vsock": ["vsock"], "usernet": ["usernet"]}
 
 
