@@ -49,7 +49,7 @@ pub fn modules_dir(explicit: Option<&Path>, kernel: &Path) -> Option<PathBuf> {
     if beside.join("modules.dep").is_file() {
         return Some(beside);
     }
-    let version = std::fs::File::open(kernel).ok().and_then(|file| bzimage_version(file))?;
+    let version = std::fs::File::open(kernel).ok().and_then(bzimage_version)?;
     let system = Path::new("/lib/modules").join(version);
     system.join("modules.dep").is_file().then_some(system)
 }
