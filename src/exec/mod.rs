@@ -324,3 +324,37 @@ fn vm_config(args: &ExecArgs, kernel: PathBuf, initrd: &std::fs::File, request: 
 }
 
 use crate::config;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_environment_is_path_and_friends_then_each_env_flag_last_one_winning() {
+        let env = environment(&["EXTRA=1".into(), "PATH=/x".into(), "EXTRA=2".into(), "EMPTY=".into()]).expect("valid");
+        let get = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        assert_eq!((get("PATH"), get("EXTRA"), get("EMPTY")), (Some("/x"), Some("2"), Some("")));
+        assert_eq!(env.iter().filter(|(k, _)| k == "EXTRA").count(), 1);
+        for bad in ["NOEQUALS", "=value", "A=\0"] {
+            assert!(matches!(environment(&[bad.into()]), Err(Error::Exec(ExecError::BadEnv(_)))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn exec_keeps_its_own_share_tags() {
+        for tag in [ROOT_TAG, CWD_TAG] {
+            assert!(matches!(user_shares(&[format!("src:{tag}")]), Err(Error::Exec(ExecError::ReservedTag(_)))));
+        }
+        assert!(matches!(user_shares(&["src:a".into(), "docs:a".into()]), Err(Error::BadFlag { flag: "--share", .. })));
+        assert_eq!(user_shares(&["src:a,readonly".into()]).map(|s| s[0].readonly).ok(), Some(true));
+    }
+
+    #[test]
+    fn the_status_is_cmds_and_a_guest_that_never_said_is_a_failure() {
+        assert_eq!(exit_status(StopReason::PowerOff, Some(Report::Exited(42)), b""), 42);
+        assert_eq!(exit_status(StopReason::PowerOff, Some(Report::Signalled(9)), b""), 137);
+        assert_eq!(exit_status(StopReason::PowerOff, Some(Report::Failed(127, "cannot run 'x'".into())), b""), 127);
+        assert_eq!(exit_status(StopReason::Reset, None, b"Kernel panic"), 1);
+        assert_eq!(exit_status(StopReason::Signal(libc::SIGHUP), None, b""), 129);
+    }
+}
