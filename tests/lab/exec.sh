@@ -74,6 +74,18 @@ check exec-overlay "as root, the guest's write to /etc: $(cat root.out)" grep -q
 check exec-host-untouched "the host's /etc/exec-test is now: $(cat /etc/exec-test)" [ "$(cat /etc/exec-test)" = host-etc ]
 cd /
 
+echo "== exec: make of a small C project in the shared directory (make and tcc from the lab's root)"
+mkdir -p /tmp/cproj && cd /tmp/cproj
+printf 'int puts(const char *s);\nconst char *greeting(void);\nint main(void) { puts(greeting()); return 0; }\n' >main.c
+printf 'const char *greeting(void) { return "built-by-make-in-lguest-exec"; }\n' >greet.c
+printf 'CC = tcc\nhello: main.o greet.o\n\t$(CC) -o $@ main.o greet.o\n%%.o: %%.c\n\t$(CC) -c -o $@ $<\n' >Makefile
+run -- make >make.out 2>&1
+status=$?
+cat make.out
+check exec-make "make in lguest exec exited with $status; the program says: $(./hello 2>&1)" \
+    sh -c "[ $status = 0 ] && [ \"\$(./hello)\" = built-by-make-in-lguest-exec ]"
+cd /
+
 echo "== exec: two at once"
 run -- sh -c 'echo one' >one.out 2>&1 &
 first=$!
