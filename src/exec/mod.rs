@@ -182,7 +182,7 @@ fn exit_status(reason: StopReason, ending: Option<Report>, console: &[u8]) -> u8
                 StopReason::GuestPanic => "the guest kernel panicked".into(),
                 _ => "the guest stopped".into(),
             };
-            eprintln!("lguest: {why} before CMD ended; the guest's console is above");
+            eprintln!("lguest: the guest failed before CMD ended (its console is above): {why}");
             1
         }
     }
