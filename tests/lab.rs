@@ -495,7 +495,7 @@ fn exec_runs_a_command_as_the_caller_over_the_hosts_files_and_exits_with_its_sta
             &[
                 "exec-true", "exec-timeline", "exec-false", "exec-42", "exec-stdout", "exec-stderr", "exec-signal", "exec-not-found",
                 "exec-stdin", "exec-stdin-bulk", "exec-nobody", "exec-caller", "exec-owner", "exec-escape", "exec-readonly",
-                "exec-overlay", "exec-host-untouched", "exec-make", "exec-two",
+                "exec-tty", "exec-overlay", "exec-host-untouched", "exec-make", "exec-two",
             ],
         )
     });

@@ -3,7 +3,8 @@
 # in /guest/modules beside it) and runs one command; here we check what came out: the exit
 # statuses (0, 1, 42, 128+signal), stdout and stderr apart, stdin piped through, a file made
 # in the shared working directory owned by the caller, writes under / kept in the overlay,
-# escapes through .., symlinks and a readonly share kept from the host, two execs at once.
+# escapes through .., symlinks and a readonly share kept from the host, a pty when the
+# console is the terminal, make of a small C project, two execs at once.
 # Each check prints "CASE NAME status=0" (or 1 and "FAIL").
 set -o pipefail
 . /tests/lib.sh
@@ -69,6 +70,11 @@ check exec-escape "the host's /tmp/outside/secret is now: $(cat /tmp/outside/sec
 check exec-readonly "the readonly share took a write: $(ls /tmp/ro; cat /tmp/ro/kept)" \
     sh -c 'grep -q "^ro-refused" nobody.out && [ "$(ls /tmp/ro)" = kept ] && [ "$(cat /tmp/ro/kept)" = kept ]'
 cd /tmp/work
+# The lab's console is a terminal: with stdin and stdout on it, CMD gets a pty of its own.
+run -- sh -c 'tty >tty.txt; stty size >>tty.txt; exit 3'
+status=$?
+check exec-tty "on the console: exited $status; CMD's tty: $(cat tty.txt 2>&1)" \
+    sh -c "[ $status = 3 ] && grep -q '^/dev/pts/' tty.txt"
 run -- sh -c 'echo guest-root >/etc/exec-test && cat /etc/exec-test' >root.out 2>&1
 check exec-overlay "as root, the guest's write to /etc: $(cat root.out)" grep -q "^guest-root" root.out
 check exec-host-untouched "the host's /etc/exec-test is now: $(cat /etc/exec-test)" [ "$(cat /etc/exec-test)" = host-etc ]
