@@ -71,7 +71,10 @@ fn run(control: &mut Option<std::fs::File>) -> Result<(), InitError> {
     let request = Request::decode(&bytes)?;
     load_modules(&request.modules)?;
     mount_root(&request)?;
-    bring_up("lo")?;
+    super::net::bring_up("lo").map_err(sys("cannot bring the loopback interface up"))?;
+    if let Some(setup) = request.net {
+        super::net::configure("eth0", setup).map_err(sys("cannot configure eth0 for --net user"))?;
+    }
     let stream = connect(PORT_CONTROL)?;
     let control = control.insert(std::fs::File::from(stream));
     let stdio = match request.tty {
@@ -263,26 +266,6 @@ fn mount(source: &str, target: &str, kind: &str, flags: libc::c_ulong, data: Opt
     // SAFETY: every pointer is a NUL-terminated string that outlives the call.
     let rc = unsafe { libc::mount(source_c.as_ptr(), target_c.as_ptr(), kind_c.as_ptr(), flags, data_ptr) };
     check(rc).map_err(sys(what()))
-}
-
-/// Sets the network interface `name` up (loopback: programs talk to themselves over it).
-fn bring_up(name: &str) -> Result<(), InitError> {
-    let error = sys(format!("cannot bring {name} up"));
-    // SAFETY: socket() takes no pointers; a non-negative result is a new fd we then own.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(error(io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` is new and owned by nobody else.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ifreq is plain data; zero is a valid start.
-    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
-        *slot = byte as libc::c_char;
-    }
-    request.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-    // SAFETY: SIOCSIFFLAGS reads one ifreq from a valid pointer.
-    check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) }).map_err(error)
 }
 
 /// /newroot becomes `/` (as switch_root does: the initramfs can't be pivoted away from).

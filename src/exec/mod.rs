@@ -20,6 +20,7 @@ pub mod host_io;
 pub mod initramfs;
 pub mod kernel;
 pub mod modules;
+pub mod net;
 pub mod request;
 
 use std::ffi::OsString;
@@ -251,7 +252,14 @@ fn request_for(args: &ExecArgs, shares: &[ShareConfig], module_files: &[PathBuf]
         mounts,
         modules: initramfs::module_file_names(module_files),
         tty: if tty { host_io::terminal_size() } else { None },
+        net: if first_card_is_user(&args.nets)? { net::host_offer() } else { None },
     })
+}
+
+/// Whether the guest's `eth0` is on the user-mode network (the one card lguest configures).
+fn first_card_is_user(nets: &[String]) -> Result<bool> {
+    let first = nets.first().map(|n| parse_net(n)).transpose()?;
+    Ok(first.is_some_and(|card| matches!(card.backend, crate::config::NetBackend::User { .. })))
 }
 
 /// PATH, HOME, TERM, LANG and USER from ours (PATH always), then each `--env`, a later one

@@ -42,6 +42,9 @@ pub struct Request {
     pub modules: Vec<String>,
     /// A terminal of this size, or plain pipes.
     pub tty: Option<WinSize>,
+    /// `--net user`: what `eth0` gets (passt's offer).
+    #[serde(default)]
+    pub net: Option<super::net::NetSetup>,
 }
 
 /// One virtio-fs share and where the guest mounts it.
@@ -78,6 +81,8 @@ pub enum BadRequest {
     ModuleName(String),
     #[error("the request has no root mount")]
     NoRoot,
+    #[error("the request's network prefix /{0} is longer than 32")]
+    Prefix(u8),
 }
 
 impl Request {
@@ -113,6 +118,9 @@ impl Request {
         for mount in &self.mounts {
             check_path(&mount.path, "mount point")?;
             no_nul(std::iter::once(mount.tag.as_str()), "a share's tag")?;
+        }
+        if let Some(net) = self.net.filter(|net| net.prefix > 32) {
+            return Err(BadRequest::Prefix(net.prefix));
         }
         match self.modules.iter().find(|m| !is_plain_name(m)) {
             Some(bad) => Err(BadRequest::ModuleName(bad.clone())),
@@ -161,6 +169,11 @@ pub(crate) mod tests_support {
             ],
             modules: vec!["00-virtio_ring.ko".into(), "01-fuse.ko.xz".into()],
             tty: Some(WinSize { rows: 24, cols: 80 }),
+            net: Some(crate::exec::net::NetSetup {
+                address: std::net::Ipv4Addr::new(169, 254, 2, 5),
+                prefix: 16,
+                gateway: std::net::Ipv4Addr::new(169, 254, 2, 1),
+            }),
         }
     }
 }
@@ -193,6 +206,7 @@ mod tests {
         assert_eq!(refused(|r| r.mounts.clear()), BadRequest::NoRoot);
         assert_eq!(refused(|r| r.modules[0] = "../../init".into()), BadRequest::ModuleName("../../init".into()));
         assert_eq!(refused(|r| r.modules[0] = "..".into()), BadRequest::ModuleName("..".into()));
+        assert_eq!(refused(|r| r.net = r.net.map(|net| crate::exec::net::NetSetup { prefix: 33, ..net })), BadRequest::Prefix(33));
     }
 
     #[test]
