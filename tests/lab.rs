@@ -475,27 +475,27 @@ fn exec_modules(dir: &Path) -> PathBuf {
     copy
 }
 
-/// `lguest exec`: statuses, stdio, the overlay, the shared working directory, escapes and two
-/// at once, in one lab boot (tests/lab/exec.sh).
+/// `lguest exec`: statuses, stdio, a pty, the overlay, the shared working directory, escapes,
+/// make, two at once and --net user, in one lab boot (tests/lab/exec.sh).
 #[test]
 fn exec_runs_a_command_as_the_caller_over_the_hosts_files_and_exits_with_its_status() {
     let dir = tempfile::tempdir().expect("tempdir");
     let modules = format!("{}:/guest/modules", exec_modules(dir.path()).display());
     // make, and tcc (a C compiler small enough for the lab) with the C library's start files.
-    let (make, tcc) = (on_path("make"), on_path("tcc"));
+    let (make, tcc, passt, dnsmasq) = (on_path("make"), on_path("tcc"), on_path("passt"), on_path("dnsmasq"));
     let mut files = vec![modules];
     let libdir = "/usr/lib/x86_64-linux-gnu";
     for file in ["crt1.o", "crti.o", "crtn.o", "libc.so", "libc_nonshared.a", "ld-linux-x86-64.so.2", "tcc/libtcc1.a"] {
         files.push(format!("{libdir}/{file}:{libdir}/{file}"));
     }
     let files: Vec<&str> = files.iter().map(String::as_str).collect();
-    run_scenario_with_files("exec", &[&make, &tcc], &files, |output| {
+    run_scenario_with_files("exec", &[&make, &tcc, &passt, &dnsmasq], &files, |output| {
         expect_cases(
             output,
             &[
                 "exec-true", "exec-timeline", "exec-false", "exec-42", "exec-stdout", "exec-stderr", "exec-signal", "exec-not-found",
                 "exec-stdin", "exec-stdin-bulk", "exec-nobody", "exec-caller", "exec-owner", "exec-escape", "exec-readonly",
-                "exec-tty", "exec-overlay", "exec-host-untouched", "exec-make", "exec-two",
+                "exec-tty", "exec-overlay", "exec-host-untouched", "exec-make", "exec-two", "exec-net",
             ],
         )
     });

@@ -4,7 +4,7 @@
 # statuses (0, 1, 42, 128+signal), stdout and stderr apart, stdin piped through, a file made
 # in the shared working directory owned by the caller, writes under / kept in the overlay,
 # escapes through .., symlinks and a readonly share kept from the host, a pty when the
-# console is the terminal, make of a small C project, two execs at once.
+# console is the terminal, make of a small C project, two execs at once, --net user.
 # Each check prints "CASE NAME status=0" (or 1 and "FAIL").
 set -o pipefail
 . /tests/lib.sh
@@ -101,4 +101,27 @@ wait $first
 first=$?
 check exec-two "the two execs: $first '$(cat one.out)', $second '$(cat two.out)'" \
     sh -c "[ $first = 0 ] && [ $second = 0 ] && [ \"\$(cat one.out)\" = one ] && [ \"\$(cat two.out)\" = two ]"
+echo "== exec: --net user (as nobody: passt needs the chroot as_nobody makes)"
+# As tests/lab/virtio-net-user.sh: a bridge with no wire holds the lab's addresses and its
+# default route, dnsmasq answers for lab.test, httpd serves a page.
+ip link add br0 type bridge && ip addr add 169.254.1.1/16 dev br0 && ip addr add 169.254.2.1/16 dev br0 &&
+    ip link set br0 up && ip route add default via 169.254.1.254 dev br0
+echo 'nameserver 169.254.2.1' >/etc/resolv.conf
+dnsmasq --keep-in-foreground --conf-file=/dev/null --no-resolv --no-hosts --pid-file= --user=root \
+    --listen-address=169.254.2.1 --bind-interfaces --address=/lab.test/169.254.2.1 &
+dns_pid=$!
+mkdir -p /tmp/www && echo exec-net-page >/tmp/www/index.html
+httpd -p 8080 -h /tmp/www
+cat >/tmp/exec-net.sh <<'EOS'
+cd /tmp/work && exec timeout 180 lguest exec --kernel /guest/vmlinux --memory 256M --net user -- \
+    sh -c 'wget -qO- http://169.254.2.1:8080/ && wget -qO- http://lab.test:8080/'
+EOS
+chmod 755 /tmp/exec-net.sh
+as_nobody /tmp/exec-net.sh >net.out 2>&1
+status=$?
+cat net.out
+check exec-net "lguest exec --net user exited $status; fetched: $(cat net.out)" \
+    sh -c "[ $status = 0 ] && [ \"\$(grep -c '^exec-net-page' net.out)\" = 2 ]"
+kill $dns_pid
+
 echo "== exec: done after $(($(date +%s) - start)) s"
