@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::rate_limiter::{self, RateLimit, RateLimitBuilder};
 
 mod share;
-use self::share::parse_shares;
+pub(crate) use self::share::parse_shares;
 pub use self::share::{parse_share, ShareConfig, MAX_SHARE_TAG};
 
 /// The smallest guest we agree to build: a stock kernel with an initramfs needs more than this

@@ -29,7 +29,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::{parse_memory, parse_net, parse_share, ShareConfig, VmConfig, VsockConfig};
+use crate::config::{parse_memory, parse_net, ShareConfig, VmConfig, VsockConfig};
 use crate::error::{Error, Result};
 use crate::stop::StopReason;
 use crate::timeline::{Milestone, Timeline};
@@ -211,19 +211,11 @@ fn wanted_modules(args: &ExecArgs) -> Vec<&'static str> {
 
 /// `--share`s, each mounted at its own path; lguest exec's own tags are refused.
 fn user_shares(values: &[String]) -> Result<Vec<ShareConfig>> {
-    let mut shares: Vec<ShareConfig> = Vec::new();
-    for value in values {
-        let share = parse_share(value)?;
-        if share.tag == ROOT_TAG || share.tag == CWD_TAG {
-            return Err(ExecError::ReservedTag(share.tag).into());
-        }
-        if shares.iter().any(|earlier| earlier.tag == share.tag) {
-            let why = format!("the tag '{}' is already used by another --share", share.tag);
-            return Err(Error::BadFlag { flag: "--share", value: value.clone(), why });
-        }
-        shares.push(share);
+    let shares = crate::config::parse_shares(values)?;
+    match shares.iter().find(|share| share.tag == ROOT_TAG || share.tag == CWD_TAG) {
+        Some(share) => Err(ExecError::ReservedTag(share.tag.clone()).into()),
+        None => Ok(shares),
     }
-    Ok(shares)
 }
 
 fn text(value: &std::ffi::OsStr, what: &'static str) -> Result<String> {
