@@ -86,7 +86,7 @@ fn relay(port: u32, listener: UnixListener, done: Sender<()>) {
     let Ok((stream, _)) = listener.accept() else { return };
     drop(listener);
     match port {
-        PORT_STDIN => feed_stdin(stream),
+        PORT_STDIN => return feed_stdin(stream), // an input: its end is no output's
         PORT_TTY => {
             if let Ok(input) = stream.try_clone() {
                 std::thread::spawn(move || feed_stdin(input));
