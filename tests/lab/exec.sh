@@ -107,6 +107,7 @@ echo "== exec: --net user (as nobody: passt needs the chroot as_nobody makes)"
 ip link add br0 type bridge && ip addr add 169.254.1.1/16 dev br0 && ip addr add 169.254.2.1/16 dev br0 &&
     ip link set br0 up && ip route add default via 169.254.1.254 dev br0
 echo 'nameserver 169.254.2.1' >/etc/resolv.conf
+grep -q '^root:' /etc/passwd 2>/dev/null || echo 'root:x:0:0:root:/root:/bin/sh' >>/etc/passwd
 dnsmasq --keep-in-foreground --conf-file=/dev/null --no-resolv --no-hosts --pid-file= --user=root \
     --listen-address=169.254.2.1 --bind-interfaces --address=/lab.test/169.254.2.1 &
 dns_pid=$!
