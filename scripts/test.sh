@@ -11,8 +11,11 @@ command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustu
 # setpriv and unshare (util-linux) drop privileges and hide /dev/kvm for the error tests;
 # strip (binutils) slims the binary copied into the lab; passt is --net user's network stack
 # (its unit tests run it here, and the lab scenario copies it into the lab machine, with
-# dnsmasq as the lab's resolver).
-ensure_cmds setpriv:util-linux unshare:util-linux strip:binutils passt:passt dnsmasq:dnsmasq-base
+# dnsmasq as the lab's resolver); make and tcc (a C compiler small enough to copy into the
+# lab, with the C library's start files that Rust's own linker setup already installed) build
+# a small C project in the lab's `lguest exec` scenario.
+ensure_cmds setpriv:util-linux unshare:util-linux strip:binutils passt:passt dnsmasq:dnsmasq-base \
+    make:make tcc:tcc
 lab/fetch.sh >/dev/null
 # The lab's --net user tests run trixie's passt, built from Debian's source (lab/passt.sh says why).
 lab/passt.sh >/dev/null

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::rate_limiter::{self, RateLimit, RateLimitBuilder};
 
 mod share;
-use self::share::parse_shares;
+pub(crate) use self::share::parse_shares;
 pub use self::share::{parse_share, ShareConfig, MAX_SHARE_TAG};
 
 /// The smallest guest we agree to build: a stock kernel with an initramfs needs more than this
@@ -62,6 +62,9 @@ pub enum Command {
     /// run under the name `firecracker`).
     #[command(disable_version_flag = true, after_help = crate::firecracker::AFTER_HELP)]
     Firecracker(crate::firecracker::FirecrackerArgs),
+    /// Run one command in a throwaway VM that sees this host's files: `lguest exec -- CMD ARGS`.
+    #[command(after_help = crate::exec::AFTER_HELP)]
+    Exec(crate::exec::ExecArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -632,7 +635,7 @@ pub fn check_readable(path: &std::path::Path, what: &'static str) -> Result<()> 
 
 /// One vCPU at least; at most 255, the most xAPIC IDs can name. KVM's own limit is checked
 /// when the VM is built.
-fn validate_cpus(cpus: u32) -> Result<u8> {
+pub fn validate_cpus(cpus: u32) -> Result<u8> {
     match u8::try_from(cpus) {
         Ok(0) => Err(Error::BadCpus { value: cpus, why: "a guest needs at least one vCPU".into() }),
         Ok(n) if n < u8::MAX => Ok(n),

@@ -88,6 +88,9 @@ pub enum Error {
 
     #[error("{0}")]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+
+    #[error("{0}")]
+    Exec(crate::exec::ExecError),
 }
 
 impl Error {
@@ -111,6 +114,7 @@ impl Error {
             | Error::Api(_) => 2,
             Error::ApiSocket(crate::api::server::SocketError::Thread(_)) => 1,
             Error::Snapshot(e) => e.exit_code(),
+            Error::Exec(e) => e.exit_code(),
             Error::ApiSocket(_) => 2,
             // A socket path in use or that can't be bound is the user's to change; an epoll
             // set we can't make is the host's failure.

@@ -31,6 +31,8 @@
 //!     it, and [`control`] (pause, resume, Ctrl-Alt-Del, a new drive image) while it runs.
 //! 15. [`snapshot`]: a paused guest saved to a file and its memory, and restored from them in
 //!     another process (`lguest restore`, `PUT /snapshot/load`).
+//! 16. [`exec`]: `lguest exec -- CMD`, one command in a throwaway guest over this host's files,
+//!     whose init is lguest itself ([`exec::guest`]).
 
 pub mod api;
 pub mod arch;
@@ -40,6 +42,7 @@ pub mod control;
 pub mod devices;
 pub mod docs;
 pub mod error;
+pub mod exec;
 pub mod fault;
 pub mod firecracker;
 pub mod memory;

@@ -26,6 +26,9 @@ use lguest::stop::StopReason;
 use lguest::timeline::{Milestone, Timeline};
 
 fn main() -> ExitCode {
+    if lguest::exec::guest::is_guest_init() {
+        lguest::exec::guest::main(); // we are the init of an `lguest exec` guest
+    }
     let timeline = Arc::new(Timeline::new(Instant::now()));
     api::logger::init("warn");
     let command = match parse_command_line() {
@@ -46,6 +49,17 @@ fn main() -> ExitCode {
         }
         Command::Firecracker(args) => {
             firecracker::run(args, timeline.clone()).map(|reason| (reason, TimelineReport::default()))
+        }
+        Command::Exec(args) => {
+            let status = lguest::exec::run(args, timeline.clone());
+            terminal::restore_terminal();
+            return match status {
+                Ok(status) => ExitCode::from(status),
+                Err(error) => {
+                    eprintln!("lguest: {error}");
+                    ExitCode::from(error.exit_code())
+                }
+            };
         }
         Command::Completions { .. } | Command::Man { .. } => return ExitCode::SUCCESS, // answered above
     };
@@ -187,7 +201,7 @@ fn command_line_error(error: clap::Error) -> ExitCode {
         .map(str::trim)
         .filter(|line| !line.is_empty() && !line.starts_with("tip:") && !line.starts_with("For more information"))
         .collect();
-    let command = ["firecracker", "restore"].into_iter().find(|name| text.contains(&format!("Usage: lguest {name}"))).unwrap_or("run");
+    let command = ["firecracker", "restore", "exec"].into_iter().find(|name| text.contains(&format!("Usage: lguest {name}"))).unwrap_or("run");
     eprintln!("lguest: {}; see 'lguest {command} --help'", message.join(" ").trim_start_matches("error: "));
     ExitCode::from(2)
 }

@@ -30,6 +30,20 @@ pub fn run(config: &VmConfig, timeline: Arc<Timeline>, on_start: &mut dyn FnMut(
 /// [`run`], with the first boot's guest from `origin` (a snapshot, for `lguest restore` and
 /// `PUT /snapshot/load`); a reboot after it boots the configuration's kernel afresh.
 pub fn run_from(config: &VmConfig, origin: Origin<'_>, timeline: Arc<Timeline>, on_start: &mut dyn FnMut(&RunningVm)) -> Result<StopReason> {
+    run_with(config, origin, timeline, Stdin::Console, on_start)
+}
+
+/// What the session does with lguest's own stdin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stdin {
+    /// Typed into the guest's console (raw mode and Ctrl-A x when it is a terminal).
+    Console,
+    /// Left alone: the caller reads it (`lguest exec` relays it over vsock).
+    Untouched,
+}
+
+/// [`run_from`], with lguest's stdin used as `stdin` says.
+pub fn run_with(config: &VmConfig, origin: Origin<'_>, timeline: Arc<Timeline>, stdin: Stdin, on_start: &mut dyn FnMut(&RunningVm)) -> Result<StopReason> {
     let host = |what| move |source| Error::Host { what, source };
     terminal::block_stop_signals().map_err(host("cannot block the stop signals"))?;
     let stopper = Arc::new(Stopper::default());
@@ -50,10 +64,12 @@ pub fn run_from(config: &VmConfig, origin: Origin<'_>, timeline: Arc<Timeline>, 
     on_start(&running);
     let interactive = terminal::stdin_is_terminal();
     terminal::watch_signals(stopper.clone(), config.shutdown_timeout, interactive).map_err(host("cannot watch signals"))?;
-    if interactive {
-        terminal::enter_raw_mode();
+    if stdin == Stdin::Console {
+        if interactive {
+            terminal::enter_raw_mode();
+        }
+        terminal::pump_stdin(route.clone(), stopper.clone(), interactive).map_err(host("cannot start the console thread"))?;
     }
-    terminal::pump_stdin(route.clone(), stopper.clone(), interactive).map_err(host("cannot start the console thread"))?;
     let mut boots = 1u64;
     loop {
         let reason = running.wait(&route);

@@ -20,12 +20,20 @@ use crate::bus::lock;
 /// The milestones, in the order a guest normally reaches them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Milestone {
+    /// `lguest exec`: the guest's initramfs is built (see [`crate::exec`]).
+    InitramfsBuilt,
     /// The VM, its memory, kernel, devices and vCPUs are all set up.
     VmBuilt,
     /// The boot vCPU is about to run its first guest instruction.
     FirstKvmRun,
     /// The guest wrote the boot timer's magic value (see [`crate::devices::boot_timer`]).
     GuestSignal,
+    /// `lguest exec`: the guest's init reached us over vsock (modules loaded, files mounted).
+    GuestInitConnected,
+    /// `lguest exec`: the guest's init started CMD.
+    CommandStarted,
+    /// `lguest exec`: CMD ended (its status reached us).
+    CommandExited,
     /// The VM stopped.
     Stopped,
 }
@@ -33,9 +41,13 @@ pub enum Milestone {
 impl fmt::Display for Milestone {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Milestone::InitramfsBuilt => "initramfs built (lguest exec)",
             Milestone::VmBuilt => "VM built (KVM ready, kernel loaded)",
             Milestone::FirstKvmRun => "first KVM_RUN",
             Milestone::GuestSignal => "guest signalled the boot timer",
+            Milestone::GuestInitConnected => "guest init connected (modules loaded, files mounted)",
+            Milestone::CommandStarted => "CMD started",
+            Milestone::CommandExited => "CMD exited",
             Milestone::Stopped => "VM stopped",
         })
     }
@@ -45,9 +57,13 @@ impl Milestone {
     /// The milestone in a few words, for a trace's span names.
     fn short(self) -> &'static str {
         match self {
+            Milestone::InitramfsBuilt => "initramfs built",
             Milestone::VmBuilt => "VM built",
             Milestone::FirstKvmRun => "first KVM_RUN",
             Milestone::GuestSignal => "guest's boot-timer signal",
+            Milestone::GuestInitConnected => "guest init connected",
+            Milestone::CommandStarted => "CMD started",
+            Milestone::CommandExited => "CMD exited",
             Milestone::Stopped => "VM stopped",
         }
     }

@@ -170,6 +170,11 @@ impl RunningVm {
         }
     }
 
+    /// Who hears how the guest ends: `lguest exec` stops the VM through it once CMD is done.
+    pub fn stopper(&self) -> Arc<Stopper> {
+        self.stopper.clone()
+    }
+
     /// Returns when the guest has stopped, for whatever reason, and takes the VM apart: every
     /// vCPU thread kicked out of KVM_RUN and joined, the devices' workers stopped, the VM
     /// closed and its memory unmapped.

@@ -27,6 +27,7 @@ fn install_writes_the_binary_man_pages_and_completions() {
         "share/man/man1/lguest.1",
         "share/man/man1/lguest-run.1",
         "share/man/man1/lguest-restore.1",
+        "share/man/man1/lguest-exec.1",
         "share/bash-completion/completions/lguest",
         "share/zsh/site-functions/_lguest",
         "share/fish/vendor_completions.d/lguest.fish",

@@ -469,3 +469,48 @@ fn a_paused_guest_saved_and_killed_counts_writes_and_answers_pings_in_a_restore_
         )
     });
 }
+
+/// The reference kernel's modules that `lguest exec` guests load (virtio_pci, virtio-fs,
+/// overlay, vsock, virtio_net and their dependencies), with modules.dep and modules.builtin:
+/// a 2 MiB copy put beside the lab's /guest/vmlinux, where `lguest exec` looks by default.
+fn exec_modules(dir: &Path) -> PathBuf {
+    let cache = std::env::var_os("LGUEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/lguest"));
+    let source = cache.join("kernel/modules");
+    let copy = dir.join("modules");
+    let parts = [
+        "modules.dep", "modules.builtin", "kernel/drivers/virtio", "kernel/fs/fuse", "kernel/fs/overlayfs", "kernel/net/vmw_vsock",
+        "kernel/drivers/net/virtio_net.ko", "kernel/drivers/net/net_failover.ko", "kernel/net/core/failover.ko",
+    ];
+    std::fs::create_dir_all(&copy).expect("mkdir");
+    let status = Command::new("cp").current_dir(&source).arg("--parents").arg("-r").args(parts).arg(&copy).status().expect("run cp");
+    assert!(status.success(), "cannot copy the exec modules from {} (lab/fetch.sh unpacks them)", source.display());
+    copy
+}
+
+/// `lguest exec`: statuses, stdio, a pty, the overlay, the shared working directory, escapes,
+/// make, two at once and --net user, in one lab boot (tests/lab/exec.sh).
+#[test]
+fn exec_runs_a_command_as_the_caller_over_the_hosts_files_and_exits_with_its_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let modules = format!("{}:/guest/modules", exec_modules(dir.path()).display());
+    // make, and tcc (a C compiler small enough for the lab) with the C library's start files.
+    let (make, tcc, passt, dnsmasq) = (on_path("make"), on_path("tcc"), on_path("passt"), on_path("dnsmasq"));
+    let mut files = vec![modules];
+    let libdir = "/usr/lib/x86_64-linux-gnu";
+    for file in ["crt1.o", "crti.o", "crtn.o", "libc.so", "libc_nonshared.a", "ld-linux-x86-64.so.2", "tcc/libtcc1.a"] {
+        files.push(format!("{libdir}/{file}:{libdir}/{file}"));
+    }
+    let files: Vec<&str> = files.iter().map(String::as_str).collect();
+    run_scenario_with_files("exec", &[&make, &tcc, &passt, &dnsmasq], &files, |output| {
+        expect_cases(
+            output,
+            &[
+                "exec-true", "exec-timeline", "exec-false", "exec-42", "exec-stdout", "exec-stderr", "exec-signal", "exec-not-found",
+                "exec-stdin", "exec-stdin-bulk", "exec-nobody", "exec-caller", "exec-owner", "exec-escape", "exec-readonly",
+                "exec-tty", "exec-overlay", "exec-host-untouched", "exec-make", "exec-two", "exec-net",
+            ],
+        )
+    });
+}

@@ -21,7 +21,7 @@ pub struct ShareConfig {
 pub const MAX_SHARE_TAG: usize = 36;
 
 /// Every `--share`, with their tags checked against each other.
-pub(super) fn parse_shares(values: &[String]) -> Result<Vec<ShareConfig>> {
+pub(crate) fn parse_shares(values: &[String]) -> Result<Vec<ShareConfig>> {
     let mut shares: Vec<ShareConfig> = Vec::new();
     for value in values {
         let share = parse_share(value)?;

@@ -28,11 +28,49 @@ impl Trigger for IrqLine {
     }
 }
 
-/// Guest output, written through to our stdout as it comes.
+/// Guest output, written through to our stdout as it comes (or kept aside, see
+/// [`keep_console_aside`]).
 pub struct Stdout;
+
+/// The most of a console kept aside: its last 256 KiB (a boot's messages fit many times).
+pub const CONSOLE_LOG_LIMIT: usize = 256 * 1024;
+
+/// When set, the console's output goes here instead of our stdout.
+static CONSOLE_LOG: std::sync::OnceLock<ConsoleLog> = std::sync::OnceLock::new();
+
+/// A console's output kept in memory: `lguest exec`'s stdout is CMD's, and the guest's boot
+/// messages are printed only if the guest fails.
+#[derive(Clone, Default)]
+pub struct ConsoleLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl ConsoleLog {
+    fn append(&self, bytes: &[u8]) {
+        let mut log = crate::bus::lock(&self.0);
+        log.extend_from_slice(bytes);
+        if log.len() > CONSOLE_LOG_LIMIT {
+            let excess = log.len() - CONSOLE_LOG_LIMIT;
+            log.drain(..excess);
+        }
+    }
+
+    /// What the guest wrote, up to now.
+    pub fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut crate::bus::lock(&self.0))
+    }
+}
+
+/// From now on (for this process), every guest console's output is kept in the returned log
+/// instead of going to stdout.
+pub fn keep_console_aside() -> ConsoleLog {
+    CONSOLE_LOG.get_or_init(ConsoleLog::default).clone()
+}
 
 impl Write for Stdout {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(log) = CONSOLE_LOG.get() {
+            log.append(buf);
+            return Ok(buf.len());
+        }
         let mut out = io::stdout().lock();
         out.write_all(buf)?;
         out.flush()?;
