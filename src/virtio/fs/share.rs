@@ -103,6 +103,14 @@ fn warn_if_out_of_fds(error: &io::Error) {
     }
 }
 
+/// The guest's open flags without O_NOATIME, a hint lguest's user may not be allowed to give:
+/// the host refuses it (EPERM) on a file that user doesn't own. Overlayfs adds it to every open
+/// of its lower files, so without this a guest whose root is a share (`lguest exec`) could run
+/// nothing owned by root unless lguest ran as root.
+fn without_noatime(flags: u32) -> u32 {
+    flags & !(libc::O_NOATIME as u32)
+}
+
 /// Refuses `.` and `..`: the driver resolves them itself, so only a forged request sends them.
 fn plain_name(name: &CStr) -> io::Result<()> {
     match name.to_bytes() {
@@ -236,7 +244,7 @@ impl FileSystem for Share {
         if Share::opens_for_change(flags) {
             self.writable()?;
         }
-        self.fs.open(ctx, inode, flags, fuse_flags)
+        self.fs.open(ctx, inode, without_noatime(flags), fuse_flags)
     }
 
     fn create(
@@ -249,6 +257,7 @@ impl FileSystem for Share {
         self.writable()?;
         plain_name(name)?;
         args.mode &= !PRIVILEGE_BITS;
+        args.flags = without_noatime(args.flags);
         self.fs.create(ctx, parent, name, args)
     }
 
@@ -325,7 +334,7 @@ impl FileSystem for Share {
     }
 
     fn opendir(&self, ctx: &Context, inode: Inode, flags: u32) -> io::Result<(Option<Handle>, OpenOptions)> {
-        self.fs.opendir(ctx, inode, flags)
+        self.fs.opendir(ctx, inode, without_noatime(flags))
     }
 
     fn readdir(

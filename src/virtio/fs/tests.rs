@@ -91,6 +91,36 @@ fn a_guest_reads_a_host_file_through_lookup_open_and_read() {
     assert_eq!(reply_body(&data), b"hello from the host");
 }
 
+/// Overlayfs opens its lower files with O_NOATIME (`lguest exec`'s root is an overlay on a
+/// share), and the host refuses that hint with EPERM to a user who doesn't own the file: lguest
+/// drops it. The file here is root's and the open is made by a thread whose effective uid is
+/// nobody's, as when lguest runs as an ordinary user; run not as root, nobody else's file can
+/// be made, so the test says so and checks nothing.
+#[test]
+fn an_open_with_noatime_of_a_file_lguests_user_does_not_own_succeeds() {
+    // SAFETY: geteuid only reads the calling process's credentials.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: no file owned by another user can be made; nothing checked");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs::write(dir.path().join("roots"), b"root's").expect("file");
+    let path = dir.path().to_path_buf();
+    let errno = std::thread::spawn(move || {
+        // SAFETY: the raw system call changes this thread's effective uid only (glibc's
+        // setresuid would change every thread's); the thread ends with the test.
+        let rc = unsafe { libc::syscall(libc::SYS_setresuid, -1i32, 65534i32, -1i32) };
+        assert_eq!(rc, 0, "cannot become nobody: {}", std::io::Error::last_os_error());
+        let mut driver = mounted(&path, true);
+        let inode = entry(&lookup(&mut driver, ROOT_ID, "roots")).nodeid;
+        open(&mut driver, inode, libc::O_RDONLY | libc::O_NOATIME).errno()
+    })
+    .join()
+    .expect("the nobody thread");
+    assert_eq!(errno, Some(0), "an O_NOATIME open of root's file failed for lguest's user");
+}
+
 #[test]
 fn files_the_guest_creates_belong_to_the_user_running_lguest() {
     let dir = tempfile::tempdir().expect("tempdir");
