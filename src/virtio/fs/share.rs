@@ -103,12 +103,17 @@ fn warn_if_out_of_fds(error: &io::Error) {
     }
 }
 
-/// The guest's open flags without O_NOATIME, a hint lguest's user may not be allowed to give:
-/// the host refuses it (EPERM) on a file that user doesn't own. Overlayfs adds it to every open
-/// of its lower files, so without this a guest whose root is a share (`lguest exec`) could run
-/// nothing owned by root unless lguest ran as root.
-fn without_noatime(flags: u32) -> u32 {
-    flags & !(libc::O_NOATIME as u32)
+/// The guest's file flags, as the host gets them: without O_NOATIME and O_DIRECT, hints the
+/// host may refuse. O_NOATIME is refused (EPERM) to a user who doesn't own the file, and
+/// overlayfs adds it to every open of its lower files, so with it a guest whose root is a share
+/// (`lguest exec`) could run nothing of root's unless lguest ran as root. O_DIRECT is refused
+/// (EINVAL) where the host file system can't do it (tmpfs); the guest's own page cache is what
+/// it bypasses anyway (virtiofsd drops it too, unless told otherwise). Reads and writes carry
+/// the flags again, and the passthrough then sets them on its fd with fcntl: one it can't set
+/// fails that request *and* closes the handle's fd (fuse-backend-rs 0.14 drops a borrowed
+/// `File` on that path), so what the host may refuse must never reach it.
+fn host_flags(flags: u32) -> u32 {
+    flags & !((libc::O_NOATIME | libc::O_DIRECT) as u32)
 }
 
 /// Refuses `.` and `..`: the driver resolves them itself, so only a forged request sends them.
@@ -244,7 +249,7 @@ impl FileSystem for Share {
         if Share::opens_for_change(flags) {
             self.writable()?;
         }
-        self.fs.open(ctx, inode, without_noatime(flags), fuse_flags)
+        self.fs.open(ctx, inode, host_flags(flags), fuse_flags)
     }
 
     fn create(
@@ -257,7 +262,7 @@ impl FileSystem for Share {
         self.writable()?;
         plain_name(name)?;
         args.mode &= !PRIVILEGE_BITS;
-        args.flags = without_noatime(args.flags);
+        args.flags = host_flags(args.flags);
         self.fs.create(ctx, parent, name, args)
     }
 
@@ -273,7 +278,7 @@ impl FileSystem for Share {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
-        self.fs.read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+        self.fs.read(ctx, inode, handle, w, size, offset, lock_owner, host_flags(flags))
     }
 
     #[allow(clippy::too_many_arguments)] // the trait's signature
@@ -291,7 +296,7 @@ impl FileSystem for Share {
         fuse_flags: u32,
     ) -> io::Result<usize> {
         self.writable()?;
-        self.fs.write(ctx, inode, handle, r, size, offset, lock_owner, delayed_write, flags, fuse_flags)
+        self.fs.write(ctx, inode, handle, r, size, offset, lock_owner, delayed_write, host_flags(flags), fuse_flags)
     }
 
     fn flush(&self, ctx: &Context, inode: Inode, handle: Handle, lock_owner: u64) -> io::Result<()> {
@@ -334,7 +339,7 @@ impl FileSystem for Share {
     }
 
     fn opendir(&self, ctx: &Context, inode: Inode, flags: u32) -> io::Result<(Option<Handle>, OpenOptions)> {
-        self.fs.opendir(ctx, inode, without_noatime(flags))
+        self.fs.opendir(ctx, inode, host_flags(flags))
     }
 
     fn readdir(

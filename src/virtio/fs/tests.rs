@@ -93,11 +93,11 @@ fn a_guest_reads_a_host_file_through_lookup_open_and_read() {
 
 /// Overlayfs opens its lower files with O_NOATIME (`lguest exec`'s root is an overlay on a
 /// share), and the host refuses that hint with EPERM to a user who doesn't own the file: lguest
-/// drops it. The file here is root's and the open is made by a thread whose effective uid is
+/// drops it, at the open and at each read. The file here is root's and the open is made by a thread whose effective uid is
 /// nobody's, as when lguest runs as an ordinary user; run not as root, nobody else's file can
 /// be made, so the test says so and checks nothing.
 #[test]
-fn an_open_with_noatime_of_a_file_lguests_user_does_not_own_succeeds() {
+fn an_open_and_read_with_noatime_of_a_file_lguests_user_does_not_own_succeed() {
     // SAFETY: geteuid only reads the calling process's credentials.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("not root: no file owned by another user can be made; nothing checked");
@@ -114,11 +114,16 @@ fn an_open_with_noatime_of_a_file_lguests_user_does_not_own_succeeds() {
         assert_eq!(rc, 0, "cannot become nobody: {}", std::io::Error::last_os_error());
         let mut driver = mounted(&path, true);
         let inode = entry(&lookup(&mut driver, ROOT_ID, "roots")).nodeid;
-        open(&mut driver, inode, libc::O_RDONLY | libc::O_NOATIME).errno()
+        let opened = open(&mut driver, inode, libc::O_RDONLY | libc::O_NOATIME);
+        let Some(handle) = opened.body::<OpenOut>().map(|out| out.fh) else { return (opened.errno(), None) };
+        // The read carries the file's flags again (the passthrough sets them with fcntl).
+        let read = ReadIn { fh: handle, offset: 0, size: 64, flags: (libc::O_RDONLY | libc::O_NOATIME) as u32, ..ReadIn::default() };
+        let data = driver.call(Opcode::Read as u32, inode, read.as_slice());
+        (opened.errno(), Some(reply_body(&data).to_vec()))
     })
     .join()
     .expect("the nobody thread");
-    assert_eq!(errno, Some(0), "an O_NOATIME open of root's file failed for lguest's user");
+    assert_eq!(errno, (Some(0), Some(b"root's".to_vec())), "an O_NOATIME open and read of root's file, by lguest's user");
 }
 
 #[test]
