@@ -13,6 +13,7 @@
 //! We trust the image to be a disk (any bytes will do) and nothing the guest puts in the queue:
 //! see [`request`] for what a malformed request gets.
 
+mod coalesce;
 mod disk;
 mod engine;
 mod request;
