@@ -6,7 +6,9 @@
 //! data, then the status byte, which is the very last byte), however the driver cut them into
 //! descriptors. Requests are served in batches: each chain is checked and turned into host
 //! operations ([`Op`]), the disk's engine carries out the batch's operations together, and then
-//! every status byte is written and the chains returned at once. Everything in a chain is the
+//! every status byte is written and the chains returned at once; between batches the worker
+//! polls for more while the guest keeps submitting, its interrupt held ([`Coalescer`]).
+//! Everything in a chain is the
 //! guest's to forge. A request we can't make sense of gets
 //! IOERR (or UNSUPP for what we don't do) in its status byte; one without a status byte we could
 //! write is handed back with nothing written. Only a queue that can't be walked any more (rings
