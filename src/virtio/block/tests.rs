@@ -812,3 +812,6 @@ fn the_counters_see_reads_writes_flushes_and_bad_requests() {
     assert_eq!((taken["write_count"], taken["write_bytes"], taken["flush_count"]), (1, 512, 1));
     assert_eq!((taken["invalid_reqs_count"], taken["execute_fails"]), (1, 0));
 }
+
+// The worker's polling, against a driver on a thread of its own.
+mod polling;
