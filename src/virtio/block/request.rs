@@ -172,7 +172,9 @@ impl RequestQueue {
         });
         // Whatever ended the serving (an idle ring, the rate limit, a broken ring), what was
         // published is announced.
-        signal(signals, coalescer, &mut owed);
+        if owed {
+            signal(signals, coalescer, &mut owed);
+        }
         served.map(drop)
     }
 }
