@@ -134,6 +134,7 @@ impl RequestQueue {
         let polling_ends = Instant::now() + MAX_POLLING;
         // Whether the driver asked for an interrupt for what was published since the last one.
         let mut owed = false;
+        let active_kick = &active.kick;
         let served = serve_until_idle(&mut active.queue, mem, |queue| {
             let mut served = 0;
             loop {
@@ -165,8 +166,18 @@ impl RequestQueue {
                     // Nothing to hold back: the driver asked for no interrupt yet.
                     coalescer.signalled(Instant::now());
                 }
-                if !owed || !wait_for_more(queue, mem, coalescer, signals, &mut owed, polling_ends)? {
+                if !owed {
                     return Ok(Pass::Drained(served));
+                }
+                match wait_for_more(queue, mem, coalescer, signals, &mut owed, polling_ends)? {
+                    Polled::More => {}
+                    Polled::Quiet => return Ok(Pass::Drained(served)),
+                    Polled::TimeUp => {
+                        // Back to the epoll loop (and its stop eventfd) with a kick of our own,
+                        // since the guest's are still off.
+                        let _ = active_kick.write(1);
+                        return Ok(Pass::Yielded(served));
+                    }
                 }
             }
         });
@@ -179,13 +190,22 @@ impl RequestQueue {
     }
 }
 
-/// How long one wake-up of the worker may poll before it goes back to its kicks (and its stop
-/// eventfd): a guest that never stops submitting can't keep a reset or pause waiting.
-const MAX_POLLING: Duration = Duration::from_millis(20);
+/// How long one wake-up of the worker may serve and poll before it goes back to its epoll
+/// loop: a guest that never stops submitting can't keep a reset or pause waiting for long.
+const MAX_POLLING: Duration = Duration::from_millis(100);
 
-/// Polls the available ring while an interrupt is held: true when the guest made more
-/// available; false when the interrupt went out (the guest went quiet, or the hold is over)
-/// or the worker has polled long enough.
+/// How polling for more requests ended.
+enum Polled {
+    /// The guest made more available; the interrupt is still held.
+    More,
+    /// The interrupt went out: the guest went quiet, or the hold is over.
+    Quiet,
+    /// The worker has polled long enough; the interrupt went out.
+    TimeUp,
+}
+
+/// Polls the available ring while an interrupt is held, until the guest makes more available
+/// or the interrupt is due.
 fn wait_for_more(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -193,15 +213,19 @@ fn wait_for_more(
     signals: &Signals,
     owed: &mut bool,
     polling_ends: Instant,
-) -> Result<bool, QueueError> {
+) -> Result<Polled, QueueError> {
     loop {
         let now = Instant::now();
-        if coalescer.due(now) || now >= polling_ends {
+        if now >= polling_ends {
             signal(signals, coalescer, owed);
-            return Ok(false);
+            return Ok(Polled::TimeUp);
+        }
+        if coalescer.due(now) {
+            signal(signals, coalescer, owed);
+            return Ok(Polled::Quiet);
         }
         if queue.avail_idx(mem, Ordering::Acquire)?.0 != queue.next_avail() {
-            return Ok(true);
+            return Ok(Polled::More);
         }
         // Another thread of the host (the guest's other vCPU) may want this CPU more than we do.
         std::thread::yield_now();
