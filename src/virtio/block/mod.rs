@@ -7,12 +7,14 @@
 //! ([`uring`]) when the host has it, else plain system calls. Once the driver is ready, one
 //! request queue is served on the device's worker thread ([`request`]), in batches: every
 //! request the guest made available is checked and turned into host operations on the guest's
-//! own buffers, the engine carries the whole batch out, and the chains go back with one
-//! interrupt per batch (fewer still when the driver uses event indexes).
+//! own buffers, the engine carries the whole batch out, and the chains go back at once. Their
+//! interrupt is held while the guest keeps submitting ([`coalesce`]): one per burst of
+//! requests, not one per batch (and none the driver's event index doesn't ask for).
 //!
 //! We trust the image to be a disk (any bytes will do) and nothing the guest puts in the queue:
 //! see [`request`] for what a malformed request gets.
 
+mod coalesce;
 mod disk;
 mod engine;
 mod request;

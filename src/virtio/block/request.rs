@@ -6,24 +6,29 @@
 //! data, then the status byte, which is the very last byte), however the driver cut them into
 //! descriptors. Requests are served in batches: each chain is checked and turned into host
 //! operations ([`Op`]), the disk's engine carries out the batch's operations together, and then
-//! every status byte is written and the chains returned at once. Everything in a chain is the
+//! every status byte is written and the chains returned at once; between batches the worker
+//! polls for more while the guest keeps submitting, its interrupt held ([`Coalescer`]).
+//! Everything in a chain is the
 //! guest's to forge. A request we can't make sense of gets
 //! IOERR (or UNSUPP for what we don't do) in its status byte; one without a status byte we could
 //! write is handed back with nothing written. Only a queue that can't be walked any more (rings
 //! outside memory, an available index running ahead of the ring) stops the device.
 
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{Epoll, EventSet};
 
+use super::coalesce::Coalescer;
 use super::disk::{Disk, SECTOR_SHIFT, SECTOR_SIZE};
 use super::engine::{Job, Op, SharedEngine};
 use super::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, REQUESTS};
@@ -68,6 +73,8 @@ pub struct RequestQueue {
     taken: Vec<Taken>,
     /// Their used entries, written as they are reported and published with one index update.
     used_batch: UsedBatch,
+    /// When to send the interrupt the published requests are owed.
+    coalescer: Coalescer,
 }
 
 impl RequestQueue {
@@ -92,14 +99,28 @@ impl RequestQueue {
             host_error_reported: false,
             metrics: Arc::clone(&live.metrics),
         };
-        RequestQueue { active, mem, signals, medium, engine, requests, live, taken, used_batch: UsedBatch::default() }
+        RequestQueue {
+            active,
+            mem,
+            signals,
+            medium,
+            engine,
+            requests,
+            live,
+            taken,
+            used_batch: UsedBatch::default(),
+            coalescer: Coalescer::default(),
+        }
     }
 
     /// Serves every available request, a batch at a time: each batch's operations go to the
-    /// engine together, and its chains come back with one used-index update and at most one
-    /// interrupt. Until the driver has added nothing more since we re-enabled its notifications.
+    /// engine together, and its chains come back with one used-index update. The interrupt is
+    /// held while the guest keeps submitting ([`Coalescer`]): between batches the worker polls
+    /// the available ring, the guest's kicks still off, and signals once the guest has
+    /// submitted all it will or has gone quiet. Returns once the driver has added nothing more
+    /// since we re-enabled its notifications, with no interrupt left owed.
     pub(super) fn serve(&mut self) -> Result<(), QueueError> {
-        let Self { active, mem, signals, medium, engine, requests, live, taken, used_batch } = self;
+        let Self { active, mem, signals, medium, engine, requests, live, taken, used_batch, coalescer } = self;
         let current = lock(medium);
         if !Arc::ptr_eq(&current, &requests.disk) {
             requests.disk = Arc::clone(&current);
@@ -110,33 +131,113 @@ impl RequestQueue {
             return Ok(()); // its timer brings us back
         }
         let batch_size = usize::from(active.queue.size());
-        serve_until_idle(&mut active.queue, mem, |queue| {
-            let mut jobs = Vec::new();
-            let mut throttled = false;
-            while taken.len() < batch_size {
-                let Some(chain) = next_chain(queue, mem)? else { break };
-                if !requests.take(mem, chain, limiter.as_deref_mut(), taken, &mut jobs) {
-                    // Over the rate: the chain goes back to the ring until the timer fires.
-                    queue.go_to_previous_position();
-                    live.metrics.rate_limiter_throttled_events.inc();
-                    throttled = true;
-                    break;
+        let polling_ends = Instant::now() + MAX_POLLING;
+        // Whether the driver asked for an interrupt for what was published since the last one.
+        let mut owed = false;
+        let active_kick = &active.kick;
+        let served = serve_until_idle(&mut active.queue, mem, |queue| {
+            let mut served = 0;
+            loop {
+                let mut jobs = Vec::new();
+                let mut throttled = false;
+                while taken.len() < batch_size {
+                    let Some(chain) = next_chain(queue, mem)? else { break };
+                    if !requests.take(mem, chain, limiter.as_deref_mut(), taken, &mut jobs) {
+                        // Over the rate: the chain goes back to the ring until the timer fires.
+                        queue.go_to_previous_position();
+                        live.metrics.rate_limiter_throttled_events.inc();
+                        throttled = true;
+                        break;
+                    }
+                }
+                requests.carry_out(taken, &mut jobs, engine);
+                served += taken.len();
+                coalescer.completed(taken.len(), Instant::now());
+                for request in taken.drain(..) {
+                    let used = requests.report(mem, &request);
+                    used_batch.add(queue, mem, request.head, used)?;
+                }
+                // The whole batch appears to the driver at once.
+                owed |= used_batch.publish(queue, mem)?;
+                if throttled {
+                    return Ok::<_, QueueError>(Pass::Yielded(served));
+                }
+                if !owed {
+                    // Nothing to hold back: the driver asked for no interrupt yet.
+                    coalescer.signalled(Instant::now());
+                }
+                if !owed {
+                    return Ok(Pass::Drained(served));
+                }
+                match wait_for_more(queue, mem, coalescer, signals, &mut owed, polling_ends)? {
+                    Polled::More => {}
+                    Polled::Quiet => return Ok(Pass::Drained(served)),
+                    Polled::TimeUp => {
+                        // Back to the epoll loop (and its stop eventfd) with a kick of our own,
+                        // since the guest's are still off.
+                        let _ = active_kick.write(1);
+                        return Ok(Pass::Yielded(served));
+                    }
                 }
             }
-            requests.carry_out(taken, &mut jobs, engine);
-            let served = taken.len();
-            for request in taken.drain(..) {
-                let used = requests.report(mem, &request);
-                used_batch.add(queue, mem, request.head, used)?;
-            }
-            // The whole batch appears to the driver at once, with at most one interrupt.
-            if used_batch.publish(queue, mem)? {
-                signals.used_queue(REQUESTS);
-            }
-            Ok::<_, QueueError>(if throttled { Pass::Yielded(served) } else { Pass::Drained(served) })
-        })?;
-        Ok(())
+        });
+        // Whatever ended the serving (an idle ring, the rate limit, a broken ring), what was
+        // published is announced.
+        if owed {
+            signal(signals, coalescer, &mut owed);
+        }
+        served.map(drop)
     }
+}
+
+/// How long one wake-up of the worker may serve and poll before it goes back to its epoll
+/// loop: a guest that never stops submitting can't keep a reset or pause waiting for long.
+const MAX_POLLING: Duration = Duration::from_millis(100);
+
+/// How polling for more requests ended.
+enum Polled {
+    /// The guest made more available; the interrupt is still held.
+    More,
+    /// The interrupt went out: the guest went quiet, or the hold is over.
+    Quiet,
+    /// The worker has polled long enough; the interrupt went out.
+    TimeUp,
+}
+
+/// Polls the available ring while an interrupt is held, until the guest makes more available
+/// or the interrupt is due.
+fn wait_for_more(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    coalescer: &mut Coalescer,
+    signals: &Signals,
+    owed: &mut bool,
+    polling_ends: Instant,
+) -> Result<Polled, QueueError> {
+    loop {
+        let now = Instant::now();
+        if now >= polling_ends {
+            signal(signals, coalescer, owed);
+            return Ok(Polled::TimeUp);
+        }
+        if coalescer.due(now) {
+            signal(signals, coalescer, owed);
+            return Ok(Polled::Quiet);
+        }
+        if queue.avail_idx(mem, Ordering::Acquire)?.0 != queue.next_avail() {
+            return Ok(Polled::More);
+        }
+        // Another thread of the host (the guest's other vCPU) may want this CPU more than we do.
+        std::thread::yield_now();
+    }
+}
+
+/// Sends the held interrupt, if the driver asked for one.
+fn signal(signals: &Signals, coalescer: &mut Coalescer, owed: &mut bool) {
+    if std::mem::take(owed) {
+        signals.used_queue(REQUESTS);
+    }
+    coalescer.signalled(Instant::now());
 }
 
 impl DeviceWorker for RequestQueue {
