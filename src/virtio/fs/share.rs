@@ -14,6 +14,8 @@
 //! - No names `.` or `..` from the guest (the Linux driver never sends them, export support is
 //!   not offered), no device nodes (a root-run lguest would otherwise let the guest make
 //!   `/dev/sda` inside the share), and no set-user-ID or set-group-ID bits.
+//! - No O_NOATIME or O_DIRECT reaches the host (`host_flags`): hints the host may refuse,
+//!   and a refused one would fail the request and, on a read or write, lose the handle's fd.
 //!
 //! It runs on the fs device's worker thread; it is built on the main thread, where the
 //! directory is opened and checked ([`Share::open`]).
