@@ -238,6 +238,7 @@ fn virtio_net_user_gets_dhcp_and_dns_fetches_serves_a_forwarded_port_and_survive
                 "net-user-dns",
                 "net-user-fetch-lab.test",
                 "net-user-killed-reported",
+                "net-user-released",
                 "net-user-link-down",
                 "net-user-no-passt-left",
             ],

@@ -6,7 +6,10 @@
 # knows lab.test, and passt hands it on to the guest. The guest (guest/init's `netuser`
 # scenario) gets its address by DHCP, fetches a page from the lab's httpd through the router's
 # address, through 169.254.2.1 and by name (lab.test), and serves a page that the lab fetches through a forwarded port
-# (127.0.0.1:8081 to the guest's 80). Then, while the guest reads an endless stream from the
+# (127.0.0.1:8081 to the guest's 80). The guest waits for the lab's word (a connection through
+# a second forward, 127.0.0.1:9081 to its 81) before it starts the stream below: passt reset the
+# forwarded fetch in half the first attempts when it raced that bulk stream into the guest.
+# Then, while the guest reads an endless stream from the
 # lab, passt is killed: lguest must say so, keep the VM running, and the guest must see its
 # link go down and power off by itself (status 0). Link-local addresses only, and no interface
 # with a wire: nothing leaves the lab machine. No IPv6: passt (Debian 12's and trixie's alike,
@@ -46,13 +49,14 @@ wait_said() {
     done
 }
 
-echo "== net-user: lguest run --net user,hostfwd=tcp:127.0.0.1:8081-:80 (as nobody)"
+fwd="hostfwd=tcp:127.0.0.1:8081-:80,hostfwd=tcp:127.0.0.1:9081-:81"
+echo "== net-user: lguest run --net user,$fwd (as nobody)"
 cmdline="console=ttyS0 reboot=k panic=-1 quiet lguest.scenario=netuser lguest.net.hosts=169.254.1.254,169.254.2.1,lab.test"
-cmdline="$cmdline lguest.net.fetch=8080:$(md5 </tmp/www/index.html) lguest.net.serve=80 lguest.net.stream=5003"
+cmdline="$cmdline lguest.net.fetch=8080:$(md5 </tmp/www/index.html) lguest.net.serve=80 lguest.net.await=81 lguest.net.stream=5003"
 : >user.out
 cat >run-lguest.sh <<EOF
 id -u >/tmp/lguest-user
-exec timeout 600 lguest run $guest --net user,hostfwd=tcp:127.0.0.1:8081-:80 --cmdline "$cmdline"
+exec timeout 600 lguest run $guest --net user,$fwd --cmdline "$cmdline"
 EOF
 chmod 755 run-lguest.sh
 # A user without root: nobody, who may open /dev/kvm here (the lab's own device) and nothing
@@ -70,6 +74,8 @@ want=$(pattern guest 4096 | md5)
 got=$(md5 </tmp/from-guest 2>/dev/null)
 check net-user-hostfwd "wget through the forwarded port: status $wget_status, md5=$got, want $want: $(cat /tmp/wget.err 2>/dev/null)" \
     [ "$got" = "$want" ]
+# The word that lets the guest start its stream.
+echo go | timeout 60 nc 127.0.0.1 9081 >/dev/null 2>&1
 
 if wait_said user.out LGUEST-NET-STREAMING 120; then
     passt_pid=$(pidof passt)
@@ -93,5 +99,7 @@ for host in 169.254.1.254 169.254.2.1 lab.test; do
 done
 check net-user-killed-reported "lguest did not say that passt died" \
     grep -q "^lguest: passt (pid $passt_pid) was killed by signal 9; the guest's network link is down, the VM keeps running" user.out
+check net-user-released "the guest never heard the lab's word on its second forwarded port" \
+    [ "$(tr -d '\r' <user.out | grep -x LGUEST-NET-RELEASED)" ]
 check net-user-link-down "the guest did not see its link go down" grep -q '^LGUEST-NET-LINK-DOWN bytes=' user.out
 check net-user-no-passt-left "a passt is still running: $(pidof passt)" [ -z "$(pidof passt)" ]
