@@ -367,3 +367,70 @@ fn activation_needs_a_modern_driver_and_both_queues() {
     let modern = Activation { mem, queues: vec![None, None], features: crate::virtio::feature::VERSION_1, signals: Signals::standalone(2) };
     assert!(matches!(device.handler(modern), Err(ActivateError::QueueNotEnabled("hiprio"))));
 }
+
+/// An `rm -rf` as the guest's kernel does it: a directory read one reply (a page, far fewer
+/// entries than one host getdents64 reads) at a time, with what each reply listed unlinked
+/// before the next is asked for. Where a directory's offsets are positions (ramfs here; tmpfs
+/// before Linux 6.6, as in the lab), the passthrough's seek to each offset the guest handed
+/// back skipped entries, and the guest's rmdir failed with ENOTEMPTY. The ramfs is mounted in
+/// a mount namespace of the test thread's own (unshare(CLONE_NEWNS) is allowed in a thread),
+/// which needs root, as the other credential tests here do.
+#[test]
+fn a_directory_emptied_while_it_is_listed_is_listed_whole() {
+    const ENTRIES: usize = 300;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().to_path_buf();
+    let (listed, left) = std::thread::spawn(move || {
+        mount_private_ramfs(&root);
+        for i in 0..ENTRIES {
+            fs::write(root.join(format!("entry-{i:03}")), b"").expect("file");
+        }
+        let mut driver = mounted(&root, false);
+        let listed = list_and_unlink(&mut driver, ROOT_ID);
+        let left = fs::read_dir(&root).expect("the ramfs").count();
+        // SAFETY: a NUL-terminated path that lives across the call.
+        unsafe { libc::umount2(std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).expect("path").as_ptr(), libc::MNT_DETACH) };
+        (listed, left)
+    })
+    .join()
+    .expect("the namespace's thread");
+    assert_eq!((listed, left), (ENTRIES, 0), "entries listed, entries left on the host");
+}
+
+/// Makes the calling thread's mounts its own, and mounts a ramfs on `dir` there.
+fn mount_private_ramfs(dir: &Path) {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: unshare and mount take flags and NUL-terminated strings that live across the calls.
+    unsafe {
+        assert_eq!(libc::unshare(libc::CLONE_NEWNS), 0, "unshare (needs root): {}", std::io::Error::last_os_error());
+        assert_eq!(libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()), 0);
+        assert_eq!(libc::mount(c"none".as_ptr(), path.as_ptr(), c"ramfs".as_ptr(), 0, std::ptr::null()), 0, "{}", std::io::Error::last_os_error());
+    }
+}
+
+/// Lists `dir` with READDIRPLUS a page at a time, unlinking each reply's entries before asking
+/// for the next; returns how many entries were listed.
+fn list_and_unlink(driver: &mut FuseDriver, dir: u64) -> usize {
+    use fuse_backend_rs::abi::fuse_abi::Direntplus;
+    let opened = driver.call(Opcode::Opendir as u32, dir, OpenIn::default().as_slice());
+    let fh = opened.body::<OpenOut>().expect("opendir").fh;
+    let (mut offset, mut listed) = (0, 0);
+    loop {
+        let reply = driver.call(Opcode::Readdirplus as u32, dir, ReadIn { fh, offset, size: 4096, ..ReadIn::default() }.as_slice());
+        assert_eq!(reply.errno(), Some(0), "{reply:?}");
+        let (body, mut at, mut names) = (reply_body(&reply), 0, Vec::new());
+        while let Some(entry) = reply.body_at::<Direntplus>(at) {
+            let name_at = at + std::mem::size_of::<Direntplus>();
+            names.push(String::from_utf8_lossy(&body[name_at..name_at + entry.dirent.namelen as usize]).into_owned());
+            offset = entry.dirent.off;
+            at = (name_at + entry.dirent.namelen as usize).next_multiple_of(8);
+        }
+        if names.is_empty() {
+            return listed;
+        }
+        listed += names.len();
+        for name in names {
+            assert_eq!(driver.call(Opcode::Unlink as u32, dir, &named(&[], &name)).errno(), Some(0), "unlink {name}");
+        }
+    }
+}
