@@ -328,8 +328,14 @@ impl FileSystem for Share {
         self.fs.write(ctx, inode, handle, r, size, offset, lock_owner, delayed_write, host_flags(flags), fuse_flags)
     }
 
-    fn flush(&self, ctx: &Context, inode: Inode, handle: Handle, lock_owner: u64) -> io::Result<()> {
-        self.fs.flush(ctx, inode, handle, lock_owner)
+    /// ENOSYS, which the guest's kernel takes as "never send FLUSH again": every close() in the
+    /// guest would otherwise wait for a round trip that does nothing here. The passthrough's
+    /// flush closes a dup of the handle's fd, which matters only for POSIX locks held on the
+    /// host (none: lock requests are not served) and for file systems that report write
+    /// errors at close (writes reach the host at once, and their errors with them). With a
+    /// writeback cache the guest's kernel still writes the file's dirty pages at each close.
+    fn flush(&self, _: &Context, _: Inode, _: Handle, _: u64) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::ENOSYS))
     }
 
     fn fsync(&self, ctx: &Context, inode: Inode, datasync: bool, handle: Handle) -> io::Result<()> {
