@@ -63,7 +63,7 @@ impl Listing {
 
     /// The entries after the first `offset`, each with its name as a C string and the offset
     /// that resumes after it. Past the end: none.
-    pub fn from_offset(&self, offset: u64) -> impl Iterator<Item = (DirEntry<'_>, &CStr)> {
+    pub fn after(&self, offset: u64) -> impl Iterator<Item = (DirEntry<'_>, &CStr)> {
         let start = usize::try_from(offset).unwrap_or(usize::MAX).min(self.entries.len());
         self.entries[start..].iter().zip(start as u64 + 1..).map(|(listed, offset)| {
             let entry = DirEntry { ino: listed.ino, offset, type_: listed.type_, name: listed.name.to_bytes() };
@@ -124,7 +124,7 @@ mod tests {
     use super::*;
 
     fn names(listing: &Listing, offset: u64) -> Vec<(String, u64)> {
-        listing.from_offset(offset).map(|(entry, _)| (String::from_utf8_lossy(entry.name).into_owned(), entry.offset)).collect()
+        listing.after(offset).map(|(entry, _)| (String::from_utf8_lossy(entry.name).into_owned(), entry.offset)).collect()
     }
 
     #[test]
@@ -141,7 +141,7 @@ mod tests {
         assert_eq!(after_two, all[2..].to_vec(), "offset 2 resumes after the second entry");
         all.sort();
         assert_eq!(all.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>(), vec!["a", "b", "c", "sub"]);
-        let sub = listing.from_offset(0).find(|(entry, _)| entry.name == b"sub").expect("sub").0;
+        let sub = listing.after(0).find(|(entry, _)| entry.name == b"sub").expect("sub").0;
         assert_eq!(sub.type_, libc::DT_DIR as u32);
     }
 
@@ -151,7 +151,7 @@ mod tests {
         std::fs::write(dir.path().join("only"), b"").expect("file");
         let listing = Listing::read(File::open(dir.path()).expect("open")).expect("listing");
         for offset in [1, 2, 1 << 40, u64::MAX] {
-            assert_eq!(listing.from_offset(offset).count(), 0, "offset {offset}");
+            assert_eq!(listing.after(offset).count(), 0, "offset {offset}");
         }
     }
 

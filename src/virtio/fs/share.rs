@@ -392,7 +392,7 @@ impl FileSystem for Share {
     ) -> io::Result<()> {
         let listing = self.listings.at(handle, offset, || self.list(ctx, inode))?;
         let mut added = false;
-        for (entry, _) in listing.from_offset(offset) {
+        for (entry, _) in listing.after(offset) {
             match add_entry(entry) {
                 Ok(0) => break,
                 Ok(_) => added = true,
@@ -415,7 +415,7 @@ impl FileSystem for Share {
     ) -> io::Result<()> {
         let listing = self.listings.at(handle, offset, || self.list(ctx, inode))?;
         let mut added = false;
-        for (mut entry, name) in listing.from_offset(offset) {
+        for (mut entry, name) in listing.after(offset) {
             let looked_up = match self.fs.lookup(ctx, inode, name) {
                 Ok(looked_up) => looked_up,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
