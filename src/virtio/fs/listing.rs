@@ -33,7 +33,7 @@ type Handle = u64;
 /// One entry, as the host listed it.
 struct Listed {
     ino: u64,
-    /// `d_type` (a `DT_*`, which is the file type's `S_IF*` bits shifted down by 12).
+    /// `d_type` ([`d_type`]).
     type_: u32,
     name: CString,
 }
@@ -55,8 +55,7 @@ impl Listing {
             if matches!(name.to_bytes(), b"." | b"..") {
                 continue;
             }
-            let type_ = entry.file_type().as_raw_mode() >> 12;
-            entries.push(Listed { ino: entry.ino(), type_, name: name.to_owned() });
+            entries.push(Listed { ino: entry.ino(), type_: d_type(entry.file_type()), name: name.to_owned() });
         }
         Ok(Listing { entries })
     }
@@ -69,6 +68,15 @@ impl Listing {
             let entry = DirEntry { ino: listed.ino, offset, type_: listed.type_, name: listed.name.to_bytes() };
             (entry, listed.name.as_c_str())
         })
+    }
+}
+
+/// `DT_*` of a file type: its `S_IF*` bits shifted down by 12; DT_UNKNOWN (0) where the host's
+/// file system doesn't say (rustix gives that type all the `S_IFMT` bits).
+fn d_type(file_type: rustix::fs::FileType) -> u32 {
+    match file_type {
+        rustix::fs::FileType::Unknown => libc::DT_UNKNOWN.into(),
+        known => known.as_raw_mode() >> 12,
     }
 }
 
@@ -141,8 +149,9 @@ mod tests {
         assert_eq!(after_two, all[2..].to_vec(), "offset 2 resumes after the second entry");
         all.sort();
         assert_eq!(all.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>(), vec!["a", "b", "c", "sub"]);
-        let sub = listing.after(0).find(|(entry, _)| entry.name == b"sub").expect("sub").0;
-        assert_eq!(sub.type_, libc::DT_DIR as u32);
+        let type_of = |name: &[u8]| listing.after(0).find(|(entry, _)| entry.name == name).expect("listed").0.type_;
+        assert_eq!((type_of(b"sub"), type_of(b"a")), (libc::DT_DIR.into(), libc::DT_REG.into()));
+        assert_eq!(d_type(rustix::fs::FileType::Unknown), 0, "DT_UNKNOWN, not S_IFMT's bits");
     }
 
     #[test]
