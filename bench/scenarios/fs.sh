@@ -30,6 +30,8 @@ fs_once() {
     vmm_cmd "$1" 512 1 /bench/initrd-fs.img "$CMDLINE fsbench.fs=$_fs fsbench.entries=$ENTRIES fsbench.md5=$MD5" share=$share:fsbench
     io_boot fs "$1" 900 "cannot mount"
     _status=$?
+    # Out of time is not a death: another boot would take as long again (io_boot noted it).
+    [ "$_status" = 0 ] || [ "$_io_status" != 124 ] || _status=0
     [ -z "$(ls -A $share)" ] || note fs "$1: the host's directory is not empty after the guest's rm -rf: $(ls -A $share | head -3 | printable)"
     return $_status
 }
