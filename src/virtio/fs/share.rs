@@ -143,6 +143,14 @@ fn host_flags(flags: u32) -> u32 {
     flags & !((libc::O_NOATIME | libc::O_DIRECT) as u32)
 }
 
+/// Whether listing failed only because the directory's host path is longer than a path can be
+/// (`PATH_MAX`), so it can't be reopened by path: the passthrough then lists it through its own
+/// handle, seeking to each offset (exact wherever offsets don't shift, e.g. ext4 and tmpfs
+/// since Linux 6.6).
+fn too_deep_to_reopen(error: &io::Error) -> bool {
+    error.raw_os_error() == Some(libc::ENAMETOOLONG)
+}
+
 /// Refuses `.` and `..`: the driver resolves them itself, so only a forged request sends them.
 fn plain_name(name: &CStr) -> io::Result<()> {
     match name.to_bytes() {
@@ -386,11 +394,14 @@ impl FileSystem for Share {
         ctx: &Context,
         inode: Inode,
         handle: Handle,
-        _size: u32,
+        size: u32,
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let listing = self.listings.at(handle, offset, || self.list(ctx, inode))?;
+        let listing = match self.listings.at(handle, offset, || self.list(ctx, inode)) {
+            Err(e) if too_deep_to_reopen(&e) => return self.fs.readdir(ctx, inode, handle, size, offset, add_entry),
+            listing => listing?,
+        };
         let mut added = false;
         for (entry, _) in listing.after(offset) {
             match add_entry(entry) {
@@ -409,11 +420,14 @@ impl FileSystem for Share {
         ctx: &Context,
         inode: Inode,
         handle: Handle,
-        _size: u32,
+        size: u32,
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let listing = self.listings.at(handle, offset, || self.list(ctx, inode))?;
+        let listing = match self.listings.at(handle, offset, || self.list(ctx, inode)) {
+            Err(e) if too_deep_to_reopen(&e) => return self.fs.readdirplus(ctx, inode, handle, size, offset, add_entry),
+            listing => listing?,
+        };
         let mut added = false;
         for (mut entry, name) in listing.after(offset) {
             let looked_up = match self.fs.lookup(ctx, inode, name) {

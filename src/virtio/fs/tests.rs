@@ -438,3 +438,40 @@ fn list_and_unlink(driver: &mut FuseDriver, dir: u64) -> usize {
         }
     }
 }
+
+/// A directory whose host path is longer than PATH_MAX can't be reopened by path for its
+/// listing; it is still listed (by the passthrough, through its own handle).
+#[test]
+fn a_directory_deeper_than_a_path_can_name_is_listed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let level = "d".repeat(250);
+    let mut deep = dir.path().to_path_buf();
+    for _ in 0..18 {
+        deep.push(&level);
+    }
+    assert!(deep.as_os_str().len() > libc::PATH_MAX as usize);
+    // Made one level at a time from the one above: the whole path is too long for a call.
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut at = fs::File::open(dir.path()).expect("root");
+    for name in std::iter::repeat_n(level.as_str(), 18).chain(["inside"]) {
+        let name = std::ffi::CString::new(name).expect("name");
+        // SAFETY: a NUL-terminated name and an fd we hold, for the duration of each call; the
+        // fd openat returns is owned by the File made of it.
+        at = unsafe {
+            assert_eq!(libc::mkdirat(at.as_raw_fd(), name.as_ptr(), 0o755), 0);
+            let fd = libc::openat(at.as_raw_fd(), name.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+            assert!(fd >= 0);
+            fs::File::from_raw_fd(fd)
+        };
+    }
+    let mut driver = mounted(dir.path(), false);
+    let mut inode = ROOT_ID;
+    for _ in 0..18 {
+        inode = entry(&lookup(&mut driver, inode, &level)).nodeid;
+    }
+    let opened = driver.call(Opcode::Opendir as u32, inode, OpenIn::default().as_slice());
+    let fh = opened.body::<OpenOut>().expect("opendir").fh;
+    let listed = driver.call(Opcode::Readdir as u32, inode, ReadIn { fh, size: 4096, ..ReadIn::default() }.as_slice());
+    assert_eq!(listed.errno(), Some(0), "{listed:?}");
+    assert!(reply_body(&listed).windows(6).any(|w| w == b"inside"), "{listed:?}");
+}
