@@ -74,7 +74,8 @@ trap 'rm -rf "$run"' EXIT
 exec 9>"$out/.lock"   # parallel runs: one builds a stale piece, the others wait
 flock 9
 
-# base: busybox, /init and the modules, in load order, for KVM (AMD) and test networks;
+# base: busybox, /init and the modules, in load order, for KVM (AMD), test networks and loop
+# devices (an ext4 image mounted in the lab);
 # mkfs.ext4 (e2fsprogs, this host's, with its libraries) for disk images made in the lab.
 mkfs_ext4=$(command -v mkfs.ext4)
 if stale "$pieces/base.cpio" "$here/init" "$here/run.sh" "$here/lib.sh" \
@@ -90,7 +91,7 @@ if stale "$pieces/base.cpio" "$here/init" "$here/run.sh" "$here/lib.sh" \
     copy_with_libs "$mkfs_ext4" "$s" usr/sbin/mkfs.ext4
     [[ ! -f /etc/mke2fs.conf ]] || install -m 644 /etc/mke2fs.conf "$s/etc/mke2fs.conf"
     ver=$(cat "$kdir/version")
-    mod_deps "$kdir/modules" kvm-amd tun bridge vhost_net >"$s/etc/lab-modules"
+    mod_deps "$kdir/modules" kvm-amd tun bridge vhost_net loop >"$s/etc/lab-modules"
     while read -r m; do
         install -D -m 644 "$kdir/modules/$m" "$s/lib/modules/$ver/$m"
     done <"$s/etc/lab-modules"

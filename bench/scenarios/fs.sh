@@ -6,6 +6,10 @@
 # trans=virtio,version=9p2000.L). The guest times untar, find, read and rm -rf of the same
 # ~5 000-file tree, each checked (bench/fs/init). RUNS boots each, alternating; a run whose
 # guest died is noted and retried once. Afterwards the directory must be empty again.
+# The directory is on ext4 (an image in the lab's RAM, loop-mounted), as a user's work tree
+# would be: the lab's own tmpfs is Linux 6.1's, whose directory offsets are positions, and
+# how each VMM copes with that is a correctness matter (src/virtio/fs/listing.rs), not this
+# row's.
 . /bench/lib.sh
 # lguest holds one host fd per file the guest's kernel keeps an inode of, and raises its own
 # limit to the hard one: the lab's init leaves the kernel's 4096, under this tree's 5 051
@@ -13,16 +17,21 @@
 ulimit -n 1048576 || note fs "cannot raise the open-file limit: $(ulimit -Hn)"
 KERNEL=/bench/bzImage-generic
 share=/tmp/fsbench
+mkdir -p $share
+truncate -s 256M /tmp/fsbench.img && mkfs.ext4 -q -F /tmp/fsbench.img && mount -o loop /tmp/fsbench.img $share ||
+    { note fs "cannot make the ext4 share (mkfs.ext4, loop): $(dmesg | tail -2 | printable)"; exit 1; }
 vmms="lguest qemu"
 skip=""
 
 # fs_once VMM: one boot, the four phases. Fails (for a retry) only when the guest died.
 fs_once() {
-    rm -rf $share && mkdir -p $share
+    rm -rf $share/* $share/lost+found
     case $1 in lguest) _fs=virtiofs ;; *) _fs=9p ;; esac
     vmm_cmd "$1" 512 1 /bench/initrd-fs.img "$CMDLINE fsbench.fs=$_fs fsbench.entries=$ENTRIES fsbench.md5=$MD5" share=$share:fsbench
     io_boot fs "$1" 900 "cannot mount"
     _status=$?
+    # Out of time is not a death: another boot would take as long again (io_boot noted it).
+    [ "$_status" = 0 ] || [ "$_io_status" != 124 ] || _status=0
     [ -z "$(ls -A $share)" ] || note fs "$1: the host's directory is not empty after the guest's rm -rf: $(ls -A $share | head -3 | printable)"
     return $_status
 }

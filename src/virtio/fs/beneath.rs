@@ -1,4 +1,4 @@
-//! Hard links when lguest is not root.
+//! Hard links when lguest is not root, and directories reopened for listing.
 //!
 //! The passthrough links an inode it holds with `linkat(fd, "", ..., AT_EMPTY_PATH)`, which
 //! Linux (before 6.10) allows only with CAP_DAC_READ_SEARCH: for an ordinary user every `ln`
@@ -10,6 +10,9 @@
 //! than leave the share or follow any link. What it opens is inside the share, whatever the
 //! guest renamed in between; at worst it links another file of the share, which the guest
 //! could have linked anyway.
+//!
+//! The same walk opens a directory for reading ([`Beneath::open_dir`]), which the passthrough
+//! holds only as an `O_PATH` fd: the share lists directories itself ([`super::listing`]).
 //!
 //! Runs on the fs worker (`openat2` and `linkat` are in its seccomp role).
 
@@ -30,17 +33,27 @@ impl Beneath {
     /// Opens `root_path` (absolute, resolved) as the root paths are resolved beneath.
     pub fn new(root_path: &Path) -> io::Result<Beneath> {
         let path = c_path(root_path.as_os_str().as_bytes())?;
-        let root = open_how(libc::AT_FDCWD, &path, libc::O_DIRECTORY, 0)?;
+        let root = open_how(libc::AT_FDCWD, &path, libc::O_PATH | libc::O_DIRECTORY, 0)?;
         Ok(Beneath { root, root_path: root_path.to_path_buf() })
     }
 
     /// Opens `path` (absolute, as /proc/self/fd reports a passthrough fd) as an `O_PATH` fd,
     /// walking from the root without leaving it and without following any symlink.
     pub fn reopen(&self, path: &Path) -> io::Result<File> {
+        self.open_beneath(path, libc::O_PATH)
+    }
+
+    /// Opens the directory at `path` (absolute, as for [`Beneath::reopen`]) for reading its
+    /// entries, by the same walk.
+    pub fn open_dir(&self, path: &Path) -> io::Result<File> {
+        self.open_beneath(path, libc::O_RDONLY | libc::O_DIRECTORY)
+    }
+
+    fn open_beneath(&self, path: &Path, flags: i32) -> io::Result<File> {
         let inside = path.strip_prefix(&self.root_path).map_err(|_| io::Error::from_raw_os_error(libc::EXDEV))?;
         let relative = if inside.as_os_str().is_empty() { Path::new(".") } else { inside };
         let resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
-        open_how(self.root.as_raw_fd(), &c_path(relative.as_os_str().as_bytes())?, 0, resolve)
+        open_how(self.root.as_raw_fd(), &c_path(relative.as_os_str().as_bytes())?, flags, resolve)
     }
 }
 
@@ -60,11 +73,11 @@ fn c_path(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
-/// `openat2(dir, path, O_PATH | O_CLOEXEC | flags, resolve)`.
+/// `openat2(dir, path, O_CLOEXEC | flags, resolve)`.
 fn open_how(dir: i32, path: &CStr, flags: i32, resolve: u64) -> io::Result<File> {
     // SAFETY: open_how is plain integers; all-zero is a valid value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_CLOEXEC | flags) as u64;
+    how.flags = (libc::O_CLOEXEC | flags) as u64;
     how.resolve = resolve;
     // SAFETY: `path` is NUL-terminated, `how` is a valid open_how of the size we pass; the
     // returned fd, if any, is owned by the File we make of it.
@@ -92,6 +105,8 @@ mod tests {
 
         assert!(beneath.reopen(&root.join("sub/file")).is_ok());
         assert!(beneath.reopen(&root).is_ok(), "the root itself");
+        assert!(beneath.open_dir(&root.join("sub")).is_ok(), "a directory, for reading");
+        assert_eq!(beneath.open_dir(&root.join("in")).err().and_then(|e| e.raw_os_error()), Some(libc::ELOOP), "a directory through a symlink");
         let errno = |path: PathBuf| beneath.reopen(&path).err().and_then(|e| e.raw_os_error());
         assert_eq!(errno(root.join("out/passwd")), Some(libc::ELOOP), "a symlink out");
         assert_eq!(errno(root.join("in/file")), Some(libc::ELOOP), "even a symlink that stays inside");

@@ -7,7 +7,8 @@
 //! file system are fuse-backend-rs's: its `Server` reads each request straight from the
 //! guest's buffers and writes the reply into them. We add:
 //!
-//! - [`share`]: the rules on the host side (confinement, `readonly`, one owner, no devices).
+//! - [`share`]: the rules on the host side (confinement, `readonly`, one owner, no devices),
+//!   and directory listings that hold while the guest deletes what it lists ([`listing`]).
 //! - [`bridge`]: the crate speaks vm-memory and virtio-queue 0.17, lguest 0.18; the bridge
 //!   views the same memory and rings in the older versions.
 //! - [`FsWorker`]: the worker thread, with a seccomp role of its own
@@ -27,6 +28,7 @@ mod beneath;
 pub mod bridge;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod driver;
+mod listing;
 pub mod share;
 #[cfg(test)]
 mod tests;

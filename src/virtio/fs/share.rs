@@ -16,12 +16,16 @@
 //!   `/dev/sda` inside the share), and no set-user-ID or set-group-ID bits.
 //! - No O_NOATIME or O_DIRECT reaches the host (`host_flags`): hints the host may refuse,
 //!   and a refused one would fail the request and, on a read or write, lose the handle's fd.
+//! - Directories are read whole into their handle and served from there ([`super::listing`]):
+//!   the passthrough's seek to each offset the guest hands back loses entries on a host
+//!   directory that shrinks while it is read, if its offsets are positions (tmpfs before 6.6).
 //!
 //! It runs on the fs device's worker thread; it is built on the main thread, where the
 //! directory is opened and checked ([`Share::open`]).
 
 use std::ffi::CStr;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -33,6 +37,7 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::passthrough::{Config, PassthroughFs};
 
 use super::beneath::{link_fd, Beneath};
+use super::listing::{Listing, Listings};
 
 type Inode = u64;
 type Handle = u64;
@@ -41,8 +46,11 @@ type Handle = u64;
 pub struct Share {
     fs: PassthroughFs,
     readonly: bool,
-    /// The root again, for hard links the passthrough can't make ([`super::beneath`]).
+    /// The root again, for hard links the passthrough can't make and directories it can't
+    /// list for us ([`super::beneath`]).
     beneath: Beneath,
+    /// What each open directory handle lists ([`super::listing`]).
+    listings: Listings,
 }
 
 /// Mode bits the guest may not set on host files: privileges for whoever runs them.
@@ -69,7 +77,7 @@ impl Share {
         // Once now, on the main thread: a missing or unreadable directory is the user's error
         // to hear at start, not the guest's at mount time.
         fs.import()?;
-        Ok(Share { fs, readonly, beneath: Beneath::new(dir)? })
+        Ok(Share { fs, readonly, beneath: Beneath::new(dir)?, listings: Listings::default() })
     }
 
     /// Links `inode` as `newname` in `newparent` through /proc/self/fd, which needs no
@@ -78,6 +86,23 @@ impl Share {
         let source = self.beneath.reopen(&self.fs.readlinkat_proc_file(inode)?)?;
         let dir = self.beneath.reopen(&self.fs.readlinkat_proc_file(newparent)?)?;
         link_fd(&source, &dir, newname)
+    }
+
+    /// Lists the directory `inode` whole: reopened for reading by its path beneath the share
+    /// (the passthrough holds it as an `O_PATH` fd), and checked to be the same directory, in
+    /// case the guest renamed another into its place meanwhile. A removed directory lists
+    /// nothing.
+    fn list(&self, ctx: &Context, inode: Inode) -> io::Result<Listing> {
+        let (held, _) = self.fs.getattr(ctx, inode, None)?;
+        if held.st_nlink == 0 {
+            return Ok(Listing::default());
+        }
+        let dir = self.beneath.open_dir(&self.fs.readlinkat_proc_file(inode)?)?;
+        let opened = dir.metadata()?;
+        if (opened.dev(), opened.ino()) != (held.st_dev, held.st_ino) {
+            return Err(io::Error::from_raw_os_error(libc::ESTALE));
+        }
+        Listing::read(dir)
     }
 
     fn writable(&self) -> io::Result<()> {
@@ -118,6 +143,14 @@ fn host_flags(flags: u32) -> u32 {
     flags & !((libc::O_NOATIME | libc::O_DIRECT) as u32)
 }
 
+/// Whether listing failed only because the directory's host path is longer than a path can be
+/// (`PATH_MAX`), so it can't be reopened by path: the passthrough then lists it through its own
+/// handle, seeking to each offset (exact wherever offsets don't shift, e.g. ext4 and tmpfs
+/// since Linux 6.6).
+fn too_deep_to_reopen(error: &io::Error) -> bool {
+    error.raw_os_error() == Some(libc::ENAMETOOLONG)
+}
+
 /// Refuses `.` and `..`: the driver resolves them itself, so only a forged request sends them.
 fn plain_name(name: &CStr) -> io::Result<()> {
     match name.to_bytes() {
@@ -140,11 +173,13 @@ impl FileSystem for Share {
     type Handle = Handle;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        self.listings.clear();
         // No DAX window is offered: the page cache is the guest's own.
         self.fs.init(capable).map(|options| options - FsOptions::PERFILE_DAX)
     }
 
     fn destroy(&self) {
+        self.listings.clear();
         self.fs.destroy()
     }
 
@@ -301,8 +336,14 @@ impl FileSystem for Share {
         self.fs.write(ctx, inode, handle, r, size, offset, lock_owner, delayed_write, host_flags(flags), fuse_flags)
     }
 
-    fn flush(&self, ctx: &Context, inode: Inode, handle: Handle, lock_owner: u64) -> io::Result<()> {
-        self.fs.flush(ctx, inode, handle, lock_owner)
+    /// ENOSYS, which the guest's kernel takes as "never send FLUSH again": every close() in the
+    /// guest would otherwise wait for a round trip that does nothing here. The passthrough's
+    /// flush closes a dup of the handle's fd, which matters only for POSIX locks held on the
+    /// host (none: lock requests are not served) and for file systems that report write
+    /// errors at close (writes reach the host at once, and their errors with them). With a
+    /// writeback cache the guest's kernel still writes the file's dirty pages at each close.
+    fn flush(&self, _: &Context, _: Inode, _: Handle, _: u64) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::ENOSYS))
     }
 
     fn fsync(&self, ctx: &Context, inode: Inode, datasync: bool, handle: Handle) -> io::Result<()> {
@@ -341,7 +382,11 @@ impl FileSystem for Share {
     }
 
     fn opendir(&self, ctx: &Context, inode: Inode, flags: u32) -> io::Result<(Option<Handle>, OpenOptions)> {
-        self.fs.opendir(ctx, inode, host_flags(flags))
+        let (handle, options) = self.fs.opendir(ctx, inode, host_flags(flags))?;
+        if let Some(handle) = handle {
+            self.listings.open(handle);
+        }
+        Ok((handle, options))
     }
 
     fn readdir(
@@ -353,9 +398,23 @@ impl FileSystem for Share {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.fs.readdir(ctx, inode, handle, size, offset, add_entry)
+        let listing = match self.listings.at(handle, offset, || self.list(ctx, inode)) {
+            Err(e) if too_deep_to_reopen(&e) => return self.fs.readdir(ctx, inode, handle, size, offset, add_entry),
+            listing => listing?,
+        };
+        let mut added = false;
+        for (entry, _) in listing.after(offset) {
+            match add_entry(entry) {
+                Ok(0) => break,
+                Ok(_) => added = true,
+                Err(e) => return if added { Ok(()) } else { Err(e) },
+            }
+        }
+        Ok(())
     }
 
+    /// As `readdir`, with each entry looked up as it is served (the guest's kernel then holds
+    /// it, until it forgets it). An entry gone since the listing is skipped.
     fn readdirplus(
         &self,
         ctx: &Context,
@@ -365,7 +424,33 @@ impl FileSystem for Share {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.fs.readdirplus(ctx, inode, handle, size, offset, add_entry)
+        let listing = match self.listings.at(handle, offset, || self.list(ctx, inode)) {
+            Err(e) if too_deep_to_reopen(&e) => return self.fs.readdirplus(ctx, inode, handle, size, offset, add_entry),
+            listing => listing?,
+        };
+        let mut added = false;
+        for (mut entry, name) in listing.after(offset) {
+            let looked_up = match self.fs.lookup(ctx, inode, name) {
+                Ok(looked_up) => looked_up,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                Err(e) => return if added { Ok(()) } else { Err(e) },
+            };
+            let held = looked_up.inode;
+            entry.ino = looked_up.attr.st_ino;
+            match add_entry(entry, looked_up) {
+                Ok(0) => {
+                    // It did not fit: the guest's kernel never heard of this lookup.
+                    self.fs.forget(ctx, held, 1);
+                    break;
+                }
+                Ok(_) => added = true,
+                Err(e) => {
+                    self.fs.forget(ctx, held, 1);
+                    return if added { Ok(()) } else { Err(e) };
+                }
+            }
+        }
+        Ok(())
     }
 
     fn fsyncdir(&self, ctx: &Context, inode: Inode, datasync: bool, handle: Handle) -> io::Result<()> {
@@ -373,6 +458,7 @@ impl FileSystem for Share {
     }
 
     fn releasedir(&self, ctx: &Context, inode: Inode, flags: u32, handle: Handle) -> io::Result<()> {
+        self.listings.close(handle);
         self.fs.releasedir(ctx, inode, flags, handle)
     }
 
