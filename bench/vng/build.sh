@@ -49,7 +49,7 @@ WHEELS=(
 VIRTIOFSD_VERSION=1.14.0
 PY=/usr/bin/python3.11   # Debian's (a pyenv python3 on PATH would not run in the lab)
 
-out=${1:?usage: bench/vng/build.sh OUTDIR}/vng
+out=$(realpath -m "${1:?usage: bench/vng/build.sh OUTDIR}")/vng
 tree=$out/usr
 kernel=$LGUEST_CACHE/kernel
 if [[ -f $out/.done ]] && ! stale "$out/.done" "$here/build.sh" "$kernel/version"; then
