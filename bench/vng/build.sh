@@ -93,7 +93,7 @@ if [[ ! -x $virtiofsd ]]; then
     rm -rf "$LGUEST_CACHE/virtiofsd/target"
 fi
 
-note "staging virtme-ng $VNG_VERSION, python 3.11, virtiofsd, kmod and file in $tree"
+note "staging virtme-ng $VNG_VERSION, python 3.11, virtiofsd, kmod, file and udev in $tree"
 rm -rf "$out"
 mkdir -p "$tree"/{bin,sbin,lib/x86_64-linux-gnu,lib/python3/dist-packages}
 libs=$tree/lib/x86_64-linux-gnu
