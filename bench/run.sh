@@ -17,6 +17,8 @@
 #                      QEMU: migrate to a file, -incoming                             (lab)
 #   fs       row 11    a shared directory: untar, find, read, rm -rf of 5 000 files;
 #                      lguest's virtio-fs against QEMU's 9p (lab)
+#   exec     row 12    `lguest exec -- true` against virtme-ng's `vng --run KERNEL -- true`
+#                      (QEMU + virtiofsd; bench/vng/build.sh brings them into the lab) (lab)
 # Lab rows run one lab session each (lab/run.sh), one after the other. Installs what it
 # needs with apt (python3, fio, iperf3, QEMU, passt, ...). On 2 cores rows 1-7 take 11-20 min
 # (more when the lab machine dies and a session is run again), rows 8-9 ~15 min more.
@@ -32,7 +34,7 @@ usage() {
     cat <<'EOF'
 usage: bench/run.sh [--rows LIST] [--runs N] [--quick] [--out DIR] [--bin-dir DIR]
   --rows LIST   comma-separated, from: boot memory disk net exits exits-host density vsock
-                usernet snapshot fs (default: all; exits-host is row 6 on this host only, no lab)
+                usernet snapshot fs exec (default: all; exits-host is row 6 on this host only, no lab)
   --runs N      runs per VMM and configuration (default 3; disk, net, vsock, usernet: 2 boots of 2 rounds; fs: 2 boots;
                 memory and density: 1)
   --quick       one run each, 2 s per disk/network/vsock test, fewer exits: checks the harness
@@ -45,7 +47,7 @@ EOF
     exit 2
 }
 
-rows=boot,memory,disk,net,exits,density,vsock,usernet,snapshot,fs runs='' quick=0 out=$here/results bin_dir=''
+rows=boot,memory,disk,net,exits,density,vsock,usernet,snapshot,fs,exec runs='' quick=0 out=$here/results bin_dir=''
 while (($#)); do
     case $1 in
         --rows) rows=${2:?--rows needs a LIST}; shift ;;
@@ -59,13 +61,13 @@ while (($#)); do
     shift
 done
 for row in ${rows//,/ }; do
-    case $row in boot | memory | disk | net | exits | exits-host | density | vsock | usernet | snapshot | fs) ;;
-        *) die "unknown row '$row' (want boot, memory, disk, net, exits, exits-host, density, vsock, usernet, snapshot, fs)" ;; esac
+    case $row in boot | memory | disk | net | exits | exits-host | density | vsock | usernet | snapshot | fs | exec) ;;
+        *) die "unknown row '$row' (want boot, memory, disk, net, exits, exits-host, density, vsock, usernet, snapshot, fs, exec)" ;; esac
 done
 [[ -z $runs || $runs =~ ^[1-9][0-9]*$ ]] || die "--runs wants a positive number, not '$runs'"
 want() { [[ ,$rows, == *,$1,* ]]; }
 lab_rows=0
-for row in boot memory disk net exits density vsock usernet snapshot fs; do want $row && lab_rows=1; done
+for row in boot memory disk net exits density vsock usernet snapshot fs exec; do want $row && lab_rows=1; done
 
 # The numbers of a run. --quick: enough to see every row work, not to compare.
 if ((quick)); then
@@ -224,6 +226,13 @@ if want fs; then
     read -r fs_entries fs_md5 < <("$here/fs/build.sh" "$here/out")
     lab_session fs fs.sh "RUNS=$io_runs ENTRIES=$fs_entries MD5=$fs_md5" $((io_runs * 2 * 900 + 120)) \
         --file "$here/out/initrd-fs.img:/bench/initrd-fs.img" --file "$here/out/bzImage-generic:/bench/bzImage-generic"
+fi
+if want exec; then
+    # virtme-ng, python, virtiofsd, kmod and file at the lab's /usr; the kernel and modules at /k.
+    # A vng run took 54-83 s in a loaded lab, lguest's 11-14 s.
+    vng_dir=$("$here/vng/build.sh" "$here/out")
+    lab_session exec exec.sh "RUNS=$runs" $((runs * 2 * 150 + 120)) \
+        --file "$vng_dir/usr:/usr" --file "$vng_dir/k:/k"
 fi
 if want snapshot; then
     # Per run and VMM: two boots (256 MiB, 2 GiB), each saved and restored.

@@ -75,8 +75,18 @@ CATALOG = [
     (11, "fs", "read", "Shared directory: read every file (24 MB)", "ms", "lower", ["qemu"]),
     (11, "fs", "rm", "Shared directory: rm -rf the tree", "ms", "lower", ["qemu"]),
     (11, "fs", "total", "Shared directory: the four phases in all", "ms", "lower", ["qemu"]),
+    (12, "exec", "true", "Run one command in a throwaway VM: `exec -- true`, process start → exit (peer: virtme-ng on QEMU)", "ms", "lower", ["vng"]),
+    (12, "exec", "vmm-share", "`lguest exec -- true`: the VMM's share (up to the first KVM_RUN, and CMD's end → VM stopped)", "ms", "lower", []),
+    (12, "exec", "initramfs", "`lguest exec -- true`: start → initramfs built", "ms", "lower", []),
+    (12, "exec", "vm-built", "`lguest exec -- true`: start → VM built (kernel loaded)", "ms", "lower", []),
+    (12, "exec", "first-kvm-run", "`lguest exec -- true`: start → first KVM_RUN", "ms", "lower", []),
+    (12, "exec", "init-connected", "`lguest exec -- true`: start → guest init connected (modules loaded, root mounted)", "ms", "lower", []),
+    (12, "exec", "cmd-started", "`lguest exec -- true`: start → CMD started", "ms", "lower", []),
+    (12, "exec", "cmd-exited", "`lguest exec -- true`: start → CMD exited", "ms", "lower", []),
+    (12, "exec", "vm-stopped", "`lguest exec -- true`: start → VM stopped", "ms", "lower", []),
 ]
-PEER_NAMES = {"qemu": "QEMU", "qemu-vhost": "QEMU vhost=on", "qemu-uring": "QEMU aio=io_uring", "bare": "bare KVM_RUN loop"}
+PEER_NAMES = {"qemu": "QEMU", "qemu-vhost": "QEMU vhost=on", "qemu-uring": "QEMU aio=io_uring", "bare": "bare KVM_RUN loop",
+              "vng": "virtme-ng"}
 
 
 def parse(lines):
@@ -154,7 +164,7 @@ CATALOG[_row_5:_row_5] = disk_catalog()
 GROUPS = {"boot": ["boot-1cpu", "boot-2cpu", "startup"], "memory": ["memory-256m", "memory-2g", "memory-256m-4dev"],
           "disk": ["disk", "disk-2cpu"], "net": ["net", "net-vhost"], "exits": ["exits-host", "exits-lab"], "exits-host": ["exits-host"],
           "density": ["density"], "vsock": ["vsock"], "usernet": ["usernet"],
-          "snapshot": ["snapshot-256m", "snapshot-2g"], "fs": ["fs"]}
+          "snapshot": ["snapshot-256m", "snapshot-2g"], "fs": ["fs"], "exec": ["exec"]}
 
 
 def build(samples, units, params):
