@@ -12,7 +12,7 @@
 //! kernel booted with them here would find no device and one CPU, since lguest's devices are
 //! virtio-pci described by ACPI); a drive's `io_engine` picks its engine (`Async` is io_uring,
 //! `Sync` plain system calls, as in Firecracker); fields that change nothing here (`smt`,
-//! `track_dirty_pages`, `cache_type`) are accepted and kept for `GET /vm/config`; what lguest
+//! `cache_type`) are accepted and kept for `GET /vm/config`; what lguest
 //! can't do yet (2 MiB huge pages, CPU templates, vhost-user disks) is refused with a 400 that
 //! names it. Rate limiters on drives, network interfaces and the entropy device become
 //! lguest's own ([`super::limits`]).
@@ -265,6 +265,7 @@ impl Plan {
         vm.initrd = boot.initrd_path.as_ref().map(PathBuf::from);
         vm.memory_mib = self.machine.mem_size_mib;
         vm.cpus = self.machine.vcpu_count;
+        vm.track_dirty_pages = self.machine.track_dirty_pages;
         let root = self.drives.iter().find(|d| d.is_root_device);
         vm.cmdline = guest_cmdline(boot.boot_args.as_deref(), root);
         let (roots, others): (Vec<&Drive>, Vec<&Drive>) = self.drives.iter().partition(|d| d.is_root_device);
@@ -324,7 +325,12 @@ pub fn plan_of(vm: &VmConfig) -> Plan {
         .collect();
     Plan {
         boot_source: Some(boot_source),
-        machine: MachineConfig { vcpu_count: vm.cpus, mem_size_mib: vm.memory_mib, ..MachineConfig::default() },
+        machine: MachineConfig {
+            vcpu_count: vm.cpus,
+            mem_size_mib: vm.memory_mib,
+            track_dirty_pages: vm.track_dirty_pages,
+            ..MachineConfig::default()
+        },
         drives,
         nets,
         entropy: vm.rng.then(EntropyDevice::default),

@@ -15,7 +15,8 @@ use virtio_bindings::bindings::virtio_blk::{
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::Disk;
@@ -124,7 +125,7 @@ struct Driver {
 
 impl Driver {
     fn new() -> (Driver, Queue) {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("guest memory");
+        let mem = crate::memory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)], crate::memory::Tracking::Off).expect("guest memory");
         let (queue, desc_table, avail, used) = {
             let mock = MockSplitQueue::new(&mem, QUEUE_SIZE);
             let queue: Queue = mock.create_queue().expect("queue");

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::memory::GuestMemoryMmap;
 use vm_memory_fs::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -74,7 +75,7 @@ pub struct FuseDriver {
 impl FuseDriver {
     /// Activates a device serving `server`.
     pub fn new(server: FsServer) -> FuseDriver {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY)]).expect("test memory");
+        let mem = crate::memory::from_ranges(&[(GuestAddress(0), MEMORY)], crate::memory::Tracking::Off).expect("test memory");
         let queues = vec![Some(active_queue(HIPRIO_RINGS, HIPRIO_RINGS + 0x400, HIPRIO_RINGS + 0x800)), Some(active_queue(DESC_TABLE, AVAIL, USED))];
         let features = feature::VERSION_1;
         let activation = Activation { mem: mem.clone(), queues, features, signals: Signals::standalone(2) };

@@ -361,7 +361,7 @@ fn activation_needs_a_modern_driver_and_both_queues() {
     use crate::virtio::{ActivateError, Activation, Device, Signals};
     let dir = tempfile::tempdir().expect("tempdir");
     let device = super::Fs::with_server("t", server_for(Share::open(dir.path(), false).expect("share")));
-    let mem = vm_memory::GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).expect("memory");
+    let mem = crate::memory::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)], crate::memory::Tracking::Off).expect("memory");
     let legacy = Activation { mem: mem.clone(), queues: vec![None, None], features: 0, signals: Signals::standalone(2) };
     assert!(matches!(device.handler(legacy), Err(ActivateError::LegacyDriver)));
     let modern = Activation { mem, queues: vec![None, None], features: crate::virtio::feature::VERSION_1, signals: Signals::standalone(2) };

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -27,7 +28,7 @@ const WRITE: u16 = VRING_DESC_F_WRITE as u16;
 const LINUX: u64 = OFFERED_FEATURES | feature::VERSION_1 | feature::RING_EVENT_IDX;
 
 fn memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory")
+    crate::memory::from_ranges(&[(GuestAddress(0), MEM_SIZE)], crate::memory::Tracking::Off).expect("guest memory")
 }
 
 /// The driver's side of one queue: it posts chains and reads the used ring, in raw memory,
