@@ -134,11 +134,11 @@ mod tests {
     #[test]
     fn only_buffers_the_host_writes_are_marked_dirty() {
         use crate::memory::Tracking;
-        use crate::snapshot::dirty::marked_pages;
+        use crate::snapshot::dirty::take_marked_pages;
         let mem = crate::memory::from_ranges(&[(GuestAddress(0), 0x10000)], Tracking::DirtyPages).expect("memory");
         let mut iovecs = IoVecs::default();
         iovecs.push_guest(&mem, GuestAddress(0x1000), 0x10, HostAccess::Reads).expect("inside");
         iovecs.push_guest(&mem, GuestAddress(0x3ff0), 0x20, HostAccess::Writes).expect("inside");
-        assert_eq!(marked_pages(&mem), vec![3, 4], "the written range's two pages only");
+        assert_eq!(take_marked_pages(&mem), vec![3, 4], "the written range's two pages only");
     }
 }
