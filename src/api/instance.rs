@@ -418,6 +418,37 @@ mod tests {
         assert!(matches!(call(&mut vm, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#), Err(ApiError::Stopping)));
     }
 
+    /// `track_dirty_pages` (and Firecracker's older `enable_diff_snapshots`) reaches the VM to
+    /// build, from PUT /machine-config for a boot and from PUT /snapshot/load for a restore.
+    #[test]
+    fn dirty_page_tracking_reaches_the_vm_from_machine_config_and_snapshot_load() {
+        let tracking_of = |calls: &[(&str, &str, &str)]| {
+            let (mut vm, requests) = waiting();
+            let main = std::thread::spawn(move || {
+                let request = requests.recv().expect("a start request");
+                let _ = request.reply.send(Err(crate::error::Error::NoKvm));
+                match request.start {
+                    Start::Boot(config) => config.track_dirty_pages,
+                    Start::Snapshot(load) => load.track_dirty_pages,
+                }
+            });
+            for (method, path, body) in calls {
+                let _ = call(&mut vm, method, path, body);
+            }
+            main.join().expect("main")
+        };
+        let boot = |machine: &'static str| {
+            [("PUT", "/boot-source", r#"{"kernel_image_path": "Cargo.toml"}"#), ("PUT", "/machine-config", machine), ("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)]
+        };
+        assert!(tracking_of(&boot(r#"{"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": true}"#)));
+        assert!(!tracking_of(&boot(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#)));
+        let load = |extra: &str| format!(r#"{{"snapshot_path": "s", "mem_file_path": "m"{extra}}}"#);
+        for (extra, tracking) in [("", false), (r#", "track_dirty_pages": true"#, true), (r#", "enable_diff_snapshots": true"#, true)] {
+            let body = load(extra);
+            assert_eq!(tracking_of(&[("PUT", "/snapshot/load", &body)]), tracking, "{body}");
+        }
+    }
+
     #[test]
     fn a_vm_started_without_the_api_refuses_pre_boot_calls() {
         let mut vm = Instance::for_run(&VmConfig::for_kernel("Cargo.toml".into()));
