@@ -668,7 +668,7 @@ mod tests {
     fn a_config_file_is_read_section_by_section() {
         let json = format!(
             r#"{{"boot-source": {{"kernel_image_path": "{KERNEL}", "boot_args": "console=ttyS0 acpi=off"}},
-                "machine-config": {{"vcpu_count": 2, "mem_size_mib": 64, "ht_enabled": false}},
+                "machine-config": {{"vcpu_count": 2, "mem_size_mib": 64, "ht_enabled": false, "track_dirty_pages": true}},
                 "drives": [{{"drive_id": "rootfs", "path_on_host": "{IMAGE}", "is_root_device": true, "is_read_only": true}}],
                 "network-interfaces": [], "entropy": {{}}, "logger": {{"level": "Info"}}}}"#
         );
@@ -676,6 +676,8 @@ mod tests {
         assert_eq!(vm.cmdline, "console=ttyS0 root=/dev/vda ro");
         assert_eq!(vm.memory_mib, 64);
         assert!(vm.rng);
+        assert!(vm.track_dirty_pages, "Diff snapshots can be taken of it");
+        assert!(plan_of(&vm).machine().track_dirty_pages, "GET /machine-config says so");
         let unknown = Plan::from_json(br#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "turbo": true}}"#).expect_err("unknown");
         assert!(unknown.to_string().contains("turbo"), "{unknown}");
         let bad = Plan::from_json(br#"{"machine-config": {"vcpu_count": 64, "mem_size_mib": 64}}"#).expect_err("bad");
