@@ -111,6 +111,9 @@ call snap-load /tmp/b.sock PUT /snapshot/load '{"snapshot_path": "/tmp/vm.snap",
 drive=$(api /tmp/b.sock GET /vm/config | head -n1 | sed -n 's/.*"drive_id":"\([^"]*\)".*/\1/p')
 call snap-clone-drive /tmp/b.sock PATCH "/drives/$drive" "{\"drive_id\": \"$drive\", \"path_on_host\": \"/tmp/clone.img\"}"
 call snap-clone-resume /tmp/b.sock PATCH /vm '{"state": "Resumed"}'
+# The drive lets go of disk.img (its lock) when it serves its first request on clone.img: the
+# second clone opens disk.img only after the first has written a count there (its second line).
+until_true 60 counted b.out 1
 timeout 300 lguest restore --snapshot /tmp/vm.snap --memory-file /tmp/vm.mem --net net0=tap2 </dev/null >c.out 2>&1 &
 c=$!
 # both_counted N: each clone has more than N counts.
