@@ -144,4 +144,26 @@ mod tests {
         mem.read_slice(&mut want, GuestAddress(0)).expect("read guest");
         assert!(saved == want, "the file differs from the guest's memory");
     }
+
+    #[test]
+    fn a_diff_holds_the_dirty_pages_at_their_offsets_zeros_included_and_holes_elsewhere() {
+        // Two ranges, as a guest above 3 GiB has: the file puts them one after the other.
+        let mem = crate::memory::from_ranges(&[(GuestAddress(0), 1 << 20), (GuestAddress(1 << 30), 1 << 20)], Tracking::Off).expect("memory");
+        mem.write_slice(&[9u8; PAGE], GuestAddress(0x3000)).expect("write");
+        mem.write_slice(&[8u8; PAGE], GuestAddress((1 << 30) + 0x5000)).expect("write");
+        mem.write_slice(&[7u8; PAGE], GuestAddress(0x8000)).expect("write"); // not dirty: left out
+        // Page 3 of the first range, pages 5 and 6 of the second (6 is zeros: a change too).
+        let dirty = DirtyPages(vec![vec![1 << 3, 0, 0, 0], vec![(1 << 5) | (1 << 6), 0, 0, 0]]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("diff");
+        save_diff(&mem, &dirty, &path).expect("save");
+
+        let saved = std::fs::read(&path).expect("read");
+        assert_eq!(saved.len(), 2 << 20);
+        let page = |n: usize| &saved[n * PAGE..(n + 1) * PAGE];
+        assert_eq!((page(3)[0], page(256 + 5)[0], page(8)[0]), (9, 8, 0));
+        let allocated = std::fs::metadata(&path).expect("metadata").blocks() * 512;
+        assert!(allocated >= 3 * PAGE as u64, "the zero page was written as data: {allocated} bytes allocated");
+        assert!(allocated <= 8 * PAGE as u64, "{allocated} bytes allocated for 3 pages");
+    }
 }
