@@ -48,6 +48,9 @@ pub enum Command {
     /// as `run` does.
     #[command(after_help = ESCAPE_HELP)]
     Restore(crate::snapshot::restore::RestoreArgs),
+    /// Merge a Diff snapshot's memory file onto the memory file it followed (its base), as
+    /// Firecracker's `rebase-snap` does: the base then restores the Diff's guest.
+    RebaseSnap(crate::snapshot::rebase::RebaseArgs),
     /// Print the shell completion script for SHELL (scripts/install.sh installs them).
     Completions {
         #[arg(value_enum)]
@@ -84,6 +87,10 @@ pub struct RunArgs {
     /// pause and resume, PUT /actions SendCtrlAltDel, GET /vm/config, ...).
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+    /// Note which pages of guest memory change, so that `PUT /snapshot/create` can take Diff
+    /// snapshots (machine-config's track_dirty_pages in the API and the config file).
+    #[arg(long)]
+    pub track_dirty_pages: bool,
     /// The kernel command line.
     #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
@@ -271,6 +278,8 @@ pub struct VmConfig {
     pub rng_rate_limit: RateLimit,
     pub vsock: Option<VsockConfig>,
     pub shares: Vec<ShareConfig>,
+    /// Note the guest pages that change, for Diff snapshots (`track_dirty_pages`).
+    pub track_dirty_pages: bool,
     pub seccomp: crate::seccomp::Mode,
     pub on_reboot: OnReboot,
     pub shutdown_timeout: Duration,
@@ -289,9 +298,10 @@ impl VmConfig {
         let shares = parse_shares(&args.shares)?;
         let shutdown_timeout = validate_shutdown_timeout(args.shutdown_timeout)?;
         let rng_rate_limit = args.rng.as_deref().map(parse_rng_limits).transpose()?.unwrap_or_default();
-        let RunArgs { boot_timeline, rng, console, seccomp, reboot: on_reboot, .. } = args;
-        let VmConfig { kernel, initrd, mut cmdline, memory_mib, cpus, disks: file_disks, nets: file_nets, rng: file_rng, vsock: file_vsock, .. } =
+        let RunArgs { boot_timeline, rng, console, seccomp, reboot: on_reboot, track_dirty_pages, .. } = args;
+        let VmConfig { kernel, initrd, mut cmdline, memory_mib, cpus, disks: file_disks, nets: file_nets, rng: file_rng, vsock: file_vsock, track_dirty_pages: file_tracking, .. } =
             machine;
+        let track_dirty_pages = track_dirty_pages || file_tracking;
         if console == ConsoleKind::Virtio && cmdline == DEFAULT_CMDLINE {
             cmdline = DEFAULT_CMDLINE.replace("console=ttyS0", "console=hvc0");
         }
@@ -314,6 +324,7 @@ impl VmConfig {
             rng_rate_limit,
             vsock,
             shares,
+            track_dirty_pages,
             on_reboot,
             shutdown_timeout,
             seccomp,
@@ -360,6 +371,7 @@ impl VmConfig {
             rng_rate_limit: RateLimit::default(),
             vsock: None,
             shares: Vec::new(),
+            track_dirty_pages: false,
             on_reboot: OnReboot::Exit,
             shutdown_timeout: Duration::from_secs(10),
             seccomp: crate::seccomp::Mode::Enforce,

@@ -9,7 +9,8 @@ use std::fmt;
 use std::path::Path;
 
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::memory::GuestMemoryMmap;
 
 /// What kind of trap ended the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,7 +164,7 @@ mod tests {
 
     #[test]
     fn code_is_read_up_to_the_end_of_memory() {
-        let mem = crate::memory::create_guest_memory(32 << 20).expect("memory");
+        let mem = crate::memory::create_guest_memory(32 << 20, crate::memory::Tracking::Off).expect("memory");
         assert_eq!(read_code(&mem, 0x1000).map(|c| c.len()), Some(16));
         assert_eq!(read_code(&mem, (32 << 20) - 3).map(|c| c.len()), Some(3));
         assert_eq!(read_code(&mem, 1 << 40), None);

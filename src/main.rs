@@ -61,6 +61,7 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Command::RebaseSnap(args) => return rebase_snap(&args),
         Command::Completions { .. } | Command::Man { .. } => return ExitCode::SUCCESS, // answered above
     };
     timeline.mark(Milestone::Stopped);
@@ -71,6 +72,17 @@ fn main() -> ExitCode {
             timeline_report.give(&timeline);
             ExitCode::from(reason.exit_code())
         }
+        Err(error) => {
+            eprintln!("lguest: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+/// `lguest rebase-snap`: the diff merged onto the base, or one line saying why not.
+fn rebase_snap(args: &lguest::snapshot::rebase::RebaseArgs) -> ExitCode {
+    match args.run() {
+        Ok(_) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("lguest: {error}");
             ExitCode::from(error.exit_code())

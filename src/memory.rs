@@ -8,13 +8,69 @@
 //! Every guest address that comes from outside (the kernel image, and later the guest's own
 //! descriptors) is checked by `vm-memory`'s bounds-checked accessors; nothing here hands out
 //! raw pointers.
+//!
+//! Dirty pages: with tracking on (`track_dirty_pages`, for Diff snapshots) each RAM range
+//! carries a bitmap with a bit per page, which vm-memory sets on every write made through
+//! it (devices, loaders, queues). The vCPUs' writes are KVM's to log (see
+//! [`crate::snapshot::dirty`]). Off, the bitmap is `None`: a branch per write, nothing more.
 
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Weak};
 
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::GuestAddress;
 
 use crate::error::{Error, Result};
+
+/// What notes a range's dirty pages: a bitmap when tracking is on, nothing when it is off.
+pub type DirtyBitmap = Option<AtomicBitmap>;
+/// The guest's RAM as every part of lguest sees it (vm-memory's, with [`DirtyBitmap`]s).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<DirtyBitmap>;
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<DirtyBitmap>;
+type MmapRegion = vm_memory::MmapRegion<DirtyBitmap>;
+
+/// Whether writes to guest memory are noted page by page, for a Diff snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tracking {
+    Off,
+    DirtyPages,
+}
+
+/// The unit of dirty tracking, and of a snapshot's memory file: the host's (and guest's) page.
+pub const PAGE_SIZE: usize = 4096;
+
+impl Tracking {
+    fn bitmap(self, len: usize) -> DirtyBitmap {
+        let page = NonZeroUsize::new(PAGE_SIZE)?;
+        (self == Tracking::DirtyPages).then(|| AtomicBitmap::new(len, page))
+    }
+}
+
+/// Notes that the `len` bytes at `addr` were written behind vm-memory's back (by the kernel,
+/// or through another view of the same mappings). Bytes outside guest memory are skipped: no
+/// write could have reached them.
+pub fn mark_dirty(mem: &GuestMemoryMmap, addr: GuestAddress, len: usize) {
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::GuestMemoryBackend;
+    for slice in mem.get_slices(addr, len).flatten() {
+        slice.bitmap().mark_dirty(0, slice.len());
+    }
+}
+
+/// Guest memory over fresh anonymous mappings at `ranges`, for tests, fuzzers and tools that
+/// need no [`GuestRam`]: vm-memory's own `from_ranges`, with dirty tracking as asked.
+pub fn from_ranges(ranges: &[(GuestAddress, usize)], tracking: Tracking) -> Result<GuestMemoryMmap> {
+    let regions = ranges
+        .iter()
+        .map(|&(start, len)| {
+            let builder = MmapRegionBuilder::new_with_bitmap(len, tracking.bitmap(len)).with_mmap_prot(PROT);
+            let region = builder.build().map_err(|e| Error::Memory(e.to_string()))?;
+            GuestRegionMmap::new(region, start).ok_or_else(too_large)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Memory(e.to_string()))
+}
 
 /// Where the fixed boot structures go, all in the first 640 KiB of RAM.
 pub mod layout {
@@ -126,18 +182,18 @@ impl std::ops::Deref for GuestRam {
 
 /// Maps the guest's RAM into our address space. Pages are not touched here: the kernel only
 /// hands us memory as the guest first writes it, which keeps an idle VM's footprint small.
-pub fn create_guest_memory(memory_bytes: u64) -> Result<GuestRam> {
-    map_ram(memory_bytes, |_, _| Ok(()))
+pub fn create_guest_memory(memory_bytes: u64, tracking: Tracking) -> Result<GuestRam> {
+    map_ram(memory_bytes, tracking, |_, _| Ok(()))
 }
 
 /// Maps a snapshot's memory file as the guest's RAM (its ranges one after the other, as
 /// [`ram_ranges`] lays them out), privately: pages are read from the file when the guest first
 /// touches them, and its writes stay in our copy. So a restore costs the same for any size of
 /// guest, and many guests can be restored from one file at once.
-pub fn map_guest_memory_file(file: &std::fs::File, memory_bytes: u64) -> Result<GuestRam> {
+pub fn map_guest_memory_file(file: &std::fs::File, memory_bytes: u64, tracking: Tracking) -> Result<GuestRam> {
     use std::os::fd::AsRawFd;
     let mut offset = 0i64;
-    map_ram(memory_bytes, |mapping, len| {
+    map_ram(memory_bytes, tracking, |mapping, len| {
         // SAFETY: MAP_FIXED over the anonymous mapping `map_ram` just made and owns, at its
         // start and of its length: nothing else is there. The file's length was checked by the
         // caller.
@@ -155,14 +211,14 @@ pub fn map_guest_memory_file(file: &std::fs::File, memory_bytes: u64) -> Result<
 
 /// Maps each RAM range on a 2 MiB boundary, lets `fill` put something there (a file) first,
 /// and makes the `vm-memory` view over them.
-fn map_ram(memory_bytes: u64, mut fill: impl FnMut(&AlignedMapping, usize) -> Result<()>) -> Result<GuestRam> {
+fn map_ram(memory_bytes: u64, tracking: Tracking, mut fill: impl FnMut(&AlignedMapping, usize) -> Result<()>) -> Result<GuestRam> {
     let mut mappings = Vec::new();
     let mut regions = Vec::new();
     for (start, len) in ram_ranges(memory_bytes) {
         let len = usize::try_from(len).map_err(|_| too_large())?;
         let mut mapping = map_aligned(len)?;
         fill(&mapping, len)?;
-        let region = Arc::new(mapping.region()?);
+        let region = Arc::new(mapping.region(tracking)?);
         mapping.region = Arc::downgrade(&region);
         mappings.push(mapping);
         regions.push(GuestRegionMmap::with_arc(region, start).ok_or_else(too_large)?);
@@ -195,10 +251,11 @@ struct AlignedMapping {
 
 impl AlignedMapping {
     /// The `vm-memory` region over this range.
-    fn region(&self) -> Result<MmapRegion> {
+    fn region(&self, tracking: Tracking) -> Result<MmapRegion> {
+        let builder = MmapRegionBuilder::new_with_bitmap(self.len, tracking.bitmap(self.len));
         // SAFETY: [addr, addr+len) is a live read-write mapping that `self` unmaps only once no
         // `MmapRegion` over it is left (see `Drop`), so it stays valid for every user of the region.
-        let builder = unsafe { MmapRegionBuilder::new(self.len).with_raw_mmap_pointer(self.addr as *mut u8) };
+        let builder = unsafe { builder.with_raw_mmap_pointer(self.addr as *mut u8) };
         builder.with_mmap_prot(PROT).with_mmap_flags(FLAGS).build().map_err(|e| Error::Memory(e.to_string()))
     }
 }
@@ -289,7 +346,7 @@ mod tests {
     #[test]
     fn guest_ram_is_mapped_on_huge_page_boundaries() {
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-        let mem = create_guest_memory(64 << 20).expect("memory");
+        let mem = create_guest_memory(64 << 20, Tracking::Off).expect("memory");
         for region in mem.iter() {
             let host = mem.get_host_address(region.start_addr()).expect("host address") as usize;
             assert_eq!(host % HUGE_PAGE, 0);
@@ -300,7 +357,7 @@ mod tests {
     #[test]
     fn memory_still_in_use_stays_mapped_after_its_owner_is_dropped() {
         use vm_memory::{Bytes, GuestAddress};
-        let ram = create_guest_memory(64 << 20).expect("memory");
+        let ram = create_guest_memory(64 << 20, Tracking::Off).expect("memory");
         let clone = ram.clone();
         drop(ram);
         // The clone's region would dangle had the owner unmapped it.

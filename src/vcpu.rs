@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::{kvm_run, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::GuestMemoryMmap;
+use crate::memory::GuestMemoryMmap;
 
 use crate::bus::Bus;
 use crate::control::PauseGate;

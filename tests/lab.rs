@@ -439,7 +439,7 @@ fn virtio_fs_shares_a_directory_posix_enough_owned_by_the_caller_readonly_and_es
 }
 
 #[test]
-fn a_paused_guest_saved_and_killed_counts_writes_and_answers_pings_in_a_restore_and_two_clones_at_once() {
+fn a_paused_guest_saved_and_killed_counts_writes_and_answers_pings_in_a_restore_and_two_clones_at_once_and_a_diff_restores() {
     let curl = host_curl();
     run_scenario_with("snapshot", &[&curl], |output| {
         expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
@@ -465,6 +465,13 @@ fn a_paused_guest_saved_and_killed_counts_writes_and_answers_pings_in_a_restore_
                 "snap-clone-cli-ping",
                 "snap-clones-together",
                 "snap-clone-disk",
+                "snap-diff-resume",
+                "snap-diff-pause",
+                "snap-diff-create",
+                "snap-diff-small",
+                "snap-diff-rebase",
+                "snap-diff-continues",
+                "snap-diff-files",
             ],
         )
     });

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use lguest::arch::x86_64::boot::{load_guest, Entry};
 use lguest::config::{VmConfig, DEFAULT_CMDLINE};
 use proptest::prelude::*;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 const MEMORY_MIB: u64 = 64;
 
@@ -34,7 +34,7 @@ fn config(kernel: PathBuf, initrd: Option<PathBuf>, cmdline: String) -> VmConfig
 }
 
 fn load(image: &[u8], initrd: bool, cmdline: &str) -> lguest::error::Result<Entry> {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (MEMORY_MIB << 20) as usize)]).expect("guest memory");
+    let mem = lguest::memory::from_ranges(&[(GuestAddress(0), (MEMORY_MIB << 20) as usize)], lguest::memory::Tracking::Off).expect("guest memory");
     let kernel = file(image);
     let initrd = initrd.then(|| file(&[0x42; 4096]));
     let config = config(kernel.path().to_path_buf(), initrd.as_ref().map(|f| f.path().to_path_buf()), cmdline.to_string());

@@ -19,7 +19,8 @@ use lguest::virtio::transport::{VirtioPci, BAR_SIZE};
 use lguest::virtio::{device_type, feature, ActivateError, Activation, VirtioDevice};
 use proptest::prelude::*;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
+use lguest::memory::GuestMemoryMmap;
 
 const BAR: u32 = 0xc000_0000;
 const STATUS: u64 = 0x14;
@@ -61,7 +62,7 @@ impl VirtioDevice for Probe {
 }
 
 fn memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("guest memory")
+    lguest::memory::from_ranges(&[(GuestAddress(0), 0x10_0000)], lguest::memory::Tracking::Off).expect("guest memory")
 }
 
 fn transport(sizes: Vec<u16>) -> (VirtioPci, Arc<AtomicUsize>) {

@@ -33,7 +33,8 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use lguest::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM_END: u64 = 0x10_0000;
@@ -145,7 +146,7 @@ impl GuestQueue {
 }
 
 fn memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_END as usize)]).expect("guest memory")
+    lguest::memory::from_ranges(&[(GuestAddress(0), MEM_END as usize)], lguest::memory::Tracking::Off).expect("guest memory")
 }
 
 /// The used ring's (id, len) entries at `base`.

@@ -13,6 +13,9 @@
 #            be lost); lguest: `lguest restore`, QEMU: the same command line with -incoming
 #   sizes    the snapshot's files: bytes on disk (du, holes left out), and for lguest the
 #            state file alone and the memory file's length
+#   diff     lguest only (booted with --track-dirty-pages): after the Full snapshot, resumed
+#            for 2 s of the idle shell, then PATCH /vm Paused + a Diff snapshot, timed as
+#            save; its memory file's bytes on disk. (QEMU has no counterpart to a file.)
 # The files live in the lab's RAM (its initramfs root), as a snapshot on a page-cached disk.
 . /bench/lib.sh
 ASK='echo LGUEST-ANSWER-$((6 * 7))'
@@ -50,6 +53,23 @@ save_lguest() {
     emit "$1" lguest files-on-disk "$(kib_to_mib "$(disk_kib /tmp/l.snap /tmp/l.mem)")" MiB
     emit "$1" lguest state-file "$(awk -v b="$(wc -c </tmp/l.snap)" 'BEGIN { printf "%.1f", b / 1024 }')" KiB
     emit "$1" lguest memory-file-length "$(($(wc -c </tmp/l.mem) / 1048576))" MiB
+    save_lguest_diff "$1"
+}
+
+# save_lguest_diff ROW: resumes the saved guest for 2 s, then pauses it and takes a Diff
+# snapshot into /tmp/l-diff.snap and /tmp/l-diff.mem.
+save_lguest_diff() {
+    $api -X PATCH -d '{"state": "Resumed"}' http://localhost/vm >/tmp/save.out 2>&1 ||
+        { note "$1" "lguest: no resume after the snapshot: $(printable </tmp/save.out)"; return 1; }
+    sleep 2
+    timeout 300 stopwatch --label lguest -- sh -c "$api -X PATCH -d '{\"state\": \"Paused\"}' http://localhost/vm &&
+        $api -X PUT -d '{\"snapshot_path\": \"/tmp/l-diff.snap\", \"mem_file_path\": \"/tmp/l-diff.mem\", \"snapshot_type\": \"Diff\"}' http://localhost/snapshot/create" \
+        >/tmp/save.out 2>/tmp/save.err
+    ms=$(stopwatch_ms /tmp/save.err exit)
+    [ -n "$ms" ] || { note "$1" "lguest: the Diff snapshot failed: $(cat /tmp/save.out /tmp/save.err | printable)"; return 1; }
+    emit "$1" lguest diff-save "$ms" ms
+    emit "$1" lguest diff-memory-on-disk "$(disk_kib /tmp/l-diff.mem)" KiB
+    rm -f /tmp/l-diff.snap /tmp/l-diff.mem
 }
 
 # save_qemu ROW: migrates the booted guest into /tmp/q.mig through QMP (one connection, held
@@ -88,7 +108,7 @@ restore() {
 once() {
     rm -f /tmp/l.snap /tmp/l.mem /tmp/q.mig /tmp/l.sock
     case $1 in
-        lguest) extra="--api-sock /tmp/l.sock" ;;
+        lguest) extra="--api-sock /tmp/l.sock --track-dirty-pages" ;;
         *) extra="-qmp tcp:127.0.0.1:$QMP_PORT,server=on,wait=off" ;;
     esac
     if ! boot "$1" "$3" "$extra"; then

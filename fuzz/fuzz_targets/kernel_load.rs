@@ -23,7 +23,7 @@ const MEMORY_MIB: u64 = 64;
 /// slow the fuzzer down for nothing.
 fn guest_memory() -> &'static GuestRam {
     static MEMORY: OnceLock<GuestRam> = OnceLock::new();
-    MEMORY.get_or_init(|| create_guest_memory(MEMORY_MIB << 20).expect("guest memory"))
+    MEMORY.get_or_init(|| create_guest_memory(MEMORY_MIB << 20, lguest::memory::Tracking::Off).expect("guest memory"))
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -38,7 +38,7 @@ struct Forged {
 }
 
 impl Forged {
-    fn write(&self, mem: &vm_memory::GuestMemoryMmap) {
+    fn write(&self, mem: &lguest::memory::GuestMemoryMmap) {
         let mut header = Header {
             src_cid: GUEST_CID,
             dst_cid: HOST_CID,

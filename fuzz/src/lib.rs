@@ -21,7 +21,8 @@ use arbitrary::Arbitrary;
 use lguest::virtio::worker::HandDriven;
 use lguest::virtio::{Activation, Device};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use lguest::memory::GuestMemoryMmap;
 
 /// Guest memory: `[0, 0x8000)` and `[0x8000, 0xc000)` back to back, a hole, `[0xd000, 0x10000)`.
 pub const REGIONS: [(u64, usize); 3] = [(0, 0x8000), (0x8000, 0x4000), (0xd000, 0x3000)];
@@ -45,7 +46,7 @@ pub fn fs_share() -> lguest::config::ShareConfig {
 /// A fresh guest memory, all zeros.
 pub fn memory() -> GuestMemoryMmap {
     let ranges: Vec<(GuestAddress, usize)> = REGIONS.iter().map(|&(at, len)| (GuestAddress(at), len)).collect();
-    GuestMemoryMmap::from_ranges(&ranges).expect("guest memory")
+    lguest::memory::from_ranges(&ranges, lguest::memory::Tracking::Off).expect("guest memory")
 }
 
 /// Writes what fits; bytes that fall in the hole or past the end are the guest's loss.

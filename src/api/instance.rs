@@ -19,7 +19,7 @@ use super::{logger, ApiError, FIRECRACKER_VERSION};
 use crate::config::VmConfig;
 use crate::control::{LiveDevices, VmControls};
 use crate::snapshot::restore::LoadRequest;
-use crate::snapshot::CreateRequest;
+use crate::snapshot::{CreateRequest, SnapshotKind};
 use crate::virtio::metrics::{self as device_metrics, BlockMetrics, NetMetrics};
 
 /// `InstanceStart`, as the main thread receives it.
@@ -293,12 +293,14 @@ impl Instance {
     /// `PUT /snapshot/create`: the main thread saves the paused VM.
     fn create_snapshot(&self, params: SnapshotCreateParams) -> Result<Reply, ApiError> {
         let controls = self.running("PUT /snapshot/create")?;
-        if params.snapshot_type == SnapshotType::Diff {
-            return Err(ApiError::NotImplemented { what: "Diff snapshots (snapshot_type Diff)" });
-        }
+        let kind = match params.snapshot_type {
+            SnapshotType::Full => SnapshotKind::Full,
+            SnapshotType::Diff => SnapshotKind::Diff,
+        };
         let request = CreateRequest {
             snapshot_path: PathBuf::from(params.snapshot_path),
             mem_file_path: PathBuf::from(params.mem_file_path),
+            kind,
             net_ids: self.plan.net_ids(),
         };
         controls.snapshot(request)?;
@@ -316,14 +318,13 @@ impl Instance {
             }
             _ => return Err(ApiError::BadValue { field: "mem_backend", why: "give exactly one of mem_backend and mem_file_path".into() }),
         };
-        if params.track_dirty_pages || params.enable_diff_snapshots {
-            return Err(ApiError::NotImplemented { what: "dirty page tracking (track_dirty_pages)" });
-        }
         let load = LoadRequest {
             snapshot_path: PathBuf::from(params.snapshot_path),
             memory_file: PathBuf::from(memory_file),
             net_overrides: params.network_overrides.into_iter().map(|o| (o.iface_id, o.host_dev_name)).collect(),
             paused: !params.resume_vm,
+            // Firecracker's older name for the same switch.
+            track_dirty_pages: params.track_dirty_pages || params.enable_diff_snapshots,
         };
         let (reply, answer) = mpsc::channel();
         self.send_start(starter, StartRequest { start: Start::Snapshot(load), serial_out: None, reply }, answer)
@@ -415,6 +416,37 @@ mod tests {
         main.join().expect("main");
         assert_eq!(vm.state(), "Not started");
         assert!(matches!(call(&mut vm, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#), Err(ApiError::Stopping)));
+    }
+
+    /// `track_dirty_pages` (and Firecracker's older `enable_diff_snapshots`) reaches the VM to
+    /// build, from PUT /machine-config for a boot and from PUT /snapshot/load for a restore.
+    #[test]
+    fn dirty_page_tracking_reaches_the_vm_from_machine_config_and_snapshot_load() {
+        let tracking_of = |calls: &[(&str, &str, &str)]| {
+            let (mut vm, requests) = waiting();
+            let main = std::thread::spawn(move || {
+                let request = requests.recv().expect("a start request");
+                let _ = request.reply.send(Err(crate::error::Error::NoKvm));
+                match request.start {
+                    Start::Boot(config) => config.track_dirty_pages,
+                    Start::Snapshot(load) => load.track_dirty_pages,
+                }
+            });
+            for (method, path, body) in calls {
+                let _ = call(&mut vm, method, path, body);
+            }
+            main.join().expect("main")
+        };
+        let boot = |machine: &'static str| {
+            [("PUT", "/boot-source", r#"{"kernel_image_path": "Cargo.toml"}"#), ("PUT", "/machine-config", machine), ("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)]
+        };
+        assert!(tracking_of(&boot(r#"{"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": true}"#)));
+        assert!(!tracking_of(&boot(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#)));
+        let load = |extra: &str| format!(r#"{{"snapshot_path": "s", "mem_file_path": "m"{extra}}}"#);
+        for (extra, tracking) in [("", false), (r#", "track_dirty_pages": true"#, true), (r#", "enable_diff_snapshots": true"#, true)] {
+            let body = load(extra);
+            assert_eq!(tracking_of(&[("PUT", "/snapshot/load", &body)]), tracking, "{body}");
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! kernel booted with them here would find no device and one CPU, since lguest's devices are
 //! virtio-pci described by ACPI); a drive's `io_engine` picks its engine (`Async` is io_uring,
 //! `Sync` plain system calls, as in Firecracker); fields that change nothing here (`smt`,
-//! `track_dirty_pages`, `cache_type`) are accepted and kept for `GET /vm/config`; what lguest
+//! `cache_type`) are accepted and kept for `GET /vm/config`; what lguest
 //! can't do yet (2 MiB huge pages, CPU templates, vhost-user disks) is refused with a 400 that
 //! names it. Rate limiters on drives, network interfaces and the entropy device become
 //! lguest's own ([`super::limits`]).
@@ -265,6 +265,7 @@ impl Plan {
         vm.initrd = boot.initrd_path.as_ref().map(PathBuf::from);
         vm.memory_mib = self.machine.mem_size_mib;
         vm.cpus = self.machine.vcpu_count;
+        vm.track_dirty_pages = self.machine.track_dirty_pages;
         let root = self.drives.iter().find(|d| d.is_root_device);
         vm.cmdline = guest_cmdline(boot.boot_args.as_deref(), root);
         let (roots, others): (Vec<&Drive>, Vec<&Drive>) = self.drives.iter().partition(|d| d.is_root_device);
@@ -324,7 +325,12 @@ pub fn plan_of(vm: &VmConfig) -> Plan {
         .collect();
     Plan {
         boot_source: Some(boot_source),
-        machine: MachineConfig { vcpu_count: vm.cpus, mem_size_mib: vm.memory_mib, ..MachineConfig::default() },
+        machine: MachineConfig {
+            vcpu_count: vm.cpus,
+            mem_size_mib: vm.memory_mib,
+            track_dirty_pages: vm.track_dirty_pages,
+            ..MachineConfig::default()
+        },
         drives,
         nets,
         entropy: vm.rng.then(EntropyDevice::default),
@@ -662,7 +668,7 @@ mod tests {
     fn a_config_file_is_read_section_by_section() {
         let json = format!(
             r#"{{"boot-source": {{"kernel_image_path": "{KERNEL}", "boot_args": "console=ttyS0 acpi=off"}},
-                "machine-config": {{"vcpu_count": 2, "mem_size_mib": 64, "ht_enabled": false}},
+                "machine-config": {{"vcpu_count": 2, "mem_size_mib": 64, "ht_enabled": false, "track_dirty_pages": true}},
                 "drives": [{{"drive_id": "rootfs", "path_on_host": "{IMAGE}", "is_root_device": true, "is_read_only": true}}],
                 "network-interfaces": [], "entropy": {{}}, "logger": {{"level": "Info"}}}}"#
         );
@@ -670,6 +676,8 @@ mod tests {
         assert_eq!(vm.cmdline, "console=ttyS0 root=/dev/vda ro");
         assert_eq!(vm.memory_mib, 64);
         assert!(vm.rng);
+        assert!(vm.track_dirty_pages, "Diff snapshots can be taken of it");
+        assert!(plan_of(&vm).machine().track_dirty_pages, "GET /machine-config says so");
         let unknown = Plan::from_json(br#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "turbo": true}}"#).expect_err("unknown");
         assert!(unknown.to_string().contains("turbo"), "{unknown}");
         let bad = Plan::from_json(br#"{"machine-config": {"vcpu_count": 64, "mem_size_mib": 64}}"#).expect_err("bad");

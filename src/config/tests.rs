@@ -38,6 +38,7 @@ fn run_defaults() {
     assert_eq!(config.cmdline, DEFAULT_CMDLINE);
     assert_eq!(config.initrd, None);
     assert!(!config.boot_timeline);
+    assert!(!config.track_dirty_pages, "tracking costs: off unless asked");
     assert_eq!(config.on_reboot, OnReboot::Exit);
     assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
 }
@@ -57,7 +58,7 @@ fn reboot_and_shutdown_timeout() {
 fn run_with_every_flag() {
     let args = run_args(&[
         "run", "--kernel", FILE, "--initrd", "src/main.rs", "--cmdline", "console=ttyS0 quiet",
-        "--memory", "1G", "--cpus", "2", "--boot-timeline",
+        "--memory", "1G", "--cpus", "2", "--boot-timeline", "--track-dirty-pages",
     ]);
     let config = VmConfig::from_args(args).expect("valid");
     assert_eq!(config.kernel, PathBuf::from(FILE));
@@ -67,6 +68,7 @@ fn run_with_every_flag() {
     assert_eq!(config.memory_bytes(), 1 << 30);
     assert_eq!(config.cpus, 2);
     assert!(config.boot_timeline);
+    assert!(config.track_dirty_pages);
     assert_eq!(config.boot_trace, None);
     let traced = run_args(&["run", "--kernel", FILE, "--boot-timeline=boot.json"]);
     let config = VmConfig::from_args(traced).expect("valid");

@@ -233,13 +233,14 @@ pub(crate) const ECHO: &str = r#"eval "exec cat <&$fd >&$fd""#;
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+    use crate::memory::GuestMemoryMmap;
 
     use super::*;
 
 
     fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("guest memory")
+        crate::memory::from_ranges(&[(GuestAddress(0), 1 << 20)], crate::memory::Tracking::Off).expect("guest memory")
     }
 
     /// Iovecs over guest memory: `pieces` buffers of the given lengths, back to back from `at`

@@ -6,7 +6,9 @@
 //! It saves each vCPU on its own parked thread ([`vcpu`]), the irqchip, PIT and kvmclock, the
 //! UART, the keyboard controller and every virtio function ([`state`]), and writes them into
 //! the snapshot file ([`file`]: versioned, checksummed, postcard) and the guest's RAM into the
-//! memory file ([`memory`]). `lguest restore` or `PUT /snapshot/load` reads them back
+//! memory file ([`memory`]): all of it for a Full snapshot, for a Diff only the pages
+//! written since the last snapshot ([`dirty`]), which `lguest rebase-snap` ([`rebase`]) merges
+//! onto the memory file before it. `lguest restore` or `PUT /snapshot/load` reads them back
 //! ([`load`]), builds a VM from the saved configuration (devices opened again from it, with
 //! overrides), maps the memory file privately and puts every saved state back before any vCPU
 //! runs (see [`crate::vm::Vm::build`]).
@@ -17,8 +19,10 @@
 //! queue rings must lie in guest memory, vectors must exist, KVM refuses impossible registers.
 //! Each refusal is one line and exit status 2, and no vCPU runs until everything is restored.
 
+pub mod dirty;
 pub mod file;
 pub mod memory;
+pub mod rebase;
 pub mod restore;
 pub mod save;
 pub mod state;
@@ -56,6 +60,8 @@ pub enum SnapshotError {
     Stopping,
     #[error("{what} is not implemented by lguest")]
     NotImplemented { what: &'static str },
+    #[error("Diff snapshots are not allowed on uVMs with dirty page tracking disabled; start the VM with track_dirty_pages (PUT /machine-config, PUT /snapshot/load, or --track-dirty-pages)")]
+    NotTracking,
 }
 
 impl SnapshotError {
@@ -73,8 +79,18 @@ impl SnapshotError {
 pub struct CreateRequest {
     pub snapshot_path: PathBuf,
     pub mem_file_path: PathBuf,
+    pub kind: SnapshotKind,
     /// The API's ids of the network cards, in order: what `network_overrides` name them by.
     pub net_ids: Vec<String>,
+}
+
+/// What a snapshot's memory file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotKind {
+    /// All of guest memory.
+    Full,
+    /// Only the pages written since the last snapshot, at their offsets (a sparse file).
+    Diff,
 }
 
 /// A snapshot to take, on its way from the API thread to the main thread, and where the

@@ -48,13 +48,23 @@ pub struct RestoreArgs {
     /// Serve Firecracker's REST API on this Unix socket while the guest runs.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+    /// Note which pages the guest changes from now on, for Diff snapshots (`PUT
+    /// /snapshot/create` on --api-sock).
+    #[arg(long)]
+    pub track_dirty_pages: bool,
 }
 
 impl RestoreArgs {
     /// The snapshot and its overrides, read and checked.
     pub fn load(&self) -> Result<Restore, SnapshotError> {
         let net_overrides = self.nets.iter().map(|text| parse_override(text)).collect::<Result<Vec<_>, _>>()?;
-        let request = LoadRequest { snapshot_path: self.snapshot.clone(), memory_file: self.memory_file.clone(), net_overrides, paused: false };
+        let request = LoadRequest {
+            snapshot_path: self.snapshot.clone(),
+            memory_file: self.memory_file.clone(),
+            net_overrides,
+            paused: false,
+            track_dirty_pages: self.track_dirty_pages,
+        };
         request.load()
     }
 }
@@ -69,6 +79,8 @@ pub struct LoadRequest {
     pub net_overrides: Vec<(String, String)>,
     /// Keep the guest paused until a `PATCH /vm Resumed`.
     pub paused: bool,
+    /// Track dirty pages in the restored VM (whatever the saved one did), as Firecracker does.
+    pub track_dirty_pages: bool,
 }
 
 impl LoadRequest {
@@ -76,6 +88,7 @@ impl LoadRequest {
     /// named in the overrides put on its tap.
     pub fn load(&self) -> Result<Restore, SnapshotError> {
         let mut snapshot = super::load(&self.snapshot_path)?;
+        snapshot.config.track_dirty_pages = self.track_dirty_pages;
         for (iface_id, tap) in &self.net_overrides {
             let index = snapshot.net_ids.iter().position(|id| id == iface_id).ok_or_else(|| {
                 SnapshotError::Invalid(format!("it has no network interface '{iface_id}' (it has: {})", snapshot.net_ids.join(", ")))

@@ -1,12 +1,14 @@
-//! Taking a snapshot of a paused VM, on the main thread.
+//! Taking a snapshot of a paused VM, on the main thread. With dirty page tracking on, every
+//! snapshot takes (and so clears) the dirty page logs: a Full one so that the next Diff holds
+//! what changed after it, a Diff one to save those pages alone.
 
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::GuestMemoryMmap;
+use crate::memory::GuestMemoryMmap;
 
 use super::state::{Snapshot, VcpuState};
-use super::{file, memory, vcpu, CreateRequest, SnapshotError};
+use super::{dirty, file, memory, vcpu, CreateRequest, SnapshotError, SnapshotKind};
 use crate::bus::lock;
 use crate::config::VmConfig;
 use crate::control::PauseGate;
@@ -34,6 +36,9 @@ pub fn save(parts: &VmParts<'_>, request: &CreateRequest) -> Result<(), Snapshot
     if let Some(what) = unsavable(parts.config) {
         return Err(SnapshotError::NotImplemented { what });
     }
+    if request.kind == SnapshotKind::Diff && !parts.config.track_dirty_pages {
+        return Err(SnapshotError::NotTracking);
+    }
     if request.net_ids.len() != parts.config.nets.len() {
         return Err(SnapshotError::Invalid(format!("{} network interface ids for {} cards", request.net_ids.len(), parts.config.nets.len())));
     }
@@ -49,7 +54,12 @@ pub fn save(parts: &VmParts<'_>, request: &CreateRequest) -> Result<(), Snapshot
     let bytes = file::encode(&snapshot).map_err(|source| SnapshotError::File { path: request.snapshot_path.clone(), source })?;
     let write_error = |source| SnapshotError::Write { what: "the snapshot", path: request.snapshot_path.clone(), source };
     std::fs::write(&request.snapshot_path, bytes).map_err(write_error)?;
-    memory::save(parts.mem, &request.mem_file_path)
+    let dirty = parts.config.track_dirty_pages.then(|| dirty::take(parts.vm, parts.mem)).transpose()?;
+    match (request.kind, dirty) {
+        (SnapshotKind::Diff, Some(dirty)) => memory::save_diff(parts.mem, &dirty, &request.mem_file_path),
+        (SnapshotKind::Diff, None) => Err(SnapshotError::NotTracking),
+        (SnapshotKind::Full, _) => memory::save(parts.mem, &request.mem_file_path),
+    }
 }
 
 /// What one vCPU thread's errand gives back.

@@ -166,7 +166,7 @@ fn network_overrides_put_a_named_card_on_another_tap_and_refuse_the_rest() {
     std::fs::write(&snapshot_path, encode(&sample()).expect("encode")).expect("write");
     let load = |overrides: &[(&str, &str)]| {
         let net_overrides = overrides.iter().map(|(id, tap)| (id.to_string(), tap.to_string())).collect();
-        LoadRequest { snapshot_path: snapshot_path.clone(), memory_file: dir.path().join("vm.mem"), net_overrides, paused: true }.load()
+        LoadRequest { snapshot_path: snapshot_path.clone(), memory_file: dir.path().join("vm.mem"), net_overrides, paused: true, track_dirty_pages: false }.load()
     };
     let restore = load(&[("eth0", "tap7")]).expect("an override of a saved card");
     assert_eq!(restore.snapshot.config.nets[0].backend, NetBackend::Tap { name: "tap7".into(), vhost: false });

@@ -19,7 +19,7 @@ use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{Epoll, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -330,7 +330,7 @@ mod tests {
     }
 
     fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory")
+        crate::memory::from_ranges(&[(GuestAddress(0), MEM_SIZE)], crate::memory::Tracking::Off).expect("guest memory")
     }
 
     fn descriptor(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {

@@ -6,13 +6,30 @@
 //! other `VolatileSlice`s), and borrows that memory for as long as it lives, so that every iovec
 //! stays valid until the syscall is done. Which ranges to add is the device's business: it has
 //! checked them against what the guest may use.
+//!
+//! Guest memory the host will write into (a disk read, a received frame) is written by the
+//! kernel, behind vm-memory's back, so vm-memory's dirty bitmap can't see it: such slices are
+//! added with [`IoVecs::push_written`] (or [`HostAccess::Writes`]), which marks their pages
+//! dirty for a Diff snapshot as they are added. Devices are paused before any snapshot, so the
+//! write lands before the snapshot reads the marks.
 
 use std::marker::PhantomData;
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, VolatileSlice};
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError, VolatileSlice};
+use crate::memory::GuestMemoryMmap;
 
 /// The most iovecs Linux takes in one vectored call (`UIO_MAXIOV`).
 pub const MAX_IOVECS: usize = 1024;
+
+/// What the host's syscall does with guest buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostAccess {
+    /// It reads them (a frame to send, data for the disk).
+    Reads,
+    /// It writes them (a frame received, data from the disk): their pages are dirtied.
+    Writes,
+}
 
 /// Host addresses of guest buffers, ready for one vectored syscall.
 pub struct IoVecs<'m> {
@@ -26,9 +43,8 @@ impl<'m> IoVecs<'m> {
         IoVecs { iov: Vec::with_capacity(capacity), bytes: 0, _mapping: PhantomData }
     }
 
-    /// Adds a slice of memory. Dirty-page tracking is not done (our guest memory has no
-    /// bitmap), which is why only bitmap-less slices are taken.
-    pub fn push(&mut self, slice: VolatileSlice<'m>) {
+    /// Adds a slice of memory the host only reads.
+    pub fn push<B: BitmapSlice>(&mut self, slice: VolatileSlice<'m, B>) {
         // The pointer stays valid for 'm: the slice borrows the mapping for that long, and
         // without vm-memory's xen feature its guard maps nothing of its own.
         let base = slice.ptr_guard_mut().as_ptr();
@@ -36,11 +52,21 @@ impl<'m> IoVecs<'m> {
         self.bytes += slice.len();
     }
 
+    /// Adds a slice of memory the host will write into, its pages marked dirty.
+    pub fn push_written<B: BitmapSlice>(&mut self, slice: VolatileSlice<'m, B>) {
+        slice.bitmap().mark_dirty(0, slice.len());
+        self.push(slice);
+    }
+
     /// Adds the `len` bytes of guest memory at `addr`, which may span memory regions (one iovec
-    /// a region). Fails, having added part of it, if any byte is outside guest memory.
-    pub fn push_guest(&mut self, mem: &'m GuestMemoryMmap, addr: GuestAddress, len: usize) -> Result<(), GuestMemoryError> {
+    /// a region), for the host to read or to write. Fails, having added part of it, if any byte
+    /// is outside guest memory.
+    pub fn push_guest(&mut self, mem: &'m GuestMemoryMmap, addr: GuestAddress, len: usize, access: HostAccess) -> Result<(), GuestMemoryError> {
         for slice in mem.get_slices(addr, len) {
-            self.push(slice?);
+            match access {
+                HostAccess::Reads => self.push(slice?),
+                HostAccess::Writes => self.push_written(slice?),
+            }
         }
         Ok(())
     }
@@ -98,10 +124,21 @@ mod tests {
 
     #[test]
     fn a_guest_range_across_two_regions_takes_one_iovec_each_and_a_range_outside_fails() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)]).expect("memory");
+        let mem = crate::memory::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)], crate::memory::Tracking::Off).expect("memory");
         let mut iovecs = IoVecs::default();
-        iovecs.push_guest(&mem, GuestAddress(0xff0), 0x20).expect("inside");
+        iovecs.push_guest(&mem, GuestAddress(0xff0), 0x20, HostAccess::Reads).expect("inside");
         assert_eq!((iovecs.len(), iovecs.bytes()), (2, 0x20));
-        assert!(iovecs.push_guest(&mem, GuestAddress(0x1ff0), 0x20).is_err());
+        assert!(iovecs.push_guest(&mem, GuestAddress(0x1ff0), 0x20, HostAccess::Reads).is_err());
+    }
+
+    #[test]
+    fn only_buffers_the_host_writes_are_marked_dirty() {
+        use crate::memory::Tracking;
+        use crate::snapshot::dirty::take_marked_pages;
+        let mem = crate::memory::from_ranges(&[(GuestAddress(0), 0x10000)], Tracking::DirtyPages).expect("memory");
+        let mut iovecs = IoVecs::default();
+        iovecs.push_guest(&mem, GuestAddress(0x1000), 0x10, HostAccess::Reads).expect("inside");
+        iovecs.push_guest(&mem, GuestAddress(0x3ff0), 0x20, HostAccess::Writes).expect("inside");
+        assert_eq!(take_marked_pages(&mem), vec![3, 4], "the written range's two pages only");
     }
 }

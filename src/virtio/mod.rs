@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use self::worker::{DeviceWorker, Worker};

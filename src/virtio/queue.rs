@@ -17,7 +17,8 @@ use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError};
+use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Signals;

@@ -9,7 +9,7 @@
 use std::io::{self, Write};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{Epoll, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -158,7 +158,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).expect("memory")
+        crate::memory::from_ranges(&[(GuestAddress(0), 0x20_0000)], crate::memory::Tracking::Off).expect("memory")
     }
 
     fn worker_for(mem: &GuestMemoryMmap, queue: Queue) -> RngWorker {
@@ -209,7 +209,7 @@ mod tests {
 
     #[test]
     fn huge_buffers_are_capped() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).expect("memory");
+        let mem = crate::memory::from_ranges(&[(GuestAddress(0), 0x40_0000)], crate::memory::Tracking::Off).expect("memory");
         let vq = MockSplitQueue::new(&mem, 16);
         vq.add_desc_chains(&[descriptor(0x10_0000, 0x20_0000, VRING_DESC_F_WRITE, 0)], 0).expect("chain");
         let mut worker = worker_for(&mem, vq.create_queue().expect("queue"));

@@ -7,7 +7,12 @@
 #     /snapshot/load on `lguest firecracker` (network_overrides: tap1; paused, its drive moved
 #     to a copy of the image with PATCH /drives, then resumed), one by `lguest restore --net
 #     net0=tap2`. The lab pings each through its own tap (`ping -I`: both clones have the
-#     same address and MAC), and both keep counting.
+#     same address and MAC), and both keep counting;
+#  3. from a Diff snapshot: the booted guest tracks dirty pages; after the Full snapshot it
+#     is resumed, counts (each count also a file in its memory), is paused again and saved as
+#     a Diff, whose memory file must take far less disk than the Full one's. Merged onto a
+#     copy of the Full memory file by `lguest rebase-snap`, it restores in a new process: the
+#     counter goes on from the Diff's point and every file written before it is there.
 # Addresses are link-local; nothing leaves the lab machine. Every wait re-asks its condition
 # and is bounded; each check prints "CASE NAME status=0" (or status=1 and "FAIL NAME: why").
 set -o pipefail
@@ -54,8 +59,8 @@ done
 
 dd if=/dev/zero of=disk.img bs=$MiB count=4 2>/dev/null
 timeout 600 lguest run --memory 128M --kernel /guest/vmlinux --initrd /guest/initramfs.cpio.gz \
-    --cmdline "console=ttyS0 reboot=k panic=1 quiet lguest.scenario=count lguest.count.disk=vda lguest.net.addr=169.254.1.2/16" \
-    --disk /tmp/disk.img --net tap=tap0 --api-sock /tmp/boot.sock </dev/null >boot.out 2>&1 &
+    --cmdline "console=ttyS0 reboot=k panic=1 quiet lguest.scenario=count lguest.count.disk=vda lguest.count.files=1 lguest.net.addr=169.254.1.2/16" \
+    --disk /tmp/disk.img --net tap=tap0 --api-sock /tmp/boot.sock --track-dirty-pages </dev/null >boot.out 2>&1 &
 boot=$!
 until_true 180 grep -q '^LGUEST-COUNT 5' boot.out
 check snap-booted "the guest did not count to 5" grep -q '^LGUEST-COUNT 5' boot.out
@@ -68,6 +73,16 @@ check snap-pause-stops "the counter went from $before to $(counts boot.out) whil
 last=$(count_in boot.out)
 call snap-create /tmp/boot.sock PUT /snapshot/create '{"snapshot_path": "/tmp/vm.snap", "mem_file_path": "/tmp/vm.mem"}'
 echo "SNAPSHOT-SIZES state_bytes=$(wc -c <vm.snap) memory_bytes=$(wc -c <vm.mem) memory_on_disk_kib=$(du -k vm.mem | cut -f1)"
+
+# The Diff: a few counts (and files) after the Full snapshot.
+call snap-diff-resume /tmp/boot.sock PATCH /vm '{"state": "Resumed"}'
+until_true 30 counted boot.out $((before + 5))
+call snap-diff-pause /tmp/boot.sock PATCH /vm '{"state": "Paused"}'
+diff_last=$(count_in boot.out)
+call snap-diff-create /tmp/boot.sock PUT /snapshot/create '{"snapshot_path": "/tmp/diff.snap", "mem_file_path": "/tmp/diff.mem", "snapshot_type": "Diff"}'
+full_kib=$(du -k vm.mem | cut -f1) diff_kib=$(du -k diff.mem | cut -f1)
+echo "SNAPSHOT-DIFF-SIZES counts_between=$((diff_last - last)) memory_bytes=$(wc -c <diff.mem) memory_on_disk_kib=$diff_kib full_on_disk_kib=$full_kib"
+check snap-diff-small "the Diff's memory file takes $diff_kib KiB, the Full one's $full_kib KiB" [ "$diff_kib" -lt $((full_kib / 4)) ]
 kill -9 $boot
 wait $boot 2>/dev/null
 
@@ -96,6 +111,9 @@ call snap-load /tmp/b.sock PUT /snapshot/load '{"snapshot_path": "/tmp/vm.snap",
 drive=$(api /tmp/b.sock GET /vm/config | head -n1 | sed -n 's/.*"drive_id":"\([^"]*\)".*/\1/p')
 call snap-clone-drive /tmp/b.sock PATCH "/drives/$drive" "{\"drive_id\": \"$drive\", \"path_on_host\": \"/tmp/clone.img\"}"
 call snap-clone-resume /tmp/b.sock PATCH /vm '{"state": "Resumed"}'
+# The drive lets go of disk.img (its lock) when it serves its first request on clone.img: the
+# second clone opens disk.img only after the first has written a count there (its second line).
+until_true 60 counted b.out 1
 timeout 300 lguest restore --snapshot /tmp/vm.snap --memory-file /tmp/vm.mem --net net0=tap2 </dev/null >c.out 2>&1 &
 c=$!
 # both_counted N: each clone has more than N counts.
@@ -116,6 +134,20 @@ on_clone=$(disk_count clone.img)
 check snap-clone-disk "the clone's image has count '$on_clone' (paused at $last)" [ "${on_clone:-0}" -gt "$last" ]
 stop_vmm $b
 stop_vmm $c
+
+# 3. The Diff, rebased onto a copy of the Full memory file.
+cp vm.mem merged.mem
+lguest rebase-snap --base-file merged.mem --diff-file diff.mem
+rebased=$?
+check snap-diff-rebase "lguest rebase-snap exited with $rebased" [ $rebased = 0 ]
+timeout 300 lguest restore --snapshot /tmp/diff.snap --memory-file /tmp/merged.mem </dev/null >d.out 2>&1 &
+d=$!
+until_true 60 counted d.out 2
+check snap-diff-continues "the Diff's guest counted from '$(first_count_in d.out)' (saved at $diff_last): $(head -c 600 d.out)" [ "$(first_count_in d.out)" = $((diff_last + 1)) ]
+# The files line that follows the first count after the restore (count diff_last + 1).
+files=$(tr -d '\r' <d.out | awk '/^LGUEST-COUNT / { seen = 1 } seen && /^LGUEST-FILES / { print $2; exit }')
+check snap-diff-files "the Diff's guest has $files good files after count $((diff_last + 1)), not $((diff_last + 2))" [ "$files" = $((diff_last + 2)) ]
+stop_vmm $d
 s=/sys/class/net
 echo "taps: tap1 rx_packets=$(cat $s/tap1/statistics/rx_packets) tap2 rx_packets=$(cat $s/tap2/statistics/rx_packets)"
-cat boot.out a.out b.out c.out | grep -v '^LGUEST-COUNT ' | head -n 100
+cat boot.out a.out b.out c.out d.out | grep -v '^LGUEST-COUNT \|^LGUEST-FILES ' | head -n 100

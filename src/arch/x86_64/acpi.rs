@@ -17,7 +17,8 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::memory::GuestMemoryMmap;
 
 use crate::devices::i8042::{COMMAND_PORT, DATA_PORT, KEYBOARD_IRQ};
 use crate::devices::power::{POWER_PORT, RESET_VALUE, SLEEP_TYPE_S5};

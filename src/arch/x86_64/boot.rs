@@ -22,7 +22,8 @@ use linux_loader::loader::bootparam::{boot_params, setup_header};
 use linux_loader::loader::elf::{Elf, Error as ElfError, PvhBootCapability};
 use linux_loader::loader::{bzimage::BzImage, load_cmdline, Error as LoaderError, KernelLoader};
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
-use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, GuestAddress};
+use crate::memory::GuestMemoryMmap;
 
 use crate::config::VmConfig;
 use crate::error::{guest_write, Error, Result};

@@ -9,7 +9,8 @@
 
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::memory::GuestMemoryMmap;
 
 use super::boot::Entry;
 use crate::error::{guest_write, kvm, Error, Result};
@@ -279,7 +280,7 @@ mod tests {
 
     #[test]
     fn page_tables_identity_map_four_gib() {
-        let mem = crate::memory::create_guest_memory(64 << 20).expect("memory");
+        let mem = crate::memory::create_guest_memory(64 << 20, crate::memory::Tracking::Off).expect("memory");
         write_identity_page_tables(&mem).expect("tables");
         let read = |addr| mem.read_obj::<u64>(GuestAddress(addr)).expect("read");
         assert_eq!(read(layout::PML4), layout::PDPT | 3);

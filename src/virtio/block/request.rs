@@ -25,7 +25,8 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
+use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{Epoll, EventSet};
 
 use super::coalesce::Coalescer;
@@ -37,7 +38,7 @@ use crate::control::DiskHandle;
 use crate::rate_limiter::{self, RateLimiter};
 use crate::seccomp::Role;
 use crate::virtio::metrics::BlockMetrics;
-use crate::virtio::iovec::IoVecs;
+use crate::virtio::iovec::{HostAccess, IoVecs};
 use crate::virtio::queue::{clear_kick, next_chain, serve_until_idle, Chain, Pass, QueueError, UsedBatch};
 use crate::virtio::worker::{watch, DeviceWorker};
 use crate::virtio::{ActiveQueue, Signals};
@@ -586,12 +587,12 @@ impl Requests {
     /// The request's data buffers as iovecs: the writable bytes before the status for a read,
     /// the readable bytes after the header for a write.
     fn map<'m>(&self, mem: &'m GuestMemoryMmap, direction: Direction, len: u64) -> Result<IoVecs<'m>, Failed> {
-        let (segments, skip) = match direction {
-            Direction::IntoGuest => (&self.writable, 0),
-            Direction::FromGuest => (&self.readable, HEADER_LEN),
+        let (segments, skip, access) = match direction {
+            Direction::IntoGuest => (&self.writable, 0, HostAccess::Writes),
+            Direction::FromGuest => (&self.readable, HEADER_LEN, HostAccess::Reads),
         };
         let mut buffers = IoVecs::with_capacity(segments.len());
-        let mapped = for_each_piece(segments, skip, len, |addr, piece| buffers.push_guest(mem, addr, piece).is_ok());
+        let mapped = for_each_piece(segments, skip, len, |addr, piece| buffers.push_guest(mem, addr, piece, access).is_ok());
         if !mapped {
             return Err(refuse(&self.disk, "a data buffer is outside guest memory"));
         }

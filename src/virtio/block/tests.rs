@@ -15,7 +15,8 @@ use virtio_bindings::bindings::virtio_blk::{
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::Disk;
@@ -124,7 +125,7 @@ struct Driver {
 
 impl Driver {
     fn new() -> (Driver, Queue) {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("guest memory");
+        let mem = crate::memory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)], crate::memory::Tracking::DirtyPages).expect("guest memory");
         let (queue, desc_table, avail, used) = {
             let mock = MockSplitQueue::new(&mem, QUEUE_SIZE);
             let queue: Queue = mock.create_queue().expect("queue");
@@ -796,8 +797,25 @@ on_both_engines!(
     a_batch_gets_one_interrupt_and_event_idx_is_honoured, without_event_idx_every_pass_interrupts,
     discard_and_write_zeroes_when_the_file_system_can, an_image_truncated_under_us_gives_io_errors,
     activate_reset_and_activate_again, the_rate_limiter_holds_requests_back_in_the_ring_until_its_timer_fires,
-    a_new_medium_in_a_running_drive_is_read_from_the_next_request_on,
+    a_new_medium_in_a_running_drive_is_read_from_the_next_request_on, a_read_marks_its_buffers_pages_dirty_and_a_write_does_not,
 );
+
+/// The engines' preadv and io_uring reads fill guest memory behind vm-memory's back: the
+/// buffers are marked dirty for a Diff snapshot; a write's buffers, only read, are not.
+fn a_read_marks_its_buffers_pages_dirty_and_a_write_does_not() {
+    use crate::snapshot::dirty::take_marked_pages;
+    let file = image();
+    let mut bench = Bench::new(disk(&file, false));
+    // The data's first page is the header's (which is only read), so only the data marks it.
+    let data_page = |addrs: &[u64]| addrs[1] / 4096;
+    for (kind, data, marked) in [(VIRTIO_BLK_T_IN, Part::In(8 * 512), true), (VIRTIO_BLK_T_OUT, Part::Out(vec![1; 8 * 512]), false)] {
+        let addrs = bench.driver.submit(&[Part::Out(header(kind, 0)), data, Part::In(1)]);
+        take_marked_pages(&bench.driver.mem); // the driver's own writes
+        assert_eq!(bench.serve_last(&addrs).0, S_OK);
+        let pages = take_marked_pages(&bench.driver.mem);
+        assert_eq!(pages.contains(&data_page(&addrs)), marked, "request {kind}: pages {pages:x?} marked, data at {:#x}", addrs[1]);
+    }
+}
 #[test]
 fn the_counters_see_reads_writes_flushes_and_bad_requests() {
     let file = image();

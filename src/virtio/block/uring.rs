@@ -180,11 +180,11 @@ mod tests {
     use std::io::Write;
 
     use seccompiler::SeccompAction;
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vm_memory::GuestAddress;
 
     use super::*;
     use crate::config::DiskConfig;
-    use crate::virtio::iovec::IoVecs;
+    use crate::virtio::iovec::{HostAccess, IoVecs};
 
     fn image(bytes: &[u8]) -> tempfile::NamedTempFile {
         let mut file = tempfile::NamedTempFile::new().expect("temp file");
@@ -220,12 +220,12 @@ mod tests {
         let mut ring = Ring::new().expect("io_uring on the test host");
         let outcomes = std::thread::spawn(move || {
             crate::seccomp::apply(Role::UringWorker, SeccompAction::Errno(libc::EPERM as u32)).expect("filter installs");
-            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x2000)]).expect("memory");
+            let mem = crate::memory::from_ranges(&[(GuestAddress(0), 0x2000)], crate::memory::Tracking::Off).expect("memory");
             vm_memory::Bytes::write_slice(&mem, &[0xab; 512], GuestAddress(0)).expect("guest data");
             let mut out = IoVecs::default();
-            out.push_guest(&mem, GuestAddress(0), 512).expect("inside");
+            out.push_guest(&mem, GuestAddress(0), 512, HostAccess::Reads).expect("inside");
             let mut back = IoVecs::default();
-            back.push_guest(&mem, GuestAddress(0x1000), 1024).expect("inside");
+            back.push_guest(&mem, GuestAddress(0x1000), 1024, HostAccess::Writes).expect("inside");
             let mut jobs = vec![
                 Job::new(Op::Write { buffers: out, offset: 1024 }, 0),
                 Job::new(Op::Flush, 0),
@@ -253,9 +253,9 @@ mod tests {
         let file = image(&[1u8; 4096]);
         let disk = Disk::open(&DiskConfig::new(file.path())).expect("disk");
         file.as_file().set_len(1024).expect("truncate");
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).expect("memory");
+        let mem = crate::memory::from_ranges(&[(GuestAddress(0), 0x1000)], crate::memory::Tracking::Off).expect("memory");
         let mut buffers = IoVecs::default();
-        buffers.push_guest(&mem, GuestAddress(0), 2048).expect("inside");
+        buffers.push_guest(&mem, GuestAddress(0), 2048, HostAccess::Writes).expect("inside");
         let mut jobs = vec![Job::new(Op::Read { buffers, offset: 0 }, 0)];
         Ring::new().expect("io_uring on the test host").run(&disk, &mut jobs);
         assert_eq!(jobs[0].outcome.as_ref().map_err(io::Error::kind).err(), Some(io::ErrorKind::UnexpectedEof));

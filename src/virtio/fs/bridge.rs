@@ -9,12 +9,17 @@
 //! the same guards as `virtio::queue::serve_until_idle`: notifications off while it works, an
 //! available index that runs too far breaks the device instead of spinning.
 //!
+//! Dirty pages: the FUSE crate writes replies through the 0.17 view, which has no dirty
+//! bitmap, so [`serve`] marks in the 0.18 memory's bitmap what each reply wrote (the first
+//! bytes of the chain's writable buffers) and the used ring, for Diff snapshots.
+//!
 //! Trust: the views trust nothing more than the 0.18 originals did. Every descriptor address
 //! is still checked against the regions when a chain is walked.
 
 use virtio_queue::{Queue, QueueT};
 use virtio_queue_fs::{DescriptorChain, Queue as Queue17, QueueOwnedT, QueueT as QueueT17};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use crate::memory::GuestMemoryMmap;
 use vm_memory_fs::{GuestAddress as GuestAddress17, GuestMemoryMmap as Memory17, GuestRegionMmap, MmapRegion};
 
 use super::super::Signals;
@@ -40,19 +45,46 @@ pub enum BridgeError {
 /// can never outlive what it points at.
 pub struct Bridged {
     view: Memory,
-    // Never read: held so the mappings the view borrows stay mapped.
-    _owner: GuestMemoryMmap,
+    /// Holds the mappings the view borrows, and their dirty bitmaps.
+    owner: GuestMemoryMmap,
+    /// Whether the owner's writes are tracked (`track_dirty_pages`).
+    tracking: bool,
 }
 
 impl Bridged {
     pub fn new(owner: GuestMemoryMmap) -> Result<Bridged, BridgeError> {
-        Ok(Bridged { view: memory_view(&owner)?, _owner: owner })
+        let tracking = owner.iter().any(|region| std::ops::Deref::deref(region).bitmap().is_some());
+        Ok(Bridged { view: memory_view(&owner)?, owner, tracking })
     }
 
     pub fn view(&self) -> &Memory {
         &self.view
     }
+
+    /// Marks dirty the first `written` bytes of `chain`'s writable buffers.
+    fn mark_reply(&self, chain: &Chain<'_>, written: u32) {
+        let mut left = written as usize;
+        for descriptor in chain.clone().writable() {
+            if left == 0 {
+                break;
+            }
+            let len = left.min(descriptor.len() as usize);
+            crate::memory::mark_dirty(&self.owner, GuestAddress(descriptor.addr().0), len);
+            left -= len;
+        }
+    }
+
+    /// Marks dirty the used ring of `queue` (its entries, index and event index).
+    fn mark_used_ring(&self, queue: &Queue17) {
+        let len = USED_RING_HEADER + USED_ELEMENT * usize::from(queue.size()) + EVENT_INDEX;
+        crate::memory::mark_dirty(&self.owner, GuestAddress(queue.used_ring()), len);
+    }
 }
+
+/// The used ring's flags and index, each of its elements, and the event index after them.
+const USED_RING_HEADER: usize = 4;
+const USED_ELEMENT: usize = 8;
+const EVENT_INDEX: usize = 2;
 
 /// A 0.17 memory over `owner`'s host mappings, region for region.
 fn memory_view(owner: &GuestMemoryMmap) -> Result<Memory, BridgeError> {
@@ -95,11 +127,12 @@ pub fn queue_view(queue: &Queue) -> Result<Queue17, BridgeError> {
 /// wants to hear. Returns how many chains were served.
 pub fn serve(
     queue: &mut Queue17,
-    mem: &Memory,
+    bridged: &Bridged,
     signals: &Signals,
     index: usize,
     mut serve_one: impl FnMut(Chain<'_>) -> u32,
 ) -> Result<usize, BridgeError> {
+    let mem = bridged.view();
     let mut served = 0;
     let mut more_promised = false;
     loop {
@@ -114,7 +147,11 @@ pub fn serve(
         }
         for chain in chains {
             let head = chain.head_index();
+            let reply = bridged.tracking.then(|| chain.clone());
             let written = serve_one(chain);
+            if let Some(chain) = reply {
+                bridged.mark_reply(&chain, written);
+            }
             queue.add_used(mem, head, written)?;
             served += 1;
         }
@@ -122,6 +159,9 @@ pub fn serve(
             break;
         }
         more_promised = true;
+    }
+    if bridged.tracking {
+        bridged.mark_used_ring(queue);
     }
     if served > 0 && queue.needs_notification(mem)? {
         signals.used_queue(index);

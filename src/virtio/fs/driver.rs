@@ -10,18 +10,20 @@ use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::memory::GuestMemoryMmap;
 use vm_memory_fs::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{BridgeError, Fs, FsServer, FsWorker, REQUESTS};
+use crate::snapshot::dirty::take_marked_pages;
 use crate::virtio::worker::HandDriven;
 use crate::virtio::{feature, ActiveQueue, Activation, Signals};
 
 const RING: u16 = 16;
 const DESC_TABLE: u64 = 0x1000;
 const AVAIL: u64 = 0x2000;
-const USED: u64 = 0x3000;
+pub const USED: u64 = 0x3000;
 /// The hiprio queue's rings, which the driver never fills.
 const HIPRIO_RINGS: u64 = 0x4000;
 /// Where the request goes, and where the reply buffer starts.
@@ -37,6 +39,9 @@ pub struct Reply {
     pub written: u32,
     /// The reply buffer from its start, `written` bytes of it.
     pub bytes: Vec<u8>,
+    /// The pages of guest memory the device marked dirty while it served the request (for
+    /// Diff snapshots), by number.
+    pub dirtied: Vec<u64>,
 }
 
 impl Reply {
@@ -74,7 +79,7 @@ pub struct FuseDriver {
 impl FuseDriver {
     /// Activates a device serving `server`.
     pub fn new(server: FsServer) -> FuseDriver {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY)]).expect("test memory");
+        let mem = crate::memory::from_ranges(&[(GuestAddress(0), MEMORY)], crate::memory::Tracking::DirtyPages).expect("test memory");
         let queues = vec![Some(active_queue(HIPRIO_RINGS, HIPRIO_RINGS + 0x400, HIPRIO_RINGS + 0x800)), Some(active_queue(DESC_TABLE, AVAIL, USED))];
         let features = feature::VERSION_1;
         let activation = Activation { mem: mem.clone(), queues, features, signals: Signals::standalone(2) };
@@ -93,12 +98,14 @@ impl FuseDriver {
         self.describe(0, REQUEST_AT, request.len() as u32, VRING_DESC_F_NEXT, 1);
         self.describe(1, REPLY_AT, reply_len, VRING_DESC_F_WRITE, 0);
         self.make_available(0);
+        take_marked_pages(&self.mem); // the driver's own writes
         self.worker.handle(REQUESTS as u64)?;
+        let dirtied = take_marked_pages(&self.mem);
         let used_index = u64::from((self.made_available - 1) % RING);
         let written: u32 = self.mem.read_obj(GuestAddress(USED + 4 + used_index * 8 + 4)).expect("used entry");
         let mut bytes = vec![0; written.min(reply_len) as usize];
         self.mem.read_slice(&mut bytes, GuestAddress(REPLY_AT)).expect("reply");
-        Ok(Reply { written, bytes })
+        Ok(Reply { written, bytes, dirtied })
     }
 
     /// Sends a well-formed request: `opcode` on `nodeid`, with `body` after the header.

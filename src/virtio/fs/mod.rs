@@ -162,7 +162,7 @@ impl DeviceWorker for FsWorker {
         let index = if token == HIPRIO as u64 { HIPRIO } else { REQUESTS };
         clear_kick(&self.kicks[index]);
         let (mem, server) = (self.mem.view(), &self.server);
-        serve(&mut self.queues[index], mem, &self.signals, index, |chain| answer(server, mem, chain))?;
+        serve(&mut self.queues[index], &self.mem, &self.signals, index, |chain| answer(server, mem, chain))?;
         Ok(())
     }
 }

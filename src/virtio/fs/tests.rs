@@ -91,6 +91,23 @@ fn a_guest_reads_a_host_file_through_lookup_open_and_read() {
     assert_eq!(reply_body(&data), b"hello from the host");
 }
 
+/// The FUSE crate writes replies through its own view of guest memory, which has no dirty
+/// bitmap: the bridge marks the reply's pages, and the used ring's, for a Diff snapshot.
+#[test]
+fn a_read_reply_marks_the_pages_it_filled_and_the_used_ring_dirty() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::write(dir.path().join("big"), vec![7u8; 3 * 4096]).expect("file");
+    let mut driver = mounted(dir.path(), false);
+    let inode = entry(&lookup(&mut driver, ROOT_ID, "big")).nodeid;
+    let fh = open(&mut driver, inode, libc::O_RDONLY).body::<OpenOut>().expect("a handle").fh;
+    let data = read(&mut driver, inode, fh, 3 * 4096);
+    assert_eq!(reply_body(&data).len(), 3 * 4096);
+    let first = super::driver::REPLY_AT / 4096;
+    // The header and 3 pages of data fill 4 pages of the (1 MiB) reply buffer, the rest not.
+    let used_ring = super::driver::USED / 4096;
+    assert_eq!(data.dirtied, vec![used_ring, first, first + 1, first + 2, first + 3], "pages marked");
+}
+
 /// Overlayfs opens its lower files with O_NOATIME (`lguest exec`'s root is an overlay on a
 /// share), and the host refuses that hint with EPERM to a user who doesn't own the file: lguest
 /// drops it, at the open and at each read. The file here is root's and the open is made by a thread whose effective uid is
@@ -365,7 +382,7 @@ fn activation_needs_a_modern_driver_and_both_queues() {
     use crate::virtio::{ActivateError, Activation, Device, Signals};
     let dir = tempfile::tempdir().expect("tempdir");
     let device = super::Fs::with_server("t", server_for(Share::open(dir.path(), false).expect("share")));
-    let mem = vm_memory::GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).expect("memory");
+    let mem = crate::memory::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)], crate::memory::Tracking::Off).expect("memory");
     let legacy = Activation { mem: mem.clone(), queues: vec![None, None], features: 0, signals: Signals::standalone(2) };
     assert!(matches!(device.handler(legacy), Err(ActivateError::LegacyDriver)));
     let modern = Activation { mem, queues: vec![None, None], features: crate::virtio::feature::VERSION_1, signals: Signals::standalone(2) };

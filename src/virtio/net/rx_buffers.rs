@@ -8,7 +8,8 @@
 
 use std::collections::VecDeque;
 
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, VolatileSlice};
+use crate::memory::GuestMemoryMmap;
 
 use super::tap::VNET_HDR_LEN;
 use crate::virtio::iovec::{IoVecs, MAX_IOVECS};
@@ -120,7 +121,7 @@ impl HeldBuffers {
                     // A buffer split across memory regions: the frame gets the room before it.
                     break 'segments;
                 }
-                iovecs.push(slice);
+                iovecs.push_written(slice);
             }
         }
         iovecs.push(VolatileSlice::from(spill));

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -27,7 +28,7 @@ const WRITE: u16 = VRING_DESC_F_WRITE as u16;
 const LINUX: u64 = OFFERED_FEATURES | feature::VERSION_1 | feature::RING_EVENT_IDX;
 
 fn memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory")
+    crate::memory::from_ranges(&[(GuestAddress(0), MEM_SIZE)], crate::memory::Tracking::DirtyPages).expect("guest memory")
 }
 
 /// The driver's side of one queue: it posts chains and reads the used ring, in raw memory,
@@ -366,6 +367,21 @@ fn a_received_frame_fills_mergeable_buffers_in_order() {
     assert_eq!(bench.rx.used()[2], (u32::from(h2), 112));
     assert_eq!(bench.rx.read(a2, 112)[HDR_NUM_BUFFERS..], [[1, 0].as_slice(), &small[VNET_HDR_LEN..]].concat());
     assert_eq!(bench.stats().rx_frames, 2);
+}
+
+/// The tap's readv writes received frames into guest memory behind vm-memory's back: the
+/// buffers are marked dirty for a Diff snapshot as they are handed to it.
+#[test]
+fn a_received_frame_marks_its_buffers_pages_dirty() {
+    let mut bench = Bench::new(LINUX);
+    let at = post_linux_rx_buffers(&mut bench.rx, 40)[0].1;
+    crate::snapshot::dirty::take_marked_pages(&bench.rx.mem); // the driver's own writes
+    bench.host_sends(&frame(6000, 3));
+    bench.tap_readable();
+    assert_eq!(bench.rx.used().len(), 3, "the frame was received, into three buffers");
+    let marked = crate::snapshot::dirty::take_marked_pages(&bench.rx.mem);
+    // The third buffer's page is reached by the readv alone (the header's fix-up is in the first).
+    assert!(marked.contains(&(at / 4096 + 1)), "buffers from {at:#x}: pages {marked:x?} marked");
 }
 
 #[test]

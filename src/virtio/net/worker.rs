@@ -17,7 +17,7 @@ use std::io;
 
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::rx_buffers::{HeldBuffers, Hold};
@@ -28,7 +28,7 @@ use super::{
 };
 use crate::control::NetHandle;
 use crate::rate_limiter::{self, RateLimiter};
-use crate::virtio::iovec::{IoVecs, MAX_IOVECS};
+use crate::virtio::iovec::{HostAccess, IoVecs, MAX_IOVECS};
 use crate::virtio::queue::{
     clear_kick, interrupt_if_wanted, next_chain, serve_until_idle, Chain, Pass, QueueError, UsedBatch,
 };
@@ -508,7 +508,7 @@ fn gather_frame<'m>(mem: &'m GuestMemoryMmap, chain: Chain<'m>) -> Result<IoVecs
         if iovecs.bytes() + len > MAX_FRAME_LEN {
             return Err(BadFrame::TooLarge);
         }
-        iovecs.push_guest(mem, descriptor.addr(), len).map_err(|_| BadFrame::OutsideMemory)?;
+        iovecs.push_guest(mem, descriptor.addr(), len, HostAccess::Reads).map_err(|_| BadFrame::OutsideMemory)?;
         if iovecs.len() > MAX_IOVECS {
             return Err(BadFrame::TooManyPieces);
         }

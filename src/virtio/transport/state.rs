@@ -143,7 +143,7 @@ impl VirtioPci {
 mod tests {
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::GuestMemoryMmap;
+    use crate::memory::GuestMemoryMmap;
 
     use super::super::tests::{memory, rng_device, start, write};
     use super::*;

@@ -7,7 +7,7 @@ use virtio_queue::mock::MockSplitQueue;
 const ACKNOWLEDGE_DRIVER: u8 = 1 | 2;
 
 pub(super) fn memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).expect("memory")
+    crate::memory::from_ranges(&[(GuestAddress(0), 0x20_0000)], crate::memory::Tracking::Off).expect("memory")
 }
 
 pub(super) fn rng_device(mem: &GuestMemoryMmap) -> VirtioPci {

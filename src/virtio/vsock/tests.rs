@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{Epoll, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -25,7 +26,7 @@ const GUEST: u64 = 3;
 const HDR: u32 = HEADER_LEN as u32;
 
 fn memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory")
+    crate::memory::from_ranges(&[(GuestAddress(0), MEM_SIZE)], crate::memory::Tracking::Off).expect("guest memory")
 }
 
 /// The driver's side of one queue, in raw memory, so that it can write what a hostile driver

@@ -19,7 +19,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{Epoll, EventSet};
 
 use super::muxer::Muxer;
