@@ -247,7 +247,7 @@ proptest! {
         let image = disk_image();
         // Either engine: the guest's chains must meet the same checks.
         let engine = if io_uring { DiskEngine::IoUring } else { DiskEngine::Sync };
-        let block = Block::new(&DiskConfig { readonly, engine, ..DiskConfig::new(image.path().to_path_buf()) }).expect("disk");
+        let block = Block::new(&DiskConfig { readonly, engine, ..DiskConfig::new(image.path().to_path_buf()) }, 1).expect("disk");
         let mut activation = activation(&mem, vec![Some(guest.install(&mem, 0, QUEUE_SIZE))], guest.event_idx);
         if flush {
             activation.features |= 1 << virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
@@ -510,7 +510,7 @@ fn block_rings_laid_over_each_other_break_the_device_instead_of_spinning() {
     assert!(queue.is_valid(&mem), "the transport accepts these rings");
     let active = ActiveQueue { queue, kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd") };
     let image = disk_image();
-    let block = Block::new(&DiskConfig { readonly: true, ..DiskConfig::new(image.path().to_path_buf()) }).expect("disk");
+    let block = Block::new(&DiskConfig { readonly: true, ..DiskConfig::new(image.path().to_path_buf()) }, 1).expect("disk");
     let mut requests = by_hand(&block, activation(&mem, vec![Some(active)], false));
     assert!(within_seconds(move || requests.handle(REQUESTS as u64)).is_err(), "the device says it is broken");
 }

@@ -221,7 +221,7 @@ mod tests {
         use crate::virtio::block::Block;
         let image = tempfile::NamedTempFile::new().expect("image");
         image.as_file().set_len(1 << 20).expect("size");
-        let mut disk = Block::new(&DiskConfig::new(image.path())).expect("disk");
+        let mut disk = Block::new(&DiskConfig::new(image.path()), 1).expect("disk");
         let saved = VirtioDevice::save_state(&disk);
         assert_eq!(saved, DeviceState::Block { sectors: 2048 });
         assert!(VirtioDevice::restore_state(&mut disk, &saved).is_ok());
