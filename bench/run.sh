@@ -41,7 +41,7 @@ usage: bench/run.sh [--rows LIST] [--runs N] [--quick] [--out DIR] [--bin-dir DI
                 them (a missing lguest leaves its column empty)
 Environment: LGUEST_CACHE, LAB_OUT as for lab/run.sh; BENCH_PIN=0|1: the disk and network rows'
 thread placement (default 0: left to the lab's scheduler; see bench/README.md).
-BENCH_DISK_VARS='CPUS=2 VMMS="lguest lguest-q1 qemu-uring"': only part of the disk row (developing).
+BENCH_DISK_VARS='CPUS=2 VMMS="lguest lguest-mq qemu-uring"': only part of the disk row (developing).
 EOF
     exit 2
 }

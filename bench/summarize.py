@@ -76,7 +76,7 @@ CATALOG = [
     (11, "fs", "rm", "Shared directory: rm -rf the tree", "ms", "lower", ["qemu"]),
     (11, "fs", "total", "Shared directory: the four phases in all", "ms", "lower", ["qemu"]),
 ]
-PEER_NAMES = {"lguest-q1": "lguest queues=1", "qemu": "QEMU", "qemu-vhost": "QEMU vhost=on", "qemu-uring": "QEMU aio=io_uring", "bare": "bare KVM_RUN loop"}
+PEER_NAMES = {"lguest-mq": "lguest queues=2", "qemu": "QEMU", "qemu-vhost": "QEMU vhost=on", "qemu-uring": "QEMU aio=io_uring", "bare": "bare KVM_RUN loop"}
 
 
 def parse(lines):
@@ -138,8 +138,8 @@ def disk_catalog():
         for sfx, jobs in (("", "1 job"), ("-4j", "4 jobs")):
             for metric, what, unit in DISK_TESTS:
                 where = f"Disk, {cpus}, {jobs}: {what}"
-                # At 2 vCPUs, lguest's default (a queue per vCPU) against itself on one queue too.
-                peers = both + ["lguest-q1"] if row == "disk-2cpu" else both
+                # At 2 vCPUs, lguest's default (one queue) against itself with a queue per vCPU too.
+                peers = both + ["lguest-mq"] if row == "disk-2cpu" else both
                 entries.append((4, row, metric + sfx, where, unit, "higher", peers))
                 entries.append((4, row, f"cpu-{metric}{sfx}", f"{where}: lab CPU per GiB", "s/GiB", "lower", best))
                 if row == "disk" and not sfx:

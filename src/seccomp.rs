@@ -525,7 +525,7 @@ mod tests {
         let (first, second) = (dir.path().join("a.img"), dir.path().join("b.img"));
         std::fs::write(&first, [1u8; 4096]).expect("first image");
         std::fs::write(&second, [2u8; 8192]).expect("second image");
-        let mut block = crate::virtio::block::Block::new(&DiskConfig::new(&first), 1).expect("disk");
+        let mut block = crate::virtio::block::Block::new(&DiskConfig::new(&first)).expect("disk");
         let changed = std::thread::spawn(move || {
             apply(Role::Api, SeccompAction::Trap).expect("filter installs");
             block.update_backend(BackendUpdate::Medium(DiskConfig::new(second))).map_err(|e| e.to_string())

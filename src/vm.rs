@@ -448,7 +448,7 @@ fn virtio_devices(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<(Vec<Named
         devices.push(("virtio-console", Box::new(console)));
     }
     for disk in &config.disks {
-        let block = Block::new(disk, config.cpus)?;
+        let block = Block::new(disk)?;
         live.disks.push(block.handle());
         devices.push((BLOCK, Box::new(block)));
     }

@@ -249,7 +249,7 @@ proptest! {
         // Either engine: the guest's chains must meet the same checks.
         let engine = if io_uring { DiskEngine::IoUring } else { DiskEngine::Sync };
         // Two request queues; the driver enables the second (at 0x8000) when there is one.
-        let block = Block::new(&DiskConfig { readonly, engine, queues: Some(2), ..DiskConfig::new(image.path().to_path_buf()) }, 1).expect("disk");
+        let block = Block::new(&DiskConfig { readonly, engine, queues: 2, ..DiskConfig::new(image.path().to_path_buf()) }).expect("disk");
         if let Some(second) = &second {
             second.fill_buffers(&mem, &headers);
         }
@@ -520,7 +520,7 @@ fn block_rings_laid_over_each_other_break_the_device_instead_of_spinning() {
     assert!(queue.is_valid(&mem), "the transport accepts these rings");
     let active = ActiveQueue { queue, kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd") };
     let image = disk_image();
-    let block = Block::new(&DiskConfig { readonly: true, ..DiskConfig::new(image.path().to_path_buf()) }, 1).expect("disk");
+    let block = Block::new(&DiskConfig { readonly: true, ..DiskConfig::new(image.path().to_path_buf()) }).expect("disk");
     let mut requests = by_hand(&block, activation(&mem, vec![Some(active)], false));
     assert!(within_seconds(move || requests.handle(REQUESTS as u64)).is_err(), "the device says it is broken");
 }

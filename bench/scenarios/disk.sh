@@ -11,8 +11,8 @@
 # and the exits per I/O. Rows: disk (1 vCPU) and disk-2cpu (2 vCPUs). VMMs alternate, RUNS
 # boots each per row; a run whose guest died is noted and retried once. A VMM whose guest has
 # no disk is noted and not run again. PIN=1: vCPU thread on lab CPU 0, all else on CPU 1.
-# At 2 vCPUs lguest runs twice: with its default request queues (one per vCPU) and as
-# lguest-q1 (queues=1), multiqueue's baseline; QEMU's num-queues is its default (one per vCPU).
+# At 2 vCPUs lguest runs twice: with its default (one request queue) and as lguest-mq
+# (queues=2, one per vCPU); QEMU's num-queues is its default (one per vCPU).
 # CPUS="1 2" and VMMS (default: all of them) narrow the row down while developing.
 . /bench/lib.sh
 [ "$PIN" = 1 ] && taskset -p -c 1 $$ >/dev/null
@@ -72,7 +72,7 @@ for cpus in ${CPUS:-1 2}; do
     [ $cpus = 1 ] || row=disk-${cpus}cpu
     for run in $(seq 1 "$RUNS"); do
         vmms="lguest qemu qemu-uring"
-        [ $cpus = 1 ] || vmms="lguest lguest-q1 qemu qemu-uring"
+        [ $cpus = 1 ] || vmms="lguest lguest-mq qemu qemu-uring"
         for vmm in $vmms; do
             case " $skip " in *" $vmm "*) continue ;; esac
             case " ${VMMS:-$vmm} " in *" $vmm "*) ;; *) continue ;; esac

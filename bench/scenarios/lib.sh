@@ -4,7 +4,7 @@
 # it uses (RUNS=..., SECS=...). Results are printed as lines that bench/summarize.py reads:
 #   BENCH row=ROW vmm=VMM metric=METRIC value=NUMBER unit=UNIT
 #   BENCH-NOTE row=ROW free text (a failed or retried run, a missing device, ...)
-# VMMs: lguest, lguest-q1 (its disks on one request queue), qemu (QEMU microvm, virtio with vhost=off, disks aio=threads), qemu-vhost
+# VMMs: lguest, lguest-mq (its disks with a request queue per vCPU), qemu (QEMU microvm, virtio with vhost=off, disks aio=threads), qemu-vhost
 # (vhost=on) and qemu-uring (disks aio=io_uring).
 # Every wait is bounded: a VMM run has `timeout` around it or a deadline in a poll loop.
 
@@ -48,11 +48,11 @@ vmm_cmd() {
     _vmm=$1 _mem=$2 _cpus=$3 _initrd=$4 _cmdline=$5
     shift 5
     case $_vmm in
-        lguest | lguest-vhost | lguest-q1)
+        lguest | lguest-vhost | lguest-mq)
             _vhost= _queues=
             [ "$_vmm" = lguest-vhost ] && _vhost=,vhost=on
-            # lguest-q1: the disk on one request queue, whatever the vCPUs (multiqueue's baseline).
-            [ "$_vmm" = lguest-q1 ] && _queues=,queues=1
+            # lguest-mq: the disk with a request queue per vCPU (its default is one queue).
+            [ "$_vmm" = lguest-mq ] && _queues=,queues=$_cpus
             CMD="lguest run --kernel $KERNEL --initrd $_initrd --memory ${_mem}M --cpus $_cpus --cmdline '$_cmdline'"
             for _dev in "$@"; do
                 case $_dev in

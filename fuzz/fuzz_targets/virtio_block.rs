@@ -30,15 +30,15 @@ fn disks() -> &'static [Block; 4] {
     static DISKS: OnceLock<[Block; 4]> = OnceLock::new();
     DISKS.get_or_init(|| {
         let open = |readonly, engine| {
-            let config = |path| DiskConfig { readonly, engine, id: Some("fuzz".into()), queues: Some(2), ..DiskConfig::new(path) };
+            let config = |path| DiskConfig { readonly, engine, id: Some("fuzz".into()), queues: 2, ..DiskConfig::new(path) };
             if engine == DiskEngine::Sync {
                 // The disk opens the memfd anew: its own open file keeps the memory alive.
                 let image = MemFile::new(&[0x5a; 0x1_0000]);
-                return Block::new(&config(image.path.clone()), 1).expect("disk");
+                return Block::new(&config(image.path.clone())).expect("disk");
             }
             let path = std::env::temp_dir().join(format!("lguest-fuzz-{}-{readonly}.img", std::process::id()));
             std::fs::write(&path, [0x5a; 0x1_0000]).expect("image file");
-            let block = Block::new(&config(path.clone()), 1).expect("disk");
+            let block = Block::new(&config(path.clone())).expect("disk");
             let _ = std::fs::remove_file(&path);
             block
         };

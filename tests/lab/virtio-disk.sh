@@ -35,8 +35,8 @@ boot() {
 # 1. Read what the host wrote, write what the host then reads: on the default engine
 #    (io_uring, which the lab's kernel has: no note may say lguest fell back), and again on
 #    engine=sync.
-#    The default engine's boot has 2 vCPUs, so the disk has 2 request queues (one per vCPU),
-#    which the guest's driver must use: the reads and writes go through both.
+#    The default engine's boot has 2 vCPUs and a disk with queues=2 (multiqueue), which the
+#    guest's driver must take up, one queue per vCPU: the reads and writes go through both.
 # rw NAME ,OPTIONS [FLAGS...]: case 1 as NAME, with OPTIONS added to the --disk and FLAGS to lguest.
 rw() {
     name=$1 options=$2
@@ -55,8 +55,8 @@ rw() {
     check "$name-host-file" "the image is not the host's first MiB + the guest's second MiB: $(cmp rw.img rw.expected 2>&1)" \
         cmp -s rw.img rw.expected
 }
-rw disk-rw "" --cpus 2
-check disk-rw-queues "the guest's vda has $(field "$vda" queues) hardware queues, not 2 (one per vCPU)" \
+rw disk-rw ,queues=2 --cpus 2
+check disk-rw-queues "the guest's vda has $(field "$vda" queues) hardware queues, not the 2 of queues=2" \
     [ "$(field "$vda" queues)" = 2 ]
 check disk-rw-io-uring "lguest fell back to the sync engine: $(grep -m1 'sync engine' disk-rw.out)" \
     lacks 'serving it with the sync engine' disk-rw.out

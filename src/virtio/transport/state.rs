@@ -221,8 +221,8 @@ mod tests {
 
     /// A disk with `queues` request queues on PCI, over a 1 MiB image.
     fn disk_device(mem: &GuestMemoryMmap, image: &tempfile::NamedTempFile, queues: u16) -> VirtioPci {
-        let config = crate::config::DiskConfig { queues: Some(queues), ..crate::config::DiskConfig::new(image.path()) };
-        let disk = crate::virtio::block::Block::new(&config, 1).expect("disk");
+        let config = crate::config::DiskConfig { queues, ..crate::config::DiskConfig::new(image.path()) };
+        let disk = crate::virtio::block::Block::new(&config).expect("disk");
         VirtioPci::new("disk".into(), Box::new(disk), mem.clone(), 0xc000_0000, Arc::new(MsiRoutes::detached())).expect("device")
     }
 
@@ -291,7 +291,7 @@ mod tests {
         use crate::virtio::block::Block;
         let image = tempfile::NamedTempFile::new().expect("image");
         image.as_file().set_len(1 << 20).expect("size");
-        let mut disk = Block::new(&DiskConfig::new(image.path()), 1).expect("disk");
+        let mut disk = Block::new(&DiskConfig::new(image.path())).expect("disk");
         let saved = VirtioDevice::save_state(&disk);
         assert_eq!(saved, DeviceState::Block { sectors: 2048 });
         assert!(VirtioDevice::restore_state(&mut disk, &saved).is_ok());

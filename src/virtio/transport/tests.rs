@@ -222,7 +222,7 @@ fn a_backend_change_is_refused_by_a_device_without_one_and_sets_the_config_bit_w
     assert!(matches!(dev.update_backend(update()), Err(UpdateError::Unsupported(_))));
     let image = tempfile::NamedTempFile::new().expect("image");
     image.as_file().set_len(1 << 20).expect("size");
-    let block = crate::virtio::block::Block::new(&crate::config::DiskConfig::new(image.path()), 1).expect("disk");
+    let block = crate::virtio::block::Block::new(&crate::config::DiskConfig::new(image.path())).expect("disk");
     let mut disk = VirtioPci::new("disk".into(), Box::new(block), mem.clone(), 0xc000_0000, Arc::new(MsiRoutes::detached()))
         .expect("device");
     let vq = MockSplitQueue::new(&mem, 16);

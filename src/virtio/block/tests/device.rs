@@ -6,30 +6,30 @@ use super::*;
 #[test]
 fn a_writable_image_is_locked_against_a_second_vmm() {
     let file = image();
-    let first = Block::new(&config(&file, false), 1).expect("first open");
+    let first = Block::new(&config(&file, false)).expect("first open");
     for readonly in [false, true] {
-        match Block::new(&config(&file, readonly), 1) {
+        match Block::new(&config(&file, readonly)) {
             Err(e @ Error::Disk { .. }) => assert!(e.to_string().contains("in use by another VMM"), "{e}"),
             other => panic!("a second open (readonly: {readonly}) should fail, got {:?}", other.map(|_| ())),
         }
     }
     drop(first);
-    Block::new(&config(&file, false), 1).expect("free again once the first is gone");
+    Block::new(&config(&file, false)).expect("free again once the first is gone");
 }
 
 #[test]
 fn read_only_images_can_be_shared_but_not_written_meanwhile() {
     let file = image();
-    let first = Block::new(&config(&file, true), 1).expect("first reader");
-    let second = Block::new(&config(&file, true), 1).expect("second reader");
-    assert!(matches!(Block::new(&config(&file, false), 1), Err(Error::Disk { .. })));
+    let first = Block::new(&config(&file, true)).expect("first reader");
+    let second = Block::new(&config(&file, true)).expect("second reader");
+    assert!(matches!(Block::new(&config(&file, false)), Err(Error::Disk { .. })));
     drop((first, second));
-    Block::new(&config(&file, false), 1).expect("writable once the readers are gone");
+    Block::new(&config(&file, false)).expect("writable once the readers are gone");
 }
 
 #[test]
 fn images_that_cannot_be_disks_are_refused_with_a_reason() {
-    let why = |path: &std::path::Path, readonly: bool| match Block::new(&DiskConfig { readonly, ..DiskConfig::new(path) }, 1) {
+    let why = |path: &std::path::Path, readonly: bool| match Block::new(&DiskConfig { readonly, ..DiskConfig::new(path) }) {
         Err(Error::Disk { why, .. }) => why,
         Err(other) => panic!("not a disk error: {other}"),
         Ok(_) => panic!("{} should be refused", path.display()),
@@ -53,7 +53,7 @@ fn images_that_cannot_be_disks_are_refused_with_a_reason() {
 #[test]
 fn a_size_that_is_not_whole_sectors_is_rounded_down() {
     let file = image_with(&pattern(3 * 512 + 100));
-    let block = Block::new(&config(&file, false), 1).expect("disk");
+    let block = Block::new(&config(&file, false)).expect("disk");
     assert_eq!(block.sectors(), 3);
     let mut bench = Bench::new(lock(&block.medium).clone());
     assert_eq!(bench.read(3, 1).0, S_IOERR, "the partial sector is not part of the disk");
@@ -62,7 +62,7 @@ fn a_size_that_is_not_whole_sectors_is_rounded_down() {
 #[test]
 fn config_space_follows_the_spec() {
     let file = image();
-    let block = Block::new(&config(&file, false), 1).expect("disk");
+    let block = Block::new(&config(&file, false)).expect("disk");
     let read = |offset: u64, len: usize| {
         let mut data = vec![0xaa; len];
         block.read_config(offset, &mut data);
@@ -89,7 +89,7 @@ fn config_space_follows_the_spec() {
 
 fn activate_reset_and_activate_again() {
     let file = image();
-    let mut block = Block::new(&config(&file, false), 1).expect("disk");
+    let mut block = Block::new(&config(&file, false)).expect("disk");
     for round in 0..2u8 {
         let (mut driver, queue) = Driver::new();
         let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
@@ -117,7 +117,7 @@ fn activate_reset_and_activate_again() {
 #[test]
 fn activation_without_the_request_queue_fails() {
     let file = image();
-    let mut block = Block::new(&config(&file, false), 1).expect("disk");
+    let mut block = Block::new(&config(&file, false)).expect("disk");
     let (driver, _) = Driver::new();
     let activation = Activation { mem: driver.mem.clone(), queues: vec![None], features: 0, signals: Signals::standalone(1) };
     assert!(block.activate(activation).is_err());
@@ -160,7 +160,7 @@ fn the_rate_limiter_holds_requests_back_in_the_ring_until_its_timer_fires() {
 fn a_new_medium_in_a_running_drive_is_read_from_the_next_request_on() {
     let first = image();
     let second = image_with(&vec![0x5a; 32 * 512]);
-    let mut block = Block::new(&DiskConfig { id: Some("swap".into()), ..config(&first, true) }, 1).expect("block");
+    let mut block = Block::new(&DiskConfig { id: Some("swap".into()), ..config(&first, true) }).expect("block");
     let mut bench = Bench::on_medium(Arc::clone(&block.medium), false, block.handle());
     let (status, _, data) = bench.read(0, 1);
     assert_eq!((status, data), (S_OK, pattern(512)));

@@ -24,7 +24,7 @@ fn spin_until(what: impl Fn() -> bool) {
 
 fn a_guest_submitting_while_the_worker_polls_loses_nothing() {
     let file = image();
-    let mut block = Block::new(&config(&file, false), 1).expect("disk");
+    let mut block = Block::new(&config(&file, false)).expect("disk");
     let (mut driver, mut queue) = Driver::new();
     queue.set_event_idx(true);
     let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");

@@ -61,7 +61,7 @@ fn flush_succeeds() {
 
 fn a_read_only_disk_refuses_every_change_and_leaves_the_file_alone() {
     let file = image();
-    let block = Block::new(&config(&file, true), 1).expect("read-only disk");
+    let block = Block::new(&config(&file, true)).expect("read-only disk");
     assert_ne!(block.features() & bit(VIRTIO_BLK_F_RO), 0);
     assert_eq!(block.features() & (bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)), 0);
     let mut bench = Bench::new(lock(&block.medium).clone());
