@@ -43,6 +43,7 @@ usage: bench/run.sh [--rows LIST] [--runs N] [--quick] [--out DIR] [--bin-dir DI
                 them (a missing lguest leaves its column empty)
 Environment: LGUEST_CACHE, LAB_OUT as for lab/run.sh; BENCH_PIN=0|1: the disk and network rows'
 thread placement (default 0: left to the lab's scheduler; see bench/README.md).
+BENCH_DISK_VARS='CPUS=2 VMMS="lguest lguest-mq qemu-uring"': only part of the disk row (developing).
 EOF
     exit 2
 }
@@ -206,7 +207,7 @@ if want memory; then
     lab_session memory memory.sh "RUNS=$memory_runs" $((memory_runs * 150)) --file "$here/out/initrd-idle.img:/bench/initrd-idle.img"
 fi
 if want disk; then
-    lab_session disk disk.sh "RUNS=$disk_runs SECS=$secs ROUNDS=$rounds PIN=$pin_disk" $((disk_runs * 2 * 3 * (40 + rounds * 8 * (secs + 4)) + 120)) --file "$here/out/initrd-disk.img:/bench/initrd-disk.img"
+    lab_session disk disk.sh "RUNS=$disk_runs SECS=$secs ROUNDS=$rounds PIN=$pin_disk ${BENCH_DISK_VARS:-}" $((disk_runs * (3 + 4) * (40 + rounds * 8 * (secs + 4)) + 120)) --file "$here/out/initrd-disk.img:/bench/initrd-disk.img"
 fi
 if want net; then
     lab_session net net.sh "RUNS=$io_runs SECS=$secs ROUNDS=$rounds PIN=$pin_net" $((io_runs * 4 * (30 + rounds * 3 * (secs + 4)) + 120)) --file "$here/out/initrd-net.img:/bench/initrd-net.img" \

@@ -164,6 +164,7 @@ fn virtio_disks_read_write_refuse_writes_when_readonly_mount_ext4_survive_kill_9
                 "disk-rw-id",
                 "disk-rw-guest-write",
                 "disk-rw-host-file",
+                "disk-rw-queues",
                 "disk-rw-io-uring",
                 "disk-rw-sync-exit",
                 "disk-rw-sync-done",

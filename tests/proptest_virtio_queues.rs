@@ -237,6 +237,7 @@ proptest! {
     #[test]
     fn block_any_request_chain_yields_a_used_entry_or_needs_reset(
         guest in guest_queue(QUEUE_SIZE),
+        second in prop::option::of(guest_queue(QUEUE_SIZE)),
         headers in prop::collection::vec(header(), 1..8),
         readonly in any::<bool>(),
         flush in any::<bool>(),
@@ -248,14 +249,23 @@ proptest! {
         let image = disk_image();
         // Either engine: the guest's chains must meet the same checks.
         let engine = if io_uring { DiskEngine::IoUring } else { DiskEngine::Sync };
-        let block = Block::new(&DiskConfig { readonly, engine, ..DiskConfig::new(image.path().to_path_buf()) }).expect("disk");
-        let mut activation = activation(&mem, vec![Some(guest.install(&mem, 0, QUEUE_SIZE))], guest.event_idx);
+        // Two request queues; the driver enables the second (at 0x8000) when there is one.
+        let block = Block::new(&DiskConfig { readonly, engine, queues: 2, ..DiskConfig::new(image.path().to_path_buf()) }).expect("disk");
+        if let Some(second) = &second {
+            second.fill_buffers(&mem, &headers);
+        }
+        let queues = vec![Some(guest.install(&mem, 0, QUEUE_SIZE)), second.as_ref().map(|second| second.install(&mem, 0x8000, QUEUE_SIZE))];
+        let mut activation = activation(&mem, queues, guest.event_idx);
         if flush {
             activation.features |= 1 << virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
         }
-        let mut requests = by_hand(&block, activation);
-        let served = requests.handle(REQUESTS as u64);
+        // Each queue's handler, as its own worker would serve it (queue i's kick is token i).
+        let mut handlers = HandDriven::activate_each(&block, activation).expect("activation").into_iter();
+        let served = handlers.next().expect("the first queue's handler").handle(REQUESTS as u64);
         check_served(served, &guest, &used(&mem, 0))?;
+        if let (Some(second), Some(mut requests)) = (&second, handlers.next()) {
+            check_served(requests.handle(1), second, &used(&mem, 0x8000))?;
+        }
         prop_assert_eq!(std::fs::metadata(image.path()).expect("image").len(), 16 * 512, "the image changed size");
     }
 

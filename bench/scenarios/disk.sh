@@ -11,6 +11,9 @@
 # and the exits per I/O. Rows: disk (1 vCPU) and disk-2cpu (2 vCPUs). VMMs alternate, RUNS
 # boots each per row; a run whose guest died is noted and retried once. A VMM whose guest has
 # no disk is noted and not run again. PIN=1: vCPU thread on lab CPU 0, all else on CPU 1.
+# At 2 vCPUs lguest runs twice: with its default (one request queue) and as lguest-mq
+# (queues=2, one per vCPU); QEMU's num-queues is its default (one per vCPU).
+# CPUS="1 2" and VMMS (default: all of them) narrow the row down while developing.
 . /bench/lib.sh
 [ "$PIN" = 1 ] && taskset -p -c 1 $$ >/dev/null
 initrd=/bench/initrd-disk.img
@@ -64,12 +67,15 @@ disk_once() {
     disk_costs "$1" "$2"
 }
 
-for cpus in 1 2; do
+for cpus in ${CPUS:-1 2}; do
     row=disk
     [ $cpus = 1 ] || row=disk-${cpus}cpu
     for run in $(seq 1 "$RUNS"); do
-        for vmm in lguest qemu qemu-uring; do
+        vmms="lguest qemu qemu-uring"
+        [ $cpus = 1 ] || vmms="lguest lguest-mq qemu qemu-uring"
+        for vmm in $vmms; do
             case " $skip " in *" $vmm "*) continue ;; esac
+            case " ${VMMS:-$vmm} " in *" $vmm "*) ;; *) continue ;; esac
             disk_once $row $vmm $cpus || disk_once $row $vmm $cpus || true
         done
     done

@@ -4,7 +4,7 @@
 # it uses (RUNS=..., SECS=...). Results are printed as lines that bench/summarize.py reads:
 #   BENCH row=ROW vmm=VMM metric=METRIC value=NUMBER unit=UNIT
 #   BENCH-NOTE row=ROW free text (a failed or retried run, a missing device, ...)
-# VMMs: lguest, qemu (QEMU microvm, virtio with vhost=off, disks aio=threads), qemu-vhost
+# VMMs: lguest, lguest-mq (its disks with a request queue per vCPU), qemu (QEMU microvm, virtio with vhost=off, disks aio=threads), qemu-vhost
 # (vhost=on) and qemu-uring (disks aio=io_uring).
 # Every wait is bounded: a VMM run has `timeout` around it or a deadline in a poll loop.
 
@@ -48,13 +48,15 @@ vmm_cmd() {
     _vmm=$1 _mem=$2 _cpus=$3 _initrd=$4 _cmdline=$5
     shift 5
     case $_vmm in
-        lguest | lguest-vhost)
-            _vhost=
+        lguest | lguest-vhost | lguest-mq)
+            _vhost= _queues=
             [ "$_vmm" = lguest-vhost ] && _vhost=,vhost=on
+            # lguest-mq: the disk with a request queue per vCPU (its default is one queue).
+            [ "$_vmm" = lguest-mq ] && _queues=,queues=$_cpus
             CMD="lguest run --kernel $KERNEL --initrd $_initrd --memory ${_mem}M --cpus $_cpus --cmdline '$_cmdline'"
             for _dev in "$@"; do
                 case $_dev in
-                    disk=*) CMD="$CMD --disk ${_dev#disk=}" ;;
+                    disk=*) CMD="$CMD --disk ${_dev#disk=}$_queues" ;;
                     net=*) CMD="$CMD --net tap=${_dev#net=}$_vhost,mac=$MAC" ;;
                     rng) CMD="$CMD --rng" ;;
                     vsock=*) _v=${_dev#vsock=}; CMD="$CMD --vsock cid=${_v%%:*},uds=${_v#*:}" ;;

@@ -5,7 +5,10 @@
 //! kick. A guest could otherwise make the VMM panic, read or write outside the image, or
 //! `preadv` into memory that isn't the guest's. Every request must end in a status byte, a
 //! dropped chain or NEEDS_RESET. The fuzzer also picks the engine (sync or io_uring): what the
-//! guest forges must meet the same checks whichever engine carries the I/O out.
+//! guest forges must meet the same checks whichever engine carries the I/O out. The disks have
+//! two request queues (VIRTIO_BLK_F_MQ); the fuzzer may forge the second too, in the same
+//! memory as the first (its rings may lie over the first's), and each queue is served by its
+//! own handler, as by its own worker.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -13,9 +16,9 @@ use std::sync::OnceLock;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use lguest::config::{DiskConfig, DiskEngine};
-use lguest::virtio::block::{Block, REQUESTS};
+use lguest::virtio::block::{Block, QUEUE_SIZE};
 use lguest::virtio::{feature, ActiveQueue, Activation, Signals};
-use lguest_fuzz::{by_hand, memory, Guest, MemFile};
+use lguest_fuzz::{each_by_hand, memory, Guest, MemFile};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Four 64 KiB disks, writable and read-only on each engine, opened once: the image is the
@@ -27,7 +30,7 @@ fn disks() -> &'static [Block; 4] {
     static DISKS: OnceLock<[Block; 4]> = OnceLock::new();
     DISKS.get_or_init(|| {
         let open = |readonly, engine| {
-            let config = |path| DiskConfig { readonly, engine, id: Some("fuzz".into()), ..DiskConfig::new(path) };
+            let config = |path| DiskConfig { readonly, engine, id: Some("fuzz".into()), queues: 2, ..DiskConfig::new(path) };
             if engine == DiskEngine::Sync {
                 // The disk opens the memfd anew: its own open file keeps the memory alive.
                 let image = MemFile::new(&[0x5a; 0x1_0000]);
@@ -54,12 +57,15 @@ struct Input {
     io_uring: bool,
     flush: bool,
     guest: Guest,
+    /// The second request queue, if the driver enabled it.
+    second: Option<Guest>,
 }
 
 fuzz_target!(|input: Input| {
     let mem = memory();
-    let Some(queue) = input.guest.install(&mem, lguest::virtio::block::QUEUE_SIZE) else { return };
-    let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    let Some(queue) = input.guest.install(&mem, QUEUE_SIZE) else { return };
+    let second = input.second.as_ref().and_then(|guest| guest.install(&mem, QUEUE_SIZE));
+    let active = |queue| ActiveQueue { queue, kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd") };
     let mut features = feature::VERSION_1;
     if input.guest.event_idx {
         features |= feature::RING_EVENT_IDX;
@@ -67,9 +73,15 @@ fuzz_target!(|input: Input| {
     if input.flush {
         features |= 1 << virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
     }
-    let activation = Activation { mem, queues: vec![Some(ActiveQueue { queue, kick })], features, signals: Signals::standalone(1) };
+    if second.is_some() {
+        features |= 1 << virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_F_MQ;
+    }
+    let queues = vec![Some(active(queue)), second.map(active)];
+    let activation = Activation { mem, queues, features, signals: Signals::standalone(2) };
     let block = &disks()[usize::from(input.readonly) + 2 * usize::from(input.io_uring)];
-    let mut requests = by_hand(block, activation);
-    // An Err is the device declaring itself broken (NEEDS_RESET): allowed. A panic is not.
-    let _ = requests.handle(REQUESTS as u64);
+    // Queue i's handler, kicked on its token i. An Err is the device declaring itself broken
+    // (NEEDS_RESET): allowed. A panic is not.
+    for (index, mut requests) in each_by_hand(block, activation).into_iter().enumerate() {
+        let _ = requests.handle(index as u64);
+    }
 });

@@ -56,6 +56,12 @@ pub fn poke(mem: &GuestMemoryMmap, at: u64, bytes: &[u8]) {
     }
 }
 
+/// Every handler of `device` for `activation` (one per worker it would start), each driven by
+/// hand as [`by_hand`]'s.
+pub fn each_by_hand<D: Device>(device: &D, activation: Activation) -> Vec<HandDriven<D::Handler>> {
+    HandDriven::activate_each(device, activation).expect("the activation has the queues the device needs")
+}
+
 /// `device`'s handler for `activation`, driven by hand as its worker thread would drive it:
 /// `handle(token)` is an event on the fd registered as `token` (queue *i*'s kick is token *i*).
 pub fn by_hand<D: Device>(device: &D, activation: Activation) -> HandDriven<D::Handler> {

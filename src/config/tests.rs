@@ -108,9 +108,11 @@ fn disks_with_options() {
     assert_eq!(parse_disk("b.img").ok(), Some(DiskConfig::new("b.img")));
     assert_eq!(parse_disk("d.img,engine=sync").map(|d| d.engine).ok(), Some(DiskEngine::Sync));
     assert_eq!(parse_disk("d.img,engine=io_uring").map(|d| d.engine).ok(), Some(DiskEngine::IoUring));
+    assert_eq!(parse_disk("d.img,queues=2").map(|d| d.queues).ok(), Some(2));
+    assert_eq!(parse_disk("d.img,queues=16").map(|d| d.queues).ok(), Some(16));
     let limited = parse_disk("c.img,bw_size=1048576,bw_refill_time=100,ops_size=10,ops_refill_time=1000").expect("valid");
     assert!(limited.rate_limit.bandwidth.is_some() && limited.rate_limit.ops.is_some());
-    for bad in ["", ",readonly", "a.img,ro", "a.img,engine=aio", "a.img,engine=", "a.img,id=", "a.img,id=123456789012345678901", "a.img,bw_size=5", "a.img,ops_size=x,ops_refill_time=1"] {
+    for bad in ["", ",readonly", "a.img,ro", "a.img,engine=aio", "a.img,engine=", "a.img,queues=0", "a.img,queues=17", "a.img,queues=two", "a.img,id=", "a.img,id=123456789012345678901", "a.img,bw_size=5", "a.img,ops_size=x,ops_refill_time=1"] {
         assert!(matches!(parse_disk(bad), Err(Error::BadFlag { flag: "--disk", .. })), "{bad}");
     }
 }

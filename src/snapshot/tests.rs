@@ -88,6 +88,10 @@ fn wrong_version_truncated_corrupt_and_foreign_files_are_refused() {
     let mut newer = bytes.clone();
     newer[8..12].copy_from_slice(&(VERSION + 1).to_le_bytes());
     assert_eq!(decode(&newer).err(), Some(FileError::WrongVersion { found: VERSION + 1 }));
+    // Version 1's disks had no queue count (`DiskConfig::queues`): its state would not decode.
+    let mut older = bytes.clone();
+    older[8..12].copy_from_slice(&1u32.to_le_bytes());
+    assert_eq!(decode(&older).err(), Some(FileError::WrongVersion { found: 1 }));
     assert_eq!(decode(&bytes[..bytes.len() - 10]).err(), Some(FileError::Truncated { missing: 10 }));
     assert!(matches!(decode(&bytes[..15]), Err(FileError::Truncated { .. })));
     let mut longer = bytes.clone();

@@ -112,7 +112,10 @@ impl Device for Console {
     type Handler = ConsoleWorker;
     const DEVICE_TYPE: u32 = device_type::CONSOLE;
     const WORKER_NAME: &'static str = "virtio-console";
-    const QUEUE_SIZES: &'static [u16] = &[256, 256];
+
+    fn queue_sizes(&self) -> &[u16] {
+        &[256, 256]
+    }
 
     // No features, and so nothing in the config space (5.3.4: cols, rows, max_nr_ports,
     // emerg_wr) means anything to a driver without F_SIZE, MULTIPORT or EMERG_WRITE: all of it

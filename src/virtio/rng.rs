@@ -49,7 +49,10 @@ impl Device for Rng {
     type Handler = RngWorker;
     const DEVICE_TYPE: u32 = device_type::RNG;
     const WORKER_NAME: &'static str = "virtio-rng";
-    const QUEUE_SIZES: &'static [u16] = &[QUEUE_SIZE];
+
+    fn queue_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
 
     fn handler(&self, mut activation: Activation) -> Result<RngWorker, ActivateError> {
         let active = activation.take_queue(REQUESTS, "request")?;

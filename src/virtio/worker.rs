@@ -103,7 +103,16 @@ impl<W: DeviceWorker> HandDriven<W> {
     ///
     /// [`VirtioDevice::activate`]: super::VirtioDevice::activate
     pub fn activate<D: Device<Handler = W>>(device: &D, activation: Activation) -> Result<HandDriven<W>, ActivateError> {
-        let mut handler = device.handler(activation)?;
+        HandDriven::on_epoll(device.handler(activation)?)
+    }
+
+    /// Every handler of an activation ([`Device::handlers`]: one per queue of a multiqueue
+    /// disk), each driven by hand as its own worker would drive it.
+    pub fn activate_each<D: Device<Handler = W>>(device: &D, activation: Activation) -> Result<Vec<HandDriven<W>>, ActivateError> {
+        device.handlers(activation)?.into_iter().map(HandDriven::on_epoll).collect()
+    }
+
+    fn on_epoll(mut handler: W) -> Result<HandDriven<W>, ActivateError> {
         let epoll = Epoll::new().map_err(ActivateError::WorkerThread)?;
         handler.register(&epoll).map_err(ActivateError::WorkerThread)?;
         Ok(HandDriven { handler, epoll })

@@ -35,13 +35,16 @@ boot() {
 # 1. Read what the host wrote, write what the host then reads: on the default engine
 #    (io_uring, which the lab's kernel has: no note may say lguest fell back), and again on
 #    engine=sync.
-# rw NAME [,OPTIONS]: case 1 as NAME, with OPTIONS added to the --disk.
+#    The default engine's boot has 2 vCPUs and a disk with queues=2 (multiqueue), which the
+#    guest's driver must take up, one queue per vCPU: the reads and writes go through both.
+# rw NAME ,OPTIONS [FLAGS...]: case 1 as NAME, with OPTIONS added to the --disk and FLAGS to lguest.
 rw() {
-    name=$1
+    name=$1 options=$2
+    shift 2
     pattern host $((2 * MiB)) >rw.img
     host_md5=$(md5 <rw.img)
     { pattern host $MiB; pattern guest $MiB; } >rw.expected
-    boot "$name" --disk "/tmp/rw.img,id=lguest-rw$2" --cmdline "$cmdline lguest.disk.write=vda"
+    boot "$name" --disk "/tmp/rw.img,id=lguest-rw$options" --cmdline "$cmdline lguest.disk.write=vda" "$@"
     vda=$(said "$name.out" "LGUEST-DISK vda")
     check "$name-read" "the guest's vda: '${vda:-none}'; the host file has size=$((2 * MiB)) md5=$host_md5" \
         [ "$(field "$vda" size)/$(field "$vda" md5)" = "$((2 * MiB))/$host_md5" ]
@@ -52,7 +55,9 @@ rw() {
     check "$name-host-file" "the image is not the host's first MiB + the guest's second MiB: $(cmp rw.img rw.expected 2>&1)" \
         cmp -s rw.img rw.expected
 }
-rw disk-rw
+rw disk-rw ,queues=2 --cpus 2
+check disk-rw-queues "the guest's vda has $(field "$vda" queues) hardware queues, not the 2 of queues=2" \
+    [ "$(field "$vda" queues)" = 2 ]
 check disk-rw-io-uring "lguest fell back to the sync engine: $(grep -m1 'sync engine' disk-rw.out)" \
     lacks 'serving it with the sync engine' disk-rw.out
 rw disk-rw-sync ,engine=sync

@@ -85,14 +85,16 @@ pub trait Engine: Send {
 /// An engine as the device and its worker share it: the worker takes it for each batch.
 pub type SharedEngine = Arc<Mutex<dyn Engine>>;
 
-/// Picks the engine `config` asks for: io_uring when asked or, by default, when the host has
-/// it (with a note when it hasn't); one line saying what to do when asked for and missing.
-pub fn choose(config: &DiskConfig) -> crate::error::Result<SharedEngine> {
+/// Picks the engine `config` asks for, one for each of the disk's `queues` (each queue's worker
+/// drives its own: an io_uring is not shared between threads): io_uring when asked or, by
+/// default, when the host has it (with a note when it hasn't); one line saying what to do when
+/// asked for and missing.
+pub fn choose(config: &DiskConfig, queues: usize) -> crate::error::Result<Vec<SharedEngine>> {
     if config.engine == DiskEngine::Sync {
-        return Ok(Arc::new(Mutex::new(SyncEngine)));
+        return Ok(sync_engines(queues));
     }
-    match Ring::new() {
-        Ok(ring) => Ok(Arc::new(Mutex::new(ring))),
+    match (0..queues).map(|_| Ring::new()).collect::<io::Result<Vec<Ring>>>() {
+        Ok(rings) => Ok(rings.into_iter().map(|ring| Arc::new(Mutex::new(ring)) as SharedEngine).collect()),
         Err(e) if config.engine == DiskEngine::IoUring => Err(Error::Disk {
             path: config.path.clone(),
             why: format!("engine=io_uring: this host's io_uring can't be used ({e}); use engine=sync"),
@@ -103,9 +105,13 @@ pub fn choose(config: &DiskConfig) -> crate::error::Result<SharedEngine> {
                  (add engine=sync to say so and silence this note)",
                 config.path.display()
             );
-            Ok(Arc::new(Mutex::new(SyncEngine)))
+            Ok(sync_engines(queues))
         }
     }
+}
+
+fn sync_engines(queues: usize) -> Vec<SharedEngine> {
+    (0..queues).map(|_| Arc::new(Mutex::new(SyncEngine)) as SharedEngine).collect()
 }
 
 /// One system call per operation, in order, on the worker thread.

@@ -28,12 +28,14 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{Epoll, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::coalesce::Coalescer;
 use super::disk::{Disk, SECTOR_SHIFT, SECTOR_SIZE};
 use super::engine::{Job, Op, SharedEngine};
-use super::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, REQUESTS};
+use super::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
 use crate::bus::lock;
+use crate::config::MAX_DISK_QUEUES;
 use crate::control::DiskHandle;
 use crate::rate_limiter::{self, RateLimiter};
 use crate::seccomp::Role;
@@ -54,11 +56,25 @@ pub const MAX_DESCRIPTORS: usize = 1024;
 /// length is a forgery, and failing it keeps one request from holding the disk for long.
 pub const MAX_REQUEST_BYTES: u64 = 1 << 30;
 
-/// The token of the rate limiter's timer, after the queue's kick.
-pub const RATE_LIMIT_TIMER: u64 = REQUESTS as u64 + 1;
+/// The token of the rate limiter's timer, after every queue's kick.
+pub const RATE_LIMIT_TIMER: u64 = MAX_DISK_QUEUES as u64;
 
-/// The one request queue and everything needed to serve it.
+/// One of the disk's request queues, as its worker gets it.
+pub struct QueueSlot {
+    /// The queue's index: its kick's token and its interrupt.
+    pub index: usize,
+    pub active: ActiveQueue,
+    /// The queue's own engine (an io_uring is driven by one thread).
+    pub engine: SharedEngine,
+    /// Every served queue's kick, by index, this one's too: how the worker that sees the rate
+    /// limiter's timer wakes the others.
+    pub kicks: Arc<[(usize, EventFd)]>,
+}
+
+/// A request queue and everything needed to serve it.
 pub struct RequestQueue {
+    index: usize,
+    kicks: Arc<[(usize, EventFd)]>,
     active: ActiveQueue,
     mem: GuestMemoryMmap,
     signals: Signals,
@@ -83,13 +99,13 @@ impl RequestQueue {
     /// (virtio spec 1.2, 5.2.5: no FLUSH means a write-through cache).
     pub fn new(
         medium: Arc<Mutex<Arc<Disk>>>,
-        engine: SharedEngine,
+        slot: QueueSlot,
         mem: GuestMemoryMmap,
-        active: ActiveQueue,
         signals: Signals,
         flush_negotiated: bool,
         live: DiskHandle,
     ) -> RequestQueue {
+        let QueueSlot { index, active, engine, kicks } = slot;
         let taken = Vec::with_capacity(usize::from(active.queue.size()));
         let disk = lock(&medium).clone();
         let requests = Requests {
@@ -101,6 +117,8 @@ impl RequestQueue {
             metrics: Arc::clone(&live.metrics),
         };
         RequestQueue {
+            index,
+            kicks,
             active,
             mem,
             signals,
@@ -121,7 +139,8 @@ impl RequestQueue {
     /// submitted all it will or has gone quiet. Returns once the driver has added nothing more
     /// since we re-enabled its notifications, with no interrupt left owed.
     pub(super) fn serve(&mut self) -> Result<(), QueueError> {
-        let Self { active, mem, signals, medium, engine, requests, live, taken, used_batch, coalescer } = self;
+        let Self { index, kicks: _, active, mem, signals, medium, engine, requests, live, taken, used_batch, coalescer } = self;
+        let index = *index;
         let current = lock(medium);
         if !Arc::ptr_eq(&current, &requests.disk) {
             requests.disk = Arc::clone(&current);
@@ -170,7 +189,7 @@ impl RequestQueue {
                 if !owed {
                     return Ok(Pass::Drained(served));
                 }
-                match wait_for_more(queue, mem, coalescer, signals, &mut owed, polling_ends)? {
+                match wait_for_more(queue, mem, coalescer, (signals, index), &mut owed, polling_ends)? {
                     Polled::More => {}
                     Polled::Quiet => return Ok(Pass::Drained(served)),
                     Polled::TimeUp => {
@@ -185,9 +204,20 @@ impl RequestQueue {
         // Whatever ended the serving (an idle ring, the rate limit, a broken ring), what was
         // published is announced.
         if owed {
-            signal(signals, coalescer, &mut owed);
+            signal((signals, index), coalescer, &mut owed);
         }
         served.map(drop)
+    }
+}
+
+impl RequestQueue {
+    /// The rate limiter's timer fired and this worker read it: the other queues' workers,
+    /// whose epolls watch the same timer, may have found it already read, so they are kicked
+    /// to look at their rings again (one held back by the limit goes on now).
+    fn wake_siblings(&self) {
+        for (_, kick) in self.kicks.iter().filter(|(index, _)| *index != self.index) {
+            let _ = kick.write(1);
+        }
     }
 }
 
@@ -211,18 +241,18 @@ fn wait_for_more(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     coalescer: &mut Coalescer,
-    signals: &Signals,
+    interrupt: (&Signals, usize),
     owed: &mut bool,
     polling_ends: Instant,
 ) -> Result<Polled, QueueError> {
     loop {
         let now = Instant::now();
         if now >= polling_ends {
-            signal(signals, coalescer, owed);
+            signal(interrupt, coalescer, owed);
             return Ok(Polled::TimeUp);
         }
         if coalescer.due(now) {
-            signal(signals, coalescer, owed);
+            signal(interrupt, coalescer, owed);
             return Ok(Polled::Quiet);
         }
         if queue.avail_idx(mem, Ordering::Acquire)?.0 != queue.next_avail() {
@@ -233,10 +263,10 @@ fn wait_for_more(
     }
 }
 
-/// Sends the held interrupt, if the driver asked for one.
-fn signal(signals: &Signals, coalescer: &mut Coalescer, owed: &mut bool) {
+/// Sends the held interrupt (of queue `index`), if the driver asked for one.
+fn signal((signals, index): (&Signals, usize), coalescer: &mut Coalescer, owed: &mut bool) {
     if std::mem::take(owed) {
-        signals.used_queue(REQUESTS);
+        signals.used_queue(index);
     }
     coalescer.signalled(Instant::now());
 }
@@ -249,13 +279,14 @@ impl DeviceWorker for RequestQueue {
     }
 
     fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
-        watch(epoll, &self.active.kick, REQUESTS as u64)?;
+        watch(epoll, &self.active.kick, self.index as u64)?;
         self.live.limiter.watch(epoll, RATE_LIMIT_TIMER)
     }
 
     fn handle(&mut self, _: &Epoll, token: u64, _: EventSet) -> Result<(), QueueError> {
         if self.live.limiter.timer_event(token, RATE_LIMIT_TIMER) {
             self.live.metrics.rate_limiter_event_count.inc();
+            self.wake_siblings();
         } else {
             // Only the count is consumed; what was kicked is whatever the ring says.
             clear_kick(&self.active.kick);

@@ -108,7 +108,10 @@ impl Device for Fs {
     type Handler = FsWorker;
     const DEVICE_TYPE: u32 = device_type::FS;
     const WORKER_NAME: &'static str = "virtio-fs";
-    const QUEUE_SIZES: &'static [u16] = &[QUEUE_SIZE, QUEUE_SIZE];
+
+    fn queue_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
 
     fn config_space(&self) -> &[u8] {
         &self.config

@@ -197,7 +197,10 @@ impl Device for Net {
     type Handler = NetWorker;
     const DEVICE_TYPE: u32 = device_type::NET;
     const WORKER_NAME: &'static str = "virtio-net";
-    const QUEUE_SIZES: &'static [u16] = &[QUEUE_SIZE, QUEUE_SIZE];
+
+    fn queue_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
 
     fn offered_features(&self) -> u64 {
         match self.backend {

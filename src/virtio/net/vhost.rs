@@ -113,7 +113,10 @@ impl Device for VhostNet {
     type Handler = VhostRings;
     const DEVICE_TYPE: u32 = device_type::NET;
     const WORKER_NAME: &'static str = "vhost-net";
-    const QUEUE_SIZES: &'static [u16] = &[QUEUE_SIZE, QUEUE_SIZE];
+
+    fn queue_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
 
     fn offered_features(&self) -> u64 {
         OFFERED_FEATURES

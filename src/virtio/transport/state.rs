@@ -145,8 +145,12 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use crate::memory::GuestMemoryMmap;
 
-    use super::super::tests::{memory, rng_device, start, write};
+    use std::sync::Arc;
+
+    use super::super::tests::{memory, negotiate, rng_device, start, write, ACKNOWLEDGE_DRIVER};
+    use super::super::MsiRoutes;
     use super::*;
+    use crate::virtio::feature;
     use crate::virtio::rng::Rng;
     use crate::virtio::{wait_until, DeviceState, VirtioDevice};
 
@@ -213,6 +217,72 @@ mod tests {
         assert!(refused(&|s| s.transport.driver_features = 1 << 50), "a feature never offered");
         assert!(refused(&|s| s.device = DeviceState::Vsock { cid: 3 }));
         assert!(!refused(&|_| ()), "the state as saved fits");
+    }
+
+    /// A disk with `queues` request queues on PCI, over a 1 MiB image.
+    fn disk_device(mem: &GuestMemoryMmap, image: &tempfile::NamedTempFile, queues: u16) -> VirtioPci {
+        let config = crate::config::DiskConfig { queues, ..crate::config::DiskConfig::new(image.path()) };
+        let disk = crate::virtio::block::Block::new(&config).expect("disk");
+        VirtioPci::new("disk".into(), Box::new(disk), mem.clone(), 0xc000_0000, Arc::new(MsiRoutes::detached())).expect("device")
+    }
+
+    /// The driver's path to DRIVER_OK with a disk's queue `i` on `vqs[i]`, multiqueue accepted.
+    fn start_disk(dev: &mut VirtioPci, vqs: &[MockSplitQueue<GuestMemoryMmap>]) {
+        let mq = 1 << virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_F_MQ;
+        negotiate(dev, feature::VERSION_1 | mq);
+        for (index, vq) in vqs.iter().enumerate() {
+            write(dev, 0x16, index as u64, 2);
+            write(dev, 0x18, 16, 2);
+            write(dev, 0x20, vq.desc_table_addr().0, 8);
+            write(dev, 0x28, vq.avail_addr().0, 8);
+            write(dev, 0x30, vq.used_addr().0, 8);
+            write(dev, 0x1c, 1, 2);
+        }
+        let ready = ACKNOWLEDGE_DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        write(dev, 0x14, u64::from(ready), 1);
+    }
+
+    /// Reads sector 0 on queue `index` as the chain at descriptor `at` and waits until the
+    /// device used it.
+    fn read_on(dev: &mut VirtioPci, vqs: &[MockSplitQueue<GuestMemoryMmap>], index: usize, at: u16) {
+        let written = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+        let next = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+        let base = 0x10_0000 + index as u64 * 0x4000 + u64::from(at) * 0x400;
+        let chain = [
+            Descriptor::new(base, 16, next, at + 1),
+            Descriptor::new(base + 0x100, 512, written | next, at + 2),
+            Descriptor::new(base + 0x300, 1, written, 0),
+        ];
+        let before = vqs[index].used().idx().load();
+        vqs[index].add_desc_chains(&chain.map(Into::into), at).expect("chain");
+        write(dev, NOTIFY_AT + index as u64 * 4, index as u64, 2);
+        wait_until(|| vqs[index].used().idx().load() == before + 1);
+    }
+
+    #[test]
+    fn a_multiqueue_disk_saves_every_queue_and_goes_on_serving_each_where_it_stopped() {
+        let mem = memory();
+        let image = tempfile::NamedTempFile::new().expect("image");
+        image.as_file().set_len(1 << 20).expect("size");
+        let vqs = [MockSplitQueue::new(&mem, 16), MockSplitQueue::create(&mem, vm_memory::GuestAddress(0x8000), 16)];
+        let mut dev = disk_device(&mem, &image, 2);
+        start_disk(&mut dev, &vqs);
+        read_on(&mut dev, &vqs, 0, 0);
+        read_on(&mut dev, &vqs, 1, 0);
+        read_on(&mut dev, &vqs, 1, 3);
+        dev.pause();
+        let saved = dev.save_state();
+        let positions: Vec<u16> = saved.transport.queues.iter().map(|queue| queue.next_used).collect();
+        assert_eq!(positions, [1, 2], "each queue's own position");
+        drop(dev);
+
+        assert!(disk_device(&mem, &image, 1).restore_state(&saved).is_err(), "a disk with one queue refuses two");
+        let mut back = disk_device(&mem, &image, 2);
+        back.restore_state(&saved).expect("restored");
+        assert_eq!(back.save_state(), saved, "everything saved comes back");
+        read_on(&mut back, &vqs, 0, 3);
+        read_on(&mut back, &vqs, 1, 6);
+        assert_eq!(back.status & status::NEEDS_RESET, 0);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use super::*;
 use crate::virtio::rng::Rng;
 use virtio_queue::mock::MockSplitQueue;
 
-const ACKNOWLEDGE_DRIVER: u8 = 1 | 2;
+pub(super) const ACKNOWLEDGE_DRIVER: u8 = 1 | 2;
 
 pub(super) fn memory() -> GuestMemoryMmap {
     crate::memory::from_ranges(&[(GuestAddress(0), 0x20_0000)], crate::memory::Tracking::Off).expect("memory")
@@ -29,7 +29,7 @@ fn status(dev: &mut VirtioPci) -> u8 {
     read(dev, 0x14, 1) as u8
 }
 
-fn negotiate(dev: &mut VirtioPci, features: u64) {
+pub(super) fn negotiate(dev: &mut VirtioPci, features: u64) {
     write(dev, 0x14, u64::from(ACKNOWLEDGE_DRIVER), 1);
     for select in 0..2 {
         write(dev, 0x08, select, 4);

@@ -86,7 +86,10 @@ impl Device for Vsock {
     type Handler = VsockWorker;
     const DEVICE_TYPE: u32 = device_type::VSOCK;
     const WORKER_NAME: &'static str = "virtio-vsock";
-    const QUEUE_SIZES: &'static [u16] = &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE];
+
+    fn queue_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]
+    }
 
     fn config_space(&self) -> &[u8] {
         &self.config
