@@ -19,7 +19,7 @@ use super::state::Snapshot;
 
 pub const MAGIC: &[u8; 8] = b"LGSNAPSH";
 /// The format this lguest writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 8 + 4;
 /// Far more than any snapshot's state (254 vCPUs of about 8 KiB each, 31 devices): a larger
 /// file is not one of ours, and is refused before it is read into memory.

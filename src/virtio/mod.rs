@@ -145,6 +145,12 @@ pub trait Device: Send {
     /// The largest size of each queue; their number is the device's queue count.
     const QUEUE_SIZES: &'static [u16];
 
+    /// The queues of this instance, when their number is the user's choice (a network card's
+    /// queue pairs); [`Device::QUEUE_SIZES`] otherwise.
+    fn queue_sizes(&self) -> &[u16] {
+        Self::QUEUE_SIZES
+    }
+
     /// The device-specific feature bits offered to the driver (the transport adds its own).
     fn offered_features(&self) -> u64 {
         0
@@ -159,6 +165,13 @@ pub trait Device: Send {
     /// readies the backend. Everything [`VirtioDevice::activate`] does but start the thread, so
     /// that fuzz targets and property tests can serve the queues synchronously with it.
     fn handler(&self, activation: Activation) -> Result<Self::Handler, ActivateError>;
+
+    /// The handlers an activation is served by, each on a worker thread of its own: one
+    /// ([`Device::handler`]) unless the device splits its queues between threads (a network
+    /// card's queue pairs).
+    fn handlers(&self, activation: Activation) -> Result<Vec<Self::Handler>, ActivateError> {
+        Ok(vec![self.handler(activation)?])
+    }
 
     /// The state every device keeps the same way.
     fn common(&mut self) -> &mut VirtioCommon<Self::Handler>;
@@ -216,7 +229,7 @@ impl<D: Device> VirtioDevice for D {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        D::QUEUE_SIZES
+        self.queue_sizes()
     }
 
     fn features(&self) -> u64 {
@@ -232,16 +245,16 @@ impl<D: Device> VirtioDevice for D {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        if let Some(handler) = self.common().stop() {
+        for handler in self.common().stop() {
             self.stopped(handler);
         }
         let signals = activation.signals.clone();
-        let handler = self.handler(activation)?;
-        self.common().start(D::WORKER_NAME, handler, signals)
+        let handlers = self.handlers(activation)?;
+        self.common().start(D::WORKER_NAME, handlers, signals)
     }
 
     fn reset(&mut self) {
-        if let Some(handler) = self.common().stop() {
+        for handler in self.common().stop() {
             self.stopped(handler);
         }
     }
@@ -271,48 +284,54 @@ fn copy_config(config: &[u8], offset: u64, data: &mut [u8]) {
     data[..len].copy_from_slice(&tail[..len]);
 }
 
-/// What every device keeps the same way: the worker thread serving its queues while the driver
-/// has it activated, or, while the VM is paused, the handler that worker gave back. Dropping it
-/// stops the thread, so that no device outlives its VM's memory on a thread of its own.
+/// What every device keeps the same way: the worker threads serving its queues while the
+/// driver has it activated (one, or one per queue pair of a network card), or, while the VM is
+/// paused, the handlers those workers gave back. Dropping it stops the threads, so that no
+/// device outlives its VM's memory on a thread of its own.
 pub struct VirtioCommon<H: DeviceWorker> {
-    worker: Option<Worker<H>>,
-    /// The handler of a paused device, and the signals its worker had, until it resumes.
-    parked: Option<(H, Signals)>,
+    workers: Vec<Worker<H>>,
+    /// The handlers of a paused device, and the signals their workers had, until it resumes.
+    parked: Option<(Vec<H>, Signals)>,
 }
 
 impl<H: DeviceWorker> Default for VirtioCommon<H> {
     fn default() -> Self {
-        VirtioCommon { worker: None, parked: None }
+        VirtioCommon { workers: Vec::new(), parked: None }
     }
 }
 
 impl<H: DeviceWorker> VirtioCommon<H> {
-    fn start(&mut self, name: &str, handler: H, signals: Signals) -> Result<(), ActivateError> {
-        self.worker = Some(Worker::spawn(name, handler, signals).map_err(ActivateError::WorkerThread)?);
+    fn start(&mut self, name: &str, handlers: Vec<H>, signals: Signals) -> Result<(), ActivateError> {
+        for handler in handlers {
+            let worker = Worker::spawn(name, handler, signals.clone()).map_err(ActivateError::WorkerThread)?;
+            self.workers.push(worker);
+        }
         Ok(())
     }
 
-    /// Stops the worker, if one runs (or is parked), and gives back its handler (with the queues).
-    fn stop(&mut self) -> Option<H> {
-        let parked = self.parked.take().map(|(handler, _)| handler);
-        parked.or_else(|| self.worker.take().and_then(Worker::stop))
-    }
-
-    /// Stops the worker between two events and keeps its handler for [`VirtioCommon::unpark`].
-    /// The worker's epoll is dropped with its thread; a kick that comes meanwhile stays in its
-    /// eventfd and is seen by the next worker.
-    fn park(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            let signals = worker.signals().clone();
-            self.parked = worker.stop().map(|handler| (handler, signals));
+    /// Stops the workers, if any run (or are parked), and gives back their handlers (with the
+    /// queues).
+    fn stop(&mut self) -> Vec<H> {
+        match self.parked.take() {
+            Some((handlers, _)) => handlers,
+            None => self.workers.drain(..).filter_map(Worker::stop).collect(),
         }
     }
 
-    /// Starts a worker again on the parked handler, which registers its fds afresh. A device
+    /// Stops the workers between two events and keeps their handlers for
+    /// [`VirtioCommon::unpark`]. A worker's epoll is dropped with its thread; a kick that comes
+    /// meanwhile stays in its eventfd and is seen by the next worker.
+    fn park(&mut self) {
+        let Some(signals) = self.workers.first().map(|worker| worker.signals().clone()) else { return };
+        let handlers = self.workers.drain(..).filter_map(Worker::stop).collect();
+        self.parked = Some((handlers, signals));
+    }
+
+    /// Starts workers again on the parked handlers, which register their fds afresh. A device
     /// the guest broke stays parked: it serves nothing until the driver resets it.
     fn unpark(&mut self, name: &str) -> Result<(), ActivateError> {
         match self.parked.take() {
-            Some((handler, signals)) if !signals.is_broken() => self.start(name, handler, signals),
+            Some((handlers, signals)) if !signals.is_broken() => self.start(name, handlers, signals),
             parked => {
                 self.parked = parked;
                 Ok(())
@@ -320,9 +339,10 @@ impl<H: DeviceWorker> VirtioCommon<H> {
         }
     }
 
-    /// The handler while the device is paused: what a snapshot reads a device's queues from.
+    /// The first handler while the device is paused: what a snapshot reads a device's queues
+    /// from.
     pub fn parked(&mut self) -> Option<&mut H> {
-        self.parked.as_mut().map(|(handler, _)| handler)
+        self.parked.as_mut().and_then(|(handlers, _)| handlers.first_mut())
     }
 }
 

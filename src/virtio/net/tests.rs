@@ -213,7 +213,6 @@ impl Bench {
         NetStats::of(&self.live.metrics)
     }
 
-
     /// The host sends a frame into the tap.
     fn host_sends(&self, frame: &[u8]) {
         assert_eq!(io::Write::write(&mut &self.host, frame).expect("host send"), frame.len());
@@ -775,7 +774,7 @@ mod real_tap {
 
     /// Runs `test` on a thread of its own (the namespace is per thread), skipping it with a
     /// printed reason only when this host gives us no namespace or no /dev/net/tun.
-    fn in_private_network(name: &str, test: fn()) {
+    pub(super) fn in_private_network(name: &str, test: fn()) {
         let ran = std::thread::spawn(move || private_network().map(|()| test()));
         match ran.join() {
             Ok(Ok(())) => {}
@@ -804,6 +803,11 @@ mod real_tap {
 #[path = "limit_tests.rs"]
 mod limits_each_way;
 /// The worker on passt's link, driven by hand, with a shell script standing in for passt.
-#[cfg(test)]
 #[path = "passt_tests.rs"]
 mod on_passt;
+/// Multi-queue cards: one worker per pair, the control queue, hostile commands.
+#[path = "mq_tests.rs"]
+mod multiqueue;
+/// How the worker paces itself (looking again, publishing as frames land).
+#[path = "pace_tests.rs"]
+mod pacing;

@@ -6,28 +6,35 @@
 //! still sends are dropped).
 //!
 //! A transmit kick sends every waiting frame, up to [`BATCH`], each in one writev straight from
-//! guest memory; a malformed chain is dropped and counted, never sent. The tap becoming readable
-//! delivers frames into receive buffers held from the ring ([`HeldBuffers`]) and publishes
-//! their used entries together ([`UsedBatch`]). While the guest has posted too little room for
+//! guest memory; a malformed chain is dropped and counted, never sent. While a look finds
+//! frames, the worker looks again after its other events with the driver's kicks still off
+//! (a kick is an exit of the guest's vCPU); only a look that finds nothing turns them back on.
+//! The tap becoming readable delivers frames into receive buffers held from the ring
+//! ([`HeldBuffers`]) and publishes their used entries ([`UsedBatch`]): each frame's as it
+//! lands when the driver has EVENT_IDX (its used_event then keeps it to one interrupt a
+//! poll), else the batch's together, with one interrupt. While the guest has posted too little room for
 //! the next frame, the tap is not watched and a receive kick is asked for instead; the same
 //! while the receive rate limiter is owed for frames already delivered (its timer brings the
 //! tap back). A frame over the transmit limiter's budget waits in the ring for its timer.
 
 use std::io;
+use std::sync::Arc;
 
 use virtio_bindings::virtio_net::*;
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use super::ctrl::{Control, QueuePairs};
 use super::rx_buffers::{HeldBuffers, Hold};
 use super::tap::VNET_HDR_LEN;
 use super::{
     bit, tap_offloads, Backend, NetError, BACKEND_OUT, BATCH, HDR_FLAGS, HDR_NUM_BUFFERS, MAX_FRAME_LEN,
-    MAX_UNSEGMENTED_FRAME_LEN, RX, RX_KICK, RX_RATE_TIMER, TAP, TX, TX_KICK, TX_RATE_TIMER,
+    MAX_UNSEGMENTED_FRAME_LEN, CTRL_KICK, RX, RX_KICK, RX_RATE_TIMER, TAP, TX, TX_KICK, TX_RATE_TIMER,
 };
 use crate::control::NetHandle;
 use crate::rate_limiter::{self, RateLimiter};
+use crate::seccomp::Role;
 use crate::virtio::iovec::{IoVecs, MAX_IOVECS};
 use crate::virtio::queue::{
     clear_kick, interrupt_if_wanted, next_chain, serve_until_idle, Chain, Pass, QueueError, UsedBatch,
@@ -58,6 +65,14 @@ pub struct NetWorker {
     tx_error_reported: bool,
     /// The guest has been told its link went down.
     link_down_told: bool,
+    /// The pair's queue indices among the card's, for their interrupts.
+    rx_index: usize,
+    tx_index: usize,
+    /// Which pair of a multi-queue card this is, and the card's pairs (`None`: one pair).
+    pair: usize,
+    pairs: Option<Arc<QueuePairs>>,
+    /// The control queue, on the first pair's worker of a multi-queue card.
+    control: Option<Control>,
 }
 
 impl NetWorker {
@@ -88,7 +103,30 @@ impl NetWorker {
             tap_polled: false,
             tx_error_reported: false,
             link_down_told: false,
+            rx_index: RX,
+            tx_index: TX,
+            pair: 0,
+            pairs: None,
+            control: None,
         }
+    }
+
+    /// Makes this the worker of pair `pair` (queues `2 * pair` and `2 * pair + 1`) of a
+    /// multi-queue card.
+    pub(super) fn for_pair(mut self, pair: usize, pairs: Arc<QueuePairs>) -> NetWorker {
+        (self.pair, self.rx_index, self.tx_index, self.pairs) = (pair, 2 * pair, 2 * pair + 1, Some(pairs));
+        self
+    }
+
+    /// Gives this worker the card's control queue to serve too.
+    pub(super) fn with_control(mut self, control: Control) -> NetWorker {
+        self.control = Some(control);
+        self
+    }
+
+    /// Whether the driver uses this pair: a pair past its count has its tap queue detached.
+    fn pair_active(&self) -> bool {
+        self.pairs.as_ref().is_none_or(|pairs| pairs.is_active(self.pair))
     }
 
     /// Sends every frame waiting in the transmit queue (up to a batch), then interrupts the
@@ -101,7 +139,7 @@ impl NetWorker {
         }
         let tx_error_reported = &mut self.tx_error_reported;
         let mut sent = 0;
-        let pass = serve_until_idle(&mut self.tx.queue, mem, |queue| {
+        let mut pass_over_ring = |queue: &mut Queue| {
             let sent_before = sent;
             loop {
                 if !backend.can_send() {
@@ -123,13 +161,26 @@ impl NetWorker {
                 }
             }
             Ok(Pass::Drained(sent - sent_before))
-        })
-        .map_err(transmit_queue)?;
-        if let (Pass::Yielded(_), true) = (&pass, sent == BATCH) {
-            // Come back for the rest after the other work: our own kick says when.
+        };
+        // While the last look found frames, the driver is likely still sending: look again
+        // after the worker's other events, its kicks still off (each kick costs the guest's
+        // vCPU an exit), as QEMU's transmit bottom half does. Only a look that finds nothing
+        // turns them back on, and sleeps until the next kick.
+        self.tx.queue.disable_notification(mem).map_err(|e| transmit_queue(e.into()))?;
+        let pass = match pass_over_ring(&mut self.tx.queue).map_err(transmit_queue)? {
+            Pass::Drained(0) => serve_until_idle(&mut self.tx.queue, mem, &mut pass_over_ring).map_err(transmit_queue)?,
+            pass => pass,
+        };
+        let look_again = match pass {
+            Pass::Drained(served) => served > 0,
+            // A batch is done: come back for the rest after the other work. (Otherwise the
+            // limiter's timer or passt's room brings us back.)
+            Pass::Yielded(_) => sent == BATCH,
+        };
+        if look_again {
             self.tx.kick.write(1).map_err(|source| NetError::Rekick { queue: "transmit", source })?;
         }
-        interrupt_if_wanted(&mut self.tx.queue, mem, &self.signals, TX, pass.served()).map_err(transmit_queue)
+        interrupt_if_wanted(&mut self.tx.queue, mem, &self.signals, self.tx_index, sent).map_err(transmit_queue)
     }
 
     /// The backend has frames: deliver them while the guest has room, then publish the batch.
@@ -150,6 +201,11 @@ impl NetWorker {
             if !self.receive_frame()? {
                 whole_batch = false;
                 break;
+            }
+            if self.rx.queue.event_idx_enabled() {
+                // The driver sees each frame as it lands (its poll may be running now), and is
+                // interrupted only when its used_event says so: at most once a poll.
+                self.publish_received()?;
             }
         }
         if whole_batch && self.backend.has_frame() {
@@ -175,6 +231,10 @@ impl NetWorker {
         let ready = self.rx_room_ready()?;
         // Chains unfit for frames go back at once.
         self.publish_received()?;
+        if !self.pair_active() {
+            // Switched off by the control queue: its detached tap queue would only report errors.
+            return self.poll_tap(epoll, false).map_err(NetError::Watch);
+        }
         if ready && self.backend.is_up() && !self.live.rx.lock().is_some_and(|limiter| limiter.is_blocked()) {
             self.poll_tap(epoll, true).map_err(NetError::Watch)?;
             if self.backend.has_frame() {
@@ -248,6 +308,8 @@ impl NetWorker {
         let len = match self.backend.read_frame(&iovecs) {
             Ok(len) => len,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            // The control queue detached this pair's tap queue under us (EBADFD).
+            Err(_) if !self.pair_active() => return Ok(false),
             // passt died or broke the protocol: the link goes down (see settle_link).
             Err(e) if let Backend::Passt(link) = &self.backend => {
                 link.take_down(&e);
@@ -306,7 +368,7 @@ impl NetWorker {
 
     fn publish_received(&mut self) -> Result<(), NetError> {
         if self.rx_used.publish(&mut self.rx.queue, &self.mem).map_err(receive_queue)? {
-            self.signals.used_queue(RX);
+            self.signals.used_queue(self.rx_index);
         }
         Ok(())
     }
@@ -361,6 +423,9 @@ impl NetWorker {
             }
             // An event from before we stopped watching it.
             TAP if !self.tap_polled => Ok(()),
+            // The control queue detached this pair's tap queue (which now polls as an error).
+            TAP if !self.pair_active() => self.poll_tap(epoll, false).map_err(NetError::Watch),
+            CTRL_KICK => self.serve_control(),
             TAP | BACKEND_OUT if hung_up && let Backend::Passt(link) = &self.backend => {
                 // Frames passt sent before it went are no use to a link that is going down.
                 link.take_down(&io::ErrorKind::BrokenPipe.into());
@@ -380,15 +445,27 @@ impl NetWorker {
 impl DeviceWorker for NetWorker {
     type Error = NetError;
 
+    /// The control queue's worker switches the tap's queues (TUNSETQUEUE).
+    fn role(&self) -> Role {
+        if self.control.is_some() { Role::NetControl } else { Role::DeviceWorker }
+    }
+
     fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
         watch(epoll, &self.rx.kick, RX_KICK)?;
         watch(epoll, &self.tx.kick, TX_KICK)?;
+        if let Some(control) = &self.control {
+            watch(epoll, &control.queue.kick, CTRL_KICK)?;
+            // Commands queued before DRIVER_OK.
+            control.queue.kick.write(1)?;
+        }
         self.live.rx.watch(epoll, RX_RATE_TIMER)?;
         self.live.tx.watch(epoll, TX_RATE_TIMER)?;
         // A new epoll watches nothing yet, whatever the last one did: a resumed worker (its
         // handler parked by a pause) would otherwise never hear its tap again.
         self.tap_polled = false;
-        self.poll_tap(epoll, true)?;
+        if self.pair_active() {
+            self.poll_tap(epoll, true)?;
+        }
         if let Backend::Passt(link) = &self.backend {
             // Always watched: it says when a full socket has room, and when passt hangs up.
             let events = EventSet::OUT | EventSet::EDGE_TRIGGERED;
@@ -402,6 +479,14 @@ impl DeviceWorker for NetWorker {
     fn handle(&mut self, epoll: &Epoll, token: u64, events: EventSet) -> Result<(), NetError> {
         self.handle_event(epoll, token, events)?;
         self.settle_link(epoll)
+    }
+}
+
+impl NetWorker {
+    fn serve_control(&mut self) -> Result<(), NetError> {
+        let Some(control) = &mut self.control else { return Ok(()) };
+        clear_kick(&control.queue.kick);
+        control.serve(&self.mem, &self.signals).map_err(|source| NetError::Queue { queue: "control", source })
     }
 }
 
