@@ -253,7 +253,12 @@ impl Net {
         }
         let takes_control = self.pairs() > 1 && features & bit(VIRTIO_NET_F_CTRL_VQ) != 0;
         let control = if takes_control { Some(activation.take_queue(2 * serving, "control")?) } else { None };
-        let wake = queues.iter().map(|(rx, _)| rx.kick.try_clone()).collect::<io::Result<_>>().map_err(ActivateError::WorkerThread)?;
+        let kicks = |direction: usize| {
+            let kicks = queues.iter().map(|pair| [&pair.0, &pair.1][direction].kick.try_clone());
+            kicks.collect::<io::Result<Vec<_>>>().map_err(ActivateError::WorkerThread)
+        };
+        let wake = kicks(0)?;
+        let limiter_wakes = worker::LimiterWakes { rx: kicks(0)?.split_off(1), tx: kicks(1)?.split_off(1) };
         let backends = std::iter::once(self.backend.clone()).chain(self.more_taps.iter().cloned().map(Backend::Tap));
         let (mem, signals) = (&activation.mem, &activation.signals);
         let workers = queues
@@ -267,11 +272,11 @@ impl Net {
         // Until the driver says otherwise, only the first pair is in use (spec 5.1.6.5.5).
         pairs.set_active(1).map_err(|source| ActivateError::Backend { what: "the tap would not detach its other queues", source })?;
         let mut workers: Vec<NetWorker> = workers.enumerate().map(|(pair, worker)| worker.for_pair(pair, Arc::clone(&pairs))).collect();
+        let mut first = workers.remove(0).waking_on_limits(limiter_wakes);
         if let Some(queue) = control {
-            let control = ctrl::Control { queue, index: 2 * serving, multiqueue: serving > 1, pairs };
-            let first = workers.remove(0).with_control(control);
-            workers.insert(0, first);
+            first = first.with_control(ctrl::Control { queue, index: 2 * serving, multiqueue: serving > 1, pairs });
         }
+        workers.insert(0, first);
         Ok(workers)
     }
 

@@ -35,7 +35,10 @@ struct MqBench {
 impl MqBench {
     /// A card of `pairs` pairs activated with `features` and `queues` queues enabled.
     fn new(pairs: usize, features: u64, queues: usize) -> MqBench {
-        let (net, hosts) = card(pairs);
+        MqBench::with_card(card(pairs), features, queues)
+    }
+
+    fn with_card((net, hosts): (Net, Vec<File>), features: u64, queues: usize) -> MqBench {
         let mem = memory();
         let (mut drivers, mut active) = (Vec::new(), Vec::new());
         for i in 0..queues as u64 {
@@ -81,6 +84,27 @@ impl MqBench {
 
     fn answer(&self, at: u64) -> u8 {
         self.drivers.last().expect("a control queue").read(at, 1)[0]
+    }
+
+    /// The tokens worker `worker`'s epoll reports now.
+    fn ready(&self, worker: usize) -> Vec<u64> {
+        let mut events = [EpollEvent::default(); 8];
+        let n = self.epolls[worker].wait(0, &mut events).expect("epoll_wait");
+        events[..n].iter().map(|event| event.data()).collect()
+    }
+
+    /// Serves worker `worker`'s other events, as its thread would, until its epoll reports
+    /// `token` (true), or nothing for 5 s (false).
+    fn serve_until_ready(&mut self, worker: usize, token: u64) -> bool {
+        let mut events = [EpollEvent::default(); 8];
+        loop {
+            let n = self.epolls[worker].wait(5000, &mut events).expect("epoll_wait");
+            let tokens: Vec<u64> = events[..n].iter().map(|event| event.data()).collect();
+            if tokens.contains(&token) || tokens.is_empty() {
+                return !tokens.is_empty();
+            }
+            tokens.into_iter().for_each(|other| self.handle(worker, other));
+        }
     }
 }
 
@@ -186,4 +210,31 @@ fn open_a_multi_queue_tap() {
 #[test]
 fn a_real_multi_queue_tap_gives_a_queue_per_fd() {
     super::real_tap::in_private_network("a_real_multi_queue_tap_gives_a_queue_per_fd", open_a_multi_queue_tap);
+}
+
+#[test]
+fn the_first_pair_watches_the_cards_shared_limiter_and_wakes_the_pair_it_held_back() {
+    // 1000 bytes every 20 ms for the whole card: a 1500-byte frame on pair 1 leaves 500 owed.
+    let limit = RateLimit { bandwidth: crate::rate_limiter::BucketConfig::new(1000, 0, 20).ok(), ops: None };
+    let (net, hosts) = card(2);
+    let net = net.limited(limit, RateLimit::default()).expect("timerfds");
+    let mut bench = MqBench::with_card((net, hosts), MQ_LINUX, 5);
+    bench.command(&set_pairs(2), 1);
+    post_linux_rx_buffers(&mut bench.drivers[2], 40);
+    bench.handle(1, RX_KICK);
+    for seed in 0..2 {
+        io::Write::write_all(&mut bench.hosts[1], &frame(1500, seed)).expect("host sends");
+    }
+    bench.handle(1, TAP);
+    assert_eq!(bench.drivers[2].used().len(), 1, "one frame, then the card's debt holds pair 1 back");
+    assert!(!bench.workers[1].tap_polled);
+    // The timer fires in the first pair's epoll only (a second reader would block in its read).
+    assert!(bench.serve_until_ready(0, RX_RATE_TIMER), "the first pair hears the timer");
+    assert!(!bench.ready(1).contains(&RX_RATE_TIMER), "pair 1 does not watch it");
+    bench.handle(0, RX_RATE_TIMER);
+    assert!(bench.ready(1).contains(&RX_KICK), "the first pair woke pair 1");
+    bench.handle(1, RX_KICK);
+    assert!(bench.workers[1].tap_polled, "pair 1 reads its tap again");
+    bench.handle(1, TAP);
+    assert_eq!(bench.drivers[2].used().len(), 2);
 }

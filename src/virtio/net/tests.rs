@@ -46,9 +46,7 @@ impl Driver {
     fn new(mem: &GuestMemoryMmap, ring_at: u64, buffers_at: u64) -> (Driver, Queue) {
         let mock = MockSplitQueue::create(mem, GuestAddress(ring_at), QUEUE_SIZE);
         let mut queue: Queue = mock.create_queue().expect("queue");
-        // The mock's used ring lies over the second half of the available ring and its
-        // used_event (virtio-queue 0.18 measures the available ring in entries, not bytes):
-        // ours starts after them.
+        // The mock's used ring overlaps the available ring (virtio-queue 0.18 sizes it in entries)
         let used = (mock.avail_addr().0 + 6 + 2 * u64::from(QUEUE_SIZE)).next_multiple_of(4);
         queue.try_set_used_ring_address(GuestAddress(used)).expect("aligned");
         let driver = Driver {
