@@ -210,7 +210,8 @@ if want disk; then
     lab_session disk disk.sh "RUNS=$disk_runs SECS=$secs ROUNDS=$rounds PIN=$pin_disk ${BENCH_DISK_VARS:-}" $((disk_runs * (3 + 4) * (40 + rounds * 8 * (secs + 4)) + 120)) --file "$here/out/initrd-disk.img:/bench/initrd-disk.img"
 fi
 if want net; then
-    lab_session net net.sh "RUNS=$io_runs SECS=$secs ROUNDS=$rounds PIN=$pin_net" $((io_runs * 4 * (30 + rounds * 3 * (secs + 4)) + 120)) --file "$here/out/initrd-net.img:/bench/initrd-net.img" \
+    # Four VMMs at 1 vCPU, then again at 2 vCPUs: 8 boots a run.
+    lab_session net net.sh "RUNS=$io_runs SECS=$secs ROUNDS=$rounds PIN=$pin_net" $((io_runs * 8 * (30 + rounds * 3 * (secs + 4)) + 180)) --file "$here/out/initrd-net.img:/bench/initrd-net.img" \
         --file "$here/out/lab-mods:/bench/lab-mods" --bin "$tcp_rr" --bin "$(command -v iperf3)"
 fi
 if want vsock; then

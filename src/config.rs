@@ -118,8 +118,9 @@ pub struct RunArgs {
     /// and UDP, and `hostfwd=tcp:[ADDR:]HOSTPORT-:GUESTPORT` (or udp) forwards host ports to
     /// the guest). Rate limits each way, named as --disk's with rx_ or tx_ in front:
     /// rx_bw_size=BYTES,rx_bw_refill_time=MS, tx_ops_size=N,tx_ops_refill_time=MS, ... Repeat
-    /// for more cards.
-    #[arg(long = "net", value_name = "tap=NAME|user[,hostfwd=...][,mac=MAC][,rx_*=..][,tx_*=..]")]
+    /// for more cards. A tap card has `queues=N` queue pairs (default: one per vCPU, up to 8),
+    /// each served by its own thread on its own fd of a multi-queue tap.
+    #[arg(long = "net", value_name = "tap=NAME[,vhost=on][,queues=N]|user[,hostfwd=...][,mac=MAC][,rx_*=..][,tx_*=..]")]
     pub nets: Vec<String>,
     /// Where the guest's console goes.
     #[arg(long, value_name = "KIND", value_enum, default_value_t = ConsoleKind::Serial)]
@@ -198,12 +199,20 @@ pub struct NetConfig {
     /// How fast frames may reach the guest (`rx_bw_*`, `rx_ops_*`) and leave it (`tx_*`).
     pub rx_rate_limit: RateLimit,
     pub tx_rate_limit: RateLimit,
+    /// Queue pairs (`queues=N`, a tap's only): `None` is one per vCPU, up to
+    /// [`DEFAULT_NET_QUEUE_PAIRS`], falling back to one on a tap made single-queue.
+    pub queues: Option<u16>,
 }
 
+/// The most queue pairs `queues=N` may ask for (a thread, two queues and a tap fd each).
+pub const MAX_NET_QUEUE_PAIRS: u16 = 16;
+/// The most queue pairs a card gets without `queues=`, however many vCPUs the guest has.
+pub const DEFAULT_NET_QUEUE_PAIRS: u16 = 8;
+
 impl NetConfig {
-    /// A card on `backend` with a random MAC and no limits.
+    /// A card on `backend` with a random MAC, no limits and the default queue pairs.
     pub fn new(backend: NetBackend) -> NetConfig {
-        NetConfig { backend, mac: None, rx_rate_limit: RateLimit::default(), tx_rate_limit: RateLimit::default() }
+        NetConfig { backend, mac: None, rx_rate_limit: RateLimit::default(), tx_rate_limit: RateLimit::default(), queues: None }
     }
 }
 
@@ -488,10 +497,10 @@ fn parse_rng_limits(value: &str) -> Result<RateLimit> {
     limits.build().map_err(|e| bad(e.to_string()))
 }
 
-/// `tap=NAME[,vhost=on|off][,mac=MAC]` or `user[,hostfwd=FORWARD]...[,mac=MAC]`.
+/// `tap=NAME[,vhost=on|off][,queues=N][,mac=MAC]` or `user[,hostfwd=FORWARD]...[,mac=MAC]`.
 pub fn parse_net(value: &str) -> Result<NetConfig> {
     let bad = |why: String| Error::BadFlag { flag: "--net", value: value.to_string(), why };
-    let (mut tap, mut user, mut forwards, mut mac, mut vhost) = (None, false, Vec::new(), None, None);
+    let (mut tap, mut user, mut forwards, mut mac, mut vhost, mut queues) = (None, false, Vec::new(), None, None, None);
     let (mut rx, mut tx) = (RateLimitBuilder::default(), RateLimitBuilder::default());
     let mut rate_option = |key: &str, number: &str| -> std::result::Result<bool, rate_limiter::RateOptionError> {
         match (key.strip_prefix("rx_"), key.strip_prefix("tx_")) {
@@ -508,14 +517,18 @@ pub fn parse_net(value: &str) -> Result<NetConfig> {
             Some(("vhost", other)) => return Err(bad(format!("vhost={other}: expected vhost=on or vhost=off"))),
             Some(("tap", name)) if !name.is_empty() && name.len() < libc::IFNAMSIZ => tap = Some(name.to_string()),
             Some(("tap", _)) => return Err(bad(format!("a tap name has 1 to {} characters", libc::IFNAMSIZ - 1))),
+            Some(("queues", text)) => queues = Some(parse_queue_pairs(text).ok_or_else(|| bad(format!("queues={text}: expected a number of queue pairs from 1 to {MAX_NET_QUEUE_PAIRS}")))?),
             Some(("mac", text)) => mac = Some(parse_mac(text).ok_or_else(|| bad(format!("'{text}' is not a MAC such as 52:54:00:12:34:56")))?),
             Some(("hostfwd", text)) => forwards.push(parse_forward(text).ok_or_else(|| bad(format!("'{text}' is not a forward such as tcp:8080-:80 or udp:127.0.0.1:5353-:53")))?),
             Some((key, number)) if rate_option(key, number).map_err(|e| bad(format!("{}{e}", &key[..3])))? => {}
-            _ => return Err(bad(format!("unknown option '{option}' (expected tap=NAME, vhost=on, user, hostfwd=FORWARD, mac=MAC, rx_bw_*, rx_ops_*, tx_bw_* or tx_ops_*)"))),
+            _ => return Err(bad(format!("unknown option '{option}' (expected tap=NAME, vhost=on, queues=N, user, hostfwd=FORWARD, mac=MAC, rx_bw_*, rx_ops_*, tx_bw_* or tx_ops_*)"))),
         }
     }
     if user && vhost.is_some() {
         return Err(bad("vhost= goes with a tap: passt's frames don't go through the kernel".into()));
+    }
+    if user && queues.is_some() {
+        return Err(bad("queues= goes with a tap: passt has one link, so a user network card has one queue pair".into()));
     }
     let backend = match (tap, user) {
         (Some(name), false) if forwards.is_empty() => NetBackend::Tap { name, vhost: vhost.unwrap_or(false) },
@@ -529,7 +542,11 @@ pub fn parse_net(value: &str) -> Result<NetConfig> {
     if vhost == Some(true) && (rx_rate_limit != RateLimit::default() || tx_rate_limit != RateLimit::default()) {
         return Err(bad("rate limits need lguest's own datapath: vhost-net's frames never pass through lguest; drop vhost=on or the limits".into()));
     }
-    Ok(NetConfig { mac, rx_rate_limit, tx_rate_limit, ..NetConfig::new(backend) })
+    Ok(NetConfig { mac, rx_rate_limit, tx_rate_limit, queues, ..NetConfig::new(backend) })
+}
+
+fn parse_queue_pairs(text: &str) -> Option<u16> {
+    text.parse().ok().filter(|pairs| (1..=MAX_NET_QUEUE_PAIRS).contains(pairs))
 }
 
 /// `tcp:HOSTPORT-:GUESTPORT`, as QEMU spells it: `tcp::HOSTPORT-:GUESTPORT`, or with the host

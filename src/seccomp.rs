@@ -56,6 +56,9 @@ pub enum Role {
     UringWorker,
     /// The virtio-fs worker: the one that opens files, relative to its shared directory.
     FsWorker,
+    /// The worker of a multi-queue network card's first queue pair and its control queue: a
+    /// device worker that may attach and detach its tap's queues (`ioctl(TUNSETQUEUE)` only).
+    NetControl,
     StdinPump,
     SignalWatcher,
     /// The API server (`--api-sock`): client connections, and the files a client names
@@ -81,6 +84,7 @@ impl Role {
             Role::VsockWorker => b"vsock  ",
             Role::UringWorker => b"uring  ",
             Role::FsWorker => b"fs     ",
+            Role::NetControl => b"net-ctl",
             Role::StdinPump => b"stdin  ",
             Role::SignalWatcher => b"signals",
             Role::Api => b"api    ",
@@ -145,6 +149,9 @@ fn filter(role: Role, mismatch: SeccompAction) -> std::io::Result<BpfProgram> {
     if matches!(role, Role::VsockWorker | Role::Spawner) {
         rules.insert(libc::SYS_socket, vec![unix_sockets_only()?]);
     }
+    if matches!(role, Role::NetControl | Role::Spawner) {
+        rules.insert(libc::SYS_ioctl, vec![tun_set_queue_only()?]);
+    }
     compile(rules, mismatch, SeccompAction::Allow)
 }
 
@@ -159,6 +166,14 @@ fn threads_only() -> std::io::Result<SeccompRule> {
 /// `socket(AF_UNIX, ...)`: vsock's worker reaches host programs, never the network.
 fn unix_sockets_only() -> std::io::Result<SeccompRule> {
     let condition = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::AF_UNIX as u64)
+        .map_err(|e| invalid_filter(&e))?;
+    SeccompRule::new(vec![condition]).map_err(|e| invalid_filter(&e))
+}
+
+/// `ioctl(fd, TUNSETQUEUE, ...)`: a network card's control queue attaches and detaches its
+/// tap's queues, and reaches no other ioctl.
+fn tun_set_queue_only() -> std::io::Result<SeccompRule> {
+    let condition = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::TUNSETQUEUE)
         .map_err(|e| invalid_filter(&e))?;
     SeccompRule::new(vec![condition]).map_err(|e| invalid_filter(&e))
 }
@@ -360,6 +375,7 @@ fn allowed(role: Role) -> Vec<i64> {
         Role::VsockWorker => &[DEVICE_WORKER, VSOCK_WORKER],
         Role::UringWorker => &[DEVICE_WORKER, URING_WORKER],
         Role::FsWorker => &[DEVICE_WORKER, FS_WORKER],
+        Role::NetControl => &[DEVICE_WORKER],
         Role::StdinPump => &[STDIN_PUMP],
         Role::SignalWatcher => &[SIGNAL_WATCHER],
         Role::Api => &[API],
@@ -533,6 +549,22 @@ mod tests {
         .join()
         .expect("thread");
         assert_eq!(changed, Ok(()));
+    }
+
+    /// An ioctl on fd 0 with `request`: only the filter's answer (EPERM) matters, not the fd's.
+    fn ioctl_on_stdin(request: libc::c_ulong) -> i64 {
+        let mut request_arg = [0u8; 64];
+        // SAFETY: the argument points at a buffer of ours larger than any ifreq; the fd's own
+        // answer (ENOTTY, EBADFD, ...) is all the kernel can do with it.
+        i64::from(unsafe { libc::ioctl(0, request, request_arg.as_mut_ptr()) })
+    }
+
+    #[test]
+    fn the_net_control_worker_may_set_tap_queues_and_no_other_ioctl() {
+        assert!(allowed_on_thread(Role::NetControl, || ioctl_on_stdin(libc::TUNSETQUEUE as _)));
+        assert!(allowed_on_thread(Role::Spawner, || ioctl_on_stdin(libc::TUNSETQUEUE as _)), "workers started by the spawner inherit its filter");
+        assert!(!allowed_on_thread(Role::NetControl, || ioctl_on_stdin(libc::TUNSETIFF as _)));
+        assert!(!allowed_on_thread(Role::DeviceWorker, || ioctl_on_stdin(libc::TUNSETQUEUE as _)));
     }
 
     #[test]

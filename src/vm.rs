@@ -467,10 +467,10 @@ fn virtio_devices(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<(Vec<Named
     }
     for net in &config.nets {
         if let NetBackend::Tap { name, vhost: true } = &net.backend {
-            devices.push(("vhost-net", Box::new(VhostNet::new(net, name, mem)?)));
+            devices.push(("vhost-net", Box::new(VhostNet::new(net, name, mem, config.cpus)?)));
             continue;
         }
-        let net = Net::new(net)?;
+        let net = Net::new(net, config.cpus)?;
         live.nets.push(net.handle());
         devices.push(("virtio-net", Box::new(net)));
     }

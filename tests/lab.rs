@@ -195,7 +195,8 @@ fn virtio_net_on_a_tap_pings_and_carries_tcp_both_ways_in_lguest_and_through_vho
     run_scenario("virtio-net", |output| {
         expect(!output.contains("LGUEST-MODULES-FAIL"), "the guest could not load its virtio modules")?;
         let mut cases = vec!["net-tap".to_string(), "net-no-vhost".into(), "vhost-dev".into(), "vhost-thread".into()];
-        for datapath in ["net", "vhost"] {
+        cases.extend(["mq-pairs-set".to_string(), "mq-workers".into()]);
+        for datapath in ["net", "vhost", "mq"] {
             for case in ["exit", "done", "ping", "guest-to-host", "guest-to-host-guest-side", "host-to-guest"] {
                 cases.push(format!("{datapath}-{case}"));
             }

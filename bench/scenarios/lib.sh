@@ -27,15 +27,17 @@ note() { row=$1; shift; echo "BENCH-NOTE row=$row $*"; }
 # kernel's vhost threads alike. Two readings around a transfer give its whole CPU cost, which
 # on 2 emulated CPUs trades against throughput (issue 17 asks for both).
 lab_busy_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }
-# emit_cpu_per_gib ROW VMM START_TICKS BYTES: the lab's CPU-seconds per GiB moved since
-# START_TICKS (a lab_busy_ticks reading), as metric cpu-s-per-gib (lower is better).
+# emit_cpu_per_gib ROW VMM START_TICKS BYTES [METRIC]: the lab's CPU-seconds per GiB moved
+# since START_TICKS (a lab_busy_ticks reading), as metric METRIC (default cpu-s-per-gib;
+# lower is better).
 emit_cpu_per_gib() {
     _busy=$(($(lab_busy_ticks) - $3))
-    emit "$1" "$2" cpu-s-per-gib "$(awk -v t="$_busy" -v b="$4" 'BEGIN { printf "%.2f", t / 100 / (b / 1073741824) }')" s/GiB
+    emit "$1" "$2" "${5:-cpu-s-per-gib}" "$(awk -v t="$_busy" -v b="$4" 'BEGIN { printf "%.2f", t / 100 / (b / 1073741824) }')" s/GiB
 }
 
 # vmm_cmd VMM MEM_MIB CPUS INITRD CMDLINE [DEVICE...]: sets CMD to the command (a string
-# for eval) that boots $KERNEL with INITRD under VMM. DEVICEs: disk=PATH, net=TAP, rng,
+# for eval) that boots $KERNEL with INITRD under VMM. DEVICEs: disk=PATH, net=TAP (with
+# NET_QUEUES=N set, N queue pairs on a multi-queue tap the VMM makes itself), rng,
 # vsock=CID:PATH (lguest's hybrid vsock on the Unix socket PATH; QEMU's vhost-vsock-pci, whose
 # host side is the lab kernel's AF_VSOCK), user=HOSTPORT:GUESTPORT (a user-mode network, the
 # lab's 127.0.0.1:HOSTPORT forwarded to the guest's GUESTPORT: lguest's passt, QEMU's slirp),
@@ -57,7 +59,7 @@ vmm_cmd() {
             for _dev in "$@"; do
                 case $_dev in
                     disk=*) CMD="$CMD --disk ${_dev#disk=}$_queues" ;;
-                    net=*) CMD="$CMD --net tap=${_dev#net=}$_vhost,mac=$MAC" ;;
+                    net=*) CMD="$CMD --net tap=${_dev#net=}$_vhost${NET_QUEUES:+,queues=$NET_QUEUES},mac=$MAC" ;;
                     rng) CMD="$CMD --rng" ;;
                     vsock=*) _v=${_dev#vsock=}; CMD="$CMD --vsock cid=${_v%%:*},uds=${_v#*:}" ;;
                     user=*) _f=${_dev#user=}; CMD="$CMD --net user,hostfwd=tcp:127.0.0.1:${_f%%:*}-:${_f#*:},mac=$MAC" ;;
@@ -81,7 +83,13 @@ vmm_cmd() {
                 _n=$((_n + 1))
                 case $_dev in
                     disk=*) CMD="$CMD -drive file=${_dev#disk=},if=none,id=d$_n,format=raw,cache=writeback,aio=$_aio -device virtio-blk-pci,drive=d$_n" ;;
-                    net=*) CMD="$CMD -netdev tap,id=n$_n,ifname=${_dev#net=},script=no,downscript=no,vhost=$_vhost -device virtio-net-pci,netdev=n$_n,mac=$MAC,romfile=" ;;
+                    net=*)
+                        _tapq="" _nicq=""
+                        if [ "${NET_QUEUES:-1}" -gt 1 ]; then
+                            # Two vectors a pair, one for config changes, one for the control queue.
+                            _tapq=",queues=$NET_QUEUES" _nicq=",mq=on,vectors=$((2 * NET_QUEUES + 2))"
+                        fi
+                        CMD="$CMD -netdev tap,id=n$_n,ifname=${_dev#net=},script=no,downscript=no,vhost=$_vhost$_tapq -device virtio-net-pci,netdev=n$_n,mac=$MAC,romfile=$_nicq" ;;
                     rng) CMD="$CMD -object rng-random,id=r$_n,filename=/dev/urandom -device virtio-rng-pci,rng=r$_n" ;;
                     vsock=*) _v=${_dev#vsock=}; CMD="$CMD -device vhost-vsock-pci,guest-cid=${_v%%:*}" ;;
                     # QEMU's built-in 9p (what -virtfs local,...,security_model=none makes).

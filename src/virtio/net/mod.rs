@@ -29,6 +29,11 @@
 //! counted; a receive chain unfit to take a frame goes back unused. A ring we can no longer
 //! read or write makes the device need a reset. The tap's side is trusted as the host kernel is.
 //!
+//! A tap card may have several queue pairs (`queues=N`, one per vCPU by default): each pair
+//! has its own fd of a multi-queue tap and its own worker thread, so that the guest's vCPUs
+//! send and receive in parallel, and the driver chooses how many it uses through the control
+//! queue ([`ctrl`]), which the first pair's worker serves.
+//!
 //! With passt at the other end ([`Backend::Passt`]) there is no header on the wire and nobody
 //! to hand offloads to, so the card offers none: just the MAC, the link status and mergeable
 //! buffers. The link is up while passt runs; when it dies, the worker takes the link down
@@ -37,6 +42,7 @@
 //! transmit queue waits while the socket is full, rather than dropping frames.
 
 pub mod backend;
+pub mod ctrl;
 mod rx_buffers;
 pub mod tap;
 #[cfg(test)]
@@ -51,11 +57,11 @@ use virtio_bindings::virtio_net::*;
 use vm_memory::GuestMemoryError;
 
 pub use self::backend::Backend;
-use self::tap::{Tap, VNET_HDR_LEN};
+use self::tap::{Tap, TapError, VNET_HDR_LEN};
 pub use self::worker::NetWorker;
 use super::queue::QueueError;
 use super::{DeviceState, StateMismatch, device_type, feature, ActivateError, Activation, Device, VirtioCommon};
-use crate::config::{NetBackend, NetConfig};
+use crate::config::{NetBackend, NetConfig, DEFAULT_NET_QUEUE_PAIRS};
 use crate::control::NetHandle;
 use crate::error::{Error, Result};
 use crate::passt::link::PasstLink;
@@ -89,6 +95,8 @@ pub const BACKEND_OUT: u64 = 3;
 /// The rate limiters' timers: the debt of received frames is paid, a frame to send may go.
 pub const RX_RATE_TIMER: u64 = 4;
 pub const TX_RATE_TIMER: u64 = 5;
+/// The control queue's kick, on the first pair's worker of a multi-queue card.
+pub const CTRL_KICK: u64 = 6;
 
 const fn bit(feature: u32) -> u64 {
     1 << feature
@@ -107,6 +115,9 @@ const OFFERED_FEATURES: u64 = bit(VIRTIO_NET_F_MAC)
     | bit(VIRTIO_NET_F_HOST_TSO6)
     | bit(VIRTIO_NET_F_HOST_ECN)
     | bit(VIRTIO_NET_F_MRG_RXBUF);
+
+/// What a multi-queue card offers on top: the control queue, and queue pairs set through it.
+const MULTIQUEUE_FEATURES: u64 = bit(VIRTIO_NET_F_CTRL_VQ) | bit(VIRTIO_NET_F_MQ);
 
 /// What we offer with passt: its frames carry no header, so no offloads.
 const PASST_FEATURES: u64 = bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_STATUS) | bit(VIRTIO_NET_F_MRG_RXBUF);
@@ -132,9 +143,23 @@ fn tap_offloads(features: u64) -> u32 {
     offloads
 }
 
+/// Every queue a card of the most pairs can have: a pair's two, then the control queue.
+const ALL_QUEUE_SIZES: [u16; 2 * crate::config::MAX_NET_QUEUE_PAIRS as usize + 1] =
+    [QUEUE_SIZE; 2 * crate::config::MAX_NET_QUEUE_PAIRS as usize + 1];
+
+/// The queues of a card with `pairs` queue pairs: two a pair, and a control queue when there
+/// are several.
+fn queue_sizes(pairs: usize) -> &'static [u16] {
+    let count = if pairs > 1 { 2 * pairs + 1 } else { 2 };
+    &ALL_QUEUE_SIZES[..count.min(ALL_QUEUE_SIZES.len())]
+}
+
 /// A virtio network card on a tap or on passt.
 pub struct Net {
+    /// The first pair's backend: the card's only one, but for the other fds of a multi-queue tap.
     backend: Backend,
+    /// The other pairs' fds of a multi-queue tap (empty for a single pair).
+    more_taps: Vec<Arc<Tap>>,
     /// `virtio_net_config` up to `max_virtqueue_pairs`: the MAC, the link, and one queue pair;
     /// as it reads with the link up (`[1]`: a tap's always is, passt's while it runs) and down.
     config: [[u8; 10]; 2],
@@ -147,13 +172,18 @@ pub struct Net {
 
 impl Net {
     /// Opens the tap, or starts passt, as `config` says; the MAC is `config.mac`, or a random
-    /// locally administered one.
-    pub fn new(config: &NetConfig) -> Result<Net> {
-        let backend = match &config.backend {
-            NetBackend::Tap { name, .. } => Backend::Tap(Arc::new(Tap::open(name)?)),
-            NetBackend::User { forwards } => Backend::Passt(Arc::new(PasstLink::start(forwards)?)),
+    /// locally administered one. A tap card gets `config.queues` pairs, or one per vCPU of
+    /// `cpus` (see [`open_taps`]).
+    pub fn new(config: &NetConfig, cpus: u8) -> Result<Net> {
+        let net = match &config.backend {
+            NetBackend::Tap { name, .. } => {
+                let mut taps = open_taps(name, config.queues, cpus)?.into_iter();
+                let no_queues = || Error::Tap { name: name.clone(), why: TapError::NoQueues.to_string() };
+                Net::with_taps(taps.next().ok_or_else(no_queues)?, taps.collect(), config.mac)
+            }
+            NetBackend::User { forwards } => Net::with_backend(Backend::Passt(Arc::new(PasstLink::start(forwards)?)), config.mac),
         };
-        Net::with_backend(backend, config.mac)
+        net
             .limited(config.rx_rate_limit, config.tx_rate_limit)
             .map_err(|source| Error::Host { what: "cannot create a network card's rate-limit timers", source })
     }
@@ -176,6 +206,16 @@ impl Net {
         Net::with_backend(Backend::Tap(Arc::new(tap)), mac)
     }
 
+    /// A card with one queue pair per tap fd: `first`, then `more` (the fds of one
+    /// multi-queue tap, or stand-ins).
+    pub fn with_taps(first: Tap, more: Vec<Tap>, mac: Option<[u8; 6]>) -> Net {
+        let mut net = Net::with_backend(Backend::Tap(Arc::new(first)), mac);
+        net.more_taps = more.into_iter().map(Arc::new).collect();
+        let pairs = net.pairs() as u16;
+        net.config.iter_mut().for_each(|config| config[8..10].copy_from_slice(&pairs.to_le_bytes()));
+        net
+    }
+
     pub fn with_backend(backend: Backend, mac: Option<[u8; 6]>) -> Net {
         let mac = mac.unwrap_or_else(random_mac);
         let tap = match &backend {
@@ -183,7 +223,70 @@ impl Net {
             Backend::Passt(_) => None,
         };
         let live = NetHandle { tap, rx: SharedLimiter::default(), tx: SharedLimiter::default(), metrics: Arc::default() };
-        Net { backend, config: [config_space(mac, false), config_space(mac, true)], live, common: VirtioCommon::default() }
+        let config = [config_space(mac, false), config_space(mac, true)];
+        Net { backend, more_taps: Vec::new(), config, live, common: VirtioCommon::default() }
+    }
+
+    /// How many queue pairs the card has.
+    pub fn pairs(&self) -> usize {
+        1 + self.more_taps.len()
+    }
+
+    /// The workers of an activation: the first pair's, with the control queue if the driver
+    /// took it, then (if it accepted VIRTIO_NET_F_MQ) each other pair's, on queues `2k` and
+    /// `2k + 1` and a tap queue of its own. Without MQ the driver has one pair, and the
+    /// control queue follows it (spec 5.1.2).
+    fn pair_workers(&self, mut activation: Activation) -> std::result::Result<Vec<NetWorker>, ActivateError> {
+        if activation.features & feature::VERSION_1 == 0 {
+            return Err(ActivateError::LegacyDriver);
+        }
+        let what = "the tap refused the offloads the driver accepted";
+        let offloads = tap_offloads(activation.features);
+        for tap in self.taps() {
+            tap.set_offloads(offloads).map_err(|source| ActivateError::Backend { what, source })?;
+        }
+        let features = activation.features;
+        let serving = if features & bit(VIRTIO_NET_F_MQ) != 0 { self.pairs() } else { 1 };
+        let mut queues = Vec::with_capacity(serving);
+        for pair in 0..serving {
+            queues.push((activation.take_queue(2 * pair, "receive")?, activation.take_queue(2 * pair + 1, "transmit")?));
+        }
+        let takes_control = self.pairs() > 1 && features & bit(VIRTIO_NET_F_CTRL_VQ) != 0;
+        let control = if takes_control { Some(activation.take_queue(2 * serving, "control")?) } else { None };
+        let kicks = |direction: usize| {
+            let kicks = queues.iter().map(|pair| [&pair.0, &pair.1][direction].kick.try_clone());
+            kicks.collect::<io::Result<Vec<_>>>().map_err(ActivateError::WorkerThread)
+        };
+        let wake = kicks(0)?;
+        let limiter_wakes = worker::LimiterWakes { rx: kicks(0)?.split_off(1), tx: kicks(1)?.split_off(1) };
+        let backends = std::iter::once(self.backend.clone()).chain(self.more_taps.iter().cloned().map(Backend::Tap));
+        let (mem, signals) = (&activation.mem, &activation.signals);
+        let workers = queues
+            .into_iter()
+            .zip(backends)
+            .map(|((rx, tx), backend)| NetWorker::new(mem.clone(), rx, tx, backend, signals.clone(), features, self.live.clone()));
+        if self.pairs() == 1 {
+            return Ok(workers.collect());
+        }
+        let pairs = Arc::new(ctrl::QueuePairs::new(self.taps().cloned().collect(), wake));
+        // Until the driver says otherwise, only the first pair is in use (spec 5.1.6.5.5).
+        pairs.set_active(1).map_err(|source| ActivateError::Backend { what: "the tap would not detach its other queues", source })?;
+        let mut workers: Vec<NetWorker> = workers.enumerate().map(|(pair, worker)| worker.for_pair(pair, Arc::clone(&pairs))).collect();
+        let mut first = workers.remove(0).waking_on_limits(limiter_wakes);
+        if let Some(queue) = control {
+            first = first.with_control(ctrl::Control { queue, index: 2 * serving, multiqueue: serving > 1, pairs });
+        }
+        workers.insert(0, first);
+        Ok(workers)
+    }
+
+    /// The card's tap fds, one per pair (none on passt).
+    fn taps(&self) -> impl Iterator<Item = &Arc<Tap>> {
+        let first = match &self.backend {
+            Backend::Tap(tap) => Some(tap),
+            Backend::Passt(_) => None,
+        };
+        first.into_iter().chain(&self.more_taps)
     }
 
     /// What the card has seen since it was made.
@@ -199,11 +302,12 @@ impl Device for Net {
     const WORKER_NAME: &'static str = "virtio-net";
 
     fn queue_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+        queue_sizes(self.pairs())
     }
 
     fn offered_features(&self) -> u64 {
         match self.backend {
+            Backend::Tap(_) if self.pairs() > 1 => OFFERED_FEATURES | MULTIQUEUE_FEATURES,
             Backend::Tap(_) => OFFERED_FEATURES,
             Backend::Passt(_) => PASST_FEATURES,
         }
@@ -213,19 +317,16 @@ impl Device for Net {
         &self.config[usize::from(self.backend.is_up())]
     }
 
-    /// Also tells a tap which offloads the driver accepted.
-    fn handler(&self, mut activation: Activation) -> std::result::Result<NetWorker, ActivateError> {
-        if activation.features & feature::VERSION_1 == 0 {
-            return Err(ActivateError::LegacyDriver);
-        }
-        let rx = activation.take_queue(RX, "receive")?;
-        let tx = activation.take_queue(TX, "transmit")?;
-        if let Backend::Tap(tap) = &self.backend {
-            let what = "the tap refused the offloads the driver accepted";
-            tap.set_offloads(tap_offloads(activation.features)).map_err(|source| ActivateError::Backend { what, source })?;
-        }
-        let Activation { mem, features, signals, .. } = activation;
-        Ok(NetWorker::new(mem, rx, tx, self.backend.clone(), signals, features, self.live.clone()))
+    /// The first pair's worker (with the control queue of a multi-queue card): the whole card
+    /// when it has one pair. Also tells the tap which offloads the driver accepted.
+    fn handler(&self, activation: Activation) -> std::result::Result<NetWorker, ActivateError> {
+        let mut workers = self.pair_workers(activation)?;
+        Ok(workers.swap_remove(0))
+    }
+
+    /// One worker per queue pair.
+    fn handlers(&self, activation: Activation) -> std::result::Result<Vec<NetWorker>, ActivateError> {
+        self.pair_workers(activation)
     }
 
     fn common(&mut self) -> &mut VirtioCommon<NetWorker> {
@@ -253,6 +354,23 @@ fn config_space(mac: [u8; 6], link_up: bool) -> [u8; 10] {
     config[6..8].copy_from_slice(&status.to_le_bytes());
     config[8..10].copy_from_slice(&1u16.to_le_bytes());
     config
+}
+
+/// The tap fds of a card on tap `name`: `queues` of them when the user said so; else one per
+/// vCPU (up to [`DEFAULT_NET_QUEUE_PAIRS`]), or one when the tap exists and is single-queue
+/// (as `ip tuntap add NAME mode tap` makes it), so that a tap made for one queue still works.
+pub fn open_taps(name: &str, queues: Option<u16>, cpus: u8) -> Result<Vec<Tap>> {
+    let pairs = queues.unwrap_or_else(|| u16::from(cpus).clamp(1, DEFAULT_NET_QUEUE_PAIRS));
+    if queues.is_some() || pairs == 1 {
+        return Tap::open_queues(name, pairs);
+    }
+    match Tap::try_open_queues(name, pairs) {
+        Err(TapError::NotMultiQueue(_)) => {
+            tracing::info!("tap {name} is single-queue: its card gets one queue pair (for one per vCPU: ip tuntap add {name} mode tap multi_queue)");
+            Tap::open_queues(name, 1)
+        }
+        opened => opened.map_err(|why| Error::Tap { name: name.to_string(), why: why.to_string() }),
+    }
 }
 
 /// 52:54:00 followed by three random bytes: unicast, locally administered, and the prefix

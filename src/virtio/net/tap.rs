@@ -7,6 +7,11 @@
 //! checksum and segmentation offloads (a 64 KiB TCP segment travels as one frame) pass between
 //! the guest and the host's stack without being touched, which is what makes bulk TCP fast.
 //!
+//! A multi-queue tap ([`Tap::open_queues`], `IFF_MULTI_QUEUE`) is one interface with one fd per
+//! queue: the kernel spreads the flows it sends over the fds that are attached, one per queue
+//! pair of the guest's card, each served by its own thread. A queue the guest's driver does not
+//! use is detached ([`Tap::set_queue_enabled`]), so that no flow is steered to an fd nobody reads.
+//!
 //! [`Tap::open`] attaches to an existing tap (the usual case: `ip tuntap add NAME mode tap user
 //! $USER` and `ip link set NAME up` once, then lguest runs unprivileged) or creates one when we
 //! have CAP_NET_ADMIN; a tap we create lives as long as our fd and we bring it up. Bringing an
@@ -45,24 +50,61 @@ impl Tap {
     /// Attaches to the tap `name`, creating it (and bringing it up) if it doesn't exist and we
     /// may. Errors say what the user can do about them.
     pub fn open(name: &str) -> Result<Tap> {
-        let fail = |why: TapError| Error::Tap { name: name.to_string(), why: why.to_string() };
-        let ifname = interface_name(name).ok_or_else(|| fail(TapError::BadName))?;
+        let mut taps = Tap::open_queues(name, 1)?;
+        taps.pop().ok_or_else(|| Error::Tap { name: name.to_string(), why: TapError::NoQueues.to_string() })
+    }
+
+    /// Attaches `queues` fds to the tap `name`: one plain fd for one queue, else `queues` fds
+    /// of a multi-queue tap (created multi-queue when it doesn't exist yet).
+    pub fn open_queues(name: &str, queues: u16) -> Result<Vec<Tap>> {
+        Tap::try_open_queues(name, queues).map_err(|why| Error::Tap { name: name.to_string(), why: why.to_string() })
+    }
+
+    /// [`Tap::open_queues`], with the reason it failed (so that a caller may fall back to one
+    /// queue when an existing tap is single-queue: [`TapError::NotMultiQueue`]).
+    pub fn try_open_queues(name: &str, queues: u16) -> std::result::Result<Vec<Tap>, TapError> {
+        let ifname = interface_name(name).ok_or(TapError::BadName)?;
+        if queues == 0 {
+            return Err(TapError::NoQueues);
+        }
         let existed = interface_exists(name);
-        let file = open_tun().map_err(fail)?;
-        attach(&file, ifname).map_err(|e| fail(explain_attach_error(e, name, existed)))?;
-        set_vnet_header_len(&file).map_err(|e| fail(TapError::VnetHeader(e)))?;
+        let mut taps = Vec::with_capacity(usize::from(queues));
+        for _ in 0..queues {
+            let file = open_tun()?;
+            attach(&file, ifname, queues > 1).map_err(|e| explain_attach_error(e, name, existed, queues > 1))?;
+            set_vnet_header_len(&file).map_err(TapError::VnetHeader)?;
+            taps.push(Tap {
+                file,
+                name: name.to_string(),
+                #[cfg(any(test, feature = "test-utils"))]
+                is_tap: true,
+            });
+        }
         if !existed {
-            // A tap we created vanishes with our fd; nobody else has had a chance to bring it up.
+            // A tap we created vanishes with our fds; nobody else has had a chance to bring it up.
             if let Err(e) = bring_up(ifname) {
                 tracing::warn!("created tap {name} but could not bring it up ({e}); run: ip link set {name} up");
             }
         }
-        Ok(Tap {
-            file,
-            name: name.to_string(),
-            #[cfg(any(test, feature = "test-utils"))]
-            is_tap: true,
-        })
+        Ok(taps)
+    }
+
+    /// Attaches this queue of a multi-queue tap to the interface, or detaches it: the kernel
+    /// steers no flow to a detached queue (and reading or polling it reports an error).
+    pub fn set_queue_enabled(&self, enabled: bool) -> io::Result<()> {
+        #[cfg(any(test, feature = "test-utils"))]
+        if !self.is_tap {
+            return Ok(());
+        }
+        let mut request = ifreq([0; libc::IFNAMSIZ]);
+        let flags = if enabled { libc::IFF_ATTACH_QUEUE } else { libc::IFF_DETACH_QUEUE };
+        request.ifr_ifru.ifru_flags = flags as libc::c_short;
+        // SAFETY: TUNSETQUEUE reads one `struct ifreq`, which `request` is.
+        let ret = unsafe { ioctl_with_ref(&self.file, libc::TUNSETQUEUE as _, &request) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// The interface name, for messages.
@@ -181,9 +223,13 @@ fn open_tun() -> std::result::Result<File, TapError> {
         })
 }
 
-/// TUNSETIFF: a single-queue tap, no packet-info prefix, a virtio-net header on every frame.
-fn attach(file: &File, ifname: [libc::c_char; libc::IFNAMSIZ]) -> io::Result<()> {
-    let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+/// TUNSETIFF: a tap (single- or multi-queue), no packet-info prefix, a virtio-net header on
+/// every frame.
+fn attach(file: &File, ifname: [libc::c_char; libc::IFNAMSIZ], multi_queue: bool) -> io::Result<()> {
+    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+    if multi_queue {
+        flags |= libc::IFF_MULTI_QUEUE;
+    }
     let mut request = ifreq(ifname);
     request.ifr_ifru.ifru_flags = flags as libc::c_short;
     // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `request` is.
@@ -213,17 +259,22 @@ pub enum TapError {
     Busy,
     #[error("an interface of that name exists but is not a single-queue tap (a tun, a multi-queue tap, or another kind of interface): pick another name, or recreate it with 'ip tuntap add {0} mode tap'")]
     NotATap(String),
+    #[error("it is a single-queue tap and queues=N asks for several: recreate it with 'ip tuntap add {0} mode tap multi_queue user $USER', or drop queues=")]
+    NotMultiQueue(String),
+    #[error("a card needs at least one queue pair")]
+    NoQueues,
     #[error("TUNSETIFF failed: {0}")]
     Attach(#[source] io::Error),
     #[error("the tap refused a {VNET_HDR_LEN}-byte virtio-net header (TUNSETVNETHDRSZ): {0}")]
     VnetHeader(#[source] io::Error),
 }
 
-fn explain_attach_error(e: io::Error, name: &str, existed: bool) -> TapError {
+fn explain_attach_error(e: io::Error, name: &str, existed: bool, multi_queue: bool) -> TapError {
     match e.raw_os_error() {
         Some(libc::EPERM) if existed => TapError::NotYours(name.to_string()),
         Some(libc::EPERM) => TapError::CannotCreate(name.to_string()),
         Some(libc::EBUSY) => TapError::Busy,
+        Some(libc::EINVAL) if multi_queue && existed => TapError::NotMultiQueue(name.to_string()),
         Some(libc::EINVAL) => TapError::NotATap(name.to_string()),
         _ => TapError::Attach(e),
     }
@@ -293,11 +344,13 @@ mod tests {
     #[test]
     fn attach_errors_tell_the_user_what_to_do() {
         let eperm = || io::Error::from_raw_os_error(libc::EPERM);
-        let explain = |e, existed| explain_attach_error(e, "t0", existed).to_string();
+        let explain = |e, existed| explain_attach_error(e, "t0", existed, false).to_string();
         assert!(explain(eperm(), false).contains("ip tuntap add t0 mode tap user $USER"));
         assert!(explain(eperm(), true).contains("belongs to another user"));
         assert!(explain(io::Error::from_raw_os_error(libc::EBUSY), true).contains("already in use"));
         assert!(explain(io::Error::from_raw_os_error(libc::EINVAL), true).contains("not a single-queue tap"));
+        let multi = explain_attach_error(io::Error::from_raw_os_error(libc::EINVAL), "t0", true, true).to_string();
+        assert!(multi.contains("ip tuntap add t0 mode tap multi_queue"), "{multi}");
     }
 
     #[test]

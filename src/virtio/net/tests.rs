@@ -46,12 +46,15 @@ struct Driver {
 impl Driver {
     fn new(mem: &GuestMemoryMmap, ring_at: u64, buffers_at: u64) -> (Driver, Queue) {
         let mock = MockSplitQueue::create(mem, GuestAddress(ring_at), QUEUE_SIZE);
-        let queue: Queue = mock.create_queue().expect("queue");
+        let mut queue: Queue = mock.create_queue().expect("queue");
+        // The mock's used ring overlaps the available ring (virtio-queue 0.18 sizes it in entries)
+        let used = (mock.avail_addr().0 + 6 + 2 * u64::from(QUEUE_SIZE)).next_multiple_of(4);
+        queue.try_set_used_ring_address(GuestAddress(used)).expect("aligned");
         let driver = Driver {
             mem: mem.clone(),
             desc: mock.desc_table_addr().0,
             avail: mock.avail_addr().0,
-            used: mock.used_addr().0,
+            used,
             next_desc: 0,
             avail_idx: 0,
             next_buffer: buffers_at,
@@ -213,7 +216,6 @@ impl Bench {
     fn stats(&self) -> NetStats {
         NetStats::of(&self.live.metrics)
     }
-
 
     /// The host sends a frame into the tap.
     fn host_sends(&self, frame: &[u8]) {
@@ -791,7 +793,7 @@ mod real_tap {
 
     /// Runs `test` on a thread of its own (the namespace is per thread), skipping it with a
     /// printed reason only when this host gives us no namespace or no /dev/net/tun.
-    fn in_private_network(name: &str, test: fn()) {
+    pub(super) fn in_private_network(name: &str, test: fn()) {
         let ran = std::thread::spawn(move || private_network().map(|()| test()));
         match ran.join() {
             Ok(Ok(())) => {}
@@ -820,6 +822,11 @@ mod real_tap {
 #[path = "limit_tests.rs"]
 mod limits_each_way;
 /// The worker on passt's link, driven by hand, with a shell script standing in for passt.
-#[cfg(test)]
 #[path = "passt_tests.rs"]
 mod on_passt;
+/// Multi-queue cards: one worker per pair, the control queue, hostile commands.
+#[path = "mq_tests.rs"]
+mod multiqueue;
+/// How the worker paces itself (looking again, publishing as frames land).
+#[path = "pace_tests.rs"]
+mod pacing;
