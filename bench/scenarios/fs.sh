@@ -28,10 +28,13 @@ fs_once() {
     rm -rf $share/* $share/lost+found
     case $1 in lguest) _fs=virtiofs ;; *) _fs=9p ;; esac
     vmm_cmd "$1" 512 1 /bench/initrd-fs.img "$CMDLINE fsbench.fs=$_fs fsbench.entries=$ENTRIES fsbench.md5=$MD5" share=$share:fsbench
+    _began=$(date +%s)
     io_boot fs "$1" 900 "cannot mount"
     _status=$?
     # Out of time is not a death: another boot would take as long again (io_boot noted it).
-    [ "$_status" = 0 ] || [ "$_io_status" != 124 ] || _status=0
+    # (Told by the clock: the lab's busybox timeout returns the VMM's own status, and QEMU
+    # exits 0 on its SIGTERM.)
+    [ $(($(date +%s) - _began)) -lt 890 ] || _status=0
     [ -z "$(ls -A $share)" ] || note fs "$1: the host's directory is not empty after the guest's rm -rf: $(ls -A $share | head -3 | printable)"
     return $_status
 }
