@@ -3,8 +3,10 @@
 #     hot-plugging disks), and read by the guest: it must see the new size and contents.
 #  2. A second drive limited to 10 MiB/s by PATCH /drives while the guest runs: the guest's
 #     own clock must see 10 MiB/s within 20 % when it reads it past its page cache.
-#  3. A network card whose rx_rate_limiter (PUT before the start) is 2 MiB/s: the guest
-#     receives 8 MiB from the lab and its clock must see 2 MiB/s within 20 %. A PATCH of its
+#  3. A network card whose rx_rate_limiter (PUT before the start) is 1 MiB/s: the guest
+#     receives 4 MiB from the lab and its clock must see 1 MiB/s within 20 %. (Not 2 MiB/s: a
+#     debug build's card moves only ~2.2 MiB/s unlimited in a busy lab, so a 2 MiB/s limit
+#     measured the lab's spare CPU, not the limiter.) A PATCH of its
 #     tx_rate_limiter shows in GET /vm/config; the metrics file counts both devices' bytes.
 # The guest runs guest/init's shell on the serial console, fed from a fifo; its page cache is
 # dropped before it reads.
@@ -34,7 +36,7 @@ second_md5=$(md5 <second.img)
 truncate -s 24M rated.img
 # The lab's end of the card, and a one-shot server that sends the guest 8 MiB.
 tunctl -t apitap0 >/dev/null && ip addr add 169.254.1.1/16 dev apitap0 && ip link set apitap0 up
-nc -l -p 5002 -e sh -c "head -c $((8 * MiB)) /dev/zero" &
+nc -l -p 5002 -e sh -c "head -c $((4 * MiB)) /dev/zero" &
 server=$!
 # rate NAME LIMIT_KIB_S: checks the guest's "LGUEST-API-RATE NAME bytes=N start=S end=E"
 # (uptimes in s) against LIMIT_KIB_S within 20 %.
@@ -58,7 +60,7 @@ call drive-machine PUT /machine-config '{"vcpu_count": 1, "mem_size_mib": 256}'
 call drive-put PUT /drives/data '{"drive_id": "data", "path_on_host": "/tmp/first.img", "is_root_device": false, "is_read_only": true}'
 call drive-put-rated PUT /drives/rated '{"drive_id": "rated", "path_on_host": "/tmp/rated.img", "is_root_device": false, "is_read_only": true}'
 call net-put-limited PUT /network-interfaces/eth0 '{"iface_id": "eth0", "host_dev_name": "apitap0",
-    "rx_rate_limiter": {"bandwidth": {"size": 209715, "refill_time": 100}}}'
+    "rx_rate_limiter": {"bandwidth": {"size": 104857, "refill_time": 100}}}'
 call metrics-put PUT /metrics '{"metrics_path": "/tmp/metrics.json"}'
 call drive-start PUT /actions '{"action_type": "InstanceStart"}'
 until_true 120 grep -q LGUEST-SHELL-READY drive.out
@@ -89,13 +91,13 @@ check drive-guest-sees-new-image "the guest saw '$swapped', not size=$((2 * MiB 
     [ "$swapped" = "size=$((2 * MiB / 512)) md5=$second_md5" ]
 check drive-exit "lguest exited with $status" [ "$status" = 0 ]
 rate disk 10240
-rate net 2048
-check net-received-all "the guest did not get all 8 MiB: '$(said drive.out "LGUEST-API-RATE net")'" \
-    [ "$(field "$(said drive.out "LGUEST-API-RATE net")" bytes)" = $((8 * MiB)) ]
+rate net 1024
+check net-received-all "the guest did not get all 4 MiB: '$(said drive.out "LGUEST-API-RATE net")'" \
+    [ "$(field "$(said drive.out "LGUEST-API-RATE net")" bytes)" = $((4 * MiB)) ]
 check net-patch-shows "GET /vm/config has no tx_rate_limiter of 1000 ops: $(cat vm-config.json)" \
     grep -q '"tx_rate_limiter":{"ops":{[^}]*"size":1000' vm-config.json
-# The direct read of the whole rated disk (24 MiB) and the 8 MiB received, in the counters.
+# The direct read of the whole rated disk (24 MiB) and the 4 MiB received, in the counters.
 check metrics-disk "the metrics line lacks block_rated's 24 MiB read: $(cat metrics.json)" \
     grep -q '"block_rated":{[^}]*"read_bytes":[0-9]\{8,\}' metrics.json
-check metrics-net "the metrics line lacks net_eth0's 8 MiB received: $(cat metrics.json)" \
+check metrics-net "the metrics line lacks net_eth0's 4 MiB received: $(cat metrics.json)" \
     grep -q '"net_eth0":{[^}]*"rx_bytes_count":[0-9]\{7,\}' metrics.json
