@@ -154,8 +154,9 @@ pub enum DeviceState {
     None,
     /// A disk's size in sectors when it was saved: the image must still have it.
     Block { sectors: u64 },
-    /// A card's MAC, which may have been made up at random.
-    Net { mac: [u8; 6] },
+    /// A card's MAC, which may have been made up at random, and how many of its queue pairs
+    /// the driver had in use (VIRTIO_NET_CTRL_MQ; 1 for a single-pair card).
+    Net { mac: [u8; 6], active_pairs: u16 },
     /// The guest's CID; its connections are not saved (they are reset on restore).
     Vsock { cid: u64 },
 }

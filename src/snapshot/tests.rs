@@ -59,7 +59,7 @@ fn sample() -> Snapshot {
             in_buffer: b"ls\n".to_vec(),
         },
         keyboard: KeyboardState { ctr: 0x47, scanning: true, replies: vec![0x55], ..Default::default() },
-        devices: vec![device(2, DeviceState::Block { sectors: 2048 }), device(1, DeviceState::Net { mac: [6, 0, 0, 0, 0, 1] })],
+        devices: vec![device(2, DeviceState::Block { sectors: 2048 }), device(1, DeviceState::Net { mac: [6, 0, 0, 0, 0, 1], active_pairs: 1 })],
     }
 }
 

@@ -51,7 +51,8 @@ pub mod vhost;
 mod worker;
 
 use std::io;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_net::*;
 use vm_memory::GuestMemoryError;
@@ -165,6 +166,12 @@ pub struct Net {
     config: [[u8; 10]; 2],
     /// The limiters and counters, shared with the worker and the API; they outlive resets.
     live: NetHandle,
+    /// A multi-queue card's pairs as the driver last switched them, from its activation on:
+    /// what a snapshot saves of them.
+    switched: Mutex<Option<Arc<ctrl::QueuePairs>>>,
+    /// How many pairs the next activation starts with: one (spec 5.1.6.5.5), or, once, as many
+    /// as the restored snapshot's driver had in use (it will not say so again).
+    pairs_at_activation: AtomicUsize,
     /// Reset stops the worker; the held receive buffers and the queues go with its handler,
     /// the tap stays ours.
     common: VirtioCommon<NetWorker>,
@@ -211,8 +218,9 @@ impl Net {
     pub fn with_taps(first: Tap, more: Vec<Tap>, mac: Option<[u8; 6]>) -> Net {
         let mut net = Net::with_backend(Backend::Tap(Arc::new(first)), mac);
         net.more_taps = more.into_iter().map(Arc::new).collect();
-        let pairs = net.pairs() as u16;
-        net.config.iter_mut().for_each(|config| config[8..10].copy_from_slice(&pairs.to_le_bytes()));
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&net.config[0][..6]);
+        net.set_config(mac);
         net
     }
 
@@ -223,8 +231,15 @@ impl Net {
             Backend::Passt(_) => None,
         };
         let live = NetHandle { tap, rx: SharedLimiter::default(), tx: SharedLimiter::default(), metrics: Arc::default() };
-        let config = [config_space(mac, false), config_space(mac, true)];
-        Net { backend, more_taps: Vec::new(), config, live, common: VirtioCommon::default() }
+        let config = [config_space(mac, false, 1), config_space(mac, true, 1)];
+        let (switched, pairs_at_activation) = (Mutex::new(None), AtomicUsize::new(1));
+        Net { backend, more_taps: Vec::new(), config, live, switched, pairs_at_activation, common: VirtioCommon::default() }
+    }
+
+    /// The config space for `mac`, with as many queue pairs as the card has.
+    fn set_config(&mut self, mac: [u8; 6]) {
+        let pairs = self.pairs() as u16;
+        self.config = [config_space(mac, false, pairs), config_space(mac, true, pairs)];
     }
 
     /// How many queue pairs the card has.
@@ -269,8 +284,13 @@ impl Net {
             return Ok(workers.collect());
         }
         let pairs = Arc::new(ctrl::QueuePairs::new(self.taps().cloned().collect(), wake));
-        // Until the driver says otherwise, only the first pair is in use (spec 5.1.6.5.5).
-        pairs.set_active(1).map_err(|source| ActivateError::Backend { what: "the tap would not detach its other queues", source })?;
+        // Until the driver says otherwise, only the first pair is in use (spec 5.1.6.5.5); a
+        // restored driver said so before its snapshot.
+        let in_use = self.pairs_at_activation.swap(1, Ordering::SeqCst).clamp(1, serving);
+        pairs.set_active(in_use).map_err(|source| ActivateError::Backend { what: "the tap would not detach its other queues", source })?;
+        if let Ok(mut switched) = self.switched.lock() {
+            *switched = Some(Arc::clone(&pairs));
+        }
         let mut workers: Vec<NetWorker> = workers.enumerate().map(|(pair, worker)| worker.for_pair(pair, Arc::clone(&pairs))).collect();
         let mut first = workers.remove(0).waking_on_limits(limiter_wakes);
         if let Some(queue) = control {
@@ -336,23 +356,31 @@ impl Device for Net {
     fn save_state(&self) -> DeviceState {
         let mut mac = [0u8; 6];
         mac.copy_from_slice(&self.config[0][..6]);
-        DeviceState::Net { mac }
+        let switched = self.switched.lock().ok().and_then(|switched| switched.as_ref().map(|pairs| pairs.active_count()));
+        DeviceState::Net { mac, active_pairs: switched.unwrap_or(1) as u16 }
     }
 
-    /// The guest keeps the MAC it had, which may have been made up at random.
+    /// The guest keeps the MAC it had, which may have been made up at random, and the queue
+    /// pairs it had switched on.
     fn restore_state(&mut self, saved: &DeviceState) -> std::result::Result<(), StateMismatch> {
-        let DeviceState::Net { mac } = saved else { return Err(StateMismatch::Kind { saved: saved.clone() }) };
-        self.config = [config_space(*mac, false), config_space(*mac, true)];
+        let DeviceState::Net { mac, active_pairs } = saved else { return Err(StateMismatch::Kind { saved: saved.clone() }) };
+        let in_use = usize::from(*active_pairs);
+        if !(1..=self.pairs()).contains(&in_use) {
+            let why = format!("the snapshot's card had {in_use} queue pairs in use and this card has {}; give it queues={in_use} or more", self.pairs());
+            return Err(StateMismatch::Changed(why));
+        }
+        self.set_config(*mac);
+        self.pairs_at_activation.store(in_use, Ordering::SeqCst);
         Ok(())
     }
 }
 
-fn config_space(mac: [u8; 6], link_up: bool) -> [u8; 10] {
+fn config_space(mac: [u8; 6], link_up: bool, pairs: u16) -> [u8; 10] {
     let mut config = [0u8; 10];
     config[..6].copy_from_slice(&mac);
     let status = if link_up { VIRTIO_NET_S_LINK_UP as u16 } else { 0 };
     config[6..8].copy_from_slice(&status.to_le_bytes());
-    config[8..10].copy_from_slice(&1u16.to_le_bytes());
+    config[8..10].copy_from_slice(&pairs.to_le_bytes());
     config
 }
 

@@ -25,6 +25,7 @@ fn card(pairs: usize) -> (Net, Vec<File>) {
 /// A card's workers driven by hand, each with its own epoll, and the driver's side of every
 /// queue the activation had (receive, transmit, ..., control).
 struct MqBench {
+    net: Net,
     drivers: Vec<Driver>,
     workers: Vec<NetWorker>,
     epolls: Vec<Epoll>,
@@ -54,7 +55,7 @@ impl MqBench {
             worker.register(&epoll).expect("register");
             epoll
         }).collect();
-        MqBench { drivers, workers, epolls, hosts, signals }
+        MqBench { net, drivers, workers, epolls, hosts, signals }
     }
 
     fn handle(&mut self, worker: usize, token: u64) {
@@ -237,4 +238,31 @@ fn the_first_pair_watches_the_cards_shared_limiter_and_wakes_the_pair_it_held_ba
     assert!(bench.workers[1].tap_polled, "pair 1 reads its tap again");
     bench.handle(1, TAP);
     assert_eq!(bench.drivers[2].used().len(), 2);
+}
+
+#[test]
+fn a_snapshot_keeps_the_pairs_in_use_and_the_restored_card_starts_with_them() {
+    use crate::snapshot::state::DeviceState;
+    let mut bench = MqBench::new(2, MQ_LINUX, 5);
+    assert!(matches!(Device::save_state(&bench.net), DeviceState::Net { active_pairs: 1, .. }));
+    let answer_at = bench.command(&set_pairs(2), 1);
+    assert_eq!(bench.answer(answer_at), VIRTIO_NET_OK as u8);
+    let saved = Device::save_state(&bench.net);
+    assert!(matches!(saved, DeviceState::Net { active_pairs: 2, .. }), "saved {saved:?}");
+    // The restoring process's card: both pairs in use from its activation on, and the
+    // config space still says two.
+    let (mut restored, hosts) = card(2);
+    Device::restore_state(&mut restored, &saved).expect("restored");
+    let mut max_pairs = [0u8; 2];
+    restored.read_config(8, &mut max_pairs);
+    assert_eq!(u16::from_le_bytes(max_pairs), 2);
+    let bench = MqBench::with_card((restored, hosts), MQ_LINUX, 5);
+    let watched: Vec<bool> = bench.workers.iter().map(|worker| worker.tap_polled).collect();
+    assert_eq!(watched, [true, true]);
+    // Hostile or mismatched: no pair, or more pairs than this card has.
+    let DeviceState::Net { mac, .. } = saved else { unreachable!("matched above") };
+    for active_pairs in [0, 3] {
+        let (mut other, _hosts) = card(2);
+        assert!(Device::restore_state(&mut other, &DeviceState::Net { mac, active_pairs }).is_err(), "{active_pairs} pairs in use");
+    }
 }

@@ -106,8 +106,7 @@ impl VhostNet {
             vhosts.push(Arc::new(vhost));
             vhost_features &= features;
         }
-        let mut config = config_space(config.mac.unwrap_or_else(random_mac), true);
-        config[8..10].copy_from_slice(&(taps.len() as u16).to_le_bytes());
+        let config = config_space(config.mac.unwrap_or_else(random_mac), true, taps.len() as u16);
         Ok(VhostNet { vhosts, vhost_features, taps, config, common: VirtioCommon::default() })
     }
 }

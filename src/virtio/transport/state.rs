@@ -302,14 +302,14 @@ mod tests {
         let (tap, _host) = crate::virtio::net::tap::Tap::socket_pair().expect("socketpair");
         let mut card = crate::virtio::net::Net::with_tap(tap, None);
         let mac = [6, 1, 2, 3, 4, 5];
-        VirtioDevice::restore_state(&mut card, &DeviceState::Net { mac }).expect("restored");
-        assert_eq!(VirtioDevice::save_state(&card), DeviceState::Net { mac });
+        VirtioDevice::restore_state(&mut card, &DeviceState::Net { mac, active_pairs: 1 }).expect("restored");
+        assert_eq!(VirtioDevice::save_state(&card), DeviceState::Net { mac, active_pairs: 1 });
         let mut config = [0u8; 6];
         card.read_config(0, &mut config);
         assert_eq!(config, mac, "the guest reads the saved MAC");
 
         let mut rng = Rng::new();
         assert_eq!(VirtioDevice::save_state(&rng), DeviceState::None);
-        assert!(VirtioDevice::restore_state(&mut rng, &DeviceState::Net { mac }).is_err());
+        assert!(VirtioDevice::restore_state(&mut rng, &DeviceState::Net { mac, active_pairs: 1 }).is_err());
     }
 }
