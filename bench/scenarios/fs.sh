@@ -1,11 +1,11 @@
 # Lab side of bench/run.sh's fs row; bench/run.sh prepends RUNS=N ENTRIES=E MD5=M FS_VMMS=LIST
 # (default "lguest qemu vng").
-# Both VMMs boot Debian's generic kernel (/bench/bzImage-generic: the cloud kernel has no 9p)
+# lguest and QEMU boot Debian's generic kernel (/bench/bzImage-generic: the cloud kernel has no 9p)
 # with bench/fs/init (/bench/initrd-fs.img), 512 MiB, 1 vCPU, and one host directory, empty
 # at each boot: lguest --share DIR:fsbench (virtio-fs, served in lguest) against QEMU's
 # built-in 9p (-fsdev local,security_model=none + virtio-9p-pci; the guest mounts it
 # trans=virtio,version=9p2000.L). The guest times untar, find, read and rm -rf of the same
-# ~5 000-file tree, each checked (bench/fs/init). RUNS boots each, alternating; a run whose
+# ~5 000-file tree, each checked (bench/fs/phases.sh). RUNS boots each, alternating; a run whose
 # guest died is noted and retried once. Afterwards the directory must be empty again.
 # The third VMM, virtme-ng (vng; bench/vng/build.sh put it at /usr), boots the same generic
 # kernel (/bench/k-generic, laid out as vng finds a kernel, with its modules), 512 MiB, 1 vCPU,
