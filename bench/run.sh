@@ -16,7 +16,7 @@
 #   snapshot row 10    save a guest and restore it to its first answer, 256 MiB and 2 GiB;
 #                      QEMU: migrate to a file, -incoming                             (lab)
 #   fs       row 11    a shared directory: untar, find, read, rm -rf of 5 000 files;
-#                      lguest's virtio-fs against QEMU's 9p (lab)
+#                      lguest's virtio-fs against QEMU's 9p and virtme-ng's virtiofsd (lab)
 #   exec     row 12    `lguest exec -- true` against virtme-ng's `vng --run KERNEL -- true`
 #                      (QEMU + virtiofsd; bench/vng/build.sh brings them into the lab) (lab)
 # Lab rows run one lab session each (lab/run.sh), one after the other. Installs what it
@@ -44,6 +44,7 @@ usage: bench/run.sh [--rows LIST] [--runs N] [--quick] [--out DIR] [--bin-dir DI
 Environment: LGUEST_CACHE, LAB_OUT as for lab/run.sh; BENCH_PIN=0|1: the disk and network rows'
 thread placement (default 0: left to the lab's scheduler; see bench/README.md).
 BENCH_DISK_VARS='CPUS=2 VMMS="lguest lguest-mq qemu-uring"': only part of the disk row (developing).
+BENCH_FS_VMMS='lguest vng': only some of row 11's VMMs (default "lguest qemu vng"; QEMU's 9p takes > 900 s).
 EOF
     exit 2
 }
@@ -224,10 +225,21 @@ if want usernet; then
         --file "$here/out/initrd-usernet.img:/bench/initrd-usernet.img" --bin "$vsock_io" --bin "$passt_dir/passt" --bin "$passt_dir/passt.avx2"
 fi
 if want fs; then
-    # Its own guest: Debian's generic kernel (the cloud kernel has no 9p) and bench/fs/init.
+    # Its own guest: Debian's generic kernel (the cloud kernel has no 9p) and bench/fs/init;
+    # virtme-ng (BENCH_FS_VMMS: which VMMs, default all three) boots the same kernel over the
+    # lab's / with vng and what it runs at /usr (as row 12), the tree's tar and phases in /bench.
+    fs_vmms=${BENCH_FS_VMMS:-lguest qemu vng}
     read -r fs_entries fs_md5 < <("$here/fs/build.sh" "$here/out")
-    lab_session fs fs.sh "RUNS=$io_runs ENTRIES=$fs_entries MD5=$fs_md5" $((io_runs * 2 * 900 + 120)) \
-        --file "$here/out/initrd-fs.img:/bench/initrd-fs.img" --file "$here/out/bzImage-generic:/bench/bzImage-generic"
+    fs_vng=()
+    if [[ " $fs_vmms " == *" vng "* ]]; then
+        fs_vng=(--file "$("$here/vng/build.sh" "$here/out")/usr:/usr" --file "$here/out/k-generic:/bench/k-generic"
+            --file "$here/out/tree.tar:/bench/tree.tar" --file "$here/fs/phases.sh:/bench/fs-phases.sh"
+            --file "$here/fs/vng-guest.sh:/bench/fs-vng-guest.sh")
+    fi
+    lab_session fs fs.sh "RUNS=$io_runs ENTRIES=$fs_entries MD5=$fs_md5 FS_VMMS='$fs_vmms'" \
+        $((io_runs * $(wc -w <<<"$fs_vmms") * 900 + 120)) \
+        --file "$here/out/initrd-fs.img:/bench/initrd-fs.img" --file "$here/out/bzImage-generic:/bench/bzImage-generic" \
+        "${fs_vng[@]}"
 fi
 if want exec; then
     # virtme-ng, python, virtiofsd, kmod and file at the lab's /usr; the kernel and modules at /k.

@@ -27,16 +27,20 @@ else
     fi
 fi
 mkdir -p "$out"
-if stale "$out/initrd-fs.img" "$kdeb" "$here" "$LGUEST_CACHE/busybox"; then
+if stale "$out/initrd-fs.img" "$kdeb" "$here" "$repo/bench/vng/kernel-tree.sh" "$LGUEST_CACHE/busybox"; then
     tmp=$(mktemp -d)
     trap 'rm -rf "$tmp"' EXIT
     dpkg-deb --fsys-tarfile "$kdeb" | tar x -C "$tmp" --wildcards './boot/vmlinuz-*' \
         './lib/modules/*/kernel/drivers/virtio/*' './lib/modules/*/kernel/fs/fuse/*' './lib/modules/*/kernel/fs/9p/*' \
-        './lib/modules/*/kernel/net/9p/*' './lib/modules/*/kernel/fs/netfs/*' './lib/modules/*/kernel/fs/fscache/*'
+        './lib/modules/*/kernel/net/9p/*' './lib/modules/*/kernel/fs/netfs/*' './lib/modules/*/kernel/fs/fscache/*' \
+        './lib/modules/*/modules.*' './lib/modules/*/kernel/fs/overlayfs/*' './lib/modules/*/kernel/net/vmw_vsock/*' \
+        './lib/modules/*/kernel/drivers/char/virtio_console.ko' './lib/modules/*/kernel/drivers/net/*failover.ko' \
+        './lib/modules/*/kernel/drivers/net/virtio_net.ko' './lib/modules/*/kernel/net/core/failover.ko'
     root=$tmp/root
     mkdir -p "$root"/{bin,proc,sys,dev,mnt,tmp,modules}
     install -m 755 "$LGUEST_CACHE/busybox" "$root/bin/busybox"
     install -m 755 "$here/init" "$root/init"
+    install -m 644 "$here/phases.sh" "$root/phases.sh"
     for m in virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci fuse virtiofs netfs fscache \
         9pnet 9pnet_virtio 9p; do
         ko=$(find "$tmp/lib/modules" -name "$m.ko" | head -n1)
@@ -44,8 +48,12 @@ if stale "$out/initrd-fs.img" "$kdeb" "$here" "$LGUEST_CACHE/busybox"; then
         cp "$ko" "$root/modules/"
     done
     python3 "$here/tree.py" "$root/tree.tar" >"$out/tree.meta"
+    cp "$root/tree.tar" "$out/tree.tar"
     (cd "$root" && find . | cpio -o -H newc --quiet) | gzip -1 >"$out/initrd-fs.img.new"
     cp "$(compgen -G "$tmp/boot/vmlinuz-*")" "$out/bzImage-generic"
+    ver=$(basename "$(compgen -G "$tmp/lib/modules/*")")
+    "$repo/bench/vng/kernel-tree.sh" "$out/bzImage-generic" "$tmp/lib/modules/$ver" "$ver" "$out/k-generic" ||
+        die "cannot lay out the generic kernel for vng in $out/k-generic"
     mv "$out/initrd-fs.img.new" "$out/initrd-fs.img"
 fi
 cat "$out/tree.meta"

@@ -1,11 +1,17 @@
-# Lab side of bench/run.sh's fs row; bench/run.sh prepends RUNS=N ENTRIES=E MD5=M.
-# Both VMMs boot Debian's generic kernel (/bench/bzImage-generic: the cloud kernel has no 9p)
+# Lab side of bench/run.sh's fs row; bench/run.sh prepends RUNS=N ENTRIES=E MD5=M FS_VMMS=LIST
+# (default "lguest qemu vng").
+# lguest and QEMU boot Debian's generic kernel (/bench/bzImage-generic: the cloud kernel has no 9p)
 # with bench/fs/init (/bench/initrd-fs.img), 512 MiB, 1 vCPU, and one host directory, empty
 # at each boot: lguest --share DIR:fsbench (virtio-fs, served in lguest) against QEMU's
 # built-in 9p (-fsdev local,security_model=none + virtio-9p-pci; the guest mounts it
 # trans=virtio,version=9p2000.L). The guest times untar, find, read and rm -rf of the same
-# ~5 000-file tree, each checked (bench/fs/init). RUNS boots each, alternating; a run whose
+# ~5 000-file tree, each checked (bench/fs/phases.sh). RUNS boots each, alternating; a run whose
 # guest died is noted and retried once. Afterwards the directory must be empty again.
+# The third VMM, virtme-ng (vng; bench/vng/build.sh put it at /usr), boots the same generic
+# kernel (/bench/k-generic, laid out as vng finds a kernel, with its modules), 512 MiB, 1 vCPU,
+# over the lab's / as its root, with the same directory shared read-write by `--rwdir` (vng
+# serves it with virtiofsd, cache=auto) at the guest's /fsbench, and runs the same phases
+# (bench/fs/phases.sh, through bench/fs/vng-guest.sh).
 # The directory is on ext4 (an image in the lab's RAM, loop-mounted), as a user's work tree
 # would be: the lab's own tmpfs is Linux 6.1's, whose directory offsets are positions, and
 # how each VMM copes with that is a correctness matter (src/virtio/fs/listing.rs), not this
@@ -20,14 +26,27 @@ share=/tmp/fsbench
 mkdir -p $share
 truncate -s 256M /tmp/fsbench.img && mkfs.ext4 -q -F /tmp/fsbench.img && mount -o loop /tmp/fsbench.img $share ||
     { note fs "cannot make the ext4 share (mkfs.ext4, loop): $(dmesg | tail -2 | printable)"; exit 1; }
-vmms="lguest qemu"
+vmms=${FS_VMMS:-lguest qemu vng}
+mkdir -p /fsbench /fsbench-ram   # vng's guest mounts its share and a tmpfs there
 skip=""
+
+# vng_cmd: CMD for virtme-ng's boot (its guest's command's stdout is vng's, the console's
+# BENCH lines with it).
+vng_cmd() {
+    _k=/bench/k-generic
+    CMD="vng --run $_k/boot/vmlinuz-$(ls $_k/lib/modules) --memory 512M --cpus 1 --rwdir /fsbench=$share"
+    CMD="$CMD -- sh /bench/fs-vng-guest.sh $ENTRIES $MD5"
+}
 
 # fs_once VMM: one boot, the four phases. Fails (for a retry) only when the guest died.
 fs_once() {
     rm -rf $share/* $share/lost+found
     case $1 in lguest) _fs=virtiofs ;; *) _fs=9p ;; esac
-    vmm_cmd "$1" 512 1 /bench/initrd-fs.img "$CMDLINE fsbench.fs=$_fs fsbench.entries=$ENTRIES fsbench.md5=$MD5" share=$share:fsbench
+    if [ "$1" = vng ]; then
+        vng_cmd
+    else
+        vmm_cmd "$1" 512 1 /bench/initrd-fs.img "$CMDLINE fsbench.fs=$_fs fsbench.entries=$ENTRIES fsbench.md5=$MD5" share=$share:fsbench
+    fi
     _began=$(date +%s)
     io_boot fs "$1" 900 "cannot mount"
     _status=$?
@@ -35,6 +54,8 @@ fs_once() {
     # (Told by the clock: the lab's busybox timeout returns the VMM's own status, and QEMU
     # exits 0 on its SIGTERM.)
     [ $(($(date +%s) - _began)) -lt 890 ] || _status=0
+    # A vng that ran out of time leaves its QEMU and virtiofsd behind (python alone got the signal).
+    [ "$1" != vng ] || killall -9 qemu-system-x86_64 virtiofsd 2>/dev/null
     [ -z "$(ls -A $share)" ] || note fs "$1: the host's directory is not empty after the guest's rm -rf: $(ls -A $share | head -3 | printable)"
     return $_status
 }

@@ -202,11 +202,12 @@ results() {
 # is_vcpu COMM: the thread is a vCPU (lguest "vcpuN"; QEMU, with debug-threads=on, "CPU N/KVM").
 is_vcpu() { case $1 in vcpu[0-9]* | "CPU "*/KVM) return 0 ;; esac; return 1; }
 
-# vmm_pid PID: PID itself or its first descendant (a few levels down: timeout, stopwatch)
-# that is a VMM, once it has exec'd; fails while there is none (yet).
+# vmm_pid PID: PID itself or its first descendant (a few levels down: timeout, stopwatch;
+# vng's python, sh and virtme-run) that is a VMM, once it has exec'd; fails while there is
+# none (yet).
 vmm_pid() {
     _p=$1
-    for _ in 1 2 3; do
+    for _ in 1 2 3 4 5; do
         read -r _c 2>/dev/null </proc/$_p/comm || return 1
         case $_c in lguest | qemu-system-x86) echo "$_p"; return 0 ;; esac
         # (read fails at the end of the file, which has no newline, but fills _p all the same)

@@ -52,7 +52,7 @@ PY=/usr/bin/python3.11   # Debian's (a pyenv python3 on PATH would not run in th
 out=$(realpath -m "${1:?usage: bench/vng/build.sh OUTDIR}")/vng
 tree=$out/usr
 kernel=$LGUEST_CACHE/kernel
-if [[ -f $out/.done ]] && ! stale "$out/.done" "$here/build.sh" "$kernel/version"; then
+if [[ -f $out/.done ]] && ! stale "$out/.done" "$here/build.sh" "$here/kernel-tree.sh" "$kernel/version"; then
     echo "$out"
     exit 0
 fi
@@ -153,16 +153,8 @@ cp -a "$udev/lib/udev" "$tree/lib/udev"
 rm -rf "$udev"
 
 # The kernel and the modules of both guests (the set tests/lab.rs gives lguest exec, and
-# virtio_console for vng's stdio ports), indexed by kmod's depmod as a kernel package's
-# postinst would.
-ver=$(cat "$kernel/version")
-mods=$out/k/lib/modules/$ver
-install -D -m 644 "$kernel/bzImage" "$out/k/boot/vmlinuz-$ver"
-mkdir -p "$mods"
-(cd "$kernel/modules" && cp --parents -r modules.builtin modules.builtin.modinfo modules.order \
-    kernel/drivers/virtio kernel/fs/fuse kernel/fs/overlayfs kernel/net/vmw_vsock \
-    kernel/drivers/char/virtio_console.ko kernel/drivers/net/virtio_net.ko \
-    kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko "$mods/")
-/usr/sbin/depmod -b "$out/k" "$ver" || die "depmod failed for $mods"
+# virtio_console for vng's stdio ports).
+"$here/kernel-tree.sh" "$kernel/bzImage" "$kernel/modules" "$(cat "$kernel/version")" "$out/k" ||
+    die "cannot lay out the reference kernel for vng in $out/k"
 touch "$out/.done"
 echo "$out"
