@@ -216,10 +216,9 @@ impl Net {
     /// A card with one queue pair per tap fd: `first`, then `more` (the fds of one
     /// multi-queue tap, or stand-ins).
     pub fn with_taps(first: Tap, more: Vec<Tap>, mac: Option<[u8; 6]>) -> Net {
-        let mut net = Net::with_backend(Backend::Tap(Arc::new(first)), mac);
+        let mac = mac.unwrap_or_else(random_mac);
+        let mut net = Net::with_backend(Backend::Tap(Arc::new(first)), Some(mac));
         net.more_taps = more.into_iter().map(Arc::new).collect();
-        let mut mac = [0u8; 6];
-        mac.copy_from_slice(&net.config[0][..6]);
         net.set_config(mac);
         net
     }
