@@ -283,6 +283,22 @@ pub struct RateLimiter {
     blocked: bool,
 }
 
+/// A timerfd whose read never blocks. Every worker of a multi-queue device may watch the one
+/// timer of the device's shared limiter: when it fires, each is woken, the first reads the
+/// expiry, and the others find nothing to read (EAGAIN) instead of waiting, with the limiter's
+/// lock held, for an expiry that may never come.
+fn nonblocking_timer() -> io::Result<TimerFd> {
+    let timer = TimerFd::new()?;
+    let fd = timer.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own, changing only its status flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(timer)
+}
+
 impl RateLimiter {
     /// A limiter with `limit`'s buckets, full. Fails only if the host gives us no timerfd.
     pub fn new(limit: RateLimit) -> io::Result<RateLimiter> {
@@ -290,7 +306,7 @@ impl RateLimiter {
         Ok(RateLimiter {
             bandwidth: limit.bandwidth.map(|config| TokenBucket::new(config, now)),
             ops: limit.ops.map(|config| TokenBucket::new(config, now)),
-            timer: TimerFd::new()?,
+            timer: nonblocking_timer()?,
             blocked: false,
         })
     }
@@ -389,7 +405,8 @@ impl RateLimiter {
 
     /// The worker saw the timer fire: the queue may be served again.
     pub fn timer_fired(&mut self) {
-        // Reading clears the expiry count so the level-triggered epoll stops reporting it.
+        // Reading clears the expiry count so the level-triggered epoll stops reporting it
+        // (nothing to read: another worker of the device read it first).
         let _ = self.timer.wait();
         self.blocked = false;
     }
@@ -596,7 +613,8 @@ mod tests {
         assert!(!limiter.consume(500).expect("consume"));
         assert!(limiter.is_blocked());
         assert!(!limiter.consume(1).expect("consume"), "nothing goes while blocked");
-        limiter.timer_fired(); // blocks until the timer expires (about 5 ms)
+        wait_for_the_timer(&limiter); // about 5 ms
+        limiter.timer_fired();
         assert!(!limiter.is_blocked());
         assert!(limiter.consume(500).expect("consume"));
     }
@@ -642,7 +660,8 @@ mod tests {
         assert_eq!(limiter.bandwidth.as_ref().map(|b| (b.budget, b.debt)), Some((0, 500)));
         assert!(!limiter.ready().expect("ready"), "500 bytes owed");
         assert!(limiter.is_blocked());
-        limiter.timer_fired(); // blocks until the debt is paid (about 10 ms)
+        wait_for_the_timer(&limiter); // until the debt is paid (about 10 ms)
+        limiter.timer_fired();
         assert!(limiter.ready().expect("ready"));
     }
 
@@ -702,6 +721,36 @@ mod tests {
         limiter.update(BucketUpdate::Remove, BucketUpdate::Remove).expect("update");
         assert!(!limiter.limit().limits_anything());
         assert!(limiter.consume(u64::MAX).expect("consume"));
+    }
+
+    /// Waits, as a worker's epoll would, until the limiter's timer has fired.
+    fn wait_for_the_timer(limiter: &RateLimiter) {
+        let epoll = Epoll::new().expect("epoll");
+        epoll.ctl(ControlOperation::Add, limiter.as_raw_fd(), EpollEvent::new(EventSet::IN, 0)).expect("watch");
+        let mut events = [EpollEvent::default(); 1];
+        assert_eq!(epoll.wait(5000, &mut events).expect("wait"), 1, "the timer never fired");
+    }
+
+    #[test]
+    fn every_worker_woken_by_one_expiry_goes_on_and_the_limiter_stays_usable() {
+        // Two workers of a multi-queue disk watch the same timer: both are woken by its one
+        // expiry, the first reads it, and the second must not wait (lock held) for another.
+        let limiter = SharedLimiter::new(RateLimit { bandwidth: None, ops: Some(BucketConfig::new(1, 0, 1).expect("valid")) }).expect("timerfd");
+        let epoll = Epoll::new().expect("epoll");
+        limiter.watch(&epoll, 7).expect("watch");
+        assert!(limiter.lock().expect("limited").consume(1).expect("consume"));
+        assert!(!limiter.lock().expect("limited").consume(1).expect("consume"), "the bucket is empty: the timer is armed");
+        let mut events = [EpollEvent::default(); 1];
+        assert_eq!(epoll.wait(5000, &mut events).expect("wait"), 1, "the timer fired");
+        let (done, finished) = std::sync::mpsc::channel();
+        let second = limiter.clone();
+        std::thread::spawn(move || {
+            assert!(second.timer_event(7, 7));
+            assert!(second.timer_event(7, 7), "a second worker woken by the same expiry");
+            let _ = done.send(());
+        });
+        assert!(finished.recv_timeout(Duration::from_secs(30)).is_ok(), "the second worker blocked reading the timer");
+        assert!(!limiter.lock().expect("limited").is_blocked());
     }
 
     #[test]
