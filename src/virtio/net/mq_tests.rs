@@ -229,7 +229,7 @@ fn the_first_pair_watches_the_cards_shared_limiter_and_wakes_the_pair_it_held_ba
     bench.handle(1, TAP);
     assert_eq!(bench.drivers[2].used().len(), 1, "one frame, then the card's debt holds pair 1 back");
     assert!(!bench.workers[1].tap_polled);
-    // The timer fires in the first pair's epoll only (a second reader would block in its read).
+    // The timer fires in the first pair's epoll only (see TimerDuty).
     assert!(bench.serve_until_ready(0, RX_RATE_TIMER), "the first pair hears the timer");
     assert!(!bench.ready(1).contains(&RX_RATE_TIMER), "pair 1 does not watch it");
     bench.handle(0, RX_RATE_TIMER);
