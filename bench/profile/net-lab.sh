@@ -1,8 +1,9 @@
 # Lab side of bench/profile/net.sh: where row 5's time goes. bench/profile/net.sh prepends
 # CASES='CPUS:TEST ...' VMMS='lguest qemu' SECS=S FREQ=HZ.
 # Row 5's set-up (bench/scenarios/net.sh): tap0 = 169.254.100.1/24 in the lab, the guest's
-# virtio NIC 169.254.100.2, lguest --net tap=tap0 against QEMU virtio-net-pci vhost=off; at
-# 2 vCPUs, two queue pairs on a multi-queue tap0 the VMM makes. For each case and VMM one
+# virtio NIC 169.254.100.2, lguest --net tap=tap0 against QEMU virtio-net-pci vhost=off
+# (lguest-vhost and qemu-vhost: both vhost=on); at 2 vCPUs, two queue pairs on a
+# multi-queue tap0 the VMM makes. For each case and VMM one
 # boot runs the test (iperf3 tcp-tx or tcp-rx, SECS s) twice, and the lab side watches:
 #   1st run  counts: perf stat -a on KVM's, the scheduler's and the network's tracepoints;
 #            perf stat --per-thread on the VMM (CPU time, context switches, syscalls by
@@ -13,6 +14,8 @@
 # left-out first second runs too), as row 5's cpu_watch counts. Output: PROFILE lines.
 . /bench/lib.sh
 initrd=/bench/initrd-net.img
+# vhost_net, for lguest-vhost and qemu-vhost.
+while read -r m; do insmod "/bench/lab-mods/$m" 2>/dev/null; done </bench/lab-mods/order
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 # The kernel's symbols for perf report (we are root in a lab of our own).
@@ -78,7 +81,8 @@ cpu() {
 
 # profile_boot VMM TEST: one boot, TEST twice, watched as above.
 profile_boot() {
-    _label=$1-${CPUS}cpu-$2 _out=/tmp/$1-${CPUS}cpu-$2.out
+    _label=$1-${CPUS}cpu-$2
+    _out=/tmp/$_label.out
     start_servers
     vmm_cmd "$1" 256 $CPUS $initrd "$CMDLINE bench.scenario=net bench.secs=$SECS bench.rounds=2 bench.tests=$2 bench.host=$HOST_IP" net=$TAP
     [ -z "${NET_QUEUES:-}" ] || tap_when_made &

@@ -7,7 +7,8 @@
 # what is measured, and how); bench/README.md ("Profiles") how to read it.
 #   --cases LIST  CPUS:TEST pairs, 1-vCPU ones first (default 1:tcp-tx,2:tcp-tx); TEST is
 #                 tcp-tx (guest → host) or tcp-rx (host → guest)
-#   --vmms LIST   default lguest,qemu
+#   --vmms LIST   from lguest, qemu (vhost=off), lguest-vhost, qemu-vhost (vhost=on); default
+#                 lguest,qemu
 #   --secs S      each run's length (default 8)
 #   --freq HZ     perf record's sampling rate on each lab CPU (default 499)
 # Installs linux-perf (perf goes into the lab with its libraries) and what bench/run.sh's row 5
@@ -33,6 +34,9 @@ while (($#)); do
 done
 for case in ${cases//,/ }; do
     [[ $case =~ ^[12]:tcp-(tx|rx)$ ]] || die "--cases: '$case' is not CPUS:TEST (1 or 2 vCPUs; tcp-tx or tcp-rx)"
+done
+for vmm in ${vmms//,/ }; do
+    [[ $vmm =~ ^(lguest|qemu)(-vhost)?$ ]] || die "--vmms: no VMM '$vmm' (lguest, qemu, lguest-vhost, qemu-vhost)"
 done
 [[ $secs =~ ^[1-9][0-9]*$ && $freq =~ ^[1-9][0-9]*$ ]] || die "--secs and --freq take whole numbers"
 
@@ -61,12 +65,12 @@ trap 'rm -f "$scenario"' EXIT
     cat "$here/net-lab.sh"
 } >"$scenario"
 n_cases=$(wc -w <<<"${cases//,/ }") n_vmms=$(wc -w <<<"${vmms//,/ }")
-# A boot: ~20 s, two runs of secs + ~3 s, and perf's reports (~60 s under TCG).
-limit=$((n_cases * n_vmms * (100 + 2 * (secs + 5)) + 120))
+# A boot: ~20 s, two runs of secs + ~3 s, and perf's reports (a minute or two under TCG).
+limit=$((n_cases * n_vmms * (180 + 2 * (secs + 5)) + 120))
 note "profiling ${cases} with ${vmms} (at most $limit s; console: $out/console.log)"
 status=0
 "$repo/lab/run.sh" --with-qemu --timeout "$limit" --bin "$lguest" --bin "$(command -v perf)" \
     --bin "$tcp_rr" --bin "$(command -v iperf3)" --file "$bench/scenarios/lib.sh:/bench/lib.sh" \
-    --file "$bench/out/initrd-net.img:/bench/initrd-net.img" "$scenario" >"$out/console.log" 2>&1 || status=$?
+    --file "$bench/out/initrd-net.img:/bench/initrd-net.img" --file "$bench/out/lab-mods:/bench/lab-mods" "$scenario" >"$out/console.log" 2>&1 || status=$?
 grep -a '^PROFILE' "$out/console.log" | tee "$out/profile.txt" || true
 ((status == 0)) || die "the lab session failed with status $status (console: $out/console.log)"
