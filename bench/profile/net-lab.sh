@@ -105,7 +105,8 @@ profile_boot() {
     stop_servers
     _mib1=$(mib_of "$_out" "$2" 1) _mib2=$(mib_of "$_out" "$2" 2)
     if [ -z "$_mib1" ] || [ -z "$_mib2" ]; then
-        echo "PROFILE-NOTE $_label: the guest gave no two results: $(tail -c 300 "$_out" | printable)"
+        echo "PROFILE-NOTE $_label: the guest gave no two results; its console's end:"
+        tail -n 40 "$_out" | tr -d '\r' | sed "s/^/PROFILE-CONSOLE $_label /"
         return
     fi
     tr -d '\r' <"$_out" | grep "^BENCH-RESULT" | sed "s/^/PROFILE-RESULT $_label /"
