@@ -371,3 +371,25 @@ host_sends() {
         _k=$((_k + 1))
     done
 }
+
+# The network rows' lab side (net.sh, bench/profile/net-lab.sh).
+# tap_when_made: the VMM makes tap0 (multi-queue); the lab's end gets its address once it exists.
+tap_when_made() {
+    _i=0
+    until ip link show $TAP >/dev/null 2>&1 || [ $_i -ge 600 ]; do sleep 0.1; _i=$((_i + 1)); done
+    ip addr add $HOST_IP/24 dev $TAP
+    ip link set $TAP up
+}
+
+# Fresh servers for every boot: a guest that dies in the middle of a test leaves iperf3's
+# server busy with it ("the server is busy running a test") for every boot after.
+start_servers() {
+    iperf3 -s >>/tmp/iperf3-server.log 2>&1 &
+    iperf_pid=$!
+    tcp-rr server 5202 &
+    rr_pid=$!
+}
+stop_servers() {
+    stop_pid $iperf_pid
+    stop_pid $rr_pid
+}

@@ -32,14 +32,6 @@ skip=""
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 kvm_stat() { cat /sys/kernel/debug/kvm/$1 2>/dev/null || echo 0; }
 
-# tap_when_made: the VMM makes tap0 (multi-queue); the lab's end gets its address once it exists.
-tap_when_made() {
-    _i=0
-    until ip link show $TAP >/dev/null 2>&1 || [ $_i -ge 600 ]; do sleep 0.1; _i=$((_i + 1)); done
-    ip addr add $HOST_IP/24 dev $TAP
-    ip link set $TAP up
-}
-
 # cpu_watch CONSOLE PID: beside a boot (io_boot's HOST_SIDE), until the VMM (PID) ends. The
 # guest says `BENCH-BEGIN M` half a second before test M starts (its lab CPU time is read
 # then) and prints M's result when it ends (read again): for tcp-tx and tcp-rx, the bytes
@@ -74,19 +66,6 @@ cpu_watch() {
 HOST_SIDE=cpu_watch
 # per_mib METRIC COUNT UNIT: COUNT over cpu_watch's $_bytes, per MiB.
 per_mib() { emit "$cw_row" "$cw_vmm" "$1" "$(awk -v c="$2" -v b="$_bytes" 'BEGIN { printf "%.1f", c / (b / 1048576) }')" "$3"; }
-
-# Fresh servers for every boot: a guest that dies in the middle of a test leaves iperf3's
-# server busy with it ("the server is busy running a test") for every boot after.
-start_servers() {
-    iperf3 -s >>/tmp/iperf3-server.log 2>&1 &
-    iperf_pid=$!
-    tcp-rr server 5202 &
-    rr_pid=$!
-}
-stop_servers() {
-    stop_pid $iperf_pid
-    stop_pid $rr_pid
-}
 
 # net_once VMM: one boot, ROUNDS × three measurements. Fails (for a retry) only when the guest died.
 net_once() {

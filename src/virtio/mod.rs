@@ -23,6 +23,8 @@ pub mod iovec;
 pub mod metrics;
 pub mod net;
 pub mod queue;
+#[cfg(test)]
+pub(crate) mod ring_driver;
 pub mod rng;
 pub mod transport;
 pub mod vsock;

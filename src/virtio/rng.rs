@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::queue::{clear_kick, interrupt_if_wanted, next_chain, serve_until_idle, Chain, Pass, QueueError};
 use super::worker::{watch, DeviceWorker};
 use super::{device_type, ActivateError, Activation, Device, Signals, VirtioCommon};
-use crate::rate_limiter::{self, RateLimit, SharedLimiter};
+use crate::rate_limiter::{self, RateLimit, SharedLimiter, TimerDuty};
 
 const QUEUE_SIZE: u16 = 256;
 pub const MAX_BYTES_PER_REQUEST: usize = 64 << 10;
@@ -79,11 +79,11 @@ impl DeviceWorker for RngWorker {
 
     fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
         watch(epoll, &self.kick, REQUESTS as u64)?;
-        self.limiter.watch(epoll, RATE_LIMIT_TIMER)
+        self.limiter.watch(epoll, RATE_LIMIT_TIMER, &TimerDuty::alone())
     }
 
     fn handle(&mut self, _: &Epoll, token: u64, _: EventSet) -> Result<(), QueueError> {
-        if !self.limiter.timer_event(token, RATE_LIMIT_TIMER) {
+        if !self.limiter.timer_event(token, RATE_LIMIT_TIMER, &TimerDuty::alone()) {
             clear_kick(&self.kick);
         }
         self.serve_queue()

@@ -43,7 +43,7 @@ use crate::bus::lock;
 use crate::config::DiskConfig;
 use crate::control::DiskHandle;
 use crate::error::{Error, Result};
-use crate::rate_limiter::SharedLimiter;
+use crate::rate_limiter::{SharedLimiter, TimerDuty};
 
 /// The request queue's size: deep enough to keep a fast host disk busy.
 pub const QUEUE_SIZE: u16 = 256;
@@ -141,12 +141,11 @@ impl Device for Block {
         let flush = activation.features & bit(VIRTIO_BLK_F_FLUSH) != 0;
         let more = (REQUESTS + 1..self.engines.len()).filter_map(|index| Some((index, activation.take_optional_queue(index)?)));
         let queues: Vec<_> = std::iter::once((REQUESTS, first)).chain(more).collect();
-        // The rate limiter's timer wakes one worker; that one wakes the others (see
-        // `RequestQueue::wake_siblings`), so each needs every queue's kick.
-        let kicks = queues.iter().map(|(index, active)| Ok((*index, active.kick.try_clone()?))).collect::<std::io::Result<Vec<_>>>();
-        let kicks: Arc<[_]> = kicks.map_err(|source| ActivateError::Backend { what: "cannot share a disk queue's kick", source })?.into();
-        let handlers = queues.into_iter().map(|(index, active)| {
-            let slot = QueueSlot { index, active, engine: Arc::clone(&self.engines[index]), kicks: Arc::clone(&kicks) };
+        // The rate limiter's timer wakes the first queue's worker, which kicks the others.
+        let others = queues[1..].iter().map(|(_, active)| active.kick.try_clone()).collect::<std::io::Result<Vec<_>>>();
+        let others = others.map_err(|source| ActivateError::Backend { what: "cannot share a disk queue's kick", source })?;
+        let handlers = queues.into_iter().zip(TimerDuty::of_queues(others)).map(|((index, active), timer)| {
+            let slot = QueueSlot { index, active, engine: Arc::clone(&self.engines[index]), timer };
             RequestQueue::new(Arc::clone(&self.medium), slot, activation.mem.clone(), activation.signals.clone(), flush, self.live.clone())
         });
         Ok(handlers.collect())

@@ -28,7 +28,6 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{Epoll, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::coalesce::Coalescer;
 use super::disk::{Disk, SECTOR_SHIFT, SECTOR_SIZE};
@@ -37,7 +36,7 @@ use super::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
 use crate::bus::lock;
 use crate::config::MAX_DISK_QUEUES;
 use crate::control::DiskHandle;
-use crate::rate_limiter::{self, RateLimiter};
+use crate::rate_limiter::{self, RateLimiter, TimerDuty};
 use crate::seccomp::Role;
 use crate::virtio::metrics::BlockMetrics;
 use crate::virtio::iovec::{HostAccess, IoVecs};
@@ -66,15 +65,14 @@ pub struct QueueSlot {
     pub active: ActiveQueue,
     /// The queue's own engine (an io_uring is driven by one thread).
     pub engine: SharedEngine,
-    /// Every served queue's kick, by index, this one's too: how the worker that sees the rate
-    /// limiter's timer wakes the others.
-    pub kicks: Arc<[(usize, EventFd)]>,
+    /// Whether this queue's worker watches the rate limiter's timer (and wakes the others).
+    pub timer: TimerDuty,
 }
 
 /// A request queue and everything needed to serve it.
 pub struct RequestQueue {
     index: usize,
-    kicks: Arc<[(usize, EventFd)]>,
+    timer: TimerDuty,
     active: ActiveQueue,
     mem: GuestMemoryMmap,
     signals: Signals,
@@ -105,7 +103,7 @@ impl RequestQueue {
         flush_negotiated: bool,
         live: DiskHandle,
     ) -> RequestQueue {
-        let QueueSlot { index, active, engine, kicks } = slot;
+        let QueueSlot { index, active, engine, timer } = slot;
         let taken = Vec::with_capacity(usize::from(active.queue.size()));
         let disk = lock(&medium).clone();
         let requests = Requests {
@@ -118,7 +116,7 @@ impl RequestQueue {
         };
         RequestQueue {
             index,
-            kicks,
+            timer,
             active,
             mem,
             signals,
@@ -139,7 +137,7 @@ impl RequestQueue {
     /// submitted all it will or has gone quiet. Returns once the driver has added nothing more
     /// since we re-enabled its notifications, with no interrupt left owed.
     pub(super) fn serve(&mut self) -> Result<(), QueueError> {
-        let Self { index, kicks: _, active, mem, signals, medium, engine, requests, live, taken, used_batch, coalescer } = self;
+        let Self { index, timer: _, active, mem, signals, medium, engine, requests, live, taken, used_batch, coalescer } = self;
         let index = *index;
         let current = lock(medium);
         if !Arc::ptr_eq(&current, &requests.disk) {
@@ -210,17 +208,6 @@ impl RequestQueue {
     }
 }
 
-impl RequestQueue {
-    /// The rate limiter's timer fired and this worker read it: the other queues' workers,
-    /// whose epolls watch the same timer, may have found it already read, so they are kicked
-    /// to look at their rings again (one held back by the limit goes on now).
-    fn wake_siblings(&self) {
-        for (_, kick) in self.kicks.iter().filter(|(index, _)| *index != self.index) {
-            let _ = kick.write(1);
-        }
-    }
-}
-
 /// How long one wake-up of the worker may serve and poll before it goes back to its epoll
 /// loop: a guest that never stops submitting can't keep a reset or pause waiting for long.
 const MAX_POLLING: Duration = Duration::from_millis(100);
@@ -280,13 +267,12 @@ impl DeviceWorker for RequestQueue {
 
     fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
         watch(epoll, &self.active.kick, self.index as u64)?;
-        self.live.limiter.watch(epoll, RATE_LIMIT_TIMER)
+        self.live.limiter.watch(epoll, RATE_LIMIT_TIMER, &self.timer)
     }
 
     fn handle(&mut self, _: &Epoll, token: u64, _: EventSet) -> Result<(), QueueError> {
-        if self.live.limiter.timer_event(token, RATE_LIMIT_TIMER) {
+        if self.live.limiter.timer_event(token, RATE_LIMIT_TIMER, &self.timer) {
             self.live.metrics.rate_limiter_event_count.inc();
-            self.wake_siblings();
         } else {
             // Only the count is consumed; what was kicked is whatever the ring says.
             clear_kick(&self.active.kick);

@@ -25,7 +25,7 @@ use super::*;
 use crate::config::DiskEngine;
 use crate::error::Error;
 use crate::control::DiskHandle;
-use crate::rate_limiter::{BucketConfig, RateLimit, SharedLimiter};
+use crate::rate_limiter::{BucketConfig, RateLimit, SharedLimiter, TimerDuty};
 use crate::virtio::{feature, ActiveQueue, Signals, VirtioDevice};
 
 thread_local! {
@@ -278,7 +278,7 @@ impl Bench {
         queue.set_event_idx(event_idx);
         let signals = Signals::standalone(1);
         let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        let slot = slot(REQUESTS, ActiveQueue { queue, kick }, Vec::new());
+        let slot = slot(REQUESTS, ActiveQueue { queue, kick });
         let queue = RequestQueue::new(medium, slot, driver.mem.clone(), signals.clone(), true, limiter);
         Bench { driver, queue, signals }
     }
@@ -323,12 +323,10 @@ impl Bench {
     }
 }
 
-/// Queue `index` as its worker gets it, on an engine of this test's kind; `kicks` are the other
-/// queues' (the queue's own is added).
-fn slot(index: usize, active: ActiveQueue, mut kicks: Vec<(usize, EventFd)>) -> QueueSlot {
+/// The only queue of a disk as its worker gets it, on an engine of this test's kind.
+fn slot(index: usize, active: ActiveQueue) -> QueueSlot {
     let engines = engine::choose(&DiskConfig { engine: ENGINE.get(), ..DiskConfig::new("test.img") }, 1).expect("the engine");
-    kicks.push((index, active.kick.try_clone().expect("kick")));
-    QueueSlot { index, active, engine: Arc::clone(&engines[0]), kicks: kicks.into() }
+    QueueSlot { index, active, engine: Arc::clone(&engines[0]), timer: TimerDuty::alone() }
 }
 
 /// An activation of a disk's first queue alone, FLUSH accepted.

@@ -36,7 +36,7 @@ fn ops(size: u64, refill_ms: u64) -> RateLimit {
 fn sending(ops_size: u64, refill_ms: u64, frames: u8, len: usize) -> Bench {
     let mut bench = Bench::limited(RateLimit::default(), ops(ops_size, refill_ms));
     for seed in 0..frames {
-        bench.tx.post_frame(&[&frame(len, seed)]);
+        bench.tx.post_readable(&[&frame(len, seed)]);
     }
     bench.transmit();
     bench

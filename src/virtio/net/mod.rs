@@ -66,7 +66,7 @@ use crate::config::{NetBackend, NetConfig, DEFAULT_NET_QUEUE_PAIRS};
 use crate::control::NetHandle;
 use crate::error::{Error, Result};
 use crate::passt::link::PasstLink;
-use crate::rate_limiter::{RateLimit, SharedLimiter};
+use crate::rate_limiter::{RateLimit, SharedLimiter, TimerDuty};
 
 /// Queue sizes: enough buffers in flight for a 64 KiB segment several times over.
 pub const QUEUE_SIZE: u16 = 256;
@@ -272,7 +272,9 @@ impl Net {
             kicks.collect::<io::Result<Vec<_>>>().map_err(ActivateError::WorkerThread)
         };
         let wake = kicks(0)?;
-        let limiter_wakes = worker::LimiterWakes { rx: kicks(0)?.split_off(1), tx: kicks(1)?.split_off(1) };
+        // The card's limiters' timers wake the first pair's worker, which kicks the others.
+        let others = |direction: usize| Ok::<_, ActivateError>(TimerDuty::of_queues(kicks(direction)?.split_off(1)));
+        let timers = others(0)?.into_iter().zip(others(1)?);
         let backends = std::iter::once(self.backend.clone()).chain(self.more_taps.iter().cloned().map(Backend::Tap));
         let (mem, signals) = (&activation.mem, &activation.signals);
         let workers = queues
@@ -290,8 +292,10 @@ impl Net {
         if let Ok(mut switched) = self.switched.lock() {
             *switched = Some(Arc::clone(&pairs));
         }
-        let mut workers: Vec<NetWorker> = workers.enumerate().map(|(pair, worker)| worker.for_pair(pair, Arc::clone(&pairs))).collect();
-        let mut first = workers.remove(0).waking_on_limits(limiter_wakes);
+        let workers = workers.zip(timers).enumerate();
+        let mut workers: Vec<NetWorker> =
+            workers.map(|(pair, (worker, (rx, tx)))| worker.for_pair(pair, Arc::clone(&pairs)).with_timers(rx, tx)).collect();
+        let mut first = workers.remove(0);
         if let Some(queue) = control {
             first = first.with_control(ctrl::Control { queue, index: 2 * serving, multiqueue: serving > 1, pairs });
         }

@@ -26,7 +26,7 @@ fn card(pairs: usize) -> (Net, Vec<File>) {
 /// queue the activation had (receive, transmit, ..., control).
 struct MqBench {
     net: Net,
-    drivers: Vec<Driver>,
+    drivers: Vec<RingDriver>,
     workers: Vec<NetWorker>,
     epolls: Vec<Epoll>,
     hosts: Vec<File>,
@@ -43,7 +43,7 @@ impl MqBench {
         let mem = memory();
         let (mut drivers, mut active) = (Vec::new(), Vec::new());
         for i in 0..queues as u64 {
-            let (driver, queue) = Driver::new(&mem, 0x1_0000 * i, 0x10_0000 * (i + 1));
+            let (driver, queue) = RingDriver::new(&mem, QUEUE_SIZE, 0x1_0000 * i, 0x10_0000 * (i + 1));
             drivers.push(driver);
             active.push(Some(ActiveQueue { queue, kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd") }));
         }
@@ -62,7 +62,7 @@ impl MqBench {
         self.workers[worker].handle(&self.epolls[worker], token, EventSet::IN).expect("handled");
     }
 
-    fn control(&mut self) -> &mut Driver {
+    fn control(&mut self) -> &mut RingDriver {
         self.drivers.last_mut().expect("a control queue")
     }
 
@@ -146,7 +146,7 @@ fn setting_the_pairs_switches_them_on_and_their_frames_reach_their_own_queue() {
     assert_eq!(bench.signals.take_queue_interrupts(4), 1, "the control queue's own vector");
     // Pair 1's worker hears of it through its receive kick, and watches its tap again (the
     // guest has posted room for the largest frame).
-    let (head, _) = bench.drivers[2].post_rx_buffer(MAX_FRAME_LEN as u32);
+    let (head, _) = bench.drivers[2].post_writable(MAX_FRAME_LEN as u32);
     bench.handle(1, RX_KICK);
     assert!(bench.workers[1].tap_polled);
     io::Write::write_all(&mut bench.hosts[1], &frame(100, 1)).expect("host sends");
@@ -176,7 +176,7 @@ fn hostile_control_commands_fail_alone_and_the_queue_goes_on() {
     // A loop: the chain is cut short.
     let control = bench.control();
     let at = control.buffer(8);
-    let head = control.next_desc;
+    let head = control.next_head();
     control.post_descriptors(&[(at, 4, 0, Some(head))]);
     bench.handle(0, CTRL_KICK);
     assert!(!bench.workers[1].tap_polled, "no hostile command switched a pair");
@@ -229,7 +229,7 @@ fn the_first_pair_watches_the_cards_shared_limiter_and_wakes_the_pair_it_held_ba
     bench.handle(1, TAP);
     assert_eq!(bench.drivers[2].used().len(), 1, "one frame, then the card's debt holds pair 1 back");
     assert!(!bench.workers[1].tap_polled);
-    // The timer fires in the first pair's epoll only (a second reader would block in its read).
+    // The timer fires in the first pair's epoll only (see TimerDuty).
     assert!(bench.serve_until_ready(0, RX_RATE_TIMER), "the first pair hears the timer");
     assert!(!bench.ready(1).contains(&RX_RATE_TIMER), "pair 1 does not watch it");
     bench.handle(0, RX_RATE_TIMER);

@@ -11,23 +11,16 @@ use super::*;
 
 const NO_NOTIFY: u16 = virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY as u16;
 
-impl Driver {
-    /// The used ring's flags: the device's "don't kick me" without EVENT_IDX.
-    fn used_flags(&self) -> u16 {
-        u16::from_le(self.mem.read_obj(GuestAddress(self.used)).expect("used flags"))
-    }
-}
-
 #[test]
 fn while_frames_keep_coming_the_worker_looks_again_with_kicks_off() {
     let mut bench = Bench::new(LINUX);
-    bench.tx.post_frame(&[&frame(100, 1)]);
+    bench.tx.post_readable(&[&frame(100, 1)]);
     bench.transmit();
     assert_eq!(bench.host_receives().len(), 1);
     assert_eq!(bench.tx.used_flags() & NO_NOTIFY, NO_NOTIFY, "kicks stay off");
     assert_eq!(bench.worker.tx.kick.read().ok(), Some(1), "the worker kicked itself to look again");
     // The driver sends again without kicking, as it may while kicks are off.
-    bench.tx.post_frame(&[&frame(100, 2)]);
+    bench.tx.post_readable(&[&frame(100, 2)]);
     bench.transmit();
     assert_eq!(bench.host_receives().len(), 1);
     assert!(bench.worker.tx.kick.read().is_ok(), "it found a frame: once more");
@@ -52,8 +45,8 @@ fn with_event_idx_frames_received_together_still_interrupt_once() {
 /// A driver that polls while frames land, on a thread of its own: each time the used index
 /// moves it takes the frames and re-arms its interrupt at the new index, as Linux's NAPI does
 /// when a poll completes. Returns how many times it re-armed.
-fn rearm_while_frames_land(rx: &Driver, stop: Arc<AtomicBool>) -> JoinHandle<u32> {
-    let (mem, used, used_event) = (rx.mem.clone(), rx.used, rx.avail + 4 + 2 * u64::from(QUEUE_SIZE));
+fn rearm_while_frames_land(rx: &RingDriver, stop: Arc<AtomicBool>) -> JoinHandle<u32> {
+    let (mem, used, used_event) = (rx.mem.clone(), rx.used, rx.used_event_at());
     let running = Arc::new(Barrier::new(2));
     let started = Arc::clone(&running);
     let driver = thread::spawn(move || {

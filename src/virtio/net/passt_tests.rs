@@ -9,8 +9,8 @@ use crate::rate_limiter::BucketConfig;
 const LINUX_ON_PASST: u64 = PASST_FEATURES | feature::VERSION_1 | feature::RING_EVENT_IDX;
 
 struct PasstBench {
-    rx: Driver,
-    tx: Driver,
+    rx: RingDriver,
+    tx: RingDriver,
     worker: NetWorker,
     epoll: Epoll,
     signals: Signals,
@@ -28,8 +28,8 @@ impl PasstBench {
         let dir = tempfile::tempdir().expect("tempdir");
         let link = Arc::new(stand_in(dir.path(), body));
         let mem = memory();
-        let (rx, rx_queue) = Driver::new(&mem, 0, 0x10_0000);
-        let (tx, tx_queue) = Driver::new(&mem, 0x1_0000, 0x80_0000);
+        let (rx, rx_queue) = RingDriver::new(&mem, QUEUE_SIZE, 0, 0x10_0000);
+        let (tx, tx_queue) = RingDriver::new(&mem, QUEUE_SIZE, 0x1_0000, 0x80_0000);
         let signals = Signals::standalone(2);
         let kick = || EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
         let backend = Backend::Passt(Arc::clone(&link));
@@ -90,7 +90,7 @@ fn frames_go_without_the_guests_header_and_come_back_behind_a_zeroed_one() {
     // A header a driver with offloads would write: passt must never see it.
     let mut sent = frame(1500, 9);
     sent[..VNET_HDR_LEN].fill(0xee);
-    bench.tx.post_frame(&[&sent[..5], &sent[5..]]);
+    bench.tx.post_readable(&[&sent[..5], &sent[5..]]);
     bench.worker.tx.kick.write(1).expect("kick");
     bench.serve_until(|b| !b.rx.used().is_empty());
     let (head, at) = buffers[0];
@@ -108,7 +108,7 @@ fn when_passt_dies_the_link_goes_down_once_and_the_guests_frames_are_dropped() {
     post_linux_rx_buffers(&mut bench.rx, 40);
     bench.serve_until(|b| b.signals.take_config_interrupts() == 1);
     assert_eq!(bench.link_status(), 0, "VIRTIO_NET_S_LINK_UP cleared");
-    bench.tx.post_frame(&[&frame(60, 1)]);
+    bench.tx.post_readable(&[&frame(60, 1)]);
     bench.worker.handle(&bench.epoll, TX_KICK, EventSet::IN).expect("transmit");
     assert_eq!(bench.tx.used().len(), 1, "the frame is returned");
     assert_eq!(NetStats::of(&bench.live.metrics).tx_dropped, 1);
@@ -123,7 +123,7 @@ fn on_passt_too_the_limiters_hold_frames_back_and_let_them_all_through_in_time()
     post_linux_rx_buffers(&mut bench.rx, 40);
     let sent: Vec<Vec<u8>> = (0..3).map(|seed| frame(1500, seed)).collect();
     for frame in &sent {
-        bench.tx.post_frame(&[frame]);
+        bench.tx.post_readable(&[frame]);
     }
     bench.worker.tx.kick.write(1).expect("kick");
     bench.serve_until(|b| b.rx.used().len() == 3);
@@ -160,7 +160,7 @@ fn a_passt_that_stops_reading_leaves_the_guests_frames_queued_and_the_worker_idl
     // Alive, holding its end, never reading: its socket and our buffer fill, then nothing moves.
     let mut bench = PasstBench::new("exec sleep 1000");
     for seed in 0..100 {
-        bench.tx.post_frame(&[&frame(30_000, seed)]);
+        bench.tx.post_readable(&[&frame(30_000, seed)]);
     }
     bench.worker.tx.kick.write(1).expect("kick");
     bench.serve_ready();

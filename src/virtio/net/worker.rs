@@ -25,7 +25,6 @@ use virtio_bindings::virtio_net::*;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::ctrl::{Control, QueuePairs};
 use super::rx_buffers::{HeldBuffers, Hold};
@@ -35,7 +34,7 @@ use super::{
     MAX_UNSEGMENTED_FRAME_LEN, CTRL_KICK, RX, RX_KICK, RX_RATE_TIMER, TAP, TX, TX_KICK, TX_RATE_TIMER,
 };
 use crate::control::NetHandle;
-use crate::rate_limiter::{self, RateLimiter};
+use crate::rate_limiter::{self, RateLimiter, TimerDuty};
 use crate::seccomp::Role;
 use crate::virtio::iovec::{HostAccess, IoVecs, MAX_IOVECS};
 use crate::virtio::queue::{
@@ -77,17 +76,10 @@ pub struct NetWorker {
     pairs: Option<Arc<QueuePairs>>,
     /// The control queue, on the first pair's worker of a multi-queue card.
     control: Option<Control>,
-    /// On the first pair's worker of a multi-queue card: the other pairs' kicks, written when
-    /// a rate limiter's timer fires (only this worker watches the timers: see `register`).
-    limiter_wakes: LimiterWakes,
-}
-
-/// The other pairs' receive and transmit kicks, for the first pair's worker to wake them when
-/// the card's receive or transmit limiter has room again.
-#[derive(Default)]
-pub(super) struct LimiterWakes {
-    pub rx: Vec<EventFd>,
-    pub tx: Vec<EventFd>,
+    /// Whether this worker watches the card's receive and transmit limiters' timers (the first
+    /// pair's does, and kicks the other pairs' queues when one fires) or is kicked.
+    rx_timer: TimerDuty,
+    tx_timer: TimerDuty,
 }
 
 impl NetWorker {
@@ -124,7 +116,8 @@ impl NetWorker {
             pair: 0,
             pairs: None,
             control: None,
-            limiter_wakes: LimiterWakes::default(),
+            rx_timer: TimerDuty::alone(),
+            tx_timer: TimerDuty::alone(),
         }
     }
 
@@ -141,9 +134,9 @@ impl NetWorker {
         self
     }
 
-    /// Has this worker (the first pair's) wake the other pairs when a limiter's timer fires.
-    pub(super) fn waking_on_limits(mut self, wakes: LimiterWakes) -> NetWorker {
-        self.limiter_wakes = wakes;
+    /// Gives this worker its part in the card's limiters' timers, which its pairs share.
+    pub(super) fn with_timers(mut self, rx: TimerDuty, tx: TimerDuty) -> NetWorker {
+        (self.rx_timer, self.tx_timer) = (rx, tx);
         self
     }
 
@@ -450,14 +443,12 @@ impl NetWorker {
                 self.live.metrics.tx_queue_event_count.inc();
                 self.transmit()
             }
-            RX_RATE_TIMER if self.live.rx.timer_event(token, RX_RATE_TIMER) => {
+            RX_RATE_TIMER if self.live.rx.timer_event(token, RX_RATE_TIMER, &self.rx_timer) => {
                 self.live.metrics.rx_event_rate_limiter_count.inc();
-                wake(&self.limiter_wakes.rx, "receive")?;
                 self.on_rx_kick(epoll)
             }
-            TX_RATE_TIMER if self.live.tx.timer_event(token, TX_RATE_TIMER) => {
+            TX_RATE_TIMER if self.live.tx.timer_event(token, TX_RATE_TIMER, &self.tx_timer) => {
                 self.live.metrics.tx_rate_limiter_event_count.inc();
-                wake(&self.limiter_wakes.tx, "transmit")?;
                 self.transmit()
             }
             // An event from before we stopped watching it.
@@ -497,15 +488,10 @@ impl DeviceWorker for NetWorker {
             // Commands queued before DRIVER_OK.
             control.queue.kick.write(1)?;
         }
-        // A card's limiters, and their timers, are shared by its pairs (the rate is the card's,
-        // as in Firecracker): only the first pair's worker watches the timers, and wakes the
-        // others when one fires. A timer in every pair's epoll would wake them all, and all but
-        // the first to read it would block in the read, holding the limiter's lock, until an
-        // expiry that only a holder of that lock can arm.
-        if self.pair == 0 {
-            self.live.rx.watch(epoll, RX_RATE_TIMER)?;
-            self.live.tx.watch(epoll, TX_RATE_TIMER)?;
-        }
+        // A card's limiters, and their timers, are shared by its pairs (the rate is the card's):
+        // the first pair's worker watches the timers and kicks the others (see TimerDuty).
+        self.live.rx.watch(epoll, RX_RATE_TIMER, &self.rx_timer)?;
+        self.live.tx.watch(epoll, TX_RATE_TIMER, &self.tx_timer)?;
         // A new epoll watches nothing yet, whatever the last one did: a resumed worker (its
         // handler parked by a pause) would otherwise never hear its tap again.
         self.tap_polled = false;
@@ -534,11 +520,6 @@ impl NetWorker {
         clear_kick(&control.queue.kick);
         control.serve(&self.mem, &self.signals).map_err(|source| NetError::Queue { queue: "control", source })
     }
-}
-
-/// Kicks the other pairs' `queue`s: the limiter they wait for has room again.
-fn wake(kicks: &[EventFd], queue: &'static str) -> Result<(), NetError> {
-    kicks.iter().try_for_each(|kick| kick.write(1)).map_err(|source| NetError::Rekick { queue, source })
 }
 
 fn transmit_queue(source: QueueError) -> NetError {

@@ -5,8 +5,6 @@ use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use crate::memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{Epoll, EventSet};
@@ -16,12 +14,11 @@ use super::muxer::MAX_CONNECTIONS;
 use super::packet::{Header, Op, HEADER_LEN, HOST_CID, TYPE_STREAM};
 use super::worker::EVENT_TRANSPORT_RESET;
 use super::*;
+use crate::virtio::ring_driver::{RingDriver, WRITE};
 use crate::virtio::worker::DeviceWorker;
 use crate::virtio::{wait_until, ActiveQueue, DeviceState, Signals, VirtioDevice};
 
 const MEM_SIZE: usize = 0x100_0000;
-const NEXT: u16 = VRING_DESC_F_NEXT as u16;
-const WRITE: u16 = VRING_DESC_F_WRITE as u16;
 const GUEST: u64 = 3;
 const HDR: u32 = HEADER_LEN as u32;
 
@@ -29,103 +26,14 @@ fn memory() -> GuestMemoryMmap {
     crate::memory::from_ranges(&[(GuestAddress(0), MEM_SIZE)], crate::memory::Tracking::Off).expect("guest memory")
 }
 
-/// The driver's side of one queue, in raw memory, so that it can write what a hostile driver
-/// would.
-struct Driver {
-    mem: GuestMemoryMmap,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    next_desc: u16,
-    avail_idx: u16,
-    next_buffer: u64,
-}
-
-impl Driver {
-    /// A queue of [`QUEUE_SIZE`] laid out from `ring_at` (not with `MockSplitQueue`, whose
-    /// layout puts the used ring inside the second half of a 256-entry available ring).
-    fn new(mem: &GuestMemoryMmap, ring_at: u64, buffers_at: u64) -> (Driver, Queue) {
-        let size = u64::from(QUEUE_SIZE);
-        let (desc, avail) = (ring_at, ring_at + 16 * size);
-        let used = (avail + 6 + 2 * size).next_multiple_of(4);
-        let mut queue = Queue::new(QUEUE_SIZE).expect("queue");
-        let split = |at: u64| (Some(at as u32), Some((at >> 32) as u32));
-        let ((dl, dh), (al, ah), (ul, uh)) = (split(desc), split(avail), split(used));
-        queue.set_desc_table_address(dl, dh);
-        queue.set_avail_ring_address(al, ah);
-        queue.set_used_ring_address(ul, uh);
-        queue.set_ready(true);
-        let driver = Driver { mem: mem.clone(), desc, avail, used, next_desc: 0, avail_idx: 0, next_buffer: buffers_at };
-        (driver, queue)
-    }
-
-    fn buffer(&mut self, len: u32) -> u64 {
-        let at = self.next_buffer;
-        self.next_buffer += u64::from(len.max(1)).next_multiple_of(64);
-        at
-    }
-
-    /// Posts one chain of (address, length, flags), linked in order.
-    fn post(&mut self, descriptors: &[(u64, u32, u16)]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, flags)) in descriptors.iter().enumerate() {
-            let index = self.next_desc;
-            self.next_desc = (self.next_desc + 1) % QUEUE_SIZE;
-            let (flags, next) = if i + 1 == descriptors.len() { (flags, 0) } else { (flags | NEXT, self.next_desc) };
-            let mut raw = [0u8; 16];
-            raw[..8].copy_from_slice(&addr.to_le_bytes());
-            raw[8..12].copy_from_slice(&len.to_le_bytes());
-            raw[12..14].copy_from_slice(&flags.to_le_bytes());
-            raw[14..].copy_from_slice(&next.to_le_bytes());
-            self.mem.write_slice(&raw, GuestAddress(self.desc + 16 * u64::from(index))).expect("descriptor");
-        }
-        let slot = u64::from(self.avail_idx % QUEUE_SIZE);
-        self.mem.write_obj(head.to_le(), GuestAddress(self.avail + 4 + 2 * slot)).expect("avail entry");
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.set_avail_idx(self.avail_idx);
-        head
-    }
-
-    fn set_avail_idx(&self, idx: u16) {
-        self.mem.write_obj(idx.to_le(), GuestAddress(self.avail + 2)).expect("avail idx");
-    }
-
-    /// A packet as Linux sends it: the header in one buffer, the payload in the next.
+impl RingDriver {
+    /// A packet as Linux sends it: the header in one buffer, the payload (if any) in the next.
     fn post_packet(&mut self, header: &Header, payload: &[u8]) -> u16 {
-        let at = self.buffer(HDR);
-        self.mem.write_slice(&header.to_bytes(), GuestAddress(at)).expect("header");
+        let header = header.to_bytes();
         if payload.is_empty() {
-            return self.post(&[(at, HDR, 0)]);
+            return self.post_readable(&[&header]);
         }
-        let len = u32::try_from(payload.len()).expect("small payload");
-        let data = self.buffer(len);
-        self.mem.write_slice(payload, GuestAddress(data)).expect("payload");
-        self.post(&[(at, HDR, 0), (data, len, 0)])
-    }
-
-    /// An empty writable buffer; returns its address.
-    fn post_buffer(&mut self, len: u32) -> u64 {
-        let at = self.buffer(len);
-        self.post(&[(at, len, WRITE)]);
-        at
-    }
-
-    /// The used ring's entries: (head, length).
-    fn used(&self) -> Vec<(u32, u32)> {
-        let idx: u16 = self.mem.read_obj(GuestAddress(self.used + 2)).expect("used idx");
-        (0..idx)
-            .map(|i| {
-                let at = GuestAddress(self.used + 4 + 8 * u64::from(i % QUEUE_SIZE));
-                let element: [u32; 2] = self.mem.read_obj(at).expect("used element");
-                (u32::from_le(element[0]), u32::from_le(element[1]))
-            })
-            .collect()
-    }
-
-    fn read(&self, at: u64, len: usize) -> Vec<u8> {
-        let mut bytes = vec![0u8; len];
-        self.mem.read_slice(&mut bytes, GuestAddress(at)).expect("guest bytes");
-        bytes
+        self.post_readable(&[&header, payload])
     }
 }
 
@@ -147,9 +55,9 @@ fn from_guest(op: Op, guest_port: u32, host_port: u32, len: u32) -> Header {
 /// A worker driven by hand on this thread, its muxer listening in a directory of the test's.
 struct Bench {
     dir: tempfile::TempDir,
-    rx: Driver,
-    tx: Driver,
-    event: Driver,
+    rx: RingDriver,
+    tx: RingDriver,
+    event: RingDriver,
     /// Receive buffers posted, in order, not yet looked at by [`Bench::received`].
     rx_buffers: std::collections::VecDeque<u64>,
     worker: VsockWorker,
@@ -162,9 +70,9 @@ impl Bench {
         let dir = tempfile::tempdir().expect("tempdir");
         let muxer = Muxer::new(GUEST, &dir.path().join("v.sock")).expect("muxer");
         let mem = memory();
-        let (rx, rx_queue) = Driver::new(&mem, 0, 0x10_0000);
-        let (tx, tx_queue) = Driver::new(&mem, 0x1_0000, 0x80_0000);
-        let (event, event_queue) = Driver::new(&mem, 0x2_0000, 0xf0_0000);
+        let (rx, rx_queue) = RingDriver::new(&mem, QUEUE_SIZE, 0, 0x10_0000);
+        let (tx, tx_queue) = RingDriver::new(&mem, QUEUE_SIZE, 0x1_0000, 0x80_0000);
+        let (event, event_queue) = RingDriver::new(&mem, QUEUE_SIZE, 0x2_0000, 0xf0_0000);
         let active = |queue| ActiveQueue { queue, kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd") };
         let signals = Signals::standalone(3);
         let mut worker = VsockWorker::new(mem, [active(rx_queue), active(tx_queue), active(event_queue)], muxer, signals.clone());
@@ -184,7 +92,7 @@ impl Bench {
 
     fn post_rx(&mut self, count: usize, len: u32) {
         for _ in 0..count {
-            let at = self.rx.post_buffer(len);
+            let (_, at) = self.rx.post_writable(len);
             self.rx_buffers.push_back(at);
         }
         self.handle(RX_KICK).expect("receive");
@@ -307,9 +215,9 @@ fn hostile_transmit_chains_are_returned_and_the_device_carries_on() {
     let mut seen = 0;
     b.post_rx(16, 4096);
     let at = b.tx.buffer(64);
-    b.tx.post(&[(at, HDR - 1, 0)]); // too short for a header
-    b.tx.post(&[(0xfff_0000_0000, HDR, 0)]); // outside memory
-    b.tx.post(&[(at, HDR, WRITE)]); // write-only
+    b.tx.post_descriptors(&[(at, HDR - 1, 0, None)]); // too short for a header
+    b.tx.post_descriptors(&[(0xfff_0000_0000, HDR, 0, None)]); // outside memory
+    b.tx.post_descriptors(&[(at, HDR, WRITE, None)]); // write-only
     b.handle(TX_KICK).expect("the device survives");
     assert_eq!(b.tx.used().len(), 3);
     assert!(b.received(&mut seen).is_empty(), "nothing to answer");
@@ -364,10 +272,10 @@ fn a_transport_reset_closes_every_stream_and_tells_the_guest() {
     assert_eq!(host.read(&mut byte).expect("eof"), 0, "the host program sees its socket close");
 
     let unfit = b.event.buffer(2);
-    b.event.post(&[(unfit, 2, WRITE)]);
+    b.event.post_descriptors(&[(unfit, 2, WRITE, None)]);
     let at = b.event.buffer(4);
     b.mem_poison(at);
-    b.event.post(&[(at, 4, WRITE)]);
+    b.event.post_descriptors(&[(at, 4, WRITE, None)]);
     b.handle(EVENT_KICK).expect("event buffers wait");
     assert!(b.event.used().is_empty(), "kept until there is an event");
     assert!(b.worker.transport_reset().expect("reset"));
@@ -389,9 +297,9 @@ fn the_device_keeps_its_socket_across_resets_and_serves_on_its_thread() {
 
     for _ in 0..2 {
         let mem = memory();
-        let (mut rx, rx_queue) = Driver::new(&mem, 0, 0x10_0000);
-        let (_, tx_queue) = Driver::new(&mem, 0x1_0000, 0x80_0000);
-        let (_, event_queue) = Driver::new(&mem, 0x2_0000, 0xf0_0000);
+        let (mut rx, rx_queue) = RingDriver::new(&mem, QUEUE_SIZE, 0, 0x10_0000);
+        let (_, tx_queue) = RingDriver::new(&mem, QUEUE_SIZE, 0x1_0000, 0x80_0000);
+        let (_, event_queue) = RingDriver::new(&mem, QUEUE_SIZE, 0x2_0000, 0xf0_0000);
         let kicks: Vec<EventFd> = (0..3).map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")).collect();
         let queues = [rx_queue, tx_queue, event_queue]
             .into_iter()
@@ -401,7 +309,7 @@ fn the_device_keeps_its_socket_across_resets_and_serves_on_its_thread() {
         let signals = Signals::standalone(3);
         let features = feature::VERSION_1;
         device.activate(Activation { mem, queues, features, signals: signals.clone() }).expect("activate");
-        rx.post_buffer(4096);
+        rx.post_writable(4096);
         kicks[RX].write(1).expect("kick");
         let mut host = UnixStream::connect(&path).expect("the same socket, every activation");
         host.write_all(b"CONNECT 5\n").expect("connect line");
@@ -437,11 +345,11 @@ fn a_restored_device_tells_its_guest_at_activation_that_its_connections_are_gone
     Device::restore_state(&mut device, &saved).expect("restored");
 
     let mem = memory();
-    let (rx, rx_queue) = Driver::new(&mem, 0, 0x10_0000);
-    let (_tx, tx_queue) = Driver::new(&mem, 0x1_0000, 0x80_0000);
-    let (mut event, event_queue) = Driver::new(&mem, 0x2_0000, 0xf0_0000);
+    let (rx, rx_queue) = RingDriver::new(&mem, QUEUE_SIZE, 0, 0x10_0000);
+    let (_tx, tx_queue) = RingDriver::new(&mem, QUEUE_SIZE, 0x1_0000, 0x80_0000);
+    let (mut event, event_queue) = RingDriver::new(&mem, QUEUE_SIZE, 0x2_0000, 0xf0_0000);
     let at = event.buffer(4);
-    event.post(&[(at, 4, WRITE)]); // the event buffer the restored driver had posted
+    event.post_descriptors(&[(at, 4, WRITE, None)]); // the event buffer the restored driver had posted
     let active = |queue| Some(ActiveQueue { queue, kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd") });
     let queues = vec![active(rx_queue), active(tx_queue), active(event_queue)];
     let activation = Activation { mem: mem.clone(), queues, features: feature::VERSION_1, signals: Signals::standalone(3) };

@@ -113,7 +113,7 @@ fn a_broken_second_queue_breaks_the_device_and_the_first_still_fails_bad_request
     assert_eq!((drivers[0].byte(past_end), drivers[0].byte(good)), (S_IOERR, S_OK));
 }
 
-fn the_worker_that_reads_the_rate_limiters_timer_wakes_the_other_queues() {
+fn the_first_queues_worker_watches_the_rate_limiters_timer_and_wakes_the_other_queues() {
     let file = image();
     let ops = BucketConfig::new(1, 0, 10).expect("valid");
     let config = DiskConfig { queues: 2, rate_limit: RateLimit { bandwidth: None, ops: Some(ops) }, ..config(&file, false) };
@@ -126,7 +126,9 @@ fn the_worker_that_reads_the_rate_limiters_timer_wakes_the_other_queues() {
     handlers[0].serve().expect("served");
     handlers[1].serve().expect("served");
     assert_eq!((drivers[0].used_idx(), drivers[1].used_idx()), (1, 0), "one operation in the budget: queue 1's waits");
-    // The timer fires; queue 0's worker is the one that reads it.
+    // The timer fires; queue 0's worker is the one that watches it.
+    let second = vmm_sys_util::epoll::Epoll::new().expect("epoll");
+    handlers[1].register(&second).expect("register");
     let epoll = vmm_sys_util::epoll::Epoll::new().expect("epoll");
     handlers[0].register(&epoll).expect("register");
     let mut events = [vmm_sys_util::epoll::EpollEvent::default(); 4];
@@ -137,6 +139,7 @@ fn the_worker_that_reads_the_rate_limiters_timer_wakes_the_other_queues() {
             break *event;
         }
     };
+    assert_eq!(second.wait(0, &mut events).expect("wait"), 0, "queue 1's worker does not watch the timer");
     handlers[0].handle(&epoll, timer.data(), vmm_sys_util::epoll::EventSet::IN).expect("served");
     assert_eq!(kicks[1].read().ok(), Some(1), "queue 1's worker is kicked to look again");
     handlers[1].handle(&epoll, 1, vmm_sys_util::epoll::EventSet::IN).expect("served");
@@ -147,5 +150,5 @@ on_both_engines!(
     writes_on_both_queues_reach_the_file_each_interrupting_through_its_own_vector,
     a_driver_without_multiqueue_is_served_on_the_first_queue_alone,
     a_broken_second_queue_breaks_the_device_and_the_first_still_fails_bad_requests_alone,
-    the_worker_that_reads_the_rate_limiters_timer_wakes_the_other_queues,
+    the_first_queues_worker_watches_the_rate_limiters_timer_and_wakes_the_other_queues,
 );
