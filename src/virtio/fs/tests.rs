@@ -266,6 +266,31 @@ fn hostile_requests_fail_alone_and_the_device_carries_on() {
     assert_eq!(reply_body(&read(&mut driver, f, fh, 8192)), &vec![7u8; 8192][..], "and it still serves");
 }
 
+/// A chain that goes on past its request is cut at the length the request's header gives: the
+/// crate sizes some buffers (an IOCTL's input) by what the chain holds, which may be gigabytes.
+/// Seen here through a WRITE whose header covers 4 bytes of data while its buffer holds the 12
+/// that its `size` names: only what the header covers reaches the file. A header that claims
+/// more than its buffers hold is refused.
+#[test]
+fn a_request_is_only_as_long_as_its_header_says() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut driver = mounted(dir.path(), false);
+    let made = create(&mut driver, ROOT_ID, "file", 0o644);
+    let (file, fh) = (entry(&made).nodeid, made.body_at::<OpenOut>(std::mem::size_of::<EntryOut>()).expect("handle").fh);
+    let mut write = request(Opcode::Write as u32, 70, file, WriteIn { fh, offset: 0, size: 12, ..WriteIn::default() }.as_slice());
+    let header_len = write.len() as u32 + 4;
+    write[..4].copy_from_slice(&header_len.to_le_bytes());
+    write.extend_from_slice(b"hello, world");
+
+    driver.send(&write, 4096).expect("carries on");
+
+    assert_eq!(fs::read(dir.path().join("file")).expect("file"), b"hell", "the 4 bytes the header covers");
+    let mut claims_more = request(Opcode::Getattr as u32, 71, ROOT_ID, &[0; 16]);
+    let claimed = claims_more.len() as u32 + 1;
+    claims_more[..4].copy_from_slice(&claimed.to_le_bytes());
+    assert_eq!(driver.send(&claims_more, 4096).expect("carries on").written, 0, "a byte more than it holds");
+}
+
 #[test]
 fn a_read_fills_at_most_the_reply_buffer() {
     let dir = tempfile::tempdir().expect("tempdir");
