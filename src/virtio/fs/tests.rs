@@ -488,13 +488,19 @@ enum Readdir {
 
 /// One page (4 KiB) of `dir`'s handle `fh` from `offset`: the names in it and the offset to
 /// ask from next (`offset` again after the last page).
-fn page(driver: &mut FuseDriver, dir: u64, fh: u64, mut offset: u64, how: Readdir) -> (Vec<String>, u64) {
+fn page(driver: &mut FuseDriver, dir: u64, fh: u64, offset: u64, how: Readdir) -> (Vec<String>, u64) {
+    listed_in(driver, dir, ReadIn { fh, offset, size: 4096, ..ReadIn::default() }, how)
+}
+
+/// What the directory request `asked` lists, as [`page`] says it.
+fn listed_in(driver: &mut FuseDriver, dir: u64, asked: ReadIn, how: Readdir) -> (Vec<String>, u64) {
     use fuse_backend_rs::abi::fuse_abi::Dirent;
     let (opcode, before_dirent) = match how {
         Readdir::Plain => (Opcode::Readdir, 0),
         Readdir::Plus => (Opcode::Readdirplus, std::mem::size_of::<EntryOut>()),
     };
-    let reply = driver.call(opcode as u32, dir, ReadIn { fh, offset, size: 4096, ..ReadIn::default() }.as_slice());
+    let mut offset = asked.offset;
+    let reply = driver.call_into(opcode as u32, dir, asked.as_slice(), asked.size.saturating_mul(2));
     assert_eq!(reply.errno(), Some(0), "{reply:?}");
     let (body, mut at, mut names) = (reply_body(&reply), 0, Vec::new());
     while let Some(dirent) = reply.body_at::<Dirent>(at + before_dirent) {
@@ -610,4 +616,29 @@ fn list_side_by_side(driver: &mut FuseDriver, handles: &[u64]) -> Vec<Vec<String
         }
     }
     listed
+}
+
+/// A READDIR served by the passthrough (a share that holds no listing) reads the host directory
+/// into a buffer as big as the request asks, which only the reply buffer bounds: a chain can
+/// name gigabytes. It asks the host for at most `HOST_PAGE` at a time: a request for 2 MiB of a
+/// directory of 5000 entries (1.1 MiB as the host lists them, 1.2 MiB in FUSE's records) gets
+/// the ones in the first 1 MiB the host lists, and the guest asks again from there.
+#[test]
+fn a_directory_page_read_from_the_host_is_at_most_host_page() {
+    const ENTRIES: usize = 5000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let long = "n".repeat(200);
+    for i in 0..ENTRIES {
+        fs::write(dir.path().join(format!("{long}{i:04}")), b"").expect("file");
+    }
+    let share = Share::with_listing_budget(dir.path(), false, ListingBudget::new(0)).expect("share");
+    let mut driver = FuseDriver::new(server_for(share));
+    mount(&mut driver);
+    let fh = opendir(&mut driver, ROOT_ID);
+
+    let (names, _) = listed_in(&mut driver, ROOT_ID, ReadIn { fh, size: 2 << 20, ..ReadIn::default() }, Readdir::Plain);
+
+    // A getdents64 record of a long name: 19 bytes, the name and its NUL, padded to 8.
+    let most = super::share::HOST_PAGE as usize / 224 + [".", ".."].len();
+    assert!(names.len() <= most && names.len() < ENTRIES, "{} entries in one reply", names.len());
 }
