@@ -604,7 +604,7 @@ fn one_listings_cost(dir: &Path) -> usize {
 /// has started before any has finished; the even ones with READDIR, the odd with READDIRPLUS.
 /// The names each handle listed.
 fn list_side_by_side(driver: &mut FuseDriver, handles: &[u64]) -> Vec<Vec<String>> {
-    let how = |i: usize| if i % 2 == 0 { Readdir::Plain } else { Readdir::Plus };
+    let how = |i: usize| if i.is_multiple_of(2) { Readdir::Plain } else { Readdir::Plus };
     let mut offsets = vec![Some(0); handles.len()];
     let mut listed = vec![Vec::new(); handles.len()];
     while offsets.iter().any(Option::is_some) {
