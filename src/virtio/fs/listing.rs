@@ -43,9 +43,9 @@ type Handle = u64;
 
 /// The bytes of listings one share holds at most, all its open directories together: about
 /// 500 000 entries of 20-byte names. Real work holds far less at once: `find` or `rm -rf` one
-/// listing per level it is down, a parallel `make -j` a few per job. Every directory of a
-/// Debian system's `/usr` held at once would take 8.9 MiB (135 000 entries, counted as
-/// [`entry_cost`] does); its biggest, `/usr/share/man/man1` (17 875 entries), 1.6 MiB.
+/// listing per level it is down, a build a few per job. Every directory of the development
+/// host's `/usr` held at once would take 8.9 MiB (135 000 entries, counted as [`entry_cost`]
+/// does); its biggest, `/usr/share/man/man1` (17 875 entries), 1.6 MiB.
 pub const LISTING_BUDGET: usize = 32 << 20;
 
 /// What a listing costs the budget for each entry besides its name's bytes: the entry itself
@@ -61,6 +61,7 @@ pub struct ListingBudget {
 }
 
 impl ListingBudget {
+    /// A budget of `limit` bytes, none of them taken.
     pub fn new(limit: usize) -> Arc<ListingBudget> {
         Arc::new(ListingBudget { limit, left: AtomicUsize::new(limit) })
     }

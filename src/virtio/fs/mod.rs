@@ -29,9 +29,10 @@
 //!   are written straight into the guest's buffers, one request at a time, so none waits in
 //!   lguest; a directory page the passthrough reads is at most [`share::HOST_PAGE`].
 //! - Across requests: every inode the guest's kernel holds and every file or directory it has
-//!   open keeps one host file descriptor in the passthrough, so lguest's open-file limit
-//!   bounds them (EMFILE past it, which lguest reports once); the directory listings held for
-//!   open handles share the share's [`share::LISTING_BUDGET`].
+//!   open keeps one host file descriptor in the passthrough (and about 220 and 85 bytes of
+//!   lguest's memory, measured over 14 000 lookups and 4 000 opens), so lguest's open-file
+//!   limit bounds them (EMFILE past it, which lguest reports once); the directory listings held
+//!   for open handles share the share's [`share::LISTING_BUDGET`].
 
 mod beneath;
 pub mod bridge;
