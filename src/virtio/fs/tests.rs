@@ -552,8 +552,8 @@ fn a_directory_deeper_than_a_path_can_name_is_listed() {
 /// A hostile guest opens a big directory many times and starts reading each handle: the share
 /// holds listings only up to its budget, every handle still lists the whole directory, each
 /// entry once (from its own listing, or past the budget from the passthrough's seek to each
-/// offset, with READDIR and READDIRPLUS alike), and releasedir and a remount give the budget
-/// back. Without the budget the share would hold a listing per handle.
+/// offset, with READDIR and READDIRPLUS alike), and releasedir, a remount and DESTROY give the
+/// budget back. Without the budget the share would hold a listing per handle.
 #[test]
 fn many_handles_on_a_big_directory_hold_no_more_than_the_budget_and_each_lists_it_whole() {
     const ENTRIES: usize = 300;
@@ -587,6 +587,10 @@ fn many_handles_on_a_big_directory_hold_no_more_than_the_budget_and_each_lists_i
     assert_eq!(budget.held(), one, "and a new handle holds its own again");
     mount(&mut driver);
     assert_eq!(budget.held(), 0, "a remount gives everything back");
+    let last = opendir(&mut driver, ROOT_ID);
+    list_side_by_side(&mut driver, &[last]);
+    driver.call(Opcode::Destroy as u32, ROOT_ID, &[]);
+    assert_eq!(budget.held(), 0, "and so does DESTROY (the guest's umount)");
 }
 
 /// What a share's budget is charged for listing `dir` once.
