@@ -110,9 +110,14 @@ impl FuseDriver {
 
     /// Sends a well-formed request: `opcode` on `nodeid`, with `body` after the header.
     pub fn call(&mut self, opcode: u32, nodeid: u64, body: &[u8]) -> Reply {
+        self.call_into(opcode, nodeid, body, 1 << 20)
+    }
+
+    /// As [`FuseDriver::call`], with a reply buffer of `reply_len` bytes.
+    pub fn call_into(&mut self, opcode: u32, nodeid: u64, body: &[u8], reply_len: u32) -> Reply {
         let unique = self.next_unique;
         self.next_unique += 1;
-        self.send(&request(opcode, unique, nodeid, body), 1 << 20).expect("the device carries on")
+        self.send(&request(opcode, unique, nodeid, body), reply_len).expect("the device carries on")
     }
 
     fn describe(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {

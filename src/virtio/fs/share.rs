@@ -19,6 +19,8 @@
 //! - Directories are read whole into their handle and served from there ([`super::listing`]):
 //!   the passthrough's seek to each offset the guest hands back loses entries on a host
 //!   directory that shrinks while it is read, if its offsets are positions (tmpfs before 6.6).
+//!   The listings of one share hold at most [`LISTING_BUDGET`] bytes together; past that a
+//!   handle is listed the passthrough's way, a page (at most [`HOST_PAGE`]) at a time.
 //!
 //! It runs on the fs device's worker thread; it is built on the main thread, where the
 //! directory is opened and checked ([`Share::open`]).
@@ -27,6 +29,7 @@ use std::ffi::CStr;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
@@ -37,7 +40,8 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::passthrough::{Config, PassthroughFs};
 
 use super::beneath::{link_fd, Beneath};
-use super::listing::{Listing, Listings};
+use super::listing::{Listing, Listings, Source};
+pub use super::listing::{ListingBudget, LISTING_BUDGET};
 
 type Inode = u64;
 type Handle = u64;
@@ -58,8 +62,14 @@ const PRIVILEGE_BITS: u32 = libc::S_ISUID | libc::S_ISGID;
 
 impl Share {
     /// Opens `dir` (absolute, already resolved) to serve; fails if it is not a directory we
-    /// can open.
+    /// can open. Its listings share a budget of [`LISTING_BUDGET`] bytes.
     pub fn open(dir: &Path, readonly: bool) -> io::Result<Share> {
+        Share::with_listing_budget(dir, readonly, ListingBudget::new(LISTING_BUDGET))
+    }
+
+    /// As [`Share::open`], with the listings' budget given (tests and the fuzz target give a
+    /// small one, to reach the fallback, and watch it).
+    pub fn with_listing_budget(dir: &Path, readonly: bool, budget: Arc<ListingBudget>) -> io::Result<Share> {
         let root_dir = dir
             .to_str()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the directory's path is not UTF-8"))?
@@ -77,7 +87,7 @@ impl Share {
         // Once now, on the main thread: a missing or unreadable directory is the user's error
         // to hear at start, not the guest's at mount time.
         fs.import()?;
-        Ok(Share { fs, readonly, beneath: Beneath::new(dir)?, listings: Listings::default() })
+        Ok(Share { fs, readonly, beneath: Beneath::new(dir)?, listings: Listings::new(budget) })
     }
 
     /// Links `inode` as `newname` in `newparent` through /proc/self/fd, which needs no
@@ -88,21 +98,31 @@ impl Share {
         link_fd(&source, &dir, newname)
     }
 
-    /// Lists the directory `inode` whole: reopened for reading by its path beneath the share
-    /// (the passthrough holds it as an `O_PATH` fd), and checked to be the same directory, in
-    /// case the guest renamed another into its place meanwhile. A removed directory lists
-    /// nothing.
-    fn list(&self, ctx: &Context, inode: Inode) -> io::Result<Listing> {
+    /// Lists the directory `inode` whole, charged to `budget`: reopened for reading by its
+    /// path beneath the share (the passthrough holds it as an `O_PATH` fd), and checked to be
+    /// the same directory, in case the guest renamed another into its place meanwhile. A
+    /// removed directory lists nothing. `None` when the share can't hold the listing: over
+    /// the budget, or a path longer than the host can reopen.
+    fn list(&self, ctx: &Context, inode: Inode, budget: &Arc<ListingBudget>) -> io::Result<Option<Listing>> {
         let (held, _) = self.fs.getattr(ctx, inode, None)?;
         if held.st_nlink == 0 {
-            return Ok(Listing::default());
+            return Ok(Some(Listing::empty(budget)));
         }
-        let dir = self.beneath.open_dir(&self.fs.readlinkat_proc_file(inode)?)?;
+        let dir = match self.fs.readlinkat_proc_file(inode).and_then(|path| self.beneath.open_dir(&path)) {
+            // Longer than PATH_MAX: the passthrough lists it through its own handle.
+            Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) => return Ok(None),
+            dir => dir?,
+        };
         let opened = dir.metadata()?;
         if (opened.dev(), opened.ino()) != (held.st_dev, held.st_ino) {
             return Err(io::Error::from_raw_os_error(libc::ESTALE));
         }
-        Listing::read(dir)
+        Listing::read(dir, budget)
+    }
+
+    /// Where `handle`'s entries from `offset` on come from ([`super::listing`]).
+    fn source(&self, ctx: &Context, inode: Inode, handle: Handle, offset: u64) -> io::Result<Source> {
+        self.listings.at(handle, offset, |budget| self.list(ctx, inode, budget))
     }
 
     fn writable(&self) -> io::Result<()> {
@@ -143,13 +163,11 @@ fn host_flags(flags: u32) -> u32 {
     flags & !((libc::O_NOATIME | libc::O_DIRECT) as u32)
 }
 
-/// Whether listing failed only because the directory's host path is longer than a path can be
-/// (`PATH_MAX`), so it can't be reopened by path: the passthrough then lists it through its own
-/// handle, seeking to each offset (exact wherever offsets don't shift, e.g. ext4 and tmpfs
-/// since Linux 6.6).
-fn too_deep_to_reopen(error: &io::Error) -> bool {
-    error.raw_os_error() == Some(libc::ENAMETOOLONG)
-}
+/// The most a listing the passthrough serves reads from the host for one request. It reads
+/// into a buffer of the size the request asks for, which only the guest's reply buffer bounds
+/// (a chain may name the same memory many times over: gigabytes); the Linux driver asks for a
+/// page at a time, and a shorter reply only means the guest asks again from where it ended.
+pub const HOST_PAGE: u32 = 1 << 20;
 
 /// Refuses `.` and `..`: the driver resolves them itself, so only a forged request sends them.
 fn plain_name(name: &CStr) -> io::Result<()> {
@@ -398,9 +416,9 @@ impl FileSystem for Share {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let listing = match self.listings.at(handle, offset, || self.list(ctx, inode)) {
-            Err(e) if too_deep_to_reopen(&e) => return self.fs.readdir(ctx, inode, handle, size, offset, add_entry),
-            listing => listing?,
+        let listing = match self.source(ctx, inode, handle, offset)? {
+            Source::Held(listing) => listing,
+            Source::Host => return self.fs.readdir(ctx, inode, handle, size.min(HOST_PAGE), offset, add_entry),
         };
         let mut added = false;
         for (entry, _) in listing.after(offset) {
@@ -424,9 +442,9 @@ impl FileSystem for Share {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let listing = match self.listings.at(handle, offset, || self.list(ctx, inode)) {
-            Err(e) if too_deep_to_reopen(&e) => return self.fs.readdirplus(ctx, inode, handle, size, offset, add_entry),
-            listing => listing?,
+        let listing = match self.source(ctx, inode, handle, offset)? {
+            Source::Held(listing) => listing,
+            Source::Host => return self.fs.readdirplus(ctx, inode, handle, size.min(HOST_PAGE), offset, add_entry),
         };
         let mut added = false;
         for (mut entry, name) in listing.after(offset) {

@@ -4,6 +4,7 @@
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::{
     AccessIn, Attr, CreateIn, EntryOut, FallocateIn, FlushIn, FsyncIn, InitIn, LinkIn, LseekIn, ReleaseIn, MkdirIn, MknodIn, OpenIn, OpenOut, Opcode, ReadIn, RenameIn, SetattrIn, WriteIn,
@@ -13,7 +14,7 @@ use vm_memory_fs::ByteValued;
 
 use super::driver::{request, FuseDriver, Reply};
 use super::server_for;
-use super::share::Share;
+use super::share::{ListingBudget, Share, LISTING_BUDGET};
 
 const FATTR_MODE: u32 = 1;
 const FATTR_SIZE: u32 = 8;
@@ -265,6 +266,31 @@ fn hostile_requests_fail_alone_and_the_device_carries_on() {
     assert_eq!(reply_body(&read(&mut driver, f, fh, 8192)), &vec![7u8; 8192][..], "and it still serves");
 }
 
+/// A chain that goes on past its request is cut at the length the request's header gives: the
+/// crate sizes some buffers (an IOCTL's input) by what the chain holds, which may be gigabytes.
+/// Seen here through a WRITE whose header covers 4 bytes of data while its buffer holds the 12
+/// that its `size` names: only what the header covers reaches the file. A header that claims
+/// more than its buffers hold is refused.
+#[test]
+fn a_request_is_only_as_long_as_its_header_says() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut driver = mounted(dir.path(), false);
+    let made = create(&mut driver, ROOT_ID, "file", 0o644);
+    let (file, fh) = (entry(&made).nodeid, made.body_at::<OpenOut>(std::mem::size_of::<EntryOut>()).expect("handle").fh);
+    let mut write = request(Opcode::Write as u32, 70, file, WriteIn { fh, offset: 0, size: 12, ..WriteIn::default() }.as_slice());
+    let header_len = write.len() as u32 + 4;
+    write[..4].copy_from_slice(&header_len.to_le_bytes());
+    write.extend_from_slice(b"hello, world");
+
+    driver.send(&write, 4096).expect("carries on");
+
+    assert_eq!(fs::read(dir.path().join("file")).expect("file"), b"hell", "the 4 bytes the header covers");
+    let mut claims_more = request(Opcode::Getattr as u32, 71, ROOT_ID, &[0; 16]);
+    let claimed = claims_more.len() as u32 + 1;
+    claims_more[..4].copy_from_slice(&claimed.to_le_bytes());
+    assert_eq!(driver.send(&claims_more, 4096).expect("carries on").written, 0, "a byte more than it holds");
+}
+
 #[test]
 fn a_read_fills_at_most_the_reply_buffer() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -432,20 +458,11 @@ fn mount_private_ramfs(dir: &Path) {
 /// Lists `dir` with READDIRPLUS a page at a time, unlinking each reply's entries before asking
 /// for the next; returns how many entries were listed.
 fn list_and_unlink(driver: &mut FuseDriver, dir: u64) -> usize {
-    use fuse_backend_rs::abi::fuse_abi::Direntplus;
-    let opened = driver.call(Opcode::Opendir as u32, dir, OpenIn::default().as_slice());
-    let fh = opened.body::<OpenOut>().expect("opendir").fh;
+    let fh = opendir(driver, dir);
     let (mut offset, mut listed) = (0, 0);
     loop {
-        let reply = driver.call(Opcode::Readdirplus as u32, dir, ReadIn { fh, offset, size: 4096, ..ReadIn::default() }.as_slice());
-        assert_eq!(reply.errno(), Some(0), "{reply:?}");
-        let (body, mut at, mut names) = (reply_body(&reply), 0, Vec::new());
-        while let Some(entry) = reply.body_at::<Direntplus>(at) {
-            let name_at = at + std::mem::size_of::<Direntplus>();
-            names.push(String::from_utf8_lossy(&body[name_at..name_at + entry.dirent.namelen as usize]).into_owned());
-            offset = entry.dirent.off;
-            at = (name_at + entry.dirent.namelen as usize).next_multiple_of(8);
-        }
+        let names;
+        (names, offset) = page(driver, dir, fh, offset, Readdir::Plus);
         if names.is_empty() {
             return listed;
         }
@@ -454,6 +471,45 @@ fn list_and_unlink(driver: &mut FuseDriver, dir: u64) -> usize {
             assert_eq!(driver.call(Opcode::Unlink as u32, dir, &named(&[], &name)).errno(), Some(0), "unlink {name}");
         }
     }
+}
+
+/// Opens the directory `dir`; its handle.
+fn opendir(driver: &mut FuseDriver, dir: u64) -> u64 {
+    let opened = driver.call(Opcode::Opendir as u32, dir, OpenIn::default().as_slice());
+    opened.body::<OpenOut>().expect("opendir").fh
+}
+
+/// READDIR, or READDIRPLUS (each entry with its lookup before it).
+#[derive(Clone, Copy, Debug)]
+enum Readdir {
+    Plain,
+    Plus,
+}
+
+/// One page (4 KiB) of `dir`'s handle `fh` from `offset`: the names in it and the offset to
+/// ask from next (`offset` again after the last page).
+fn page(driver: &mut FuseDriver, dir: u64, fh: u64, offset: u64, how: Readdir) -> (Vec<String>, u64) {
+    listed_in(driver, dir, ReadIn { fh, offset, size: 4096, ..ReadIn::default() }, how)
+}
+
+/// What the directory request `asked` lists, as [`page`] says it.
+fn listed_in(driver: &mut FuseDriver, dir: u64, asked: ReadIn, how: Readdir) -> (Vec<String>, u64) {
+    use fuse_backend_rs::abi::fuse_abi::Dirent;
+    let (opcode, before_dirent) = match how {
+        Readdir::Plain => (Opcode::Readdir, 0),
+        Readdir::Plus => (Opcode::Readdirplus, std::mem::size_of::<EntryOut>()),
+    };
+    let mut offset = asked.offset;
+    let reply = driver.call_into(opcode as u32, dir, asked.as_slice(), asked.size.saturating_mul(2));
+    assert_eq!(reply.errno(), Some(0), "{reply:?}");
+    let (body, mut at, mut names) = (reply_body(&reply), 0, Vec::new());
+    while let Some(dirent) = reply.body_at::<Dirent>(at + before_dirent) {
+        let name_at = at + before_dirent + std::mem::size_of::<Dirent>();
+        names.push(String::from_utf8_lossy(&body[name_at..name_at + dirent.namelen as usize]).into_owned());
+        offset = dirent.off;
+        at = (name_at + dirent.namelen as usize).next_multiple_of(8);
+    }
+    (names, offset)
 }
 
 /// A directory whose host path is longer than PATH_MAX can't be reopened by path for its
@@ -491,4 +547,102 @@ fn a_directory_deeper_than_a_path_can_name_is_listed() {
     let listed = driver.call(Opcode::Readdir as u32, inode, ReadIn { fh, size: 4096, ..ReadIn::default() }.as_slice());
     assert_eq!(listed.errno(), Some(0), "{listed:?}");
     assert!(reply_body(&listed).windows(6).any(|w| w == b"inside"), "{listed:?}");
+}
+
+/// A hostile guest opens a big directory many times and starts reading each handle: the share
+/// holds listings only up to its budget, every handle still lists the whole directory, each
+/// entry once (from its own listing, or past the budget from the passthrough's seek to each
+/// offset, with READDIR and READDIRPLUS alike), and releasedir, a remount and DESTROY give the
+/// budget back. Without the budget the share would hold a listing per handle.
+#[test]
+fn many_handles_on_a_big_directory_hold_no_more_than_the_budget_and_each_lists_it_whole() {
+    const ENTRIES: usize = 300;
+    const HANDLES: usize = 8;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut all: Vec<String> = (0..ENTRIES).map(|i| format!("a-file-with-a-longish-name-{i:04}")).collect();
+    for name in &all {
+        fs::write(dir.path().join(name), b"").expect("file");
+    }
+    all.sort();
+    let one = one_listings_cost(dir.path());
+    let budget = ListingBudget::new(2 * one + one / 2);
+    let mut driver = FuseDriver::new(server_for(Share::with_listing_budget(dir.path(), false, Arc::clone(&budget)).expect("share")));
+    mount(&mut driver);
+
+    let handles: Vec<u64> = (0..HANDLES).map(|_| opendir(&mut driver, ROOT_ID)).collect();
+    let listed = list_side_by_side(&mut driver, &handles);
+
+    for (handle, mut names) in listed.into_iter().enumerate() {
+        names.sort();
+        assert_eq!(names, all, "handle {handle}");
+    }
+    assert_eq!(budget.held(), 2 * one, "two listings held, the other handles listed by the host");
+    for fh in handles {
+        let release = ReleaseIn { fh, ..ReleaseIn::default() };
+        assert_eq!(driver.call(Opcode::Releasedir as u32, ROOT_ID, release.as_slice()).errno(), Some(0));
+    }
+    assert_eq!(budget.held(), 0, "releasedir gives the listings back");
+    let again = opendir(&mut driver, ROOT_ID);
+    list_side_by_side(&mut driver, &[again]);
+    assert_eq!(budget.held(), one, "and a new handle holds its own again");
+    mount(&mut driver);
+    assert_eq!(budget.held(), 0, "a remount gives everything back");
+    let last = opendir(&mut driver, ROOT_ID);
+    list_side_by_side(&mut driver, &[last]);
+    driver.call(Opcode::Destroy as u32, ROOT_ID, &[]);
+    assert_eq!(budget.held(), 0, "and so does DESTROY (the guest's umount)");
+}
+
+/// What a share's budget is charged for listing `dir` once.
+fn one_listings_cost(dir: &Path) -> usize {
+    let budget = ListingBudget::new(LISTING_BUDGET);
+    let mut driver = FuseDriver::new(server_for(Share::with_listing_budget(dir, false, Arc::clone(&budget)).expect("share")));
+    mount(&mut driver);
+    let fh = opendir(&mut driver, ROOT_ID);
+    list_side_by_side(&mut driver, &[fh]);
+    assert!(budget.held() > 0, "the listing is charged");
+    budget.held()
+}
+
+/// Lists the root through each of `handles` a page at a time, taking turns, so that every handle
+/// has started before any has finished; the even ones with READDIR, the odd with READDIRPLUS.
+/// The names each handle listed.
+fn list_side_by_side(driver: &mut FuseDriver, handles: &[u64]) -> Vec<Vec<String>> {
+    let how = |i: usize| if i.is_multiple_of(2) { Readdir::Plain } else { Readdir::Plus };
+    let mut offsets = vec![Some(0); handles.len()];
+    let mut listed = vec![Vec::new(); handles.len()];
+    while offsets.iter().any(Option::is_some) {
+        for (i, fh) in handles.iter().enumerate() {
+            let Some(offset) = offsets[i] else { continue };
+            let (names, next) = page(driver, ROOT_ID, *fh, offset, how(i));
+            offsets[i] = (!names.is_empty()).then_some(next);
+            listed[i].extend(names);
+        }
+    }
+    listed
+}
+
+/// A READDIR served by the passthrough (a share that holds no listing) reads the host directory
+/// into a buffer as big as the request asks, which only the reply buffer bounds: a chain can
+/// name gigabytes. It asks the host for at most `HOST_PAGE` at a time: a request for 2 MiB of a
+/// directory of 5000 entries (1.1 MiB as the host lists them, 1.2 MiB in FUSE's records) gets
+/// the ones in the first 1 MiB the host lists, and the guest asks again from there.
+#[test]
+fn a_directory_page_read_from_the_host_is_at_most_host_page() {
+    const ENTRIES: usize = 5000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let long = "n".repeat(200);
+    for i in 0..ENTRIES {
+        fs::write(dir.path().join(format!("{long}{i:04}")), b"").expect("file");
+    }
+    let share = Share::with_listing_budget(dir.path(), false, ListingBudget::new(0)).expect("share");
+    let mut driver = FuseDriver::new(server_for(share));
+    mount(&mut driver);
+    let fh = opendir(&mut driver, ROOT_ID);
+
+    let (names, _) = listed_in(&mut driver, ROOT_ID, ReadIn { fh, size: 2 << 20, ..ReadIn::default() }, Readdir::Plain);
+
+    // A getdents64 record of a long name: 19 bytes, the name and its NUL, padded to 8.
+    let most = super::share::HOST_PAGE as usize / 224 + [".", ".."].len();
+    assert!(names.len() <= most && names.len() < ENTRIES, "{} entries in one reply", names.len());
 }
