@@ -113,6 +113,14 @@ impl fmt::Display for FaultKind {
     }
 }
 
+impl GuestFault {
+    /// Whether the registers read are a freshly reset x86 CPU's (RIP 0xfff0 in CS 0xf000,
+    /// paging and protection off), not the state the guest died in.
+    fn is_reset_state(&self) -> bool {
+        self.rip == 0xfff0 && self.cs == 0xf000 && self.cr0 & 1 == 0 && self.cr3 == 0
+    }
+}
+
 impl fmt::Display for GuestFault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "guest stopped: {} on vCPU {} at RIP {:#x} (CS {:#x})", self.kind, self.vcpu, self.rip, self.cs)?;
@@ -123,6 +131,14 @@ impl fmt::Display for GuestFault {
                 write!(f, "\n  code at RIP: {}", hex.join(" "))?;
             }
             None => write!(f, "\n  code at RIP: unreadable")?,
+        }
+        if self.kind == FaultKind::TripleFault && self.is_reset_state() {
+            write!(
+                f,
+                "\n  note: these are x86's reset values: KVM reset the vCPU at the shutdown (AMD's SVM does), so they \
+                 don't show where the guest was; the guest console's last lines say why (a kernel that panics with \
+                 panic=-1 reboots through a triple fault)"
+            )?;
         }
         if self.pvm_host && matches!(self.kind, FaultKind::InternalError { .. }) {
             write!(
@@ -153,6 +169,15 @@ mod tests {
         assert!(text.contains("CR0=0x80000011 CR3=0x9000 CR4=0x20 EFER=0x500"), "{text}");
         assert!(text.contains("code at RIP: 0f 0b"), "{text}");
         assert!(!text.contains("PVM"));
+    }
+
+    #[test]
+    fn a_triple_fault_reported_in_reset_state_says_the_registers_do_not_show_the_crash() {
+        let mut reset = fault(FaultKind::TripleFault, false);
+        (reset.rip, reset.cs, reset.cr0, reset.cr3, reset.cr4, reset.efer) = (0xfff0, 0xf000, 0x10, 0, 0, 0);
+        let text = reset.to_string();
+        assert!(text.contains("reset values") && text.contains("console"), "{text}");
+        assert!(!fault(FaultKind::TripleFault, false).to_string().contains("reset values"));
     }
 
     #[test]
