@@ -22,6 +22,7 @@ pub mod kernel;
 pub mod modules;
 pub mod net;
 pub mod request;
+pub mod signals;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -127,7 +128,7 @@ impl ExecError {
 
 /// Runs CMD in a fresh VM and returns the status lguest exits with.
 pub fn run(args: ExecArgs, timeline: Arc<Timeline>) -> Result<u8> {
-    host_io::block_window_changes();
+    signals::block();
     let tty = crate::terminal::stdin_is_terminal() && host_io::terminal_size().is_some();
     let kernel = kernel::find(args.kernel.as_deref())?;
     let module_files = match kernel::modules_dir(args.modules.as_deref(), &kernel) {
@@ -147,9 +148,11 @@ pub fn run(args: ExecArgs, timeline: Arc<Timeline>) -> Result<u8> {
         crate::terminal::enter_raw_mode();
     }
     let (mut listeners, mut outcome) = (Some(listeners), None);
-    let ran = crate::session::run_with(&config, crate::vm::Origin::Boot, timeline.clone(), crate::session::Stdin::Untouched, &mut |vm| {
+    let ran = crate::session::run_with(&config, crate::vm::Origin::Boot, timeline.clone(), crate::session::Frontend::Caller, &mut |vm| {
         if let Some(listeners) = listeners.take() {
-            outcome = Some(listeners.serve(vm.stopper(), timeline.clone()));
+            let link = Arc::new(signals::Link::default());
+            outcome = Some(listeners.serve(vm.stopper(), timeline.clone(), link.clone()));
+            signals::watch(link, vm.stopper(), tty);
         }
     });
     timeline.mark(Milestone::Stopped);
