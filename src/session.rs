@@ -1,8 +1,8 @@
 //! One lguest process, one guest, possibly over several boots. The parts that belong to the
 //! process rather than to a VM are set up here once: the stop signals' watcher, the terminal's
-//! raw mode, the stdin pump, the spawner of device workers, and the [`Stopper`] they all
-//! report to. Then a [`Vm`] is built and
-//! run; when the guest reboots and `--reboot restart` was asked for, that VM is taken apart
+//! raw mode, the stdin pump (these three unless the caller takes them: [`Frontend`]), the
+//! spawner of device workers, and the [`Stopper`] they all report to. Then a [`Vm`] is built
+//! and run; when the guest reboots and `--reboot restart` was asked for, that VM is taken apart
 //! and a fresh one is built from the same configuration, as if the machine had been reset.
 //! A guest that crashed (a fault, a panic) is not restarted: that is for a supervisor to decide.
 

@@ -61,6 +61,8 @@ else /lib/modules/VERSION for the bzImage's own version; lguest loads virtio_pci
 vmw_vsock_virtio_transport (and virtio_net with --net) with their dependencies, skipping what \
 modules.builtin lists. A kernel with these built in needs none.
 
+Signals: SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to lguest while CMD runs go to CMD's process group in the guest, which may handle them (the VM ends when CMD does). A second SIGINT or SIGTERM while CMD still runs, or any of them before CMD has started, stops the VM at once (exit 128+N). On a terminal, Ctrl-C and Ctrl-\\ are keys for CMD's own terminal, which signals CMD; window size changes follow.
+
 Exit status: CMD's; 128+N when it died of signal N; 126/127 when it could not be run; 1 when the \
 guest failed first (its console is printed); 2 for a bad request.";
 
@@ -177,7 +179,10 @@ fn exit_status(reason: StopReason, ending: Option<Report>, console: &[u8]) -> u8
             code
         }
         (Some(ending), _) => ending.exit_status().unwrap_or(1),
-        (None, StopReason::Signal(signal)) => 128u8.saturating_add(u8::try_from(signal).unwrap_or(0)),
+        (None, StopReason::Signal(signal)) => {
+            eprintln!("lguest: signal {signal} stopped the VM before CMD ended");
+            128u8.saturating_add(u8::try_from(signal).unwrap_or(0))
+        }
         (None, reason) => {
             print_console(console);
             let why = match reason {
