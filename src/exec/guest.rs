@@ -211,7 +211,7 @@ pub(super) fn spawn_and_reap(mut command: Command, control: &mut std::fs::File, 
         }
     };
     let pid = child.id() as libc::pid_t;
-    // Before `started`: lguest forwards signals only after it, so none finds no group.
+    // Set before `started` goes out: lguest forwards signals only after it, so each finds CMD.
     group.0.store(pid, Ordering::SeqCst);
     report(control, &Report::Started)?;
     let ending = reap_until(pid);

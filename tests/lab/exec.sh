@@ -40,7 +40,8 @@ signal_cmd() {  # signal_cmd SIGNAL OUT CMD...: runs lguest exec -- CMD..., sign
     local signal=$1 out=$2 n=0
     shift 2
     rm -f ready
-    run -- "$@" </dev/null >"$out" 2>&1 &
+    # Not through run(): a backgrounded function is a subshell, and $! would be its pid.
+    timeout 180 lguest exec --kernel /guest/vmlinux --memory 256M -- "$@" </dev/null >"$out" 2>&1 &
     local pid=$!
     until [ -e ready ] || [ $n -ge 600 ]; do sleep 0.2; n=$((n + 1)); done
     kill -"$signal" $pid
