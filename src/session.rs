@@ -1,8 +1,8 @@
 //! One lguest process, one guest, possibly over several boots. The parts that belong to the
 //! process rather than to a VM are set up here once: the stop signals' watcher, the terminal's
-//! raw mode, the stdin pump, the spawner of device workers, and the [`Stopper`] they all
-//! report to. Then a [`Vm`] is built and
-//! run; when the guest reboots and `--reboot restart` was asked for, that VM is taken apart
+//! raw mode, the stdin pump (these three unless the caller takes them: [`Frontend`]), the
+//! spawner of device workers, and the [`Stopper`] they all report to. Then a [`Vm`] is built
+//! and run; when the guest reboots and `--reboot restart` was asked for, that VM is taken apart
 //! and a fresh one is built from the same configuration, as if the machine had been reset.
 //! A guest that crashed (a fault, a panic) is not restarted: that is for a supervisor to decide.
 
@@ -30,20 +30,22 @@ pub fn run(config: &VmConfig, timeline: Arc<Timeline>, on_start: &mut dyn FnMut(
 /// [`run`], with the first boot's guest from `origin` (a snapshot, for `lguest restore` and
 /// `PUT /snapshot/load`); a reboot after it boots the configuration's kernel afresh.
 pub fn run_from(config: &VmConfig, origin: Origin<'_>, timeline: Arc<Timeline>, on_start: &mut dyn FnMut(&RunningVm)) -> Result<StopReason> {
-    run_with(config, origin, timeline, Stdin::Console, on_start)
+    run_with(config, origin, timeline, Frontend::Console, on_start)
 }
 
-/// What the session does with lguest's own stdin.
+/// Who takes lguest's own stdin and stop signals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stdin {
-    /// Typed into the guest's console (raw mode and Ctrl-A x when it is a terminal).
+pub enum Frontend {
+    /// The session: stdin is typed into the guest's console (raw mode and Ctrl-A x when it is
+    /// a terminal), and the stop signals stop the VM or ask the guest to shut down.
     Console,
-    /// Left alone: the caller reads it (`lguest exec` relays it over vsock).
-    Untouched,
+    /// The caller: `lguest exec` relays stdin over vsock and hands the signals on to CMD
+    /// (`exec::signals`).
+    Caller,
 }
 
-/// [`run_from`], with lguest's stdin used as `stdin` says.
-pub fn run_with(config: &VmConfig, origin: Origin<'_>, timeline: Arc<Timeline>, stdin: Stdin, on_start: &mut dyn FnMut(&RunningVm)) -> Result<StopReason> {
+/// [`run_from`], with lguest's stdin and signals taken as `frontend` says.
+pub fn run_with(config: &VmConfig, origin: Origin<'_>, timeline: Arc<Timeline>, frontend: Frontend, on_start: &mut dyn FnMut(&RunningVm)) -> Result<StopReason> {
     let host = |what| move |source| Error::Host { what, source };
     terminal::block_stop_signals().map_err(host("cannot block the stop signals"))?;
     let stopper = Arc::new(Stopper::default());
@@ -62,9 +64,9 @@ pub fn run_with(config: &VmConfig, origin: Origin<'_>, timeline: Arc<Timeline>, 
         start_spawner()?;
     }
     on_start(&running);
-    let interactive = terminal::stdin_is_terminal();
-    terminal::watch_signals(stopper.clone(), config.shutdown_timeout, interactive).map_err(host("cannot watch signals"))?;
-    if stdin == Stdin::Console {
+    if frontend == Frontend::Console {
+        let interactive = terminal::stdin_is_terminal();
+        terminal::watch_signals(stopper.clone(), config.shutdown_timeout, interactive).map_err(host("cannot watch signals"))?;
         if interactive {
             terminal::enter_raw_mode();
         }

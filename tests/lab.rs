@@ -501,8 +501,9 @@ fn exec_modules(dir: &Path) -> PathBuf {
     copy
 }
 
-/// `lguest exec`: statuses, stdio, a pty, the overlay, the shared working directory, escapes,
-/// make, two at once and --net user, in one lab boot (tests/lab/exec.sh).
+/// `lguest exec`: statuses, signals handed on to CMD, stdio, a pty, the overlay, the shared
+/// working directory, escapes, make, two at once and --net user, in one lab boot
+/// (tests/lab/exec.sh).
 #[test]
 fn exec_runs_a_command_as_the_caller_over_the_hosts_files_and_exits_with_its_status() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -520,6 +521,7 @@ fn exec_runs_a_command_as_the_caller_over_the_hosts_files_and_exits_with_its_sta
             output,
             &[
                 "exec-true", "exec-timeline", "exec-false", "exec-42", "exec-stdout", "exec-stderr", "exec-signal", "exec-not-found",
+                "exec-sigterm", "exec-sigint",
                 "exec-stdin", "exec-stdin-bulk", "exec-nobody", "exec-caller", "exec-owner", "exec-escape", "exec-readonly",
                 "exec-tty", "exec-overlay", "exec-host-untouched", "exec-make", "exec-two", "exec-net",
             ],

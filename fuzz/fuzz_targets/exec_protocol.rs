@@ -1,14 +1,15 @@
 //! Fuzzes what `lguest exec`'s two sides read from each other and from the user: the request
 //! file the guest's init reads from its initramfs, the control stream's lines (the init's
-//! reports, read by lguest; lguest's window sizes, read by the init), modules.dep, and a
-//! bzImage's version string. Each must refuse what is wrong without a panic, and what it
+//! reports, read by lguest; lguest's window sizes and forwarded signals, read by the init),
+//! modules.dep, and a bzImage's version string. Each must refuse what is wrong without a panic, and what it
 //! accepts must hold what its checks promise: a command, absolute mount points without `..`,
-//! module files that stay in their directory, a status a process can have.
+//! module files that stay in their directory, a status a process can have, a signal lguest
+//! forwards.
 #![no_main]
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use lguest::exec::control::{LineReader, Report, WinSizeLine};
+use lguest::exec::control::{HostMessage, LineReader, Report, FORWARDED_SIGNALS};
 use lguest::exec::kernel::bzimage_version;
 use lguest::exec::modules::ModuleIndex;
 use lguest::exec::request::{is_plain_name, Request};
@@ -41,8 +42,11 @@ fuzz_target!(|input: Input| match input {
                         assert!((1..=64).contains(&signal));
                     }
                 }
-                if let Some(size) = WinSizeLine::parse(&line) {
-                    assert_eq!(WinSizeLine::parse(WinSizeLine::to_line(size).trim_end().as_bytes()), Some(size));
+                if let Some(message) = HostMessage::parse(&line) {
+                    assert_eq!(HostMessage::parse(message.to_line().trim_end_matches('\n').as_bytes()), Some(message));
+                    if let HostMessage::Kill(signal) = message {
+                        assert!(FORWARDED_SIGNALS.contains(&signal));
+                    }
                 }
             }
         }

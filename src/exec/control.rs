@@ -2,7 +2,7 @@
 //! text so a test (or a person with `socat`) can read it.
 //!
 //! The init tells the host how far it got and how CMD ended ([`Report`]); the host tells the
-//! init when its terminal changed size ([`WinSizeLine`]). Each side parses what the other
+//! init when its terminal changed size and which signal to hand on to CMD ([`HostMessage`]). Each side parses what the other
 //! sends as hostile: a line longer than [`MAX_LINE`] or of unknown shape is refused, never
 //! trusted, and a status is turned into ours only if it is one a process can have.
 
@@ -71,8 +71,8 @@ impl Report {
     }
 }
 
-/// Decimal digits only, as the init writes them.
-fn number(text: &str) -> Option<u8> {
+/// Decimal digits only, as both sides write them (no sign, no space), in `T`'s range.
+fn number<T: std::str::FromStr>(text: &str) -> Option<T> {
     text.bytes().all(|b| b.is_ascii_digit()).then(|| text.parse().ok()).flatten()
 }
 
@@ -89,22 +89,37 @@ fn one_line(why: &str) -> String {
     text
 }
 
-/// The host's line: the terminal is now this size.
-pub struct WinSizeLine;
+/// The signals lguest hands on to CMD ([`super::signals`]): those a user or a supervisor
+/// sends to ask a program to stop, hang up, quit, or do its own thing. The init refuses any
+/// other number in a `kill` line.
+pub const FORWARDED_SIGNALS: [i32; 6] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2];
 
-impl WinSizeLine {
-    pub fn to_line(size: WinSize) -> String {
-        format!("winsize {} {}\n", size.rows, size.cols)
+/// What lguest tells the init.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostMessage {
+    /// The terminal is now this size: resize CMD's pty.
+    Resize(WinSize),
+    /// Send this signal (one of [`FORWARDED_SIGNALS`]) to CMD's process group.
+    Kill(i32),
+}
+
+impl HostMessage {
+    pub fn to_line(self) -> String {
+        match self {
+            HostMessage::Resize(size) => format!("winsize {} {}\n", size.rows, size.cols),
+            HostMessage::Kill(signal) => format!("kill {signal}\n"),
+        }
     }
 
-    pub fn parse(line: &[u8]) -> Option<WinSize> {
+    /// One line from lguest (without its `\n`), or None when it is not one of ours.
+    pub fn parse(line: &[u8]) -> Option<HostMessage> {
         let line = std::str::from_utf8(line).ok()?;
         let mut words = line.split(' ');
-        let (Some("winsize"), Some(rows), Some(cols), None) = (words.next(), words.next(), words.next(), words.next()) else {
-            return None;
-        };
-        let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit()).then(|| t.parse::<u16>().ok()).flatten();
-        Some(WinSize { rows: digits(rows)?, cols: digits(cols)? })
+        match (words.next(), words.next(), words.next(), words.next()) {
+            (Some("winsize"), Some(rows), Some(cols), None) => Some(HostMessage::Resize(WinSize { rows: number(rows)?, cols: number(cols)? })),
+            (Some("kill"), Some(signal), None, None) => number(signal).filter(|s| FORWARDED_SIGNALS.contains(s)).map(HostMessage::Kill),
+            _ => None,
+        }
     }
 }
 
@@ -175,11 +190,21 @@ mod tests {
     }
 
     #[test]
-    fn winsize_lines_round_trip_and_junk_is_refused() {
-        let size = WinSize { rows: 50, cols: 132 };
-        assert_eq!(WinSizeLine::parse(WinSizeLine::to_line(size).trim_end().as_bytes()), Some(size));
-        for bad in [&b"winsize 1"[..], b"winsize 1 2 3", b"winsize 70000 1", b"winsize a b", b"size 1 2"] {
-            assert_eq!(WinSizeLine::parse(bad), None);
+    fn host_messages_survive_their_line() {
+        let messages = [HostMessage::Resize(WinSize { rows: 50, cols: 132 })].into_iter().chain(FORWARDED_SIGNALS.map(HostMessage::Kill));
+        for message in messages {
+            assert_eq!(HostMessage::parse(message.to_line().trim_end().as_bytes()), Some(message));
+        }
+        assert_eq!(HostMessage::parse(b"kill 15"), Some(HostMessage::Kill(libc::SIGTERM)));
+    }
+
+    #[test]
+    fn hostile_host_lines_are_refused() {
+        let bad: [&[u8]; 20] = [b"winsize 1", b"winsize 1 2 3", b"winsize 70000 1", b"winsize a b", b"size 1 2", b"winsize -1 2",
+            b"kill", b"kill 9", b"kill 0", b"kill 19", b"kill 64", b"kill 300", b"kill -15", b"kill +15", b"kill 15 15", b"kill  15",
+            b"KILL 15", b"kill 1\xff", &[0xff; 8], b""];
+        for line in bad {
+            assert_eq!(HostMessage::parse(line), None, "{:?}", String::from_utf8_lossy(line));
         }
     }
 

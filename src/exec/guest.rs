@@ -20,9 +20,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::control::Report;
+use super::control::{HostMessage, LineReader, Report};
 use super::request::{Request, MODULES_DIR, PORT_CONTROL, PORT_STDERR, PORT_STDIN, PORT_STDOUT, PORT_TTY, REQUEST_PATH};
 
 /// The host's vsock context ID.
@@ -97,14 +99,17 @@ pub enum Stdio3 {
     Tty(OwnedFd),
 }
 
-/// Starts CMD, tells lguest, reaps until CMD ends, and says how it ended.
+/// Starts CMD, tells lguest, reaps until CMD ends, and says how it ended. Meanwhile lguest's
+/// messages are followed ([`follow_host`]).
 fn run_command(request: &Request, stdio: Stdio3, control: &mut std::fs::File) -> Result<Report, InitError> {
+    let group = Arc::new(CmdGroup::default());
     match stdio {
         Stdio3::Pipes([stdin, stdout, stderr]) => {
             let keep = [stdout.try_clone(), stderr.try_clone()].map(|fd| fd.ok());
+            follow_host(control, None, &group)?;
             let mut command = command_for(request, false);
             command.stdin(Stdio::from(stdin)).stdout(Stdio::from(stdout)).stderr(Stdio::from(stderr));
-            let ending = spawn_and_reap(command, control);
+            let ending = spawn_and_reap(command, control, &group);
             // CMD is gone: what it wrote is queued before this end of file, and lguest waits
             // for both before stopping the VM (children it left behind can't hold it open).
             for fd in keep.iter().flatten() {
@@ -113,16 +118,61 @@ fn run_command(request: &Request, stdio: Stdio3, control: &mut std::fs::File) ->
             }
             ending
         }
-        Stdio3::Tty(stream) => super::guest_tty::run(request, stream, control),
+        Stdio3::Tty(stream) => super::guest_tty::run(request, stream, control, group),
+    }
+}
+
+/// CMD's process group while CMD runs (0 before and after): where lguest's `kill` lines go.
+/// CMD leads a group of its own (a session, with a terminal), so a signal reaches what it
+/// started too, as Ctrl-C on a terminal does, and never the init.
+#[derive(Default)]
+pub(super) struct CmdGroup(AtomicI32);
+
+impl CmdGroup {
+    fn kill(&self, signal: libc::c_int) {
+        let group = self.0.load(Ordering::SeqCst);
+        if group > 1 {
+            // SAFETY: kill takes no pointers; a negative pid names the process group.
+            unsafe { libc::kill(-group, signal) };
+        }
+    }
+}
+
+/// Starts a thread that follows lguest's messages on the control stream ([`apply_messages`]).
+pub(super) fn follow_host(control: &std::fs::File, pty: Option<OwnedFd>, group: &Arc<CmdGroup>) -> Result<(), InitError> {
+    let messages = control.try_clone().map_err(sys("cannot share lguest's control stream"))?;
+    let group = group.clone();
+    std::thread::spawn(move || apply_messages(messages, pty, &group));
+    Ok(())
+}
+
+/// lguest's messages, until the stream closes: `winsize` resizes CMD's pty (when it has one),
+/// `kill` signals CMD's process group. [`HostMessage::parse`] has refused anything else, any
+/// signal lguest does not forward included.
+fn apply_messages(mut control: std::fs::File, pty: Option<OwnedFd>, group: &CmdGroup) {
+    let (mut lines, mut buffer) = (LineReader::default(), [0u8; 256]);
+    while let Ok(n @ 1..) = control.read(&mut buffer) {
+        for message in lines.feed(&buffer[..n]).iter().filter_map(|line| HostMessage::parse(line)) {
+            match (message, &pty) {
+                (HostMessage::Resize(size), Some(master)) => super::guest_tty::set_size(master, size),
+                (HostMessage::Resize(_), None) => {}
+                (HostMessage::Kill(signal), _) => group.kill(signal),
+            }
+        }
     }
 }
 
 /// CMD as the request describes it: its program, arguments and environment; the caller's
 /// groups, gid, uid and working directory are taken in the child just before the exec, in
 /// that order (the directory after the uid: entered with the caller's rights, not root's).
+/// CMD leads a process group of its own: with a terminal, the new session's; else a group
+/// made for it.
 pub(super) fn command_for(request: &Request, controlling_tty: bool) -> Command {
     let mut command = Command::new(&request.argv[0]);
     command.args(&request.argv[1..]).env_clear().envs(request.env.iter().map(|(k, v)| (k, v)));
+    if !controlling_tty {
+        command.process_group(0); // setsid below makes the group with a terminal
+    }
     let (uid, gid, groups) = (request.uid, request.gid, request.groups.clone());
     let cwd = CString::new(request.cwd.as_bytes()).unwrap_or_default();
     // SAFETY: the closure runs in the forked child before exec and only makes system calls
@@ -148,8 +198,8 @@ fn check(rc: libc::c_int) -> io::Result<()> {
 }
 
 /// Spawns CMD (a failure is reported as a shell would: 127 not found, 126 not runnable) and
-/// reaps every child until CMD itself ends.
-pub(super) fn spawn_and_reap(mut command: Command, control: &mut std::fs::File) -> Result<Report, InitError> {
+/// reaps every child until CMD itself ends; `group` names CMD's process group meanwhile.
+pub(super) fn spawn_and_reap(mut command: Command, control: &mut std::fs::File, group: &CmdGroup) -> Result<Report, InitError> {
     let spawned = command.spawn();
     let program = command.get_program().to_string_lossy().into_owned();
     drop(command); // our copies of CMD's stdio: its ends must close when it does
@@ -160,8 +210,17 @@ pub(super) fn spawn_and_reap(mut command: Command, control: &mut std::fs::File) 
             return Ok(Report::Failed(code, format!("cannot run '{program}': {e}")));
         }
     };
-    report(control, &Report::Started)?;
     let pid = child.id() as libc::pid_t;
+    // Set before `started` goes out: lguest forwards signals only after it, so each finds CMD.
+    group.0.store(pid, Ordering::SeqCst);
+    report(control, &Report::Started)?;
+    let ending = reap_until(pid);
+    group.0.store(0, Ordering::SeqCst);
+    ending
+}
+
+/// Reaps every child (orphans are reparented to us) until `pid` ends, and says how it did.
+fn reap_until(pid: libc::pid_t) -> Result<Report, InitError> {
     loop {
         let mut status = 0;
         // SAFETY: waitpid writes only `status`.
@@ -307,4 +366,25 @@ fn try_connect(port: u32) -> io::Result<OwnedFd> {
     // SAFETY: `address` is a valid sockaddr_vm of `length` bytes.
     check(unsafe { libc::connect(socket.as_raw_fd(), (&address as *const libc::sockaddr_vm).cast(), length) })?;
     Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    #[test]
+    fn kill_lines_reach_cmds_process_group_and_nothing_else_does() {
+        // A CMD as the init starts one: leading its own group, with a child of its own.
+        let mut cmd = Command::new("sh").args(["-c", "sleep 30 & wait"]).process_group(0).spawn().expect("sh");
+        let group = CmdGroup(AtomicI32::new(cmd.id() as i32));
+        let (mut host, init) = UnixStream::pair().expect("socket pair");
+        host.write_all(b"kill 9\nkill 0\nkill -15\nwinsize 1 2\njunk\n\xff\nkill 15\n").expect("write");
+        drop(host);
+        apply_messages(std::fs::File::from(OwnedFd::from(init)), None, &group);
+        let status = cmd.wait().expect("wait");
+        assert_eq!(status.signal(), Some(libc::SIGTERM), "only the forwardable signal arrived: {status:?}");
+    }
 }

@@ -2,23 +2,24 @@
 //! makes its other end CMD's controlling terminal and stdio, and relays between the pty and
 //! lguest's one tty stream. The pty does the line discipline (echo, Ctrl-C as SIGINT, job
 //! control) in the guest, as a terminal does; lguest's own terminal is raw meanwhile.
-//! `winsize` lines on the control stream resize the pty (SIGWINCH for CMD).
+//! `winsize` lines on the control stream resize the pty (SIGWINCH for CMD); `kill` lines
+//! signal CMD's process group, as without a terminal ([`super::guest::follow_host`]).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use super::control::{LineReader, Report, WinSizeLine};
-use super::guest::{command_for, spawn_and_reap, InitError};
+use super::control::Report;
+use super::guest::{command_for, follow_host, spawn_and_reap, CmdGroup, InitError};
 use super::request::{Request, WinSize};
 
 /// How long CMD's last output may take to reach the stream once CMD has ended (a process it
 /// left behind may keep the pty open forever).
 const DRAIN: Duration = Duration::from_secs(2);
 
-pub fn run(request: &Request, stream: OwnedFd, control: &mut File) -> Result<Report, InitError> {
+pub fn run(request: &Request, stream: OwnedFd, control: &mut File, group: Arc<CmdGroup>) -> Result<Report, InitError> {
     let error = |what: &str| {
         let what = what.to_string();
         move |source| InitError::Sys { what, source }
@@ -37,13 +38,12 @@ pub fn run(request: &Request, stream: OwnedFd, control: &mut File) -> Result<Rep
         copy(File::from(pty_out), out_stream);
         let _ = drained.send(());
     });
-    let resizes = control.try_clone().map_err(error("control stream"))?;
-    std::thread::spawn(move || follow_resizes(resizes, master));
+    follow_host(control, Some(master), &group)?;
     let mut command = command_for(request, true);
     let stdio = |fd: &OwnedFd| fd.try_clone().map(std::process::Stdio::from);
     command.stdin(stdio(&slave).map_err(error("pty"))?).stdout(stdio(&slave).map_err(error("pty"))?).stderr(stdio(&slave).map_err(error("pty"))?);
     drop(slave);
-    let ending = spawn_and_reap(command, control);
+    let ending = spawn_and_reap(command, control, &group);
     let _ = wait_drained.recv_timeout(DRAIN);
     // SAFETY: shutdown on a socket we own.
     unsafe { libc::shutdown(to_guest.as_raw_fd(), libc::SHUT_WR) };
@@ -64,19 +64,7 @@ fn copy(mut from: File, mut to: File) {
     }
 }
 
-/// Applies lguest's `winsize` lines to the pty.
-fn follow_resizes(mut control: File, master: OwnedFd) {
-    let (mut lines, mut buffer) = (LineReader::default(), [0u8; 256]);
-    while let Ok(n @ 1..) = control.read(&mut buffer) {
-        for line in lines.feed(&buffer[..n]) {
-            if let Some(size) = WinSizeLine::parse(&line) {
-                set_size(&master, size);
-            }
-        }
-    }
-}
-
-fn set_size(master: &OwnedFd, size: WinSize) {
+pub(super) fn set_size(master: &OwnedFd, size: WinSize) {
     let winsize = libc::winsize { ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0 };
     // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which is valid for the call.
     unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &winsize) };

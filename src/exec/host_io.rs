@@ -20,7 +20,8 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::control::{LineReader, Report, WinSizeLine};
+use super::control::{LineReader, Report};
+use super::signals::Link;
 use super::request::{WinSize, PORT_CONTROL, PORT_STDERR, PORT_STDIN, PORT_STDOUT, PORT_TTY};
 use crate::bus::lock;
 use crate::stop::{StopReason, Stopper};
@@ -64,8 +65,8 @@ impl Listeners {
     }
 
     /// Starts the relays; the VM is stopped through `stopper` once CMD has ended and its
-    /// output is all out.
-    pub fn serve(self, stopper: Arc<Stopper>, timeline: Arc<Timeline>) -> Arc<Outcome> {
+    /// output is all out. `link` learns of the control stream and of CMD's start and end.
+    pub fn serve(self, stopper: Arc<Stopper>, timeline: Arc<Timeline>, link: Arc<Link>) -> Arc<Outcome> {
         let outcome = Arc::new(Outcome::default());
         let (output_done, outputs_done) = mpsc::channel();
         let mut outputs = 0;
@@ -74,7 +75,7 @@ impl Listeners {
             let done = output_done.clone();
             std::thread::spawn(move || relay(port, listener, done));
         }
-        let control = Control { outcome: outcome.clone(), stopper, timeline, outputs, outputs_done };
+        let control = Control { outcome: outcome.clone(), stopper, timeline, link, outputs, outputs_done };
         std::thread::spawn(move || control.serve(self.control));
         outcome
     }
@@ -132,11 +133,13 @@ fn copy(mut stream: UnixStream, mut out: impl Write) {
     }
 }
 
-/// The control stream's reader: the init's reports, and (with a terminal) our size changes.
+/// The control stream's reader: the init's reports. (What we send the init on it, sizes and
+/// signals, [`super::signals`] writes.)
 struct Control {
     outcome: Arc<Outcome>,
     stopper: Arc<Stopper>,
     timeline: Arc<Timeline>,
+    link: Arc<Link>,
     outputs: usize,
     outputs_done: Receiver<()>,
 }
@@ -146,7 +149,7 @@ impl Control {
         let Ok((mut stream, _)) = listener.accept() else { return };
         drop(listener);
         if let Ok(writer) = stream.try_clone() {
-            std::thread::spawn(move || follow_window_size(writer));
+            self.link.connected(writer);
         }
         let (mut lines, mut buffer) = (LineReader::default(), [0u8; 1024]);
         while let Ok(n @ 1..) = stream.read(&mut buffer) {
@@ -162,9 +165,13 @@ impl Control {
     fn take(&self, report: Report) -> bool {
         match report {
             Report::Init => self.timeline.mark(Milestone::GuestInitConnected),
-            Report::Started => self.timeline.mark(Milestone::CommandStarted),
+            Report::Started => {
+                self.timeline.mark(Milestone::CommandStarted);
+                self.link.started();
+            }
             ending => {
                 self.timeline.mark(Milestone::CommandExited);
+                self.link.ended();
                 *lock(&self.outcome.ending) = Some(ending);
                 return true;
             }
@@ -184,45 +191,6 @@ impl Control {
         }
         self.stopper.stop(StopReason::PowerOff);
     }
-}
-
-/// With a terminal: SIGWINCH (blocked in every thread by [`block_window_changes`]) becomes a
-/// `winsize` line for the init.
-fn follow_window_size(mut control: UnixStream) {
-    if terminal_size().is_none() {
-        return;
-    }
-    let set = window_change_set();
-    loop {
-        let mut signal = 0;
-        // SAFETY: `set` and `signal` outlive the call.
-        if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
-            continue;
-        }
-        let Some(size) = terminal_size() else { continue };
-        if control.write_all(WinSizeLine::to_line(size).as_bytes()).is_err() {
-            return;
-        }
-    }
-}
-
-fn window_change_set() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGWINCH);
-    }
-    set
-}
-
-/// Blocks SIGWINCH in this thread and the ones it starts, for [`follow_window_size`] to wait
-/// for. Call before any thread starts.
-pub fn block_window_changes() {
-    let set = window_change_set();
-    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 }
 
 /// Our terminal's size (stdout's), if stdout is one.
@@ -247,7 +215,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let listeners = Listeners::bind(&dir.path().join("v"), false).expect("bind");
         let (stopper, timeline) = (Arc::new(Stopper::default()), Arc::new(Timeline::new(std::time::Instant::now())));
-        let outcome = listeners.serve(stopper.clone(), timeline.clone());
+        let outcome = listeners.serve(stopper.clone(), timeline.clone(), Arc::new(Link::default()));
         let mut control = connect(dir.path(), PORT_CONTROL);
         let outputs = [connect(dir.path(), PORT_STDOUT), connect(dir.path(), PORT_STDERR)];
         control.write_all(b"init\nstarted\njunk\nexit 999\nexit 42\n").expect("reports");

@@ -22,6 +22,7 @@ pub mod kernel;
 pub mod modules;
 pub mod net;
 pub mod request;
+pub mod signals;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -59,6 +60,8 @@ kernel's lib/modules/VERSION tree, with modules.dep), else the `modules` directo
 else /lib/modules/VERSION for the bzImage's own version; lguest loads virtio_pci, virtiofs, overlay and \
 vmw_vsock_virtio_transport (and virtio_net with --net) with their dependencies, skipping what \
 modules.builtin lists. A kernel with these built in needs none.
+
+Signals: SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to lguest while CMD runs go to CMD's process group in the guest, which may handle them (the VM ends when CMD does). A second SIGINT or SIGTERM while CMD still runs, or any of them before CMD has started, stops the VM at once (exit 128+N). On a terminal, Ctrl-C and Ctrl-\\ are keys for CMD's own terminal, which signals CMD; window size changes follow.
 
 Exit status: CMD's; 128+N when it died of signal N; 126/127 when it could not be run; 1 when the \
 guest failed first (its console is printed); 2 for a bad request.";
@@ -127,7 +130,7 @@ impl ExecError {
 
 /// Runs CMD in a fresh VM and returns the status lguest exits with.
 pub fn run(args: ExecArgs, timeline: Arc<Timeline>) -> Result<u8> {
-    host_io::block_window_changes();
+    signals::block();
     let tty = crate::terminal::stdin_is_terminal() && host_io::terminal_size().is_some();
     let kernel = kernel::find(args.kernel.as_deref())?;
     let module_files = match kernel::modules_dir(args.modules.as_deref(), &kernel) {
@@ -147,9 +150,11 @@ pub fn run(args: ExecArgs, timeline: Arc<Timeline>) -> Result<u8> {
         crate::terminal::enter_raw_mode();
     }
     let (mut listeners, mut outcome) = (Some(listeners), None);
-    let ran = crate::session::run_with(&config, crate::vm::Origin::Boot, timeline.clone(), crate::session::Stdin::Untouched, &mut |vm| {
+    let ran = crate::session::run_with(&config, crate::vm::Origin::Boot, timeline.clone(), crate::session::Frontend::Caller, &mut |vm| {
         if let Some(listeners) = listeners.take() {
-            outcome = Some(listeners.serve(vm.stopper(), timeline.clone()));
+            let link = Arc::new(signals::Link::default());
+            outcome = Some(listeners.serve(vm.stopper(), timeline.clone(), link.clone()));
+            signals::watch(link, vm.stopper(), tty);
         }
     });
     timeline.mark(Milestone::Stopped);
@@ -174,7 +179,10 @@ fn exit_status(reason: StopReason, ending: Option<Report>, console: &[u8]) -> u8
             code
         }
         (Some(ending), _) => ending.exit_status().unwrap_or(1),
-        (None, StopReason::Signal(signal)) => 128u8.saturating_add(u8::try_from(signal).unwrap_or(0)),
+        (None, StopReason::Signal(signal)) => {
+            eprintln!("lguest: signal {signal} stopped the VM before CMD ended");
+            128u8.saturating_add(u8::try_from(signal).unwrap_or(0))
+        }
         (None, reason) => {
             print_console(console);
             let why = match reason {

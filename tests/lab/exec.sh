@@ -1,10 +1,11 @@
 # Inside the lab: `lguest exec`, run by root and by nobody, with the lab's own root (busybox)
 # as the guest's `/`. Each lguest exec boots the reference kernel (/guest/vmlinux, its modules
 # in /guest/modules beside it) and runs one command; here we check what came out: the exit
-# statuses (0, 1, 42, 128+signal), stdout and stderr apart, stdin piped through, a file made
-# in the shared working directory owned by the caller, writes under / kept in the overlay,
-# escapes through .., symlinks and a readonly share kept from the host, a pty when the
-# console is the terminal, make of a small C project, two execs at once, --net user.
+# statuses (0, 1, 42, 128+signal), SIGTERM and SIGINT sent to lguest handed on to CMD, stdout
+# and stderr apart, stdin piped through, a file made in the shared working directory owned by
+# the caller, writes under / kept in the overlay, escapes through .., symlinks and a readonly
+# share kept from the host, a pty when the console is the terminal, make of a small C project,
+# two execs at once, --net user.
 # Each check prints "CASE NAME status=0" (or 1 and "FAIL").
 set -o pipefail
 . /tests/lib.sh
@@ -32,6 +33,31 @@ check exec-signal "a CMD killed by SIGTERM made lguest exit $status, not 143" [ 
 run -- /no/such/program 2>missing.err
 status=$?
 check exec-not-found "exited $status, said: $(cat missing.err)" sh -c "[ $status = 127 ] && grep -q 'no/such/program' missing.err"
+echo "== exec: signals sent to lguest go to CMD (not on a terminal: stdin is /dev/null)"
+# CMD marks in the shared working directory that it runs (before that, a signal would stop
+# the VM); then the signal comes from here, as from a supervisor.
+signal_cmd() {  # signal_cmd SIGNAL OUT CMD...: runs lguest exec -- CMD..., signals it, its status
+    local signal=$1 out=$2 n=0
+    shift 2
+    rm -f ready
+    # Not through run(): a backgrounded function is a subshell, and $! would be its pid.
+    timeout 180 lguest exec --kernel /guest/vmlinux --memory 256M -- "$@" </dev/null >"$out" 2>&1 &
+    local pid=$!
+    until [ -e ready ] || [ $n -ge 600 ]; do sleep 0.2; n=$((n + 1)); done
+    kill -"$signal" $pid
+    wait $pid
+}
+here=$PWD
+mkdir -p /tmp/signals && cd /tmp/signals
+signal_cmd TERM term.out sh -c 'trap "echo got-term; exit 7" TERM; touch ready; sleep 60 & wait'
+status=$?
+check exec-sigterm "SIGTERM to lguest exec: it exited $status (not 7), CMD said: $(cat term.out)" \
+    sh -c "[ $status = 7 ] && grep -q '^got-term' term.out"
+signal_cmd INT int.out sh -c 'touch ready; sleep 60'
+status=$?
+check exec-sigint "SIGINT to lguest exec: it exited $status, not 130: $(cat int.out)" [ "$status" = 130 ]
+cd "$here"
+
 echo "== exec: stdin"
 got=$(echo hi | run -- cat)
 check exec-stdin "echo hi | lguest exec -- cat gave '$got'" [ "$got" = hi ]
