@@ -38,10 +38,13 @@ skip=""
 # BENCH lines with it). Its stderr goes to a file of its own: vng's QEMU reopens
 # /proc/self/fd/1 and /proc/self/fd/2 for the guest's stdout and stderr ports, each open
 # truncating the file and writing from its start, so with one file for both the guest's
-# stderr (or QEMU's own) would overwrite the BENCH lines.
+# stderr (or QEMU's own) would overwrite the BENCH lines. --verbose sends the guest's console
+# there too (without it vng sends it to /dev/null): when a boot dies, the note shows how
+# (vng's 255 stands for a panic, a reset, a dead QEMU and a killed script alike). Nothing
+# timed is on that console: the phases time themselves inside the guest.
 vng_cmd() {
     _k=/bench/k-generic
-    CMD="vng --run $_k/boot/vmlinuz-$(ls $_k/lib/modules) --memory 512M --cpus 1 --rwdir /fsbench=$share"
+    CMD="vng --run $_k/boot/vmlinuz-$(ls $_k/lib/modules) --memory 512M --cpus 1 --rwdir /fsbench=$share --verbose"
     CMD="$CMD -- sh /bench/fs-vng-guest.sh $ENTRIES $MD5 2>/tmp/fs-vng.err"
 }
 
@@ -65,7 +68,7 @@ fs_once() {
     if [ "$1" = vng ]; then
         # A vng that ran out of time leaves its QEMU and virtiofsd behind (python alone got the signal).
         killall -9 qemu-system-x86_64 virtiofsd 2>/dev/null
-        [ $_status = 0 ] || note fs "vng's stderr: $(tail -c 300 /tmp/fs-vng.err | printable)"
+        [ $_status = 0 ] || note fs "vng's stderr and its guest's console: $(tail -c 600 /tmp/fs-vng.err | printable)"
     fi
     [ -z "$(ls -A $share)" ] || note fs "$1: the host's directory is not empty after the guest's rm -rf: $(ls -A $share | head -3 | printable)"
     return $_status
