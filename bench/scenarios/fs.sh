@@ -28,9 +28,10 @@ mkdir -p $share
 truncate -s 256M /tmp/fsbench.img && mkfs.ext4 -q -F /tmp/fsbench.img && mount -o loop /tmp/fsbench.img $share ||
     { note fs "cannot make the ext4 share (mkfs.ext4, loop): $(dmesg | tail -2 | printable)"; exit 1; }
 vmms=${FS_VMMS:-lguest qemu vng}
-# QEMU 9p's mount options beyond trans=virtio,version=9p2000.L (bench/README.md, row 11, says
-# how they were chosen).
-NINEP_OPTS=${NINEP_OPTS:-msize=512000}
+# QEMU 9p's mount options beyond trans=virtio,version=9p2000.L: Linux 6.1's default msize,
+# written out, and its default cache=none (README.md's row-11 section has the comparison:
+# msize=512000 made the untar 3.2x slower; cache=loose is faster but gives up coherence).
+NINEP_OPTS=${NINEP_OPTS:-msize=131072}
 mkdir -p /fsbench /fsbench-ram   # vng's guest mounts its share and a tmpfs there
 skip=""
 
