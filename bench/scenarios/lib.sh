@@ -231,7 +231,8 @@ watch_vmm() {
     _w=$1 _label=$2 _vmm="" _vhost="" _pinned="" _log=/tmp/placement.$1
     : >"$_log"
     while kill -0 "$_w" 2>/dev/null; do
-        [ -n "$_vmm" ] || _vmm=$(vmm_pid "$_w") || _vmm=""
+        # (Found again once gone: virtme-ng's python runs short QEMUs, probes, before its VM's.)
+        [ -n "$_vmm" ] && [ -d /proc/$_vmm ] || _vmm=$(vmm_pid "$_w") || _vmm=""
         if [ -n "$_vmm" ]; then
             if [ -z "$_vhost" ]; then
                 for _f in /proc/[0-9]*/comm; do
