@@ -82,7 +82,13 @@ pub fn restore_terminal() {
 /// Blocks the stop signals in this thread and every thread it starts from now on: they stay
 /// pending until [`watch_signals`] waits for them. Call before starting any other thread.
 pub fn block_stop_signals() -> std::io::Result<()> {
-    let set = stop_signal_set();
+    block_signals(&STOP_SIGNALS)
+}
+
+/// Blocks `signals` in this thread and every thread it starts from now on, for a thread that
+/// waits for them ([`next_signal`]). Call before starting any other thread.
+pub(crate) fn block_signals(signals: &[c_int]) -> std::io::Result<()> {
+    let set = signal_set(signals);
     // SAFETY: `set` is initialised; a null old-set pointer is allowed.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
@@ -91,34 +97,42 @@ pub fn block_stop_signals() -> std::io::Result<()> {
     Ok(())
 }
 
-fn stop_signal_set() -> libc::sigset_t {
+/// The set of `signals`, for [`block_signals`] and [`next_signal`].
+pub(crate) fn signal_set(signals: &[c_int]) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t; the signal numbers are valid constants.
     unsafe {
         libc::sigemptyset(&mut set);
-        for signal in STOP_SIGNALS {
+        for &signal in signals {
             libc::sigaddset(&mut set, signal);
         }
     }
     set
 }
 
+/// Waits for the next of the (blocked) signals in `set`, pending ones first.
+pub(crate) fn next_signal(set: &libc::sigset_t) -> c_int {
+    loop {
+        let mut signal: c_int = 0;
+        // SAFETY: `set` and `signal` outlive the call; sigwait writes only `signal`.
+        if unsafe { libc::sigwait(set, &mut signal) } == 0 {
+            return signal;
+        }
+    }
+}
+
 /// Starts the thread that waits for the stop signals [`block_stop_signals`] blocked, pending
 /// ones included. `interactive`: stdin is our terminal (whose Ctrl-C goes to the guest as a
 /// key, so a SIGINT came from `kill`).
 pub fn watch_signals(stopper: Arc<Stopper>, shutdown_timeout: Duration, interactive: bool) -> std::io::Result<()> {
-    let set = stop_signal_set();
+    let set = signal_set(&STOP_SIGNALS);
     threads::spawn("signals", move || {
         if let Err(e) = seccomp::confine(Role::SignalWatcher) {
             return stopper.stop(StopReason::HostError(e.to_string()));
         }
         loop {
-            let mut signal: c_int = 0;
-            // SAFETY: `set` and `signal` outlive the call; sigwait writes only `signal`.
-            if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
-                continue;
-            }
+            let signal = next_signal(&set);
             if asks_for_shutdown(signal, interactive) {
                 stopper.request_shutdown(signal, shutdown_timeout);
             } else {

@@ -127,38 +127,24 @@ impl Link {
     }
 }
 
-/// Every signal [`watch`] waits for.
-fn watched_set() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid constants.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        for signal in FORWARDED_SIGNALS.into_iter().chain([libc::SIGWINCH]) {
-            libc::sigaddset(&mut set, signal);
-        }
-    }
-    set
+/// Every signal [`watch`] waits for: those handed on to CMD, and SIGWINCH.
+fn watched() -> Vec<c_int> {
+    FORWARDED_SIGNALS.into_iter().chain([libc::SIGWINCH]).collect()
 }
 
 /// Blocks the forwarded signals and SIGWINCH in this thread and the ones it starts: they wait,
 /// pending, for [`watch`]. Call before any thread starts.
 pub fn block() {
-    let set = watched_set();
-    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    // Fails only for a bad signal number, and these are constants.
+    let _ = crate::terminal::block_signals(&watched());
 }
 
 /// Starts the thread that takes the signals [`block`] blocked (those already pending first)
 /// and acts on each; `tty`: CMD has a terminal, which follows ours.
 pub fn watch(link: Arc<Link>, stopper: Arc<Stopper>, tty: bool) {
-    let set = watched_set();
+    let set = crate::terminal::signal_set(&watched());
     std::thread::spawn(move || loop {
-        let mut signal: c_int = 0;
-        // SAFETY: `set` and `signal` outlive the call; sigwait writes only `signal`.
-        if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-            link.handle(signal, &stopper, tty);
-        }
+        link.handle(crate::terminal::next_signal(&set), &stopper, tty);
     });
 }
 
